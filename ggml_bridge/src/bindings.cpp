@@ -1,0 +1,224 @@
+// Python binding of the bridge (module lvgg._bridge). Arrays arrive through DLPack
+// (numpy, torch, ...) without copies; every check happens before ggml sees them.
+#include "errors.h"
+#include "expert_store.h"
+#include "moe_engine.h"
+#include "quantize.h"
+#include "threads.h"
+
+#include <ggml-cpu.h>
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace lvgg {
+namespace {
+
+using AnyArray = nb::ndarray<nb::device::cpu>;
+
+ggml_type ggml_type_of(const nb::dlpack::dtype & dt, const char * what) {
+    using code = nb::dlpack::dtype_code;
+    if (dt.lanes == 1) {
+        if (dt.code == (uint8_t) code::Float && dt.bits == 32) return GGML_TYPE_F32;
+        if (dt.code == (uint8_t) code::Float && dt.bits == 16) return GGML_TYPE_F16;
+        if (dt.code == (uint8_t) code::Bfloat && dt.bits == 16) return GGML_TYPE_BF16;
+        if (dt.code == (uint8_t) code::Int && dt.bits == 32) return GGML_TYPE_I32;
+        if (dt.code == (uint8_t) code::Int && dt.bits == 64) return GGML_TYPE_I64;
+    }
+    fail(ErrorKind::Type, std::string(what) + " has an unsupported dtype (DLPack code " + std::to_string(dt.code) +
+                              ", " + std::to_string(dt.bits) + " bits)");
+}
+
+// A 2-D, C-contiguous CPU array as a Matrix; anything else is a clear error.
+Matrix as_matrix(const AnyArray & a, const char * what) {
+    if (a.ndim() != 2) {
+        fail(ErrorKind::Value, std::string(what) + " must be 2-D, found " + std::to_string(a.ndim()) + "-D");
+    }
+    Matrix m;
+    m.type = ggml_type_of(a.dtype(), what);
+    m.rows = (int64_t) a.shape(0);
+    m.cols = (int64_t) a.shape(1);
+    const bool contiguous = (m.cols <= 1 || a.stride(1) == 1) && (m.rows <= 1 || a.stride(0) == m.cols);
+    if (!contiguous) {
+        fail(ErrorKind::Value, std::string(what) + " must be C-contiguous (call .contiguous() / np.ascontiguousarray)");
+    }
+    m.data = a.data();
+    return m;
+}
+
+nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
+    nb::dict d;
+    d["index"]        = L.index;
+    d["n_expert"]     = L.n_expert;
+    d["hidden_size"]  = L.n_embd;
+    d["intermediate_size"] = L.n_ff;
+    d["form"]         = L.gate_up ? "gate_up+down" : L.gate ? "gate+up+down" : "up+down";
+    nb::dict types, repacked;
+    size_t   bytes = 0;
+    const char * names[4] = { "gate", "up", "gate_up", "down" };
+    ggml_tensor * ts[4]   = { L.gate, L.up, L.gate_up, L.down };
+    for (int i = 0; i < 4; ++i) {
+        if (ts[i]) {
+            types[names[i]]    = ggml_type_name(ts[i]->type);
+            repacked[names[i]] = s.is_repacked(ts[i]);
+            bytes += ggml_nbytes(ts[i]);
+        }
+    }
+    d["types"]    = types;
+    d["repacked"] = repacked;
+    d["nbytes"]   = bytes;
+    return d;
+}
+
+nb::object kv_value(const gguf_context * g, int64_t i) {
+    switch (gguf_get_kv_type(g, i)) {
+        case GGUF_TYPE_UINT8: return nb::int_(gguf_get_val_u8(g, i));
+        case GGUF_TYPE_INT8: return nb::int_(gguf_get_val_i8(g, i));
+        case GGUF_TYPE_UINT16: return nb::int_(gguf_get_val_u16(g, i));
+        case GGUF_TYPE_INT16: return nb::int_(gguf_get_val_i16(g, i));
+        case GGUF_TYPE_UINT32: return nb::int_(gguf_get_val_u32(g, i));
+        case GGUF_TYPE_INT32: return nb::int_(gguf_get_val_i32(g, i));
+        case GGUF_TYPE_UINT64: return nb::int_(gguf_get_val_u64(g, i));
+        case GGUF_TYPE_INT64: return nb::int_(gguf_get_val_i64(g, i));
+        case GGUF_TYPE_FLOAT32: return nb::float_(gguf_get_val_f32(g, i));
+        case GGUF_TYPE_FLOAT64: return nb::float_(gguf_get_val_f64(g, i));
+        case GGUF_TYPE_BOOL: return nb::bool_(gguf_get_val_bool(g, i));
+        case GGUF_TYPE_STRING: return nb::str(gguf_get_val_str(g, i));
+        case GGUF_TYPE_ARRAY: {
+            nb::list out;
+            const size_t n = gguf_get_arr_n(g, i);
+            if (gguf_get_arr_type(g, i) == GGUF_TYPE_STRING) {
+                for (size_t j = 0; j < n && j < 64; ++j) out.append(nb::str(gguf_get_arr_str(g, i, j)));
+            }
+            return nb::make_tuple(nb::str("array"), nb::int_(n), out);
+        }
+        default: return nb::none();
+    }
+}
+
+}  // namespace
+}  // namespace lvgg
+
+NB_MODULE(_bridge, m) {
+    using namespace lvgg;
+    m.doc() = "lvgg's C++ bridge: expert store and CPU MoE engine on ggml";
+    ggml_cpu_init();
+    install_ggml_log_capture();
+
+    nb::register_exception_translator([](const std::exception_ptr & p, void *) {
+        try {
+            std::rethrow_exception(p);
+        } catch (const Error & e) {
+            PyObject * type = PyExc_RuntimeError;
+            switch (e.kind()) {
+                case ErrorKind::Value: type = PyExc_ValueError; break;
+                case ErrorKind::Type: type = PyExc_TypeError; break;
+                case ErrorKind::Index: type = PyExc_IndexError; break;
+                case ErrorKind::File: type = PyExc_OSError; break;
+                case ErrorKind::Runtime: type = PyExc_RuntimeError; break;
+            }
+            PyErr_SetString(type, e.what());
+        }
+    });
+
+    nb::class_<ExpertStore>(m, "ExpertStore")
+        .def("__init__",
+             [](ExpertStore * self, const std::string & path, bool repack) {
+                 nb::gil_scoped_release release;
+                 new (self) ExpertStore(path, repack);
+             },
+             "path"_a, "repack"_a = true)
+        .def_prop_ro("path", &ExpertStore::path)
+        .def_prop_ro("architecture", &ExpertStore::architecture)
+        .def_prop_ro("file_size", &ExpertStore::file_size)
+        .def_prop_ro("n_tensors", &ExpertStore::n_tensors)
+        .def_prop_ro("layers",
+                     [](const ExpertStore & s) {
+                         std::vector<int> out;
+                         for (const auto & kv : s.layers()) out.push_back(kv.first);
+                         return out;
+                     })
+        .def("layer_info", [](const ExpertStore & s, int i) { return layer_info(s, s.layer(i)); }, "layer"_a)
+        .def("metadata", [](const ExpertStore & s) {
+            nb::dict d;
+            for (int64_t i = 0; i < gguf_get_n_kv(s.gguf()); ++i) d[gguf_get_key(s.gguf(), i)] = kv_value(s.gguf(), i);
+            return d;
+        });
+
+    nb::class_<MoeEngine>(m, "MoeEngine")
+        .def("__init__",
+             [](MoeEngine * self, std::shared_ptr<ExpertStore> store, int threads, std::vector<int> cpus, int poll,
+                bool strict_cpu, int64_t max_tokens, int64_t max_top_k, int64_t chunk, const std::string & activation) {
+                 EngineConfig cfg;
+                 cfg.n_threads  = threads;
+                 cfg.cpus       = std::move(cpus);
+                 cfg.poll       = poll;
+                 cfg.strict_cpu = strict_cpu;
+                 cfg.max_tokens = max_tokens;
+                 cfg.max_top_k  = max_top_k;
+                 cfg.chunk      = chunk;
+                 cfg.activation = parse_activation(activation);
+                 new (self) MoeEngine(std::move(store), cfg);
+             },
+             "store"_a, "threads"_a = 0, "cpus"_a = std::vector<int>(), "poll"_a = 50, "strict_cpu"_a = false,
+             "max_tokens"_a = 8192, "max_top_k"_a = 8, "chunk"_a = 512, "activation"_a = "silu")
+        .def("forward",
+             [](MoeEngine & e, int layer, AnyArray x, AnyArray ids, AnyArray weights, AnyArray out) {
+                 const Matrix mx = as_matrix(x, "x"), mi = as_matrix(ids, "topk_ids"),
+                              mw = as_matrix(weights, "topk_weights"), mo = as_matrix(out, "out");
+                 nb::gil_scoped_release release;
+                 e.forward(layer, mx, mi, mw, mo);
+             },
+             "layer"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "out"_a)
+        .def_prop_ro("threads", [](const MoeEngine & e) { return e.pool().n_threads(); })
+        .def_prop_ro("cpus", [](const MoeEngine & e) { return e.pool().cpus(); })
+        .def_prop_ro("activation", [](const MoeEngine & e) { return std::string(activation_name(e.config().activation)); })
+        .def_prop_ro("max_tokens", [](const MoeEngine & e) { return e.config().max_tokens; })
+        .def_prop_ro("max_top_k", [](const MoeEngine & e) { return e.config().max_top_k; })
+        .def_prop_ro("chunk", [](const MoeEngine & e) { return e.config().chunk; })
+        .def_prop_ro("scratch_bytes", &MoeEngine::scratch_bytes)
+        .def_prop_ro("store", &MoeEngine::store)
+        .def("pause", [](MoeEngine & e) { e.pool().pause(); })
+        .def("resume", [](MoeEngine & e) { e.pool().resume(); });
+
+    m.def("type_from_name", [](const std::string & n) { return (int) type_from_name(n); }, "name"_a);
+    m.def("type_name", [](int t) {
+        if (t < 0 || t >= GGML_TYPE_COUNT) fail(ErrorKind::Value, "not a ggml type id: " + std::to_string(t));
+        return std::string(ggml_type_name((ggml_type) t));
+    }, "type"_a);
+    m.def("quantized_row_size", [](int t, int64_t n) { return quantized_row_size((ggml_type) t, n); }, "type"_a,
+          "n_per_row"_a);
+    m.def("quantize",
+          [](int type, nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> src,
+             nb::ndarray<uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> dst, int threads) {
+              const int64_t rows = (int64_t) src.shape(0), n = (int64_t) src.shape(1);
+              const size_t  row  = quantized_row_size((ggml_type) type, n);
+              if ((int64_t) dst.shape(0) != rows || dst.shape(1) != row) {
+                  fail(ErrorKind::Value, "dst must be [" + std::to_string(rows) + ", " + std::to_string(row) +
+                                             "] uint8, found [" + std::to_string(dst.shape(0)) + ", " +
+                                             std::to_string(dst.shape(1)) + "]");
+              }
+              nb::gil_scoped_release release;
+              quantize_rows((ggml_type) type, src.data(), dst.data(), rows, n, threads);
+          },
+          "type"_a, "src"_a, "dst"_a, "threads"_a = 1);
+    m.def("process_cpus", &process_cpus);
+    m.def("physical_core_cpus", []() { return one_cpu_per_core(process_cpus()); });
+    m.def("cpu_features", []() {
+        nb::dict d;
+        d["avx2"]        = (bool) ggml_cpu_has_avx2();
+        d["fma"]         = (bool) ggml_cpu_has_fma();
+        d["f16c"]        = (bool) ggml_cpu_has_f16c();
+        d["avx512"]      = (bool) ggml_cpu_has_avx512();
+        d["avx512_bf16"] = (bool) ggml_cpu_has_avx512_bf16();
+        d["avx512_vnni"] = (bool) ggml_cpu_has_avx512_vnni();
+        d["amx_int8"]    = (bool) ggml_cpu_has_amx_int8();
+        d["llamafile"]   = (bool) ggml_cpu_has_llamafile();
+        return d;
+    });
+}

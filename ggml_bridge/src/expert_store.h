@@ -1,0 +1,72 @@
+// ExpertStore: the routed experts of every MoE layer of one GGUF file, ready for ggml.
+//
+// The file is memory-mapped; each layer's expert tensors (blk.N.ffn_{gate,up,down}_exps,
+// or the fused blk.N.ffn_gate_up_exps) are found, checked for shape and type, and either
+// used in place or copied into ggml's CPU "repack" buffers (interleaved layouts that the
+// CPU kernels read faster) where ggml has such a layout for the type.
+#pragma once
+
+#include <ggml-backend.h>
+#include <ggml.h>
+#include <gguf.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace lvgg {
+
+// One MoE layer's experts. Forms: gate+up+down (gated), gate_up+down (gated, fused, gate
+// rows first), up+down (ungated, e.g. ReLU^2 models).
+struct ExpertLayer {
+    int           index    = -1;
+    int64_t       n_expert = 0;
+    int64_t       n_embd   = 0;  // D: hidden size, rows of down
+    int64_t       n_ff     = 0;  // F: expert intermediate size
+    ggml_tensor * gate     = nullptr;
+    ggml_tensor * up       = nullptr;
+    ggml_tensor * gate_up  = nullptr;
+    ggml_tensor * down     = nullptr;
+
+    bool                       gated() const { return gate || gate_up; }
+    std::vector<ggml_tensor *> tensors() const;
+};
+
+class ExpertStore {
+  public:
+    ExpertStore(const std::string & path, bool repack);
+    ~ExpertStore();
+    ExpertStore(const ExpertStore &)             = delete;
+    ExpertStore & operator=(const ExpertStore &) = delete;
+
+    const std::string &                path() const { return path_; }
+    const std::string &                architecture() const { return architecture_; }
+    const std::map<int, ExpertLayer> & layers() const { return layers_; }
+    const ExpertLayer &                layer(int index) const;  // throws IndexError
+    bool                               is_repacked(const ggml_tensor * t) const;
+    size_t                             file_size() const { return file_size_; }
+    int64_t                            n_tensors() const;
+    const gguf_context *               gguf() const { return gguf_; }
+
+  private:
+    void open_and_validate();
+    void collect_layers();
+    void place_weights(bool repack);
+    void release();
+
+    std::string                        path_;
+    std::string                        architecture_;
+    size_t                             file_size_ = 0;
+    gguf_context *                     gguf_      = nullptr;
+    ggml_context *                     meta_      = nullptr;
+    void *                             map_       = nullptr;
+    ggml_backend_buffer_t              map_buf_   = nullptr;
+    std::vector<ggml_backend_buffer_t> repack_bufs_;
+    std::map<int, ExpertLayer>         layers_;
+};
+
+// ggml's CPU backend can run MUL_MAT_ID with weights of this type (with or without repack).
+bool cpu_supports_experts_of_type(ggml_type type, const int64_t ne[3], ggml_backend_buffer_type_t buft);
+
+}  // namespace lvgg

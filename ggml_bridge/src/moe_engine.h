@@ -1,0 +1,89 @@
+// MoeEngine: computes the routed experts of one MoE layer on the CPU with ggml.
+//
+//   out[t] = sum_k w[t,k] * down_e( act(gate_e(x_t)) * up_e(x_t) ),  e = ids[t,k]
+//
+// The engine owns its thread pool, a scratch buffer for intermediate tensors, the ggml
+// work buffer and a small arena for graph metadata, all sized at creation for the largest
+// token chunk and top-k it accepts; forward() only builds a ~10-node graph in that arena
+// and computes it. Token counts above the chunk size run chunk by chunk.
+#pragma once
+
+#include "expert_store.h"
+#include "threads.h"
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace lvgg {
+
+enum class Activation { SiLU, GELU, ReLU2 };
+
+Activation  parse_activation(const std::string & name);
+const char * activation_name(Activation act);
+
+// A row-major [rows, cols] view of caller memory (already checked to be C-contiguous).
+struct Matrix {
+    void *    data = nullptr;
+    ggml_type type = GGML_TYPE_F32;
+    int64_t   rows = 0;
+    int64_t   cols = 0;
+};
+
+struct EngineConfig {
+    int              n_threads  = 0;   // <= 0: one per physical core of `cpus`
+    std::vector<int> cpus;             // empty: the process's CPU set
+    int              poll       = 50;  // ggml threadpool polling level, 0..100
+    bool             strict_cpu = false;
+    int64_t          max_tokens = 8192;
+    int64_t          max_top_k  = 8;
+    int64_t          chunk      = 512;  // tokens per ggml graph
+    Activation       activation = Activation::SiLU;
+};
+
+class MoeEngine {
+  public:
+    MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cfg);
+    ~MoeEngine();
+    MoeEngine(const MoeEngine &)             = delete;
+    MoeEngine & operator=(const MoeEngine &) = delete;
+
+    // x [T, D] f32/f16/bf16, ids [T, K] i32/i64, weights [T, K] f32/f16/bf16, out [T, D]
+    // f32/f16/bf16. Validates everything, then computes; thread-safe (calls serialize).
+    void forward(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out);
+
+    const EngineConfig &                 config() const { return cfg_; }
+    const ThreadPool &                   pool() const { return *pool_; }
+    ThreadPool &                         pool() { return *pool_; }
+    const std::shared_ptr<ExpertStore> & store() const { return store_; }
+    size_t                               scratch_bytes() const;
+
+  private:
+    struct Graph {
+        ggml_cgraph * graph;
+        ggml_tensor * x;
+        ggml_tensor * ids;
+        ggml_tensor * weights;
+        ggml_tensor * out;
+    };
+
+    void   validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) const;
+    Graph  build(const ExpertLayer & L, int64_t n_tokens, int64_t top_k, ggml_type x_type, ggml_type out_type);
+    size_t intermediate_bytes(const Graph & g) const;
+    void   allocate_intermediates(const Graph & g);
+    void   compute(const Graph & g);
+
+    std::shared_ptr<ExpertStore> store_;
+    EngineConfig                 cfg_;
+    std::unique_ptr<ThreadPool>  pool_;
+    std::vector<uint8_t>         arena_;    // graph metadata
+    ggml_context *               ctx_     = nullptr;
+    ggml_backend_buffer_t        scratch_ = nullptr;
+    std::vector<uint8_t>         work_;
+    std::vector<int32_t>         ids_i32_;    // ids converted from int64
+    std::vector<float>           weights_f32_;  // weights converted from f16/bf16
+    std::mutex                   mutex_;
+};
+
+}  // namespace lvgg

@@ -1,0 +1,113 @@
+#include "threads.h"
+
+#include "errors.h"
+
+#include <ggml.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <fstream>
+#include <set>
+#include <string>
+#include <utility>
+
+namespace lvgg {
+
+std::vector<int> process_cpus() {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    std::vector<int> cpus;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+        for (int c = 0; c < CPU_SETSIZE; ++c) {
+            if (CPU_ISSET(c, &set)) {
+                cpus.push_back(c);
+            }
+        }
+    }
+    return cpus;
+}
+
+static int read_int(const std::string & path, int fallback) {
+    std::ifstream f(path);
+    int           v;
+    return (f >> v) ? v : fallback;
+}
+
+std::vector<int> one_cpu_per_core(const std::vector<int> & cpus) {
+    std::set<std::pair<int, int>> seen;  // (package, core)
+    std::vector<int>              out;
+    for (int c : cpus) {
+        const std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(c) + "/topology/";
+        const int         core = read_int(base + "core_id", c);
+        const int         pkg  = read_int(base + "physical_package_id", 0);
+        if (seen.insert({ pkg, core }).second) {
+            out.push_back(c);
+        }
+    }
+    return out;
+}
+
+ThreadPool::ThreadPool(int n_threads, std::vector<int> cpus, int poll, bool strict_cpu) : poll_(poll) {
+    const std::vector<int> allowed = process_cpus();
+    if (cpus.empty()) {
+        cpus = one_cpu_per_core(allowed);
+    } else {
+        std::sort(cpus.begin(), cpus.end());
+        if (std::adjacent_find(cpus.begin(), cpus.end()) != cpus.end()) {
+            fail(ErrorKind::Value, "cpus: each CPU may be listed once; found a duplicate");
+        }
+        for (int c : cpus) {
+            if (std::find(allowed.begin(), allowed.end(), c) == allowed.end()) {
+                fail(ErrorKind::Value, "cpus: CPU " + std::to_string(c) +
+                                           " is not in this process's CPU set (" + std::to_string(allowed.size()) +
+                                           " CPUs allowed); pick CPUs from os.sched_getaffinity(0)");
+            }
+        }
+    }
+    if (cpus.empty()) {
+        fail(ErrorKind::Runtime, "no CPU available to this process");
+    }
+    if (n_threads <= 0) {
+        n_threads = (int) cpus.size();
+    }
+    if (n_threads > (int) cpus.size()) {
+        fail(ErrorKind::Value, "threads=" + std::to_string(n_threads) + " but only " + std::to_string(cpus.size()) +
+                                   " CPUs are given: ggml's barrier spins, so more threads than free cores "
+                                   "slows every step down; use at most " +
+                                   std::to_string(cpus.size()));
+    }
+    if (poll < 0 || poll > 100) {
+        fail(ErrorKind::Value, "poll must be within 0..100, got " + std::to_string(poll));
+    }
+    for (int c : cpus) {
+        if (c >= GGML_MAX_N_THREADS) {
+            fail(ErrorKind::Value, "CPU id " + std::to_string(c) + " is beyond ggml's cpumask (" +
+                                       std::to_string(GGML_MAX_N_THREADS) + " CPUs)");
+        }
+    }
+    n_threads_ = n_threads;
+    cpus_      = std::move(cpus);
+
+    ggml_threadpool_params params = ggml_threadpool_params_default(n_threads_);
+    for (int c : cpus_) {
+        params.cpumask[c] = true;
+    }
+    params.poll       = (uint32_t) poll_;
+    params.strict_cpu = strict_cpu;
+    pool_             = ggml_threadpool_new(&params);
+    if (!pool_) {
+        fail(ErrorKind::Runtime, "ggml could not start a thread pool of " + std::to_string(n_threads_) + " threads");
+    }
+}
+
+ThreadPool::~ThreadPool() {
+    if (pool_) {
+        ggml_threadpool_free(pool_);
+    }
+}
+
+void ThreadPool::pause() { ggml_threadpool_pause(pool_); }
+
+void ThreadPool::resume() { ggml_threadpool_resume(pool_); }
+
+}  // namespace lvgg

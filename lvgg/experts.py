@@ -1,0 +1,162 @@
+"""The routed experts of a GGUF file and the CPU MoE engine that computes them.
+
+    store = lvgg.ExpertStore("experts.gguf")
+    moe = lvgg.CpuMoE(store, threads=8)
+    out = moe(layer=3, x=hidden, topk_ids=ids, topk_weights=w)   # numpy or torch (CPU)
+
+Both wrap ggml_bridge (C++): the store memory-maps the file and checks every expert tensor;
+the engine owns a ggml thread pool and scratch buffers sized at creation.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from lvgg import _bridge
+
+
+@dataclass(frozen=True)
+class ExpertLayerInfo:
+    """What one MoE layer of an experts file holds."""
+
+    index: int
+    n_experts: int
+    hidden_size: int
+    intermediate_size: int
+    form: str  # "gate+up+down", "gate_up+down" (fused, gate rows first) or "up+down"
+    types: dict[str, str]  # projection -> ggml type name
+    repacked: dict[str, bool]  # projection -> held in ggml's interleaved CPU layout
+    nbytes: int
+
+
+class ExpertStore:
+    """A GGUF file's routed experts (``blk.N.ffn_{gate,up,down}_exps.weight``), memory-mapped.
+
+    ``repack=True`` copies the types ggml has interleaved CPU kernels for (Q4_0, Q4_K,
+    Q5_K, Q6_K, IQ4_NL, ... depending on the CPU) into that layout; the others are used in
+    place from the mapping.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, repack: bool = True) -> None:
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"experts file not found: {path}")
+        if not os.access(path, os.R_OK):
+            raise PermissionError(f"experts file is not readable: {path}")
+        self._store = _bridge.ExpertStore(path, repack)
+
+    @property
+    def path(self) -> str:
+        return self._store.path
+
+    @property
+    def architecture(self) -> str:
+        """``general.architecture`` of the file ('' when absent)."""
+        return self._store.architecture
+
+    @property
+    def layers(self) -> list[int]:
+        """Indices of the layers that have routed experts, ascending."""
+        return self._store.layers
+
+    @property
+    def file_size(self) -> int:
+        return self._store.file_size
+
+    def layer_info(self, layer: int) -> ExpertLayerInfo:
+        d = self._store.layer_info(layer)
+        return ExpertLayerInfo(
+            index=d["index"], n_experts=d["n_expert"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], form=d["form"], types=dict(d["types"]),
+            repacked=dict(d["repacked"]), nbytes=d["nbytes"])
+
+    def metadata(self) -> dict[str, Any]:
+        """The file's key/value metadata (arrays as ``("array", length, first_strings)``)."""
+        return self._store.metadata()
+
+    def check_layer(self, layer: int, *, n_experts: int | None = None, hidden_size: int | None = None,
+                    intermediate_size: int | None = None) -> ExpertLayerInfo:
+        """Raise ValueError naming the first difference between the file and what the caller expects."""
+        info = self.layer_info(layer)
+        for name, want in (("n_experts", n_experts), ("hidden_size", hidden_size),
+                           ("intermediate_size", intermediate_size)):
+            have = getattr(info, name)
+            if want is not None and have != want:
+                raise ValueError(f"{self.path}: layer {layer} has {name}={have}, the model expects {want}; "
+                                 "this experts file was made for another model")
+        return info
+
+    def __repr__(self) -> str:
+        return f"ExpertStore({self.path!r}, layers={len(self.layers)}, architecture={self.architecture!r})"
+
+
+def _check_cpu(name: str, a: Any) -> Any:
+    device = getattr(a, "device", None)
+    if device is not None and getattr(device, "type", "cpu") != "cpu":
+        raise TypeError(f"{name} is on {device}; the CPU MoE engine takes CPU tensors")
+    if getattr(a, "requires_grad", False):
+        a = a.detach()
+    return a
+
+
+class CpuMoE:
+    """Routed experts of one layer at a time on the CPU through ggml.
+
+    ``out[t] = sum_k topk_weights[t, k] * down_e(act(gate_e(x[t])) * up_e(x[t]))`` with
+    ``e = topk_ids[t, k]``. x and out: [T, D] float32/float16/bfloat16; topk_ids: [T, K]
+    int32/int64; topk_weights: [T, K] float. All C-contiguous CPU arrays (numpy, torch or any
+    DLPack producer), read and written in place.
+
+    threads: default one per physical core of ``cpus`` (default: the process's CPU set).
+    poll: ggml's spin level 0..100 while waiting for work (0 sleeps at once).
+    chunk: tokens per ggml graph; longer inputs (up to max_tokens) run chunk by chunk.
+    activation: "silu" (SwiGLU), "gelu" (GeGLU, tanh form) or "relu2" for up/down-only experts.
+    """
+
+    def __init__(self, store: ExpertStore, *, threads: int | None = None, cpus: Sequence[int] | None = None,
+                 poll: int = 50, strict_cpu: bool = False, max_tokens: int = 8192, max_top_k: int = 8,
+                 chunk: int = 512, activation: str = "silu") -> None:
+        self.store = store
+        self._engine = _bridge.MoeEngine(store._store, threads or 0, list(cpus or []), poll, strict_cpu,
+                                         max_tokens, max_top_k, chunk, activation)
+
+    @property
+    def threads(self) -> int:
+        return self._engine.threads
+
+    @property
+    def cpus(self) -> list[int]:
+        return self._engine.cpus
+
+    @property
+    def scratch_bytes(self) -> int:
+        return self._engine.scratch_bytes
+
+    def __call__(self, layer: int, x: Any, topk_ids: Any, topk_weights: Any, out: Any = None) -> Any:
+        x = _check_cpu("x", x)
+        topk_ids = _check_cpu("topk_ids", topk_ids)
+        topk_weights = _check_cpu("topk_weights", topk_weights)
+        if out is None:
+            out = _empty_like(x)
+        else:
+            out = _check_cpu("out", out)
+        self._engine.forward(layer, x, topk_ids, topk_weights, out)
+        return out
+
+    def pause(self) -> None:
+        """Park the worker threads (no spinning) until resume() or the next call."""
+        self._engine.pause()
+
+    def resume(self) -> None:
+        self._engine.resume()
+
+
+def _empty_like(x: Any) -> Any:
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    import numpy as np
+
+    return np.empty_like(x, order="C")

@@ -1,0 +1,1 @@
+"""Helpers that build real (small or synthetic) files for tests and benchmarks."""

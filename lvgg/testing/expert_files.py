@@ -1,0 +1,120 @@
+"""Write experts files (GGUF) from float weights, and read them back as f64 references.
+
+Quantization goes through ggml's own quantizer (the bridge), so every ggml type can be
+written; the reference side dequantizes with gguf-py, which decodes every type independently
+of ggml. Shapes follow numpy order: gate/up [E, F, D], down [E, D, F].
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from lvgg import _bridge
+
+PROJECTIONS = ("gate", "up", "gate_up", "down")
+
+
+def tensor_name(layer: int, proj: str) -> str:
+    return f"blk.{layer}.ffn_{proj}_exps.weight"
+
+
+def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, threads: int = 1) -> np.ndarray:
+    """float32 [..., n] -> the raw bytes of `qtype` with the same leading shape, [..., row_bytes]."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return values
+    rows = values.reshape(-1, values.shape[-1])
+    row_bytes = _bridge.quantized_row_size(int(qtype), rows.shape[1])
+    out = np.empty((rows.shape[0], row_bytes), dtype=np.uint8)
+    _bridge.quantize(int(qtype), rows, out, threads)
+    return out.reshape(*values.shape[:-1], row_bytes)
+
+
+def add_expert_tensor(writer: gguf.GGUFWriter, name: str, values: np.ndarray,
+                      qtype: gguf.GGMLQuantizationType, threads: int = 1) -> None:
+    data = quantize(values, qtype, threads)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(name, data)
+    else:
+        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+
+
+def write_experts_file(path: str | os.PathLike[str], layers: dict[int, dict[str, np.ndarray]],
+                       types: gguf.GGMLQuantizationType | dict[str, gguf.GGMLQuantizationType],
+                       architecture: str = "qwen3moe", threads: int = 1) -> Path:
+    """Write `layers` ({layer: {proj: float array}}) quantized as `types` (one, or per projection)."""
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    for layer, tensors in sorted(layers.items()):
+        for proj in PROJECTIONS:
+            if proj in tensors:
+                qtype = types[proj] if isinstance(types, dict) else types
+                add_expert_tensor(writer, tensor_name(layer, proj), tensors[proj], qtype, threads)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def random_experts(rng: np.random.Generator, n_experts: int, hidden: int, intermediate: int,
+                   form: str = "gate+up+down") -> dict[str, np.ndarray]:
+    """Random expert weights with the scale of a trained layer (outputs of order 1)."""
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+
+    if form == "gate+up+down":
+        return {"gate": w(n_experts, intermediate, hidden), "up": w(n_experts, intermediate, hidden),
+                "down": w(n_experts, hidden, intermediate)}
+    if form == "gate_up+down":
+        return {"gate_up": w(n_experts, 2 * intermediate, hidden), "down": w(n_experts, hidden, intermediate)}
+    if form == "up+down":
+        return {"up": w(n_experts, intermediate, hidden), "down": w(n_experts, hidden, intermediate)}
+    raise ValueError(f"unknown expert form {form!r}")
+
+
+@dataclass
+class ReferenceLayer:
+    """One layer's experts dequantized by gguf-py to float64."""
+
+    gate: np.ndarray | None  # [E, F, D]
+    up: np.ndarray  # [E, F, D]
+    down: np.ndarray  # [E, D, F]
+
+    def forward(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, activation: str = "silu") -> np.ndarray:
+        """f64 MoE output for x [T, D], ids [T, K], weights [T, K]."""
+        x = np.asarray(x, dtype=np.float64)
+        out = np.zeros((x.shape[0], self.down.shape[1]))
+        for t in range(x.shape[0]):
+            for k in range(ids.shape[1]):
+                e = int(ids[t, k])
+                u = self.up[e] @ x[t]
+                if self.gate is None:
+                    h = np.maximum(u, 0.0) ** 2
+                else:
+                    g = self.gate[e] @ x[t]
+                    if activation == "silu":
+                        h = g / (1.0 + np.exp(-g)) * u
+                    else:  # GELU, tanh form (as ggml computes it)
+                        h = 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g ** 3))) * u
+                out[t] += float(weights[t, k]) * (self.down[e] @ h)
+        return out
+
+
+def read_reference(path: str | os.PathLike[str], layer: int) -> ReferenceLayer:
+    """Dequantize one layer's experts from the file with gguf-py (independent of ggml)."""
+    reader = gguf.GGUFReader(str(path))
+    found = {}
+    for t in reader.tensors:
+        for proj in PROJECTIONS:
+            if t.name == tensor_name(layer, proj):
+                shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+                found[proj] = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float64)
+    if "gate_up" in found:
+        f = found["gate_up"].shape[1] // 2
+        return ReferenceLayer(found["gate_up"][:, :f], found["gate_up"][:, f:], found["down"])
+    return ReferenceLayer(found.get("gate"), found["up"], found["down"])
