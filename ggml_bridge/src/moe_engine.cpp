@@ -284,6 +284,35 @@ void MoeEngine::validate(int layer, const Matrix & x, const Matrix & ids, const 
     }
 }
 
+// Copies one chunk's routing into the engine's int32/f32 buffers. A row that names an expert
+// twice gets the weights summed on the first slot and each repeat replaced by an expert absent
+// from the row with weight 0: ggml's repacked MUL_MAT_ID assumes distinct experts per token.
+void MoeEngine::stage_routing(const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n, int64_t n_expert) {
+    const int64_t K = ids.cols;
+    for (int64_t i = 0; i < n * K; ++i) {
+        const int64_t j = t0 * K + i;
+        ids_i32_[i] = ids.type == GGML_TYPE_I32 ? ((const int32_t *) ids.data)[j] : (int32_t) ((const int64_t *) ids.data)[j];
+    }
+    to_f32((const char *) weights.data + t0 * K * ggml_type_size(weights.type), weights.type, weights_f32_.data(), n * K);
+    for (int64_t t = 0; t < n; ++t) {
+        int32_t * row = ids_i32_.data() + t * K;
+        float *   w   = weights_f32_.data() + t * K;
+        for (int64_t k = 1; k < K; ++k) {
+            const int64_t first = std::find(row, row + k, row[k]) - row;
+            if (first == k) {
+                continue;
+            }
+            w[first] += w[k];
+            w[k] = 0.0f;
+            int32_t e = 0;
+            while (e < n_expert && std::find(row, row + K, e) != row + K) {
+                ++e;
+            }
+            row[k] = e;  // K <= n_expert, so a free expert exists
+        }
+    }
+}
+
 void MoeEngine::forward(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) {
     std::lock_guard<std::mutex> lock(mutex_);
     validate(layer, x, ids, weights, out);
@@ -298,22 +327,9 @@ void MoeEngine::forward(int layer, const Matrix & x, const Matrix & ids, const M
         Graph g = build(L, n, K, x.type, out.type);
         g.x->data   = (char *) x.data + t0 * x_row;
         g.out->data = (char *) out.data + t0 * out_row;
-        if (ids.type == GGML_TYPE_I32) {
-            g.ids->data = (int32_t *) ids.data + t0 * K;
-        } else {
-            const int64_t * src = (const int64_t *) ids.data + t0 * K;
-            for (int64_t i = 0; i < n * K; ++i) {
-                ids_i32_[i] = (int32_t) src[i];
-            }
-            g.ids->data = ids_i32_.data();
-        }
-        if (weights.type == GGML_TYPE_F32) {
-            g.weights->data = (float *) weights.data + t0 * K;
-        } else {
-            to_f32((const char *) weights.data + t0 * K * ggml_type_size(weights.type), weights.type,
-                   weights_f32_.data(), n * K);
-            g.weights->data = weights_f32_.data();
-        }
+        stage_routing(ids, weights, t0, n, L.n_expert);
+        g.ids->data     = ids_i32_.data();
+        g.weights->data = weights_f32_.data();
         allocate_intermediates(g);
         compute(g);
     }

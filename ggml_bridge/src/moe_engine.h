@@ -71,6 +71,7 @@ class MoeEngine {
     void   validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) const;
     Graph  build(const ExpertLayer & L, int64_t n_tokens, int64_t top_k, ggml_type x_type, ggml_type out_type);
     size_t intermediate_bytes(const Graph & g) const;
+    void   stage_routing(const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n, int64_t n_expert);
     void   allocate_intermediates(const Graph & g);
     void   compute(const Graph & g);
 
@@ -81,8 +82,8 @@ class MoeEngine {
     ggml_context *               ctx_     = nullptr;
     ggml_backend_buffer_t        scratch_ = nullptr;
     std::vector<uint8_t>         work_;
-    std::vector<int32_t>         ids_i32_;    // ids converted from int64
-    std::vector<float>           weights_f32_;  // weights converted from f16/bf16
+    std::vector<int32_t>         ids_i32_;      // one chunk's routing, as ggml takes it
+    std::vector<float>           weights_f32_;
     std::mutex                   mutex_;
 };
 

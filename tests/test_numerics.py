@@ -1,0 +1,127 @@
+"""The CPU MoE engine against an f64 reference built from gguf-py's dequantization."""
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lvgg
+from lvgg.testing.expert_files import random_experts, read_reference, write_experts_file
+
+E = 8
+# Relative L2 error bounds, about twice what ggml reaches: activations are quantized inside
+# the kernels (to Q8_0/Q8_K for quantized weights, to the weight type for F16/BF16).
+TOLERANCE = {
+    Q.F32: 1e-5, Q.F16: 2e-3, Q.BF16: 8e-3, Q.Q8_0: 2.5e-2,
+    Q.Q4_0: 3e-2, Q.Q4_1: 3e-2, Q.Q5_0: 3e-2, Q.Q5_1: 3e-2,
+    Q.Q2_K: 3.5e-2, Q.Q3_K: 3.5e-2, Q.Q4_K: 3.5e-2, Q.Q5_K: 3.5e-2, Q.Q6_K: 3.5e-2,
+    Q.IQ4_XS: 3.5e-2, Q.IQ4_NL: 3.5e-2,
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Output rounding to 16 bits adds to the error.
+OUT_ROUNDING = {"float32": 0.0, "float16": 1e-3, "bfloat16": 8e-3}
+
+
+def rel_err(out, ref):
+    out = np.asarray(out, dtype=np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def run(moe, layer, x, ids, w):
+    out = torch.full_like(x, float("nan"))  # poison: rows the engine does not write fail
+    moe(layer, x, ids, w, out)
+    return out.float().numpy()
+
+
+@pytest.fixture(scope="module", params=list(TOLERANCE), ids=lambda q: q.name)
+def typed_file(request, tmp_path_factory):
+    qtype = request.param
+    rng = np.random.default_rng(int(qtype))
+    D, F = 256, 512  # multiples of every block size (256 for K-quants)
+    path = tmp_path_factory.mktemp("experts") / f"{qtype.name}.gguf"
+    write_experts_file(path, {1: random_experts(rng, E, D, F), 4: random_experts(rng, E, D, F)}, qtype)
+    store = lvgg.ExpertStore(path)
+    return qtype, path, store, lvgg.CpuMoE(store, threads=2), read_reference(path, 4)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("T", [1, 2, 7, 64, 513])
+def test_forward_matches_f64_reference(typed_file, T, dtype, rng):
+    qtype, _, _, moe, ref = typed_file
+    K = int(rng.integers(1, 9))
+    x = torch.from_numpy(rng.standard_normal((T, 256)).astype(np.float32)).to(DTYPES[dtype])
+    ids = torch.from_numpy(np.stack([rng.choice(E, K, replace=False) for _ in range(T)])).to(torch.int64)
+    w = torch.from_numpy(rng.random((T, K)).astype(np.float32))
+    out = run(moe, 4, x, ids, w)
+    expected = ref.forward(x.double().numpy(), ids.numpy(), w.numpy())
+    assert rel_err(out, expected) < TOLERANCE[qtype] + OUT_ROUNDING[dtype]
+
+
+@pytest.mark.parametrize("rows", [[[1, 1, 2]], [[2, 1, 2]], [[5, 5, 2], [0, 0, 0], [7, 1, 7]]])
+def test_duplicated_ids_in_a_row_count_twice(typed_file, rows, rng):
+    qtype, _, _, moe, ref = typed_file
+    ids = torch.tensor(rows, dtype=torch.int32)
+    x = torch.from_numpy(rng.standard_normal((len(rows), 256)).astype(np.float32))
+    w = torch.from_numpy(rng.random(ids.shape).astype(np.float32))
+    out = run(moe, 4, x, ids, w)
+    assert rel_err(out, ref.forward(x.numpy(), ids.numpy(), w.numpy())) < TOLERANCE[qtype]
+
+
+def test_thread_counts_give_identical_results(typed_file, rng):
+    _, _, store, moe2, _ = typed_file
+    moe1 = lvgg.CpuMoE(store, threads=1)
+    x = torch.from_numpy(rng.standard_normal((70, 256)).astype(np.float32))
+    ids = torch.from_numpy(rng.integers(0, E, (70, 8))).to(torch.int32)
+    w = torch.from_numpy(rng.random((70, 8)).astype(np.float32))
+    assert moe2.threads == 2 and moe1.threads == 1
+    np.testing.assert_array_equal(run(moe1, 1, x, ids, w), run(moe2, 1, x, ids, w))
+
+
+def test_numpy_inputs_are_accepted_zero_copy(typed_file, rng):
+    qtype, _, _, moe, ref = typed_file
+    x = rng.standard_normal((5, 256)).astype(np.float32)
+    ids = rng.integers(0, E, (5, 2)).astype(np.int32)
+    w = rng.random((5, 2)).astype(np.float32)
+    out = np.full((5, 256), np.nan, np.float32)
+    assert moe(4, x, ids, w, out) is out
+    assert rel_err(out, ref.forward(x, ids, w)) < TOLERANCE[qtype]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    qtype=st.sampled_from([Q.Q4_K, Q.Q8_0, Q.BF16, Q.Q5_0, Q.IQ4_NL]),
+    d_blocks=st.integers(1, 3), f_blocks=st.integers(1, 3),
+    top_k=st.integers(1, 8), tokens=st.integers(1, 40),
+    form=st.sampled_from(["gate+up+down", "gate_up+down", "up+down"]),
+    activation=st.sampled_from(["silu", "gelu"]),
+    chunk=st.sampled_from([1, 16, 512]),
+    seed=st.integers(0, 2**31),
+)
+def test_random_shapes_forms_and_chunks(tmp_path, qtype, d_blocks, f_blocks, top_k, tokens, form, activation,
+                                        chunk, seed):
+    rng = np.random.default_rng(seed)
+    block = 256 if qtype == Q.Q4_K else 32
+    D, F = d_blocks * block, f_blocks * block
+    path = write_experts_file(tmp_path / f"{seed}.gguf", {0: random_experts(rng, E, D, F, form)}, qtype)
+    act = "relu2" if form == "up+down" else activation
+    moe = lvgg.CpuMoE(lvgg.ExpertStore(path), threads=2, chunk=chunk, activation=act)
+    x = rng.standard_normal((tokens, D)).astype(np.float32)
+    ids = rng.integers(0, E, (tokens, top_k)).astype(np.int64)
+    w = rng.random((tokens, top_k)).astype(np.float32)
+    out = np.full((tokens, D), np.nan, np.float32)
+    moe(0, x, ids, w, out)
+    expected = read_reference(path, 0).forward(x, ids, w, act)
+    assert rel_err(out, expected) < TOLERANCE[qtype]
+
+
+def test_tokens_beyond_one_chunk_run_in_chunks(tmp_path, rng):
+    path = write_experts_file(tmp_path / "c.gguf", {0: random_experts(rng, E, 64, 96)}, Q.F32)
+    store = lvgg.ExpertStore(path)
+    x = rng.standard_normal((1030, 64)).astype(np.float32)
+    ids = rng.integers(0, E, (1030, 2)).astype(np.int32)
+    w = rng.random((1030, 2)).astype(np.float32)
+    whole = lvgg.CpuMoE(store, threads=1, chunk=2048)(0, x, ids, w)
+    chunked = lvgg.CpuMoE(store, threads=1, chunk=100)(0, x, ids, w)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+    assert rel_err(whole, read_reference(path, 0).forward(x, ids, w)) < TOLERANCE[Q.F32]
