@@ -30,8 +30,12 @@ ggml_type ggml_type_of(const nb::dlpack::dtype & dt, const char * what) {
         if (dt.code == (uint8_t) code::Int && dt.bits == 32) return GGML_TYPE_I32;
         if (dt.code == (uint8_t) code::Int && dt.bits == 64) return GGML_TYPE_I64;
     }
-    fail(ErrorKind::Type, std::string(what) + " has an unsupported dtype (DLPack code " + std::to_string(dt.code) +
-                              ", " + std::to_string(dt.bits) + " bits)");
+    static const char * kinds[] = { "int", "uint", "float", "opaque", "bfloat", "complex", "bool" };
+    const std::string kind = dt.code < 7 ? kinds[dt.code] : "code" + std::to_string(dt.code);
+    fail(ErrorKind::Type, std::string(what) + " has dtype " + kind + std::to_string(dt.bits) +
+                              (dt.lanes != 1 ? "x" + std::to_string(dt.lanes) : "") +
+                              ", which the CPU MoE engine does not take (floats: float32, float16, bfloat16; "
+                              "expert ids: int32, int64)");
 }
 
 // A 2-D, C-contiguous CPU array as a Matrix; anything else is a clear error.
