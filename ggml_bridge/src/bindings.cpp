@@ -2,6 +2,7 @@
 // (numpy, torch, ...) without copies; every check happens before ggml sees them.
 #include "errors.h"
 #include "expert_store.h"
+#include "membw.h"
 #include "moe_engine.h"
 #include "quantize.h"
 #include "threads.h"
@@ -211,6 +212,12 @@ NB_MODULE(_bridge, m) {
               quantize_rows((ggml_type) type, src.data(), dst.data(), rows, n, threads);
           },
           "type"_a, "src"_a, "dst"_a, "threads"_a = 1);
+    m.def("read_bandwidth",
+          [](size_t nbytes, int threads, std::vector<int> cpus, int repeats) {
+              nb::gil_scoped_release release;
+              return read_bandwidth(nbytes, threads, cpus, repeats);
+          },
+          "nbytes"_a, "threads"_a, "cpus"_a = std::vector<int>(), "repeats"_a = 3);
     m.def("process_cpus", &process_cpus);
     m.def("physical_core_cpus", []() { return one_cpu_per_core(process_cpus()); });
     m.def("cpu_features", []() {

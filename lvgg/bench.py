@@ -1,0 +1,103 @@
+"""Benchmarks (not tests): the CPU MoE layer against the machine's read bandwidth.
+
+Each run measures the floor it is compared with: memory read bandwidth with the same thread
+count, and ggml's plain MUL_MAT_ID graph on weights used in place (no repack) next to the
+engine's default (repacked where ggml has an interleaved layout for the type).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from lvgg import _bridge
+from lvgg.experts import CpuMoE, ExpertStore
+from lvgg.testing.expert_files import quantize, tensor_name
+
+# Qwen3-30B-A3B's MoE layer
+SHAPE_30B_A3B = dict(n_experts=128, hidden=2048, intermediate=768, top_k=8, model_layers=48)
+
+
+def synthetic_experts_file(path: Path, qtype: gguf.GGMLQuantizationType, n_layers: int, n_experts: int,
+                           hidden: int, intermediate: int, seed: int = 0) -> Path:
+    """Full-size expert tensors of one type: one random expert per projection, quantized by
+    ggml and repeated over all experts (speed does not depend on values; addresses differ)."""
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    for layer in range(n_layers):
+        for proj, (rows, cols) in (("gate", (intermediate, hidden)), ("up", (intermediate, hidden)),
+                                   ("down", (hidden, intermediate))):
+            one = quantize((rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), qtype)
+            data = np.ascontiguousarray(np.broadcast_to(one, (n_experts, *one.shape)))
+            if qtype == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(tensor_name(layer, proj), data)
+            else:
+                writer.add_tensor(tensor_name(layer, proj), data, raw_shape=data.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@dataclass
+class MoeResult:
+    qtype: str
+    weights: str  # "repacked" or "in place"
+    tokens: int
+    ms_per_layer: float
+    model_tokens_per_s: float  # all model_layers on the CPU alone
+    active_gb_per_s: float  # expert bytes touched per second (distinct experts per call)
+
+
+def time_layer(moe: CpuMoE, layers: list[int], tokens: int, top_k: int, n_experts: int, hidden: int,
+               bytes_per_expert: int, min_seconds: float, rng: np.random.Generator) -> tuple[float, float]:
+    """(seconds per layer call, active expert bytes per second) with fresh random routing per call."""
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    out = np.empty_like(x)
+    routes = [np.argsort(rng.random((tokens, n_experts)), axis=1)[:, :top_k].astype(np.int32) for _ in range(16)]
+    w = np.full((tokens, top_k), 1.0 / top_k, np.float32)
+    for i in range(2):  # warm-up
+        moe(layers[i % len(layers)], x, routes[i], w, out)
+    calls, active, start = 0, 0, time.perf_counter()
+    while True:
+        ids = routes[calls % len(routes)]
+        moe(layers[calls % len(layers)], x, ids, w, out)
+        calls += 1
+        active += len(np.unique(ids)) * bytes_per_expert
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds and calls >= 3:
+            return elapsed / calls, active / elapsed
+
+
+def bench_moe(types: list[str], tokens: list[int], threads: int, n_layers: int, min_seconds: float,
+              workdir: str | None = None, schedules: tuple[bool, ...] = (True, False), **shape) -> list[MoeResult]:
+    shape = {**SHAPE_30B_A3B, **shape}
+    E, D, F, K = shape["n_experts"], shape["hidden"], shape["intermediate"], shape["top_k"]
+    rng = np.random.default_rng(0)
+    results = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for name in types:
+            qtype = gguf.GGMLQuantizationType[name.upper()]
+            path = synthetic_experts_file(Path(tmp) / f"{name}.gguf", qtype, n_layers, E, D, F)
+            for repack in schedules:
+                store = ExpertStore(path, repack=repack)
+                moe = CpuMoE(store, threads=threads, max_tokens=max(tokens), max_top_k=K)
+                bytes_per_expert = store.layer_info(0).nbytes // E
+                for t in tokens:
+                    sec, active = time_layer(moe, store.layers, t, K, E, D, bytes_per_expert, min_seconds, rng)
+                    results.append(MoeResult(qtype.name, "repacked" if repack else "in place", t, sec * 1e3,
+                                             t / (sec * shape["model_layers"]), active / 1e9))
+                del moe, store
+            os.unlink(path)
+    return results
+
+
+def read_bandwidth_gb_per_s(threads: int, nbytes: int = 2 << 30) -> float:
+    cpus = _bridge.physical_core_cpus()
+    return _bridge.read_bandwidth(nbytes, threads, cpus[:threads]) / 1e9
