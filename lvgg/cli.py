@@ -5,6 +5,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lvgg import bench
+
 app = typer.Typer(help="Run Mixture-of-Experts LLMs with the routed experts on the CPU through ggml.",
                   no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (figures printed next to the floor measured in the same run).",
@@ -38,14 +40,15 @@ def bench_moe(
     hidden: int = typer.Option(2048), intermediate: int = typer.Option(768),
     experts: int = typer.Option(128), top_k: int = typer.Option(8),
     workdir: str = typer.Option(None, help="folder for the synthetic experts files (default: temp)"),
+    layouts: str = typer.Option(",".join(bench.LAYOUTS), help="weight layouts to compare"),
 ) -> None:
     """CPU MoE layer (30B-A3B shapes by default): ms per layer, tokens/s and bandwidth use."""
-    from lvgg import _bridge, bench
+    from lvgg import _bridge
 
     threads = threads or len(_bridge.physical_core_cpus())
     bw = bench.read_bandwidth_gb_per_s(threads)
     console.print(f"read bandwidth, {threads} threads: [bold]{bw:.1f} GB/s[/] (the floor at 1 token)")
-    results = bench.bench_moe(_csv(types), _csv(tokens, int), threads, layers, seconds, workdir,
+    results = bench.bench_moe(_csv(types), _csv(tokens, int), threads, layers, seconds, workdir, tuple(_csv(layouts)),
                               n_experts=experts, hidden=hidden, intermediate=intermediate, top_k=top_k)
     table = Table(title=f"MoE layer D={hidden} F={intermediate} E={experts} top-{top_k}, {threads} threads")
     for col in ("type", "weights", "tokens", "ms/layer", "tok/s (48 layers)", "active GB/s", "% of read bw"):

@@ -35,16 +35,19 @@ class ExpertStore:
 
     ``repack=True`` copies the types ggml has interleaved CPU kernels for (Q4_0, Q4_K,
     Q5_K, Q6_K, IQ4_NL, ... depending on the CPU) into that layout; the others are used in
-    place from the mapping.
+    place from the mapping. The repacked kernels are faster for few tokens per call (decode)
+    but, for K-quants, about 2x slower for hundreds; ``keep_mapped=True`` keeps both layouts
+    resident (twice the memory of the repacked tensors) so the engine uses the faster one
+    for each batch size.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, repack: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, repack: bool = True, keep_mapped: bool = False) -> None:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"experts file not found: {path}")
         if not os.access(path, os.R_OK):
             raise PermissionError(f"experts file is not readable: {path}")
-        self._store = _bridge.ExpertStore(path, repack)
+        self._store = _bridge.ExpertStore(path, repack, keep_mapped)
 
     @property
     def path(self) -> str:
@@ -111,15 +114,17 @@ class CpuMoE:
     threads: default one per physical core of ``cpus`` (default: the process's CPU set).
     poll: ggml's spin level 0..100 while waiting for work (0 sleeps at once).
     chunk: tokens per ggml graph; longer inputs (up to max_tokens) run chunk by chunk.
+    repack_max_tokens: chunks up to this size use the repacked weights when the store keeps
+        both layouts (``keep_mapped=True``), larger ones the mapped weights.
     activation: "silu" (SwiGLU), "gelu" (GeGLU, tanh form) or "relu2" for up/down-only experts.
     """
 
     def __init__(self, store: ExpertStore, *, threads: int | None = None, cpus: Sequence[int] | None = None,
                  poll: int = 50, strict_cpu: bool = False, max_tokens: int = 8192, max_top_k: int = 8,
-                 chunk: int = 512, activation: str = "silu") -> None:
+                 chunk: int = 512, repack_max_tokens: int = 128, activation: str = "silu") -> None:
         self.store = store
         self._engine = _bridge.MoeEngine(store._store, threads or 0, list(cpus or []), poll, strict_cpu,
-                                         max_tokens, max_top_k, chunk, activation)
+                                         max_tokens, max_top_k, chunk, repack_max_tokens, activation)
 
     @property
     def threads(self) -> int:

@@ -125,3 +125,18 @@ def test_tokens_beyond_one_chunk_run_in_chunks(tmp_path, rng):
     chunked = lvgg.CpuMoE(store, threads=1, chunk=100)(0, x, ids, w)
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
     assert rel_err(whole, read_reference(path, 0).forward(x, ids, w)) < TOLERANCE[Q.F32]
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q4_0, Q.Q6_K])
+def test_both_layouts_kept_each_match_the_reference(tmp_path, qtype, rng):
+    path = write_experts_file(tmp_path / "b.gguf", {0: random_experts(rng, E, 256, 512)}, qtype)
+    store = lvgg.ExpertStore(path, keep_mapped=True)
+    assert store.layer_info(0).repacked == {"gate": True, "up": True, "down": True}
+    ref = read_reference(path, 0)
+    x = rng.standard_normal((40, 256)).astype(np.float32)
+    ids = np.stack([rng.choice(E, 4, replace=False) for _ in range(40)]).astype(np.int32)
+    w = rng.random((40, 4)).astype(np.float32)
+    expected = ref.forward(x, ids, w)
+    for limit in (0, 10**6):  # mapped layout for every chunk, then repacked for every chunk
+        moe = lvgg.CpuMoE(store, threads=2, repack_max_tokens=limit)
+        assert rel_err(moe(0, x, ids, w), expected) < TOLERANCE[qtype]

@@ -70,7 +70,7 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
     for (int i = 0; i < 4; ++i) {
         if (ts[i]) {
             types[names[i]]    = ggml_type_name(ts[i]->type);
-            repacked[names[i]] = s.is_repacked(ts[i]);
+            repacked[names[i]] = s.repacked(ts[i]) != nullptr;
             bytes += ggml_nbytes(ts[i]);
         }
     }
@@ -133,11 +133,12 @@ NB_MODULE(_bridge, m) {
 
     nb::class_<ExpertStore>(m, "ExpertStore")
         .def("__init__",
-             [](ExpertStore * self, const std::string & path, bool repack) {
+             [](ExpertStore * self, const std::string & path, bool repack, bool keep_mapped) {
                  nb::gil_scoped_release release;
-                 new (self) ExpertStore(path, repack);
+                 new (self) ExpertStore(path, repack, keep_mapped);
              },
-             "path"_a, "repack"_a = true)
+             "path"_a, "repack"_a = true, "keep_mapped"_a = false)
+        .def_prop_ro("keeps_mapped", &ExpertStore::keeps_mapped)
         .def_prop_ro("path", &ExpertStore::path)
         .def_prop_ro("architecture", &ExpertStore::architecture)
         .def_prop_ro("file_size", &ExpertStore::file_size)
@@ -158,7 +159,8 @@ NB_MODULE(_bridge, m) {
     nb::class_<MoeEngine>(m, "MoeEngine")
         .def("__init__",
              [](MoeEngine * self, std::shared_ptr<ExpertStore> store, int threads, std::vector<int> cpus, int poll,
-                bool strict_cpu, int64_t max_tokens, int64_t max_top_k, int64_t chunk, const std::string & activation) {
+                bool strict_cpu, int64_t max_tokens, int64_t max_top_k, int64_t chunk, int64_t repack_max_tokens,
+                const std::string & activation) {
                  EngineConfig cfg;
                  cfg.n_threads  = threads;
                  cfg.cpus       = std::move(cpus);
@@ -167,11 +169,13 @@ NB_MODULE(_bridge, m) {
                  cfg.max_tokens = max_tokens;
                  cfg.max_top_k  = max_top_k;
                  cfg.chunk      = chunk;
+                 cfg.repack_max_tokens = repack_max_tokens;
                  cfg.activation = parse_activation(activation);
                  new (self) MoeEngine(std::move(store), cfg);
              },
              "store"_a, "threads"_a = 0, "cpus"_a = std::vector<int>(), "poll"_a = 50, "strict_cpu"_a = false,
-             "max_tokens"_a = 8192, "max_top_k"_a = 8, "chunk"_a = 512, "activation"_a = "silu")
+             "max_tokens"_a = 8192, "max_top_k"_a = 8, "chunk"_a = 512, "repack_max_tokens"_a = 128,
+             "activation"_a = "silu")
         .def("forward",
              [](MoeEngine & e, int layer, AnyArray x, AnyArray ids, AnyArray weights, AnyArray out) {
                  const Matrix mx = as_matrix(x, "x"), mi = as_matrix(ids, "topk_ids"),
@@ -186,6 +190,7 @@ NB_MODULE(_bridge, m) {
         .def_prop_ro("max_tokens", [](const MoeEngine & e) { return e.config().max_tokens; })
         .def_prop_ro("max_top_k", [](const MoeEngine & e) { return e.config().max_top_k; })
         .def_prop_ro("chunk", [](const MoeEngine & e) { return e.config().chunk; })
+        .def_prop_ro("repack_max_tokens", [](const MoeEngine & e) { return e.config().repack_max_tokens; })
         .def_prop_ro("scratch_bytes", &MoeEngine::scratch_bytes)
         .def_prop_ro("store", &MoeEngine::store)
         .def("pause", [](MoeEngine & e) { e.pool().pause(); })

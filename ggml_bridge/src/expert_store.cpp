@@ -68,7 +68,9 @@ bool cpu_supports_experts_of_type(ggml_type type, const int64_t ne[3], ggml_back
     return ok;
 }
 
-ExpertStore::ExpertStore(const std::string & path, bool repack) : path_(path) {
+ExpertStore::ExpertStore(const std::string & path, bool repack, bool keep_mapped) :
+    path_(path),
+    keep_mapped_(keep_mapped || !repack) {
     try {
         open_and_validate();
         collect_layers();
@@ -86,6 +88,11 @@ void ExpertStore::release() {
         ggml_backend_buffer_free(b);
     }
     repack_bufs_.clear();
+    repacked_.clear();
+    if (repacked_ctx_) {
+        ggml_free(repacked_ctx_);
+        repacked_ctx_ = nullptr;
+    }
     if (map_buf_) {
         ggml_backend_buffer_free(map_buf_);
         map_buf_ = nullptr;
@@ -117,8 +124,9 @@ const ExpertLayer & ExpertStore::layer(int index) const {
     return it->second;
 }
 
-bool ExpertStore::is_repacked(const ggml_tensor * t) const {
-    return t->buffer && t->buffer != map_buf_;
+ggml_tensor * ExpertStore::repacked(const ggml_tensor * t) const {
+    auto it = repacked_.find(t);
+    return it == repacked_.end() ? nullptr : it->second;
 }
 
 int64_t ExpertStore::n_tensors() const { return gguf_get_n_tensors(gguf_); }
@@ -248,6 +256,11 @@ void ExpertStore::place_weights(bool repack) {
     ggml_backend_buffer_type_t cpu_buft    = ggml_backend_cpu_buffer_type();
     ggml_backend_buffer_type_t repack_buft = repack ? repack_buffer_type() : nullptr;
     const size_t               data_offset = gguf_get_data_offset(gguf_);
+    size_t                     n_expert_tensors = 0;
+    for (const auto & kv : layers_) {
+        n_expert_tensors += kv.second.tensors().size();
+    }
+    repacked_ctx_ = ggml_init({ ggml_tensor_overhead() * n_expert_tensors, nullptr, /*no_alloc=*/true });
     for (auto & kv : layers_) {
         for (ggml_tensor * t : kv.second.tensors()) {
             if (!cpu_supports_experts_of_type(t->type, t->ne, cpu_buft)) {
@@ -256,24 +269,28 @@ void ExpertStore::place_weights(bool repack) {
                                            "(lvgg convert --type Q4_K)");
             }
             char * src = (char *) map_ + data_offset + gguf_get_tensor_offset(gguf_, gguf_find_tensor(gguf_, t->name));
+            ggml_backend_tensor_alloc(map_buf_, t, src);
             if (repack_buft && cpu_supports_experts_of_type(t->type, t->ne, repack_buft)) {
+                ggml_tensor *         twin = ggml_dup_tensor(repacked_ctx_, t);
                 ggml_backend_buffer_t buf =
-                    ggml_backend_buft_alloc_buffer(repack_buft, ggml_backend_buft_get_alloc_size(repack_buft, t));
+                    ggml_backend_buft_alloc_buffer(repack_buft, ggml_backend_buft_get_alloc_size(repack_buft, twin));
                 if (!buf) {
                     fail(ErrorKind::Runtime, std::string("out of memory repacking '") + t->name + "'");
                 }
                 repack_bufs_.push_back(buf);
-                ggml_backend_tensor_alloc(buf, t, ggml_backend_buffer_get_base(buf));
-                ggml_backend_tensor_set(t, src, 0, ggml_nbytes(t));
-                // The repacked copy is what runs: let the kernel drop our mapping of the source.
-                const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
-                const uintptr_t lo   = ((uintptr_t) src + page - 1) & ~(page - 1);
-                const uintptr_t hi   = ((uintptr_t) src + ggml_nbytes(t)) & ~(page - 1);
-                if (hi > lo) {
-                    madvise((void *) lo, hi - lo, MADV_DONTNEED);
+                ggml_set_name(twin, t->name);
+                ggml_backend_tensor_alloc(buf, twin, ggml_backend_buffer_get_base(buf));
+                ggml_backend_tensor_set(twin, src, 0, ggml_nbytes(t));
+                repacked_[t] = twin;
+                if (!keep_mapped_) {
+                    // Only the repacked copy will run: let the kernel drop our mapping of the source.
+                    const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
+                    const uintptr_t lo   = ((uintptr_t) src + page - 1) & ~(page - 1);
+                    const uintptr_t hi   = ((uintptr_t) src + ggml_nbytes(t)) & ~(page - 1);
+                    if (hi > lo) {
+                        madvise((void *) lo, hi - lo, MADV_DONTNEED);
+                    }
                 }
-            } else {
-                ggml_backend_tensor_alloc(map_buf_, t, src);
             }
         }
     }

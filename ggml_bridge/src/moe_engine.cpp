@@ -130,11 +130,13 @@ MoeEngine::MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cf
             continue;  // forward() refuses this layer/activation pair; nothing to size
         }
         const int64_t top_k = std::min(cfg_.max_top_k, L.n_expert);
-        ggml_reset(ctx_);
-        Graph g = build(L, cfg_.chunk, top_k, GGML_TYPE_BF16, GGML_TYPE_F32);
-        scratch = std::max(scratch, intermediate_bytes(g));
-        ggml_cplan plan = ggml_graph_plan(g.graph, cfg_.n_threads, pool_->get());
-        work = std::max(work, plan.work_size);
+        for (bool use_repacked : { false, true }) {
+            ggml_reset(ctx_);
+            Graph g = build(L, cfg_.chunk, top_k, GGML_TYPE_BF16, GGML_TYPE_F32, use_repacked);
+            scratch = std::max(scratch, intermediate_bytes(g));
+            ggml_cplan plan = ggml_graph_plan(g.graph, cfg_.n_threads, pool_->get());
+            work = std::max(work, plan.work_size);
+        }
     }
     scratch_ = ggml_backend_buft_alloc_buffer(ggml_backend_cpu_buffer_type(), std::max<size_t>(scratch, 64));
     if (!scratch_) {
@@ -155,8 +157,18 @@ MoeEngine::~MoeEngine() {
 
 size_t MoeEngine::scratch_bytes() const { return ggml_backend_buffer_get_size(scratch_) + work_.size(); }
 
-MoeEngine::Graph MoeEngine::build(const ExpertLayer & L, int64_t n, int64_t K, ggml_type x_type, ggml_type out_type) {
-    ggml_context * ctx = ctx_;
+ggml_tensor * MoeEngine::weights_for(ggml_tensor * t, bool use_repacked) const {
+    ggml_tensor * twin = t ? store_->repacked(t) : nullptr;
+    return twin && (use_repacked || !store_->keeps_mapped()) ? twin : t;
+}
+
+MoeEngine::Graph MoeEngine::build(const ExpertLayer & L, int64_t n, int64_t K, ggml_type x_type, ggml_type out_type,
+                                  bool use_repacked) {
+    ggml_context * ctx     = ctx_;
+    ggml_tensor *  gate    = weights_for(L.gate, use_repacked);
+    ggml_tensor *  up_w    = weights_for(L.up, use_repacked);
+    ggml_tensor *  gate_up = weights_for(L.gate_up, use_repacked);
+    ggml_tensor *  down_w  = weights_for(L.down, use_repacked);
     Graph          g;
     g.x       = ggml_new_tensor_3d(ctx, x_type, L.n_embd, 1, n);
     g.ids     = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, n);
@@ -164,18 +176,18 @@ MoeEngine::Graph MoeEngine::build(const ExpertLayer & L, int64_t n, int64_t K, g
     ggml_tensor * x = x_type == GGML_TYPE_F32 ? g.x : ggml_cast(ctx, g.x, GGML_TYPE_F32);
 
     ggml_tensor * h;
-    if (L.gate_up) {
-        ggml_tensor * gu = ggml_mul_mat_id(ctx, L.gate_up, x, g.ids);
+    if (gate_up) {
+        ggml_tensor * gu = ggml_mul_mat_id(ctx, gate_up, x, g.ids);
         h = cfg_.activation == Activation::SiLU ? ggml_swiglu(ctx, gu) : ggml_geglu(ctx, gu);
-    } else if (L.gate) {
-        ggml_tensor * gt = ggml_mul_mat_id(ctx, L.gate, x, g.ids);
-        ggml_tensor * up = ggml_mul_mat_id(ctx, L.up, x, g.ids);
+    } else if (gate) {
+        ggml_tensor * gt = ggml_mul_mat_id(ctx, gate, x, g.ids);
+        ggml_tensor * up = ggml_mul_mat_id(ctx, up_w, x, g.ids);
         h = cfg_.activation == Activation::SiLU ? ggml_swiglu_split(ctx, gt, up) : ggml_geglu_split(ctx, gt, up);
     } else {
-        ggml_tensor * up = ggml_mul_mat_id(ctx, L.up, x, g.ids);
+        ggml_tensor * up = ggml_mul_mat_id(ctx, up_w, x, g.ids);
         h = ggml_sqr(ctx, ggml_relu(ctx, up));
     }
-    ggml_tensor * down = ggml_mul_mat_id(ctx, L.down, h, g.ids);
+    ggml_tensor * down = ggml_mul_mat_id(ctx, down_w, h, g.ids);
     ggml_tensor * args[2] = { down, g.weights };
     g.out   = ggml_custom_4d(ctx, out_type, L.n_embd, n, 1, 1, args, 2, combine, GGML_N_TASKS_MAX, nullptr);
     g.graph = ggml_new_graph_custom(ctx, kMaxNodes, false);
@@ -324,7 +336,7 @@ void MoeEngine::forward(int layer, const Matrix & x, const Matrix & ids, const M
     for (int64_t t0 = 0; t0 < T; t0 += cfg_.chunk) {
         const int64_t n = std::min(cfg_.chunk, T - t0);
         ggml_reset(ctx_);
-        Graph g = build(L, n, K, x.type, out.type);
+        Graph g = build(L, n, K, x.type, out.type, n <= cfg_.repack_max_tokens);
         g.x->data   = (char *) x.data + t0 * x_row;
         g.out->data = (char *) out.data + t0 * out_row;
         stage_routing(ids, weights, t0, n, L.n_expert);

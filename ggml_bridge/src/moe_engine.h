@@ -39,6 +39,9 @@ struct EngineConfig {
     int64_t          max_tokens = 8192;
     int64_t          max_top_k  = 8;
     int64_t          chunk      = 512;  // tokens per ggml graph
+    // Chunks of at most this many tokens use the repacked weights when the store keeps both
+    // layouts; larger chunks use the mapped ones (ggml's tiled K-quant path is faster there).
+    int64_t          repack_max_tokens = 128;
     Activation       activation = Activation::SiLU;
 };
 
@@ -69,7 +72,9 @@ class MoeEngine {
     };
 
     void   validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) const;
-    Graph  build(const ExpertLayer & L, int64_t n_tokens, int64_t top_k, ggml_type x_type, ggml_type out_type);
+    Graph  build(const ExpertLayer & L, int64_t n_tokens, int64_t top_k, ggml_type x_type, ggml_type out_type,
+                 bool use_repacked);
+    ggml_tensor * weights_for(ggml_tensor * t, bool use_repacked) const;
     size_t intermediate_bytes(const Graph & g) const;
     void   stage_routing(const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n, int64_t n_expert);
     void   allocate_intermediates(const Graph & g);
