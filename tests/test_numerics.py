@@ -127,7 +127,7 @@ def test_tokens_beyond_one_chunk_run_in_chunks(tmp_path, rng):
     assert rel_err(whole, read_reference(path, 0).forward(x, ids, w)) < TOLERANCE[Q.F32]
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q4_0, Q.Q6_K])
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q4_0], ids=lambda q: q.name)  # repacked on every AVX2 CPU
 def test_both_layouts_kept_each_match_the_reference(tmp_path, qtype, rng):
     path = write_experts_file(tmp_path / "b.gguf", {0: random_experts(rng, E, 256, 512)}, qtype)
     store = lvgg.ExpertStore(path, keep_mapped=True)
