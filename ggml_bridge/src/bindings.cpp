@@ -174,7 +174,7 @@ NB_MODULE(_bridge, m) {
                  new (self) MoeEngine(std::move(store), cfg);
              },
              "store"_a, "threads"_a = 0, "cpus"_a = std::vector<int>(), "poll"_a = 50, "strict_cpu"_a = false,
-             "max_tokens"_a = 8192, "max_top_k"_a = 8, "chunk"_a = 512, "repack_max_tokens"_a = 128,
+             "max_tokens"_a = 8192, "max_top_k"_a = 8, "chunk"_a = 512, "repack_max_tokens"_a = -1,
              "activation"_a = "silu")
         .def("forward",
              [](MoeEngine & e, int layer, AnyArray x, AnyArray ids, AnyArray weights, AnyArray out) {

@@ -130,9 +130,9 @@ MoeEngine::MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cf
             continue;  // forward() refuses this layer/activation pair; nothing to size
         }
         const int64_t top_k = std::min(cfg_.max_top_k, L.n_expert);
-        for (bool use_repacked : { false, true }) {
+        for (Layout layout : { Layout::Mapped, Layout::Repacked }) {
             ggml_reset(ctx_);
-            Graph g = build(L, cfg_.chunk, top_k, GGML_TYPE_BF16, GGML_TYPE_F32, use_repacked);
+            Graph g = build(L, cfg_.chunk, top_k, GGML_TYPE_BF16, GGML_TYPE_F32, layout);
             scratch = std::max(scratch, intermediate_bytes(g));
             ggml_cplan plan = ggml_graph_plan(g.graph, cfg_.n_threads, pool_->get());
             work = std::max(work, plan.work_size);
@@ -157,18 +157,38 @@ MoeEngine::~MoeEngine() {
 
 size_t MoeEngine::scratch_bytes() const { return ggml_backend_buffer_get_size(scratch_) + work_.size(); }
 
-ggml_tensor * MoeEngine::weights_for(ggml_tensor * t, bool use_repacked) const {
+int64_t default_repack_max_tokens(ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_Q2_K:
+        case GGML_TYPE_Q3_K:
+        case GGML_TYPE_Q4_K:
+        case GGML_TYPE_Q5_K:
+        case GGML_TYPE_Q6_K:
+            return 96;
+        default:
+            return INT64_MAX;
+    }
+}
+
+ggml_tensor * MoeEngine::weights_for(ggml_tensor * t, int64_t n_tokens, Layout layout) const {
     ggml_tensor * twin = t ? store_->repacked(t) : nullptr;
-    return twin && (use_repacked || !store_->keeps_mapped()) ? twin : t;
+    if (!twin || !store_->keeps_mapped()) {
+        return twin ? twin : t;
+    }
+    if (layout == Layout::BySize) {
+        const int64_t limit = cfg_.repack_max_tokens >= 0 ? cfg_.repack_max_tokens : default_repack_max_tokens(t->type);
+        layout              = n_tokens <= limit ? Layout::Repacked : Layout::Mapped;
+    }
+    return layout == Layout::Repacked ? twin : t;
 }
 
 MoeEngine::Graph MoeEngine::build(const ExpertLayer & L, int64_t n, int64_t K, ggml_type x_type, ggml_type out_type,
-                                  bool use_repacked) {
+                                  Layout layout) {
     ggml_context * ctx     = ctx_;
-    ggml_tensor *  gate    = weights_for(L.gate, use_repacked);
-    ggml_tensor *  up_w    = weights_for(L.up, use_repacked);
-    ggml_tensor *  gate_up = weights_for(L.gate_up, use_repacked);
-    ggml_tensor *  down_w  = weights_for(L.down, use_repacked);
+    ggml_tensor *  gate    = weights_for(L.gate, n, layout);
+    ggml_tensor *  up_w    = weights_for(L.up, n, layout);
+    ggml_tensor *  gate_up = weights_for(L.gate_up, n, layout);
+    ggml_tensor *  down_w  = weights_for(L.down, n, layout);
     Graph          g;
     g.x       = ggml_new_tensor_3d(ctx, x_type, L.n_embd, 1, n);
     g.ids     = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, n);
@@ -336,7 +356,7 @@ void MoeEngine::forward(int layer, const Matrix & x, const Matrix & ids, const M
     for (int64_t t0 = 0; t0 < T; t0 += cfg_.chunk) {
         const int64_t n = std::min(cfg_.chunk, T - t0);
         ggml_reset(ctx_);
-        Graph g = build(L, n, K, x.type, out.type, n <= cfg_.repack_max_tokens);
+        Graph g = build(L, n, K, x.type, out.type, Layout::BySize);
         g.x->data   = (char *) x.data + t0 * x_row;
         g.out->data = (char *) out.data + t0 * out_row;
         stage_routing(ids, weights, t0, n, L.n_expert);

@@ -21,6 +21,11 @@ namespace lvgg {
 enum class Activation { SiLU, GELU, ReLU2 };
 
 Activation  parse_activation(const std::string & name);
+
+// Largest chunk for which ggml's repacked kernels beat the mapped layout, by weight type.
+// Measured on a 16-core AVX-512 Xeon, 30B-A3B shapes: repacked Q4_K wins at 64 tokens and
+// loses at 128 (ggml's tiled K-quant path takes over); repacked Q4_0 wins at every size.
+int64_t     default_repack_max_tokens(ggml_type type);
 const char * activation_name(Activation act);
 
 // A row-major [rows, cols] view of caller memory (already checked to be C-contiguous).
@@ -40,8 +45,9 @@ struct EngineConfig {
     int64_t          max_top_k  = 8;
     int64_t          chunk      = 512;  // tokens per ggml graph
     // Chunks of at most this many tokens use the repacked weights when the store keeps both
-    // layouts; larger chunks use the mapped ones (ggml's tiled K-quant path is faster there).
-    int64_t          repack_max_tokens = 128;
+    // layouts; larger chunks use the mapped ones. < 0: per type, as measured (see
+    // default_repack_max_tokens).
+    int64_t          repack_max_tokens = -1;
     Activation       activation = Activation::SiLU;
 };
 
@@ -63,6 +69,7 @@ class MoeEngine {
     size_t                               scratch_bytes() const;
 
   private:
+    enum class Layout { BySize, Mapped, Repacked };
     struct Graph {
         ggml_cgraph * graph;
         ggml_tensor * x;
@@ -73,8 +80,8 @@ class MoeEngine {
 
     void   validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) const;
     Graph  build(const ExpertLayer & L, int64_t n_tokens, int64_t top_k, ggml_type x_type, ggml_type out_type,
-                 bool use_repacked);
-    ggml_tensor * weights_for(ggml_tensor * t, bool use_repacked) const;
+                 Layout layout);
+    ggml_tensor * weights_for(ggml_tensor * t, int64_t n_tokens, Layout layout) const;
     size_t intermediate_bytes(const Graph & g) const;
     void   stage_routing(const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n, int64_t n_expert);
     void   allocate_intermediates(const Graph & g);
