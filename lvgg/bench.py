@@ -18,7 +18,7 @@ import numpy as np
 
 from lvgg import _bridge
 from lvgg.experts import CpuMoE, ExpertStore
-from lvgg.testing.expert_files import quantize, tensor_name
+from lvgg.testing.expert_files import add_quantized_tensor, quantize, tensor_name, write_all
 
 # ExpertStore arguments of each weight layout measured
 LAYOUTS = {
@@ -41,14 +41,8 @@ def synthetic_experts_file(path: Path, qtype: gguf.GGMLQuantizationType, n_layer
                                    ("down", (hidden, intermediate))):
             one = quantize((rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), qtype)
             data = np.ascontiguousarray(np.broadcast_to(one, (n_experts, *one.shape)))
-            if qtype == gguf.GGMLQuantizationType.F32:
-                writer.add_tensor(tensor_name(layer, proj), data)
-            else:
-                writer.add_tensor(tensor_name(layer, proj), data, raw_shape=data.shape, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            add_quantized_tensor(writer, tensor_name(layer, proj), data, qtype)
+    write_all(writer)
     return path
 
 

@@ -12,7 +12,6 @@ app = typer.Typer(help="Run Mixture-of-Experts LLMs with the routed experts on t
 bench_app = typer.Typer(help="Benchmarks (figures printed next to the floor measured in the same run).",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-console = Console()
 
 
 def _csv(value: str, cast=str) -> list:
@@ -24,6 +23,7 @@ def info() -> None:
     """What this build of lvgg sees: CPU features, usable CPUs, physical cores."""
     from lvgg import _bridge
 
+    console = Console()
     feats = _bridge.cpu_features()
     console.print("CPU features:", " ".join(k for k, v in feats.items() if v) or "none")
     console.print("CPUs usable by this process:", len(_bridge.process_cpus()),
@@ -45,6 +45,7 @@ def bench_moe(
     """CPU MoE layer (30B-A3B shapes by default): ms per layer, tokens/s and bandwidth use."""
     from lvgg import _bridge
 
+    console = Console()
     threads = threads or len(_bridge.physical_core_cpus())
     bw = bench.read_bandwidth_gb_per_s(threads)
     console.print(f"read bandwidth, {threads} threads: [bold]{bw:.1f} GB/s[/] (the floor at 1 token)")
@@ -52,7 +53,7 @@ def bench_moe(
                               n_experts=experts, hidden=hidden, intermediate=intermediate, top_k=top_k)
     table = Table(title=f"MoE layer D={hidden} F={intermediate} E={experts} top-{top_k}, {threads} threads")
     for col in ("type", "weights", "tokens", "ms/layer", "tok/s (48 layers)", "active GB/s", "% of read bw"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     for r in results:
         table.add_row(r.qtype, r.weights, str(r.tokens), f"{r.ms_per_layer:.3f}", f"{r.model_tokens_per_s:.1f}",
                       f"{r.active_gb_per_s:.1f}" if r.tokens == 1 else "",

@@ -34,13 +34,20 @@ def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, threads: int 
     return out.reshape(*values.shape[:-1], row_bytes)
 
 
-def add_expert_tensor(writer: gguf.GGUFWriter, name: str, values: np.ndarray,
-                      qtype: gguf.GGMLQuantizationType, threads: int = 1) -> None:
-    data = quantize(values, qtype, threads)
+def add_quantized_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray,
+                         qtype: gguf.GGMLQuantizationType) -> None:
+    """Add bytes made by quantize() (or float32 values for F32) as a tensor of `qtype`."""
     if qtype == gguf.GGMLQuantizationType.F32:
         writer.add_tensor(name, data)
     else:
         writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+
+
+def write_all(writer: gguf.GGUFWriter) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def write_experts_file(path: str | os.PathLike[str], layers: dict[int, dict[str, np.ndarray]],
@@ -53,11 +60,8 @@ def write_experts_file(path: str | os.PathLike[str], layers: dict[int, dict[str,
         for proj in PROJECTIONS:
             if proj in tensors:
                 qtype = types[proj] if isinstance(types, dict) else types
-                add_expert_tensor(writer, tensor_name(layer, proj), tensors[proj], qtype, threads)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+                add_quantized_tensor(writer, tensor_name(layer, proj), quantize(tensors[proj], qtype, threads), qtype)
+    write_all(writer)
     return path
 
 
