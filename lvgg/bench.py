@@ -2,8 +2,7 @@
 
 Each run measures the floor it is compared with: memory read bandwidth with the same thread
 count, and ggml's plain MUL_MAT_ID graph on weights used in place (no repack) next to the
-engine's layouts: repacked only (the memory-lean default) and both layouts kept, picked per
-batch size.
+engine's configurations (CONFIGS): weight layout x schedule.
 """
 from __future__ import annotations
 
@@ -20,11 +19,12 @@ from lvgg import _bridge
 from lvgg.experts import CpuMoE, ExpertStore
 from lvgg.testing.expert_files import add_quantized_tensor, quantize, tensor_name, write_all
 
-# ExpertStore arguments of each weight layout measured
-LAYOUTS = {
-    "in place": dict(repack=False),
-    "repacked": dict(repack=True, keep_mapped=False),
-    "both by size": dict(repack=True, keep_mapped=True),
+# Engine configurations measured: ExpertStore arguments and CpuMoE schedule.
+CONFIGS = {
+    "ggml mul_mat_id": (dict(repack=False), "mul_mat_id"),  # ggml's plain graph on the mapped file
+    "repacked": (dict(repack=True, keep_mapped=False), "mul_mat_id"),  # the memory-lean default
+    "per-expert": (dict(repack=False), "per_expert"),
+    "auto, both layouts": (dict(repack=True, keep_mapped=True), "auto"),
 }
 # Qwen3-30B-A3B's MoE layer
 SHAPE_30B_A3B = dict(n_experts=128, hidden=2048, intermediate=768, top_k=8, model_layers=48)
@@ -49,7 +49,7 @@ def synthetic_experts_file(path: Path, qtype: gguf.GGMLQuantizationType, n_layer
 @dataclass
 class MoeResult:
     qtype: str
-    weights: str  # a key of LAYOUTS
+    config: str  # a key of CONFIGS
     tokens: int
     ms_per_layer: float
     model_tokens_per_s: float  # all model_layers on the CPU alone
@@ -77,7 +77,7 @@ def time_layer(moe: CpuMoE, layers: list[int], tokens: int, top_k: int, n_expert
 
 
 def bench_moe(types: list[str], tokens: list[int], threads: int, n_layers: int, min_seconds: float,
-              workdir: str | None = None, layouts: tuple[str, ...] = tuple(LAYOUTS), **shape) -> list[MoeResult]:
+              workdir: str | None = None, configs: tuple[str, ...] = tuple(CONFIGS), **shape) -> list[MoeResult]:
     shape = {**SHAPE_30B_A3B, **shape}
     E, D, F, K = shape["n_experts"], shape["hidden"], shape["intermediate"], shape["top_k"]
     rng = np.random.default_rng(0)
@@ -86,13 +86,14 @@ def bench_moe(types: list[str], tokens: list[int], threads: int, n_layers: int, 
         for name in types:
             qtype = gguf.GGMLQuantizationType[name.upper()]
             path = synthetic_experts_file(Path(tmp) / f"{name}.gguf", qtype, n_layers, E, D, F)
-            for layout in layouts:
-                store = ExpertStore(path, **LAYOUTS[layout])
-                moe = CpuMoE(store, threads=threads, max_tokens=max(tokens), max_top_k=K)
+            for config in configs:
+                store_args, schedule = CONFIGS[config]
+                store = ExpertStore(path, **store_args)
+                moe = CpuMoE(store, threads=threads, max_tokens=max(tokens), max_top_k=K, schedule=schedule)
                 bytes_per_expert = store.layer_info(0).nbytes // E
                 for t in tokens:
                     sec, active = time_layer(moe, store.layers, t, K, E, D, bytes_per_expert, min_seconds, rng)
-                    results.append(MoeResult(qtype.name, layout, t, sec * 1e3,
+                    results.append(MoeResult(qtype.name, config, t, sec * 1e3,
                                              t / (sec * shape["model_layers"]), active / 1e9))
                 del moe, store
             os.unlink(path)

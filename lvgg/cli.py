@@ -40,7 +40,7 @@ def bench_moe(
     hidden: int = typer.Option(2048), intermediate: int = typer.Option(768),
     experts: int = typer.Option(128), top_k: int = typer.Option(8),
     workdir: str = typer.Option(None, help="folder for the synthetic experts files (default: temp)"),
-    layouts: str = typer.Option(",".join(bench.LAYOUTS), help="weight layouts to compare"),
+    configs: str = typer.Option(";".join(bench.CONFIGS), help="engine configurations to compare, ';' separated"),
 ) -> None:
     """CPU MoE layer (30B-A3B shapes by default): ms per layer, tokens/s and bandwidth use."""
     from lvgg import _bridge
@@ -49,13 +49,14 @@ def bench_moe(
     threads = threads or len(_bridge.physical_core_cpus())
     bw = bench.read_bandwidth_gb_per_s(threads)
     console.print(f"read bandwidth, {threads} threads: [bold]{bw:.1f} GB/s[/] (the floor at 1 token)")
-    results = bench.bench_moe(_csv(types), _csv(tokens, int), threads, layers, seconds, workdir, tuple(_csv(layouts)),
+    results = bench.bench_moe(_csv(types), _csv(tokens, int), threads, layers, seconds, workdir,
+                              tuple(c.strip() for c in configs.split(";") if c.strip()),
                               n_experts=experts, hidden=hidden, intermediate=intermediate, top_k=top_k)
     table = Table(title=f"MoE layer D={hidden} F={intermediate} E={experts} top-{top_k}, {threads} threads")
-    for col in ("type", "weights", "tokens", "ms/layer", "tok/s (48 layers)", "active GB/s", "% of read bw"):
+    for col in ("type", "engine", "tokens", "ms/layer", "tok/s (48 layers)", "active GB/s", "% of read bw"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in results:
-        table.add_row(r.qtype, r.weights, str(r.tokens), f"{r.ms_per_layer:.3f}", f"{r.model_tokens_per_s:.1f}",
+        table.add_row(r.qtype, r.config, str(r.tokens), f"{r.ms_per_layer:.3f}", f"{r.model_tokens_per_s:.1f}",
                       f"{r.active_gb_per_s:.1f}" if r.tokens == 1 else "",
                       f"{100 * r.active_gb_per_s / bw:.0f}%" if r.tokens == 1 else "")
     console.print(table)

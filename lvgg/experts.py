@@ -117,16 +117,20 @@ class CpuMoE:
     repack_max_tokens: chunks up to this size use the repacked weights when the store keeps
         both layouts (``keep_mapped=True``), larger ones the mapped weights; None: per type,
         as measured (K-quants: 96 tokens; Q4_0, IQ4_NL, ...: always repacked).
+    schedule: "mul_mat_id" (one ggml op per projection for all experts), "per_expert" (tokens
+        grouped by expert, one plain matmul per expert: reaches llamafile's sgemm; needs the
+        mapped weights, so repack=False or keep_mapped=True) or "auto" (per type and batch size).
     activation: "silu" (SwiGLU), "gelu" (GeGLU, tanh form) or "relu2" for up/down-only experts.
     """
 
     def __init__(self, store: ExpertStore, *, threads: int | None = None, cpus: Sequence[int] | None = None,
                  poll: int = 50, strict_cpu: bool = False, max_tokens: int = 8192, max_top_k: int = 8,
-                 chunk: int = 512, repack_max_tokens: int | None = None, activation: str = "silu") -> None:
+                 chunk: int = 512, repack_max_tokens: int | None = None, schedule: str = "auto",
+                 activation: str = "silu") -> None:
         self.store = store
         self._engine = _bridge.MoeEngine(store._store, threads or 0, list(cpus or []), poll, strict_cpu,
                                          max_tokens, max_top_k, chunk,
-                                         -1 if repack_max_tokens is None else repack_max_tokens, activation)
+                                         -1 if repack_max_tokens is None else repack_max_tokens, schedule, activation)
 
     @property
     def threads(self) -> int:

@@ -251,3 +251,16 @@ def test_quantize_rejects_bad_row_length():
 def test_zero_tokens_is_a_no_op(moe):
     out = moe(0, *args(T=0))
     assert out.shape == (0, D)
+
+
+def test_unknown_schedule(good_file):
+    with pytest.raises(ValueError, match="unknown schedule 'fast'"):
+        lvgg.CpuMoE(lvgg.ExpertStore(good_file), schedule="fast")
+
+
+def test_per_expert_schedule_needs_the_mapped_weights(tmp_path):
+    rng = np.random.default_rng(0)
+    path = write_experts_file(tmp_path / "q.gguf", {0: random_experts(rng, E, 256, 256)}, Q.Q4_0)
+    with pytest.raises(ValueError, match="keeps only repacked copies of layer 0; open it with repack=False"):
+        lvgg.CpuMoE(lvgg.ExpertStore(path), schedule="per_expert")
+    lvgg.CpuMoE(lvgg.ExpertStore(path, keep_mapped=True), schedule="per_expert")

@@ -42,13 +42,18 @@ def typed_file(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("experts") / f"{qtype.name}.gguf"
     write_experts_file(path, {1: random_experts(rng, E, D, F), 4: random_experts(rng, E, D, F)}, qtype)
     store = lvgg.ExpertStore(path)
-    return qtype, path, store, lvgg.CpuMoE(store, threads=2), read_reference(path, 4)
+    both_layouts = lvgg.ExpertStore(path, keep_mapped=True)
+    engines = {"mul_mat_id": lvgg.CpuMoE(store, threads=2),
+               "per_expert": lvgg.CpuMoE(both_layouts, threads=2, schedule="per_expert")}
+    return qtype, path, store, engines, read_reference(path, 4)
 
 
+@pytest.mark.parametrize("schedule", ["mul_mat_id", "per_expert"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("T", [1, 2, 7, 64, 513])
-def test_forward_matches_f64_reference(typed_file, T, dtype, rng):
-    qtype, _, _, moe, ref = typed_file
+def test_forward_matches_f64_reference(typed_file, T, dtype, schedule, rng):
+    qtype, _, _, engines, ref = typed_file
+    moe = engines[schedule]
     K = int(rng.integers(1, 9))
     x = torch.from_numpy(rng.standard_normal((T, 256)).astype(np.float32)).to(DTYPES[dtype])
     ids = torch.from_numpy(np.stack([rng.choice(E, K, replace=False) for _ in range(T)])).to(torch.int64)
@@ -58,9 +63,11 @@ def test_forward_matches_f64_reference(typed_file, T, dtype, rng):
     assert rel_err(out, expected) < TOLERANCE[qtype] + OUT_ROUNDING[dtype]
 
 
+@pytest.mark.parametrize("schedule", ["mul_mat_id", "per_expert"])
 @pytest.mark.parametrize("rows", [[[1, 1, 2]], [[2, 1, 2]], [[5, 5, 2], [0, 0, 0], [7, 1, 7]]])
-def test_duplicated_ids_in_a_row_count_twice(typed_file, rows, rng):
-    qtype, _, _, moe, ref = typed_file
+def test_duplicated_ids_in_a_row_count_twice(typed_file, rows, schedule, rng):
+    qtype, _, _, engines, ref = typed_file
+    moe = engines[schedule]
     ids = torch.tensor(rows, dtype=torch.int32)
     x = torch.from_numpy(rng.standard_normal((len(rows), 256)).astype(np.float32))
     w = torch.from_numpy(rng.random(ids.shape).astype(np.float32))
@@ -69,8 +76,8 @@ def test_duplicated_ids_in_a_row_count_twice(typed_file, rows, rng):
 
 
 def test_thread_counts_give_identical_results(typed_file, rng):
-    _, _, store, moe2, _ = typed_file
-    moe1 = lvgg.CpuMoE(store, threads=1)
+    _, _, store, engines, _ = typed_file
+    moe1, moe2 = lvgg.CpuMoE(store, threads=1), engines["mul_mat_id"]
     x = torch.from_numpy(rng.standard_normal((70, 256)).astype(np.float32))
     ids = torch.from_numpy(rng.integers(0, E, (70, 8))).to(torch.int32)
     w = torch.from_numpy(rng.random((70, 8)).astype(np.float32))
@@ -79,7 +86,8 @@ def test_thread_counts_give_identical_results(typed_file, rng):
 
 
 def test_numpy_inputs_are_accepted_zero_copy(typed_file, rng):
-    qtype, _, _, moe, ref = typed_file
+    qtype, _, _, engines, ref = typed_file
+    moe = engines["mul_mat_id"]
     x = rng.standard_normal((5, 256)).astype(np.float32)
     ids = rng.integers(0, E, (5, 2)).astype(np.int32)
     w = rng.random((5, 2)).astype(np.float32)
@@ -88,7 +96,7 @@ def test_numpy_inputs_are_accepted_zero_copy(typed_file, rng):
     assert rel_err(out, ref.forward(x, ids, w)) < TOLERANCE[qtype]
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     qtype=st.sampled_from([Q.Q4_K, Q.Q8_0, Q.BF16, Q.Q5_0, Q.IQ4_NL]),
     d_blocks=st.integers(1, 3), f_blocks=st.integers(1, 3),
@@ -96,16 +104,18 @@ def test_numpy_inputs_are_accepted_zero_copy(typed_file, rng):
     form=st.sampled_from(["gate+up+down", "gate_up+down", "up+down"]),
     activation=st.sampled_from(["silu", "gelu"]),
     chunk=st.sampled_from([1, 16, 512]),
+    schedule=st.sampled_from(["mul_mat_id", "per_expert"]),
     seed=st.integers(0, 2**31),
 )
 def test_random_shapes_forms_and_chunks(tmp_path, qtype, d_blocks, f_blocks, top_k, tokens, form, activation,
-                                        chunk, seed):
+                                        chunk, schedule, seed):
     rng = np.random.default_rng(seed)
     block = 256 if qtype == Q.Q4_K else 32
     D, F = d_blocks * block, f_blocks * block
     path = write_experts_file(tmp_path / f"{seed}.gguf", {0: random_experts(rng, E, D, F, form)}, qtype)
     act = "relu2" if form == "up+down" else activation
-    moe = lvgg.CpuMoE(lvgg.ExpertStore(path), threads=2, chunk=chunk, activation=act)
+    moe = lvgg.CpuMoE(lvgg.ExpertStore(path, keep_mapped=True), threads=2, chunk=chunk, activation=act,
+                      schedule=schedule)
     x = rng.standard_normal((tokens, D)).astype(np.float32)
     ids = rng.integers(0, E, (tokens, top_k)).astype(np.int64)
     w = rng.random((tokens, top_k)).astype(np.float32)

@@ -160,7 +160,7 @@ NB_MODULE(_bridge, m) {
         .def("__init__",
              [](MoeEngine * self, std::shared_ptr<ExpertStore> store, int threads, std::vector<int> cpus, int poll,
                 bool strict_cpu, int64_t max_tokens, int64_t max_top_k, int64_t chunk, int64_t repack_max_tokens,
-                const std::string & activation) {
+                const std::string & schedule, const std::string & activation) {
                  EngineConfig cfg;
                  cfg.n_threads  = threads;
                  cfg.cpus       = std::move(cpus);
@@ -170,12 +170,13 @@ NB_MODULE(_bridge, m) {
                  cfg.max_top_k  = max_top_k;
                  cfg.chunk      = chunk;
                  cfg.repack_max_tokens = repack_max_tokens;
+                 cfg.schedule   = parse_schedule(schedule);
                  cfg.activation = parse_activation(activation);
                  new (self) MoeEngine(std::move(store), cfg);
              },
              "store"_a, "threads"_a = 0, "cpus"_a = std::vector<int>(), "poll"_a = 50, "strict_cpu"_a = false,
              "max_tokens"_a = 8192, "max_top_k"_a = 8, "chunk"_a = 512, "repack_max_tokens"_a = -1,
-             "activation"_a = "silu")
+             "schedule"_a = "auto", "activation"_a = "silu")
         .def("forward",
              [](MoeEngine & e, int layer, AnyArray x, AnyArray ids, AnyArray weights, AnyArray out) {
                  const Matrix mx = as_matrix(x, "x"), mi = as_matrix(ids, "topk_ids"),
@@ -190,6 +191,7 @@ NB_MODULE(_bridge, m) {
         .def_prop_ro("max_tokens", [](const MoeEngine & e) { return e.config().max_tokens; })
         .def_prop_ro("max_top_k", [](const MoeEngine & e) { return e.config().max_top_k; })
         .def_prop_ro("chunk", [](const MoeEngine & e) { return e.config().chunk; })
+        .def_prop_ro("schedule", [](const MoeEngine & e) { return std::string(schedule_name(e.config().schedule)); })
         .def_prop_ro("repack_max_tokens", [](const MoeEngine & e) { return e.config().repack_max_tokens; })
         .def_prop_ro("scratch_bytes", &MoeEngine::scratch_bytes)
         .def_prop_ro("store", &MoeEngine::store)

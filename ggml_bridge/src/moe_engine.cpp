@@ -12,19 +12,20 @@ namespace lvgg {
 
 namespace {
 
-constexpr int kMaxNodes = 32;
 constexpr int64_t kCombineCols = 256;  // columns per work unit of the weighted sum
 
 std::string type_str(ggml_type t) { return ggml_type_name(t); }
 
-// out[:, t] = sum_k w[k, t] * down[:, k, t]; work split in (token, column block) units so a
-// single token still uses every thread. Writes f32, f16 or bf16 straight into caller memory.
+// out[:, t] = sum_k w[k, t] * rows[:, r(t, k)] with r(t, k) = t*K + k (the [D, K, T] output of
+// MUL_MAT_ID) or pos[k, t] (rows sorted by expert). Work is split in (token, column block)
+// units so a single token still uses every thread. Writes f32, f16 or bf16 into caller memory.
 void combine(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * down   = dst->src[0];
     const ggml_tensor * w      = dst->src[1];
+    const int32_t *     pos    = dst->src[2] ? (const int32_t *) dst->src[2]->data : nullptr;
     const int64_t       D      = down->ne[0];
-    const int64_t       K      = down->ne[1];
-    const int64_t       T      = down->ne[2];
+    const int64_t       K      = w->ne[1];
+    const int64_t       T      = dst->ne[1];
     const int64_t       blocks = (D + kCombineCols - 1) / kCombineCols;
     const int64_t       units  = T * blocks;
     const int64_t       u0     = units * ith / nth;
@@ -41,7 +42,7 @@ void combine(ggml_tensor * dst, int ith, int nth, void *) {
         }
         for (int64_t k = 0; k < K; ++k) {
             const float   wk  = wd[t * K + k];
-            const float * row = dd + (t * K + k) * D + c0;
+            const float * row = dd + (pos ? pos[t * K + k] : t * K + k) * D + c0;
             for (int64_t c = 0; c < nc; ++c) {
                 acc[c] += wk * row[c];
             }
@@ -117,10 +118,28 @@ MoeEngine::MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cf
     cfg_.n_threads = pool_->n_threads();
     cfg_.cpus      = pool_->cpus();
 
-    arena_.resize(ggml_tensor_overhead() * kMaxNodes + ggml_graph_overhead_custom(kMaxNodes, false));
+    int64_t max_experts = 0;
+    for (const auto & kv : store_->layers()) {
+        max_experts = std::max(max_experts, kv.second.n_expert);
+    }
+    max_nodes_ = 10 * max_experts + 32;  // per expert: 4 views, 4 ops, a copy and its view
+    arena_.resize(ggml_tensor_overhead() * (max_nodes_ + 16) + ggml_graph_overhead_custom(max_nodes_, false));
     ctx_ = ggml_init({ arena_.size(), arena_.data(), /*no_alloc=*/true });
     ids_i32_.resize(cfg_.chunk * cfg_.max_top_k);
     weights_f32_.resize(cfg_.chunk * cfg_.max_top_k);
+    sorted_tokens_.resize(cfg_.chunk * cfg_.max_top_k);
+    sorted_pos_.resize(cfg_.chunk * cfg_.max_top_k);
+    expert_rows_.resize(max_experts + 1);
+
+    if (cfg_.schedule == Schedule::PerExpert) {
+        for (const auto & kv : store_->layers()) {
+            if (!per_expert_possible(kv.second)) {
+                fail(ErrorKind::Value, "schedule 'per_expert' runs plain matmuls on the mapped weights, but the store "
+                                       "keeps only repacked copies of layer " + std::to_string(kv.first) +
+                                       "; open it with repack=False or keep_mapped=True");
+            }
+        }
+    }
 
     // Size scratch and work buffers for the largest graph of every layer shape.
     size_t scratch = 0, work = 0;
@@ -129,13 +148,26 @@ MoeEngine::MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cf
         if (L.gated() == (cfg_.activation == Activation::ReLU2)) {
             continue;  // forward() refuses this layer/activation pair; nothing to size
         }
-        const int64_t top_k = std::min(cfg_.max_top_k, L.n_expert);
+        const int64_t n = cfg_.chunk, K = std::min(cfg_.max_top_k, L.n_expert);
+        auto measure = [&](const Graph & g) {
+            scratch         = std::max(scratch, intermediate_bytes(g));
+            ggml_cplan plan = ggml_graph_plan(g.graph, cfg_.n_threads, pool_->get());
+            work            = std::max(work, plan.work_size);
+        };
         for (Layout layout : { Layout::Mapped, Layout::Repacked }) {
             ggml_reset(ctx_);
-            Graph g = build(L, cfg_.chunk, top_k, GGML_TYPE_BF16, GGML_TYPE_F32, layout);
-            scratch = std::max(scratch, intermediate_bytes(g));
-            ggml_cplan plan = ggml_graph_plan(g.graph, cfg_.n_threads, pool_->get());
-            work = std::max(work, plan.work_size);
+            measure(build_mul_mat_id(L, n, K, GGML_TYPE_BF16, GGML_TYPE_F32, layout));
+        }
+        if (cfg_.schedule != Schedule::MulMatId && per_expert_possible(L)) {
+            // Largest work buffer: K experts take every token; most tensors: rows spread evenly.
+            for (bool spread : { false, true }) {
+                for (int64_t i = 0; i < n * K; ++i) {
+                    ids_i32_[i] = spread ? (int32_t) (i % L.n_expert) : (int32_t) (i % K);
+                }
+                group_by_expert(n, K, L.n_expert);
+                ggml_reset(ctx_);
+                measure(build_per_expert(L, n, K, GGML_TYPE_BF16, GGML_TYPE_F32));
+            }
         }
     }
     scratch_ = ggml_backend_buft_alloc_buffer(ggml_backend_cpu_buffer_type(), std::max<size_t>(scratch, 64));
@@ -156,6 +188,42 @@ MoeEngine::~MoeEngine() {
 }
 
 size_t MoeEngine::scratch_bytes() const { return ggml_backend_buffer_get_size(scratch_) + work_.size(); }
+
+Schedule parse_schedule(const std::string & name) {
+    if (name == "auto") {
+        return Schedule::Auto;
+    }
+    if (name == "mul_mat_id") {
+        return Schedule::MulMatId;
+    }
+    if (name == "per_expert") {
+        return Schedule::PerExpert;
+    }
+    fail(ErrorKind::Value, "unknown schedule '" + name + "': expected 'auto', 'mul_mat_id' or 'per_expert'");
+}
+
+const char * schedule_name(Schedule schedule) {
+    switch (schedule) {
+        case Schedule::Auto:
+            return "auto";
+        case Schedule::MulMatId:
+            return "mul_mat_id";
+        default:
+            return "per_expert";
+    }
+}
+
+int64_t default_per_expert_min_tokens(ggml_type type) {
+    (void) type;
+    return INT64_MAX;
+}
+
+bool MoeEngine::use_per_expert(const ExpertLayer & L, int64_t n_tokens) const {
+    if (cfg_.schedule == Schedule::MulMatId || !per_expert_possible(L)) {
+        return false;
+    }
+    return cfg_.schedule == Schedule::PerExpert || n_tokens >= default_per_expert_min_tokens(L.down->type);
+}
 
 int64_t default_repack_max_tokens(ggml_type type) {
     switch (type) {
@@ -182,18 +250,15 @@ ggml_tensor * MoeEngine::weights_for(ggml_tensor * t, int64_t n_tokens, Layout l
     return layout == Layout::Repacked ? twin : t;
 }
 
-MoeEngine::Graph MoeEngine::build(const ExpertLayer & L, int64_t n, int64_t K, ggml_type x_type, ggml_type out_type,
-                                  Layout layout) {
+MoeEngine::Graph MoeEngine::build_mul_mat_id(const ExpertLayer & L, int64_t n, int64_t K, ggml_type x_type,
+                                             ggml_type out_type, Layout layout) {
     ggml_context * ctx     = ctx_;
     ggml_tensor *  gate    = weights_for(L.gate, n, layout);
     ggml_tensor *  up_w    = weights_for(L.up, n, layout);
     ggml_tensor *  gate_up = weights_for(L.gate_up, n, layout);
     ggml_tensor *  down_w  = weights_for(L.down, n, layout);
-    Graph          g;
-    g.x       = ggml_new_tensor_3d(ctx, x_type, L.n_embd, 1, n);
-    g.ids     = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, n);
-    g.weights = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, n);
-    ggml_tensor * x = x_type == GGML_TYPE_F32 ? g.x : ggml_cast(ctx, g.x, GGML_TYPE_F32);
+    Graph          g = new_graph_inputs(ggml_new_tensor_3d(ctx, x_type, L.n_embd, 1, n), n, K);
+    ggml_tensor *  x = x_type == GGML_TYPE_F32 ? g.x : ggml_cast(ctx, g.x, GGML_TYPE_F32);
 
     ggml_tensor * h;
     if (gate_up) {
@@ -209,36 +274,141 @@ MoeEngine::Graph MoeEngine::build(const ExpertLayer & L, int64_t n, int64_t K, g
     }
     ggml_tensor * down = ggml_mul_mat_id(ctx, down_w, h, g.ids);
     ggml_tensor * args[2] = { down, g.weights };
-    g.out   = ggml_custom_4d(ctx, out_type, L.n_embd, n, 1, 1, args, 2, combine, GGML_N_TASKS_MAX, nullptr);
-    g.graph = ggml_new_graph_custom(ctx, kMaxNodes, false);
-    ggml_build_forward_expand(g.graph, g.out);
+    finish_graph(g, ggml_custom_4d(ctx, out_type, L.n_embd, n, 1, 1, args, 2, combine, GGML_N_TASKS_MAX, nullptr));
     return g;
+}
+
+MoeEngine::Graph MoeEngine::new_graph_inputs(ggml_tensor * x, int64_t n, int64_t K) {
+    Graph g;
+    g.x       = x;
+    g.ids     = ggml_new_tensor_2d(ctx_, GGML_TYPE_I32, K, n);
+    g.weights = ggml_new_tensor_3d(ctx_, GGML_TYPE_F32, 1, K, n);
+    g.graph   = ggml_new_graph_custom(ctx_, max_nodes_, false);
+    for (ggml_tensor * t : { g.x, g.ids, g.weights }) {
+        ggml_set_input(t);
+    }
+    return g;
+}
+
+void MoeEngine::finish_graph(Graph & g, ggml_tensor * out) {
+    g.out = out;
+    ggml_set_output(g.out);
+    ggml_build_forward_expand(g.graph, g.out);
+}
+
+bool MoeEngine::per_expert_possible(const ExpertLayer & L) const {
+    for (ggml_tensor * t : L.tensors()) {
+        if (store_->repacked(t) && !store_->keeps_mapped()) {
+            return false;  // only the repacked copy is resident; plain MUL_MAT needs the mapped one
+        }
+    }
+    return true;
+}
+
+// Counting sort of the chunk's (token, slot) pairs by expert: sorted_tokens_ lists the token of
+// each sorted row, sorted_pos_[t*K + k] is the sorted row of slot k of token t, and expert e
+// owns rows [expert_rows_[e], expert_rows_[e+1]).
+void MoeEngine::group_by_expert(int64_t n, int64_t K, int64_t n_expert) {
+    std::fill(expert_rows_.begin(), expert_rows_.begin() + n_expert + 1, 0);
+    for (int64_t i = 0; i < n * K; ++i) {
+        ++expert_rows_[ids_i32_[i] + 1];
+    }
+    for (int64_t e = 0; e < n_expert; ++e) {
+        expert_rows_[e + 1] += expert_rows_[e];
+    }
+    for (int64_t i = 0; i < n * K; ++i) {
+        const int32_t row    = expert_rows_[ids_i32_[i]]++;
+        sorted_tokens_[row]  = (int32_t) (i / K);
+        sorted_pos_[i]       = row;
+    }
+    for (int64_t e = n_expert; e > 0; --e) {  // the fill advanced each start to the next one's
+        expert_rows_[e] = expert_rows_[e - 1];
+    }
+    expert_rows_[0] = 0;
+}
+
+// One plain MUL_MAT per active expert and projection on that expert's rows (gathered by
+// get_rows), so ggml can use llamafile's sgemm where the type has one.
+MoeEngine::Graph MoeEngine::build_per_expert(const ExpertLayer & L, int64_t n, int64_t K, ggml_type x_type,
+                                             ggml_type out_type) {
+    ggml_context * ctx = ctx_;
+    const int64_t  D   = L.n_embd;
+    Graph          g   = new_graph_inputs(ggml_new_tensor_2d(ctx, x_type, D, n), n, K);
+    g.rows             = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n * K);
+    g.pos              = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, n);
+    ggml_set_input(g.rows);
+    ggml_set_input(g.pos);
+    ggml_tensor * xs = ggml_get_rows(ctx, g.x, g.rows);  // [D, n*K] f32, sorted by expert
+    ggml_tensor * ys = g.sorted_out = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, D, n * K);
+    auto expert = [&](ggml_tensor * w, int64_t e) {
+        return w ? ggml_view_2d(ctx, w, w->ne[0], w->ne[1], w->nb[1], e * w->nb[2]) : nullptr;
+    };
+    for (int64_t e = 0; e < L.n_expert; ++e) {
+        const int64_t r0 = expert_rows_[e], c = expert_rows_[e + 1] - r0;
+        if (c == 0) {
+            continue;
+        }
+        ggml_tensor * xe = ggml_view_2d(ctx, xs, D, c, xs->nb[1], r0 * xs->nb[1]);
+        ggml_tensor * h;
+        if (L.gate_up) {
+            ggml_tensor * gu = ggml_mul_mat(ctx, expert(L.gate_up, e), xe);
+            h = cfg_.activation == Activation::SiLU ? ggml_swiglu(ctx, gu) : ggml_geglu(ctx, gu);
+        } else if (L.gate) {
+            ggml_tensor * gt = ggml_mul_mat(ctx, expert(L.gate, e), xe);
+            ggml_tensor * up = ggml_mul_mat(ctx, expert(L.up, e), xe);
+            h = cfg_.activation == Activation::SiLU ? ggml_swiglu_split(ctx, gt, up) : ggml_geglu_split(ctx, gt, up);
+        } else {
+            h = ggml_sqr(ctx, ggml_relu(ctx, ggml_mul_mat(ctx, expert(L.up, e), xe)));
+        }
+        ggml_tensor * de = ggml_mul_mat(ctx, expert(L.down, e), h);
+        ggml_build_forward_expand(g.graph, ggml_cpy(ctx, de, ggml_view_2d(ctx, ys, D, c, ys->nb[1], r0 * ys->nb[1])));
+    }
+    ggml_tensor * args[3] = { ys, g.weights, g.pos };
+    finish_graph(g, ggml_custom_4d(ctx, out_type, D, n, 1, 1, args, 3, combine, GGML_N_TASKS_MAX, nullptr));
+    return g;
+}
+
+// Tensors that live in the scratch buffer: neither caller memory (inputs, output), nor
+// weights, nor views of something else.
+static bool needs_scratch(const ggml_tensor * t) {
+    return !t->data && !t->view_src && !(t->flags & (GGML_TENSOR_FLAG_INPUT | GGML_TENSOR_FLAG_OUTPUT));
+}
+
+// The scratch leaf (if any) first, then the nodes in execution order.
+template <typename F> static void for_each_tensor(ggml_tensor * scratch_leaf, ggml_cgraph * graph, F f) {
+    if (scratch_leaf) {
+        f(scratch_leaf);
+    }
+    for (int i = 0; i < ggml_graph_n_nodes(graph); ++i) {
+        f(ggml_graph_node(graph, i));
+    }
 }
 
 size_t MoeEngine::intermediate_bytes(const Graph & g) const {
     ggml_backend_buffer_type_t buft  = ggml_backend_cpu_buffer_type();
     const size_t               align = ggml_backend_buft_get_alignment(buft);
     size_t                     total = 0;
-    for (int i = 0; i < ggml_graph_n_nodes(g.graph); ++i) {
-        ggml_tensor * t = ggml_graph_node(g.graph, i);
-        if (t != g.out && !t->view_src) {
+    for_each_tensor(g.sorted_out, g.graph, [&](ggml_tensor * t) {
+        if (needs_scratch(t)) {
             total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
         }
-    }
+    });
     return total;
 }
 
 void MoeEngine::allocate_intermediates(const Graph & g) {
     ggml_tallocr alloc = ggml_tallocr_new(scratch_);
-    for (int i = 0; i < ggml_graph_n_nodes(g.graph); ++i) {
-        ggml_tensor * t = ggml_graph_node(g.graph, i);
-        if (t->data) {
-            continue;
+    for_each_tensor(g.sorted_out, g.graph, [&](ggml_tensor * t) {
+        ggml_status st = GGML_STATUS_SUCCESS;
+        if (t->view_src && !t->data) {
+            st = ggml_backend_view_init(t);
+        } else if (needs_scratch(t)) {
+            st = ggml_tallocr_alloc(&alloc, t);
         }
-        if (ggml_tallocr_alloc(&alloc, t) != GGML_STATUS_SUCCESS) {
-            fail(ErrorKind::Runtime, "internal error: MoE scratch too small for node " + std::string(ggml_op_desc(t)));
+        if (st != GGML_STATUS_SUCCESS) {
+            fail(ErrorKind::Runtime, "internal error: MoE scratch too small for " + std::string(ggml_op_desc(t)));
         }
-    }
+    });
 }
 
 void MoeEngine::compute(const Graph & g) {
@@ -356,10 +526,18 @@ void MoeEngine::forward(int layer, const Matrix & x, const Matrix & ids, const M
     for (int64_t t0 = 0; t0 < T; t0 += cfg_.chunk) {
         const int64_t n = std::min(cfg_.chunk, T - t0);
         ggml_reset(ctx_);
-        Graph g = build(L, n, K, x.type, out.type, Layout::BySize);
-        g.x->data   = (char *) x.data + t0 * x_row;
-        g.out->data = (char *) out.data + t0 * out_row;
         stage_routing(ids, weights, t0, n, L.n_expert);
+        Graph g;
+        if (use_per_expert(L, n)) {
+            group_by_expert(n, K, L.n_expert);
+            g            = build_per_expert(L, n, K, x.type, out.type);
+            g.rows->data = sorted_tokens_.data();
+            g.pos->data  = sorted_pos_.data();
+        } else {
+            g = build_mul_mat_id(L, n, K, x.type, out.type, Layout::BySize);
+        }
+        g.x->data       = (char *) x.data + t0 * x_row;
+        g.out->data     = (char *) out.data + t0 * out_row;
         g.ids->data     = ids_i32_.data();
         g.weights->data = weights_f32_.data();
         allocate_intermediates(g);

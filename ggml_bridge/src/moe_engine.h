@@ -3,9 +3,13 @@
 //   out[t] = sum_k w[t,k] * down_e( act(gate_e(x_t)) * up_e(x_t) ),  e = ids[t,k]
 //
 // The engine owns its thread pool, a scratch buffer for intermediate tensors, the ggml
-// work buffer and a small arena for graph metadata, all sized at creation for the largest
-// token chunk and top-k it accepts; forward() only builds a ~10-node graph in that arena
-// and computes it. Token counts above the chunk size run chunk by chunk.
+// work buffer and an arena for graph metadata, all sized at creation for the largest token
+// chunk and top-k it accepts; forward() only builds a graph in that arena and computes it.
+// Token counts above the chunk size run chunk by chunk.
+//
+// Two schedules: MUL_MAT_ID (one op per projection for all experts; ggml's repacked and
+// tiled kernels) and per-expert (tokens grouped by expert, one plain MUL_MAT per active
+// expert and projection, which reaches llamafile's sgemm for Q4_0/Q8_0/F16/BF16).
 #pragma once
 
 #include "expert_store.h"
@@ -19,6 +23,14 @@
 namespace lvgg {
 
 enum class Activation { SiLU, GELU, ReLU2 };
+enum class Schedule { Auto, MulMatId, PerExpert };
+
+Schedule     parse_schedule(const std::string & name);
+const char * schedule_name(Schedule schedule);
+
+// Smallest chunk for which the per-expert schedule beats MUL_MAT_ID, by weight type
+// (INT64_MAX: never), as measured on the reference Xeon.
+int64_t default_per_expert_min_tokens(ggml_type type);
 
 Activation  parse_activation(const std::string & name);
 
@@ -48,6 +60,7 @@ struct EngineConfig {
     // layouts; larger chunks use the mapped ones. < 0: per type, as measured (see
     // default_repack_max_tokens).
     int64_t          repack_max_tokens = -1;
+    Schedule         schedule          = Schedule::Auto;
     Activation       activation = Activation::SiLU;
 };
 
@@ -76,11 +89,21 @@ class MoeEngine {
         ggml_tensor * ids;
         ggml_tensor * weights;
         ggml_tensor * out;
+        ggml_tensor * rows = nullptr;  // per-expert schedule: token of each expert-sorted row
+        ggml_tensor * pos  = nullptr;  // per-expert schedule: sorted row of each (token, slot)
+        ggml_tensor * sorted_out = nullptr;  // per-expert schedule: down outputs, expert-sorted
     };
 
     void   validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) const;
-    Graph  build(const ExpertLayer & L, int64_t n_tokens, int64_t top_k, ggml_type x_type, ggml_type out_type,
-                 Layout layout);
+    Graph  new_graph_inputs(ggml_tensor * x, int64_t n_tokens, int64_t top_k);
+    void   finish_graph(Graph & g, ggml_tensor * out);
+    Graph  build_mul_mat_id(const ExpertLayer & L, int64_t n_tokens, int64_t top_k, ggml_type x_type,
+                            ggml_type out_type, Layout layout);
+    Graph  build_per_expert(const ExpertLayer & L, int64_t n_tokens, int64_t top_k, ggml_type x_type,
+                            ggml_type out_type);
+    bool   per_expert_possible(const ExpertLayer & L) const;
+    bool   use_per_expert(const ExpertLayer & L, int64_t n_tokens) const;
+    void   group_by_expert(int64_t n_tokens, int64_t top_k, int64_t n_expert);
     ggml_tensor * weights_for(ggml_tensor * t, int64_t n_tokens, Layout layout) const;
     size_t intermediate_bytes(const Graph & g) const;
     void   stage_routing(const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n, int64_t n_expert);
@@ -90,12 +113,16 @@ class MoeEngine {
     std::shared_ptr<ExpertStore> store_;
     EngineConfig                 cfg_;
     std::unique_ptr<ThreadPool>  pool_;
+    int64_t                      max_nodes_ = 0;
     std::vector<uint8_t>         arena_;    // graph metadata
     ggml_context *               ctx_     = nullptr;
     ggml_backend_buffer_t        scratch_ = nullptr;
     std::vector<uint8_t>         work_;
     std::vector<int32_t>         ids_i32_;      // one chunk's routing, as ggml takes it
     std::vector<float>           weights_f32_;
+    std::vector<int32_t>         sorted_tokens_;  // per-expert schedule (see group_by_expert)
+    std::vector<int32_t>         sorted_pos_;
+    std::vector<int32_t>         expert_rows_;
     std::mutex                   mutex_;
 };
 
