@@ -1,6 +1,8 @@
 """The `lvgg` command line: thin commands over the library."""
 from __future__ import annotations
 
+import sys
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -45,7 +47,7 @@ def bench_moe(
     """CPU MoE layer (30B-A3B shapes by default): ms per layer, tokens/s and bandwidth use."""
     from lvgg import _bridge
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 132)  # whole table in logs
     threads = threads or len(_bridge.physical_core_cpus())
     bw = bench.read_bandwidth_gb_per_s(threads)
     console.print(f"read bandwidth, {threads} threads: [bold]{bw:.1f} GB/s[/] (the floor at 1 token)")

@@ -119,7 +119,9 @@ class CpuMoE:
         as measured (K-quants: 96 tokens; Q4_0, IQ4_NL, ...: always repacked).
     schedule: "mul_mat_id" (one ggml op per projection for all experts), "per_expert" (tokens
         grouped by expert, one plain matmul per expert: reaches llamafile's sgemm; needs the
-        mapped weights, so repack=False or keep_mapped=True) or "auto" (per type and batch size).
+        mapped weights, so repack=False or keep_mapped=True) or "auto": per-expert for chunks of
+        >= 256 tokens of Q4_0/Q8_0 and >= 512 of F16/BF16 when the mapped weights are there,
+        MUL_MAT_ID otherwise (measured on a 16-core AVX-512 Xeon).
     activation: "silu" (SwiGLU), "gelu" (GeGLU, tanh form) or "relu2" for up/down-only experts.
     """
 

@@ -214,8 +214,16 @@ const char * schedule_name(Schedule schedule) {
 }
 
 int64_t default_per_expert_min_tokens(ggml_type type) {
-    (void) type;
-    return INT64_MAX;
+    switch (type) {
+        case GGML_TYPE_Q4_0:
+        case GGML_TYPE_Q8_0:
+            return 256;  // llamafile sgemm: 15-25% faster than MUL_MAT_ID from 256 tokens
+        case GGML_TYPE_F16:
+        case GGML_TYPE_BF16:
+            return 512;  // ties at 512, ~10% faster at 2048
+        default:
+            return INT64_MAX;  // K-quants: the per-expert schedule never won
+    }
 }
 
 bool MoeEngine::use_per_expert(const ExpertLayer & L, int64_t n_tokens) const {
