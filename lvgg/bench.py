@@ -17,7 +17,9 @@ import numpy as np
 
 from lvgg import _bridge
 from lvgg.experts import CpuMoE, ExpertStore
-from lvgg.testing.expert_files import add_quantized_tensor, quantize, tensor_name, write_all
+from lvgg.models import gguf_expert_name as tensor_name
+from lvgg.quantize import quantize
+from lvgg.testing.expert_files import add_quantized_tensor, write_all
 
 # Engine configurations measured: ExpertStore arguments and CpuMoE schedule.
 CONFIGS = {

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -30,6 +31,71 @@ def info() -> None:
     console.print("CPU features:", " ".join(k for k, v in feats.items() if v) or "none")
     console.print("CPUs usable by this process:", len(_bridge.process_cpus()),
                   "| physical cores among them:", len(_bridge.physical_core_cpus()))
+
+
+def _fail(e: Exception) -> None:
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(None, help="HF model folder or model id (org/name); omit with --from-gguf"),
+    out: Path = typer.Option(..., "-o", "--out", help="experts file to write (.gguf)"),
+    qtype: str = typer.Option("Q4_K", "--type", help="output type of every projection"),
+    types: str = typer.Option(None, "--types", help="per projection, e.g. gate=Q4_K,up=Q4_K,down=Q6_K"),
+    from_gguf: Path = typer.Option(None, "--from-gguf", help="copy the experts of a llama.cpp GGUF (first shard "
+                                   "of a split set); with --type/--types they are requantized"),
+    threads: int = typer.Option(0, help="quantization threads (0: one per physical core)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Write an experts file: every routed expert of a model, quantized with ggml."""
+    from lvgg import _bridge
+
+    threads = threads or len(_bridge.physical_core_cpus())
+    try:
+        from convert.types import projection_types
+
+        if from_gguf is not None:
+            from convert.gguf_to_gguf import convert_gguf
+
+            explicit = types is not None or "--type" in sys.argv
+            written = convert_gguf(from_gguf, out, projection_types(qtype, types) if explicit else None, threads, quiet)
+        elif src is None:
+            raise ValueError("give a model folder or id, or --from-gguf FILE")
+        else:
+            from convert.hf_to_gguf import convert_hf
+
+            written = convert_hf(src, out, projection_types(qtype, types), threads, quiet)
+    except (ValueError, OSError, TypeError) as e:
+        _fail(e)
+    if not quiet:
+        Console().print(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MiB)")
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="any GGUF file")) -> None:
+    """Layers, expert types and sizes, and source of a GGUF file."""
+    from lvgg.inspect_gguf import inspect_gguf
+
+    try:
+        s = inspect_gguf(path)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    console = Console(width=None if sys.stdout.isatty() else 132)
+    console.print(f"[bold]{s.path.name}[/]: architecture {s.architecture or '?'}, {len(s.layers)} MoE layers, "
+                  f"{s.other_tensors} other tensors ({s.other_bytes / 2**20:.1f} MiB)")
+    for key, value in s.metadata.items():
+        if key != "general.architecture":
+            console.print(f"  {key} = {value}")
+    table = Table()
+    for col in ("layer", "experts", "hidden", "intermediate", "types", "MiB"):
+        table.add_column(col, justify="right")
+    for L in s.layers:
+        table.add_row(str(L.layer), str(L.n_experts), str(L.hidden_size), str(L.intermediate_size),
+                      " ".join(f"{k}={v}" for k, v in L.types.items()), f"{L.nbytes / 2**20:.1f}")
+    if s.layers:
+        console.print(table)
 
 
 @bench_app.command("moe")

@@ -13,34 +13,16 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from lvgg import _bridge
+from lvgg.models import gguf_expert_name as tensor_name
+from lvgg.quantize import quantize
 
 PROJECTIONS = ("gate", "up", "gate_up", "down")
 
 
-def tensor_name(layer: int, proj: str) -> str:
-    return f"blk.{layer}.ffn_{proj}_exps.weight"
-
-
-def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, threads: int = 1) -> np.ndarray:
-    """float32 [..., n] -> the raw bytes of `qtype` with the same leading shape, [..., row_bytes]."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return values
-    rows = values.reshape(-1, values.shape[-1])
-    row_bytes = _bridge.quantized_row_size(int(qtype), rows.shape[1])
-    out = np.empty((rows.shape[0], row_bytes), dtype=np.uint8)
-    _bridge.quantize(int(qtype), rows, out, threads)
-    return out.reshape(*values.shape[:-1], row_bytes)
-
-
 def add_quantized_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray,
                          qtype: gguf.GGMLQuantizationType) -> None:
-    """Add bytes made by quantize() (or float32 values for F32) as a tensor of `qtype`."""
-    if qtype == gguf.GGMLQuantizationType.F32:
-        writer.add_tensor(name, data)
-    else:
-        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+    """Add bytes made by quantize() as a tensor of `qtype`."""
+    writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
 
 
 def write_all(writer: gguf.GGUFWriter) -> None:

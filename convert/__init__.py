@@ -1,0 +1,1 @@
+"""Converters: Hugging Face checkpoints and llama.cpp GGUFs into lvgg experts files."""

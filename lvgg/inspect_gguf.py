@@ -1,0 +1,61 @@
+"""What any GGUF file holds: architecture, lvgg metadata, and its routed experts per layer."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight")
+
+
+@dataclass
+class LayerSummary:
+    layer: int
+    n_experts: int
+    hidden_size: int
+    intermediate_size: int
+    types: dict[str, str]
+    nbytes: int
+
+
+@dataclass
+class FileSummary:
+    path: Path
+    architecture: str
+    metadata: dict[str, object]  # general.name and lvgg.* keys
+    layers: list[LayerSummary]
+    other_tensors: int
+    other_bytes: int
+
+
+def inspect_gguf(path: str | Path) -> FileSummary:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
+    meta: dict[str, object] = {}
+    for name, field in reader.fields.items():
+        if name.startswith(("lvgg.", "general.name", "general.architecture")) or ".expert_" in name:
+            meta[name] = field.contents()
+    layers: dict[int, LayerSummary] = {}
+    other_tensors = other_bytes = 0
+    for t in reader.tensors:
+        m = EXPERT_TENSOR.fullmatch(t.name)
+        if not m:
+            other_tensors += 1
+            other_bytes += int(t.n_bytes)
+            continue
+        layer, proj = int(m[1]), m[2]
+        ne = [int(n) for n in t.shape.tolist()]  # ggml order: [in, out, experts]
+        s = layers.setdefault(layer, LayerSummary(layer, ne[2], 0, 0, {}, 0))
+        if proj == "down":
+            s.intermediate_size, s.hidden_size = ne[0], ne[1]
+        s.types[proj] = gguf.GGMLQuantizationType(t.tensor_type).name
+        s.nbytes += int(t.n_bytes)
+    return FileSummary(path, str(meta.get("general.architecture", "")), meta, [layers[k] for k in sorted(layers)],
+                       other_tensors, other_bytes)

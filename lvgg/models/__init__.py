@@ -1,0 +1,111 @@
+"""Architecture tables: one entry per MoE family, read by the converter, the plugin and tests.
+
+Each entry maps the family's Hugging Face names (config keys, expert tensor names) to the
+GGUF names llama.cpp uses, and says which layers are MoE. Shared experts are not in the
+experts file: they stay with the dense weights on the GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+PROJECTIONS = ("gate", "up", "down")
+
+
+def gguf_expert_name(layer: int, proj: str) -> str:
+    """blk.N.ffn_{gate,up,down,gate_up}_exps.weight, as llama.cpp names routed experts."""
+    return f"blk.{layer}.ffn_{proj}_exps.weight"
+
+
+def _qwen_moe_layers(cfg: dict[str, Any]) -> list[int]:
+    step = cfg.get("decoder_sparse_step", 1) or 1
+    dense = set(cfg.get("mlp_only_layers") or [])
+    return [i for i in range(cfg["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0]
+
+
+def _first_k_dense_layers(cfg: dict[str, Any]) -> list[int]:
+    k = cfg.get("first_k_dense_replace", 0) or 0
+    freq = cfg.get("moe_layer_freq", 1) or 1
+    return [i for i in range(cfg["num_hidden_layers"]) if i >= k and i % freq == 0]
+
+
+def _all_layers(cfg: dict[str, Any]) -> list[int]:
+    return list(range(cfg["num_hidden_layers"]))
+
+
+@dataclass(frozen=True)
+class MoEArch:
+    model_type: str  # config.json "model_type"
+    gguf_arch: str  # general.architecture as llama.cpp names it
+    moe_block: str  # module holding the experts: model.layers.N.<moe_block>.experts.E.<proj>.weight
+    hf_proj: dict[str, str]  # gate/up/down -> HF projection name
+    n_experts_keys: tuple[str, ...]  # config keys naming the routed expert count (first present wins)
+    moe_ff_key: str  # expert intermediate size
+    moe_layers: Callable[[dict[str, Any]], list[int]]
+    shared_expert: str | None = None  # module name of shared experts (kept on the GPU)
+    top_k_key: str = "num_experts_per_tok"
+    grouped_routing: bool = False  # DeepSeek-style group-limited top-k (done by vLLM)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def hf_expert_name(self, layer: int, expert: int, proj: str) -> str:
+        return f"model.layers.{layer}.{self.moe_block}.experts.{expert}.{self.hf_proj[proj]}.weight"
+
+    def spec(self, cfg: dict[str, Any]) -> "ExpertSpec":
+        n_experts = next((cfg[k] for k in self.n_experts_keys if cfg.get(k) is not None), None)
+        missing = [k for k in (self.moe_ff_key, self.top_k_key, "hidden_size", "num_hidden_layers")
+                   if cfg.get(k) is None] + ([" or ".join(self.n_experts_keys)] if n_experts is None else [])
+        if missing:
+            raise ValueError(f"config.json of a {self.model_type} model lacks {missing}")
+        return ExpertSpec(arch=self, layers=self.moe_layers(cfg), n_experts=int(n_experts),
+                          hidden_size=int(cfg["hidden_size"]), intermediate_size=int(cfg[self.moe_ff_key]),
+                          top_k=int(cfg[self.top_k_key]), activation=cfg.get("hidden_act", "silu"))
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """The routed experts one model has: what an experts file for it must hold."""
+
+    arch: MoEArch
+    layers: list[int]
+    n_experts: int
+    hidden_size: int
+    intermediate_size: int
+    top_k: int
+    activation: str
+
+    def hf_shape(self, proj: str) -> tuple[int, int]:
+        """[out, in] of one expert's projection in the HF checkpoint."""
+        d, f = self.hidden_size, self.intermediate_size
+        return (d, f) if proj == "down" else (f, d)
+
+
+_GATE_UP_DOWN = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+_W1_W3_W2 = {"gate": "w1", "up": "w3", "down": "w2"}
+_QWEN_EXPERTS = ("num_experts", "num_local_experts")  # transformers 5 saves the latter
+
+ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
+    MoEArch("qwen3_moe", "qwen3moe", "mlp", _GATE_UP_DOWN, _QWEN_EXPERTS, "moe_intermediate_size", _qwen_moe_layers),
+    MoEArch("qwen2_moe", "qwen2moe", "mlp", _GATE_UP_DOWN, _QWEN_EXPERTS, "moe_intermediate_size", _qwen_moe_layers,
+            shared_expert="shared_expert"),
+    MoEArch("qwen3_next", "qwen3next", "mlp", _GATE_UP_DOWN, _QWEN_EXPERTS, "moe_intermediate_size",
+            _qwen_moe_layers, shared_expert="shared_expert"),
+    MoEArch("mixtral", "llama", "block_sparse_moe", _W1_W3_W2, ("num_local_experts",), "intermediate_size", _all_layers),
+    MoEArch("minimax_m2", "minimax-m2", "block_sparse_moe", _W1_W3_W2, ("num_local_experts",), "intermediate_size",
+            _all_layers),
+    MoEArch("deepseek_v2", "deepseek2", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "moe_intermediate_size",
+            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
+    MoEArch("deepseek_v3", "deepseek2", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "moe_intermediate_size",
+            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
+    MoEArch("kimi_k2", "deepseek2", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "moe_intermediate_size",
+            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
+    MoEArch("glm4_moe", "glm4moe", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "moe_intermediate_size",
+            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
+]}
+
+
+def arch_for(model_type: str) -> MoEArch:
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise ValueError(f"unsupported architecture {model_type!r}: lvgg knows the MoE families "
+                         f"{', '.join(sorted(ARCHITECTURES))}") from None

@@ -1,0 +1,19 @@
+"""Quantize float32 arrays into any ggml type with ggml's own quantizer (multithreaded)."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from lvgg import _bridge
+
+
+def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, threads: int = 1) -> np.ndarray:
+    """float32 [..., n] -> the raw bytes of `qtype` with the same leading shape, [..., row_bytes]."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return values.view(np.uint8).reshape(*values.shape[:-1], values.shape[-1] * 4)
+    rows = values.reshape(-1, values.shape[-1])
+    row_bytes = _bridge.quantized_row_size(int(qtype), rows.shape[1])
+    out = np.empty((rows.shape[0], row_bytes), dtype=np.uint8)
+    _bridge.quantize(int(qtype), rows, out, threads)
+    return out.reshape(*values.shape[:-1], row_bytes)

@@ -1,0 +1,86 @@
+"""Tiny random Hugging Face checkpoints of every supported MoE family, made locally.
+
+Weights cannot be downloaded here, so tests build models: a config of the family with small
+dimensions, random weights from a seed (safetensors), and a byte-level BPE tokenizer trained
+on a built-in text. Loadable by transformers and by vLLM. Deterministic for a seed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+_BASE = dict(hidden_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+             vocab_size=512, num_experts_per_tok=2, max_position_embeddings=2048, tie_word_embeddings=False)
+
+# Per family: the config fields that make it that family, small. 8 experts, top-2.
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen3_moe": dict(intermediate_size=512, moe_intermediate_size=256, num_experts=8, mlp_only_layers=[1],
+                      norm_topk_prob=True),
+    "qwen2_moe": dict(intermediate_size=512, moe_intermediate_size=256, num_experts=8,
+                      shared_expert_intermediate_size=512),
+    "qwen3_next": dict(intermediate_size=512, moe_intermediate_size=256, num_experts=8,
+                       shared_expert_intermediate_size=256,
+                       layer_types=["linear_attention", "full_attention", "linear_attention"],
+                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=64,
+                       linear_value_head_dim=64),
+    "mixtral": dict(intermediate_size=256, num_local_experts=8),
+    "minimax_m2": dict(intermediate_size=256, num_local_experts=8, rotary_dim=32),
+    "deepseek_v2": dict(intermediate_size=512, moe_intermediate_size=256, n_routed_experts=8, n_shared_experts=1,
+                        first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=None, qk_rope_head_dim=32,
+                        qk_nope_head_dim=32, v_head_dim=64, topk_method="group_limited_greedy", n_group=2,
+                        topk_group=1),
+    "deepseek_v3": dict(intermediate_size=512, moe_intermediate_size=256, n_routed_experts=8, n_shared_experts=1,
+                        first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=128, qk_rope_head_dim=32,
+                        qk_nope_head_dim=32, v_head_dim=64, n_group=2, topk_group=1),
+    "glm4_moe": dict(intermediate_size=512, moe_intermediate_size=256, n_routed_experts=8, n_shared_experts=1,
+                     first_k_dense_replace=1, n_group=1, topk_group=1),
+}
+
+_CORPUS = (
+    "The experts of a mixture-of-experts model live in host memory while attention runs on the GPU. "
+    "Each token picks a few experts; their outputs are weighted and summed. Quantized weights are read "
+    "from RAM at the speed of the memory bus. ") * 4 + "".join(chr(c) for c in range(32, 127))
+
+
+def train_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on a built-in text (no download), as transformers loads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS], trainer=trainer)
+    chat = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=chat)
+
+
+def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16",
+                    **overrides: Any) -> Path:
+    """Write a tiny random checkpoint of `family` (config.json, model.safetensors, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if family not in FAMILY_CONFIGS:
+        raise ValueError(f"no tiny config for {family!r}; known: {', '.join(sorted(FAMILY_CONFIGS))}")
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(_BASE["vocab_size"])
+    kw = {**_BASE, **FAMILY_CONFIGS[family], **overrides}
+    kw.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id)
+    config = CONFIG_MAPPING[family](**kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.no_grad():  # trained-model scale, so activations stay of order 1 through the layers
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,334 @@
+"""lvgg convert: architecture tables, HF -> experts file round trips, --from-gguf, bad input."""
+import errno
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import lvgg
+from convert.gguf_to_gguf import convert_gguf
+from convert.hf_to_gguf import convert_hf
+from convert.types import projection_types
+from lvgg.cli import app
+from lvgg.models import ARCHITECTURES, PROJECTIONS, arch_for, gguf_expert_name
+from lvgg.quantize import quantize
+from lvgg.testing.tiny_models import FAMILY_CONFIGS, make_tiny_model
+
+# Against transformers' block on the original weights: weight quantization (Q4_K ~7% on
+# Gaussian weights) plus ggml's activation quantization.
+TOLERANCE = {Q.F32: 1e-5, Q.BF16: 1e-2, Q.Q8_0: 3e-2, Q.Q4_K: 0.2}
+# Relative error of the file's weights (dequantized by gguf-py) against the checkpoint's.
+WEIGHT_ERROR = {Q.F32: 0.0, Q.BF16: 4e-3, Q.Q8_0: 8e-3, Q.Q4_K: 9e-2}
+
+
+def all_types(qtype):
+    return {p: qtype for p in PROJECTIONS}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
+def family_model(request, tmp_path_factory):
+    folder = make_tiny_model(request.param, tmp_path_factory.mktemp(request.param), seed=3, dtype="float32")
+    return request.param, folder
+
+
+def test_table_names_every_expert_tensor_of_the_checkpoint(family_model):
+    family, folder = family_model
+    config = json.loads((folder / "config.json").read_text())
+    arch = arch_for(config["model_type"])
+    spec = arch.spec(config)
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    expert_keys = {k for k in keys if ".experts." in k}
+    wanted = {arch.hf_expert_name(layer, e, p) for layer in spec.layers for e in range(spec.n_experts)
+              for p in PROJECTIONS}
+    assert wanted == expert_keys
+    assert spec.n_experts == 8 and spec.top_k == 2
+    if arch.shared_expert:
+        assert any(f".{arch.shared_expert}." in k for k in keys)
+
+
+@pytest.mark.parametrize("qtype", list(TOLERANCE), ids=lambda q: q.name)
+def test_round_trip_matches_transformers_moe_block(family_model, qtype, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    family, folder = family_model
+    out = convert_hf(str(folder), tmp_path / "experts.gguf", all_types(qtype), threads=2, quiet=True)
+    store = lvgg.ExpertStore(out)
+    moe = lvgg.CpuMoE(store, threads=2)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    blocks = {int(n.split(".")[2]): m for n, m in model.named_modules() if n.endswith(".experts")}
+    assert sorted(blocks) == store.layers
+    rng = np.random.default_rng(0)
+    for layer, experts in blocks.items():
+        x = torch.from_numpy(rng.standard_normal((9, 256)).astype(np.float32))
+        ids = torch.from_numpy(np.stack([rng.choice(8, 2, replace=False) for _ in range(9)]))
+        w = torch.from_numpy(rng.random((9, 2)).astype(np.float32))
+        with torch.no_grad():
+            expected = experts(x, ids, w).double().numpy()
+        got = moe(layer, x, ids, w).double().numpy()
+        assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < TOLERANCE[qtype], (family, layer)
+
+
+@pytest.mark.parametrize("qtype", list(TOLERANCE), ids=lambda q: q.name)
+def test_converted_weights_match_the_checkpoint(family_model, qtype, tmp_path):
+    family, folder = family_model
+    config = json.loads((folder / "config.json").read_text())
+    arch = arch_for(config["model_type"])
+    out = convert_hf(str(folder), tmp_path / "e.gguf", all_types(qtype), threads=2, quiet=True)
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        for layer in arch.spec(config).layers:
+            for proj in PROJECTIONS:
+                t = tensors[gguf_expert_name(layer, proj)]
+                got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(8, *t.data.shape[1:2], -1)
+                want = np.stack([f.get_tensor(arch.hf_expert_name(layer, e, proj)).numpy() for e in range(8)])
+                assert got.shape == want.shape
+                err = np.linalg.norm(got - want) / np.linalg.norm(want)
+                assert err <= WEIGHT_ERROR[qtype], (layer, proj, err)
+
+
+def test_metadata_names_source_architecture_and_types(family_model, tmp_path):
+    family, folder = family_model
+    types = projection_types("Q4_K", "down=Q6_K")
+    out = convert_hf(str(folder), tmp_path / "e.gguf", types, threads=1, quiet=True)
+    meta = lvgg.ExpertStore(out).metadata()
+    arch = ARCHITECTURES[family]
+    assert meta["general.architecture"] == arch.gguf_arch
+    assert meta["lvgg.architecture"] == family
+    assert meta["lvgg.source_model"] == str(folder)
+    assert meta["lvgg.source_revision"].startswith("sha256:")
+    assert meta[f"{arch.gguf_arch}.expert_count"] == 8
+    info = lvgg.ExpertStore(out).layer_info(lvgg.ExpertStore(out).layers[0])
+    assert info.types == {"gate": "q4_K", "up": "q4_K", "down": "q6_K"}
+
+
+# --- --from-gguf ---------------------------------------------------------------------------
+
+def write_llamacpp_gguf(path, rng, split_max_tensors=0):
+    """A llama.cpp-style model file: attention tensors plus Q4_K/Q6_K experts for 2 layers."""
+    w = gguf.GGUFWriter(str(path), "qwen3moe", split_max_tensors=split_max_tensors)
+    w.add_uint32("qwen3moe.expert_count", 8)
+    w.add_uint32("qwen3moe.block_count", 2)
+    for layer in range(2):
+        w.add_tensor(f"blk.{layer}.attn_q.weight", rng.standard_normal((256, 256)).astype(np.float32))
+        for proj, qtype, shape in (("gate", Q.Q4_K, (8, 256, 256)), ("up", Q.Q4_K, (8, 256, 256)),
+                                   ("down", Q.Q6_K, (8, 256, 256))):
+            data = quantize(rng.standard_normal(shape).astype(np.float32) / 16, qtype)
+            w.add_tensor(gguf_expert_name(layer, proj), data, raw_shape=data.shape, raw_dtype=qtype)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+
+
+def expert_bytes(paths):
+    found = {}
+    for p in paths:
+        for t in gguf.GGUFReader(p).tensors:
+            if "_exps" in t.name:
+                found[t.name] = (int(t.tensor_type), bytes(np.asarray(t.data).view(np.uint8)))
+    return found
+
+
+@pytest.mark.parametrize("split", [0, 3])
+def test_from_gguf_copies_expert_tensors_byte_for_byte(tmp_path, split):
+    rng = np.random.default_rng(1)
+    write_llamacpp_gguf(tmp_path / "model.gguf", rng, split_max_tensors=split)
+    sources = sorted(tmp_path.glob("model*.gguf"))
+    assert len(sources) == (1 if not split else 3)
+    out = convert_gguf(sources[0], tmp_path / "experts.gguf", None, threads=1, quiet=True)
+    assert expert_bytes([out]) == expert_bytes(sources)
+    store = lvgg.ExpertStore(out)
+    assert store.layers == [0, 1] and store.metadata()["qwen3moe.expert_count"] == 8
+    assert "blk.0.attn_q.weight" not in {t.name for t in gguf.GGUFReader(out).tensors}
+
+
+def test_from_gguf_requantizes_when_asked(tmp_path):
+    rng = np.random.default_rng(2)
+    write_llamacpp_gguf(tmp_path / "model.gguf", rng)
+    out = convert_gguf(tmp_path / "model.gguf", tmp_path / "q8.gguf", all_types(Q.Q8_0), threads=2, quiet=True)
+    src = {t.name: t for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
+    for t in gguf.GGUFReader(out).tensors:
+        assert t.tensor_type == Q.Q8_0
+        a = gguf.quants.dequantize(t.data, t.tensor_type)
+        b = gguf.quants.dequantize(src[t.name].data, src[t.name].tensor_type)
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2
+
+
+def test_split_set_needs_every_shard(tmp_path):
+    rng = np.random.default_rng(1)
+    write_llamacpp_gguf(tmp_path / "model.gguf", rng, split_max_tensors=3)
+    (tmp_path / "model-00002-of-00003.gguf").unlink()
+    with pytest.raises(FileNotFoundError, match="missing shards: model-00002-of-00003.gguf"):
+        convert_gguf(tmp_path / "model-00001-of-00003.gguf", tmp_path / "e.gguf", None, 1, True)
+
+
+# --- fp8 -----------------------------------------------------------------------------------
+
+def test_fp8_block_scaled_experts_are_dequantized(tmp_path):
+    folder = make_tiny_model("qwen3_moe", tmp_path / "m", seed=4, dtype="float32")
+    tensors, expected = {}, {}
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if ".experts." in k:  # 128x128 blocks, scale = amax / 448 per block
+                blocks = t.reshape(t.shape[0] // 128, 128, t.shape[1] // 128, 128)
+                scale = blocks.abs().amax(dim=(1, 3)) / 448.0
+                q = (blocks / scale[:, None, :, None]).reshape(t.shape).to(torch.float8_e4m3fn)
+                tensors[k], tensors[k[: -len(".weight")] + ".weight_scale_inv"] = q, scale.float()
+                expected[k] = (q.float().reshape(blocks.shape) * scale[:, None, :, None]).reshape(t.shape)
+            else:
+                tensors[k] = t
+    save_file(tensors, str(folder / "model.safetensors"))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = convert_hf(str(folder), tmp_path / "e.gguf", all_types(Q.F32), threads=1, quiet=True)
+    reader = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    down = reader[gguf_expert_name(2, "down")].data  # [E, D, F]
+    np.testing.assert_array_equal(down[5], expected["model.layers.2.mlp.experts.5.down_proj.weight"].numpy())
+    assert lvgg.ExpertStore(out).metadata()["lvgg.source_format"] == "safetensors-f8_e4m3"
+
+
+# --- failures leave nothing behind -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return make_tiny_model("qwen3_moe", tmp_path_factory.mktemp("qwen3"), seed=5)
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "ctrl-c"])
+def test_interrupted_conversion_leaves_no_file(qwen3, tmp_path, monkeypatch, failure):
+    real = gguf.GGUFWriter.write_tensor_data
+    calls = []
+
+    def failing(self, tensor, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise failure
+        return real(self, tensor, *a, **k)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", failing)
+    with pytest.raises(type(failure), match="disk full while writing" if isinstance(failure, OSError) else None):
+        convert_hf(str(qwen3), tmp_path / "e.gguf", all_types(Q.Q8_0), threads=1, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_fails_before_any_work(qwen3, tmp_path):
+    with pytest.raises(ValueError, match="does not exist; create it first"):
+        convert_hf(str(qwen3), tmp_path / "nope" / "e.gguf", all_types(Q.Q8_0), threads=1, quiet=True)
+
+
+def test_unknown_architecture_lists_the_supported_ones(qwen3, tmp_path):
+    cfg = json.loads((qwen3 / "config.json").read_text())
+    bad = tmp_path / "llama"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="unsupported architecture 'llama'.*deepseek_v3.*qwen3_moe"):
+        convert_hf(str(bad), tmp_path / "e.gguf", all_types(Q.Q8_0), threads=1, quiet=True)
+
+
+def _rewrite(src, dst, edit):
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    with safe_open(src / "model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"))
+
+
+def test_missing_expert_tensor_is_named_with_its_shape(qwen3, tmp_path):
+    _rewrite(qwen3, tmp_path / "m", lambda t: t.pop("model.layers.2.mlp.experts.7.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"no tensor 'model.layers.2.mlp.experts.7.up_proj.weight' \(expected shape \[256, 256\]\)"):
+        convert_hf(str(tmp_path / "m"), tmp_path / "e.gguf", all_types(Q.Q8_0), threads=1, quiet=True)
+    assert not (tmp_path / "e.gguf").exists()
+
+
+def test_wrong_expert_shape_is_named(qwen3, tmp_path):
+    def edit(t):
+        t["model.layers.0.mlp.experts.1.down_proj.weight"] = torch.zeros(256, 128, dtype=torch.bfloat16)
+    _rewrite(qwen3, tmp_path / "m", edit)
+    with pytest.raises(ValueError, match=r"experts.1.down_proj.weight' has shape \[256, 128\], expected \[256, 256\]"):
+        convert_hf(str(tmp_path / "m"), tmp_path / "e.gguf", all_types(Q.Q8_0), threads=1, quiet=True)
+
+
+def test_unsupported_source_dtype_is_named(qwen3, tmp_path):
+    def edit(t):
+        t["model.layers.0.mlp.experts.0.gate_proj.weight"] = torch.zeros(256, 256, dtype=torch.int8)
+    _rewrite(qwen3, tmp_path / "m", edit)
+    with pytest.raises(ValueError, match="has dtype I8, which lvgg convert cannot read"):
+        convert_hf(str(tmp_path / "m"), tmp_path / "e.gguf", all_types(Q.Q8_0), threads=1, quiet=True)
+
+
+def test_uncached_model_id_in_offline_mode_says_so(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-m", "lvgg.cli", "convert", "someorg/somemodel", "-o",
+                           str(tmp_path / "e.gguf"), "-q"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in done.stderr.replace("\n", " ")
+
+
+def test_bad_type_names_are_refused():
+    with pytest.raises(ValueError, match="unsupported output type 'Q9_K'"):
+        projection_types("Q9_K", None)
+    with pytest.raises(ValueError, match="PROJ=TYPE pairs"):
+        projection_types("Q4_K", "attn=Q8_0")
+
+
+# --- memory --------------------------------------------------------------------------------
+
+_RSS_SCRIPT = """
+import resource, sys
+from pathlib import Path
+from convert.hf_to_gguf import convert_hf
+from convert.types import projection_types
+import torch, safetensors, gguf  # imported before the baseline
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+convert_hf(sys.argv[1], Path(sys.argv[2]), projection_types("Q8_0", None), threads=2, quiet=True)
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_peak_memory_stays_within_one_layer(tmp_path):
+    # 6 MoE layers of 16 experts, 1024 x 1024: one layer's experts are 192 MiB in f32, the model 576 MiB
+    folder = make_tiny_model("qwen3_moe", tmp_path / "big", seed=6, hidden_size=1024, moe_intermediate_size=1024,
+                             num_experts=16, num_hidden_layers=6, mlp_only_layers=[], intermediate_size=1024,
+                             dtype="bfloat16")
+    done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(folder), str(tmp_path / "e.gguf")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    base_kib, peak_kib = map(int, done.stdout.split()[-2:])
+    one_layer_f32 = 3 * 16 * 1024 * 1024 * 4
+    grew = (peak_kib - base_kib) * 1024
+    print(f"peak RSS growth {grew / 2**20:.0f} MiB; one layer of experts in f32 is {one_layer_f32 / 2**20:.0f} MiB")
+    assert grew <= one_layer_f32 + 96 * 2**20
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+def test_cli_convert_then_inspect(qwen3, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "e.gguf"
+    r = runner.invoke(app, ["convert", str(qwen3), "-o", str(out), "--type", "Q4_K", "--types", "down=Q6_K", "-q"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["inspect", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "architecture qwen3moe, 2 MoE layers" in r.output
+    assert "gate=Q4_K up=Q4_K down=Q6_K" in r.output
+
+
+def test_cli_convert_reports_errors_without_traceback(tmp_path):
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / "missing"), "-o", str(tmp_path / "e.gguf")])
+    assert r.exit_code == 2
+    assert "no such model folder" in r.output
