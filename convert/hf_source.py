@@ -103,6 +103,10 @@ class Checkpoint:
                              f"(supported: {', '.join(sorted(FLOAT_DTYPES | FP8_DTYPES))}, fp8 with block scales)")
         return int(np.prod(shape)) * {"BF16": 2, "F16": 2, "F32": 4}[info.dtype]
 
+    def release(self) -> None:
+        """Close the open files: their mapped pages stop counting in this process's memory."""
+        self._open.clear()
+
     def load_f32(self, name: str) -> np.ndarray:
         t = self._get(name)
         if self.tensors[name].dtype in FP8_DTYPES:

@@ -40,6 +40,7 @@ def convert_hf(src: str, out: Path, types: dict[str, gguf.GGMLQuantizationType],
                 stacked = np.empty((len(names), rows, cols), dtype=np.float32)
                 for e, n in enumerate(names):
                     stacked[e] = ckpt.load_f32(n)
+                ckpt.release()  # one projection of one layer in memory at a time
                 return quantize(stacked, qtype, threads)
 
             planned.append(PlannedTensor(gguf_expert_name(layer, proj), types[proj],

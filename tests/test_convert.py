@@ -2,7 +2,6 @@
 import errno
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -289,14 +288,19 @@ def test_bad_type_names_are_refused():
 # --- memory --------------------------------------------------------------------------------
 
 _RSS_SCRIPT = """
-import resource, sys
+import sys
 from pathlib import Path
 from convert.hf_to_gguf import convert_hf
 from convert.types import projection_types
 import torch, safetensors, gguf  # imported before the baseline
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status_kib(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+base = status_kib("VmRSS")
 convert_hf(sys.argv[1], Path(sys.argv[2]), projection_types("Q8_0", None), threads=2, quiet=True)
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(base, status_kib("VmHWM"))
 """
 
 
