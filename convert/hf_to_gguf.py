@@ -46,13 +46,12 @@ def convert_hf(src: str, out: Path, types: dict[str, gguf.GGMLQuantizationType],
             planned.append(PlannedTensor(gguf_expert_name(layer, proj), types[proj],
                                          (spec.n_experts, rows, cols), produce, read))
 
-    source_format = sorted({ckpt.tensors[arch.hf_expert_name(spec.layers[0], 0, "up")].dtype})[0] \
-        if spec.layers else "none"
+    source_format = ckpt.format_of(arch.hf_expert_name(spec.layers[0], 0, "up")) if spec.layers else "none"
     metadata = {
         "general.name": folder.name if Path(src).is_dir() else src,
         "lvgg.source_model": src,
         "lvgg.source_revision": revision,
-        "lvgg.source_format": f"safetensors-{source_format.lower()}",
+        "lvgg.source_format": f"safetensors-{source_format}",
         "lvgg.architecture": arch.model_type,
         "lvgg.converter_version": CONVERTER_VERSION,
         "lvgg.layer_types": layer_types_metadata(planned),

@@ -336,3 +336,55 @@ def test_cli_convert_reports_errors_without_traceback(tmp_path):
     r = CliRunner().invoke(app, ["convert", str(tmp_path / "missing"), "-o", str(tmp_path / "e.gguf")])
     assert r.exit_code == 2
     assert "no such model folder" in r.output
+
+
+# --- int4 W4A16 ----------------------------------------------------------------------------
+
+def _pack_nibbles(q, order):
+    """uint8 [r, c] (0..15) -> int32 [r, c/8]; column order[i] of each group of 8 goes to nibble i."""
+    q = q.astype(np.uint32).reshape(q.shape[0], -1, 8)
+    packed = np.zeros(q.shape[:2], dtype=np.uint32)
+    for i, col in enumerate(order):
+        packed |= q[:, :, col] << np.uint32(4 * i)
+    return torch.from_numpy(packed.view(np.int32))
+
+
+@pytest.mark.parametrize("layout", ["awq", "compressed-tensors"])
+def test_int4_checkpoints_are_dequantized(tmp_path, layout):
+    folder = make_tiny_model("mixtral", tmp_path / "m", seed=8, dtype="float32")
+    group = 64
+    tensors, dequantized = {}, {}
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        for k in f.keys():
+            w = f.get_tensor(k).numpy()
+            if ".experts." not in k:
+                tensors[k] = torch.from_numpy(w)
+                continue
+            base = k[: -len(".weight")]
+            out_f, in_f = w.shape
+            g = w.reshape(out_f, in_f // group, group)
+            if layout == "awq":  # asymmetric, zero points per group; stored [in, out]
+                lo, hi = g.min(-1), g.max(-1)
+                scale = (hi - lo) / 15.0
+                zero = np.clip(np.round(-lo / scale), 0, 15)
+                q = np.clip(np.round(g / scale[..., None]) + zero[..., None], 0, 15)
+                tensors[base + ".qweight"] = _pack_nibbles(q.reshape(out_f, in_f).T, (0, 2, 4, 6, 1, 3, 5, 7))
+                tensors[base + ".qzeros"] = _pack_nibbles(zero.T, (0, 2, 4, 6, 1, 3, 5, 7))
+                tensors[base + ".scales"] = torch.from_numpy(np.ascontiguousarray(scale.T.astype(np.float16)))
+                deq_scale = scale.T.astype(np.float16).astype(np.float32).T
+                deq = (q - zero[..., None]) * deq_scale[..., None]
+            else:  # symmetric, values -8..7 stored +8; [out, in]
+                scale = np.abs(g).max(-1) / 7.0
+                q = np.clip(np.round(g / scale[..., None]), -8, 7) + 8
+                tensors[base + ".weight_packed"] = _pack_nibbles(q.reshape(out_f, in_f), range(8))
+                tensors[base + ".weight_scale"] = torch.from_numpy(scale.astype(np.float32))
+                tensors[base + ".weight_shape"] = torch.tensor([out_f, in_f])
+                deq = (q - 8) * scale[..., None]
+            dequantized[k] = deq.reshape(out_f, in_f).astype(np.float32)
+    save_file(tensors, str(folder / "model.safetensors"))
+    out = convert_hf(str(folder), tmp_path / "e.gguf", all_types(Q.F32), threads=1, quiet=True)
+    reader = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    for layer, proj, e in [(0, "gate", 3), (2, "down", 7), (1, "up", 0)]:
+        hf = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{ARCHITECTURES['mixtral'].hf_proj[proj]}.weight"
+        np.testing.assert_allclose(reader[gguf_expert_name(layer, proj)].data[e], dequantized[hf], rtol=1e-5,
+                                   atol=1e-6)
