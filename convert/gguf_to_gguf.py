@@ -10,10 +10,10 @@ import gguf
 import numpy as np
 
 from convert.experts_writer import CONVERTER_VERSION, PlannedTensor, layer_types_metadata, write_experts_gguf
-from convert.types import check_row_length
+from convert.output_types import check_row_length
+from lvgg.models import GGUF_EXPERT_TENSOR
 from lvgg.quantize import quantize
 
-EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight")
 SPLIT = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 _SHAPE_KEYS = ("block_count", "embedding_length", "expert_count", "expert_used_count",
                "expert_feed_forward_length", "expert_shared_count", "leading_dense_block_count")
@@ -51,7 +51,8 @@ def convert_gguf(src: Path, out: Path, types: dict[str, gguf.GGMLQuantizationTyp
     gguf_arch = str(arch_field.contents())
 
     planned = []
-    found = sorted(((int(m[1]), m[2]), t) for r in readers for t in r.tensors if (m := EXPERT_TENSOR.fullmatch(t.name)))
+    found = sorted(((int(m[1]), m[2]), t) for r in readers for t in r.tensors
+                   if (m := GGUF_EXPERT_TENSOR.fullmatch(t.name)))
     if not found:
         raise ValueError(f"{src} has no routed-expert tensors (blk.N.ffn_{{gate,up,down}}_exps.weight)")
     for (layer, proj), t in found:

@@ -54,7 +54,7 @@ def convert(
 
     threads = threads or len(_bridge.physical_core_cpus())
     try:
-        from convert.types import projection_types
+        from convert.output_types import projection_types
 
         if from_gguf is not None:
             from convert.gguf_to_gguf import convert_gguf

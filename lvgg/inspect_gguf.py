@@ -1,13 +1,13 @@
 """What any GGUF file holds: architecture, lvgg metadata, and its routed experts per layer."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 
-EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight")
+from lvgg.models import GGUF_EXPERT_TENSOR
+
 
 
 @dataclass
@@ -45,7 +45,7 @@ def inspect_gguf(path: str | Path) -> FileSummary:
     layers: dict[int, LayerSummary] = {}
     other_tensors = other_bytes = 0
     for t in reader.tensors:
-        m = EXPERT_TENSOR.fullmatch(t.name)
+        m = GGUF_EXPERT_TENSOR.fullmatch(t.name)
         if not m:
             other_tensors += 1
             other_bytes += int(t.n_bytes)

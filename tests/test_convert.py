@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import lvgg
 from convert.gguf_to_gguf import convert_gguf
 from convert.hf_to_gguf import convert_hf
-from convert.types import projection_types
+from convert.output_types import projection_types
 from lvgg.cli import app
 from lvgg.models import ARCHITECTURES, PROJECTIONS, arch_for, gguf_expert_name
 from lvgg.quantize import quantize
@@ -291,7 +291,7 @@ _RSS_SCRIPT = """
 import sys
 from pathlib import Path
 from convert.hf_to_gguf import convert_hf
-from convert.types import projection_types
+from convert.output_types import projection_types
 import torch, safetensors, gguf  # imported before the baseline
 
 def status_kib(key):

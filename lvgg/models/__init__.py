@@ -6,10 +6,13 @@ experts file: they stay with the dense weights on the GPU.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 PROJECTIONS = ("gate", "up", "down")
+# Routed-expert tensors in a GGUF file: layer number, projection (gate_up when fused).
+GGUF_EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight")
 
 
 def gguf_expert_name(layer: int, proj: str) -> str:
