@@ -1,5 +1,13 @@
 """lvgg: Mixture-of-Experts LLMs too big for one GPU — vLLM on the GPU, routed experts on the CPU via ggml."""
 from lvgg.experts import CpuMoE, ExpertLayerInfo, ExpertStore
 
-__all__ = ["CpuMoE", "ExpertLayerInfo", "ExpertStore"]
+
+def LLM(*args, **kwargs):  # noqa: N802 - mirrors vllm.LLM
+    """vLLM's `LLM` with the routed experts on the CPU: lvgg.LLM(model, experts=FILE, **vllm_kwargs)."""
+    from lvgg.llm import LLM as _LLM
+
+    return _LLM(*args, **kwargs)
+
+
+__all__ = ["CpuMoE", "ExpertLayerInfo", "ExpertStore", "LLM"]
 __version__ = "0.1.0"

@@ -1,0 +1,48 @@
+"""`lvgg.LLM`: vLLM's offline `LLM` with the routed experts computed by lvgg on the CPU."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lvgg.vllm_plugin import EXPERTS_ENV, THREADS_ENV
+
+
+def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> Path:
+    """The experts file to use: the one given, or the single .gguf beside a model folder's weights."""
+    if experts is not None:
+        path = Path(experts)
+        if not path.is_file():
+            raise FileNotFoundError(f"experts file not found: {path}")
+        return path.resolve()
+    folder = Path(model)
+    candidates = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    if len(candidates) != 1:
+        raise FileNotFoundError(
+            f"no experts file given and {model} " + ("is not a folder" if not folder.is_dir() else
+                                                    f"has {len(candidates)} .gguf files") +
+            "; pass experts=... (lvgg convert writes one)")
+    return candidates[0].resolve()
+
+
+def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_threads: int | None) -> Path:
+    """Point the plugin (in this process and the ones vLLM starts) at the experts file."""
+    path = find_experts_file(model, experts)
+    from lvgg.experts import ExpertStore
+
+    ExpertStore(path, repack=False)  # a damaged file fails here, before vLLM loads anything
+    os.environ[EXPERTS_ENV] = str(path)
+    if cpu_threads:
+        os.environ[THREADS_ENV] = str(cpu_threads)
+    return path
+
+
+def LLM(model: str, experts: str | os.PathLike[str] | None = None, cpu_threads: int | None = None,
+        **vllm_kwargs: Any):
+    """A `vllm.LLM` whose routed experts come from `experts` and run on the CPU through ggml."""
+    configure_plugin(model, experts, cpu_threads)
+    from lvgg.vllm_plugin import register
+    import vllm
+
+    register()
+    return vllm.LLM(model=model, **vllm_kwargs)

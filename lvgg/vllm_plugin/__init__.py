@@ -1,0 +1,24 @@
+"""lvgg's vLLM plugin: routed experts computed on the CPU by ggml, everything else by vLLM.
+
+`register()` is the `vllm.general_plugins` entry point; vLLM calls it in every process. It
+does nothing unless an experts file is configured (env LVGG_EXPERTS, set by `lvgg serve`
+and `lvgg.LLM`), so installing lvgg never changes vLLM by itself.
+"""
+from __future__ import annotations
+
+import os
+
+EXPERTS_ENV = "LVGG_EXPERTS"
+THREADS_ENV = "LVGG_CPU_THREADS"
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered or not os.environ.get(EXPERTS_ENV):
+        return
+    from lvgg.vllm_plugin.moe_method import register_moe_method
+
+    register_moe_method()
+    _registered = True

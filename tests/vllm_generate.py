@@ -1,0 +1,52 @@
+"""Run one model greedily through vLLM (stock, or with lvgg's experts) and print JSON.
+
+usage: python tests/vllm_generate.py MODEL [--experts FILE] [--eager] [--tokens N]
+Run as its own process: the plugin's registration and vLLM's state are per process.
+"""
+import argparse
+import json
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+PROMPTS = ["The experts of a mixture", "Each token picks a few", "Quantized weights are read",
+           "from RAM at the speed of"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--experts")
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--tokens", type=int, default=32)
+    a = ap.parse_args()
+    from vllm import SamplingParams
+
+    kwargs = dict(model=a.model, enforce_eager=a.eager, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0)
+    if a.experts:
+        import lvgg
+
+        llm = lvgg.LLM(experts=a.experts, cpu_threads=1, **kwargs)
+    else:
+        from vllm import LLM
+
+        llm = LLM(**kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=a.tokens, ignore_eos=True, logprobs=1)
+    outs = llm.generate(PROMPTS, params)
+    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                       if n.endswith(("w13_weight", "w2_weight")))
+    methods = sorted({type(m.quant_method).__name__ for m in model.modules() if hasattr(m, "quant_method")
+                      and "MoE" in type(m.quant_method).__name__})
+    print("RESULT " + json.dumps({
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "logprobs": [[step[tok].logprob for step, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+                     for o in outs],
+        "expert_param_bytes": expert_bytes, "moe_methods": methods}), flush=True)
+    os._exit(0)  # vLLM's engine may not exit by itself
+
+
+if __name__ == "__main__":
+    main()
