@@ -1,0 +1,66 @@
+"""The plugin's startup check of an experts file against the model (no vLLM start needed)."""
+import json
+
+import pytest
+from gguf import GGMLQuantizationType as Q
+from typer.testing import CliRunner
+
+import lvgg
+from convert.hf_to_gguf import convert_hf
+from lvgg.cli import app
+from lvgg.models import PROJECTIONS
+from lvgg.testing.tiny_models import make_tiny_model
+from lvgg.vllm_plugin.runtime import check_experts_file
+
+Q8 = {p: Q.Q8_0 for p in PROJECTIONS}
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    d = tmp_path_factory.mktemp("q")
+    folder = make_tiny_model("qwen3_moe", d / "m", seed=2)
+    return folder, json.loads((folder / "config.json").read_text()), convert_hf(str(folder), d / "e.gguf", Q8, 2, True)
+
+
+def test_matching_file_passes(qwen3):
+    _, config, experts = qwen3
+    check_experts_file(lvgg.ExpertStore(experts), config)
+
+
+def test_file_of_another_architecture_is_refused(qwen3, tmp_path):
+    _, config, _ = qwen3
+    mixtral = make_tiny_model("mixtral", tmp_path / "mx", seed=2)
+    other = convert_hf(str(mixtral), tmp_path / "mx.gguf", Q8, 2, True)
+    with pytest.raises(ValueError, match="was converted from a mixtral model; this model is qwen3_moe"):
+        check_experts_file(lvgg.ExpertStore(other), config)
+
+
+def test_file_with_fewer_layers_is_refused(qwen3, tmp_path):
+    _, config, _ = qwen3
+    small = make_tiny_model("qwen3_moe", tmp_path / "s", seed=2, num_hidden_layers=2)
+    fewer = convert_hf(str(small), tmp_path / "s.gguf", Q8, 2, True)
+    with pytest.raises(ValueError, match=r"has MoE layers \[0\], the model has \[0, 2\] \(missing \[2\]\)"):
+        check_experts_file(lvgg.ExpertStore(fewer), config)
+
+
+def test_file_with_other_expert_count_is_refused(qwen3, tmp_path):
+    _, config, _ = qwen3
+    wide = make_tiny_model("qwen3_moe", tmp_path / "w", seed=2, num_experts=16)
+    other = convert_hf(str(wide), tmp_path / "w.gguf", Q8, 2, True)
+    with pytest.raises(ValueError, match="layer 0 has n_experts=16, the model expects 8"):
+        check_experts_file(lvgg.ExpertStore(other), config)
+
+
+def test_serve_refuses_an_unreadable_file_before_vllm(qwen3, tmp_path):
+    folder, _, _ = qwen3
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)
+    r = CliRunner().invoke(app, ["serve", str(folder), "--experts", str(bad)])
+    assert r.exit_code == 2
+    assert "corrupt or truncated GGUF" in r.output
+
+
+def test_llm_needs_an_experts_file(qwen3, tmp_path):
+    folder, _, _ = qwen3
+    with pytest.raises(FileNotFoundError, match="has 0 .gguf files; pass experts="):
+        lvgg.LLM(str(folder))
