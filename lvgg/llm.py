@@ -37,12 +37,20 @@ def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_thr
     return path
 
 
+def compile_cache_config(experts: Path) -> dict[str, Any]:
+    """vLLM's `additional_config` entry naming the experts file: it enters vLLM's compile-cache
+    key, so a graph compiled without lvgg (or for another file) is never reused with it."""
+    st = experts.stat()
+    return {"lvgg": {"experts": str(experts), "size": st.st_size, "mtime_ns": st.st_mtime_ns}}
+
+
 def LLM(model: str, experts: str | os.PathLike[str] | None = None, cpu_threads: int | None = None,
         **vllm_kwargs: Any):
     """A `vllm.LLM` whose routed experts come from `experts` and run on the CPU through ggml."""
-    configure_plugin(model, experts, cpu_threads)
+    path = configure_plugin(model, experts, cpu_threads)
     from lvgg.vllm_plugin import register
     import vllm
 
     register()
-    return vllm.LLM(model=model, **vllm_kwargs)
+    extra = {**(vllm_kwargs.pop("additional_config", None) or {}), **compile_cache_config(path)}
+    return vllm.LLM(model=model, additional_config=extra, **vllm_kwargs)
