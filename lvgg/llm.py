@@ -28,9 +28,12 @@ def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> Pat
 def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_threads: int | None) -> Path:
     """Point the plugin (in this process and the ones vLLM starts) at the experts file."""
     path = find_experts_file(model, experts)
-    from lvgg.experts import ExpertStore
+    from lvgg.inspect_gguf import inspect_gguf
 
-    ExpertStore(path, repack=False)  # a damaged file fails here, before vLLM loads anything
+    # Headers only (the engine maps the data later, in vLLM's process): a damaged file fails
+    # here, before vLLM loads anything, without reading the experts twice at startup.
+    if not inspect_gguf(path).layers:
+        raise ValueError(f"{path} holds no routed-expert tensors; is it an experts file (lvgg convert)?")
     os.environ[EXPERTS_ENV] = str(path)
     if cpu_threads:
         os.environ[THREADS_ENV] = str(cpu_threads)
