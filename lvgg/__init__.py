@@ -1,4 +1,6 @@
 """lvgg: Mixture-of-Experts LLMs too big for one GPU — vLLM on the GPU, routed experts on the CPU via ggml."""
+import torch  # noqa: F401  (first: ggml then shares torch's OpenMP runtime and threads)
+
 from lvgg.experts import CpuMoE, ExpertLayerInfo, ExpertStore
 
 

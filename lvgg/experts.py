@@ -5,7 +5,7 @@
     out = moe(layer=3, x=hidden, topk_ids=ids, topk_weights=w)   # numpy or torch (CPU)
 
 Both wrap ggml_bridge (C++): the store memory-maps the file and checks every expert tensor;
-the engine owns a ggml thread pool and scratch buffers sized at creation.
+the engine owns scratch buffers sized at creation and runs on the OpenMP threads torch uses.
 """
 from __future__ import annotations
 
@@ -111,8 +111,11 @@ class CpuMoE:
     int32/int64; topk_weights: [T, K] float. All C-contiguous CPU arrays (numpy, torch or any
     DLPack producer), read and written in place.
 
-    threads: default one per physical core of ``cpus`` (default: the process's CPU set).
-    poll: ggml's spin level 0..100 while waiting for work (0 sleeps at once).
+    threads: default one per physical core of ``cpus`` (default: the process's CPU set). They
+        are the calling thread's OpenMP team, shared with torch's CPU ops; between calls they
+        follow OpenMP's wait policy (a short spin, then sleep; OMP_WAIT_POLICY=passive sleeps
+        at once).
+    cpus: pin the threads to these CPUs (strict_cpu: one CPU per thread); default: no pinning.
     chunk: tokens per ggml graph; longer inputs (up to max_tokens) run chunk by chunk.
     repack_max_tokens: chunks up to this size use the repacked weights when the store keeps
         both layouts (``keep_mapped=True``), larger ones the mapped weights; None: per type,
@@ -126,11 +129,11 @@ class CpuMoE:
     """
 
     def __init__(self, store: ExpertStore, *, threads: int | None = None, cpus: Sequence[int] | None = None,
-                 poll: int = 50, strict_cpu: bool = False, max_tokens: int = 8192, max_top_k: int = 8,
+                 strict_cpu: bool = False, max_tokens: int = 8192, max_top_k: int = 8,
                  chunk: int = 512, repack_max_tokens: int | None = None, schedule: str = "auto",
                  activation: str = "silu") -> None:
         self.store = store
-        self._engine = _bridge.MoeEngine(store._store, threads or 0, list(cpus or []), poll, strict_cpu,
+        self._engine = _bridge.MoeEngine(store._store, threads or 0, list(cpus or []), strict_cpu,
                                          max_tokens, max_top_k, chunk,
                                          -1 if repack_max_tokens is None else repack_max_tokens, schedule, activation)
 
@@ -156,13 +159,6 @@ class CpuMoE:
             out = _check_cpu("out", out)
         self._engine.forward(layer, x, topk_ids, topk_weights, out)
         return out
-
-    def pause(self) -> None:
-        """Park the worker threads (no spinning) until resume() or the next call."""
-        self._engine.pause()
-
-    def resume(self) -> None:
-        self._engine.resume()
 
 
 def _empty_like(x: Any) -> Any:

@@ -158,13 +158,12 @@ NB_MODULE(_bridge, m) {
 
     nb::class_<MoeEngine>(m, "MoeEngine")
         .def("__init__",
-             [](MoeEngine * self, std::shared_ptr<ExpertStore> store, int threads, std::vector<int> cpus, int poll,
+             [](MoeEngine * self, std::shared_ptr<ExpertStore> store, int threads, std::vector<int> cpus,
                 bool strict_cpu, int64_t max_tokens, int64_t max_top_k, int64_t chunk, int64_t repack_max_tokens,
                 const std::string & schedule, const std::string & activation) {
                  EngineConfig cfg;
                  cfg.n_threads  = threads;
                  cfg.cpus       = std::move(cpus);
-                 cfg.poll       = poll;
                  cfg.strict_cpu = strict_cpu;
                  cfg.max_tokens = max_tokens;
                  cfg.max_top_k  = max_top_k;
@@ -174,7 +173,7 @@ NB_MODULE(_bridge, m) {
                  cfg.activation = parse_activation(activation);
                  new (self) MoeEngine(std::move(store), cfg);
              },
-             "store"_a, "threads"_a = 0, "cpus"_a = std::vector<int>(), "poll"_a = 50, "strict_cpu"_a = false,
+             "store"_a, "threads"_a = 0, "cpus"_a = std::vector<int>(), "strict_cpu"_a = false,
              "max_tokens"_a = 8192, "max_top_k"_a = 8, "chunk"_a = 512, "repack_max_tokens"_a = -1,
              "schedule"_a = "auto", "activation"_a = "silu")
         .def("forward",
@@ -194,9 +193,7 @@ NB_MODULE(_bridge, m) {
         .def_prop_ro("schedule", [](const MoeEngine & e) { return std::string(schedule_name(e.config().schedule)); })
         .def_prop_ro("repack_max_tokens", [](const MoeEngine & e) { return e.config().repack_max_tokens; })
         .def_prop_ro("scratch_bytes", &MoeEngine::scratch_bytes)
-        .def_prop_ro("store", &MoeEngine::store)
-        .def("pause", [](MoeEngine & e) { e.pool().pause(); })
-        .def("resume", [](MoeEngine & e) { e.pool().resume(); });
+        .def_prop_ro("store", &MoeEngine::store);
 
     m.def("type_from_name", [](const std::string & n) { return (int) type_from_name(n); }, "name"_a);
     m.def("type_name", [](int t) {

@@ -114,7 +114,7 @@ MoeEngine::MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cf
         fail(ErrorKind::Value, store_->path() + " holds no routed-expert tensors (blk.N.ffn_{gate,up,down}_exps.weight)");
     }
     cfg_.chunk = std::min(cfg_.chunk, cfg_.max_tokens);
-    pool_      = std::make_unique<ThreadPool>(cfg_.n_threads, cfg_.cpus, cfg_.poll, cfg_.strict_cpu);
+    pool_      = std::make_unique<ThreadPool>(cfg_.n_threads, cfg_.cpus, cfg_.strict_cpu);
     cfg_.n_threads = pool_->n_threads();
     cfg_.cpus      = pool_->cpus();
 

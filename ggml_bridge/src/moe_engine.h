@@ -51,7 +51,6 @@ struct Matrix {
 struct EngineConfig {
     int              n_threads  = 0;   // <= 0: one per physical core of `cpus`
     std::vector<int> cpus;             // empty: the process's CPU set
-    int              poll       = 50;  // ggml threadpool polling level, 0..100
     bool             strict_cpu = false;
     int64_t          max_tokens = 8192;
     int64_t          max_top_k  = 8;

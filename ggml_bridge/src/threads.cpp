@@ -47,9 +47,10 @@ std::vector<int> one_cpu_per_core(const std::vector<int> & cpus) {
     return out;
 }
 
-ThreadPool::ThreadPool(int n_threads, std::vector<int> cpus, int poll, bool strict_cpu) : poll_(poll) {
+ThreadPool::ThreadPool(int n_threads, std::vector<int> cpus, bool strict_cpu) {
     const std::vector<int> allowed = process_cpus();
-    if (cpus.empty()) {
+    const bool             pinned  = !cpus.empty();
+    if (!pinned) {
         cpus = one_cpu_per_core(allowed);
     } else {
         std::sort(cpus.begin(), cpus.end());
@@ -76,9 +77,6 @@ ThreadPool::ThreadPool(int n_threads, std::vector<int> cpus, int poll, bool stri
                                    "slows every step down; use at most " +
                                    std::to_string(cpus.size()));
     }
-    if (poll < 0 || poll > 100) {
-        fail(ErrorKind::Value, "poll must be within 0..100, got " + std::to_string(poll));
-    }
     for (int c : cpus) {
         if (c >= GGML_MAX_N_THREADS) {
             fail(ErrorKind::Value, "CPU id " + std::to_string(c) + " is beyond ggml's cpumask (" +
@@ -89,11 +87,12 @@ ThreadPool::ThreadPool(int n_threads, std::vector<int> cpus, int poll, bool stri
     cpus_      = std::move(cpus);
 
     ggml_threadpool_params params = ggml_threadpool_params_default(n_threads_);
-    for (int c : cpus_) {
-        params.cpumask[c] = true;
+    if (pinned) {
+        for (int c : cpus_) {
+            params.cpumask[c] = true;
+        }
+        params.strict_cpu = strict_cpu;
     }
-    params.poll       = (uint32_t) poll_;
-    params.strict_cpu = strict_cpu;
     pool_             = ggml_threadpool_new(&params);
     if (!pool_) {
         fail(ErrorKind::Runtime, "ggml could not start a thread pool of " + std::to_string(n_threads_) + " threads");
@@ -105,9 +104,5 @@ ThreadPool::~ThreadPool() {
         ggml_threadpool_free(pool_);
     }
 }
-
-void ThreadPool::pause() { ggml_threadpool_pause(pool_); }
-
-void ThreadPool::resume() { ggml_threadpool_resume(pool_); }
 
 }  // namespace lvgg

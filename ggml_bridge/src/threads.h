@@ -1,6 +1,11 @@
 // Threads for the CPU expert engine: which CPUs this process may use, how many physical
 // cores that is, and the ggml thread pool built from them. Threading lives here only; the
 // MoE code receives a ready pool.
+//
+// ggml is built with OpenMP and shares torch's runtime (torch loads libgomp.so.1 first), so a
+// graph runs on the calling thread's OpenMP team: the same threads torch uses for its CPU ops.
+// Nothing else competes for the cores between MoE layers, and idle threads follow OpenMP's
+// wait policy (libgomp: a short spin, then sleep; OMP_WAIT_POLICY=passive sleeps at once).
 #pragma once
 
 #include <ggml-cpu.h>
@@ -18,8 +23,9 @@ std::vector<int> one_cpu_per_core(const std::vector<int> & cpus);
 class ThreadPool {
   public:
     // n_threads <= 0: one thread per physical core of `cpus` (default: the process's CPU set).
-    // poll: 0 = workers sleep between graphs, 100 = spin as long as ggml allows.
-    ThreadPool(int n_threads, std::vector<int> cpus, int poll, bool strict_cpu);
+    // Explicit `cpus` pin the team's threads to them (strict_cpu: one CPU per thread); without
+    // them no affinity is touched (vLLM binds its OpenMP threads itself).
+    ThreadPool(int n_threads, std::vector<int> cpus, bool strict_cpu);
     ~ThreadPool();
     ThreadPool(const ThreadPool &)             = delete;
     ThreadPool & operator=(const ThreadPool &) = delete;
@@ -27,15 +33,11 @@ class ThreadPool {
     ggml_threadpool *        get() const { return pool_; }
     int                      n_threads() const { return n_threads_; }
     const std::vector<int> & cpus() const { return cpus_; }
-    int                      poll() const { return poll_; }
-    void                     pause();
-    void                     resume();
 
   private:
     ggml_threadpool * pool_ = nullptr;
     int               n_threads_;
     std::vector<int>  cpus_;
-    int               poll_;
 };
 
 }  // namespace lvgg
