@@ -34,6 +34,26 @@ def info() -> None:
                   "| physical cores among them:", len(_bridge.physical_core_cpus()))
 
 
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Check this machine for lvgg: CPU, NUMA, memory, GPUs, versions; recommended settings.
+    Exits with 1 when something blocks running lvgg."""
+    import json
+
+    from lvgg.doctor import collect, render
+
+    try:
+        facts = collect()
+    except (ValueError, OSError) as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(facts, indent=2))
+    else:
+        render(facts, Console(width=None if sys.stdout.isatty() else 132))
+    if facts["blockers"]:
+        raise typer.Exit(1)
+
+
 def _fail(e: Exception) -> None:
     Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}")
     raise typer.Exit(2)
