@@ -187,6 +187,11 @@ def collect(sys_root: str | os.PathLike[str] = "/sys", proc_root: str | os.PathL
     if facts["hugepages"]["thp"] == "never":
         warnings.append("transparent hugepages are off (never): expert reads take more TLB misses; "
                         "echo madvise | sudo tee /sys/kernel/mm/transparent_hugepage/enabled")
+    node_mem, total = [n.mem_total for n in topo.machine.nodes], facts["memory"]["total"]
+    if total and None not in node_mem and sum(node_mem) < 0.9 * total:
+        warnings.append(f"the NUMA nodes report {_size(sum(node_mem))} of the {_size(total)} in /proc/meminfo "
+                        "(pages the kernel initializes late, as in some VMs): per-node memory figures understate "
+                        "what the machine has")
     if topo.setting == "off" and len(topo.machine.nodes) > 1:
         warnings.append(f"LVGG_NUMA=off on a machine of {len(topo.machine.nodes)} NUMA nodes: threads read "
                         "experts across nodes; unset it (auto) for one engine per node")

@@ -65,7 +65,8 @@ def test_doctor_json_reports_this_machine():
     nodes = f["numa"]["machine_nodes"]
     node_dirs = sorted(int(p.name[4:]) for p in Path("/sys/devices/system/node").glob("node[0-9]*"))
     assert [n["id"] for n in nodes] == node_dirs
-    assert abs(sum(n["mem_total"] for n in nodes) - f["memory"]["total"]) < 0.01 * f["memory"]["total"]
+    understated = sum(n["mem_total"] for n in nodes) < 0.9 * f["memory"]["total"]  # some VMs (lazy page init)
+    assert any("per-node memory figures understate" in w for w in f["warnings"]) == understated
     assert all(row[i] == 10 for i, row in enumerate(f["numa"]["distances"]))
     rec = f["recommended"]
     assert rec["reserve"] == (1 if f["gpus"] else 0)
@@ -303,7 +304,12 @@ def test_doctor_reads_fake_trees(machine_sys, tmp_path):
     assert f["numa"]["machine_nodes"] == [{"id": 0, "cpus": format_cpulist(AFFINITY), "mem_total": 4000 * 1024,
                                            "mem_free": 2000 * 1024}]
     assert any("transparent hugepages are off" in w for w in f["warnings"])
+    assert not any("per-node memory" in w for w in f["warnings"])
     assert f["blockers"] == []
+    write(machine_sys / "devices/system/node/node0/meminfo", "Node 0 MemTotal:  1000 kB\nNode 0 MemFree:  10 kB")
+    assert "the NUMA nodes report 1000 KiB of the 4 MiB in /proc/meminfo (pages the kernel initializes late, as in " \
+           "some VMs): per-node memory figures understate what the machine has" in \
+           doctor.collect(machine_sys, tmp_path / "proc")["warnings"]
 
 
 def test_doctor_blocks_a_build_the_cpu_cannot_run(machine_sys, tmp_path):
