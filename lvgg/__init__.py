@@ -1,6 +1,7 @@
 """lvgg: Mixture-of-Experts LLMs too big for one GPU — vLLM on the GPU, routed experts on the CPU via ggml."""
 import torch  # noqa: F401  (first: ggml then shares torch's OpenMP runtime and threads)
 
+from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, ExpertLayerInfo, ExpertStore
 
 
@@ -11,5 +12,5 @@ def LLM(*args, **kwargs):  # noqa: N802 - mirrors vllm.LLM
     return _LLM(*args, **kwargs)
 
 
-__all__ = ["CpuMoE", "ExpertLayerInfo", "ExpertStore", "LLM"]
+__all__ = ["CpuMoE", "CudaExperts", "ExpertLayerInfo", "ExpertStore", "LLM"]
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@
     out = moe(layer=3, x=hidden, topk_ids=ids, topk_weights=w)   # numpy or torch (CPU)
 
 Both wrap ggml_bridge (C++): the store memory-maps the file and checks every expert tensor;
-the engine owns scratch buffers sized at creation and runs on the OpenMP threads torch uses.
+the engine owns scratch buffers sized at creation and a thread pool (see CpuMoE).
 """
 from __future__ import annotations
 
@@ -111,10 +111,10 @@ class CpuMoE:
     int32/int64; topk_weights: [T, K] float. All C-contiguous CPU arrays (numpy, torch or any
     DLPack producer), read and written in place.
 
-    threads: default one per physical core of ``cpus`` (default: the process's CPU set). They
-        are the calling thread's OpenMP team, shared with torch's CPU ops; between calls they
-        follow OpenMP's wait policy (a short spin, then sleep; OMP_WAIT_POLICY=passive sleeps
-        at once).
+    threads: default one per physical core of ``cpus`` (default: the process's CPU set). Built
+        without a GPU driver they are the calling thread's OpenMP team, shared with torch's CPU
+        ops; otherwise ggml's own pool (``lvgg._bridge.openmp`` says which). Idle threads spin
+        briefly, then sleep.
     cpus: pin the threads to these CPUs (strict_cpu: one CPU per thread); default: no pinning.
     chunk: tokens per ggml graph; longer inputs (up to max_tokens) run chunk by chunk.
     repack_max_tokens: chunks up to this size use the repacked weights when the store keeps
@@ -144,6 +144,14 @@ class CpuMoE:
     @property
     def cpus(self) -> list[int]:
         return self._engine.cpus
+
+    @property
+    def max_tokens(self) -> int:
+        return self._engine.max_tokens
+
+    @property
+    def max_top_k(self) -> int:
+        return self._engine.max_top_k
 
     @property
     def scratch_bytes(self) -> int:

@@ -1,5 +1,6 @@
 // Python binding of the bridge (module lvgg._bridge). Arrays arrive through DLPack
 // (numpy, torch, ...) without copies; every check happens before ggml sees them.
+#include "cuda_bridge.h"
 #include "errors.h"
 #include "expert_store.h"
 #include "membw.h"
@@ -195,6 +196,18 @@ NB_MODULE(_bridge, m) {
         .def_prop_ro("scratch_bytes", &MoeEngine::scratch_bytes)
         .def_prop_ro("store", &MoeEngine::store);
 
+    nb::class_<CudaBridge>(m, "CudaBridge")
+        .def("__init__",
+             [](CudaBridge * self, MoeEngine & engine, AnyArray x, AnyArray ids, AnyArray weights, AnyArray out) {
+                 new (self) CudaBridge(engine, as_matrix(x, "x"), as_matrix(ids, "topk_ids"),
+                                       as_matrix(weights, "topk_weights"), as_matrix(out, "out"));
+             },
+             "engine"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "out"_a, nb::keep_alive<1, 2>(),
+             nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(), nb::keep_alive<1, 5>(), nb::keep_alive<1, 6>())
+        .def("enqueue", &CudaBridge::enqueue, "stream"_a, "layer"_a, "n_tokens"_a)
+        .def("check", &CudaBridge::check);
+
+    m.attr("openmp") = ThreadPool::openmp();  // ggml's threads: torch's OpenMP team, or ggml's pool
     m.def("type_from_name", [](const std::string & n) { return (int) type_from_name(n); }, "name"_a);
     m.def("type_name", [](int t) {
         if (t < 0 || t >= GGML_TYPE_COUNT) fail(ErrorKind::Value, "not a ggml type id: " + std::to_string(t));

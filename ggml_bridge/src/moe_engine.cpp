@@ -484,12 +484,16 @@ void MoeEngine::validate(int layer, const Matrix & x, const Matrix & ids, const 
         fail(ErrorKind::Value, where + "the experts have no gate tensor (up/down only); they need activation "
                                        "'relu2', not '" + std::string(activation_name(cfg_.activation)) + "'");
     }
+}
+
+void MoeEngine::check_ids(int layer, const Matrix & ids) const {
+    const int64_t n_expert = store_->layer(layer).n_expert, T = ids.rows, K = ids.cols;
     for (int64_t i = 0; i < T * K; ++i) {
         const int64_t e = ids.type == GGML_TYPE_I32 ? ((const int32_t *) ids.data)[i] : ((const int64_t *) ids.data)[i];
-        if (e < 0 || e >= L.n_expert) {
-            fail(ErrorKind::Index, where + "topk_ids[" + std::to_string(i / K) + ", " + std::to_string(i % K) +
-                                       "] = " + std::to_string(e) + " is not an expert index: expected 0.." +
-                                       std::to_string(L.n_expert - 1));
+        if (e < 0 || e >= n_expert) {
+            fail(ErrorKind::Index, "layer " + std::to_string(layer) + ": topk_ids[" + std::to_string(i / K) + ", " +
+                                       std::to_string(i % K) + "] = " + std::to_string(e) +
+                                       " is not an expert index: expected 0.." + std::to_string(n_expert - 1));
         }
     }
 }
@@ -526,6 +530,7 @@ void MoeEngine::stage_routing(const Matrix & ids, const Matrix & weights, int64_
 void MoeEngine::forward(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) {
     std::lock_guard<std::mutex> lock(mutex_);
     validate(layer, x, ids, weights, out);
+    check_ids(layer, ids);
     const ExpertLayer & L = store_->layer(layer);
     const int64_t       T = x.rows, K = ids.cols;
     const size_t        x_row   = ggml_row_size(x.type, L.n_embd);

@@ -73,6 +73,9 @@ class MoeEngine {
     // x [T, D] f32/f16/bf16, ids [T, K] i32/i64, weights [T, K] f32/f16/bf16, out [T, D]
     // f32/f16/bf16. Validates everything, then computes; thread-safe (calls serialize).
     void forward(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out);
+    // forward's checks: shapes and types (validate), then the values of the ids (check_ids).
+    void validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) const;
+    void check_ids(int layer, const Matrix & ids) const;
 
     const EngineConfig &                 config() const { return cfg_; }
     const ThreadPool &                   pool() const { return *pool_; }
@@ -93,7 +96,6 @@ class MoeEngine {
         ggml_tensor * sorted_out = nullptr;  // per-expert schedule: down outputs, expert-sorted
     };
 
-    void   validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) const;
     Graph  new_graph_inputs(ggml_tensor * x, int64_t n_tokens, int64_t top_k);
     void   finish_graph(Graph & g, ggml_tensor * out);
     Graph  build_mul_mat_id(const ExpertLayer & L, int64_t n_tokens, int64_t top_k, ggml_type x_type,

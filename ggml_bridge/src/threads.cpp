@@ -99,6 +99,14 @@ ThreadPool::ThreadPool(int n_threads, std::vector<int> cpus, bool strict_cpu) {
     }
 }
 
+bool ThreadPool::openmp() {
+#ifdef LVGG_OPENMP
+    return true;
+#else
+    return false;
+#endif
+}
+
 ThreadPool::~ThreadPool() {
     if (pool_) {
         ggml_threadpool_free(pool_);

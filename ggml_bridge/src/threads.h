@@ -2,10 +2,11 @@
 // cores that is, and the ggml thread pool built from them. Threading lives here only; the
 // MoE code receives a ready pool.
 //
-// ggml is built with OpenMP and shares torch's runtime (torch loads libgomp.so.1 first), so a
-// graph runs on the calling thread's OpenMP team: the same threads torch uses for its CPU ops.
-// Nothing else competes for the cores between MoE layers, and idle threads follow OpenMP's
-// wait policy (libgomp: a short spin, then sleep; OMP_WAIT_POLICY=passive sleeps at once).
+// Two builds (CMakeLists.txt says which is chosen where, and why):
+// - OpenMP: ggml shares torch's runtime (torch loads libgomp.so.1 first), so a graph runs on
+//   the calling thread's OpenMP team, the threads torch uses for its CPU ops; idle threads
+//   follow OpenMP's wait policy (libgomp: a short spin, then sleep).
+// - ggml's thread pool: workers of our own that spin briefly after a graph, then sleep.
 #pragma once
 
 #include <ggml-cpu.h>
@@ -26,6 +27,8 @@ class ThreadPool {
     // Explicit `cpus` pin the team's threads to them (strict_cpu: one CPU per thread); without
     // them no affinity is touched (vLLM binds its OpenMP threads itself).
     ThreadPool(int n_threads, std::vector<int> cpus, bool strict_cpu);
+    // True in the OpenMP build.
+    static bool openmp();
     ~ThreadPool();
     ThreadPool(const ThreadPool &)             = delete;
     ThreadPool & operator=(const ThreadPool &) = delete;

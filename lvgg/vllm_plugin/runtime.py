@@ -10,12 +10,14 @@ import os
 import threading
 from typing import Any
 
+from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, ExpertStore
 from lvgg.models import arch_for
 from lvgg.vllm_plugin import EXPERTS_ENV, THREADS_ENV
 
 _lock = threading.Lock()
 _engine: CpuMoE | None = None
+_cuda: CudaExperts | None = None
 
 
 def check_experts_file(store: ExpertStore, hf_config: dict[str, Any]) -> None:
@@ -50,6 +52,19 @@ def engine(hf_config: dict[str, Any], max_tokens: int) -> CpuMoE:
             _engine = CpuMoE(store, threads=threads or None, max_tokens=max(max_tokens, 8192),
                              max_top_k=spec.top_k, activation="silu")
         return _engine
+
+
+def cuda_experts(dtype) -> CudaExperts:
+    """The engine behind CUDA tensors: pinned buffers made at the first call (outside any graph
+    capture: vLLM's profiling run comes first)."""
+    global _cuda
+    with _lock:
+        if _cuda is None:
+            moe = current_engine()
+            layer = moe.store.layer_info(moe.store.layers[0])
+            _cuda = CudaExperts(moe, hidden_size=layer.hidden_size, top_k=moe.max_top_k,
+                                max_tokens=moe.max_tokens, dtype=dtype)
+        return _cuda
 
 
 def current_engine() -> CpuMoE:

@@ -1,0 +1,75 @@
+"""Routed experts of CUDA tensors computed by the CPU engine, in the stream's order.
+
+    experts = lvgg.CudaExperts(moe, hidden_size=2048, top_k=8, max_tokens=8192, dtype=torch.bfloat16)
+    out = experts(layer, x, topk_ids, topk_weights)      # CUDA tensors in, CUDA tensor out
+
+Per call, on the current stream: the inputs are copied into pinned host buffers, a host
+function (cuLaunchHostFunc) computes the layer on the CPU, and the result is copied back.
+Nothing synchronizes the device and no Python runs in between, so the whole sequence can be
+captured into a CUDA graph (vLLM's FULL and piecewise modes) and replayed.
+"""
+from __future__ import annotations
+
+import torch
+
+from lvgg import _bridge
+from lvgg.experts import CpuMoE
+
+
+def _pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Page-locked memory outside torch's caching host allocator (its events do not mix with capture)."""
+    t = torch.empty(shape, dtype=dtype)
+    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    if int(rc) != 0 or not t.is_pinned():
+        raise RuntimeError(f"could not pin {t.numel() * t.element_size() >> 20} MiB of host memory for the CUDA bridge "
+                           f"(cudaHostRegister returned {rc}); check free RAM and the locked-memory limit")
+    return t
+
+
+class CudaExperts:
+    """lvgg's CPU experts called with CUDA tensors, capturable in CUDA graphs.
+
+    Buffers of ``max_tokens`` rows are pinned once (inputs in ``dtype``, ids int32, weights
+    float32). Calls on one CudaExperts are ordered by their streams; use one per device.
+    """
+
+    def __init__(self, moe: CpuMoE, *, hidden_size: int, top_k: int, max_tokens: int, dtype: torch.dtype) -> None:
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.moe, self.hidden_size, self.top_k, self.max_tokens = moe, hidden_size, top_k, max_tokens
+        self._x = _pinned((max_tokens, hidden_size), dtype)
+        self._ids = _pinned((max_tokens, top_k), torch.int32)
+        self._weights = _pinned((max_tokens, top_k), torch.float32)
+        self._out = _pinned((max_tokens, hidden_size), dtype)
+        self._bridge = _bridge.CudaBridge(moe._engine, self._x, self._ids, self._weights, self._out)
+
+    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0] if x.dim() == 2 else -1
+        for name, t, cols in (("x", x, self.hidden_size), ("topk_ids", topk_ids, self.top_k),
+                              ("topk_weights", topk_weights, self.top_k)):
+            if not t.is_cuda:
+                raise TypeError(f"{name} is on {t.device}; CudaExperts takes CUDA tensors (CpuMoE takes CPU ones)")
+            if tuple(t.shape) != (n, cols):
+                raise ValueError(f"{name} must be [tokens, {cols}] with the tokens of x, found {list(t.shape)}")
+        if not 1 <= n <= self.max_tokens:
+            raise ValueError(f"x has {n} tokens; this CudaExperts takes 1..{self.max_tokens} (max_tokens)")
+        if topk_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"topk_ids must be int32 or int64, found {topk_ids.dtype}")
+        stream = torch.cuda.current_stream(x.device)
+        self._x[:n].copy_(x, non_blocking=True)
+        self._ids[:n].copy_(topk_ids, non_blocking=True)
+        self._weights[:n].copy_(topk_weights, non_blocking=True)
+        self._bridge.enqueue(stream.cuda_stream, layer, n)
+        out = torch.empty_like(x)
+        out.copy_(self._out[:n], non_blocking=True)
+        return out
+
+    def check(self) -> None:
+        """Raise the error a host function met since the last call, if any (calls check too)."""
+        self._bridge.check()
+
+    def close(self) -> None:
+        """Unpin the buffers; the device must be done with them (synchronize first)."""
+        for t in (self._x, self._ids, self._weights, self._out):
+            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+        self._bridge = None
