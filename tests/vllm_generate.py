@@ -1,6 +1,6 @@
 """Run one model greedily through vLLM (stock, or with lvgg's experts) and print JSON.
 
-usage: python tests/vllm_generate.py MODEL [--experts FILE] [--eager] [--tokens N]
+usage: python tests/vllm_generate.py MODEL [--experts FILE] [--eager] [--tokens N] [--dtype float32]
 Run as its own process: the plugin's registration and vLLM's state are per process.
 """
 import argparse
@@ -21,10 +21,12 @@ def main() -> None:
     ap.add_argument("--experts")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="float32")
     a = ap.parse_args()
     from vllm import SamplingParams
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
 
-    kwargs = dict(model=a.model, enforce_eager=a.eager, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0)
+    kwargs = dict(model=a.model, enforce_eager=a.eager, dtype=a.dtype, max_model_len=512, max_num_seqs=8, seed=0)
     if a.experts:
         import lvgg
 
@@ -33,18 +35,26 @@ def main() -> None:
         from vllm import LLM
 
         llm = LLM(**kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=a.tokens, ignore_eos=True, logprobs=1)
+    params = SamplingParams(temperature=0.0, max_tokens=a.tokens, ignore_eos=True, logprobs=2)
     outs = llm.generate(PROMPTS, params)
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-    expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                       if n.endswith(("w13_weight", "w2_weight")))
-    methods = sorted({type(m.quant_method).__name__ for m in model.modules() if hasattr(m, "quant_method")
-                      and "MoE" in type(m.quant_method).__name__})
+    experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    expert_bytes = sum(p.numel() * p.element_size() for m in experts for p in m.parameters())
+    methods = sorted({type(m.quant_method).__name__ for m in experts})
+    others = sorted({type(m.quant_method).__name__ for m in model.modules()
+                     if getattr(m, "quant_method", None) is not None and not isinstance(m, RoutedExperts)})
+
+    def gap(step):  # log-probability margin of the greedy token over the runner-up
+        top = sorted((lp.logprob for lp in step.values()), reverse=True)
+        return top[0] - top[1]
+
     print("RESULT " + json.dumps({
         "tokens": [list(o.outputs[0].token_ids) for o in outs],
         "logprobs": [[step[tok].logprob for step, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
                      for o in outs],
-        "expert_param_bytes": expert_bytes, "moe_methods": methods}), flush=True)
+        "gaps": [[gap(step) for step in o.outputs[0].logprobs] for o in outs],
+        "expert_param_bytes": expert_bytes, "moe_methods": methods,
+        "other_quant_methods": others}), flush=True)
     os._exit(0)  # vLLM's engine may not exit by itself
 
 
