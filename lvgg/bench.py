@@ -32,18 +32,20 @@ CONFIGS = {
 SHAPE_30B_A3B = dict(n_experts=128, hidden=2048, intermediate=768, top_k=8, model_layers=48)
 
 
-def synthetic_experts_file(path: Path, qtype: gguf.GGMLQuantizationType, n_layers: int, n_experts: int,
-                           hidden: int, intermediate: int, seed: int = 0) -> Path:
-    """Full-size expert tensors of one type: one random expert per projection, quantized by
-    ggml and repeated over all experts (speed does not depend on values; addresses differ)."""
+def synthetic_experts_file(path: Path, qtype: gguf.GGMLQuantizationType | dict[str, gguf.GGMLQuantizationType],
+                           n_layers: int, n_experts: int, hidden: int, intermediate: int, seed: int = 0) -> Path:
+    """Full-size expert tensors of one type (or one per projection): one random expert per
+    projection, quantized by ggml and repeated over all experts (speed does not depend on
+    values; addresses differ)."""
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), "qwen3moe")
     for layer in range(n_layers):
         for proj, (rows, cols) in (("gate", (intermediate, hidden)), ("up", (intermediate, hidden)),
                                    ("down", (hidden, intermediate))):
-            one = quantize((rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), qtype)
+            qt = qtype[proj] if isinstance(qtype, dict) else qtype
+            one = quantize((rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), qt)
             data = np.ascontiguousarray(np.broadcast_to(one, (n_experts, *one.shape)))
-            add_quantized_tensor(writer, tensor_name(layer, proj), data, qtype)
+            add_quantized_tensor(writer, tensor_name(layer, proj), data, qt)
     write_all(writer)
     return path
 

@@ -1,0 +1,61 @@
+"""Hybrid vs all-GPU vLLM on a small generated model: greedy tokens, eager and CUDA graphs.
+
+Run on the GPU machine: python bench/gpu_check.py [--dtype float32] [--workdir DIR]
+Each run is its own process (tests/vllm_generate.py); prints a table and exits non-zero when
+F32 experts do not reproduce vLLM's own greedy tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from gguf import GGMLQuantizationType as Q
+
+GENERATE = Path(__file__).resolve().parent.parent / "tests" / "vllm_generate.py"
+
+
+def generate(model: Path, experts: Path | None, eager: bool, dtype: str) -> dict:
+    cmd = [sys.executable, str(GENERATE), str(model), "--dtype", dtype] + (["--eager"] if eager else []) + \
+        (["--experts", str(experts)] if experts else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc={done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][7:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--workdir")
+    a = ap.parse_args()
+    from convert.hf_to_gguf import convert_hf
+    from lvgg.models import PROJECTIONS
+    from lvgg.testing.tiny_models import make_tiny_model
+
+    qtype = Q.F32 if a.dtype == "float32" else Q.BF16
+    with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+        model = make_tiny_model("qwen3_moe", Path(tmp) / "model", seed=11, dtype=a.dtype)
+        experts = convert_hf(str(model), Path(tmp) / "experts.gguf", {p: qtype for p in PROJECTIONS}, quiet=True)
+        rows, failed = [], False
+        for eager in (True, False):
+            stock = generate(model, None, eager, a.dtype)
+            hybrid = generate(model, experts, eager, a.dtype)
+            pairs = [(h, s) for ht, st in zip(hybrid["tokens"], stock["tokens"]) for h, s in zip(ht, st)]
+            same = sum(h == s for h, s in pairs) / len(pairs)
+            rows.append(("eager" if eager else "CUDA graphs", same, hybrid["expert_param_bytes"],
+                         hybrid["moe_methods"]))
+            failed |= qtype == Q.F32 and same < 1.0
+    print(f"\nqwen3_moe tiny model, {a.dtype}, {qtype.name} experts: hybrid vs all-GPU vLLM greedy tokens")
+    print(f"{'mode':12} {'same tokens':>11} {'vLLM expert bytes':>18}  moe method")
+    for mode, same, nbytes, methods in rows:
+        print(f"{mode:12} {same:11.1%} {nbytes:18d}  {','.join(methods)}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
