@@ -33,14 +33,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--workdir")
     a = ap.parse_args()
-    from convert.hf_to_gguf import convert_hf
+    from lvgg.convert.hf_to_gguf import convert_hf
     from lvgg.models import PROJECTIONS
     from lvgg.testing.tiny_models import make_tiny_model
 
     qtype = Q.F32 if a.dtype == "float32" else Q.BF16
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         model = make_tiny_model("qwen3_moe", Path(tmp) / "model", seed=11, dtype=a.dtype)
-        experts = convert_hf(str(model), Path(tmp) / "experts.gguf", {p: qtype for p in PROJECTIONS}, quiet=True)
+        experts = convert_hf(str(model), Path(tmp) / "experts.gguf", {p: qtype for p in PROJECTIONS}, threads=4,
+                             quiet=True)
         rows, failed = [], False
         for eager in (True, False):
             stock = generate(model, None, eager, a.dtype)

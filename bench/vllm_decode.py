@@ -60,8 +60,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--workdir")
     a = ap.parse_args()
-    from convert.hf_to_gguf import convert_hf
-    from convert.output_types import projection_types
+    from lvgg.convert.hf_to_gguf import convert_hf
+    from lvgg.convert.output_types import projection_types
     from lvgg.testing.tiny_models import make_tiny_model
 
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "VLLM_CPU_KVCACHE_SPACE": "1",

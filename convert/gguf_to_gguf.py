@@ -9,8 +9,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from convert.experts_writer import CONVERTER_VERSION, PlannedTensor, layer_types_metadata, write_experts_gguf
-from convert.output_types import check_row_length
+from .experts_writer import CONVERTER_VERSION, PlannedTensor, layer_types_metadata, write_experts_gguf
+from .output_types import check_row_length
 from lvgg.models import GGUF_EXPERT_TENSOR
 from lvgg.quantize import quantize
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from convert.experts_writer import CONVERTER_VERSION, PlannedTensor, layer_types_metadata, write_experts_gguf
-from convert.hf_source import Checkpoint, read_config, resolve_source
-from convert.output_types import check_row_length
+from .experts_writer import CONVERTER_VERSION, PlannedTensor, layer_types_metadata, write_experts_gguf
+from .hf_source import Checkpoint, read_config, resolve_source
+from .output_types import check_row_length
 from lvgg.models import PROJECTIONS, ExpertSpec, arch_for, gguf_expert_name
 from lvgg.quantize import quantize
 

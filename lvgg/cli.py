@@ -75,17 +75,17 @@ def convert(
 
     threads = threads or len(_bridge.physical_core_cpus())
     try:
-        from convert.output_types import projection_types
+        from lvgg.convert.output_types import projection_types
 
         if from_gguf is not None:
-            from convert.gguf_to_gguf import convert_gguf
+            from lvgg.convert.gguf_to_gguf import convert_gguf
 
             explicit = types is not None or "--type" in sys.argv
             written = convert_gguf(from_gguf, out, projection_types(qtype, types) if explicit else None, threads, quiet)
         elif src is None:
             raise ValueError("give a model folder or id, or --from-gguf FILE")
         else:
-            from convert.hf_to_gguf import convert_hf
+            from lvgg.convert.hf_to_gguf import convert_hf
 
             written = convert_hf(src, out, projection_types(qtype, types), threads, quiet)
     except (ValueError, OSError, TypeError) as e:

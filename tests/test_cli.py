@@ -1,4 +1,7 @@
 """The `lvgg` commands run end to end (tiny shapes: this checks they work, not how fast)."""
+import subprocess
+import sys
+
 from typer.testing import CliRunner
 
 from lvgg.cli import app
@@ -27,3 +30,11 @@ def test_bench_moe_prints_bandwidth_floor_and_every_config(tmp_path):
 def test_bench_rejects_unknown_type(tmp_path):
     result = runner.invoke(app, ["bench", "moe", "--types", "Q9_Z", "--tokens", "1", "--workdir", str(tmp_path)])
     assert result.exit_code != 0
+
+
+def test_converter_imports_from_outside_the_source_tree(tmp_path):
+    # The converter is installed as lvgg.convert: nothing may import it as top-level `convert`,
+    # which only resolves when the current directory is the repository.
+    code = "import lvgg.convert.hf_to_gguf, lvgg.convert.gguf_to_gguf, lvgg.cli"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

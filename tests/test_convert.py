@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import lvgg
-from convert.gguf_to_gguf import convert_gguf
-from convert.hf_to_gguf import convert_hf
-from convert.output_types import projection_types
+from lvgg.convert.gguf_to_gguf import convert_gguf
+from lvgg.convert.hf_to_gguf import convert_hf
+from lvgg.convert.output_types import projection_types
 from lvgg.cli import app
 from lvgg.models import ARCHITECTURES, PROJECTIONS, arch_for, gguf_expert_name
 from lvgg.quantize import quantize
@@ -290,8 +290,8 @@ def test_bad_type_names_are_refused():
 _RSS_SCRIPT = """
 import sys
 from pathlib import Path
-from convert.hf_to_gguf import convert_hf
-from convert.output_types import projection_types
+from lvgg.convert.hf_to_gguf import convert_hf
+from lvgg.convert.output_types import projection_types
 import torch, safetensors, gguf  # imported before the baseline
 
 def status_kib(key):

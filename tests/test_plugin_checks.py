@@ -6,7 +6,7 @@ from gguf import GGMLQuantizationType as Q
 from typer.testing import CliRunner
 
 import lvgg
-from convert.hf_to_gguf import convert_hf
+from lvgg.convert.hf_to_gguf import convert_hf
 from lvgg.cli import app
 from lvgg.models import PROJECTIONS
 from lvgg.testing.tiny_models import make_tiny_model

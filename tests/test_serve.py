@@ -13,7 +13,7 @@ import psutil
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from convert.hf_to_gguf import convert_hf
+from lvgg.convert.hf_to_gguf import convert_hf
 from lvgg.models import PROJECTIONS
 from lvgg.testing.tiny_models import make_tiny_model
 
