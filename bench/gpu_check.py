@@ -35,6 +35,7 @@ def main() -> None:
     a = ap.parse_args()
     from lvgg.convert.hf_to_gguf import convert_hf
     from lvgg.models import PROJECTIONS
+    from lvgg.testing.greedy import agreement
     from lvgg.testing.tiny_models import make_tiny_model
 
     qtype = Q.F32 if a.dtype == "float32" else Q.BF16
@@ -46,15 +47,15 @@ def main() -> None:
         for eager in (True, False):
             stock = generate(model, None, eager, a.dtype)
             hybrid = generate(model, experts, eager, a.dtype)
-            pairs = [(h, s) for ht, st in zip(hybrid["tokens"], stock["tokens"]) for h, s in zip(ht, st)]
-            same = sum(h == s for h, s in pairs) / len(pairs)
-            rows.append(("eager" if eager else "CUDA graphs", same, hybrid["expert_param_bytes"],
-                         hybrid["moe_methods"]))
+            mode = "eager" if eager else "CUDA graphs"
+            same, diff, margin = agreement(hybrid, stock, mode)
+            rows.append((mode, same, diff, margin, hybrid["expert_param_bytes"], hybrid["moe_methods"]))
             failed |= qtype == Q.F32 and same < 1.0
     print(f"\nqwen3_moe tiny model, {a.dtype}, {qtype.name} experts: hybrid vs all-GPU vLLM greedy tokens")
-    print(f"{'mode':12} {'same tokens':>11} {'vLLM expert bytes':>18}  moe method")
-    for mode, same, nbytes, methods in rows:
-        print(f"{mode:12} {same:11.1%} {nbytes:18d}  {','.join(methods)}")
+    print(f"{'mode':12} {'same tokens':>11} {'max logprob diff':>16} {'margin at split':>15} "
+          f"{'vLLM expert bytes':>18}  moe method")
+    for mode, same, diff, margin, nbytes, methods in rows:
+        print(f"{mode:12} {same:11.1%} {diff:16.4f} {margin:15.4f} {nbytes:18d}  {','.join(methods)}")
     sys.exit(1 if failed else 0)
 
 

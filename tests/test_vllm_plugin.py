@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from lvgg.convert.hf_to_gguf import convert_hf
 from lvgg.models import PROJECTIONS, arch_for
+from lvgg.testing.greedy import agreement
 from lvgg.testing.quantized_checkpoints import write_w4a16
 from lvgg.testing.tiny_models import make_tiny_model
 
@@ -51,24 +52,6 @@ def test_f32_experts_give_the_same_greedy_tokens_as_stock_vllm(qwen3, eager):
     assert hybrid["expert_param_bytes"] == 0  # vLLM holds no routed-expert weights
     assert stock["expert_param_bytes"] > 0
     assert hybrid["tokens"] == stock["tokens"]
-
-
-def agreement(hybrid, stock, what):
-    """Share of greedy tokens equal to stock vLLM's; the largest log-probability difference up to
-    the first divergence of each prompt; and, where a prompt diverges, stock's margin between its
-    top two tokens there (a divergence is harmless when that margin is within the difference)."""
-    same = np.mean([a == b for ha, sa in zip(hybrid["tokens"], stock["tokens"]) for a, b in zip(ha, sa)])
-    diffs, margins = [], [0.0]
-    for ht, st, hl, sl, sg in zip(hybrid["tokens"], stock["tokens"], hybrid["logprobs"], stock["logprobs"],
-                                  stock["gaps"]):
-        for a, b, la, lb, g in zip(ht, st, hl, sl, sg):
-            if a != b:
-                margins.append(g)
-                break
-            diffs.append(abs(la - lb))
-    print(f"{what}: {same:.0%} of greedy tokens agree with stock vLLM; max logprob difference before "
-          f"divergence {max(diffs):.3f}; stock's top-2 margin at divergences <= {max(margins):.3f}")
-    return same, max(diffs), max(margins)
 
 
 def test_q8_0_experts_stay_close_to_stock_vllm(qwen3):
