@@ -10,6 +10,7 @@ import os
 import threading
 from typing import Any
 
+from lvgg import _bridge
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, ExpertStore
 from lvgg.models import arch_for
@@ -39,6 +40,16 @@ def check_experts_file(store: ExpertStore, hf_config: dict[str, Any]) -> None:
                           intermediate_size=spec.intermediate_size)
 
 
+def default_threads() -> int:
+    """One per physical core; next to a GPU one core stays free for vLLM's own thread (30B-A3B
+    Q4_K_M decode on the 16-core GPU machine: 37.7 tok/s with 15 threads, 35.6 with 16, 32.8
+    with 14)."""
+    import torch
+
+    cores = len(_bridge.physical_core_cpus())
+    return max(1, cores - 1) if torch.cuda.is_available() and cores > 2 else cores
+
+
 def engine(hf_config: dict[str, Any], max_tokens: int) -> CpuMoE:
     """The engine of this process, created (and the file checked) on first use."""
     global _engine
@@ -48,8 +59,8 @@ def engine(hf_config: dict[str, Any], max_tokens: int) -> CpuMoE:
             store = ExpertStore(path)
             check_experts_file(store, hf_config)
             spec = arch_for(hf_config["model_type"]).spec(hf_config)
-            threads = int(os.environ.get(THREADS_ENV, "0") or 0)
-            _engine = CpuMoE(store, threads=threads or None, max_tokens=max(max_tokens, 8192),
+            threads = int(os.environ.get(THREADS_ENV, "0") or 0) or default_threads()
+            _engine = CpuMoE(store, threads=threads, max_tokens=max(max_tokens, 8192),
                              max_top_k=spec.top_k, activation="silu")
         return _engine
 
