@@ -77,15 +77,12 @@ def main() -> None:
     a = ap.parse_args()
     from lvgg.convert.hf_to_gguf import convert_hf
     from lvgg.convert.output_types import projection_types
-    from lvgg.testing.tiny_models import make_tiny_model
+    from lvgg.testing.tiny_models import make_30b_a3b_shaped_model
 
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "VLLM_CPU_KVCACHE_SPACE": "1",
            "LVGG_CPU_THREADS": str(a.threads)}
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
-        model = make_tiny_model("qwen3_moe", Path(tmp) / "model", seed=0, dtype="bfloat16", hidden_size=2048,
-                                moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
-                                num_hidden_layers=a.layers, mlp_only_layers=[], intermediate_size=6144,
-                                num_attention_heads=32, num_key_value_heads=4, head_dim=128)
+        model = make_30b_a3b_shaped_model(Path(tmp) / "model", a.layers)
         experts = Path(tmp) / f"experts-{a.type}.gguf"
         convert_hf(str(model), experts, projection_types(a.type, None), threads=a.threads, quiet=True)
         experts.read_bytes()  # cached: the rows below read the checkpoint from disk, nothing else

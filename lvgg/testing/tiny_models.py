@@ -84,3 +84,12 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: str 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def make_30b_a3b_shaped_model(out_dir: str | Path, layers: int, seed: int = 0) -> Path:
+    """A bf16 checkpoint with Qwen3-30B-A3B's hidden size, experts and attention but `layers`
+    layers and the tiny vocabulary (for benchmarks on machines that cannot hold the model)."""
+    return make_tiny_model("qwen3_moe", out_dir, seed=seed, dtype="bfloat16", hidden_size=2048,
+                           moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, num_hidden_layers=layers,
+                           mlp_only_layers=[], intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4,
+                           head_dim=128)
