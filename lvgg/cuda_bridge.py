@@ -53,6 +53,8 @@ class CudaExperts:
                 raise ValueError(f"{name} must be [tokens, {cols}] with the tokens of x, found {list(t.shape)}")
         if not 1 <= n <= self.max_tokens:
             raise ValueError(f"x has {n} tokens; this CudaExperts takes 1..{self.max_tokens} (max_tokens)")
+        if self._bridge is None:
+            raise RuntimeError("this CudaExperts was closed; make a new one")
         if topk_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"topk_ids must be int32 or int64, found {topk_ids.dtype}")
         stream = torch.cuda.current_stream(x.device)
@@ -66,10 +68,13 @@ class CudaExperts:
 
     def check(self) -> None:
         """Raise the error a host function met since the last call, if any (calls check too)."""
-        self._bridge.check()
+        if self._bridge is not None:
+            self._bridge.check()
 
     def close(self) -> None:
         """Unpin the buffers; the device must be done with them (synchronize first)."""
+        if self._bridge is None:
+            return
         for t in (self._x, self._ids, self._weights, self._out):
             torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
         self._bridge = None
