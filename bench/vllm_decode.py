@@ -4,7 +4,7 @@ A 30B-A3B-shaped model (Qwen3-30B-A3B's hidden size, experts and attention; fewe
 small vocabulary so it fits the test machine) is generated with random weights, its experts
 converted to an experts file, and both engines decode the same prompt in this one run.
 
-    python bench/vllm_decode.py [--layers 4] [--types BF16,Q4_K] [--tokens 32] [--workdir DIR]
+    python bench/vllm_decode.py [--layers 4] [--types BF16,Q4_K] [--tokens 256] [--workdir DIR]
 
 Decode: time of N+1 output tokens minus time of 1, divided by N (batch 1, greedy).
 """
@@ -56,7 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--types", default="BF16,Q4_K")
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--workdir")
     a = ap.parse_args()
