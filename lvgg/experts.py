@@ -9,6 +9,7 @@ the engine owns scratch buffers sized at creation and a thread pool (see CpuMoE)
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -27,6 +28,7 @@ class ExpertLayerInfo:
     form: str  # "gate+up+down", "gate_up+down" (fused, gate rows first) or "up+down"
     types: dict[str, str]  # projection -> ggml type name
     repacked: dict[str, bool]  # projection -> held in ggml's interleaved CPU layout
+    offsets: dict[str, int]  # projection -> offset of its bytes in the file
     nbytes: int
 
 
@@ -72,7 +74,18 @@ class ExpertStore:
         return ExpertLayerInfo(
             index=d["index"], n_experts=d["n_expert"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], form=d["form"], types=dict(d["types"]),
-            repacked=dict(d["repacked"]), nbytes=d["nbytes"])
+            repacked=dict(d["repacked"]), offsets=dict(d["offsets"]), nbytes=d["nbytes"])
+
+    def mapped_bytes(self) -> memoryview:
+        """The whole file as mapped (read-only; valid while this store lives).
+
+        Where a tensor is also repacked and ``keep_mapped`` is off, its pages are read back from
+        the page cache (or the disk) on access.
+        """
+        address = self._store.mapping_address
+        if not address:
+            raise ValueError(f"{self.path} holds no expert tensors, so nothing of it is mapped")
+        return memoryview((ctypes.c_uint8 * self.file_size).from_address(address)).cast("B").toreadonly()
 
     def metadata(self) -> dict[str, Any]:
         """The file's key/value metadata (arrays as ``("array", length, first_strings)``)."""

@@ -5,7 +5,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lvgg.vllm_plugin import EXPERTS_ENV, THREADS_ENV
+from lvgg.vllm_plugin import (EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV,
+                               THREADS_ENV)
 
 
 def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> Path:
@@ -25,8 +26,11 @@ def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> Pat
     return candidates[0].resolve()
 
 
-def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_threads: int | None) -> Path:
-    """Point the plugin (in this process and the ones vLLM starts) at the experts file."""
+def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_threads: int | None,
+                     gpu_prefill_min_tokens: int | str | None = None, gpu_resident_layers: str | None = None,
+                     gpu_experts_gb: float | None = None) -> Path:
+    """Point the plugin (in this process and the ones vLLM starts) at the experts file, with the
+    given settings (None: the environment's, else the defaults; see lvgg.vllm_plugin)."""
     path = find_experts_file(model, experts)
     from lvgg.inspect_gguf import inspect_gguf
 
@@ -35,8 +39,13 @@ def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_thr
     if not inspect_gguf(path).layers:
         raise ValueError(f"{path} holds no routed-expert tensors; is it an experts file (lvgg convert)?")
     os.environ[EXPERTS_ENV] = str(path)
-    if cpu_threads:
-        os.environ[THREADS_ENV] = str(cpu_threads)
+    for env, value in ((THREADS_ENV, cpu_threads or None), (GPU_PREFILL_ENV, gpu_prefill_min_tokens),
+                       (GPU_RESIDENT_ENV, gpu_resident_layers), (GPU_EXPERTS_GB_ENV, gpu_experts_gb)):
+        if value is not None:
+            os.environ[env] = str(value)
+    from lvgg.vllm_plugin.settings import GpuSettings
+
+    GpuSettings.from_env()  # a bad value stops here, before vLLM starts
     return path
 
 
@@ -48,9 +57,16 @@ def compile_cache_config(experts: Path) -> dict[str, Any]:
 
 
 def LLM(model: str, experts: str | os.PathLike[str] | None = None, cpu_threads: int | None = None,
-        **vllm_kwargs: Any):
-    """A `vllm.LLM` whose routed experts come from `experts` and run on the CPU through ggml."""
-    path = configure_plugin(model, experts, cpu_threads)
+        gpu_prefill_min_tokens: int | str | None = None, gpu_resident_layers: str | None = None,
+        gpu_experts_gb: float | None = None, **vllm_kwargs: Any):
+    """A `vllm.LLM` whose routed experts come from `experts` and run on the CPU through ggml.
+
+    On a GPU, passes of at least ``gpu_prefill_min_tokens`` tokens (default 64; "off") stream
+    the experts to it instead; ``gpu_resident_layers`` ("0-5,40" or "auto") keeps those layers'
+    experts there; ``gpu_experts_gb`` bounds the VRAM both take.
+    """
+    path = configure_plugin(model, experts, cpu_threads, gpu_prefill_min_tokens, gpu_resident_layers,
+                            gpu_experts_gb)
     from lvgg.vllm_plugin import register
     import vllm
 

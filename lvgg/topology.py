@@ -100,27 +100,32 @@ class Topology:
 def parse_cpulist(text: str, what: str = "cpulist") -> tuple[int, ...]:
     """``"0-3,8,10-11"`` -> (0, 1, 2, 3, 8, 10, 11). Empty text is an empty list; a CPU listed
     twice, a reversed range or anything but numbers, ``-`` and ``,`` is a ValueError."""
-    cpus: list[int] = []
+    return parse_ranges(text, what, item="CPU", largest=MAX_CPU)
+
+
+def parse_ranges(text: str, what: str, *, item: str, largest: int) -> tuple[int, ...]:
+    """Numbers written as a Linux cpulist (``"0-5,40"``), sorted; ``item`` names them in errors."""
+    values: list[int] = []
     text = text.strip()
     for part in text.split(",") if text else []:
         lo, sep, hi = part.strip().partition("-")
         try:
             first, last = int(lo), int(hi) if sep else int(lo)
         except ValueError:
-            raise ValueError(f"{what}: {part.strip()!r} is not a CPU number or range; expected a cpulist "
+            raise ValueError(f"{what}: {part.strip()!r} is not a {item} number or range; expected a list "
                              f"such as 0-3,8-11, found {text!r}") from None
         if first < 0 or last < first:
             raise ValueError(f"{what}: range {part.strip()!r} is empty or negative; write ranges low-high, "
                              f"e.g. 0-3")
-        if last > MAX_CPU:
-            raise ValueError(f"{what}: CPU {last} is beyond the largest CPU number Linux supports ({MAX_CPU})")
-        cpus.extend(range(first, last + 1))
+        if last > largest:
+            raise ValueError(f"{what}: {item} {last} is beyond the largest there is ({largest})")
+        values.extend(range(first, last + 1))
     seen: set[int] = set()
-    for c in cpus:
-        if c in seen:
-            raise ValueError(f"{what}: CPU {c} is listed twice in {text!r}; list each CPU once")
-        seen.add(c)
-    return tuple(sorted(cpus))
+    for v in values:
+        if v in seen:
+            raise ValueError(f"{what}: {item} {v} is listed twice in {text!r}; list each {item} once")
+        seen.add(v)
+    return tuple(sorted(values))
 
 
 def format_cpulist(cpus: Iterable[int]) -> str:

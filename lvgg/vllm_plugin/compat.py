@@ -10,6 +10,7 @@ from __future__ import annotations
 from vllm.config import get_current_vllm_config  # noqa: F401
 from vllm.logger import init_logger  # noqa: F401
 from vllm.model_executor.custom_op import op_registry_oot  # noqa: F401
+from vllm.model_executor.layers.fused_moe import fused_experts  # noqa: F401  (CUDA builds of vLLM only)
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts  # noqa: F401
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (  # noqa: F401
     UnquantizedFusedMoEMethod,

@@ -15,8 +15,13 @@ from lvgg.vllm_plugin import compat, runtime
 
 @torch.library.custom_op("lvgg::routed_experts", mutates_args=())
 def routed_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
-    if x.is_cuda:  # stream-ordered through pinned buffers and a host function: no sync, capturable
-        return runtime.cuda_experts(x.dtype)(layer, x, topk_ids, topk_weights)
+    if x.is_cuda:
+        # Both made at the first call, never inside a graph capture (vLLM's profiling run comes first).
+        gpu, cpu = runtime.gpu_experts(x.device, x.dtype), runtime.cuda_experts(x.dtype)
+        if runtime.runs_on_gpu(gpu, layer, x.shape[0]):  # long passes and resident layers
+            return gpu(layer, x, topk_ids, topk_weights)
+        # stream-ordered through pinned buffers and a host function: no sync, capturable
+        return cpu(layer, x, topk_ids, topk_weights)
     engine = runtime.current_engine()
     xc = x.detach().to("cpu").contiguous()
     out = torch.empty_like(xc)
@@ -59,7 +64,8 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
         self.layer_index = compat.extract_layer_index(layer.layer_name)
         # Opens and checks the experts file at the first layer: a mismatch stops startup here.
         engine = runtime.engine(vllm_config.model_config.hf_config.to_dict(),
-                                vllm_config.scheduler_config.max_num_batched_tokens)
+                                vllm_config.scheduler_config.max_num_batched_tokens,
+                                vllm_config.cache_config.gpu_memory_utilization)
         engine.store.check_layer(self.layer_index, n_experts=num_experts, hidden_size=hidden_size,
                                  intermediate_size=intermediate_size_per_partition)
         attrs = {**extra_weight_attrs, "weight_loader": self._drop_expert_weight}

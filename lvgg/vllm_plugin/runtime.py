@@ -6,6 +6,7 @@ message naming the first difference.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
@@ -13,12 +14,23 @@ from typing import Any
 from lvgg import _bridge
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, ExpertStore
+from lvgg.gpu_experts import GpuExperts, gpu_unsupported
 from lvgg.models import arch_for
-from lvgg.vllm_plugin import EXPERTS_ENV, THREADS_ENV
+from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, THREADS_ENV
+from lvgg.vllm_plugin.settings import GpuSettings
+
+log = logging.getLogger("lvgg")
+
+# "auto" resident layers leave this share of the VRAM vLLM may use (after weights) to the KV cache.
+AUTO_RESIDENT_KV_SHARE = 0.5
 
 _lock = threading.Lock()
 _engine: CpuMoE | None = None
 _cuda: CudaExperts | None = None
+_gpu: GpuExperts | None = None
+_gpu_made = False
+_gpu_min_tokens: int | None = None
+_gpu_memory_utilization = 0.9
 
 
 def check_experts_file(store: ExpertStore, hf_config: dict[str, Any]) -> None:
@@ -50,10 +62,11 @@ def default_threads() -> int:
     return max(1, cores - 1) if torch.cuda.is_available() and cores > 2 else cores
 
 
-def engine(hf_config: dict[str, Any], max_tokens: int) -> CpuMoE:
+def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: float = 0.9) -> CpuMoE:
     """The engine of this process, created (and the file checked) on first use."""
-    global _engine
+    global _engine, _gpu_memory_utilization
     with _lock:
+        _gpu_memory_utilization = gpu_memory_utilization
         if _engine is None:
             path = os.environ[EXPERTS_ENV]
             store = ExpertStore(path)
@@ -82,3 +95,80 @@ def current_engine() -> CpuMoE:
     if _engine is None:
         raise RuntimeError("lvgg's CPU MoE engine is not initialized: no MoE layer was built with the plugin")
     return _engine
+
+
+def gpu_experts(device, dtype) -> GpuExperts | None:
+    """The experts this process runs on the GPU (streamed for long passes, resident layers), made
+    at the first call with CUDA tensors: vLLM's profiling run, so their VRAM is counted before
+    the KV cache is sized. None when no layer runs on the GPU."""
+    global _gpu, _gpu_made
+    with _lock:
+        if not _gpu_made:
+            _gpu_made = True
+            _gpu = _make_gpu_experts(current_engine().store, device, dtype)
+        return _gpu
+
+
+def _make_gpu_experts(store: ExpertStore, device, dtype) -> GpuExperts | None:
+    import torch
+
+    from lvgg.gpu_experts import estimate_vram_bytes
+
+    global _gpu_min_tokens
+    settings = GpuSettings.from_env()
+    _gpu_min_tokens = settings.prefill_min_tokens
+    infos = {layer: store.layer_info(layer) for layer in store.layers}
+    cpu_only = {layer: why for layer, info in infos.items() if (why := gpu_unsupported(info))}
+    runnable = [layer for layer in store.layers if layer not in cpu_only]
+    if cpu_only:
+        log.warning("lvgg: layers %s run on the CPU only: %s", sorted(cpu_only), next(iter(cpu_only.values())))
+    budget = settings.experts_bytes
+    streamed = runnable if settings.prefill_min_tokens else []
+    if settings.resident == "auto":
+        if budget is None:
+            free, total = torch.cuda.mem_get_info(device)
+            left = _gpu_memory_utilization * total - (total - free)
+            budget = int(max(0.0, left * (1 - AUTO_RESIDENT_KV_SHARE)))
+        resident: list[int] = []
+        for layer in runnable:  # first layers first
+            rest = [x for x in streamed if x != layer and x not in resident]
+            if estimate_vram_bytes(infos, rest, [*resident, layer], dtype) > budget:
+                break
+            resident.append(layer)
+        log.info("lvgg: %s=auto: %d of %d expert layers fit in %.1f GiB of VRAM", GPU_RESIDENT_ENV, len(resident),
+                 len(runnable), budget / 2**30)
+    else:
+        resident = list(settings.resident)
+        wrong = [layer for layer in resident if layer not in runnable]
+        if wrong:
+            raise ValueError(f"{GPU_RESIDENT_ENV}: layers {wrong} cannot be resident: "
+                             + "; ".join(f"layer {x}: " + (cpu_only.get(x) or "no routed experts") for x in wrong))
+    streamed = [layer for layer in streamed if layer not in resident]
+    if budget is not None:
+        resident_bytes = estimate_vram_bytes(infos, [], resident, dtype)
+        if resident_bytes > budget:
+            raise ValueError(f"{len(resident)} resident expert layers need {resident_bytes / 2**30:.1f} GiB of VRAM; "
+                             f"{GPU_EXPERTS_GB_ENV} allows {budget / 2**30:.1f}: list fewer layers or raise it")
+        if estimate_vram_bytes(infos, streamed, resident, dtype) > budget:
+            log.warning("lvgg: streaming experts for prefill does not fit in %s=%.1f GiB next to the resident "
+                        "layers: prefill runs the experts on the CPU", GPU_EXPERTS_GB_ENV, budget / 2**30)
+            streamed = []
+    if not streamed and not resident:
+        return None
+    gpu = GpuExperts(store, device=device, dtype=dtype, streamed_layers=streamed, resident_layers=resident)
+    log.info("lvgg: experts on %s: %d layers streamed for passes of >= %s tokens, %d resident; %.2f GiB of VRAM",
+             device, len(streamed), settings.prefill_min_tokens, len(resident), gpu.vram_bytes / 2**30)
+    return gpu
+
+
+def runs_on_gpu(gpu: GpuExperts | None, layer: int, n_tokens: int) -> bool:
+    """Whether this call goes to the GPU experts (resident layers always; streamed ones for long
+    passes outside graph capture) rather than to the CPU engine."""
+    if gpu is None:
+        return False
+    if layer in gpu.resident_layers:
+        return True
+    import torch
+
+    return (_gpu_min_tokens is not None and n_tokens >= _gpu_min_tokens and layer in gpu.streamed_layers
+            and not torch.cuda.is_current_stream_capturing())

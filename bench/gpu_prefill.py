@@ -1,0 +1,79 @@
+"""Where a streamed-experts prefill pass spends its time, layer by layer, without vLLM's model.
+
+For each token count: one pass over every MoE layer of the experts file as vLLM's forward
+would call it (random hidden states and routing), timed end to end, next to what each stage
+costs alone: the host-to-device copy of a layer's bytes (and the link speed it reaches),
+our dequantization kernels, and vLLM's fused MoE kernel on the dequantized weights. The
+floor of a pass is max(copy, dequantize + matmuls) per layer when the two overlap.
+
+    python bench/gpu_prefill.py EXPERTS.gguf [--tokens 512,4096,16384] [--top-k 8]
+
+Needs an NVIDIA GPU and vLLM's CUDA build.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import lvgg
+from lvgg.gpu_experts import GpuExperts, staged_bytes
+
+
+def cuda_ms(fn, repeat: int = 3) -> float:
+    """Best time of fn() in ms, by CUDA events on the current stream."""
+    best = float("inf")
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experts")
+    ap.add_argument("--tokens", default="512,4096,16384")
+    ap.add_argument("--top-k", type=int, default=8)
+    a = ap.parse_args()
+    store = lvgg.ExpertStore(a.experts, repack=False)  # the GPU reads the mapped bytes only
+    layers = store.layers
+    gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=layers)
+    info = store.layer_info(layers[0])
+    e, d = info.n_experts, info.hidden_size
+    staged = gpu._staging[0]
+    layer_bytes = sum(staged_bytes(store.layer_info(layer)) for layer in layers) / len(layers)
+    print(f"{store.path}: {len(layers)} layers, {layer_bytes / 2**20:.0f} MiB of experts per layer, "
+          f"types {info.types}, host pinned: {gpu.host_pinned}, VRAM {gpu.vram_bytes / 2**30:.2f} GiB")
+
+    copy_ms = cuda_ms(lambda: gpu._stage(layers[1], staged))
+    dequant_ms = cuda_ms(lambda: gpu._dequantize(layers[1], staged, out=gpu._weights))
+    print(f"per layer: copy {copy_ms:.2f} ms ({layer_bytes / copy_ms / 1e6:.1f} GB/s host to device), "
+          f"dequantize {dequant_ms:.2f} ms ({3 * e * d * info.intermediate_size / dequant_ms / 1e6:.0f} M values/ms)")
+
+    rows = []
+    for T in (int(t) for t in a.tokens.split(",")):
+        g = torch.Generator(device="cuda").manual_seed(T)
+        x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        ids = torch.rand(T, e, device="cuda", generator=g).argsort(dim=1)[:, :a.top_k].to(torch.int32)
+        w = torch.softmax(torch.randn(T, a.top_k, device="cuda", generator=g), dim=-1)
+        matmul_ms = cuda_ms(lambda: gpu._fused_experts(x, *gpu._weights, w, ids))
+
+        def one_pass():
+            h = x
+            for layer in layers:
+                h = gpu(layer, h, ids, w) * 0.5 + x * 0.5  # keep values finite; like a residual stream
+        pass_ms = cuda_ms(one_pass)
+        floor_ms = len(layers) * max(copy_ms, dequant_ms + matmul_ms)
+        rows.append((T, matmul_ms, pass_ms, floor_ms))
+    print(f"\n{'tokens':>7} {'matmuls ms/layer':>17} {'pass ms':>9} {'floor ms':>9} {'tok/s':>8} {'floor tok/s':>12}")
+    for T, matmul_ms, pass_ms, floor_ms in rows:
+        print(f"{T:7d} {matmul_ms:17.2f} {pass_ms:9.1f} {floor_ms:9.1f} {T / pass_ms * 1e3:8.0f} "
+              f"{T / floor_ms * 1e3:12.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Routed experts computed on the GPU from the experts file: streamed for long prefills, or
+resident for chosen layers.
+
+    gpu = lvgg.GpuExperts(store, device="cuda", dtype=torch.bfloat16, resident_layers=[0, 1])
+    out = gpu(layer, x, topk_ids, topk_weights)          # CUDA tensors, any number of tokens
+
+Streamed layers: the file's bytes of each layer are copied to the GPU on a side stream into
+one of two staging slots while the previous layer computes (the file's mapping is registered
+with CUDA, so the copies run at the PCIe link's speed), dequantized by lvgg's Triton kernels
+into one shared pair of weight buffers in vLLM's layout (w13 = [gate; up], w2 = down), and
+multiplied by vLLM's fused MoE kernel. After the last layer the first one is fetched for the
+next pass. Resident layers are dequantized once at creation and stay on the GPU.
+
+Nothing here synchronizes the device; calls are ordered by the current stream. Streamed calls
+keep Python state about the staging slots, so they must not be captured in a CUDA graph
+(resident ones may).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lvgg.experts import ExpertLayerInfo, ExpertStore
+from lvgg.gpu_dequant import SUPPORTED_TYPES, dequantize, raw_nbytes
+
+log = logging.getLogger("lvgg")
+
+_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly: the file is mapped read-only
+
+
+def _gpu_layout(info: ExpertLayerInfo) -> list[tuple[str, slice | None]]:
+    """(projection, the rows of vLLM's w13 it fills, or None for w2)."""
+    f = info.intermediate_size
+    if info.form == "gate+up+down":
+        return [("gate", slice(0, f)), ("up", slice(f, 2 * f)), ("down", None)]
+    if info.form == "gate_up+down":
+        return [("gate_up", slice(0, 2 * f)), ("down", None)]
+    raise ValueError(f"layer {info.index} has {info.form} experts; the GPU runs gated (SwiGLU) experts only")
+
+
+def gpu_unsupported(info: ExpertLayerInfo) -> str | None:
+    """Why this layer's experts cannot run on the GPU, or None when they can."""
+    if info.form not in ("gate+up+down", "gate_up+down"):
+        return f"{info.form} experts (the GPU runs gated SwiGLU experts)"
+    bad = sorted({t.upper() for t in info.types.values() if t.upper() not in SUPPORTED_TYPES})
+    return f"types {bad} (no GPU dequantization)" if bad else None
+
+
+def _nbytes(info: ExpertLayerInfo, projection: str) -> int:
+    rows = {"gate": info.intermediate_size, "up": info.intermediate_size,
+            "gate_up": 2 * info.intermediate_size, "down": info.hidden_size}[projection]
+    cols = info.hidden_size if projection != "down" else info.intermediate_size
+    return raw_nbytes(info.types[projection], info.n_experts * rows * cols)
+
+
+def _pieces(info: ExpertLayerInfo) -> list[tuple[str, slice, int]]:
+    """(projection, its bytes in the file, its offset in a staging buffer) for a layer."""
+    at, pieces = 0, []
+    for projection, _ in _gpu_layout(info):
+        n = _nbytes(info, projection)
+        pieces.append((projection, slice(info.offsets[projection], info.offsets[projection] + n), at))
+        at += -(-n // 256) * 256  # each piece starts aligned
+    return pieces
+
+
+def staged_bytes(info: ExpertLayerInfo) -> int:
+    """Bytes a layer's experts take on the GPU before dequantization (its file bytes, aligned)."""
+    _, src, at = _pieces(info)[-1]
+    return at + src.stop - src.start
+
+
+def estimate_vram_bytes(infos: dict[int, ExpertLayerInfo], streamed: Sequence[int], resident: Sequence[int],
+                        dtype: torch.dtype) -> int:
+    """What GpuExperts(streamed_layers=..., resident_layers=...) will hold on the device."""
+    def weights(info: ExpertLayerInfo) -> int:
+        return 3 * info.n_experts * info.hidden_size * info.intermediate_size * dtype.itemsize
+
+    total = sum(weights(infos[layer]) for layer in resident)
+    if streamed:
+        total += max(weights(infos[layer]) for layer in streamed)
+        total += 2 * max(staged_bytes(infos[layer]) for layer in streamed)
+    return total
+
+
+class GpuExperts:
+    """The experts of ``store`` on one CUDA device: ``streamed_layers`` fetched per call,
+    ``resident_layers`` dequantized once.
+
+    dtype: of the hidden states and of the dequantized weights (vLLM's model dtype).
+    VRAM: two staging slots of the largest streamed layer's file bytes, one layer of weights in
+    ``dtype`` for the streamed layers, plus every resident layer's weights (``vram_bytes``).
+    """
+
+    def __init__(self, store: ExpertStore, *, device: torch.device | str, dtype: torch.dtype,
+                 streamed_layers: Sequence[int] = (), resident_layers: Sequence[int] = ()) -> None:
+        from lvgg.vllm_plugin import compat  # vLLM's fused MoE kernel
+
+        self._fused_experts = compat.fused_experts
+        self.store, self.device, self.dtype = store, torch.device(device), dtype
+        overlap = sorted(set(streamed_layers) & set(resident_layers))
+        if overlap:
+            raise ValueError(f"layers {overlap} are both streamed and resident; pick one")
+        self.streamed_layers = sorted(streamed_layers)
+        self.resident_layers = sorted(resident_layers)
+        self._info = {}
+        for layer in self.streamed_layers + self.resident_layers:
+            info = store.layer_info(layer)
+            why = gpu_unsupported(info)
+            if why:
+                raise ValueError(f"layer {layer} of {store.path} cannot run on the GPU: {why}")
+            self._info[layer] = info
+        self._host = self._host_bytes() if self._info else None
+        self.host_pinned = False
+        self._resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._slot_of: dict[int, int] = {}
+        if self.streamed_layers:
+            self._setup_streaming()
+        t0 = time.perf_counter()
+        for layer in self.resident_layers:
+            staged = torch.empty(staged_bytes(self._info[layer]), dtype=torch.uint8, device=self.device)
+            self._stage(layer, staged)
+            self._resident[layer] = self._dequantize(layer, staged)
+        if self.resident_layers:
+            torch.cuda.synchronize(self.device)
+            log.info("lvgg: %d resident expert layers dequantized onto %s in %.1f s", len(self.resident_layers),
+                     self.device, time.perf_counter() - t0)
+
+    # -- public ---------------------------------------------------------------------------------------
+
+    @property
+    def vram_bytes(self) -> int:
+        """Device memory held for experts (staging, streamed weights and resident weights)."""
+        tensors = [*self._staging, *self._weights] if self.streamed_layers else []
+        tensors += [t for pair in self._resident.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor:
+        if layer in self._resident:
+            w13, w2 = self._resident[layer]
+        elif layer in self._slot_of:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"layer {layer} is streamed, which cannot be captured in a CUDA graph; "
+                                   "run it eagerly or make it resident")
+            w13, w2 = self._stream_in(layer)
+        else:
+            raise ValueError(f"layer {layer} is neither streamed nor resident on the GPU "
+                             f"(streamed: {self.streamed_layers}, resident: {self.resident_layers})")
+        return self._fused_experts(x, w13, w2, topk_weights, topk_ids)
+
+    def close(self) -> None:
+        """Unpin the experts file (pinned while layers stream); the device must be done with this
+        object's work (synchronize first). The store must outlive this object until then."""
+        if self.host_pinned:
+            torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
+            self.host_pinned = False
+
+    # -- streaming ------------------------------------------------------------------------------------
+
+    def _host_bytes(self) -> torch.Tensor:
+        """The mapped file as a uint8 CPU tensor, registered with CUDA when the system allows it."""
+        with warnings.catch_warnings():  # read-only mapping: nothing writes through this tensor
+            warnings.simplefilter("ignore", UserWarning)
+            host = torch.from_numpy(np.frombuffer(self.store.mapped_bytes(), dtype=np.uint8))
+        return host
+
+    def _pin_host(self) -> None:
+        t0 = time.perf_counter()
+        rc = torch.cuda.cudart().cudaHostRegister(self._host.data_ptr(), self._host.numel(), _HOST_REGISTER_READ_ONLY)
+        self.host_pinned = int(rc) == 0
+        if self.host_pinned:
+            log.info("lvgg: %.1f GiB of experts file pinned for GPU streaming in %.1f s",
+                     self._host.numel() / 2**30, time.perf_counter() - t0)
+        else:
+            log.warning("lvgg: could not pin the experts file for GPU streaming (cudaHostRegister returned %s; "
+                        "check free RAM and `ulimit -l`): copies will run at a fraction of the link's speed", rc)
+
+    def _stage(self, layer: int, staging: torch.Tensor) -> None:
+        """Copy a layer's bytes into ``staging`` on the current stream (asynchronous from pinned memory)."""
+        for _, src, at in _pieces(self._info[layer]):
+            staging[at:at + src.stop - src.start].copy_(self._host[src], non_blocking=True)
+
+    def _setup_streaming(self) -> None:
+        self._pin_host()
+        slot_bytes = max(staged_bytes(self._info[layer]) for layer in self.streamed_layers)
+        self._staging = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        shapes = {(self._info[layer].n_experts, self._info[layer].hidden_size, self._info[layer].intermediate_size)
+                  for layer in self.streamed_layers}
+        if len(shapes) > 1:
+            raise ValueError(f"streamed layers of {self.store.path} differ in shape ({sorted(shapes)}); "
+                             "stream layers of one shape")
+        e, d, f = shapes.pop()
+        self._weights = (torch.empty(e, 2 * f, d, dtype=self.dtype, device=self.device),
+                         torch.empty(e, d, f, dtype=self.dtype, device=self.device))
+        order = self.streamed_layers
+        self._slot_of = {layer: i % 2 for i, layer in enumerate(order)}
+        self._next = {layer: order[(i + 1) % len(order)] for i, layer in enumerate(order)}
+        self._slot_holds: list[int | None] = [None, None]
+        self._copied = [torch.cuda.Event() for _ in range(2)]
+        self._freed = [torch.cuda.Event() for _ in range(2)]
+        self._copy_stream = torch.cuda.Stream(self.device)
+
+    def _fetch(self, layer: int) -> None:
+        """Start copying a layer's bytes into its slot on the side stream, unless it is there already."""
+        slot = self._slot_of[layer]
+        if self._slot_holds[slot] == layer:
+            return
+        staging = self._staging[slot]
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(self._freed[slot])  # the slot's last dequantization is done
+            self._stage(layer, staging)
+            self._copied[slot].record(self._copy_stream)
+        self._slot_holds[slot] = layer
+
+    def _stream_in(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = self._slot_of[layer]
+        self._fetch(layer)
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(self._copied[slot])
+        w13, w2 = self._dequantize(layer, self._staging[slot], out=self._weights)
+        self._freed[slot].record(stream)
+        self._fetch(self._next[layer])  # overlaps this layer's matmuls
+        return w13, w2
+
+    def _dequantize(self, layer: int, staged: torch.Tensor,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights in vLLM's layout from a layer's bytes placed as `_pieces` says."""
+        info = self._info[layer]
+        e, d, f = info.n_experts, info.hidden_size, info.intermediate_size
+        if out is None:
+            out = (torch.empty(e, 2 * f, d, dtype=self.dtype, device=self.device),
+                   torch.empty(e, d, f, dtype=self.dtype, device=self.device))
+        w13, w2 = out
+        rows_of = dict(_gpu_layout(info))
+        for projection, src, at in _pieces(info):
+            rows = rows_of[projection]
+            dequantize(staged[at:at + src.stop - src.start], info.types[projection],
+                       w13[:, rows] if rows is not None else w2)
+        return w13, w2

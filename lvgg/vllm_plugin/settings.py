@@ -1,0 +1,65 @@
+"""The plugin's GPU settings, read from the environment (set by `lvgg serve` flags and
+`lvgg.LLM` arguments, or by hand) and checked before vLLM starts.
+
+    LVGG_GPU_PREFILL_MIN_TOKENS  passes of at least this many tokens stream the experts to the
+                                 GPU (default 64; 0 or "off": never)
+    LVGG_GPU_RESIDENT_LAYERS     layers whose experts stay on the GPU: "0-5,40" or "auto"
+    LVGG_GPU_EXPERTS_GB          the most VRAM (GiB) lvgg's experts may take (default: no bound;
+                                 with "auto", half of what vLLM may use after its weights)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from lvgg.topology import parse_ranges
+from lvgg.vllm_plugin import GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV
+
+DEFAULT_GPU_PREFILL_MIN_TOKENS = 64  # the CPU engine prefills ~130 tok/s; one streamed pass costs ~0.35 s
+
+
+@dataclass(frozen=True)
+class GpuSettings:
+    prefill_min_tokens: int | None  # None: never stream
+    resident: tuple[int, ...] | str  # layer indices, or "auto"
+    experts_bytes: int | None  # VRAM bound, None: none given
+
+    @classmethod
+    def from_env(cls) -> GpuSettings:
+        return cls(_min_tokens(os.environ.get(GPU_PREFILL_ENV, "")), _resident(os.environ.get(GPU_RESIDENT_ENV, "")),
+                   _gib(os.environ.get(GPU_EXPERTS_GB_ENV, "")))
+
+
+def _min_tokens(text: str) -> int | None:
+    text = text.strip().lower()
+    if not text:
+        return DEFAULT_GPU_PREFILL_MIN_TOKENS
+    if text == "off":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"{GPU_PREFILL_ENV} must be a token count or 'off', found {text!r}") from None
+    if n < 0:
+        raise ValueError(f"{GPU_PREFILL_ENV} must be >= 0 (0: off), found {n}")
+    return n or None
+
+
+def _resident(text: str) -> tuple[int, ...] | str:
+    text = text.strip()
+    if text.lower() == "auto":
+        return "auto"
+    return parse_ranges(text, GPU_RESIDENT_ENV, item="layer", largest=100_000)
+
+
+def _gib(text: str) -> int | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        gib = float(text)
+    except ValueError:
+        raise ValueError(f"{GPU_EXPERTS_GB_ENV} must be a size in GiB, found {text!r}") from None
+    if gib < 0:
+        raise ValueError(f"{GPU_EXPERTS_GB_ENV} must be >= 0, found {text!r}")
+    return int(gib * 2**30)

@@ -1,0 +1,100 @@
+"""lvgg's Triton dequantization kernels against gguf-py's decoding of the same bytes.
+
+On a machine with an NVIDIA GPU the kernels run there; elsewhere the same checks run in a
+child process under Triton's interpreter (TRITON_INTERPRET=1, which must be set before any
+kernel is defined), so CI executes every kernel line without a GPU.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize as gguf_dequantize
+
+from lvgg.gpu_dequant import FLOAT_TYPES, QUANT_BLOCKS, dequantize, raw_nbytes
+from lvgg.quantize import quantize
+
+# Byte offsets of each block's float16 scales; every other byte may hold any value.
+SCALE_OFFSETS = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+TYPES = sorted(QUANT_BLOCKS) + sorted(FLOAT_TYPES)
+
+
+def random_blocks(rng: np.random.Generator, ggml_type: str, n_values: int) -> np.ndarray:
+    """Bytes of `n_values` values of `ggml_type`: every bit pattern, finite scales."""
+    if ggml_type in FLOAT_TYPES:
+        values = rng.standard_normal(n_values).astype(np.float32)
+        if ggml_type == "BF16":
+            return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+        return values.astype(np.float16 if ggml_type == "F16" else np.float32).view(np.uint8)
+    qk, size = QUANT_BLOCKS[ggml_type]
+    raw = rng.integers(0, 256, size=(n_values // qk, size), dtype=np.uint8)
+    for off in SCALE_OFFSETS[ggml_type]:
+        raw[:, off:off + 2] = rng.uniform(-0.05, 0.05, n_values // qk).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(-1)
+
+
+def check_type(ggml_type: str, device: str) -> None:
+    rng = np.random.default_rng(sum(map(ord, ggml_type)))
+    qk = QUANT_BLOCKS.get(ggml_type, (32, 0))[0]
+    experts, rows, cols = 3, 5, 2 * qk
+    raw = random_blocks(rng, ggml_type, experts * rows * cols)
+    cases = [("random bytes", raw)]
+    if ggml_type in QUANT_BLOCKS:  # and what ggml's quantizer writes
+        w = rng.standard_normal((experts * rows, cols)).astype(np.float32)
+        cases.append(("ggml-quantized", quantize(w, Q[ggml_type], 1).reshape(-1)))
+    for case, raw in cases:
+        want = gguf_dequantize(raw.reshape(experts * rows, -1), Q[ggml_type]).reshape(experts, rows, cols)
+        for dtype in (torch.float32, torch.bfloat16):
+            # a strided destination (one stride per expert) with poisoned rows around it
+            out = torch.full((experts, rows + 2, cols), float("nan"), dtype=dtype, device=device)
+            dequantize(torch.from_numpy(raw.copy()).to(device), ggml_type, out[:, 1:rows + 1])
+            got = out[:, 1:rows + 1].float().cpu().numpy()
+            expect = want.astype(np.float32)
+            # float32: exact. bfloat16: the float32 value rounded (the interpreter truncates: one unit
+            # in the last place, 2^-7 relative at most).
+            ok = np.array_equal(got, expect) if dtype == torch.float32 else \
+                np.all(np.abs(got - expect) <= np.abs(expect) * 2.0**-7)
+            assert ok, f"{ggml_type} {case} {dtype}: max diff {np.nanmax(np.abs(got - expect))}"
+            assert torch.isnan(out[:, 0]).all() and torch.isnan(out[:, -1]).all(), f"{ggml_type}: wrote outside out"
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    """Run every check in one child process under Triton's interpreter (no GPU here)."""
+    pytest.importorskip("triton", reason="Triton comes with torch's CUDA builds and `pip install .[test]`")
+    code = ("import sys, test_gpu_dequant as t\n"
+            "for name in t.TYPES:\n"
+            "    try:\n        t.check_type(name, 'cpu'); print(name, 'ok')\n"
+            "    except AssertionError as e:\n        print(name, 'FAIL', e)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return dict(line.split(" ", 1) for line in run.stdout.splitlines())
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_dequantize_matches_gguf_py(ggml_type, request):
+    if torch.cuda.is_available():
+        check_type(ggml_type, "cuda")
+    else:
+        assert request.getfixturevalue("interpreter_results")[ggml_type] == "ok"
+
+
+def test_bad_arguments_are_refused_before_any_kernel():
+    out = torch.empty(2, 4, 256)
+    raw = torch.zeros(raw_nbytes("Q4_K", out.numel()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="no GPU dequantization for IQ2_XXS"):
+        dequantize(raw, "IQ2_XXS", out)
+    with pytest.raises(ValueError, match=r"raw must be 1152 uint8 bytes on cpu \(Q4_K, 2x4x256\); found 1151"):
+        dequantize(raw[:-1], "Q4_K", out)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        dequantize(raw, "Q4_K", out.transpose(1, 2))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        dequantize(raw, "Q4_K", out.to(torch.int32))
+    with pytest.raises(ValueError, match="whole blocks of 256"):
+        dequantize(torch.zeros(raw_nbytes("Q8_0", 2 * 4 * 96), dtype=torch.uint8), "Q4_K", torch.empty(2, 4, 96))

@@ -1,0 +1,109 @@
+"""GpuExperts: experts streamed to the GPU per call or resident there, against the f64 reference.
+
+The GPU tests run on a machine with an NVIDIA GPU and vLLM's CUDA build (the project's GPU
+machine); the checks of what is refused before any GPU work run everywhere.
+"""
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+import lvgg
+from lvgg.gpu_experts import GpuExperts, estimate_vram_bytes, gpu_unsupported
+from lvgg.testing.expert_files import random_experts, read_reference, write_experts_file
+
+E, D, F, K = 16, 256, 512, 4
+Q4_K_M = {"gate": Q.Q4_K, "up": Q.Q4_K, "gate_up": Q.Q4_K, "down": Q.Q6_K}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run on the GPU machine)")
+
+
+@pytest.fixture(scope="module")
+def experts_file(tmp_path_factory):
+    """Layers 1-3 gate+up+down, layer 5 fused gate_up, all Q4_K/Q6_K."""
+    rng = np.random.default_rng(11)
+    layers = {i: random_experts(rng, E, D, F) for i in (1, 2, 3)}
+    layers[5] = random_experts(rng, E, D, F, form="gate_up+down")
+    return write_experts_file(tmp_path_factory.mktemp("gpu") / "experts.gguf", layers, Q4_K_M)
+
+
+def routing(T, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
+    w = torch.softmax(torch.randn(T, K, generator=g), dim=-1)
+    return x, ids, w
+
+
+def rel_error(got: torch.Tensor, want: np.ndarray) -> float:
+    got = got.double().cpu().numpy()
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@needs_cuda
+def test_streamed_and_resident_layers_match_the_reference(experts_file):
+    store = lvgg.ExpertStore(experts_file)
+    gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[1, 2, 5], resident_layers=[3])
+    refs = {layer: read_reference(experts_file, layer) for layer in (1, 2, 3, 5)}
+    # in order, repeated, out of order, the same layer twice: every slot/prefetch path
+    for step, layer in enumerate([1, 2, 3, 5, 1, 2, 5, 5, 2, 1, 3, 1]):
+        T = (7, 64, 300)[step % 3]
+        x, ids, w = routing(T, step)
+        out = gpu(layer, x.to("cuda", torch.bfloat16), ids.cuda(), w.cuda())
+        assert out.dtype == torch.bfloat16 and out.shape == (T, D)
+        want = refs[layer].forward(x.to(torch.bfloat16).double().numpy(), ids.numpy(), w.double().numpy())
+        assert rel_error(out, want) < 0.02, f"step {step} layer {layer}"
+    assert gpu.host_pinned
+    assert gpu.vram_bytes == estimate_vram_bytes({n: store.layer_info(n) for n in (1, 2, 3, 5)}, [1, 2, 5], [3],
+                                                 torch.bfloat16)
+    torch.cuda.synchronize()
+    gpu.close()
+    assert not gpu.host_pinned
+
+
+@needs_cuda
+def test_resident_layers_replay_in_a_cuda_graph(experts_file):
+    gpu = GpuExperts(lvgg.ExpertStore(experts_file), device="cuda", dtype=torch.bfloat16, resident_layers=[2])
+    x, ids, w = (t.cuda() for t in routing(16, 1))
+    x = x.to(torch.bfloat16)
+    eager = gpu(2, x, ids, w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = gpu(2, x, ids, w)
+    graph.replay()
+    assert torch.equal(captured, eager)
+
+
+@needs_cuda
+def test_streamed_layers_refuse_graph_capture(experts_file):
+    gpu = GpuExperts(lvgg.ExpertStore(experts_file), device="cuda", dtype=torch.bfloat16, streamed_layers=[1])
+    x, ids, w = (t.cuda() for t in routing(4, 2))
+    gpu(1, x.to(torch.bfloat16), ids, w)  # warm up (Triton compiles outside the capture)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            gpu(1, x.to(torch.bfloat16), ids, w)
+    torch.cuda.synchronize()
+    gpu.close()
+
+
+def test_layers_the_gpu_cannot_run_are_refused_before_any_gpu_work(tmp_path):
+    rng = np.random.default_rng(3)
+    path = write_experts_file(tmp_path / "mixed.gguf", {0: random_experts(rng, 4, 256, 256),
+                                                        1: random_experts(rng, 4, 256, 256, form="up+down")},
+                              {"gate": Q.IQ4_XS, "up": Q.Q8_0, "down": Q.Q8_0})
+    store = lvgg.ExpertStore(path)
+    assert "IQ4_XS" in gpu_unsupported(store.layer_info(0))
+    assert "up+down" in gpu_unsupported(store.layer_info(1))
+    with pytest.raises(ValueError, match=r"layer 0 of .* cannot run on the GPU: types \['IQ4_XS'\]"):
+        GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[0])
+    with pytest.raises(ValueError, match="layers \\[1\\] are both streamed and resident"):
+        GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[1], resident_layers=[1])
+
+
+def test_vram_estimate_counts_two_staging_slots_one_streamed_layer_and_each_resident_one(experts_file):
+    store = lvgg.ExpertStore(experts_file)
+    infos = {n: store.layer_info(n) for n in store.layers}
+    weights = 3 * E * D * F * 2  # bf16
+    staged = 2 * (E * F * D // 256 * 144) + E * D * F // 256 * 210  # Q4_K gate, up; Q6_K down
+    assert estimate_vram_bytes(infos, [], [1, 2], torch.bfloat16) == 2 * weights
+    assert estimate_vram_bytes(infos, [1, 2], [3], torch.bfloat16) == 2 * weights + 2 * staged
+    assert estimate_vram_bytes(infos, [1], [], torch.float32) == 2 * weights + 2 * staged
