@@ -2,7 +2,7 @@
 import torch  # noqa: F401  (first: ggml then shares torch's OpenMP runtime and threads)
 
 from lvgg.cuda_bridge import CudaExperts
-from lvgg.experts import CpuMoE, ExpertLayerInfo, ExpertStore
+from lvgg.experts import CpuMoE, EngineNode, ExpertLayerInfo, ExpertStore
 
 
 def LLM(*args, **kwargs):  # noqa: N802 - mirrors vllm.LLM
@@ -12,5 +12,5 @@ def LLM(*args, **kwargs):  # noqa: N802 - mirrors vllm.LLM
     return _LLM(*args, **kwargs)
 
 
-__all__ = ["CpuMoE", "CudaExperts", "ExpertLayerInfo", "ExpertStore", "LLM"]
+__all__ = ["CpuMoE", "CudaExperts", "EngineNode", "ExpertLayerInfo", "ExpertStore", "LLM"]
 __version__ = "0.1.0"

@@ -104,6 +104,36 @@ def bench_moe(types: list[str], tokens: list[int], threads: int, n_layers: int, 
     return results
 
 
+def bench_nodes(types: list[str], tokens: list[int], threads: int, node_counts: list[int], n_layers: int,
+                min_seconds: float, workdir: str | None = None, **shape) -> list[MoeResult]:
+    """The same layers with the physical cores split into 1, 2, 4, ... virtual nodes (pinned CPU
+    groups, one part of every expert each): the cost of splitting on one socket."""
+    from lvgg import _bridge
+    from lvgg.experts import EngineNode
+
+    shape = {**SHAPE_30B_A3B, **shape}
+    E, D, F, K = shape["n_experts"], shape["hidden"], shape["intermediate"], shape["top_k"]
+    cpus = _bridge.physical_core_cpus()[:threads]
+    rng = np.random.default_rng(0)
+    results = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for name in types:
+            qtype = gguf.GGMLQuantizationType[name.upper()]
+            path = synthetic_experts_file(Path(tmp) / f"{name}.gguf", qtype, n_layers, E, D, F)
+            for n in node_counts:
+                groups = [list(g) for g in np.array_split(cpus, n)]
+                store = ExpertStore(path, repack=n == 1)
+                moe = CpuMoE(store, nodes=[EngineNode(g) for g in groups], max_tokens=max(tokens), max_top_k=K)
+                bytes_per_expert = store.layer_info(0).nbytes // E
+                for t in tokens:
+                    sec, active = time_layer(moe, store.layers, t, K, E, D, bytes_per_expert, min_seconds, rng)
+                    results.append(MoeResult(qtype.name, f"{n} node{'s' * (n > 1)}", t, sec * 1e3,
+                                             t / (sec * shape["model_layers"]), active / 1e9))
+                del moe, store
+            os.unlink(path)
+    return results
+
+
 def read_bandwidth_gb_per_s(threads: int, nbytes: int = 2 << 30) -> float:
     cpus = _bridge.physical_core_cpus()
     return _bridge.read_bandwidth(nbytes, threads, cpus[:threads]) / 1e9

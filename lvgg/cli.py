@@ -173,7 +173,33 @@ def bench_moe(
     results = bench.bench_moe(_csv(types), _csv(tokens, int), threads, layers, seconds, workdir,
                               tuple(c.strip() for c in configs.split(";") if c.strip()),
                               n_experts=experts, hidden=hidden, intermediate=intermediate, top_k=top_k)
-    table = Table(title=f"MoE layer D={hidden} F={intermediate} E={experts} top-{top_k}, {threads} threads")
+    print_moe_table(console, results, bw, f"MoE layer D={hidden} F={intermediate} E={experts} top-{top_k}, "
+                    f"{threads} threads")
+
+
+@bench_app.command("nodes")
+def bench_nodes(
+    types: str = typer.Option("Q4_K,BF16", help="ggml types of the experts, comma separated"),
+    tokens: str = typer.Option("1,8,64,512", help="token counts per call"),
+    nodes: str = typer.Option("1,2,4", help="virtual node counts: the cores split into this many pinned groups"),
+    threads: int = typer.Option(0, help="cores used in all (0: every physical core)"),
+    layers: int = typer.Option(3, help="distinct layers in the synthetic file"),
+    seconds: float = typer.Option(1.0, help="minimum timed seconds per figure"),
+    workdir: str = typer.Option(None, help="folder for the synthetic experts files (default: temp)"),
+) -> None:
+    """The cost of splitting experts over NUMA nodes, measured with virtual nodes on this socket."""
+    from lvgg import _bridge
+
+    console = Console(width=None if sys.stdout.isatty() else 132)
+    threads = threads or len(_bridge.physical_core_cpus())
+    bw = bench.read_bandwidth_gb_per_s(threads)
+    console.print(f"read bandwidth, {threads} threads: [bold]{bw:.1f} GB/s[/]")
+    results = bench.bench_nodes(_csv(types), _csv(tokens, int), threads, _csv(nodes, int), layers, seconds, workdir)
+    print_moe_table(console, results, bw, f"30B-A3B MoE layer, {threads} cores split into virtual nodes")
+
+
+def print_moe_table(console: Console, results: list, bw: float, title: str) -> None:
+    table = Table(title=title)
     for col in ("type", "engine", "tokens", "ms/layer", "tok/s (48 layers)", "active GB/s", "% of read bw"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in results:

@@ -107,6 +107,17 @@ class ExpertStore:
         return f"ExpertStore({self.path!r}, layers={len(self.layers)}, architecture={self.architecture!r})"
 
 
+@dataclass(frozen=True)
+class EngineNode:
+    """One NUMA node of a CpuMoE: its CPUs (its threads run there, one per CPU unless
+    ``threads`` says fewer; no CPUs: ``threads`` unbound threads) and the NUMA node whose memory
+    holds its part of the experts (None: the memory local to its CPUs)."""
+
+    cpus: Sequence[int]
+    threads: int | None = None
+    mem_node: int | None = None
+
+
 def _check_cpu(name: str, a: Any) -> Any:
     device = getattr(a, "device", None)
     if device is not None and getattr(device, "type", "cpu") != "cpu":
@@ -129,6 +140,11 @@ class CpuMoE:
         ops; otherwise ggml's own pool (``lvgg._bridge.openmp`` says which). Idle threads spin
         briefly, then sleep.
     cpus: pin the threads to these CPUs (strict_cpu: one CPU per thread); default: no pinning.
+    nodes: two or more EngineNode: one engine per NUMA node, each holding its share of every
+        expert's intermediate dimension (whole quant blocks) in its node's memory, computing a
+        partial output with its own threads; the parts are summed. The parts are copies (made at
+        creation, repacked when ``repack``): open the store with ``repack=False`` so that it does
+        not hold repacked copies of its own. One EngineNode is the same as threads=/cpus=.
     chunk: tokens per ggml graph; longer inputs (up to max_tokens) run chunk by chunk.
     repack_max_tokens: chunks up to this size use the repacked weights when the store keeps
         both layouts (``keep_mapped=True``), larger ones the mapped weights; None: per type,
@@ -142,21 +158,43 @@ class CpuMoE:
     """
 
     def __init__(self, store: ExpertStore, *, threads: int | None = None, cpus: Sequence[int] | None = None,
-                 strict_cpu: bool = False, max_tokens: int = 8192, max_top_k: int = 8,
-                 chunk: int = 512, repack_max_tokens: int | None = None, schedule: str = "auto",
-                 activation: str = "silu") -> None:
+                 strict_cpu: bool = False, nodes: Sequence[EngineNode] | None = None, repack: bool = True,
+                 max_tokens: int = 8192, max_top_k: int = 8, chunk: int = 512, repack_max_tokens: int | None = None,
+                 schedule: str = "auto", activation: str = "silu") -> None:
         self.store = store
-        self._engine = _bridge.MoeEngine(store._store, threads or 0, list(cpus or []), strict_cpu,
-                                         max_tokens, max_top_k, chunk,
-                                         -1 if repack_max_tokens is None else repack_max_tokens, schedule, activation)
+        settings = dict(max_tokens=max_tokens, max_top_k=max_top_k, chunk=chunk,
+                        repack_max_tokens=-1 if repack_max_tokens is None else repack_max_tokens,
+                        schedule=schedule, activation=activation)
+        self.nodes = tuple(nodes or ())
+        if len(self.nodes) > 1:
+            if threads or cpus:
+                raise ValueError("give threads and CPUs per node (EngineNode), not threads=/cpus=, with nodes=")
+            homes = {n.mem_node for n in self.nodes} - {None}
+            if homes:
+                from lvgg.topology import read_machine
+
+                machine = read_machine()
+                for home in sorted(homes):
+                    machine.node(home)  # ValueError naming the machine's nodes
+            self._engine = _bridge.SplitEngine(
+                store._store, [list(n.cpus) for n in self.nodes], [n.threads or 0 for n in self.nodes],
+                [-1 if n.mem_node is None else n.mem_node for n in self.nodes], strict_cpu, repack, **settings)
+            self._threads = sum(self._engine.node_threads(i) for i in range(len(self.nodes)))
+            self._cpus = [c for i in range(len(self.nodes)) for c in self._engine.node_cpus(i)]
+        else:
+            if self.nodes:
+                threads, cpus = self.nodes[0].threads, self.nodes[0].cpus
+            self._engine = _bridge.MoeEngine(store._store, threads or 0, list(cpus or []), strict_cpu, **settings)
+            self._threads, self._cpus = self._engine.threads, self._engine.cpus
 
     @property
     def threads(self) -> int:
-        return self._engine.threads
+        """Threads of all nodes together."""
+        return self._threads
 
     @property
     def cpus(self) -> list[int]:
-        return self._engine.cpus
+        return self._cpus
 
     @property
     def max_tokens(self) -> int:
@@ -166,9 +204,11 @@ class CpuMoE:
     def max_top_k(self) -> int:
         return self._engine.max_top_k
 
-    @property
-    def scratch_bytes(self) -> int:
-        return self._engine.scratch_bytes
+    def node_intermediate_size(self, node: int, layer: int) -> int:
+        """Rows of every expert's intermediate dimension ``node`` holds in ``layer``."""
+        if len(self.nodes) < 2:
+            return self.store.layer_info(layer).intermediate_size
+        return self._engine.node_intermediate(node, layer)
 
     def __call__(self, layer: int, x: Any, topk_ids: Any, topk_weights: Any, out: Any = None) -> Any:
         x = _check_cpu("x", x)

@@ -28,7 +28,7 @@ import torch
 from lvgg.experts import ExpertLayerInfo, ExpertStore
 from lvgg.gpu_dequant import SUPPORTED_TYPES, dequantize, raw_nbytes
 
-log = logging.getLogger("lvgg")
+log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
 
 _HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly: the file is mapped read-only
 

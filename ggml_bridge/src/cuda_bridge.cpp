@@ -60,7 +60,7 @@ void fill_nan(const Matrix & out) {
 
 }  // namespace
 
-CudaBridge::CudaBridge(MoeEngine & engine, const Matrix & x, const Matrix & ids, const Matrix & weights,
+CudaBridge::CudaBridge(Experts & engine, const Matrix & x, const Matrix & ids, const Matrix & weights,
                        const Matrix & out) :
     engine_(engine),
     x_(x),
@@ -72,9 +72,9 @@ CudaBridge::CudaBridge(MoeEngine & engine, const Matrix & x, const Matrix & ids,
                                    ", " + std::to_string(ids.rows) + ", " + std::to_string(weights.rows) + ", " +
                                    std::to_string(out.rows));
     }
-    if (x.rows > engine.config().max_tokens) {
+    if (x.rows > engine.max_tokens()) {
         fail(ErrorKind::Value, "the pinned buffers have " + std::to_string(x.rows) + " rows, more than the engine's "
-                                   "max_tokens=" + std::to_string(engine.config().max_tokens));
+                                   "max_tokens=" + std::to_string(engine.max_tokens()));
     }
     driver();
 }

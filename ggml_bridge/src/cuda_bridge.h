@@ -22,7 +22,7 @@ namespace lvgg {
 class CudaBridge {
   public:
     // x, ids, weights, out: pinned host buffers of max_tokens rows (the engine's limit or less).
-    CudaBridge(MoeEngine & engine, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out);
+    CudaBridge(Experts & engine, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out);
 
     // Adds to `stream` (a CUstream / cudaStream_t) the computation of `layer` for the first
     // `n_tokens` rows of the buffers. Raises the error of an earlier host function, if any.
@@ -39,7 +39,7 @@ class CudaBridge {
     };
     static void run(void * job);
 
-    MoeEngine &                           engine_;
+    Experts &                             engine_;
     Matrix                                x_, ids_, weights_, out_;
     std::unordered_map<int64_t, Job>      jobs_;  // by (layer, n_tokens); nodes never move
     std::mutex                            jobs_mutex_;

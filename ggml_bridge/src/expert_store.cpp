@@ -11,6 +11,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <numeric>
 #include <regex>
 
 namespace lvgg {
@@ -81,6 +82,18 @@ ExpertStore::ExpertStore(const std::string & path, bool repack, bool keep_mapped
     }
 }
 
+ExpertStore::ExpertStore(const ExpertStore & whole, int part, int n_parts, bool repack) :
+    path_(whole.path_ + " (part " + std::to_string(part + 1) + " of " + std::to_string(n_parts) + ")"),
+    architecture_(whole.architecture_),
+    keep_mapped_(!repack) {
+    try {
+        slice_from(whole, part, n_parts, repack);
+    } catch (...) {
+        release();
+        throw;
+    }
+}
+
 ExpertStore::~ExpertStore() { release(); }
 
 void ExpertStore::release() {
@@ -88,6 +101,10 @@ void ExpertStore::release() {
         ggml_backend_buffer_free(b);
     }
     repack_bufs_.clear();
+    for (ggml_backend_buffer_t b : slice_bufs_) {
+        ggml_backend_buffer_free(b);
+    }
+    slice_bufs_.clear();
     repacked_.clear();
     if (repacked_ctx_) {
         ggml_free(repacked_ctx_);
@@ -129,7 +146,16 @@ ggml_tensor * ExpertStore::repacked(const ggml_tensor * t) const {
     return it == repacked_.end() ? nullptr : it->second;
 }
 
-int64_t ExpertStore::n_tensors() const { return gguf_get_n_tensors(gguf_); }
+int64_t ExpertStore::n_tensors() const {
+    if (gguf_) {
+        return gguf_get_n_tensors(gguf_);
+    }
+    int64_t n = 0;
+    for (const auto & kv : layers_) {
+        n += (int64_t) kv.second.tensors().size();
+    }
+    return n;
+}
 
 void ExpertStore::open_and_validate() {
     struct stat st;
@@ -253,14 +279,9 @@ void ExpertStore::place_weights(bool repack) {
     }
     map_buf_ = ggml_backend_cpu_buffer_from_ptr(map_, file_size_);
 
-    ggml_backend_buffer_type_t cpu_buft    = ggml_backend_cpu_buffer_type();
-    ggml_backend_buffer_type_t repack_buft = repack ? repack_buffer_type() : nullptr;
+    repack_                             = repack;
+    ggml_backend_buffer_type_t cpu_buft = ggml_backend_cpu_buffer_type();
     const size_t               data_offset = gguf_get_data_offset(gguf_);
-    size_t                     n_expert_tensors = 0;
-    for (const auto & kv : layers_) {
-        n_expert_tensors += kv.second.tensors().size();
-    }
-    repacked_ctx_ = ggml_init({ ggml_tensor_overhead() * n_expert_tensors, nullptr, /*no_alloc=*/true });
     for (auto & kv : layers_) {
         for (ggml_tensor * t : kv.second.tensors()) {
             if (!cpu_supports_experts_of_type(t->type, t->ne, cpu_buft)) {
@@ -270,27 +291,124 @@ void ExpertStore::place_weights(bool repack) {
             }
             char * src = (char *) map_ + data_offset + gguf_get_tensor_offset(gguf_, gguf_find_tensor(gguf_, t->name));
             ggml_backend_tensor_alloc(map_buf_, t, src);
-            if (repack_buft && cpu_supports_experts_of_type(t->type, t->ne, repack_buft)) {
-                ggml_tensor *         twin = ggml_dup_tensor(repacked_ctx_, t);
-                ggml_backend_buffer_t buf =
-                    ggml_backend_buft_alloc_buffer(repack_buft, ggml_backend_buft_get_alloc_size(repack_buft, twin));
-                if (!buf) {
-                    fail(ErrorKind::Runtime, std::string("out of memory repacking '") + t->name + "'");
+            if (add_repacked(t, src) && !keep_mapped_) {
+                // Only the repacked copy will run: let the kernel drop our mapping of the source.
+                const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
+                const uintptr_t lo   = ((uintptr_t) src + page - 1) & ~(page - 1);
+                const uintptr_t hi   = ((uintptr_t) src + ggml_nbytes(t)) & ~(page - 1);
+                if (hi > lo) {
+                    madvise((void *) lo, hi - lo, MADV_DONTNEED);
                 }
-                repack_bufs_.push_back(buf);
-                ggml_set_name(twin, t->name);
-                ggml_backend_tensor_alloc(buf, twin, ggml_backend_buffer_get_base(buf));
-                ggml_backend_tensor_set(twin, src, 0, ggml_nbytes(t));
-                repacked_[t] = twin;
-                if (!keep_mapped_) {
-                    // Only the repacked copy will run: let the kernel drop our mapping of the source.
-                    const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
-                    const uintptr_t lo   = ((uintptr_t) src + page - 1) & ~(page - 1);
-                    const uintptr_t hi   = ((uintptr_t) src + ggml_nbytes(t)) & ~(page - 1);
-                    if (hi > lo) {
-                        madvise((void *) lo, hi - lo, MADV_DONTNEED);
+            }
+        }
+    }
+}
+
+ggml_tensor * ExpertStore::add_repacked(ggml_tensor * t, const void * src) {
+    ggml_backend_buffer_type_t repack_buft = repack_ ? repack_buffer_type() : nullptr;
+    if (!repack_buft || !cpu_supports_experts_of_type(t->type, t->ne, repack_buft)) {
+        return nullptr;
+    }
+    if (!repacked_ctx_) {  // a store opened from a file: every layer is known by now
+        size_t n_tensors = 0;
+        for (const auto & kv : layers_) {
+            n_tensors += kv.second.tensors().size();
+        }
+        repacked_ctx_ = ggml_init({ ggml_tensor_overhead() * n_tensors, nullptr, /*no_alloc=*/true });
+    }
+    ggml_tensor *         twin = ggml_dup_tensor(repacked_ctx_, t);
+    ggml_backend_buffer_t buf =
+        ggml_backend_buft_alloc_buffer(repack_buft, ggml_backend_buft_get_alloc_size(repack_buft, twin));
+    if (!buf) {
+        fail(ErrorKind::Runtime, std::string("out of memory repacking '") + t->name + "'");
+    }
+    repack_bufs_.push_back(buf);
+    ggml_set_name(twin, t->name);
+    ggml_backend_tensor_alloc(buf, twin, ggml_backend_buffer_get_base(buf));
+    ggml_backend_tensor_set(twin, src, 0, ggml_nbytes(t));
+    repacked_[t] = twin;
+    return twin;
+}
+
+std::pair<int64_t, int64_t> ExpertStore::part_range(const ExpertLayer & L, int part, int n_parts) {
+    const int64_t block = ggml_blck_size(L.down->type);
+    const int64_t wide  = std::lcm(block, (int64_t) 32);  // whole rows of ggml's interleaved layouts
+    const int64_t unit  = L.n_ff % wide == 0 ? wide : block;
+    const int64_t units = L.n_ff / unit;
+    if (n_parts < 1 || part < 0 || part >= n_parts) {
+        fail(ErrorKind::Value, "part " + std::to_string(part) + " of " + std::to_string(n_parts) + " does not exist");
+    }
+    if (units < n_parts) {
+        fail(ErrorKind::Value, "layer " + std::to_string(L.index) + ": its intermediate size " +
+                                   std::to_string(L.n_ff) + " is " + std::to_string(units) + " blocks of " +
+                                   std::to_string(unit) + " (" + ggml_type_name(L.down->type) +
+                                   "), too few to split over " + std::to_string(n_parts) +
+                                   " nodes; use at most " + std::to_string(units) + " nodes (LVGG_NUMA)");
+    }
+    const int64_t base = units / n_parts, extra = units % n_parts;
+    const int64_t begin = part * base + std::min<int64_t>(part, extra);
+    const int64_t count = base + (part < extra ? 1 : 0);
+    return { begin * unit, (begin + count) * unit };
+}
+
+void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, bool repack) {
+    if (!whole.map_) {
+        fail(ErrorKind::Value, "only a store opened from a file can be split, not " + whole.path_);
+    }
+    repack_ = repack;
+    size_t n_tensors = 0;
+    for (const auto & kv : whole.layers_) {
+        n_tensors += kv.second.tensors().size();
+    }
+    meta_         = ggml_init({ ggml_tensor_overhead() * n_tensors, nullptr, /*no_alloc=*/true });
+    repacked_ctx_ = ggml_init({ ggml_tensor_overhead() * n_tensors, nullptr, /*no_alloc=*/true });
+    ggml_backend_buffer_type_t cpu_buft = ggml_backend_cpu_buffer_type();
+    for (const auto & kv : whole.layers_) {
+        const ExpertLayer & W = kv.second;
+        const auto [a, b]     = part_range(W, part, n_parts);
+        ExpertLayer & L       = layers_[kv.first];
+        L.index               = W.index;
+        L.n_expert            = W.n_expert;
+        L.n_embd              = W.n_embd;
+        L.n_ff                = b - a;
+        for (ggml_tensor * src : W.tensors()) {
+            const bool    down = src == W.down;
+            const int64_t rows = src == W.gate_up ? 2 * L.n_ff : L.n_ff;
+            ggml_tensor * t = down ? ggml_new_tensor_3d(meta_, src->type, L.n_ff, L.n_embd, L.n_expert)
+                                   : ggml_new_tensor_3d(meta_, src->type, L.n_embd, rows, L.n_expert);
+            ggml_set_name(t, src->name);
+            (src == W.gate ? L.gate : src == W.up ? L.up : src == W.gate_up ? L.gate_up : L.down) = t;
+            ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(cpu_buft, ggml_nbytes(t));
+            if (!buf) {
+                fail(ErrorKind::Runtime, std::string("out of memory for a part of '") + src->name + "'");
+            }
+            slice_bufs_.push_back(buf);
+            ggml_backend_tensor_alloc(buf, t, ggml_backend_buffer_get_base(buf));
+            const char * from = (const char *) src->data;
+            char *       to   = (char *) t->data;
+            for (int64_t e = 0; e < L.n_expert; ++e) {
+                if (down) {  // columns [a, b) of every row: whole blocks
+                    const size_t skip = ggml_row_size(src->type, a), len = ggml_row_size(src->type, b - a);
+                    for (int64_t r = 0; r < L.n_embd; ++r) {
+                        std::memcpy(to + e * t->nb[2] + r * t->nb[1], from + e * src->nb[2] + r * src->nb[1] + skip, len);
+                    }
+                } else {  // rows [a, b), and [F + a, F + b) of a fused gate_up
+                    for (int64_t half = 0; half < (src == W.gate_up ? 2 : 1); ++half) {
+                        std::memcpy(to + e * t->nb[2] + half * L.n_ff * t->nb[1],
+                                    from + e * src->nb[2] + (half * W.n_ff + a) * src->nb[1], L.n_ff * src->nb[1]);
                     }
                 }
+            }
+            if (!cpu_supports_experts_of_type(t->type, t->ne, cpu_buft)) {
+                fail(ErrorKind::Value, std::string("a ") + std::to_string(L.n_ff) + "-row part of '" + src->name +
+                                           "' (" + ggml_type_name(t->type) + ") cannot be multiplied by ggml's CPU "
+                                           "backend; use fewer nodes");
+            }
+            if (add_repacked(t, t->data)) {  // only the repacked copy runs: free the plain one
+                slice_bufs_.pop_back();
+                ggml_backend_buffer_free(buf);
+                t->buffer = nullptr;
+                t->data   = nullptr;
             }
         }
     }

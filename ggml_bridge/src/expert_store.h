@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace lvgg {
@@ -39,6 +40,14 @@ struct ExpertLayer {
 class ExpertStore {
   public:
     ExpertStore(const std::string & path, bool repack, bool keep_mapped);
+    // Part `part` of `n_parts` of another store's experts, for one NUMA node: intermediate rows
+    // part_range() of gate/up (of both halves of a fused gate_up) and the matching columns of
+    // down, copied into memory this thread touches first (call it from a thread bound to the
+    // node), repacked where ggml has a layout for the type (then only the repacked copy stays).
+    ExpertStore(const ExpertStore & whole, int part, int n_parts, bool repack);
+    // The intermediate rows [begin, end) part `part` of `n_parts` holds: whole blocks of the down
+    // type (of 32 values or more, for ggml's interleaved layouts), spread as evenly as they go.
+    static std::pair<int64_t, int64_t> part_range(const ExpertLayer & L, int part, int n_parts);
     ~ExpertStore();
     ExpertStore(const ExpertStore &)             = delete;
     ExpertStore & operator=(const ExpertStore &) = delete;
@@ -60,6 +69,8 @@ class ExpertStore {
     void open_and_validate();
     void collect_layers();
     void place_weights(bool repack);
+    void slice_from(const ExpertStore & whole, int part, int n_parts, bool repack);
+    ggml_tensor * add_repacked(ggml_tensor * t, const void * src);  // nullptr: no layout for the type
     void release();
 
     std::string                        path_;
@@ -70,8 +81,10 @@ class ExpertStore {
     void *                             map_       = nullptr;
     ggml_backend_buffer_t              map_buf_   = nullptr;
     bool                               keep_mapped_ = true;
+    bool                               repack_      = false;
     ggml_context *                     repacked_ctx_ = nullptr;
     std::vector<ggml_backend_buffer_t> repack_bufs_;
+    std::vector<ggml_backend_buffer_t> slice_bufs_;  // a part's plain (not repacked) tensors
     std::map<const ggml_tensor *, ggml_tensor *> repacked_;
     std::map<int, ExpertLayer>         layers_;
 };

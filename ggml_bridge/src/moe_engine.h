@@ -63,19 +63,34 @@ struct EngineConfig {
     Activation       activation = Activation::SiLU;
 };
 
-class MoeEngine {
+// What the CUDA bridge and the Python binding call: one engine (MoeEngine) or one per NUMA
+// node (SplitEngine).
+class Experts {
+  public:
+    virtual ~Experts() = default;
+    // x [T, D] f32/f16/bf16, ids [T, K] i32/i64, weights [T, K] f32/f16/bf16, out [T, D]
+    // f32/f16/bf16. Validates everything, then computes; thread-safe (calls serialize).
+    virtual void forward(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights,
+                         const Matrix & out) = 0;
+    // forward's checks of shapes and types, without reading the ids.
+    virtual void validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights,
+                          const Matrix & out) const = 0;
+    virtual int64_t max_tokens() const = 0;
+};
+
+class MoeEngine : public Experts {
   public:
     MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cfg);
     ~MoeEngine();
     MoeEngine(const MoeEngine &)             = delete;
     MoeEngine & operator=(const MoeEngine &) = delete;
 
-    // x [T, D] f32/f16/bf16, ids [T, K] i32/i64, weights [T, K] f32/f16/bf16, out [T, D]
-    // f32/f16/bf16. Validates everything, then computes; thread-safe (calls serialize).
-    void forward(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out);
-    // forward's checks: shapes and types (validate), then the values of the ids (check_ids).
-    void validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) const;
-    void check_ids(int layer, const Matrix & ids) const;
+    void forward(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights,
+                 const Matrix & out) override;
+    void validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights,
+                  const Matrix & out) const override;
+    void check_ids(int layer, const Matrix & ids) const;  // forward's check of the ids' values
+    int64_t max_tokens() const override { return cfg_.max_tokens; }
 
     const EngineConfig &                 config() const { return cfg_; }
     const ThreadPool &                   pool() const { return *pool_; }

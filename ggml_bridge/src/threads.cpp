@@ -6,6 +6,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <fstream>
 #include <set>
 #include <string>
@@ -87,6 +88,9 @@ ThreadPool::ThreadPool(int n_threads, std::vector<int> cpus, bool strict_cpu) {
     cpus_      = std::move(cpus);
 
     ggml_threadpool_params params = ggml_threadpool_params_default(n_threads_);
+    if (power_saving()) {
+        params.poll = 0;  // idle workers sleep at once instead of polling for the next graph
+    }
     if (pinned) {
         for (int c : cpus_) {
             params.cpumask[c] = true;
@@ -97,6 +101,11 @@ ThreadPool::ThreadPool(int n_threads, std::vector<int> cpus, bool strict_cpu) {
     if (!pool_) {
         fail(ErrorKind::Runtime, "ggml could not start a thread pool of " + std::to_string(n_threads_) + " threads");
     }
+}
+
+bool ThreadPool::power_saving() {
+    const char * v = std::getenv("LVGG_POWER_SAVING");
+    return v && *v && std::string(v) != "0" && std::string(v) != "false";
 }
 
 bool ThreadPool::openmp() {

@@ -29,6 +29,9 @@ class ThreadPool {
     ThreadPool(int n_threads, std::vector<int> cpus, bool strict_cpu);
     // True in the OpenMP build.
     static bool openmp();
+    // LVGG_POWER_SAVING=1: ggml's pool does not poll between graphs (its idle workers sleep at
+    // once; a step starts a little later). The OpenMP build follows OMP_WAIT_POLICY instead.
+    static bool power_saving();
     ~ThreadPool();
     ThreadPool(const ThreadPool &)             = delete;
     ThreadPool & operator=(const ThreadPool &) = delete;

@@ -28,17 +28,5 @@ def register() -> None:
 
     register_moe_method()
     register_loader()
-    _log_through_vllm()
     _registered = True
 
-
-def _log_through_vllm() -> None:
-    """lvgg's log lines (logger "lvgg") go where vLLM's go, at vLLM's level."""
-    import logging
-
-    ours, vllms = logging.getLogger("lvgg"), logging.getLogger("vllm")
-    if not ours.handlers and vllms.handlers:
-        for handler in vllms.handlers:
-            ours.addHandler(handler)
-        ours.setLevel(vllms.level)
-        ours.propagate = False

@@ -11,15 +11,15 @@ import os
 import threading
 from typing import Any
 
-from lvgg import _bridge
+from lvgg import _bridge, topology
 from lvgg.cuda_bridge import CudaExperts
-from lvgg.experts import CpuMoE, ExpertStore
+from lvgg.experts import CpuMoE, EngineNode, ExpertStore
 from lvgg.gpu_experts import GpuExperts, gpu_unsupported
 from lvgg.models import arch_for
 from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, THREADS_ENV
 from lvgg.vllm_plugin.settings import GpuSettings
 
-log = logging.getLogger("lvgg")
+log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
 
 # "auto" resident layers leave this share of the VRAM vLLM may use (after weights) to the KV cache.
 AUTO_RESIDENT_KV_SHARE = 0.5
@@ -52,14 +52,34 @@ def check_experts_file(store: ExpertStore, hf_config: dict[str, Any]) -> None:
                           intermediate_size=spec.intermediate_size)
 
 
+def _gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def default_threads() -> int:
     """One per physical core; next to a GPU one core stays free for vLLM's own thread (30B-A3B
     Q4_K_M decode on the 16-core GPU machine: 37.7 tok/s with 15 threads, 35.6 with 16, 32.8
     with 14)."""
-    import torch
-
     cores = len(_bridge.physical_core_cpus())
-    return max(1, cores - 1) if torch.cuda.is_available() and cores > 2 else cores
+    return max(1, cores - 1) if _gpu_present() and cores > 2 else cores
+
+
+def engine_nodes(threads: int | None) -> list[EngineNode] | None:
+    """One EngineNode per NUMA node of LVGG_NUMA (default: the machine's), or None for one
+    engine. ``threads``: the total, shared evenly (default: each node's physical cores; next to
+    a GPU the first node leaves one core free)."""
+    topo = topology.current()
+    if len(topo.nodes) < 2:
+        return None
+    nodes = []
+    for i, node in enumerate(topo.nodes):
+        reserve = 1 if i == 0 and _gpu_present() and len(node.physical_cores) > 2 else 0
+        share = None if not threads else max(1, threads // len(topo.nodes) + (i < threads % len(topo.nodes)))
+        nodes.append(EngineNode(topology.node_thread_cpus(node, reserve=reserve, threads=share),
+                                mem_node=node.mem_node))
+    return nodes
 
 
 def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: float = 0.9) -> CpuMoE:
@@ -69,12 +89,19 @@ def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: f
         _gpu_memory_utilization = gpu_memory_utilization
         if _engine is None:
             path = os.environ[EXPERTS_ENV]
-            store = ExpertStore(path)
+            threads = int(os.environ.get(THREADS_ENV, "0") or 0) or None
+            nodes = engine_nodes(threads)
+            # With nodes, each holds a repacked copy of its part; the file stays as mapped.
+            store = ExpertStore(path, repack=nodes is None)
             check_experts_file(store, hf_config)
             spec = arch_for(hf_config["model_type"]).spec(hf_config)
-            threads = int(os.environ.get(THREADS_ENV, "0") or 0) or default_threads()
-            _engine = CpuMoE(store, threads=threads, max_tokens=max(max_tokens, 8192),
-                             max_top_k=spec.top_k, activation="silu")
+            settings = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu")
+            if nodes:
+                _engine = CpuMoE(store, nodes=nodes, **settings)
+                log.info("lvgg: experts split over %d NUMA nodes (%s), %d threads", len(nodes),
+                         "; ".join(topology.format_cpulist(n.cpus) for n in nodes), _engine.threads)
+            else:
+                _engine = CpuMoE(store, threads=threads or default_threads(), **settings)
         return _engine
 
 

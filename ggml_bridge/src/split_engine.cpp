@@ -1,0 +1,223 @@
+#include "split_engine.h"
+
+#include "errors.h"
+
+#include <ggml.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace lvgg {
+
+namespace {
+
+// Bind the calling thread to `cpus` (none: leave it where it may run).
+void bind_thread(const std::vector<int> & cpus) {
+    if (cpus.empty()) {
+        return;
+    }
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int c : cpus) {
+        CPU_SET(c, &set);
+    }
+    if (pthread_setaffinity_np(pthread_self(), sizeof(set), &set) != 0) {
+        fail(ErrorKind::Runtime, "could not bind a thread to CPUs " + std::to_string(cpus.front()) + "..: " +
+                                     std::strerror(errno));
+    }
+}
+
+// Prefer `node`'s memory for the calling thread's new pages (<0: the default policy again).
+// A raw syscall: no libnuma needed. Returns false where the kernel refuses (e.g. no NUMA).
+bool prefer_memory_of(int node) {
+    constexpr int MPOL_DEFAULT = 0, MPOL_PREFERRED = 1;
+    if (node < 0) {
+        return syscall(SYS_set_mempolicy, MPOL_DEFAULT, nullptr, 0) == 0;
+    }
+    unsigned long mask[16] = {};  // 1024 nodes
+    if (node >= (int) (sizeof(mask) * 8)) {
+        fail(ErrorKind::Value, "NUMA node " + std::to_string(node) + " is beyond the 1024 lvgg supports");
+    }
+    mask[node / (8 * sizeof(unsigned long))] |= 1UL << (node % (8 * sizeof(unsigned long)));
+    return syscall(SYS_set_mempolicy, MPOL_PREFERRED, mask, sizeof(mask) * 8 + 1) == 0;
+}
+
+}  // namespace
+
+SplitEngine::SplitEngine(std::shared_ptr<ExpertStore> whole, const std::vector<NodePlan> & nodes,
+                         const EngineConfig & cfg, bool repack) :
+    whole_(std::move(whole)),
+    plans_(nodes) {
+    const int n = (int) plans_.size();
+    if (n < 2) {
+        fail(ErrorKind::Value, "a split engine needs at least 2 nodes, got " + std::to_string(n) +
+                                   "; use one engine (MoeEngine) for one node");
+    }
+    std::vector<int> owner(CPU_SETSIZE, -1);
+    for (int i = 0; i < n; ++i) {
+        if (plans_[i].cpus.empty() && plans_[i].n_threads <= 0) {
+            fail(ErrorKind::Value, "node " + std::to_string(i) + " has neither CPUs nor a thread count; give one");
+        }
+        for (int c : plans_[i].cpus) {
+            if (c < 0 || c >= CPU_SETSIZE) {
+                fail(ErrorKind::Value, "node " + std::to_string(i) + ": CPU " + std::to_string(c) + " does not exist");
+            }
+            if (owner[c] >= 0) {
+                fail(ErrorKind::Value, "CPU " + std::to_string(c) + " is in node " + std::to_string(owner[c]) +
+                                           " and node " + std::to_string(i) + "; nodes must not share CPUs");
+            }
+            owner[c] = i;
+        }
+    }
+    for (const auto & kv : whole_->layers()) {
+        ExpertStore::part_range(kv.second, n - 1, n);  // fails first when a layer is too small to split
+    }
+
+    // Build every node's part and engine on a thread bound to the node, all nodes at once.
+    engines_.resize(n);
+    std::vector<std::exception_ptr> failed(n);
+    std::vector<std::thread>        builders;
+    for (int i = 0; i < n; ++i) {
+        builders.emplace_back([&, i] {
+            try {
+                bind_thread(plans_[i].cpus);
+                prefer_memory_of(plans_[i].mem_node);
+                auto part = std::make_shared<ExpertStore>(*whole_, i, n, repack);
+                EngineConfig c = cfg;
+                c.cpus         = plans_[i].cpus;
+                c.n_threads    = plans_[i].n_threads;
+                engines_[i]    = std::make_unique<MoeEngine>(std::move(part), c);
+                prefer_memory_of(-1);
+            } catch (...) {
+                failed[i] = std::current_exception();
+            }
+        });
+    }
+    for (auto & t : builders) {
+        t.join();
+    }
+    for (auto & e : failed) {
+        if (e) {
+            std::rethrow_exception(e);
+        }
+    }
+    int64_t max_embd = 0;
+    for (const auto & kv : whole_->layers()) {
+        max_embd = std::max(max_embd, kv.second.n_embd);
+    }
+    partial_.assign(n, std::vector<float>(engines_[0]->config().max_tokens * max_embd));
+    sum_.resize(max_embd);
+    errors_.resize(n);
+    for (int i = 0; i < n; ++i) {
+        workers_.emplace_back(&SplitEngine::worker, this, i);
+    }
+}
+
+SplitEngine::~SplitEngine() {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stop_ = true;
+    }
+    start_.notify_all();
+    for (auto & t : workers_) {
+        t.join();
+    }
+}
+
+void SplitEngine::worker(int i) {
+    try {
+        bind_thread(plans_[i].cpus);  // ggml's calling thread is the node's first worker
+    } catch (...) {
+        // A thread that cannot bind still computes correctly; its node's memory is only farther.
+    }
+    uint64_t seen = 0;
+    for (;;) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        start_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) {
+            return;
+        }
+        seen = generation_;
+        const Matrix part = { partial_[i].data(), GGML_TYPE_F32, x_.rows, x_.cols };
+        const int    layer = layer_;
+        const Matrix x = x_, ids = ids_, weights = weights_;
+        lock.unlock();
+        std::exception_ptr error;
+        try {
+            engines_[i]->forward(layer, x, ids, weights, part);
+        } catch (...) {
+            error = std::current_exception();
+        }
+        lock.lock();
+        errors_[i] = error;
+        if (--pending_ == 0) {
+            done_.notify_one();
+        }
+    }
+}
+
+void SplitEngine::validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights,
+                           const Matrix & out) const {
+    engines_[0]->validate(layer, x, ids, weights, out);
+}
+
+void SplitEngine::forward(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights,
+                          const Matrix & out) {
+    std::lock_guard<std::mutex> call(call_mutex_);
+    validate(layer, x, ids, weights, out);
+    engines_[0]->check_ids(layer, ids);
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        layer_ = layer;
+        x_ = x, ids_ = ids, weights_ = weights;
+        pending_ = n_nodes();
+        ++generation_;
+    }
+    start_.notify_all();
+    {
+        std::unique_lock<std::mutex> lock(mutex_);
+        done_.wait(lock, [&] { return pending_ == 0; });
+        for (auto & e : errors_) {
+            if (e) {
+                std::rethrow_exception(e);
+            }
+        }
+    }
+    // out = sum of the parts, in the caller's dtype
+    const int64_t T = x.rows, D = x.cols;
+    float *       row = sum_.data();
+    for (int64_t t = 0; t < T; ++t) {
+        std::copy_n(partial_[0].data() + t * D, D, row);
+        for (int i = 1; i < n_nodes(); ++i) {
+            const float * p = partial_[i].data() + t * D;
+            for (int64_t d = 0; d < D; ++d) {
+                row[d] += p[d];
+            }
+        }
+        if (out.type == GGML_TYPE_F32) {
+            std::copy_n(row, D, (float *) out.data + t * D);
+        } else if (out.type == GGML_TYPE_F16) {
+            ggml_fp32_to_fp16_row(row, (ggml_fp16_t *) out.data + t * D, D);
+        } else {
+            ggml_fp32_to_bf16_row(row, (ggml_bf16_t *) out.data + t * D, D);
+        }
+    }
+}
+
+std::vector<std::pair<uintptr_t, size_t>> SplitEngine::part_memory(int i) const {
+    const ExpertStore & part = *engines_.at(i)->store();
+    std::vector<std::pair<uintptr_t, size_t>> out;
+    for (const auto & kv : part.layers()) {
+        for (ggml_tensor * t : kv.second.tensors()) {
+            ggml_tensor * live = part.repacked(t) ? part.repacked(t) : t;
+            out.emplace_back((uintptr_t) live->data, ggml_backend_buffer_get_size(live->buffer));
+        }
+    }
+    return out;
+}
+
+}  // namespace lvgg

@@ -1,0 +1,72 @@
+// SplitEngine: one MoE engine per NUMA node, each on its own share of every expert.
+//
+// Node n holds intermediate rows part_range(n) of every expert's gate/up and the matching
+// columns of down (ExpertStore's part constructor), in memory placed on the node: the part is
+// built by a thread bound to the node's CPUs, with the node's memory preferred
+// (set_mempolicy) when one is named, so pages land there at first touch. Each node computes
+// its partial output [T, D] in float32 with its own threads (pinned to its CPUs); the parts
+// are summed into out. Because a part is a whole number of quant blocks, each node's dot
+// products are the full computation's, split: results equal one engine's up to the order of
+// float32 additions.
+#pragma once
+
+#include "moe_engine.h"
+
+#include <condition_variable>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace lvgg {
+
+struct NodePlan {
+    std::vector<int> cpus;           // the node's CPUs; its threads and its driver run there (none: unbound)
+    int              n_threads = 0;  // <= 0: one per CPU given (then cpus are needed)
+    int              mem_node  = -1; // NUMA node whose memory holds the part; < 0: the CPUs' own
+};
+
+class SplitEngine : public Experts {
+  public:
+    // cfg: the settings of every node's engine (its cpus and threads come from the plan).
+    SplitEngine(std::shared_ptr<ExpertStore> whole, const std::vector<NodePlan> & nodes, const EngineConfig & cfg,
+                bool repack);
+    ~SplitEngine() override;
+    SplitEngine(const SplitEngine &)             = delete;
+    SplitEngine & operator=(const SplitEngine &) = delete;
+
+    void forward(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights,
+                 const Matrix & out) override;
+    void validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights,
+                  const Matrix & out) const override;
+    int64_t max_tokens() const override { return config().max_tokens; }
+
+    int                  n_nodes() const { return (int) engines_.size(); }
+    const MoeEngine &    node(int i) const { return *engines_.at(i); }
+    const EngineConfig & config() const { return engines_[0]->config(); }
+    // Where part i's expert bytes are (for placement checks): [address, bytes] of each tensor.
+    std::vector<std::pair<uintptr_t, size_t>> part_memory(int i) const;
+
+  private:
+    void worker(int i);
+
+    std::shared_ptr<ExpertStore>            whole_;
+    std::vector<std::unique_ptr<MoeEngine>> engines_;
+    std::vector<NodePlan>                   plans_;
+    std::vector<std::vector<float>>         partial_;  // [max_tokens, D] per node
+    std::vector<float>                      sum_;      // one row of out, summed
+    std::vector<std::thread>                workers_;
+
+    std::mutex              call_mutex_;  // one forward at a time
+    std::mutex              mutex_;       // the job below
+    std::condition_variable start_, done_;
+    uint64_t                generation_ = 0;
+    int                     pending_    = 0;
+    bool                    stop_       = false;
+    int                     layer_      = 0;
+    Matrix                  x_, ids_, weights_;
+    std::vector<std::exception_ptr> errors_;
+};
+
+}  // namespace lvgg

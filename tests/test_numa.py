@@ -1,0 +1,123 @@
+"""One engine per (virtual) NUMA node, each on its share of every expert, against one engine.
+
+Nodes here are unbound thread groups or CPU sets of this machine: the code paths of a
+multi-node machine (parts, per-node pools, summing) run on any machine. Page placement is
+checked with move_pages(2) for whatever nodes the machine has.
+"""
+import ctypes
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+import lvgg
+from lvgg.testing.expert_files import random_experts, write_experts_file
+from lvgg.topology import read_machine
+
+E, D = 8, 256
+TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+         Q.IQ4_XS, Q.IQ4_NL]
+
+
+def block(qtype):
+    return 256 if qtype in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS) else 32
+
+
+def routing(rng, T, K=4):
+    x = torch.from_numpy(rng.standard_normal((T, D)).astype(np.float32))
+    ids = torch.from_numpy(np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int32))
+    w = torch.from_numpy(rng.random((T, K)).astype(np.float32))
+    return x, ids, w
+
+
+def unbound(n):
+    return [lvgg.EngineNode((), threads=1) for _ in range(n)]
+
+
+@pytest.fixture(scope="module", params=TYPES, ids=lambda q: q.name)
+def odd_file(request, tmp_path_factory):
+    """Intermediate size 5 blocks: not a multiple of nodes x block for 2, 3 or 4 nodes."""
+    qtype = request.param
+    rng = np.random.default_rng(int(qtype))
+    F = 5 * block(qtype)
+    layers = {0: random_experts(rng, E, D, F), 3: random_experts(rng, E, D, F, form="gate_up+down")}
+    path = write_experts_file(tmp_path_factory.mktemp("numa") / f"{qtype.name}.gguf", layers, qtype)
+    return qtype, path, F
+
+
+@pytest.mark.parametrize("n_nodes", [1, 2, 3, 4])
+def test_nodes_give_the_single_engine_result(odd_file, n_nodes):
+    qtype, path, F = odd_file
+    rng = np.random.default_rng(n_nodes)
+    single = lvgg.CpuMoE(lvgg.ExpertStore(path), threads=1)
+    # parts are repacked from a plain store; one node runs on the store as opened: repacked too
+    split = lvgg.CpuMoE(lvgg.ExpertStore(path, repack=n_nodes == 1), nodes=unbound(n_nodes))
+    sizes = [split.node_intermediate_size(i, 0) for i in range(n_nodes)]
+    assert sum(sizes) == F and max(sizes) - min(sizes) <= block(qtype) * (1 + (qtype in (Q.F32, Q.F16, Q.BF16)))
+    for layer in (0, 3):
+        for T, dtype in ((1, torch.float32), (7, torch.bfloat16), (64, torch.float32)):
+            x, ids, w = routing(rng, T)
+            x = x.to(dtype)
+            want = single(layer, x, ids, w).float().numpy()
+            got = torch.full_like(x, float("nan"))
+            split(layer, x, ids, w, got)
+            got = got.float().numpy()
+            # the same dot products, summed in another order (and rounded once more to 16 bits)
+            tol = (1e-5 if dtype == torch.float32 else 1e-2) * np.abs(want).max()
+            assert np.abs(got - want).max() <= tol, (qtype.name, n_nodes, layer, T, dtype)
+
+
+def test_pinned_nodes_and_their_thread_pools(tmp_path):
+    rng = np.random.default_rng(7)
+    path = write_experts_file(tmp_path / "q4k.gguf", {0: random_experts(rng, E, D, 512)}, Q.Q4_K)
+    cpus = sorted(os.sched_getaffinity(0))
+    halves = [cpus[: len(cpus) // 2] or cpus[:1], cpus[len(cpus) // 2:]]
+    moe = lvgg.CpuMoE(lvgg.ExpertStore(path, repack=False), nodes=[lvgg.EngineNode(h) for h in halves])
+    assert moe.threads == len(cpus) and sorted(moe.cpus) == cpus
+    x, ids, w = routing(rng, 33)
+    single = lvgg.CpuMoE(lvgg.ExpertStore(path), threads=1)
+    np.testing.assert_allclose(moe(0, x, ids, w).numpy(), single(0, x, ids, w).numpy(), rtol=0, atol=1e-5)
+
+
+def test_parts_live_in_their_nodes_memory(tmp_path):
+    """Every page of every node's part is on the NUMA node it names (move_pages)."""
+    machine = read_machine()
+    with_memory = [n.id for n in machine.nodes if n.mem_total != 0] or [0]
+    rng = np.random.default_rng(8)
+    path = write_experts_file(tmp_path / "q8.gguf", {0: random_experts(rng, E, D, 1024)}, Q.Q8_0)
+    homes = [with_memory[i % len(with_memory)] for i in range(2)]
+    moe = lvgg.CpuMoE(lvgg.ExpertStore(path, repack=False),
+                      nodes=[lvgg.EngineNode((), threads=1, mem_node=m) for m in homes])
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    for i, home in enumerate(homes):
+        pages = [a for address, size in moe._engine.part_memory(i)
+                 for a in range(-(-address // page) * page, address + size - page, page)]
+        assert pages
+        addrs = (ctypes.c_void_p * len(pages))(*pages)
+        status = (ctypes.c_int * len(pages))()
+        rc = libc.syscall(279, 0, ctypes.c_ulong(len(pages)), addrs, None, status, 0)  # move_pages: query only
+        assert rc == 0, os.strerror(ctypes.get_errno())
+        assert set(status) == {home}, f"node {i}: pages on nodes {sorted(set(status))}, expected {home}"
+
+
+def test_bad_node_configurations_are_refused(tmp_path):
+    rng = np.random.default_rng(9)
+    path = write_experts_file(tmp_path / "q6k.gguf", {0: random_experts(rng, E, D, 768)}, Q.Q6_K)
+    store = lvgg.ExpertStore(path, repack=False)
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    with pytest.raises(ValueError, match=f"CPU {cpu} is in node 0 and node 1; nodes must not share CPUs"):
+        lvgg.CpuMoE(store, nodes=[lvgg.EngineNode([cpu]), lvgg.EngineNode([cpu])])
+    with pytest.raises(ValueError, match="threads=2 but only 1 CPUs are given"):
+        lvgg.CpuMoE(store, nodes=[lvgg.EngineNode([cpu], threads=2), lvgg.EngineNode((), threads=1)])
+    with pytest.raises(ValueError, match="NUMA node 4096 does not exist"):
+        lvgg.CpuMoE(store, nodes=[lvgg.EngineNode((), threads=1, mem_node=4096), lvgg.EngineNode((), threads=1)])
+    with pytest.raises(ValueError, match=r"intermediate size 768 is 3 blocks of 256 \(q6_K\), too few to split over "
+                                         r"4 nodes; use at most 3 nodes"):
+        lvgg.CpuMoE(store, nodes=unbound(4))
+    with pytest.raises(ValueError, match="not threads=/cpus="):
+        lvgg.CpuMoE(store, threads=2, nodes=unbound(2))
+    with pytest.raises(ValueError, match="neither CPUs nor a thread count"):
+        lvgg.CpuMoE(store, nodes=[lvgg.EngineNode(()), lvgg.EngineNode((), threads=1)])
