@@ -38,14 +38,14 @@ def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_thr
     # here, before vLLM loads anything, without reading the experts twice at startup.
     if not inspect_gguf(path).layers:
         raise ValueError(f"{path} holds no routed-expert tensors; is it an experts file (lvgg convert)?")
-    os.environ[EXPERTS_ENV] = str(path)
-    for env, value in ((THREADS_ENV, cpu_threads or None), (GPU_PREFILL_ENV, gpu_prefill_min_tokens),
-                       (GPU_RESIDENT_ENV, gpu_resident_layers), (GPU_EXPERTS_GB_ENV, gpu_experts_gb)):
-        if value is not None:
-            os.environ[env] = str(value)
+    env = {THREADS_ENV: cpu_threads or None, GPU_PREFILL_ENV: gpu_prefill_min_tokens,
+           GPU_RESIDENT_ENV: gpu_resident_layers, GPU_EXPERTS_GB_ENV: gpu_experts_gb}
+    env = {k: str(v) if v is not None else os.environ.get(k, "") for k, v in env.items()}
     from lvgg.vllm_plugin.settings import GpuSettings
 
-    GpuSettings.from_env()  # a bad value stops here, before vLLM starts
+    GpuSettings.parse(env[GPU_PREFILL_ENV], env[GPU_RESIDENT_ENV], env[GPU_EXPERTS_GB_ENV])  # before any change
+    os.environ.update({k: v for k, v in env.items() if v})
+    os.environ[EXPERTS_ENV] = str(path)
     return path
 
 

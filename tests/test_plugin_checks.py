@@ -1,5 +1,6 @@
 """The plugin's startup check of an experts file against the model (no vLLM start needed)."""
 import json
+import os
 
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -91,7 +92,9 @@ def test_gpu_settings_are_read_from_the_environment(monkeypatch):
 def test_serve_refuses_bad_gpu_settings_before_vllm(qwen3, monkeypatch, flag, value, message):
     folder, _, experts = qwen3
     for name in ("LVGG_GPU_PREFILL_MIN_TOKENS", "LVGG_GPU_RESIDENT_LAYERS", "LVGG_GPU_EXPERTS_GB"):
-        monkeypatch.setenv(name, "")  # empty: the default; whatever serve sets is undone after the test
+        monkeypatch.setenv(name, "")  # empty: the default
+    monkeypatch.delenv("LVGG_EXPERTS", raising=False)
     r = CliRunner().invoke(app, ["serve", str(folder), "--experts", str(experts), flag, value])
     assert r.exit_code == 2, r.output
     assert message in " ".join(r.output.split())
+    assert "LVGG_EXPERTS" not in os.environ  # refused before the plugin was configured

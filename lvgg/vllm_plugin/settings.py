@@ -26,8 +26,13 @@ class GpuSettings:
 
     @classmethod
     def from_env(cls) -> GpuSettings:
-        return cls(_min_tokens(os.environ.get(GPU_PREFILL_ENV, "")), _resident(os.environ.get(GPU_RESIDENT_ENV, "")),
-                   _gib(os.environ.get(GPU_EXPERTS_GB_ENV, "")))
+        return cls.parse(os.environ.get(GPU_PREFILL_ENV, ""), os.environ.get(GPU_RESIDENT_ENV, ""),
+                         os.environ.get(GPU_EXPERTS_GB_ENV, ""))
+
+    @classmethod
+    def parse(cls, prefill_min_tokens: str, resident_layers: str, experts_gb: str) -> GpuSettings:
+        """The settings these texts (as the environment variables hold them) give, or ValueError."""
+        return cls(_min_tokens(prefill_min_tokens), _resident(resident_layers), _gib(experts_gb))
 
 
 def _min_tokens(text: str) -> int | None:
