@@ -82,26 +82,13 @@ def time_layer(moe: CpuMoE, layers: list[int], tokens: int, top_k: int, n_expert
 
 def bench_moe(types: list[str], tokens: list[int], threads: int, n_layers: int, min_seconds: float,
               workdir: str | None = None, configs: tuple[str, ...] = tuple(CONFIGS), **shape) -> list[MoeResult]:
-    shape = {**SHAPE_30B_A3B, **shape}
-    E, D, F, K = shape["n_experts"], shape["hidden"], shape["intermediate"], shape["top_k"]
-    rng = np.random.default_rng(0)
-    results = []
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        for name in types:
-            qtype = gguf.GGMLQuantizationType[name.upper()]
-            path = synthetic_experts_file(Path(tmp) / f"{name}.gguf", qtype, n_layers, E, D, F)
-            for config in configs:
-                store_args, schedule = CONFIGS[config]
-                store = ExpertStore(path, **store_args)
-                moe = CpuMoE(store, threads=threads, max_tokens=max(tokens), max_top_k=K, schedule=schedule)
-                bytes_per_expert = store.layer_info(0).nbytes // E
-                for t in tokens:
-                    sec, active = time_layer(moe, store.layers, t, K, E, D, bytes_per_expert, min_seconds, rng)
-                    results.append(MoeResult(qtype.name, config, t, sec * 1e3,
-                                             t / (sec * shape["model_layers"]), active / 1e9))
-                del moe, store
-            os.unlink(path)
-    return results
+    def engines(path: Path, K: int):
+        for config in configs:
+            store_args, schedule = CONFIGS[config]
+            store = ExpertStore(path, **store_args)
+            yield config, store, CpuMoE(store, threads=threads, max_tokens=max(tokens), max_top_k=K, schedule=schedule)
+
+    return _bench(types, tokens, n_layers, min_seconds, workdir, engines, shape)
 
 
 def bench_nodes(types: list[str], tokens: list[int], threads: int, node_counts: list[int], n_layers: int,
@@ -111,24 +98,34 @@ def bench_nodes(types: list[str], tokens: list[int], threads: int, node_counts: 
     from lvgg import _bridge
     from lvgg.experts import EngineNode
 
+    cpus = _bridge.physical_core_cpus()[:threads]
+
+    def engines(path: Path, K: int):
+        for n in node_counts:
+            store = ExpertStore(path, repack=n == 1)  # with nodes, each part is repacked
+            nodes = [EngineNode(list(g)) for g in np.array_split(cpus, n)]
+            yield f"{n} node{'s' * (n > 1)}", store, CpuMoE(store, nodes=nodes, max_tokens=max(tokens), max_top_k=K)
+
+    return _bench(types, tokens, n_layers, min_seconds, workdir, engines, shape)
+
+
+def _bench(types: list[str], tokens: list[int], n_layers: int, min_seconds: float, workdir: str | None,
+           engines, shape: dict) -> list[MoeResult]:
+    """Time every engine ``engines(path, top_k)`` yields (label, store, moe) on a synthetic file per type."""
     shape = {**SHAPE_30B_A3B, **shape}
     E, D, F, K = shape["n_experts"], shape["hidden"], shape["intermediate"], shape["top_k"]
-    cpus = _bridge.physical_core_cpus()[:threads]
     rng = np.random.default_rng(0)
     results = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for name in types:
             qtype = gguf.GGMLQuantizationType[name.upper()]
             path = synthetic_experts_file(Path(tmp) / f"{name}.gguf", qtype, n_layers, E, D, F)
-            for n in node_counts:
-                groups = [list(g) for g in np.array_split(cpus, n)]
-                store = ExpertStore(path, repack=n == 1)
-                moe = CpuMoE(store, nodes=[EngineNode(g) for g in groups], max_tokens=max(tokens), max_top_k=K)
+            for label, store, moe in engines(path, K):
                 bytes_per_expert = store.layer_info(0).nbytes // E
                 for t in tokens:
                     sec, active = time_layer(moe, store.layers, t, K, E, D, bytes_per_expert, min_seconds, rng)
-                    results.append(MoeResult(qtype.name, f"{n} node{'s' * (n > 1)}", t, sec * 1e3,
-                                             t / (sec * shape["model_layers"]), active / 1e9))
+                    results.append(MoeResult(qtype.name, label, t, sec * 1e3, t / (sec * shape["model_layers"]),
+                                             active / 1e9))
                 del moe, store
             os.unlink(path)
     return results

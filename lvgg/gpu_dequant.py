@@ -137,22 +137,9 @@ if triton is not None:
     @triton.jit
     def _q4_k(src, dst, n_blocks, expert_elems, dst_expert_stride, BLOCKS: tl.constexpr, QK: tl.constexpr,
               BLOCK_BYTES: tl.constexpr):
-        # d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 bytes of nibbles: 4 chunks of 64 values,
-        # low nibbles for the first 32 of a chunk, high nibbles for the next 32.
-        i, base, mask, o = _prologue(tl.program_id(0), n_blocks, expert_elems, dst_expert_stride, BLOCKS, QK,
-                                     BLOCK_BYTES)
-        d = _f16_at(src + base, mask)
-        dmin = _f16_at(src + base + 2, mask)
-        chunk, half, lane = i // 64, (i // 32) % 2, i % 32
-        sc, m = _k_scale_min(src + base + 4, 2 * chunk + half, mask)
-        q = _u8_at(src + base + 16 + 32 * chunk + lane, mask)
-        q = tl.where(half == 1, q >> 4, q & 0xF).to(tl.float32)
-        tl.store(dst + o, (d * sc * q - dmin * m).to(dst.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _q5_k(src, dst, n_blocks, expert_elems, dst_expert_stride, BLOCKS: tl.constexpr, QK: tl.constexpr,
-              BLOCK_BYTES: tl.constexpr):
-        # Q4_K's layout with 32 bytes of fifth bits (bit j of byte `lane` for sub-block j) before the nibbles.
+        # d, dmin (f16), 12 bytes of 6-bit scales/mins, then (Q5_K only: 32 bytes of fifth bits, bit j
+        # of byte `lane` for sub-block j) 128 bytes of nibbles: 4 chunks of 64 values, low nibbles
+        # for the first 32 of a chunk, high nibbles for the next 32. Q5_K is told by its block size.
         i, base, mask, o = _prologue(tl.program_id(0), n_blocks, expert_elems, dst_expert_stride, BLOCKS, QK,
                                      BLOCK_BYTES)
         d = _f16_at(src + base, mask)
@@ -160,10 +147,14 @@ if triton is not None:
         chunk, half, lane = i // 64, (i // 32) % 2, i % 32
         j = 2 * chunk + half
         sc, m = _k_scale_min(src + base + 4, j, mask)
-        high = (_u8_at(src + base + 16 + lane, mask) >> j) & 1
-        q = _u8_at(src + base + 48 + 32 * chunk + lane, mask)
-        q = (tl.where(half == 1, q >> 4, q & 0xF) | (high << 4)).to(tl.float32)
-        tl.store(dst + o, (d * sc * q - dmin * m).to(dst.dtype.element_ty), mask=mask)
+        if BLOCK_BYTES == 176:  # Q5_K
+            q = _u8_at(src + base + 48 + 32 * chunk + lane, mask)
+        else:
+            q = _u8_at(src + base + 16 + 32 * chunk + lane, mask)
+        q = tl.where(half == 1, q >> 4, q & 0xF)
+        if BLOCK_BYTES == 176:
+            q = q | (((_u8_at(src + base + 16 + lane, mask) >> j) & 1) << 4)
+        tl.store(dst + o, (d * sc * q.to(tl.float32) - dmin * m).to(dst.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _q6_k(src, dst, n_blocks, expert_elems, dst_expert_stride, BLOCKS: tl.constexpr, QK: tl.constexpr,
@@ -183,4 +174,4 @@ if triton is not None:
         sc = sc.to(tl.int8, bitcast=True).to(tl.float32)
         tl.store(dst + o, (d * sc * q).to(dst.dtype.element_ty), mask=mask)
 
-    _KERNELS = {"Q4_0": _q4_0, "Q5_0": _q5_0, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+    _KERNELS = {"Q4_0": _q4_0, "Q5_0": _q5_0, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q5_K": _q4_k, "Q6_K": _q6_k}

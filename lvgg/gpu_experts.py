@@ -1,7 +1,8 @@
 """Routed experts computed on the GPU from the experts file: streamed for long prefills, or
 resident for chosen layers.
 
-    gpu = lvgg.GpuExperts(store, device="cuda", dtype=torch.bfloat16, resident_layers=[0, 1])
+    from lvgg.gpu_experts import GpuExperts      # needs vLLM's CUDA build (its fused MoE kernel)
+    gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[2, 3], resident_layers=[0, 1])
     out = gpu(layer, x, topk_ids, topk_weights)          # CUDA tensors, any number of tokens
 
 Streamed layers: the file's bytes of each layer are copied to the GPU on a side stream into
@@ -13,7 +14,7 @@ next pass. Resident layers are dequantized once at creation and stay on the GPU.
 
 Nothing here synchronizes the device; calls are ordered by the current stream. Streamed calls
 keep Python state about the staging slots, so they must not be captured in a CUDA graph
-(resident ones may).
+(resident ones may). The experts are SwiGLU (vLLM's default activation), as the plugin's are.
 """
 from __future__ import annotations
 

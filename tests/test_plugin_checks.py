@@ -98,3 +98,26 @@ def test_serve_refuses_bad_gpu_settings_before_vllm(qwen3, monkeypatch, flag, va
     assert r.exit_code == 2, r.output
     assert message in " ".join(r.output.split())
     assert "LVGG_EXPERTS" not in os.environ  # refused before the plugin was configured
+
+
+def test_cpu_settings_are_read_from_the_environment(monkeypatch):
+    from lvgg.vllm_plugin import settings
+
+    monkeypatch.setenv("LVGG_CPU_THREADS", "")
+    assert settings.cpu_threads(2) is None
+    monkeypatch.setenv("LVGG_CPU_THREADS", "15")
+    assert settings.cpu_threads(1) == [15] and settings.cpu_threads(2) == [8, 7]
+    monkeypatch.setenv("LVGG_CPU_THREADS", "6,8")
+    assert settings.cpu_threads(2) == [6, 8]
+    for value, message in (("6,8", "gives 2 counts but lvgg uses 3 NUMA nodes"), ("2", "fewer than the 3 NUMA nodes"),
+                           ("a", "must be a thread count or one count per NUMA node"), ("4,0,1", "must be >= 1")):
+        monkeypatch.setenv("LVGG_CPU_THREADS", value)
+        with pytest.raises(ValueError, match=message):
+            settings.cpu_threads(3)
+    monkeypatch.setenv("LVGG_CPU_BINDING", "")
+    assert not settings.strict_binding()
+    monkeypatch.setenv("LVGG_CPU_BINDING", "core")
+    assert settings.strict_binding()
+    monkeypatch.setenv("LVGG_CPU_BINDING", "socket")
+    with pytest.raises(ValueError, match="LVGG_CPU_BINDING must be 'node' or 'core', found 'socket'"):
+        settings.strict_binding()

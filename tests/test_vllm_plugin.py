@@ -109,7 +109,8 @@ def test_experts_split_over_two_virtual_numa_nodes_give_stock_tokens(qwen3):
     first_two = sorted(os.sched_getaffinity(0))[:2]
     if len(first_two) < 2:
         pytest.fail("this test needs 2 CPUs (one per virtual node)")
-    hybrid = generate(folder, experts[Q.F32], env={"LVGG_NUMA": f"nodes={first_two[0]};{first_two[1]}"})
+    hybrid = generate(folder, experts[Q.F32], env={"LVGG_NUMA": f"nodes={first_two[0]};{first_two[1]}",
+                                                   "LVGG_CPU_BINDING": "core", "LVGG_CPU_THREADS": "1,1"})
     assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["engine_nodes"] == 2
     same, diff, _ = agreement(hybrid, stock, "F32 experts over 2 virtual NUMA nodes")
     assert same == 1.0 and diff < 1e-3

@@ -34,7 +34,7 @@ def main() -> None:
     if a.experts:
         import lvgg
 
-        llm = lvgg.LLM(experts=a.experts, cpu_threads=1, **kwargs)
+        llm = lvgg.LLM(experts=a.experts, cpu_threads=None if os.environ.get("LVGG_CPU_THREADS") else 1, **kwargs)
     else:
         from vllm import LLM
 

@@ -16,7 +16,8 @@ from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, EngineNode, ExpertStore
 from lvgg.gpu_experts import GpuExperts, gpu_unsupported
 from lvgg.models import arch_for
-from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, THREADS_ENV
+from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV
+from lvgg.vllm_plugin import settings
 from lvgg.vllm_plugin.settings import GpuSettings
 
 log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
@@ -66,19 +67,19 @@ def default_threads() -> int:
     return max(1, cores - 1) if _gpu_present() and cores > 2 else cores
 
 
-def engine_nodes(threads: int | None) -> list[EngineNode] | None:
+def engine_nodes() -> list[EngineNode] | None:
     """One EngineNode per NUMA node of LVGG_NUMA (default: the machine's), or None for one
-    engine. ``threads``: the total, shared evenly (default: each node's physical cores; next to
-    a GPU the first node leaves one core free)."""
+    engine. Threads per node: LVGG_CPU_THREADS, else the node's physical cores (next to a GPU
+    the first node leaves one core free)."""
     topo = topology.current()
     if len(topo.nodes) < 2:
         return None
+    counts = settings.cpu_threads(len(topo.nodes))
     nodes = []
     for i, node in enumerate(topo.nodes):
         reserve = 1 if i == 0 and _gpu_present() and len(node.physical_cores) > 2 else 0
-        share = None if not threads else max(1, threads // len(topo.nodes) + (i < threads % len(topo.nodes)))
-        nodes.append(EngineNode(topology.node_thread_cpus(node, reserve=reserve, threads=share),
-                                mem_node=node.mem_node))
+        cpus = topology.node_thread_cpus(node, reserve=reserve, threads=counts[i] if counts else None)
+        nodes.append(EngineNode(cpus, mem_node=node.mem_node))
     return nodes
 
 
@@ -89,19 +90,23 @@ def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: f
         _gpu_memory_utilization = gpu_memory_utilization
         if _engine is None:
             path = os.environ[EXPERTS_ENV]
-            threads = int(os.environ.get(THREADS_ENV, "0") or 0) or None
-            nodes = engine_nodes(threads)
+            nodes = engine_nodes()
             # With nodes, each holds a repacked copy of its part; the file stays as mapped.
             store = ExpertStore(path, repack=nodes is None)
             check_experts_file(store, hf_config)
             spec = arch_for(hf_config["model_type"]).spec(hf_config)
-            settings = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu")
+            kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu",
+                          strict_cpu=settings.strict_binding())
             if nodes:
-                _engine = CpuMoE(store, nodes=nodes, **settings)
+                _engine = CpuMoE(store, nodes=nodes, **kwargs)
                 log.info("lvgg: experts split over %d NUMA nodes (%s), %d threads", len(nodes),
                          "; ".join(topology.format_cpulist(n.cpus) for n in nodes), _engine.threads)
             else:
-                _engine = CpuMoE(store, threads=threads or default_threads(), **settings)
+                counts = settings.cpu_threads(1)
+                threads = counts[0] if counts else default_threads()
+                # "core" binding pins one thread per physical core, the last ones (the first stays for vLLM)
+                cpus = _bridge.physical_core_cpus()[-threads:] if kwargs["strict_cpu"] else None
+                _engine = CpuMoE(store, threads=threads, cpus=cpus, **kwargs)
         return _engine
 
 

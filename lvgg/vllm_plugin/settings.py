@@ -1,5 +1,10 @@
-"""The plugin's GPU settings, read from the environment (set by `lvgg serve` flags and
-`lvgg.LLM` arguments, or by hand) and checked before vLLM starts.
+"""The plugin's settings, read from the environment (set by `lvgg serve` flags and
+`lvgg.LLM` arguments, or by hand); the GPU ones are checked before vLLM starts.
+
+    LVGG_CPU_THREADS             engine threads: a total ("15"; with several NUMA nodes shared
+                                 evenly) or one count per node ("7,8")
+    LVGG_CPU_BINDING             "node" (default: a node's threads float over its CPUs) or
+                                 "core" (one thread pinned per CPU)
 
     LVGG_GPU_PREFILL_MIN_TOKENS  passes of at least this many tokens stream the experts to the
                                  GPU (default 64; 0 or "off": never)
@@ -13,7 +18,9 @@ import os
 from dataclasses import dataclass
 
 from lvgg.topology import parse_ranges
-from lvgg.vllm_plugin import GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV
+from lvgg.vllm_plugin import GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV, THREADS_ENV
+
+BINDING_ENV = "LVGG_CPU_BINDING"
 
 DEFAULT_GPU_PREFILL_MIN_TOKENS = 64  # the CPU engine prefills ~130 tok/s; one streamed pass costs ~0.35 s
 
@@ -68,3 +75,35 @@ def _gib(text: str) -> int | None:
     if gib < 0:
         raise ValueError(f"{GPU_EXPERTS_GB_ENV} must be >= 0, found {text!r}")
     return int(gib * 2**30)
+
+
+def cpu_threads(n_nodes: int) -> list[int] | None:
+    """LVGG_CPU_THREADS as one count per node (None: each node's default)."""
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if not text or text == "0":
+        return None
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{THREADS_ENV} must be a thread count or one count per NUMA node (e.g. 7,8), "
+                         f"found {text!r}") from None
+    if any(c < 1 for c in counts):
+        raise ValueError(f"{THREADS_ENV}: thread counts must be >= 1, found {text!r}")
+    if len(counts) == 1:
+        total = counts[0]
+        if total < n_nodes:
+            raise ValueError(f"{THREADS_ENV}={total} is fewer than the {n_nodes} NUMA nodes lvgg uses (one thread "
+                             f"each at least); give more or set LVGG_NUMA=off")
+        return [total // n_nodes + (i < total % n_nodes) for i in range(n_nodes)]
+    if len(counts) != n_nodes:
+        raise ValueError(f"{THREADS_ENV} gives {len(counts)} counts but lvgg uses {n_nodes} NUMA nodes "
+                         "(LVGG_NUMA); give one count per node, or one total")
+    return counts
+
+
+def strict_binding() -> bool:
+    """LVGG_CPU_BINDING: True for "core" (one thread pinned per CPU), False for "node"."""
+    text = os.environ.get(BINDING_ENV, "node").strip().lower() or "node"
+    if text not in ("node", "core"):
+        raise ValueError(f"{BINDING_ENV} must be 'node' or 'core', found {text!r}")
+    return text == "core"
