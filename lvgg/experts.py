@@ -51,6 +51,17 @@ class ExpertStore:
             raise PermissionError(f"experts file is not readable: {path}")
         self._store = _bridge.ExpertStore(path, repack, keep_mapped)
 
+    def part(self, part: int, n_parts: int, repack: bool = True) -> ExpertStore:
+        """Share ``part`` of ``n_parts`` of every expert, as a store of its own: intermediate rows
+        of gate/up and the matching columns of down, whole quant blocks, copied into memory this
+        thread touches first (and repacked). The outputs of all parts' engines sum to the whole
+        layer's: a tensor-parallel rank or a NUMA node computes one part."""
+        if not 0 <= part < n_parts:
+            raise ValueError(f"part must be in 0..{n_parts - 1}, found {part}")
+        store = ExpertStore.__new__(ExpertStore)
+        store._store = _bridge.ExpertStore.part(self._store, part, n_parts, repack)
+        return store
+
     @property
     def path(self) -> str:
         return self._store.path
@@ -84,7 +95,7 @@ class ExpertStore:
         """
         address = self._store.mapping_address
         if not address:
-            raise ValueError(f"{self.path} holds no expert tensors, so nothing of it is mapped")
+            raise ValueError(f"{self.path} is not mapped: it holds no expert tensors, or it is a part (ExpertStore.part)")
         return memoryview((ctypes.c_uint8 * self.file_size).from_address(address)).cast("B").toreadonly()
 
     def metadata(self) -> dict[str, Any]:

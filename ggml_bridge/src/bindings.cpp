@@ -90,7 +90,9 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
         if (ts[i]) {
             types[names[i]]    = ggml_type_name(ts[i]->type);
             repacked[names[i]] = s.repacked(ts[i]) != nullptr;
-            offsets[names[i]]  = (size_t) ((const char *) ts[i]->data - (const char *) s.mapping());
+            if (s.mapping()) {  // a part (ExpertStore.part) has copies, not offsets in a file
+                offsets[names[i]] = (size_t) ((const char *) ts[i]->data - (const char *) s.mapping());
+            }
             bytes += ggml_nbytes(ts[i]);
         }
     }
@@ -174,9 +176,17 @@ NB_MODULE(_bridge, m) {
         .def("layer_info", [](const ExpertStore & s, int i) { return layer_info(s, s.layer(i)); }, "layer"_a)
         .def("metadata", [](const ExpertStore & s) {
             nb::dict d;
-            for (int64_t i = 0; i < gguf_get_n_kv(s.gguf()); ++i) d[gguf_get_key(s.gguf(), i)] = kv_value(s.gguf(), i);
+            for (int64_t i = 0; s.gguf() && i < gguf_get_n_kv(s.gguf()); ++i) {
+                d[gguf_get_key(s.gguf(), i)] = kv_value(s.gguf(), i);
+            }
             return d;
-        });
+        })
+        .def_static("part",
+                    [](std::shared_ptr<ExpertStore> whole, int part, int n_parts, bool repack) {
+                        nb::gil_scoped_release release;
+                        return std::make_shared<ExpertStore>(*whole, part, n_parts, repack);
+                    },
+                    "whole"_a, "part"_a, "n_parts"_a, "repack"_a = true);
 
     nb::class_<Experts>(m, "Experts")
         .def("forward",

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 namespace lvgg {
@@ -44,6 +45,22 @@ bool prefer_memory_of(int node) {
     }
     mask[node / (8 * sizeof(unsigned long))] |= 1UL << (node % (8 * sizeof(unsigned long)));
     return syscall(SYS_set_mempolicy, MPOL_PREFERRED, mask, sizeof(mask) * 8 + 1) == 0;
+}
+
+// Spin until pred() or ~0.2 ms passed; true when pred() became true.
+template <typename Pred> bool spin_until(Pred pred) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+    for (int i = 0;; ++i) {
+        if (pred()) {
+            return true;
+        }
+        if ((i & 63) == 0 && std::chrono::steady_clock::now() > deadline) {
+            return false;
+        }
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+    }
 }
 
 }  // namespace
@@ -112,7 +129,8 @@ SplitEngine::SplitEngine(std::shared_ptr<ExpertStore> whole, const std::vector<N
     partial_.assign(n, std::vector<float>(engines_[0]->config().max_tokens * max_embd));
     sum_.resize(max_embd);
     errors_.resize(n);
-    for (int i = 0; i < n; ++i) {
+    spin_ = !ThreadPool::power_saving();
+    for (int i = 1; i < n; ++i) {  // node 0 runs on the caller, as one engine would
         workers_.emplace_back(&SplitEngine::worker, this, i);
     }
 }
@@ -136,25 +154,24 @@ void SplitEngine::worker(int i) {
     }
     uint64_t seen = 0;
     for (;;) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        start_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        auto published = [&] { return stop_.load() || generation_.load(std::memory_order_acquire) != seen; };
+        if (!spin_ || !spin_until(published)) {
+            std::unique_lock<std::mutex> lock(mutex_);
+            start_.wait(lock, published);
+        }
         if (stop_) {
             return;
         }
-        seen = generation_;
+        seen = generation_.load(std::memory_order_acquire);
         const Matrix part = { partial_[i].data(), GGML_TYPE_F32, x_.rows, x_.cols };
-        const int    layer = layer_;
-        const Matrix x = x_, ids = ids_, weights = weights_;
-        lock.unlock();
-        std::exception_ptr error;
         try {
-            engines_[i]->forward(layer, x, ids, weights, part);
+            errors_[i] = nullptr;
+            engines_[i]->forward(layer_, x_, ids_, weights_, part);
         } catch (...) {
-            error = std::current_exception();
+            errors_[i] = std::current_exception();
         }
-        lock.lock();
-        errors_[i] = error;
-        if (--pending_ == 0) {
+        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            std::lock_guard<std::mutex> lock(mutex_);
             done_.notify_one();
         }
     }
@@ -170,21 +187,28 @@ void SplitEngine::forward(int layer, const Matrix & x, const Matrix & ids, const
     std::lock_guard<std::mutex> call(call_mutex_);
     validate(layer, x, ids, weights, out);
     engines_[0]->check_ids(layer, ids);
+    layer_ = layer;
+    x_ = x, ids_ = ids, weights_ = weights;
+    pending_.store(n_nodes() - 1, std::memory_order_relaxed);
     {
         std::lock_guard<std::mutex> lock(mutex_);
-        layer_ = layer;
-        x_ = x, ids_ = ids, weights_ = weights;
-        pending_ = n_nodes();
-        ++generation_;
+        generation_.fetch_add(1, std::memory_order_release);
     }
     start_.notify_all();
-    {
+    try {
+        errors_[0] = nullptr;
+        engines_[0]->forward(layer, x, ids, weights, { partial_[0].data(), GGML_TYPE_F32, x.rows, x.cols });
+    } catch (...) {
+        errors_[0] = std::current_exception();
+    }
+    auto finished = [&] { return pending_.load(std::memory_order_acquire) == 0; };
+    if (!spin_ || !spin_until(finished)) {
         std::unique_lock<std::mutex> lock(mutex_);
-        done_.wait(lock, [&] { return pending_ == 0; });
-        for (auto & e : errors_) {
-            if (e) {
-                std::rethrow_exception(e);
-            }
+        done_.wait(lock, finished);
+    }
+    for (auto & e : errors_) {
+        if (e) {
+            std::rethrow_exception(e);
         }
     }
     // out = sum of the parts, in the caller's dtype

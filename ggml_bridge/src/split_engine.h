@@ -4,14 +4,16 @@
 // columns of down (ExpertStore's part constructor), in memory placed on the node: the part is
 // built by a thread bound to the node's CPUs, with the node's memory preferred
 // (set_mempolicy) when one is named, so pages land there at first touch. Each node computes
-// its partial output [T, D] in float32 with its own threads (pinned to its CPUs); the parts
-// are summed into out. Because a part is a whole number of quant blocks, each node's dot
+// its partial output [T, D] in float32 with its own threads (pinned to its CPUs; node 0's
+// first thread is the caller's, as with one engine, the others' a driver thread each); the
+// parts are summed into out. Because a part is a whole number of quant blocks, each node's dot
 // products are the full computation's, split: results equal one engine's up to the order of
 // float32 additions.
 #pragma once
 
 #include "moe_engine.h"
 
+#include <atomic>
 #include <condition_variable>
 #include <exception>
 #include <memory>
@@ -58,12 +60,16 @@ class SplitEngine : public Experts {
     std::vector<float>                      sum_;      // one row of out, summed
     std::vector<std::thread>                workers_;
 
+    // A job is published by bumping generation_; workers and the caller spin briefly on these
+    // counters before sleeping on the condition variables (one futex hand-off per node and layer
+    // costs ~0.1 ms at decode otherwise), except under LVGG_POWER_SAVING.
     std::mutex              call_mutex_;  // one forward at a time
-    std::mutex              mutex_;       // the job below
+    std::mutex              mutex_;       // sleeping and waking
     std::condition_variable start_, done_;
-    uint64_t                generation_ = 0;
-    int                     pending_    = 0;
-    bool                    stop_       = false;
+    std::atomic<uint64_t>   generation_{ 0 };
+    std::atomic<int>        pending_{ 0 };
+    std::atomic<bool>       stop_{ false };
+    bool                    spin_ = true;
     int                     layer_      = 0;
     Matrix                  x_, ids_, weights_;
     std::vector<std::exception_ptr> errors_;

@@ -53,11 +53,14 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
                        **extra_weight_attrs):
         if self.moe.has_bias or not self.moe.is_act_and_mul:
             raise ValueError(f"{layer.layer_name}: lvgg runs gated, bias-free experts only")
-        if self.moe.tp_size > 1 or self.moe.ep_size > 1:
+        if self.moe.use_ep:
             raise ValueError(
-                f"{layer.layer_name}: vLLM would split the experts over {max(self.moe.tp_size, self.moe.ep_size)} "
-                "ranks (tensor, data or expert parallel) and sum the ranks' outputs, but lvgg computes whole "
-                "experts in each rank; run with tensor_parallel_size=1 and data_parallel_size=1")
+                f"{layer.layer_name}: expert parallelism would give each of {self.moe.ep_size} ranks whole experts, "
+                "which lvgg does not do yet; drop --enable-expert-parallel (tensor parallelism works: each rank "
+                "computes its share of every expert)")
+        if self.moe.dp_size > 1:
+            raise ValueError(f"{layer.layer_name}: data parallelism ({self.moe.dp_size} ranks) is not supported by "
+                             "lvgg yet; run with data_parallel_size=1 (tensor parallelism works)")
         if getattr(layer, "apply_router_weight_on_input", False):
             raise ValueError(f"{layer.layer_name}: router weights applied on the input are not supported")
         vllm_config = compat.get_current_vllm_config()
@@ -65,9 +68,10 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
         # Opens and checks the experts file at the first layer: a mismatch stops startup here.
         engine = runtime.engine(vllm_config.model_config.hf_config.to_dict(),
                                 vllm_config.scheduler_config.max_num_batched_tokens,
-                                vllm_config.cache_config.gpu_memory_utilization)
+                                vllm_config.cache_config.gpu_memory_utilization, self.moe.tp_rank, self.moe.tp_size)
         engine.store.check_layer(self.layer_index, n_experts=num_experts, hidden_size=hidden_size,
-                                 intermediate_size=intermediate_size_per_partition)
+                                 intermediate_size=intermediate_size_per_partition if self.moe.tp_size == 1
+                                 else None)  # a rank's share: the whole file was checked against the model
         attrs = {**extra_weight_attrs, "weight_loader": self._drop_expert_weight}
         for name, shape in (("w13_weight", (num_experts, 0, hidden_size)),
                             ("w2_weight", (num_experts, hidden_size, 0))):

