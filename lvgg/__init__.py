@@ -1,8 +1,18 @@
 """lvgg: Mixture-of-Experts LLMs too big for one GPU — vLLM on the GPU, routed experts on the CPU via ggml."""
 import torch  # noqa: F401  (first: ggml then shares torch's OpenMP runtime and threads)
 
-from lvgg.cuda_bridge import CudaExperts
-from lvgg.experts import CpuMoE, EngineNode, ExpertLayerInfo, ExpertStore
+# The classes load the compiled bridge on first use, so that `import lvgg` (and `lvgg doctor`)
+# works on a machine where the bridge does not load, and can say why.
+_LAZY = {"CpuMoE": "lvgg.experts", "EngineNode": "lvgg.experts", "ExpertLayerInfo": "lvgg.experts",
+         "ExpertStore": "lvgg.experts", "CudaExperts": "lvgg.cuda_bridge"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lvgg' has no attribute {name!r}")
 
 
 def LLM(*args, **kwargs):  # noqa: N802 - mirrors vllm.LLM

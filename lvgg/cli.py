@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lvgg import bench
 
 app = typer.Typer(help="Run Mixture-of-Experts LLMs with the routed experts on the CPU through ggml.",
                   no_args_is_help=True)
@@ -161,10 +160,13 @@ def bench_moe(
     hidden: int = typer.Option(2048), intermediate: int = typer.Option(768),
     experts: int = typer.Option(128), top_k: int = typer.Option(8),
     workdir: str = typer.Option(None, help="folder for the synthetic experts files (default: temp)"),
-    configs: str = typer.Option(";".join(bench.CONFIGS), help="engine configurations to compare, ';' separated"),
+    configs: str = typer.Option(None, help="engine configurations to compare, ';' separated (default: all of "
+                                "'ggml mul_mat_id;repacked;per-expert;auto, both layouts')"),
 ) -> None:
     """CPU MoE layer (30B-A3B shapes by default): ms per layer, tokens/s and bandwidth use."""
-    from lvgg import _bridge
+    from lvgg import _bridge, bench
+
+    configs = configs or ";".join(bench.CONFIGS)
 
     console = Console(width=None if sys.stdout.isatty() else 132)  # whole table in logs
     threads = threads or len(_bridge.physical_core_cpus())
@@ -188,7 +190,7 @@ def bench_nodes(
     workdir: str = typer.Option(None, help="folder for the synthetic experts files (default: temp)"),
 ) -> None:
     """The cost of splitting experts over NUMA nodes, measured with virtual nodes on this socket."""
-    from lvgg import _bridge
+    from lvgg import _bridge, bench
 
     console = Console(width=None if sys.stdout.isatty() else 132)
     threads = threads or len(_bridge.physical_core_cpus())

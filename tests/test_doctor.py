@@ -344,3 +344,19 @@ def test_doctor_warns_of_numa_off_on_several_nodes(tmp_path, monkeypatch):
            "engine per node" in f["warnings"]
     assert f["numa"]["nodes"] == [{"id": 0, "cpus": format_cpulist(AFFINITY), "physical_cores": len(AFFINITY),
                                    "mem_node": None}]
+
+
+def test_doctor_says_why_when_the_bridge_does_not_load():
+    # A build whose extension cannot load: `import lvgg` and `lvgg doctor` still work and say why.
+    code = ("import sys, importlib.abc\n"
+            "class Broken(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'lvgg._bridge':\n"
+            "            raise ImportError('undefined symbol: simulated')\n"
+            "sys.meta_path.insert(0, Broken())\n"
+            "from lvgg.cli import app\n"
+            "app(['doctor'])\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parent)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "lvgg._bridge does not load (ImportError: undefined symbol: simulated)" in " ".join(run.stdout.split())
