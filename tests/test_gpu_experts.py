@@ -107,3 +107,40 @@ def test_vram_estimate_counts_two_staging_slots_one_streamed_layer_and_each_resi
     assert estimate_vram_bytes(infos, [], [1, 2], torch.bfloat16) == 2 * weights
     assert estimate_vram_bytes(infos, [1, 2], [3], torch.bfloat16) == 2 * weights + 2 * staged
     assert estimate_vram_bytes(infos, [1], [], torch.float32) == 2 * weights + 2 * staged
+
+
+def layer_infos(n_layers, E, D, F, types):
+    """ExpertLayerInfo of a model's layers, as a store reports them (offsets as one file would)."""
+    from lvgg.experts import ExpertLayerInfo
+
+    return {i: ExpertLayerInfo(index=i, n_experts=E, hidden_size=D, intermediate_size=F, form="gate+up+down",
+                               types=types, repacked={}, offsets={"gate": 0, "up": 0, "down": 0}, nbytes=0)
+            for i in range(n_layers)}
+
+
+def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
+    from lvgg.vllm_plugin.runtime import plan_gpu_layers
+    from lvgg.vllm_plugin.settings import GpuSettings
+
+    q4_k_m = {"gate": "q4_K", "up": "q4_K", "down": "q6_K"}
+    a3b = layer_infos(48, 128, 2048, 768, q4_k_m)  # Qwen3-30B-A3B
+    layer = 3 * 128 * 2048 * 768 * 2  # bf16 weights of one layer
+    streamed, resident, notes = plan_gpu_layers(a3b, GpuSettings(64, (), None), 80 * 2**30, torch.bfloat16)
+    assert streamed == list(range(48)) and resident == [] and notes == []
+    streamed, resident, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None), 80 * 2**30, torch.bfloat16)
+    stream = estimate_vram_bytes(a3b, [0], [], torch.bfloat16)
+    assert len(resident) == (40 * 2**30 - stream) // layer and resident == list(range(len(resident)))
+    assert streamed == list(range(len(resident), 48))
+    with pytest.raises(ValueError, match="3 resident expert layers need 3.4 GiB of VRAM; LVGG_GPU_EXPERTS_GB allows 2.0"):
+        plan_gpu_layers(a3b, GpuSettings(None, (0, 1, 2), 2 * 2**30), 80 * 2**30, torch.bfloat16)
+    # DeepSeek-V3-sized layers: streaming one needs ~35 GiB; a 40 GiB GPU keeps prefill on the CPU
+    v3 = layer_infos(58, 256, 7168, 2048, q4_k_m)
+    streamed, resident, notes = plan_gpu_layers(v3, GpuSettings(64, (), None), 40 * 2**30, torch.bfloat16)
+    assert streamed == [] and resident == [] and "prefill runs the experts on the CPU" in notes[0]
+    streamed, _, notes = plan_gpu_layers(v3, GpuSettings(64, (), 40 * 2**30), 40 * 2**30, torch.bfloat16)
+    assert streamed == list(range(58)) and notes == []
+    iq = layer_infos(2, 8, 256, 256, {"gate": "iq4_xs", "up": "iq4_xs", "down": "q8_0"})
+    streamed, _, notes = plan_gpu_layers(iq, GpuSettings(64, (), None), 80 * 2**30, torch.bfloat16)
+    assert streamed == [] and "run on the CPU only" in notes[0]
+    with pytest.raises(ValueError, match=r"layers \[1\] cannot be resident: layer 1: types \['IQ4_XS'\]"):
+        plan_gpu_layers(iq, GpuSettings(64, (1,), None), 80 * 2**30, torch.bfloat16)

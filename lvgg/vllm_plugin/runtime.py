@@ -25,6 +25,9 @@ log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
 
 # "auto" resident layers leave this share of the VRAM vLLM may use (after weights) to the KV cache.
 AUTO_RESIDENT_KV_SHARE = 0.5
+# Without LVGG_GPU_EXPERTS_GB, streaming may take this share of it (30B-A3B Q4_K_M in bf16: 1.85 GiB;
+# a DeepSeek-V3-sized layer: ~35 GiB, which would leave a 24-80 GB GPU no KV cache).
+DEFAULT_STREAM_VRAM_SHARE = 0.25
 
 _lock = threading.Lock()
 _engine: CpuMoE | None = None
@@ -173,23 +176,38 @@ def gpu_experts(device, dtype) -> GpuExperts | None:
 def _make_gpu_experts(store: ExpertStore, device, dtype) -> GpuExperts | None:
     import torch
 
+    global _gpu_min_tokens
+    wanted = GpuSettings.from_env()
+    _gpu_min_tokens = wanted.prefill_min_tokens
+    free, total = torch.cuda.mem_get_info(device)
+    usable = max(0.0, _gpu_memory_utilization * total - (total - free))  # what vLLM may still take
+    streamed, resident, notes = plan_gpu_layers({n: store.layer_info(n) for n in store.layers}, wanted, usable, dtype)
+    for note in notes:
+        log.warning("lvgg: %s", note)
+    if not streamed and not resident:
+        return None
+    gpu = GpuExperts(store, device=device, dtype=dtype, streamed_layers=streamed, resident_layers=resident)
+    log.info("lvgg: experts on %s: %d layers streamed for passes of >= %s tokens, %d resident; %.2f GiB of VRAM",
+             device, len(streamed), wanted.prefill_min_tokens, len(resident), gpu.vram_bytes / 2**30)
+    return gpu
+
+
+def plan_gpu_layers(infos: dict[int, Any], wanted: GpuSettings, usable: float,
+                    dtype) -> tuple[list[int], list[int], list[str]]:
+    """(streamed layers, resident layers, warnings) for the settings, with ``usable`` bytes of
+    VRAM left to vLLM. Raises ValueError for resident layers that cannot be."""
     from lvgg.gpu_experts import estimate_vram_bytes
 
-    global _gpu_min_tokens
-    settings = GpuSettings.from_env()
-    _gpu_min_tokens = settings.prefill_min_tokens
-    infos = {layer: store.layer_info(layer) for layer in store.layers}
+    notes = []
     cpu_only = {layer: why for layer, info in infos.items() if (why := gpu_unsupported(info))}
-    runnable = [layer for layer in store.layers if layer not in cpu_only]
+    runnable = [layer for layer in sorted(infos) if layer not in cpu_only]
     if cpu_only:
-        log.warning("lvgg: layers %s run on the CPU only: %s", sorted(cpu_only), next(iter(cpu_only.values())))
-    budget = settings.experts_bytes
-    streamed = runnable if settings.prefill_min_tokens else []
-    if settings.resident == "auto":
+        notes.append(f"layers {sorted(cpu_only)} run on the CPU only: {next(iter(cpu_only.values()))}")
+    budget = wanted.experts_bytes
+    streamed = runnable if wanted.prefill_min_tokens else []
+    if wanted.resident == "auto":
         if budget is None:
-            free, total = torch.cuda.mem_get_info(device)
-            left = _gpu_memory_utilization * total - (total - free)
-            budget = int(max(0.0, left * (1 - AUTO_RESIDENT_KV_SHARE)))
+            budget = int(usable * (1 - AUTO_RESIDENT_KV_SHARE))
         resident: list[int] = []
         for layer in runnable:  # first layers first
             rest = [x for x in streamed if x != layer and x not in resident]
@@ -199,27 +217,26 @@ def _make_gpu_experts(store: ExpertStore, device, dtype) -> GpuExperts | None:
         log.info("lvgg: %s=auto: %d of %d expert layers fit in %.1f GiB of VRAM", GPU_RESIDENT_ENV, len(resident),
                  len(runnable), budget / 2**30)
     else:
-        resident = list(settings.resident)
+        resident = list(wanted.resident)
         wrong = [layer for layer in resident if layer not in runnable]
         if wrong:
             raise ValueError(f"{GPU_RESIDENT_ENV}: layers {wrong} cannot be resident: "
                              + "; ".join(f"layer {x}: " + (cpu_only.get(x) or "no routed experts") for x in wrong))
     streamed = [layer for layer in streamed if layer not in resident]
-    if budget is not None:
-        resident_bytes = estimate_vram_bytes(infos, [], resident, dtype)
-        if resident_bytes > budget:
-            raise ValueError(f"{len(resident)} resident expert layers need {resident_bytes / 2**30:.1f} GiB of VRAM; "
-                             f"{GPU_EXPERTS_GB_ENV} allows {budget / 2**30:.1f}: list fewer layers or raise it")
-        if estimate_vram_bytes(infos, streamed, resident, dtype) > budget:
-            log.warning("lvgg: streaming experts for prefill does not fit in %s=%.1f GiB next to the resident "
-                        "layers: prefill runs the experts on the CPU", GPU_EXPERTS_GB_ENV, budget / 2**30)
-            streamed = []
-    if not streamed and not resident:
-        return None
-    gpu = GpuExperts(store, device=device, dtype=dtype, streamed_layers=streamed, resident_layers=resident)
-    log.info("lvgg: experts on %s: %d layers streamed for passes of >= %s tokens, %d resident; %.2f GiB of VRAM",
-             device, len(streamed), settings.prefill_min_tokens, len(resident), gpu.vram_bytes / 2**30)
-    return gpu
+    resident_bytes = estimate_vram_bytes(infos, [], resident, dtype)
+    if budget is not None and resident_bytes > budget:
+        raise ValueError(f"{len(resident)} resident expert layers need {resident_bytes / 2**30:.1f} GiB of VRAM; "
+                         f"{GPU_EXPERTS_GB_ENV} allows {budget / 2**30:.1f}: list fewer layers or raise it")
+    # Streaming takes what LVGG_GPU_EXPERTS_GB leaves, or by default a share of what vLLM may use.
+    stream_cap = budget - resident_bytes if budget is not None else usable * DEFAULT_STREAM_VRAM_SHARE
+    stream_bytes = estimate_vram_bytes(infos, streamed, [], dtype)
+    if streamed and stream_bytes > stream_cap:
+        limit = GPU_EXPERTS_GB_ENV if budget is not None else f"{DEFAULT_STREAM_VRAM_SHARE:.0%} of what vLLM may use"
+        notes.append(f"streaming experts for prefill needs {stream_bytes / 2**30:.1f} GiB of VRAM, more than the "
+                     f"{stream_cap / 2**30:.1f} GiB it may take ({limit}): prefill runs the experts on the CPU; "
+                     f"set {GPU_EXPERTS_GB_ENV} to allow more")
+        streamed = []
+    return streamed, resident, notes
 
 
 def runs_on_gpu(gpu: GpuExperts | None, layer: int, n_tokens: int) -> bool:
