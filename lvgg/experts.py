@@ -63,6 +63,11 @@ class ExpertStore:
         return store
 
     @property
+    def max_parts(self) -> int:
+        """The most parts (NUMA nodes, tensor-parallel ranks) every layer can be split into."""
+        return self._store.max_parts
+
+    @property
     def path(self) -> str:
         return self._store.path
 

@@ -121,3 +121,23 @@ def test_bad_node_configurations_are_refused(tmp_path):
         lvgg.CpuMoE(store, threads=2, nodes=unbound(2))
     with pytest.raises(ValueError, match="neither CPUs nor a thread count"):
         lvgg.CpuMoE(store, nodes=[lvgg.EngineNode(()), lvgg.EngineNode((), threads=1)])
+
+
+def test_more_nodes_than_parts_share_parts(tmp_path, monkeypatch):
+    # 30B-A3B's F=768 is 3 Q4_K blocks: on a 4-node machine the plugin groups nodes rather than fail.
+    from lvgg import topology
+    from lvgg.vllm_plugin import runtime
+
+    rng = np.random.default_rng(10)
+    path = write_experts_file(tmp_path / "q4k.gguf", {0: random_experts(rng, E, D, 768)}, Q.Q4_K)
+    assert lvgg.ExpertStore(path).max_parts == 3
+    four = topology.Topology("auto", tuple(range(8)), tuple(
+        topology.Node(i, ((2 * i,), (2 * i + 1,)), i) for i in range(4)), read_machine())
+    monkeypatch.setattr(topology, "current", lambda: four)
+    monkeypatch.setenv("LVGG_CPU_THREADS", "")
+    nodes = runtime.engine_nodes(3)
+    assert [list(n.cpus) for n in nodes] == [[0, 1, 2, 3], [4, 5], [6, 7]]
+    assert [n.mem_node for n in nodes] == [0, 2, 3]
+    assert len(runtime.engine_nodes(4)) == 4 and runtime.engine_nodes(1) is None
+    monkeypatch.setenv("LVGG_CPU_THREADS", "2,1,1")
+    assert [list(n.cpus) for n in runtime.engine_nodes(3)] == [[0, 1], [4], [6]]

@@ -167,6 +167,7 @@ NB_MODULE(_bridge, m) {
         .def_prop_ro("file_size", &ExpertStore::file_size)
         .def_prop_ro("mapping_address", [](const ExpertStore & s) { return (uintptr_t) s.mapping(); })
         .def_prop_ro("n_tensors", &ExpertStore::n_tensors)
+        .def_prop_ro("max_parts", &ExpertStore::max_parts)
         .def_prop_ro("layers",
                      [](const ExpertStore & s) {
                          std::vector<int> out;

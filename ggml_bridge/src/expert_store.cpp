@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <numeric>
 #include <regex>
@@ -330,10 +331,24 @@ ggml_tensor * ExpertStore::add_repacked(ggml_tensor * t, const void * src) {
     return twin;
 }
 
-std::pair<int64_t, int64_t> ExpertStore::part_range(const ExpertLayer & L, int part, int n_parts) {
+// The granule of a part: whole blocks of the down type, and of 32 values where the size allows
+// (whole rows of ggml's interleaved layouts).
+static int64_t part_unit(const ExpertLayer & L) {
     const int64_t block = ggml_blck_size(L.down->type);
-    const int64_t wide  = std::lcm(block, (int64_t) 32);  // whole rows of ggml's interleaved layouts
-    const int64_t unit  = L.n_ff % wide == 0 ? wide : block;
+    const int64_t wide  = std::lcm(block, (int64_t) 32);
+    return L.n_ff % wide == 0 ? wide : block;
+}
+
+int64_t ExpertStore::max_parts() const {
+    int64_t most = INT64_MAX;
+    for (const auto & kv : layers_) {
+        most = std::min(most, kv.second.n_ff / part_unit(kv.second));
+    }
+    return layers_.empty() ? 0 : most;
+}
+
+std::pair<int64_t, int64_t> ExpertStore::part_range(const ExpertLayer & L, int part, int n_parts) {
+    const int64_t unit  = part_unit(L);
     const int64_t units = L.n_ff / unit;
     if (n_parts < 1 || part < 0 || part >= n_parts) {
         fail(ErrorKind::Value, "part " + std::to_string(part) + " of " + std::to_string(n_parts) + " does not exist");

@@ -48,6 +48,8 @@ class ExpertStore {
     // The intermediate rows [begin, end) part `part` of `n_parts` holds: whole blocks of the down
     // type (of 32 values or more, for ggml's interleaved layouts), spread as evenly as they go.
     static std::pair<int64_t, int64_t> part_range(const ExpertLayer & L, int part, int n_parts);
+    // The most parts every layer can be split into (its intermediate size in part_range's units).
+    int64_t                            max_parts() const;
     ~ExpertStore();
     ExpertStore(const ExpertStore &)             = delete;
     ExpertStore & operator=(const ExpertStore &) = delete;

@@ -72,19 +72,31 @@ def default_threads() -> int:
     return max(1, cores - 1) if _gpu_present() and cores > 2 else cores
 
 
-def engine_nodes() -> list[EngineNode] | None:
+def engine_nodes(max_parts: int) -> list[EngineNode] | None:
     """One EngineNode per NUMA node of LVGG_NUMA (default: the machine's), or None for one
     engine. Threads per node: LVGG_CPU_THREADS, else the node's physical cores (next to a GPU
-    the first node leaves one core free)."""
+    the first node leaves one core free). Where the experts split into fewer parts than there
+    are nodes, neighbouring nodes share a part (its memory on the first of them)."""
     topo = topology.current()
-    if len(topo.nodes) < 2:
+    if len(topo.nodes) < 2 or max_parts < 2:
         return None
-    counts = settings.cpu_threads(len(topo.nodes))
+    groups = [list(g) for g in np.array_split(np.arange(len(topo.nodes)), min(len(topo.nodes), max_parts))]
+    if len(groups) < len(topo.nodes):
+        log.warning("lvgg: the experts split into at most %d parts (whole quant blocks of the intermediate size); "
+                    "%d NUMA nodes share them in %d groups", max_parts, len(topo.nodes), len(groups))
+    counts = settings.cpu_threads(len(groups))
     nodes = []
-    for i, node in enumerate(topo.nodes):
-        reserve = 1 if i == 0 and _gpu_present() and len(node.physical_cores) > 2 else 0
-        cpus = topology.node_thread_cpus(node, reserve=reserve, threads=counts[i] if counts else None)
-        nodes.append(EngineNode(cpus, mem_node=node.mem_node))
+    for i, group in enumerate(groups):
+        members = [topo.nodes[j] for j in group]
+        cpus = []
+        for k, node in enumerate(members):
+            reserve = 1 if i == 0 and k == 0 and _gpu_present() and len(node.physical_cores) > 2 else 0
+            cpus += topology.node_thread_cpus(node, reserve=reserve)
+        if counts:
+            if counts[i] > len(cpus):
+                raise ValueError(f"LVGG_CPU_THREADS: node {i} has {len(cpus)} cores for lvgg, {counts[i]} threads asked")
+            cpus = cpus[:counts[i]]
+        nodes.append(EngineNode(cpus, mem_node=members[0].mem_node))
     return nodes
 
 
@@ -115,10 +127,11 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     spec = arch_for(hf_config["model_type"]).spec(hf_config)
     kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu",
                   strict_cpu=settings.strict_binding())
-    nodes = engine_nodes() if tp_size == 1 else None
-    # Nodes and ranks hold repacked copies of their parts; the whole file is only their source.
-    store = ExpertStore(os.environ[EXPERTS_ENV], repack=nodes is None and tp_size == 1)
+    split = tp_size > 1 or len(topology.current().nodes) > 1
+    # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
+    store = ExpertStore(os.environ[EXPERTS_ENV], repack=not split)
     check_experts_file(store, hf_config)
+    nodes = engine_nodes(store.max_parts) if split and tp_size == 1 else None
     counts = settings.cpu_threads(1 if nodes is None else len(nodes))
     if tp_size > 1:
         store = store.part(tp_rank, tp_size)  # the whole file is unmapped when its store goes
