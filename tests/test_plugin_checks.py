@@ -121,3 +121,22 @@ def test_cpu_settings_are_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("LVGG_CPU_BINDING", "socket")
     with pytest.raises(ValueError, match="LVGG_CPU_BINDING must be 'node' or 'core', found 'socket'"):
         settings.strict_binding()
+
+
+def test_cuda_graphs_stay_below_the_streaming_threshold_unless_the_user_sets_capture_sizes(qwen3, monkeypatch):
+    import torch
+
+    from lvgg.llm import server_argv
+
+    _, _, experts = qwen3
+    monkeypatch.setenv("LVGG_GPU_PREFILL_MIN_TOKENS", "")
+    assert "--max-cudagraph-capture-size" not in server_argv("m", experts, "127.0.0.1", 8000, [])  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    argv = server_argv("m", experts, "127.0.0.1", 8000, ["--max-model-len", "4096"])
+    assert argv[-4:] == ["--max-model-len", "4096", "--max-cudagraph-capture-size", "63"]
+    for user in (["--max-cudagraph-capture-size", "8"], ["--cudagraph-capture-sizes=1,2"], ["-O3"],
+                 ["--compilation-config", "{}"]):
+        assert server_argv("m", experts, "127.0.0.1", 8000, user).count("--max-cudagraph-capture-size") == \
+            user.count("--max-cudagraph-capture-size")
+    monkeypatch.setenv("LVGG_GPU_PREFILL_MIN_TOKENS", "off")
+    assert "--max-cudagraph-capture-size" not in server_argv("m", experts, "127.0.0.1", 8000, [])
