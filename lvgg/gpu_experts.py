@@ -108,13 +108,17 @@ class GpuExperts:
             raise ValueError(f"layers {overlap} are both streamed and resident; pick one")
         self.streamed_layers = sorted(streamed_layers)
         self.resident_layers = sorted(resident_layers)
-        self._info = {}
+        self._info: dict[int, ExpertLayerInfo] = {}
+        # per layer: (ggml type, bytes in the file, offset in a staging buffer, rows of w13 or None for w2)
+        self._plan: dict[int, list[tuple[str, slice, int, slice | None]]] = {}
         for layer in self.streamed_layers + self.resident_layers:
             info = store.layer_info(layer)
             why = gpu_unsupported(info)
             if why:
                 raise ValueError(f"layer {layer} of {store.path} cannot run on the GPU: {why}")
             self._info[layer] = info
+            rows_of = dict(_gpu_layout(info))
+            self._plan[layer] = [(info.types[p], src, at, rows_of[p]) for p, src, at in _pieces(info)]
         self._host = self._host_bytes() if self._info else None
         self.host_pinned = False
         self._resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -164,7 +168,7 @@ class GpuExperts:
     # -- streaming ------------------------------------------------------------------------------------
 
     def _host_bytes(self) -> torch.Tensor:
-        """The mapped file as a uint8 CPU tensor, registered with CUDA when the system allows it."""
+        """The mapped file as a uint8 CPU tensor (``_pin_host`` registers it with CUDA)."""
         with warnings.catch_warnings():  # read-only mapping: nothing writes through this tensor
             warnings.simplefilter("ignore", UserWarning)
             host = torch.from_numpy(np.frombuffer(self.store.mapped_bytes(), dtype=np.uint8))
@@ -183,7 +187,7 @@ class GpuExperts:
 
     def _stage(self, layer: int, staging: torch.Tensor) -> None:
         """Copy a layer's bytes into ``staging`` on the current stream (asynchronous from pinned memory)."""
-        for _, src, at in _pieces(self._info[layer]):
+        for _, src, at, _ in self._plan[layer]:
             staging[at:at + src.stop - src.start].copy_(self._host[src], non_blocking=True)
 
     def _setup_streaming(self) -> None:
@@ -195,9 +199,7 @@ class GpuExperts:
         if len(shapes) > 1:
             raise ValueError(f"streamed layers of {self.store.path} differ in shape ({sorted(shapes)}); "
                              "stream layers of one shape")
-        e, d, f = shapes.pop()
-        self._weights = (torch.empty(e, 2 * f, d, dtype=self.dtype, device=self.device),
-                         torch.empty(e, d, f, dtype=self.dtype, device=self.device))
+        self._weights = self._new_weights(self._info[self.streamed_layers[0]])
         order = self.streamed_layers
         self._slot_of = {layer: i % 2 for i, layer in enumerate(order)}
         self._next = {layer: order[(i + 1) % len(order)] for i, layer in enumerate(order)}
@@ -228,18 +230,16 @@ class GpuExperts:
         self._fetch(self._next[layer])  # overlaps this layer's matmuls
         return w13, w2
 
+    def _new_weights(self, info: ExpertLayerInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty w13 [E, 2F, D] and w2 [E, D, F] for a layer of this shape."""
+        e, d, f = info.n_experts, info.hidden_size, info.intermediate_size
+        return (torch.empty(e, 2 * f, d, dtype=self.dtype, device=self.device),
+                torch.empty(e, d, f, dtype=self.dtype, device=self.device))
+
     def _dequantize(self, layer: int, staged: torch.Tensor,
                     out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights in vLLM's layout from a layer's bytes placed as `_pieces` says."""
-        info = self._info[layer]
-        e, d, f = info.n_experts, info.hidden_size, info.intermediate_size
-        if out is None:
-            out = (torch.empty(e, 2 * f, d, dtype=self.dtype, device=self.device),
-                   torch.empty(e, d, f, dtype=self.dtype, device=self.device))
-        w13, w2 = out
-        rows_of = dict(_gpu_layout(info))
-        for projection, src, at in _pieces(info):
-            rows = rows_of[projection]
-            dequantize(staged[at:at + src.stop - src.start], info.types[projection],
-                       w13[:, rows] if rows is not None else w2)
+        """Weights in vLLM's layout from a layer's bytes placed as its plan says."""
+        w13, w2 = out if out is not None else self._new_weights(self._info[layer])
+        for ggml_type, src, at, rows in self._plan[layer]:
+            dequantize(staged[at:at + src.stop - src.start], ggml_type, w13[:, rows] if rows is not None else w2)
         return w13, w2

@@ -105,6 +105,7 @@ def LLM(model: str, experts: str | os.PathLike[str] | None = None, cpu_threads: 
 
     register()
     extra = {**(vllm_kwargs.pop("additional_config", None) or {}), **compile_cache_config(path)}
-    if not {"max_cudagraph_capture_size", "compilation_config"} & vllm_kwargs.keys() and capture_size_limit():
-        vllm_kwargs["max_cudagraph_capture_size"] = capture_size_limit()
+    limit = capture_size_limit()
+    if limit and not {"max_cudagraph_capture_size", "compilation_config"} & vllm_kwargs.keys():
+        vllm_kwargs["max_cudagraph_capture_size"] = limit
     return vllm.LLM(model=model, additional_config=extra, **vllm_kwargs)

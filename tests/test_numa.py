@@ -133,11 +133,10 @@ def test_more_nodes_than_parts_share_parts(tmp_path, monkeypatch):
     assert lvgg.ExpertStore(path).max_parts == 3
     four = topology.Topology("auto", tuple(range(8)), tuple(
         topology.Node(i, ((2 * i,), (2 * i + 1,)), i) for i in range(4)), read_machine())
-    monkeypatch.setattr(topology, "current", lambda: four)
     monkeypatch.setenv("LVGG_CPU_THREADS", "")
-    nodes = runtime.engine_nodes(3)
+    nodes = runtime.engine_nodes(four, 3)
     assert [list(n.cpus) for n in nodes] == [[0, 1, 2, 3], [4, 5], [6, 7]]
     assert [n.mem_node for n in nodes] == [0, 2, 3]
-    assert len(runtime.engine_nodes(4)) == 4 and runtime.engine_nodes(1) is None
+    assert len(runtime.engine_nodes(four, 4)) == 4 and runtime.engine_nodes(four, 1) is None
     monkeypatch.setenv("LVGG_CPU_THREADS", "2,1,1")
-    assert [list(n.cpus) for n in runtime.engine_nodes(3)] == [[0, 1], [4], [6]]
+    assert [list(n.cpus) for n in runtime.engine_nodes(four, 3)] == [[0, 1], [4], [6]]

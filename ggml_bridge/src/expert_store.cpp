@@ -147,15 +147,21 @@ ggml_tensor * ExpertStore::repacked(const ggml_tensor * t) const {
     return it == repacked_.end() ? nullptr : it->second;
 }
 
-int64_t ExpertStore::n_tensors() const {
-    if (gguf_) {
-        return gguf_get_n_tensors(gguf_);
-    }
-    int64_t n = 0;
-    for (const auto & kv : layers_) {
-        n += (int64_t) kv.second.tensors().size();
+static size_t count_expert_tensors(const std::map<int, ExpertLayer> & layers) {
+    size_t n = 0;
+    for (const auto & kv : layers) {
+        n += kv.second.tensors().size();
     }
     return n;
+}
+
+// A metadata-only context for `n` tensors.
+static ggml_context * tensor_context(size_t n) {
+    return ggml_init({ ggml_tensor_overhead() * n, nullptr, /*no_alloc=*/true });
+}
+
+int64_t ExpertStore::n_tensors() const {
+    return gguf_ ? gguf_get_n_tensors(gguf_) : (int64_t) count_expert_tensors(layers_);
 }
 
 void ExpertStore::open_and_validate() {
@@ -281,6 +287,7 @@ void ExpertStore::place_weights(bool repack) {
     map_buf_ = ggml_backend_cpu_buffer_from_ptr(map_, file_size_);
 
     repack_                             = repack;
+    repacked_ctx_                       = tensor_context(count_expert_tensors(layers_));
     ggml_backend_buffer_type_t cpu_buft = ggml_backend_cpu_buffer_type();
     const size_t               data_offset = gguf_get_data_offset(gguf_);
     for (auto & kv : layers_) {
@@ -309,13 +316,6 @@ ggml_tensor * ExpertStore::add_repacked(ggml_tensor * t, const void * src) {
     ggml_backend_buffer_type_t repack_buft = repack_ ? repack_buffer_type() : nullptr;
     if (!repack_buft || !cpu_supports_experts_of_type(t->type, t->ne, repack_buft)) {
         return nullptr;
-    }
-    if (!repacked_ctx_) {  // a store opened from a file: every layer is known by now
-        size_t n_tensors = 0;
-        for (const auto & kv : layers_) {
-            n_tensors += kv.second.tensors().size();
-        }
-        repacked_ctx_ = ggml_init({ ggml_tensor_overhead() * n_tensors, nullptr, /*no_alloc=*/true });
     }
     ggml_tensor *         twin = ggml_dup_tensor(repacked_ctx_, t);
     ggml_backend_buffer_t buf =
@@ -370,13 +370,9 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
     if (!whole.map_) {
         fail(ErrorKind::Value, "only a store opened from a file can be split, not " + whole.path_);
     }
-    repack_ = repack;
-    size_t n_tensors = 0;
-    for (const auto & kv : whole.layers_) {
-        n_tensors += kv.second.tensors().size();
-    }
-    meta_         = ggml_init({ ggml_tensor_overhead() * n_tensors, nullptr, /*no_alloc=*/true });
-    repacked_ctx_ = ggml_init({ ggml_tensor_overhead() * n_tensors, nullptr, /*no_alloc=*/true });
+    repack_       = repack;
+    meta_         = tensor_context(count_expert_tensors(whole.layers_));
+    repacked_ctx_ = tensor_context(count_expert_tensors(whole.layers_));
     ggml_backend_buffer_type_t cpu_buft = ggml_backend_cpu_buffer_type();
     for (const auto & kv : whole.layers_) {
         const ExpertLayer & W = kv.second;

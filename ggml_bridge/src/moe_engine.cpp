@@ -528,9 +528,13 @@ void MoeEngine::stage_routing(const Matrix & ids, const Matrix & weights, int64_
 }
 
 void MoeEngine::forward(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) {
-    std::lock_guard<std::mutex> lock(mutex_);
     validate(layer, x, ids, weights, out);
     check_ids(layer, ids);
+    run(layer, x, ids, weights, out);
+}
+
+void MoeEngine::run(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) {
+    std::lock_guard<std::mutex> lock(mutex_);
     const ExpertLayer & L = store_->layer(layer);
     const int64_t       T = x.rows, K = ids.cols;
     const size_t        x_row   = ggml_row_size(x.type, L.n_embd);

@@ -90,6 +90,8 @@ class MoeEngine : public Experts {
     void validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights,
                   const Matrix & out) const override;
     void check_ids(int layer, const Matrix & ids) const;  // forward's check of the ids' values
+    // forward without its checks, for a caller that made them (SplitEngine: once for all nodes).
+    void run(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out);
     int64_t max_tokens() const override { return cfg_.max_tokens; }
 
     const EngineConfig &                 config() const { return cfg_; }

@@ -65,9 +65,8 @@ template <typename Pred> bool spin_until(Pred pred) {
 
 }  // namespace
 
-SplitEngine::SplitEngine(std::shared_ptr<ExpertStore> whole, const std::vector<NodePlan> & nodes,
+SplitEngine::SplitEngine(const std::shared_ptr<ExpertStore> & whole, const std::vector<NodePlan> & nodes,
                          const EngineConfig & cfg, bool repack) :
-    whole_(std::move(whole)),
     plans_(nodes) {
     const int n = (int) plans_.size();
     if (n < 2) {
@@ -90,7 +89,7 @@ SplitEngine::SplitEngine(std::shared_ptr<ExpertStore> whole, const std::vector<N
             owner[c] = i;
         }
     }
-    for (const auto & kv : whole_->layers()) {
+    for (const auto & kv : whole->layers()) {
         ExpertStore::part_range(kv.second, n - 1, n);  // fails first when a layer is too small to split
     }
 
@@ -103,7 +102,7 @@ SplitEngine::SplitEngine(std::shared_ptr<ExpertStore> whole, const std::vector<N
             try {
                 bind_thread(plans_[i].cpus);
                 prefer_memory_of(plans_[i].mem_node);
-                auto part = std::make_shared<ExpertStore>(*whole_, i, n, repack);
+                auto part = std::make_shared<ExpertStore>(*whole, i, n, repack);
                 EngineConfig c = cfg;
                 c.cpus         = plans_[i].cpus;
                 c.n_threads    = plans_[i].n_threads;
@@ -123,7 +122,7 @@ SplitEngine::SplitEngine(std::shared_ptr<ExpertStore> whole, const std::vector<N
         }
     }
     int64_t max_embd = 0;
-    for (const auto & kv : whole_->layers()) {
+    for (const auto & kv : whole->layers()) {
         max_embd = std::max(max_embd, kv.second.n_embd);
     }
     partial_.assign(n, std::vector<float>(engines_[0]->config().max_tokens * max_embd));
@@ -166,7 +165,7 @@ void SplitEngine::worker(int i) {
         const Matrix part = { partial_[i].data(), GGML_TYPE_F32, x_.rows, x_.cols };
         try {
             errors_[i] = nullptr;
-            engines_[i]->forward(layer_, x_, ids_, weights_, part);
+            engines_[i]->run(layer_, x_, ids_, weights_, part);
         } catch (...) {
             errors_[i] = std::current_exception();
         }
@@ -197,7 +196,7 @@ void SplitEngine::forward(int layer, const Matrix & x, const Matrix & ids, const
     start_.notify_all();
     try {
         errors_[0] = nullptr;
-        engines_[0]->forward(layer, x, ids, weights, { partial_[0].data(), GGML_TYPE_F32, x.rows, x.cols });
+        engines_[0]->run(layer, x, ids, weights, { partial_[0].data(), GGML_TYPE_F32, x.rows, x.cols });
     } catch (...) {
         errors_[0] = std::current_exception();
     }

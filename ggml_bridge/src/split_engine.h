@@ -31,8 +31,9 @@ struct NodePlan {
 
 class SplitEngine : public Experts {
   public:
-    // cfg: the settings of every node's engine (its cpus and threads come from the plan).
-    SplitEngine(std::shared_ptr<ExpertStore> whole, const std::vector<NodePlan> & nodes, const EngineConfig & cfg,
+    // cfg: the settings of every node's engine (its cpus and threads come from the plan). The
+    // parts are copies: `whole` is needed only while this is made.
+    SplitEngine(const std::shared_ptr<ExpertStore> & whole, const std::vector<NodePlan> & nodes, const EngineConfig & cfg,
                 bool repack);
     ~SplitEngine() override;
     SplitEngine(const SplitEngine &)             = delete;
@@ -53,7 +54,6 @@ class SplitEngine : public Experts {
   private:
     void worker(int i);
 
-    std::shared_ptr<ExpertStore>            whole_;
     std::vector<std::unique_ptr<MoeEngine>> engines_;
     std::vector<NodePlan>                   plans_;
     std::vector<std::vector<float>>         partial_;  // [max_tokens, D] per node

@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 import numpy as np
+import torch
 
 from lvgg import _bridge, topology
 from lvgg.cuda_bridge import CudaExperts
@@ -59,8 +60,6 @@ def check_experts_file(store: ExpertStore, hf_config: dict[str, Any]) -> None:
 
 
 def _gpu_present() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -72,12 +71,11 @@ def default_threads() -> int:
     return max(1, cores - 1) if _gpu_present() and cores > 2 else cores
 
 
-def engine_nodes(max_parts: int) -> list[EngineNode] | None:
+def engine_nodes(topo: topology.Topology, max_parts: int) -> list[EngineNode] | None:
     """One EngineNode per NUMA node of LVGG_NUMA (default: the machine's), or None for one
     engine. Threads per node: LVGG_CPU_THREADS, else the node's physical cores (next to a GPU
     the first node leaves one core free). Where the experts split into fewer parts than there
     are nodes, neighbouring nodes share a part (its memory on the first of them)."""
-    topo = topology.current()
     if len(topo.nodes) < 2 or max_parts < 2:
         return None
     groups = [list(g) for g in np.array_split(np.arange(len(topo.nodes)), min(len(topo.nodes), max_parts))]
@@ -127,24 +125,26 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     spec = arch_for(hf_config["model_type"]).spec(hf_config)
     kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu",
                   strict_cpu=settings.strict_binding())
-    split = tp_size > 1 or len(topology.current().nodes) > 1
+    topo = topology.current()
+    split = tp_size > 1 or len(topo.nodes) > 1
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
     store = ExpertStore(os.environ[EXPERTS_ENV], repack=not split)
     check_experts_file(store, hf_config)
-    nodes = engine_nodes(store.max_parts) if split and tp_size == 1 else None
-    counts = settings.cpu_threads(1 if nodes is None else len(nodes))
     if tp_size > 1:
         store = store.part(tp_rank, tp_size)  # the whole file is unmapped when its store goes
         cpus = rank_cpus(tp_rank, tp_size)
+        counts = settings.cpu_threads(1)
         moe = CpuMoE(store, threads=min(counts[0], len(cpus)) if counts else len(cpus), cpus=cpus, **kwargs)
         log.info("lvgg: tensor-parallel rank %d of %d computes %s, %d threads on CPUs %s", tp_rank, tp_size,
                  store.path, moe.threads, topology.format_cpulist(cpus))
         return moe
+    nodes = engine_nodes(topo, store.max_parts) if split else None
     if nodes:
         moe = CpuMoE(store, nodes=nodes, **kwargs)
         log.info("lvgg: experts split over %d NUMA nodes (%s), %d threads", len(nodes),
                  "; ".join(topology.format_cpulist(n.cpus) for n in nodes), moe.threads)
         return moe
+    counts = settings.cpu_threads(1)
     threads = counts[0] if counts else default_threads()
     # "core" binding pins one thread per physical core, the last ones (the first stays for vLLM)
     cpus = _bridge.physical_core_cpus()[-threads:] if kwargs["strict_cpu"] else None
@@ -155,6 +155,8 @@ def cuda_experts(dtype) -> CudaExperts:
     """The engine behind CUDA tensors: pinned buffers made at the first call (outside any graph
     capture: vLLM's profiling run comes first)."""
     global _cuda
+    if _cuda is not None:  # every layer of every step asks: no lock once made
+        return _cuda
     with _lock:
         if _cuda is None:
             moe = current_engine()
@@ -175,6 +177,8 @@ def gpu_experts(device, dtype) -> GpuExperts | None:
     at the first call with CUDA tensors: vLLM's profiling run, so their VRAM is counted before
     the KV cache is sized. None when no layer runs on the GPU."""
     global _gpu, _gpu_made
+    if _gpu_made:  # every layer of every step asks: no lock once decided
+        return _gpu
     with _lock:
         if not _gpu_made:
             _gpu_made = True
@@ -259,7 +263,5 @@ def runs_on_gpu(gpu: GpuExperts | None, layer: int, n_tokens: int) -> bool:
         return False
     if layer in gpu.resident_layers:
         return True
-    import torch
-
     return (_gpu_min_tokens is not None and n_tokens >= _gpu_min_tokens and layer in gpu.streamed_layers
             and not torch.cuda.is_current_stream_capturing())

@@ -48,13 +48,7 @@ def _min_tokens(text: str) -> int | None:
         return DEFAULT_GPU_PREFILL_MIN_TOKENS
     if text == "off":
         return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise ValueError(f"{GPU_PREFILL_ENV} must be a token count or 'off', found {text!r}") from None
-    if n < 0:
-        raise ValueError(f"{GPU_PREFILL_ENV} must be >= 0 (0: off), found {n}")
-    return n or None
+    return _non_negative(text, GPU_PREFILL_ENV, int, "a token count or 'off'") or None
 
 
 def _resident(text: str) -> tuple[int, ...] | str:
@@ -66,15 +60,18 @@ def _resident(text: str) -> tuple[int, ...] | str:
 
 def _gib(text: str) -> int | None:
     text = text.strip()
-    if not text:
-        return None
+    return int(_non_negative(text, GPU_EXPERTS_GB_ENV, float, "a size in GiB") * 2**30) if text else None
+
+
+def _non_negative(text: str, env: str, convert, what: str):
+    """``convert(text)``, or ValueError naming ``env`` and what it takes."""
     try:
-        gib = float(text)
+        value = convert(text)
     except ValueError:
-        raise ValueError(f"{GPU_EXPERTS_GB_ENV} must be a size in GiB, found {text!r}") from None
-    if gib < 0:
-        raise ValueError(f"{GPU_EXPERTS_GB_ENV} must be >= 0, found {text!r}")
-    return int(gib * 2**30)
+        raise ValueError(f"{env} must be {what}, found {text!r}") from None
+    if value < 0:
+        raise ValueError(f"{env} must be >= 0, found {text!r}")
+    return value
 
 
 def cpu_threads(n_nodes: int) -> list[int] | None:
