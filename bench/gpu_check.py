@@ -1,5 +1,6 @@
 """Hybrid vs all-GPU vLLM on a small generated model: greedy tokens, eager and CUDA graphs,
-with the experts on the CPU, streamed to the GPU for every pass, and resident on the GPU.
+with the experts on the CPU, streamed to the GPU for every pass, split between the CPU and the GPU
+in decode steps, and resident on the GPU.
 
 Run on the GPU machine: python bench/gpu_check.py [--dtype float32] [--workdir DIR]
 Each run is its own process (tests/vllm_generate.py); prints a table and exits non-zero when
@@ -23,9 +24,11 @@ GENERATE = Path(__file__).resolve().parent.parent / "tests" / "vllm_generate.py"
 # F32 experts may diverge from stock vLLM only where stock's top two tokens are this close
 # (its Triton matmuls use TF32; measured divergences sit at margins <= 0.0003)
 NEAR_TIE = 0.01
-# where the experts run: the CPU only; streamed to the GPU for every eager pass; resident on the GPU
-PLACEMENTS = {"cpu": {"LVGG_GPU_PREFILL_MIN_TOKENS": "off"},
-              "streamed": {"LVGG_GPU_PREFILL_MIN_TOKENS": "1"},
+# where the experts run: the CPU only; streamed to the GPU for every eager pass; decode steps split
+# between the CPU and the GPU (one expert of each token on the GPU); resident on the GPU
+PLACEMENTS = {"cpu": {"LVGG_GPU_PREFILL_MIN_TOKENS": "off", "LVGG_GPU_DECODE_SPLIT": "off"},
+              "streamed": {"LVGG_GPU_PREFILL_MIN_TOKENS": "1", "LVGG_GPU_DECODE_SPLIT": "off"},
+              "split": {"LVGG_GPU_PREFILL_MIN_TOKENS": "off", "LVGG_GPU_DECODE_SPLIT": "1"},
               "resident": {"LVGG_GPU_PREFILL_MIN_TOKENS": "off", "LVGG_GPU_RESIDENT_LAYERS": "auto"}}
 
 

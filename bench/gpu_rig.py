@@ -6,11 +6,14 @@ the experts file is synthetic Q4_K_M (gate/up Q4_K, down Q6_K), 48 layers, 18.8 
 own (default) or any GGUF of that model, e.g. the one ../shared/anchors/synth_gguf.py writes
 for llama.cpp (--experts), so both read the same bytes. Needs an NVIDIA GPU and vLLM.
 
-    python bench/gpu_rig.py [--configs stream,resident,cpu] [--threads 15] [--experts FILE]
+    python bench/gpu_rig.py [--configs stream,split,split:2,resident,cpu] [--threads 15] [--experts FILE]
 
 Configurations: `cpu` (every expert on the CPU; prefill 512 only, in one pass), `stream` (passes
-of >= 64 tokens stream the experts to the GPU), `resident` (stream, plus
-LVGG_GPU_RESIDENT_LAYERS=auto).
+of >= 64 tokens stream the experts to the GPU, decode on the CPU), `split` (stream, and decode
+steps give some of each token's experts to the GPU: LVGG_GPU_DECODE_SPLIT=auto; `split:N`: N of
+them), `resident` (split, plus LVGG_GPU_RESIDENT_LAYERS=auto).
+Also printed: the time to read the experts file once (from the page cache when it is there),
+next to the startup time (init: vLLM's start to ready, the experts file opened and checked).
 Decode: time of N+1 output tokens minus time of 1, divided by N (greedy, ignore_eos).
 Prefill: one pass of a random prompt (max_num_batched_tokens fits the longest), first token
 included.
@@ -28,9 +31,27 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
 
-CONFIGS = {"cpu": {"LVGG_GPU_PREFILL_MIN_TOKENS": "off"},
-           "stream": {"LVGG_GPU_PREFILL_MIN_TOKENS": "64"},
-           "resident": {"LVGG_GPU_PREFILL_MIN_TOKENS": "64", "LVGG_GPU_RESIDENT_LAYERS": "auto"}}
+CONFIGS = {"cpu": {"LVGG_GPU_PREFILL_MIN_TOKENS": "off", "LVGG_GPU_DECODE_SPLIT": "off"},
+           "stream": {"LVGG_GPU_PREFILL_MIN_TOKENS": "64", "LVGG_GPU_DECODE_SPLIT": "off"},
+           "split": {"LVGG_GPU_PREFILL_MIN_TOKENS": "64", "LVGG_GPU_DECODE_SPLIT": "auto"},
+           "resident": {"LVGG_GPU_PREFILL_MIN_TOKENS": "64", "LVGG_GPU_RESIDENT_LAYERS": "auto",
+                        "LVGG_GPU_DECODE_SPLIT": "auto"}}
+
+
+def config_env(name: str) -> dict[str, str]:
+    """The environment of a configuration: a name of CONFIGS, or split:N."""
+    base, _, slots = name.partition(":")
+    return {**CONFIGS[base], **({"LVGG_GPU_DECODE_SPLIT": slots} if slots else {})}
+
+
+def read_once(path: Path, chunk: int = 64 << 20) -> float:
+    """Seconds to read ``path`` once, sequentially."""
+    buf = bytearray(chunk)
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t
 
 _CHILD = r"""
 import json, os, random, sys, time
@@ -101,22 +122,24 @@ def main() -> None:
                                              S["intermediate"])
             print(f"experts file: {experts.stat().st_size / 1e9:.1f} GB written in {time.perf_counter() - t:.0f} s",
                   flush=True)
+        read_s = read_once(experts)
+        print(f"experts file read once: {read_s:.1f} s ({experts.stat().st_size / read_s / 1e9:.1f} GB/s)", flush=True)
         rows = []
         for name in a.configs.split(","):
             prefills = "512" if name == "cpu" else a.prefill
             done = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(experts), str(a.threads),
                                    "1" if a.eager else "0", prefills], capture_output=True, text=True, timeout=1200,
-                                  env={**os.environ, **CONFIGS[name]})
+                                  env={**os.environ, **config_env(name)})
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
             if not lines:
                 print(f"{name} failed (rc={done.returncode}):\n{done.stderr[-4000:]}", flush=True)
                 continue
             notes = [ln for ln in done.stderr.splitlines() if "lvgg:" in ln]
             rows.append((name, json.loads(lines[-1][7:])))
-            print(name, rows[-1][1], *notes[-4:], sep="\n  ", flush=True)
+            print(name, rows[-1][1], *notes[-6:], sep="\n  ", flush=True)
     columns = sorted({k for _, r in rows for k in r}, key=lambda k: (k[:7], len(k), k))
     print(f"\n30B-A3B Q4_K_M, {a.layers} layers, {a.threads} CPU threads, {'eager' if a.eager else 'CUDA graphs'} "
-          "(tok/s; init in s)")
+          f"(tok/s; init in s; the experts file read once: {read_s:.1f} s)")
     print(f"{'config':>9} " + " ".join(f"{c.replace('_tok_s', ''):>17}" for c in columns))
     for name, r in rows:
         print(f"{name:>9} " + " ".join(f"{r[c]:17.1f}" if c in r else f"{'-':>17}" for c in columns))

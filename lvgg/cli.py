@@ -103,6 +103,8 @@ def serve(
                                                "to the GPU (default 64; 'off')"),
     gpu_resident_layers: str = typer.Option(None, help="layers whose experts stay on the GPU: '0-5,40' or 'auto'"),
     gpu_experts_gb: float = typer.Option(None, help="the most VRAM (GiB) lvgg's experts may take"),
+    gpu_decode_split: str = typer.Option(None, help="decode: how many of each token's experts the GPU computes "
+                                         "while the CPU does the rest ('auto': timed at startup; 'off')"),
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback unless told otherwise)"),
     port: int = typer.Option(8000),
 ) -> None:
@@ -111,7 +113,7 @@ def serve(
 
     try:
         path = configure_plugin(model, experts, cpu_threads or None, gpu_prefill_min_tokens, gpu_resident_layers,
-                                gpu_experts_gb)
+                                gpu_experts_gb, gpu_decode_split)
     except (ValueError, OSError) as e:
         _fail(e)
     os.execv(sys.executable, server_argv(model, path, host, port, ctx.args))

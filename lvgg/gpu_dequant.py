@@ -67,6 +67,34 @@ def dequantize(raw: torch.Tensor, ggml_type: str, out: torch.Tensor) -> torch.Te
     return out
 
 
+def gather_rows(src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[j] = src[ids[j]]`` by a kernel on ``out``'s device, in the current stream's order.
+
+    src: [rows, n] uint8, e.g. one projection's bytes with a row per expert; it may be host
+    memory registered with CUDA (the GPU then reads it over the link: no host code runs, so a
+    CUDA graph can capture the call). ids: [m] int32/int64 on ``out``'s device, read by the
+    kernel: values outside 0..rows-1 are clamped (they are never checked on the host, which
+    would synchronize). out: [m, n] uint8, contiguous.
+    """
+    if src.dtype != torch.uint8 or src.dim() != 2 or src.stride(1) != 1 or src.stride(0) != src.shape[1]:
+        raise ValueError(f"src must be contiguous [rows, bytes] uint8, found {src.dtype} {list(src.shape)}")
+    m = ids.numel()
+    if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64) or ids.device != out.device:
+        raise ValueError(f"ids must be a 1-d int32/int64 tensor on {out.device}, found {ids.dtype} "
+                         f"{list(ids.shape)} on {ids.device}")
+    if out.dtype != torch.uint8 or tuple(out.shape) != (m, src.shape[1]) or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous [{m}, {src.shape[1]}] uint8, found {out.dtype} {list(out.shape)}")
+    if triton is None:
+        raise RuntimeError("gathering expert bytes needs Triton (it comes with CUDA builds of torch)")
+    if m == 0:
+        return out
+    words = src.shape[1] % 4 == 0 and src.data_ptr() % 4 == 0 and out.data_ptr() % 4 == 0
+    s, o = (src.view(torch.int32), out.view(torch.int32)) if words else (src, out)
+    chunk = 2048
+    _gather_rows[(m, triton.cdiv(s.shape[1], chunk))](s, ids, o, s.shape[0], s.shape[1], CHUNK=chunk)
+    return out
+
+
 if triton is not None:
 
     @triton.jit
@@ -173,5 +201,13 @@ if triton is not None:
         sc = tl.load(src + base + 192 + 8 * half + lane // 16 + 2 * group, mask=mask, other=0)
         sc = sc.to(tl.int8, bitcast=True).to(tl.float32)
         tl.store(dst + o, (d * sc * q).to(dst.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gather_rows(src, ids, dst, n_rows, row_len, CHUNK: tl.constexpr):
+        j = tl.program_id(0)
+        row = tl.minimum(tl.maximum(tl.load(ids + j).to(tl.int64), 0), n_rows - 1)
+        at = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+        mask = at < row_len
+        tl.store(dst + j.to(tl.int64) * row_len + at, tl.load(src + row * row_len + at, mask=mask), mask=mask)
 
     _KERNELS = {"Q4_0": _q4_0, "Q5_0": _q5_0, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q5_K": _q4_k, "Q6_K": _q6_k}

@@ -1,5 +1,5 @@
-"""Routed experts computed on the GPU from the experts file: streamed for long prefills, or
-resident for chosen layers.
+"""Routed experts computed on the GPU from the experts file: streamed for long prefills,
+resident for chosen layers, or fetched a few at a time for decode steps split with the CPU.
 
     from lvgg.gpu_experts import GpuExperts      # needs vLLM's CUDA build (its fused MoE kernel)
     gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[2, 3], resident_layers=[0, 1])
@@ -10,11 +10,13 @@ one of two staging slots while the previous layer computes (the file's mapping i
 with CUDA, so the copies run at the PCIe link's speed), dequantized by lvgg's Triton kernels
 into one shared pair of weight buffers in vLLM's layout (w13 = [gate; up], w2 = down), and
 multiplied by vLLM's fused MoE kernel. After the last layer the first one is fetched for the
-next pass. Resident layers are dequantized once at creation and stay on the GPU.
+next pass. Resident layers are dequantized once at creation and stay on the GPU. Split layers
+(`fetched`): a kernel reads the chosen experts' bytes straight from the pinned file (ids on the
+device, so CUDA graphs capture it), lvgg dequantizes them into small buffers (lvgg.gpu_split).
 
 Nothing here synchronizes the device; calls are ordered by the current stream. Streamed calls
 keep Python state about the staging slots, so they must not be captured in a CUDA graph
-(resident ones may). The experts are SwiGLU (vLLM's default activation), as the plugin's are.
+(resident and fetched ones may). The experts are SwiGLU (vLLM's default activation), as the plugin's are.
 """
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ import numpy as np
 import torch
 
 from lvgg.experts import ExpertLayerInfo, ExpertStore
-from lvgg.gpu_dequant import SUPPORTED_TYPES, dequantize, raw_nbytes
+from lvgg.gpu_dequant import SUPPORTED_TYPES, dequantize, gather_rows, raw_nbytes
 
 log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
 
-_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly: the file is mapped read-only
+# cudaHostRegisterMapped | cudaHostRegisterReadOnly: kernels read the file, which is mapped read-only
+_HOST_REGISTER_FLAGS = 0x02 | 0x08
 
 
 def _gpu_layout(info: ExpertLayerInfo) -> list[tuple[str, slice | None]]:
@@ -75,16 +78,26 @@ def staged_bytes(info: ExpertLayerInfo) -> int:
     return at + src.stop - src.start
 
 
+def _fetch_bytes(info: ExpertLayerInfo, n_experts: int) -> int:
+    """Bytes ``n_experts`` of a layer's experts take on the GPU before dequantization."""
+    return sum(-(-(src.stop - src.start) // info.n_experts * n_experts // 256) * 256 for _, src, _ in _pieces(info))
+
+
 def estimate_vram_bytes(infos: dict[int, ExpertLayerInfo], streamed: Sequence[int], resident: Sequence[int],
-                        dtype: torch.dtype) -> int:
-    """What GpuExperts(streamed_layers=..., resident_layers=...) will hold on the device."""
-    def weights(info: ExpertLayerInfo) -> int:
-        return 3 * info.n_experts * info.hidden_size * info.intermediate_size * dtype.itemsize
+                        dtype: torch.dtype, split: Sequence[int] = (), split_experts: int = 0) -> int:
+    """What GpuExperts(streamed_layers=..., resident_layers=..., split_layers=..., split_experts=...)
+    will hold on the device."""
+    def weights(info: ExpertLayerInfo, n_experts: int | None = None) -> int:
+        n = info.n_experts if n_experts is None else n_experts
+        return 3 * n * info.hidden_size * info.intermediate_size * dtype.itemsize
 
     total = sum(weights(infos[layer]) for layer in resident)
     if streamed:
         total += max(weights(infos[layer]) for layer in streamed)
         total += 2 * max(staged_bytes(infos[layer]) for layer in streamed)
+    if split and split_experts:
+        total += max(weights(infos[layer], split_experts) + _fetch_bytes(infos[layer], split_experts)
+                     for layer in split)
     return total
 
 
@@ -93,12 +106,15 @@ class GpuExperts:
     ``resident_layers`` dequantized once.
 
     dtype: of the hidden states and of the dequantized weights (vLLM's model dtype).
+    ``split_layers`` may fetch up to ``split_experts`` experts per call (``fetched``).
     VRAM: two staging slots of the largest streamed layer's file bytes, one layer of weights in
-    ``dtype`` for the streamed layers, plus every resident layer's weights (``vram_bytes``).
+    ``dtype`` for the streamed layers, every resident layer's weights, and the bytes and weights
+    of ``split_experts`` experts for the split layers (``vram_bytes``).
     """
 
     def __init__(self, store: ExpertStore, *, device: torch.device | str, dtype: torch.dtype,
-                 streamed_layers: Sequence[int] = (), resident_layers: Sequence[int] = ()) -> None:
+                 streamed_layers: Sequence[int] = (), resident_layers: Sequence[int] = (),
+                 split_layers: Sequence[int] = (), split_experts: int = 0) -> None:
         from lvgg.vllm_plugin import compat  # vLLM's fused MoE kernel
 
         self._fused_experts = compat.fused_experts
@@ -108,10 +124,15 @@ class GpuExperts:
             raise ValueError(f"layers {overlap} are both streamed and resident; pick one")
         self.streamed_layers = sorted(streamed_layers)
         self.resident_layers = sorted(resident_layers)
+        overlap = sorted(set(split_layers) & set(resident_layers))
+        if overlap:
+            raise ValueError(f"layers {overlap} are resident; they need no split with the CPU")
+        self.split_layers = sorted(split_layers) if split_experts > 0 else []
+        self.split_experts = split_experts if self.split_layers else 0
         self._info: dict[int, ExpertLayerInfo] = {}
         # per layer: (ggml type, bytes in the file, offset in a staging buffer, rows of w13 or None for w2)
         self._plan: dict[int, list[tuple[str, slice, int, slice | None]]] = {}
-        for layer in self.streamed_layers + self.resident_layers:
+        for layer in sorted({*self.streamed_layers, *self.resident_layers, *self.split_layers}):
             info = store.layer_info(layer)
             why = gpu_unsupported(info)
             if why:
@@ -123,8 +144,12 @@ class GpuExperts:
         self.host_pinned = False
         self._resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._slot_of: dict[int, int] = {}
+        if self.streamed_layers or self.split_layers:
+            self._pin_host()
         if self.streamed_layers:
             self._setup_streaming()
+        if self.split_layers:
+            self._setup_split()
         t0 = time.perf_counter()
         for layer in self.resident_layers:
             staged = torch.empty(staged_bytes(self._info[layer]), dtype=torch.uint8, device=self.device)
@@ -141,6 +166,7 @@ class GpuExperts:
     def vram_bytes(self) -> int:
         """Device memory held for experts (staging, streamed weights and resident weights)."""
         tensors = [*self._staging, *self._weights] if self.streamed_layers else []
+        tensors += [self._fetch_staging, *self._fetch_weights] if self.split_layers else []
         tensors += [t for pair in self._resident.values() for t in pair]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -156,6 +182,30 @@ class GpuExperts:
         else:
             raise ValueError(f"layer {layer} is neither streamed nor resident on the GPU "
                              f"(streamed: {self.streamed_layers}, resident: {self.resident_layers})")
+        return self.multiply(x, w13, w2, topk_weights, topk_ids)
+
+    def fetched(self, layer: int, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """w13 [n, 2F, D] and w2 [n, D, F] of the experts ``expert_ids`` ([n] int32/int64 on the
+        device, n <= split_experts, repeats allowed) of a split layer, read from the pinned file by
+        the GPU in the current stream's order: capturable. The buffers are reused by the next call."""
+        n = expert_ids.numel()
+        if layer not in self.split_layers or not 1 <= n <= self.split_experts:
+            raise ValueError(f"fetched() takes 1..{self.split_experts} experts of the split layers "
+                             f"{self.split_layers}; asked for {n} of layer {layer}")
+        info = self._info[layer]
+        w13, w2 = self._fetch_weights[0][:n], self._fetch_weights[1][:n]
+        at = 0
+        for ggml_type, src, _, rows in self._plan[layer]:
+            per_expert = (src.stop - src.start) // info.n_experts
+            staged = self._fetch_staging[at:at + n * per_expert].view(n, per_expert)
+            gather_rows(self._host[src].view(info.n_experts, per_expert), expert_ids, staged)
+            dequantize(staged.view(-1), ggml_type, w13[:, rows] if rows is not None else w2)
+            at += -(-n * per_expert // 256) * 256
+        return w13, w2
+
+    def multiply(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                 topk_ids: torch.Tensor) -> torch.Tensor:
+        """vLLM's fused MoE of ``x`` with these weights (ids index their first dimension)."""
         return self._fused_experts(x, w13, w2, topk_weights, topk_ids)
 
     def close(self) -> None:
@@ -176,7 +226,7 @@ class GpuExperts:
 
     def _pin_host(self) -> None:
         t0 = time.perf_counter()
-        rc = torch.cuda.cudart().cudaHostRegister(self._host.data_ptr(), self._host.numel(), _HOST_REGISTER_READ_ONLY)
+        rc = torch.cuda.cudart().cudaHostRegister(self._host.data_ptr(), self._host.numel(), _HOST_REGISTER_FLAGS)
         self.host_pinned = int(rc) == 0
         if self.host_pinned:
             log.info("lvgg: %.1f GiB of experts file pinned for GPU streaming in %.1f s",
@@ -191,15 +241,9 @@ class GpuExperts:
             staging[at:at + src.stop - src.start].copy_(self._host[src], non_blocking=True)
 
     def _setup_streaming(self) -> None:
-        self._pin_host()
         slot_bytes = max(staged_bytes(self._info[layer]) for layer in self.streamed_layers)
         self._staging = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
-        shapes = {(self._info[layer].n_experts, self._info[layer].hidden_size, self._info[layer].intermediate_size)
-                  for layer in self.streamed_layers}
-        if len(shapes) > 1:
-            raise ValueError(f"streamed layers of {self.store.path} differ in shape ({sorted(shapes)}); "
-                             "stream layers of one shape")
-        self._weights = self._new_weights(self._info[self.streamed_layers[0]])
+        self._weights = self._new_weights(self._one_shape(self.streamed_layers, "streamed"))
         order = self.streamed_layers
         self._slot_of = {layer: i % 2 for i, layer in enumerate(order)}
         self._next = {layer: order[(i + 1) % len(order)] for i, layer in enumerate(order)}
@@ -207,6 +251,24 @@ class GpuExperts:
         self._copied = [torch.cuda.Event() for _ in range(2)]
         self._freed = [torch.cuda.Event() for _ in range(2)]
         self._copy_stream = torch.cuda.Stream(self.device)
+
+    def _one_shape(self, layers: list[int], what: str) -> ExpertLayerInfo:
+        """The layer info of ``layers``, which must share their shape (they share weight buffers)."""
+        shapes = {(self._info[n].n_experts, self._info[n].hidden_size, self._info[n].intermediate_size) for n in layers}
+        if len(shapes) > 1:
+            raise ValueError(f"{what} layers of {self.store.path} differ in shape ({sorted(shapes)}); "
+                             f"give layers of one shape")
+        return self._info[layers[0]]
+
+    def _setup_split(self) -> None:
+        if not self.host_pinned:
+            raise RuntimeError("splitting decode steps with the CPU needs the experts file pinned for the GPU; "
+                               "check free RAM and `ulimit -l`, or turn the split off (LVGG_GPU_DECODE_SPLIT=off)")
+        info = self._one_shape(self.split_layers, "split")
+        n = self.split_experts
+        self._fetch_weights = self._new_weights(info, n)
+        staging = max(_fetch_bytes(self._info[layer], n) for layer in self.split_layers)
+        self._fetch_staging = torch.empty(staging, dtype=torch.uint8, device=self.device)
 
     def _fetch(self, layer: int) -> None:
         """Start copying a layer's bytes into its slot on the side stream, unless it is there already."""
@@ -230,9 +292,10 @@ class GpuExperts:
         self._fetch(self._next[layer])  # overlaps this layer's matmuls
         return w13, w2
 
-    def _new_weights(self, info: ExpertLayerInfo) -> tuple[torch.Tensor, torch.Tensor]:
-        """Empty w13 [E, 2F, D] and w2 [E, D, F] for a layer of this shape."""
-        e, d, f = info.n_experts, info.hidden_size, info.intermediate_size
+    def _new_weights(self, info: ExpertLayerInfo, n_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty w13 [E, 2F, D] and w2 [E, D, F] for a layer of this shape (E: its experts or ``n_experts``)."""
+        e = info.n_experts if n_experts is None else n_experts
+        d, f = info.hidden_size, info.intermediate_size
         return (torch.empty(e, 2 * f, d, dtype=self.dtype, device=self.device),
                 torch.empty(e, d, f, dtype=self.dtype, device=self.device))
 

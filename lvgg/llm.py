@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lvgg.vllm_plugin import (EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV,
+from lvgg.vllm_plugin import (EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV,
                                THREADS_ENV)
 
 
@@ -28,7 +28,7 @@ def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> Pat
 
 def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_threads: int | None,
                      gpu_prefill_min_tokens: int | str | None = None, gpu_resident_layers: str | None = None,
-                     gpu_experts_gb: float | None = None) -> Path:
+                     gpu_experts_gb: float | None = None, gpu_decode_split: int | str | None = None) -> Path:
     """Point the plugin (in this process and the ones vLLM starts) at the experts file, with the
     given settings (None: the environment's, else the defaults; see lvgg.vllm_plugin)."""
     path = find_experts_file(model, experts)
@@ -39,11 +39,12 @@ def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_thr
     if not inspect_gguf(path).layers:
         raise ValueError(f"{path} holds no routed-expert tensors; is it an experts file (lvgg convert)?")
     env = {THREADS_ENV: cpu_threads or None, GPU_PREFILL_ENV: gpu_prefill_min_tokens,
-           GPU_RESIDENT_ENV: gpu_resident_layers, GPU_EXPERTS_GB_ENV: gpu_experts_gb}
+           GPU_RESIDENT_ENV: gpu_resident_layers, GPU_EXPERTS_GB_ENV: gpu_experts_gb, GPU_SPLIT_ENV: gpu_decode_split}
     env = {k: str(v) if v is not None else os.environ.get(k, "") for k, v in env.items()}
     from lvgg.vllm_plugin.settings import GpuSettings
 
-    GpuSettings.parse(env[GPU_PREFILL_ENV], env[GPU_RESIDENT_ENV], env[GPU_EXPERTS_GB_ENV])  # before any change
+    GpuSettings.parse(env[GPU_PREFILL_ENV], env[GPU_RESIDENT_ENV], env[GPU_EXPERTS_GB_ENV],
+                      env[GPU_SPLIT_ENV])  # before any change
     os.environ.update({k: v for k, v in env.items() if v})
     os.environ[EXPERTS_ENV] = str(path)
     return path
@@ -91,15 +92,16 @@ def compile_cache_config(experts: Path) -> dict[str, Any]:
 
 def LLM(model: str, experts: str | os.PathLike[str] | None = None, cpu_threads: int | None = None,
         gpu_prefill_min_tokens: int | str | None = None, gpu_resident_layers: str | None = None,
-        gpu_experts_gb: float | None = None, **vllm_kwargs: Any):
+        gpu_experts_gb: float | None = None, gpu_decode_split: int | str | None = None, **vllm_kwargs: Any):
     """A `vllm.LLM` whose routed experts come from `experts` and run on the CPU through ggml.
 
     On a GPU, passes of at least ``gpu_prefill_min_tokens`` tokens (default 64; "off") stream
     the experts to it instead; ``gpu_resident_layers`` ("0-5,40" or "auto") keeps those layers'
-    experts there; ``gpu_experts_gb`` bounds the VRAM both take.
+    experts there; ``gpu_experts_gb`` bounds the VRAM they take. Shorter passes (decode) give
+    ``gpu_decode_split`` of each token's experts to the GPU ("auto": timed at startup; "off").
     """
     path = configure_plugin(model, experts, cpu_threads, gpu_prefill_min_tokens, gpu_resident_layers,
-                            gpu_experts_gb)
+                            gpu_experts_gb, gpu_decode_split)
     from lvgg.vllm_plugin import register
     import vllm
 

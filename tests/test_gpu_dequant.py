@@ -15,12 +15,13 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
-from lvgg.gpu_dequant import FLOAT_TYPES, QUANT_BLOCKS, dequantize, raw_nbytes
+from lvgg.gpu_dequant import FLOAT_TYPES, QUANT_BLOCKS, dequantize, gather_rows, raw_nbytes
 from lvgg.quantize import quantize
 
 # Byte offsets of each block's float16 scales; every other byte may hold any value.
 SCALE_OFFSETS = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 TYPES = sorted(QUANT_BLOCKS) + sorted(FLOAT_TYPES)
+CHECKS = TYPES + ["gather"]
 
 
 def random_blocks(rng: np.random.Generator, ggml_type: str, n_values: int) -> np.ndarray:
@@ -62,14 +63,30 @@ def check_type(ggml_type: str, device: str) -> None:
             assert torch.isnan(out[:, 0]).all() and torch.isnan(out[:, -1]).all(), f"{ggml_type}: wrote outside out"
 
 
+def check_gather(device: str) -> None:
+    """gather_rows copies whole rows in the ids' order (repeats too), words and odd byte counts,
+    clamps ids outside the rows, and writes nothing else."""
+    rng = np.random.default_rng(5)
+    for row_bytes in (884_736 // 64, 4 * 2048 + 4, 210 * 3 + 1):  # 4-byte words over chunks; bytes
+        src = torch.from_numpy(rng.integers(0, 256, size=(9, row_bytes), dtype=np.uint8))
+        ids = torch.tensor([4, 0, 4, 8, 2], dtype=torch.int32)
+        out = torch.zeros(len(ids) + 1, row_bytes, dtype=torch.uint8, device=device)
+        gather_rows(src.to(device), ids.to(device), out[:len(ids)])
+        assert torch.equal(out[:len(ids)].cpu(), src[ids.long()]), f"{row_bytes} bytes per row"
+        assert not out[-1].any(), "wrote past the gathered rows"
+        out = torch.empty(2, row_bytes, dtype=torch.uint8, device=device)
+        gather_rows(src.to(device), torch.tensor([-3, 99], device=device), out)
+        assert torch.equal(out.cpu(), src[[0, 8]]), "ids outside the rows are clamped"
+
+
 @pytest.fixture(scope="module")
 def interpreter_results():
     """Run every check in one child process under Triton's interpreter (no GPU here)."""
     import triton  # noqa: F401  (a dependency of `pip install .[test]`: missing, the tests fail here)
 
     code = ("import sys, test_gpu_dequant as t\n"
-            "for name in t.TYPES:\n"
-            "    try:\n        t.check_type(name, 'cpu'); print(name, 'ok')\n"
+            "for name in t.CHECKS:\n"
+            "    try:\n        t.check_gather('cpu') if name == 'gather' else t.check_type(name, 'cpu'); print(name, 'ok')\n"
             "    except AssertionError as e:\n        print(name, 'FAIL', e)\n")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
@@ -84,6 +101,13 @@ def test_dequantize_matches_gguf_py(ggml_type, request):
         check_type(ggml_type, "cuda")
     else:
         assert request.getfixturevalue("interpreter_results")[ggml_type] == "ok"
+
+
+def test_gather_rows_copies_the_chosen_rows(request):
+    if torch.cuda.is_available():
+        check_gather("cuda")
+    else:
+        assert request.getfixturevalue("interpreter_results")["gather"] == "ok"
 
 
 def test_bad_arguments_are_refused_before_any_kernel():

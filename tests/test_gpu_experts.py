@@ -119,28 +119,95 @@ def layer_infos(n_layers, E, D, F, types):
 
 
 def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
-    from lvgg.vllm_plugin.runtime import plan_gpu_layers
+    from lvgg.vllm_plugin.runtime import SPLIT_EXPERTS, plan_gpu_layers
     from lvgg.vllm_plugin.settings import GpuSettings
 
     q4_k_m = {"gate": "q4_K", "up": "q4_K", "down": "q6_K"}
     a3b = layer_infos(48, 128, 2048, 768, q4_k_m)  # Qwen3-30B-A3B
     layer = 3 * 128 * 2048 * 768 * 2  # bf16 weights of one layer
-    streamed, resident, notes = plan_gpu_layers(a3b, GpuSettings(64, (), None), 80 * 2**30, torch.bfloat16)
-    assert streamed == list(range(48)) and resident == [] and notes == []
-    streamed, resident, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None), 80 * 2**30, torch.bfloat16)
-    stream = estimate_vram_bytes(a3b, [0], [], torch.bfloat16)
+    streamed, resident, split, notes = plan_gpu_layers(a3b, GpuSettings(64, (), None), 80 * 2**30, torch.bfloat16)
+    assert streamed == list(range(48)) and resident == [] and split == list(range(48)) and notes == []
+    streamed, resident, split, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None), 80 * 2**30, torch.bfloat16)
+    stream = estimate_vram_bytes(a3b, [0], [], torch.bfloat16, [0], SPLIT_EXPERTS)
     assert len(resident) == (40 * 2**30 - stream) // layer and resident == list(range(len(resident)))
-    assert streamed == list(range(len(resident), 48))
+    assert streamed == split == list(range(len(resident), 48))
+    _, resident_unsplit, split, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, None), 80 * 2**30,
+                                                    torch.bfloat16)
+    assert split == [] and len(resident_unsplit) >= len(resident)
     with pytest.raises(ValueError, match="3 resident expert layers need 3.4 GiB of VRAM; LVGG_GPU_EXPERTS_GB allows 2.0"):
         plan_gpu_layers(a3b, GpuSettings(None, (0, 1, 2), 2 * 2**30), 80 * 2**30, torch.bfloat16)
-    # DeepSeek-V3-sized layers: streaming one needs ~35 GiB; a 40 GiB GPU keeps prefill on the CPU
+    # DeepSeek-V3-sized layers: streaming one needs ~35 GiB; a 40 GiB GPU keeps prefill on the CPU,
+    # while splitting decode steps (32 experts: 3.0 GiB) fits
     v3 = layer_infos(58, 256, 7168, 2048, q4_k_m)
-    streamed, resident, notes = plan_gpu_layers(v3, GpuSettings(64, (), None), 40 * 2**30, torch.bfloat16)
-    assert streamed == [] and resident == [] and "prefill runs the experts on the CPU" in notes[0]
-    streamed, _, notes = plan_gpu_layers(v3, GpuSettings(64, (), 40 * 2**30), 40 * 2**30, torch.bfloat16)
-    assert streamed == list(range(58)) and notes == []
+    streamed, resident, split, notes = plan_gpu_layers(v3, GpuSettings(64, (), None), 40 * 2**30, torch.bfloat16)
+    assert streamed == [] and resident == [] and split == list(range(58))
+    assert len(notes) == 1 and "prefill runs the experts on the CPU" in notes[0]
+    streamed, _, split, notes = plan_gpu_layers(v3, GpuSettings(64, (), 40 * 2**30), 40 * 2**30, torch.bfloat16)
+    assert streamed == split == list(range(58)) and notes == []
+    streamed, _, split, notes = plan_gpu_layers(v3, GpuSettings(None, (), 2 * 2**30), 40 * 2**30, torch.bfloat16)
+    assert streamed == split == [] and "decode runs the experts on the CPU" in notes[0]
     iq = layer_infos(2, 8, 256, 256, {"gate": "iq4_xs", "up": "iq4_xs", "down": "q8_0"})
-    streamed, _, notes = plan_gpu_layers(iq, GpuSettings(64, (), None), 80 * 2**30, torch.bfloat16)
-    assert streamed == [] and "run on the CPU only" in notes[0]
+    streamed, _, split, notes = plan_gpu_layers(iq, GpuSettings(64, (), None), 80 * 2**30, torch.bfloat16)
+    assert streamed == split == [] and "run on the CPU only" in notes[0]
     with pytest.raises(ValueError, match=r"layers \[1\] cannot be resident: layer 1: types \['IQ4_XS'\]"):
         plan_gpu_layers(iq, GpuSettings(64, (1,), None), 80 * 2**30, torch.bfloat16)
+
+
+def test_best_gpu_slots_balances_the_slower_side():
+    from lvgg.gpu_split import best_gpu_slots
+
+    # CPU: 0.06 ms per expert + 0.05 fixed; GPU: 0.08 ms per expert + 0.03 fixed
+    seconds = {"cpu": [0] + [0.05 + 0.06 * k for k in range(1, 9)], "gpu": [0] + [0.03 + 0.08 * k for k in range(1, 9)]}
+    assert best_gpu_slots(seconds) == 3  # CPU 5 experts: 0.35, GPU 3: 0.27 (4/4: 0.29 vs 0.35)
+    assert best_gpu_slots({"cpu": [0, 1, 2], "gpu": [0, 5, 10]}) == 0  # a slow link: the CPU alone
+
+
+@pytest.fixture(scope="module")
+def split(experts_file):
+    from lvgg.gpu_split import SplitExperts
+
+    store = lvgg.ExpertStore(experts_file)
+    gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, resident_layers=[3], split_layers=[1, 2, 5],
+                     split_experts=16)
+    moe = lvgg.CpuMoE(store, threads=2, max_top_k=K)
+    yield SplitExperts(gpu, moe, gpu_slots=2, max_tokens=8, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    gpu.close()
+
+
+@needs_cuda
+def test_decode_split_matches_the_reference(experts_file, split):
+    refs = {layer: read_reference(experts_file, layer) for layer in (1, 2, 5)}
+    assert split.takes(1, 8) and not split.takes(1, 9) and not split.takes(3, 1)
+    for step, (layer, T) in enumerate([(1, 1), (2, 8), (5, 3), (1, 8), (5, 1)]):
+        x, ids, w = routing(T, 100 + step)
+        ids[0, 2:] = ids[0, 0]  # the GPU's two slots may repeat an expert (of the CPU's too)
+        out = split(layer, x.to("cuda", torch.bfloat16), ids.cuda(), w.cuda())
+        want = refs[layer].forward(x.to(torch.bfloat16).double().numpy(), ids.numpy(), w.double().numpy())
+        assert out.shape == (T, D) and rel_error(out, want) < 0.02, f"step {step} layer {layer}"
+
+
+@needs_cuda
+def test_decode_split_replays_in_a_cuda_graph(split):
+    x, ids, w = (t.cuda() for t in routing(4, 7))
+    x = x.to(torch.bfloat16)
+    split(2, x, ids, w)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = split(2, x, ids, w)
+    for seed in (8, 9):  # new inputs into the captured tensors
+        nx, nids, nw = (t.cuda() for t in routing(4, seed))
+        x.copy_(nx.to(torch.bfloat16)), ids.copy_(nids), w.copy_(nw)
+        graph.replay()
+        eager = split(2, x, ids, w)
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager), f"seed {seed}"
+
+
+@needs_cuda
+def test_decode_split_calibration_times_both_sides(experts_file, split):
+    from lvgg.gpu_split import best_gpu_slots, calibrate
+
+    seconds = calibrate(split.gpu, split.cpu.moe, 1, torch.bfloat16, repeats=3)
+    assert len(seconds["cpu"]) == len(seconds["gpu"]) == K + 1 and all(t > 0 for t in seconds["cpu"][1:] + seconds["gpu"][1:])
+    assert 0 <= best_gpu_slots(seconds) < K

@@ -67,19 +67,26 @@ def test_llm_needs_an_experts_file(qwen3, tmp_path):
         lvgg.LLM(str(folder))
 
 
+GPU_ENVS = ("LVGG_GPU_PREFILL_MIN_TOKENS", "LVGG_GPU_RESIDENT_LAYERS", "LVGG_GPU_EXPERTS_GB", "LVGG_GPU_DECODE_SPLIT")
+
+
 def test_gpu_settings_are_read_from_the_environment(monkeypatch):
     from lvgg.vllm_plugin.settings import DEFAULT_GPU_PREFILL_MIN_TOKENS, GpuSettings
 
-    for name in ("LVGG_GPU_PREFILL_MIN_TOKENS", "LVGG_GPU_RESIDENT_LAYERS", "LVGG_GPU_EXPERTS_GB"):
+    for name in GPU_ENVS:
         monkeypatch.setenv(name, "")
-    assert GpuSettings.from_env() == GpuSettings(DEFAULT_GPU_PREFILL_MIN_TOKENS, (), None)
+    assert GpuSettings.from_env() == GpuSettings(DEFAULT_GPU_PREFILL_MIN_TOKENS, (), None, "auto")
     monkeypatch.setenv("LVGG_GPU_PREFILL_MIN_TOKENS", "off")
     monkeypatch.setenv("LVGG_GPU_RESIDENT_LAYERS", "0-2,40")
     monkeypatch.setenv("LVGG_GPU_EXPERTS_GB", "1.5")
-    assert GpuSettings.from_env() == GpuSettings(None, (0, 1, 2, 40), 3 * 2**29)
+    monkeypatch.setenv("LVGG_GPU_DECODE_SPLIT", "3")
+    assert GpuSettings.from_env() == GpuSettings(None, (0, 1, 2, 40), 3 * 2**29, 3)
     monkeypatch.setenv("LVGG_GPU_PREFILL_MIN_TOKENS", "0")
     monkeypatch.setenv("LVGG_GPU_RESIDENT_LAYERS", "AUTO")
-    assert GpuSettings.from_env() == GpuSettings(None, "auto", 3 * 2**29)
+    monkeypatch.setenv("LVGG_GPU_DECODE_SPLIT", "Off")
+    assert GpuSettings.from_env() == GpuSettings(None, "auto", 3 * 2**29, None)
+    monkeypatch.setenv("LVGG_GPU_DECODE_SPLIT", "0")
+    assert GpuSettings.from_env().decode_split is None
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -88,10 +95,11 @@ def test_gpu_settings_are_read_from_the_environment(monkeypatch):
     ("--gpu-resident-layers", "3-1", "LVGG_GPU_RESIDENT_LAYERS: range '3-1' is empty or negative"),
     ("--gpu-resident-layers", "0,0", "layer 0 is listed twice"),
     ("--gpu-experts-gb", "-2", "LVGG_GPU_EXPERTS_GB must be >= 0"),
+    ("--gpu-decode-split", "half", "LVGG_GPU_DECODE_SPLIT must be 'auto', 'off' or how many of a token's experts"),
 ])
 def test_serve_refuses_bad_gpu_settings_before_vllm(qwen3, monkeypatch, flag, value, message):
     folder, _, experts = qwen3
-    for name in ("LVGG_GPU_PREFILL_MIN_TOKENS", "LVGG_GPU_RESIDENT_LAYERS", "LVGG_GPU_EXPERTS_GB"):
+    for name in GPU_ENVS:
         monkeypatch.setenv(name, "")  # empty: the default
     monkeypatch.delenv("LVGG_EXPERTS", raising=False)
     r = CliRunner().invoke(app, ["serve", str(folder), "--experts", str(experts), flag, value])

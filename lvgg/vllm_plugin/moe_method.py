@@ -20,6 +20,9 @@ def routed_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
         gpu, cpu = runtime.gpu_experts(x.device, x.dtype), runtime.cuda_experts(x.dtype)
         if runtime.runs_on_gpu(gpu, layer, x.shape[0]):  # long passes and resident layers
             return gpu(layer, x, topk_ids, topk_weights)
+        split = runtime.split_experts()
+        if split is not None and split.takes(layer, x.shape[0]):  # decode: the GPU takes some experts
+            return split(layer, x, topk_ids, topk_weights)
         # stream-ordered through pinned buffers and a host function: no sync, capturable
         return cpu(layer, x, topk_ids, topk_weights)
     engine = runtime.current_engine()

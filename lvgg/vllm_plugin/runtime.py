@@ -18,8 +18,9 @@ from lvgg import _bridge, topology
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, EngineNode, ExpertStore
 from lvgg.gpu_experts import GpuExperts, gpu_unsupported
+from lvgg.gpu_split import SplitExperts, best_gpu_slots, calibrate
 from lvgg.models import arch_for
-from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, settings
+from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, settings
 from lvgg.vllm_plugin.settings import GpuSettings
 
 log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
@@ -29,11 +30,15 @@ AUTO_RESIDENT_KV_SHARE = 0.5
 # Without LVGG_GPU_EXPERTS_GB, streaming may take this share of it (30B-A3B Q4_K_M in bf16: 1.85 GiB;
 # a DeepSeek-V3-sized layer: ~35 GiB, which would leave a 24-80 GB GPU no KV cache).
 DEFAULT_STREAM_VRAM_SHARE = 0.25
+# Decode steps split with the CPU fetch at most this many experts per layer call (8 tokens x 4 per token;
+# 30B-A3B in bf16: 0.4 GiB of VRAM). Longer calls run on the CPU alone.
+SPLIT_EXPERTS = 32
 
 _lock = threading.Lock()
 _engine: CpuMoE | None = None
 _cuda: CudaExperts | None = None
 _gpu: GpuExperts | None = None
+_split: SplitExperts | None = None
 _gpu_made = False
 _gpu_min_tokens: int | None = None
 _gpu_memory_utilization = 0.9
@@ -176,43 +181,73 @@ def gpu_experts(device, dtype) -> GpuExperts | None:
     """The experts this process runs on the GPU (streamed for long passes, resident layers), made
     at the first call with CUDA tensors: vLLM's profiling run, so their VRAM is counted before
     the KV cache is sized. None when no layer runs on the GPU."""
-    global _gpu, _gpu_made
+    global _gpu, _split, _gpu_made
     if _gpu_made:  # every layer of every step asks: no lock once decided
         return _gpu
     with _lock:
         if not _gpu_made:
-            _gpu_made = True
             if _tp_size > 1:  # GpuExperts streams whole layers; a rank holds its share only
-                log.warning("lvgg: with tensor parallelism the experts run on the CPU only (no GPU prefill or "
-                            "resident layers yet)")
+                log.warning("lvgg: with tensor parallelism the experts run on the CPU only (no GPU prefill, "
+                            "resident layers or decode split yet)")
             else:
-                _gpu = _make_gpu_experts(current_engine().store, device, dtype)
+                _gpu, _split = _make_gpu_experts(current_engine(), device, dtype)
+            _gpu_made = True
         return _gpu
 
 
-def _make_gpu_experts(store: ExpertStore, device, dtype) -> GpuExperts | None:
-    import torch
+def split_experts() -> SplitExperts | None:
+    """The CPU/GPU split of short passes, made with gpu_experts(); None when off."""
+    return _split
 
+
+def _make_gpu_experts(moe: CpuMoE, device, dtype) -> tuple[GpuExperts | None, SplitExperts | None]:
     global _gpu_min_tokens
+    store = moe.store
     wanted = GpuSettings.from_env()
     _gpu_min_tokens = wanted.prefill_min_tokens
     free, total = torch.cuda.mem_get_info(device)
     usable = max(0.0, _gpu_memory_utilization * total - (total - free))  # what vLLM may still take
-    streamed, resident, notes = plan_gpu_layers({n: store.layer_info(n) for n in store.layers}, wanted, usable, dtype)
+    streamed, resident, split, notes = plan_gpu_layers({n: store.layer_info(n) for n in store.layers}, wanted,
+                                                       usable, dtype)
     for note in notes:
         log.warning("lvgg: %s", note)
-    if not streamed and not resident:
-        return None
-    gpu = GpuExperts(store, device=device, dtype=dtype, streamed_layers=streamed, resident_layers=resident)
-    log.info("lvgg: experts on %s: %d layers streamed for passes of >= %s tokens, %d resident; %.2f GiB of VRAM",
-             device, len(streamed), wanted.prefill_min_tokens, len(resident), gpu.vram_bytes / 2**30)
-    return gpu
+    if not streamed and not resident and not split:
+        return None, None
+    gpu = GpuExperts(store, device=device, dtype=dtype, streamed_layers=streamed, resident_layers=resident,
+                     split_layers=split, split_experts=SPLIT_EXPERTS)
+    log.info("lvgg: experts on %s: %d layers streamed for passes of >= %s tokens, %d resident, %d split with the "
+             "CPU in decode steps; %.2f GiB of VRAM", device, len(streamed), wanted.prefill_min_tokens,
+             len(resident), len(split), gpu.vram_bytes / 2**30)
+    return gpu, _make_split(gpu, moe, wanted.decode_split, dtype) if split else None
+
+
+def _make_split(gpu: GpuExperts, moe: CpuMoE, wanted: int | str, dtype) -> SplitExperts | None:
+    """The decode split: ``wanted`` experts per token on the GPU, or for "auto" the count that
+    makes the CPU and the GPU finish one token's experts together (timed here on one layer)."""
+    top_k = moe.max_top_k
+    if wanted == "auto":
+        layer = gpu.split_layers[len(gpu.split_layers) // 2]
+        seconds = calibrate(gpu, moe, layer, dtype)
+        slots = best_gpu_slots(seconds)
+        log.info("lvgg: %s=auto: one token's experts of layer %d take %s ms on the CPU and %s ms on the GPU for "
+                 "0..%d of them: the GPU takes %d", GPU_SPLIT_ENV, layer,
+                 "/".join(f"{t * 1e3:.2f}" for t in seconds["cpu"]), "/".join(f"{t * 1e3:.2f}" for t in seconds["gpu"]),
+                 top_k, slots)
+        if slots == 0:
+            return None
+    elif wanted >= top_k:
+        raise ValueError(f"{GPU_SPLIT_ENV}={wanted}: a token has {top_k} experts and the CPU keeps at least one; "
+                         f"give 1..{top_k - 1}, 'auto' or 'off'")
+    else:
+        slots = wanted
+    return SplitExperts(gpu, moe, gpu_slots=slots, max_tokens=gpu.split_experts // slots, dtype=dtype)
 
 
 def plan_gpu_layers(infos: dict[int, Any], wanted: GpuSettings, usable: float,
-                    dtype) -> tuple[list[int], list[int], list[str]]:
-    """(streamed layers, resident layers, warnings) for the settings, with ``usable`` bytes of
-    VRAM left to vLLM. Raises ValueError for resident layers that cannot be."""
+                    dtype) -> tuple[list[int], list[int], list[int], list[str]]:
+    """(streamed layers, resident layers, layers split with the CPU in decode steps, warnings) for
+    the settings, with ``usable`` bytes of VRAM left to vLLM. Raises ValueError for resident
+    layers that cannot be."""
     from lvgg.gpu_experts import estimate_vram_bytes
 
     notes = []
@@ -222,13 +257,18 @@ def plan_gpu_layers(infos: dict[int, Any], wanted: GpuSettings, usable: float,
         notes.append(f"layers {sorted(cpu_only)} run on the CPU only: {next(iter(cpu_only.values()))}")
     budget = wanted.experts_bytes
     streamed = runnable if wanted.prefill_min_tokens else []
+
+    def vram(resident: list[int]) -> int:  # with every other layer streamed and split, as wanted
+        rest = [x for x in runnable if x not in resident]
+        return estimate_vram_bytes(infos, rest if streamed else [], resident, dtype,
+                                   rest if wanted.decode_split is not None else [], SPLIT_EXPERTS)
+
     if wanted.resident == "auto":
         if budget is None:
             budget = int(usable * (1 - AUTO_RESIDENT_KV_SHARE))
         resident: list[int] = []
         for layer in runnable:  # first layers first
-            rest = [x for x in streamed if x != layer and x not in resident]
-            if estimate_vram_bytes(infos, rest, [*resident, layer], dtype) > budget:
+            if vram([*resident, layer]) > budget:
                 break
             resident.append(layer)
         log.info("lvgg: %s=auto: %d of %d expert layers fit in %.1f GiB of VRAM", GPU_RESIDENT_ENV, len(resident),
@@ -253,7 +293,15 @@ def plan_gpu_layers(infos: dict[int, Any], wanted: GpuSettings, usable: float,
                      f"{stream_cap / 2**30:.1f} GiB it may take ({limit}): prefill runs the experts on the CPU; "
                      f"set {GPU_EXPERTS_GB_ENV} to allow more")
         streamed = []
-    return streamed, resident, notes
+        stream_bytes = 0
+    split = [layer for layer in runnable if layer not in resident] if wanted.decode_split is not None else []
+    split_bytes = estimate_vram_bytes(infos, [], [], dtype, split, SPLIT_EXPERTS)
+    if split and split_bytes > stream_cap - stream_bytes:
+        notes.append(f"splitting decode steps with the CPU needs {split_bytes / 2**30:.2f} GiB of VRAM, more than "
+                     f"the {max(0, stream_cap - stream_bytes) / 2**30:.2f} GiB left to it: decode runs the experts on "
+                     f"the CPU; set {GPU_EXPERTS_GB_ENV} to allow more")
+        split = []
+    return streamed, resident, split, notes
 
 
 def runs_on_gpu(gpu: GpuExperts | None, layer: int, n_tokens: int) -> bool:

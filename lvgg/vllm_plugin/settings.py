@@ -11,6 +11,9 @@
     LVGG_GPU_RESIDENT_LAYERS     layers whose experts stay on the GPU: "0-5,40" or "auto"
     LVGG_GPU_EXPERTS_GB          the most VRAM (GiB) lvgg's experts may take (default: no bound;
                                  with "auto", half of what vLLM may use after its weights)
+    LVGG_GPU_DECODE_SPLIT        short passes (decode): how many of each token's experts the GPU
+                                 fetches over the link and computes while the CPU does the rest:
+                                 "auto" (default: timed at startup), a count, or "off"
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import os
 from dataclasses import dataclass
 
 from lvgg.topology import parse_ranges
-from lvgg.vllm_plugin import GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV, THREADS_ENV
+from lvgg.vllm_plugin import GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, THREADS_ENV
 
 BINDING_ENV = "LVGG_CPU_BINDING"
 
@@ -30,16 +33,19 @@ class GpuSettings:
     prefill_min_tokens: int | None  # None: never stream
     resident: tuple[int, ...] | str  # layer indices, or "auto"
     experts_bytes: int | None  # VRAM bound, None: none given
+    decode_split: int | str | None = "auto"  # GPU experts per token in decode steps, "auto", None: off
 
     @classmethod
     def from_env(cls) -> GpuSettings:
         return cls.parse(os.environ.get(GPU_PREFILL_ENV, ""), os.environ.get(GPU_RESIDENT_ENV, ""),
-                         os.environ.get(GPU_EXPERTS_GB_ENV, ""))
+                         os.environ.get(GPU_EXPERTS_GB_ENV, ""), os.environ.get(GPU_SPLIT_ENV, ""))
 
     @classmethod
-    def parse(cls, prefill_min_tokens: str, resident_layers: str, experts_gb: str) -> GpuSettings:
+    def parse(cls, prefill_min_tokens: str, resident_layers: str, experts_gb: str,
+              decode_split: str = "") -> GpuSettings:
         """The settings these texts (as the environment variables hold them) give, or ValueError."""
-        return cls(_min_tokens(prefill_min_tokens), _resident(resident_layers), _gib(experts_gb))
+        return cls(_min_tokens(prefill_min_tokens), _resident(resident_layers), _gib(experts_gb),
+                   _split(decode_split))
 
 
 def _min_tokens(text: str) -> int | None:
@@ -56,6 +62,16 @@ def _resident(text: str) -> tuple[int, ...] | str:
     if text.lower() == "auto":
         return "auto"
     return parse_ranges(text, GPU_RESIDENT_ENV, item="layer", largest=100_000)
+
+
+def _split(text: str) -> int | str | None:
+    text = text.strip().lower()
+    if text in ("", "auto"):
+        return "auto"
+    if text == "off":
+        return None
+    return _non_negative(text, GPU_SPLIT_ENV, int, "'auto', 'off' or how many of a token's experts the GPU "
+                         "takes") or None
 
 
 def _gib(text: str) -> int | None:
