@@ -134,7 +134,7 @@ def main() -> None:
             if not lines:
                 print(f"{name} failed (rc={done.returncode}):\n{done.stderr[-4000:]}", flush=True)
                 continue
-            notes = [ln for ln in done.stderr.splitlines() if "lvgg:" in ln]
+            notes = [ln for ln in (done.stdout + done.stderr).splitlines() if "lvgg:" in ln]
             rows.append((name, json.loads(lines[-1][7:])))
             print(name, rows[-1][1], *notes[-6:], sep="\n  ", flush=True)
     columns = sorted({k for _, r in rows for k in r}, key=lambda k: (k[:7], len(k), k))

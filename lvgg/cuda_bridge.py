@@ -10,6 +10,9 @@ captured into a CUDA graph (vLLM's FULL and piecewise modes) and replayed.
 """
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from lvgg import _bridge
@@ -17,11 +20,16 @@ from lvgg.experts import CpuMoE
 
 
 def _pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Page-locked memory outside torch's caching host allocator (its events do not mix with capture)."""
-    t = torch.empty(shape, dtype=dtype)
-    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    """Page-locked memory outside torch's caching host allocator (its events do not mix with capture),
+    on whole pages of its own: a page shared with another registered buffer cannot be registered."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    span = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    raw = torch.empty(span + mmap.PAGESIZE, dtype=torch.uint8)
+    start = -raw.data_ptr() % mmap.PAGESIZE
+    t = raw[start:start + nbytes].view(dtype).view(shape)
+    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), span, 0)
     if int(rc) != 0 or not t.is_pinned():
-        raise RuntimeError(f"could not pin {t.numel() * t.element_size() >> 20} MiB of host memory for the CUDA bridge "
+        raise RuntimeError(f"could not pin {span >> 10} KiB of host memory for the CUDA bridge "
                            f"(cudaHostRegister returned {rc}); check free RAM and the locked-memory limit")
     return t
 

@@ -153,13 +153,14 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
         plan_gpu_layers(iq, GpuSettings(64, (1,), None), 80 * 2**30, torch.bfloat16)
 
 
-def test_best_gpu_slots_balances_the_slower_side():
-    from lvgg.gpu_split import best_gpu_slots
+def test_split_slots_follow_the_calibrated_token_counts():
+    from lvgg.gpu_split import best_slots, slots_for
 
-    # CPU: 0.06 ms per expert + 0.05 fixed; GPU: 0.08 ms per expert + 0.03 fixed
-    seconds = {"cpu": [0] + [0.05 + 0.06 * k for k in range(1, 9)], "gpu": [0] + [0.03 + 0.08 * k for k in range(1, 9)]}
-    assert best_gpu_slots(seconds) == 3  # CPU 5 experts: 0.35, GPU 3: 0.27 (4/4: 0.29 vs 0.35)
-    assert best_gpu_slots({"cpu": [0, 1, 2], "gpu": [0, 5, 10]}) == 0  # a slow link: the CPU alone
+    seconds = {1: [0.50, 0.45, 0.40, 0.42], 2: [0.9, 0.8, 1.0], 4: [1.5, 1.7], 8: [2.7, 3.5]}
+    slots = best_slots(seconds)
+    assert slots == {1: 2, 2: 1, 4: 0, 8: 0}
+    assert [slots_for(slots, n) for n in (1, 2, 3, 4, 8, 9)] == [2, 1, 0, 0, 0, 0]
+    assert [slots_for({10: 3}, n) for n in (1, 10, 11)] == [3, 3, 0]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def split(experts_file):
     gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, resident_layers=[3], split_layers=[1, 2, 5],
                      split_experts=16)
     moe = lvgg.CpuMoE(store, threads=2, max_top_k=K)
-    yield SplitExperts(gpu, moe, gpu_slots=2, max_tokens=8, dtype=torch.bfloat16)
+    yield SplitExperts(gpu, moe, slots={2: 1, 8: 2}, dtype=torch.bfloat16)
     torch.cuda.synchronize()
     gpu.close()
 
@@ -179,6 +180,7 @@ def split(experts_file):
 def test_decode_split_matches_the_reference(experts_file, split):
     refs = {layer: read_reference(experts_file, layer) for layer in (1, 2, 5)}
     assert split.takes(1, 8) and not split.takes(1, 9) and not split.takes(3, 1)
+    assert [split.gpu_slots(n) for n in (1, 2, 3, 8)] == [1, 1, 2, 2]
     for step, (layer, T) in enumerate([(1, 1), (2, 8), (5, 3), (1, 8), (5, 1)]):
         x, ids, w = routing(T, 100 + step)
         ids[0, 2:] = ids[0, 0]  # the GPU's two slots may repeat an expert (of the CPU's too)
@@ -205,9 +207,10 @@ def test_decode_split_replays_in_a_cuda_graph(split):
 
 
 @needs_cuda
-def test_decode_split_calibration_times_both_sides(experts_file, split):
-    from lvgg.gpu_split import best_gpu_slots, calibrate
+def test_decode_split_calibration_times_both_sides(split):
+    from lvgg.gpu_split import best_slots, calibrate
 
-    seconds = calibrate(split.gpu, split.cpu.moe, 1, torch.bfloat16, repeats=3)
-    assert len(seconds["cpu"]) == len(seconds["gpu"]) == K + 1 and all(t > 0 for t in seconds["cpu"][1:] + seconds["gpu"][1:])
-    assert 0 <= best_gpu_slots(seconds) < K
+    seconds = calibrate(split.gpu, split._cpu[K - 1].moe, torch.bfloat16, token_counts=(1, 8), repeats=2)
+    assert len(seconds[1]) == K and len(seconds[8]) == 3  # 0..K-1 GPU slots; 8 tokens x 2 fill the 16 fetched
+    assert all(t > 0 for times in seconds.values() for t in times)
+    assert set(best_slots(seconds)) == {1, 8}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from lvgg import _bridge, topology
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, EngineNode, ExpertStore
 from lvgg.gpu_experts import GpuExperts, gpu_unsupported
-from lvgg.gpu_split import SplitExperts, best_gpu_slots, calibrate
+from lvgg.gpu_split import SplitExperts, best_slots, calibrate
 from lvgg.models import arch_for
 from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, settings
 from lvgg.vllm_plugin.settings import GpuSettings
@@ -223,24 +224,22 @@ def _make_gpu_experts(moe: CpuMoE, device, dtype) -> tuple[GpuExperts | None, Sp
 
 def _make_split(gpu: GpuExperts, moe: CpuMoE, wanted: int | str, dtype) -> SplitExperts | None:
     """The decode split: ``wanted`` experts per token on the GPU, or for "auto" the count that
-    makes the CPU and the GPU finish one token's experts together (timed here on one layer)."""
+    was fastest here for each batch size (each way replayed in CUDA graphs)."""
     top_k = moe.max_top_k
     if wanted == "auto":
-        layer = gpu.split_layers[len(gpu.split_layers) // 2]
-        seconds = calibrate(gpu, moe, layer, dtype)
-        slots = best_gpu_slots(seconds)
-        log.info("lvgg: %s=auto: one token's experts of layer %d take %s ms on the CPU and %s ms on the GPU for "
-                 "0..%d of them: the GPU takes %d", GPU_SPLIT_ENV, layer,
-                 "/".join(f"{t * 1e3:.2f}" for t in seconds["cpu"]), "/".join(f"{t * 1e3:.2f}" for t in seconds["gpu"]),
-                 top_k, slots)
-        if slots == 0:
-            return None
+        t0 = time.perf_counter()
+        seconds = calibrate(gpu, moe, dtype)
+        slots = best_slots(seconds)
+        log.info("lvgg: %s=auto (%.1f s): ms per layer with 0, 1, ... of a token's experts on the GPU: %s; the GPU "
+                 "takes %s", GPU_SPLIT_ENV, time.perf_counter() - t0,
+                 "; ".join(f"{n} tokens " + "/".join(f"{t * 1e3:.3f}" for t in times) for n, times in seconds.items()),
+                 ", ".join(f"{g} at {n} tokens" for n, g in slots.items()))
     elif wanted >= top_k:
         raise ValueError(f"{GPU_SPLIT_ENV}={wanted}: a token has {top_k} experts and the CPU keeps at least one; "
                          f"give 1..{top_k - 1}, 'auto' or 'off'")
     else:
-        slots = wanted
-    return SplitExperts(gpu, moe, gpu_slots=slots, max_tokens=gpu.split_experts // slots, dtype=dtype)
+        slots = {gpu.split_experts // wanted: wanted}  # every call the GPU's buffers hold
+    return SplitExperts(gpu, moe, slots=slots, dtype=dtype) if any(slots.values()) else None
 
 
 def plan_gpu_layers(infos: dict[int, Any], wanted: GpuSettings, usable: float,
