@@ -21,14 +21,13 @@ from lvgg.experts import CpuMoE
 
 def _pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Page-locked memory outside torch's caching host allocator (its events do not mix with capture),
-    on whole pages of its own: a page shared with another registered buffer cannot be registered."""
+    on pages of its own (an anonymous mapping): a page shared with another registered buffer
+    cannot be registered."""
     nbytes = math.prod(shape) * dtype.itemsize
     span = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
-    raw = torch.empty(span + mmap.PAGESIZE, dtype=torch.uint8)
-    start = -raw.data_ptr() % mmap.PAGESIZE
-    t = raw[start:start + nbytes].view(dtype).view(shape)
+    t = torch.frombuffer(mmap.mmap(-1, span), dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
     rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), span, 0)
-    if int(rc) != 0:  # (t.is_pinned() asks about the allocation's start, which is not registered)
+    if int(rc) != 0 or not t.is_pinned():
         raise RuntimeError(f"could not pin {span >> 10} KiB of host memory for the CUDA bridge "
                            f"(cudaHostRegister returned {rc}); check free RAM and the locked-memory limit")
     return t
@@ -86,3 +85,10 @@ class CudaExperts:
         for t in (self._x, self._ids, self._weights, self._out):
             torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
         self._bridge = None
+
+    def __del__(self) -> None:
+        # A registration outliving its pages would make the next buffer mapped there unpinnable.
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass

@@ -194,13 +194,22 @@ class GpuExperts:
                              f"{self.split_layers}; asked for {n} of layer {layer}")
         info = self._info[layer]
         w13, w2 = self._fetch_weights[0][:n], self._fetch_weights[1][:n]
-        at = 0
-        for ggml_type, src, _, rows in self._plan[layer]:
+        stream = torch.cuda.current_stream(self.device)
+        # Projections are fetched in turn on a second stream and each is dequantized as soon as
+        # it is in, so the link stays busy while the GPU dequantizes (the fetch stream first
+        # waits for the last call's dequantization of the staging buffer).
+        self._link_stream.wait_stream(stream)
+        at, staged = 0, []
+        for i, (_, src, _, _) in enumerate(self._plan[layer]):
             per_expert = (src.stop - src.start) // info.n_experts
-            staged = self._fetch_staging[at:at + n * per_expert].view(n, per_expert)
-            gather_rows(self._host[src].view(info.n_experts, per_expert), expert_ids, staged)
-            dequantize(staged.view(-1), ggml_type, w13[:, rows] if rows is not None else w2)
+            staged.append(self._fetch_staging[at:at + n * per_expert].view(n, per_expert))
             at += -(-n * per_expert // 256) * 256
+            with torch.cuda.stream(self._link_stream):
+                gather_rows(self._host[src].view(info.n_experts, per_expert), expert_ids, staged[-1])
+                self._fetched_event[i].record(self._link_stream)
+        for i, (ggml_type, _, _, rows) in enumerate(self._plan[layer]):
+            stream.wait_event(self._fetched_event[i])
+            dequantize(staged[i].view(-1), ggml_type, w13[:, rows] if rows is not None else w2)
         return w13, w2
 
     def multiply(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -269,6 +278,8 @@ class GpuExperts:
         self._fetch_weights = self._new_weights(info, n)
         staging = max(_fetch_bytes(self._info[layer], n) for layer in self.split_layers)
         self._fetch_staging = torch.empty(staging, dtype=torch.uint8, device=self.device)
+        self._link_stream = torch.cuda.Stream(self.device)
+        self._fetched_event = [torch.cuda.Event() for _ in range(3)]  # one per projection
 
     def _fetch(self, layer: int) -> None:
         """Start copying a layer's bytes into its slot on the side stream, unless it is there already."""

@@ -130,16 +130,17 @@ def best_slots(seconds: dict[int, list[float]]) -> dict[int, int]:
 
 
 def graph_seconds(fn, repeats: int) -> float:
-    """Seconds one replay of a CUDA graph of ``fn`` takes (fn runs once eagerly first: kernels compile)."""
+    """Seconds one replay of a CUDA graph of ``fn`` takes, the median of ``repeats`` (fn runs
+    eagerly first and the graph twice before timing: kernels compile, pages fault in)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
         graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[2:])[repeats // 2]

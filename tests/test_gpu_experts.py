@@ -125,13 +125,13 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
     q4_k_m = {"gate": "q4_K", "up": "q4_K", "down": "q6_K"}
     a3b = layer_infos(48, 128, 2048, 768, q4_k_m)  # Qwen3-30B-A3B
     layer = 3 * 128 * 2048 * 768 * 2  # bf16 weights of one layer
-    streamed, resident, split, notes = plan_gpu_layers(a3b, GpuSettings(64, (), None), 80 * 2**30, torch.bfloat16)
+    streamed, resident, split, notes = plan_gpu_layers(a3b, GpuSettings(64, (), None, 3), 80 * 2**30, torch.bfloat16)
     assert streamed == list(range(48)) and resident == [] and split == list(range(48)) and notes == []
-    streamed, resident, split, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None), 80 * 2**30, torch.bfloat16)
+    streamed, resident, split, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, "auto"), 80 * 2**30, torch.bfloat16)
     stream = estimate_vram_bytes(a3b, [0], [], torch.bfloat16, [0], SPLIT_EXPERTS)
     assert len(resident) == (40 * 2**30 - stream) // layer and resident == list(range(len(resident)))
     assert streamed == split == list(range(len(resident), 48))
-    _, resident_unsplit, split, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, None), 80 * 2**30,
+    _, resident_unsplit, split, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None), 80 * 2**30,
                                                     torch.bfloat16)
     assert split == [] and len(resident_unsplit) >= len(resident)
     with pytest.raises(ValueError, match="3 resident expert layers need 3.4 GiB of VRAM; LVGG_GPU_EXPERTS_GB allows 2.0"):
@@ -139,15 +139,15 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
     # DeepSeek-V3-sized layers: streaming one needs ~35 GiB; a 40 GiB GPU keeps prefill on the CPU,
     # while splitting decode steps (32 experts: 3.0 GiB) fits
     v3 = layer_infos(58, 256, 7168, 2048, q4_k_m)
-    streamed, resident, split, notes = plan_gpu_layers(v3, GpuSettings(64, (), None), 40 * 2**30, torch.bfloat16)
+    streamed, resident, split, notes = plan_gpu_layers(v3, GpuSettings(64, (), None, 3), 40 * 2**30, torch.bfloat16)
     assert streamed == [] and resident == [] and split == list(range(58))
     assert len(notes) == 1 and "prefill runs the experts on the CPU" in notes[0]
-    streamed, _, split, notes = plan_gpu_layers(v3, GpuSettings(64, (), 40 * 2**30), 40 * 2**30, torch.bfloat16)
+    streamed, _, split, notes = plan_gpu_layers(v3, GpuSettings(64, (), 40 * 2**30, "auto"), 40 * 2**30, torch.bfloat16)
     assert streamed == split == list(range(58)) and notes == []
-    streamed, _, split, notes = plan_gpu_layers(v3, GpuSettings(None, (), 2 * 2**30), 40 * 2**30, torch.bfloat16)
+    streamed, _, split, notes = plan_gpu_layers(v3, GpuSettings(None, (), 2 * 2**30, "auto"), 40 * 2**30, torch.bfloat16)
     assert streamed == split == [] and "decode runs the experts on the CPU" in notes[0]
     iq = layer_infos(2, 8, 256, 256, {"gate": "iq4_xs", "up": "iq4_xs", "down": "q8_0"})
-    streamed, _, split, notes = plan_gpu_layers(iq, GpuSettings(64, (), None), 80 * 2**30, torch.bfloat16)
+    streamed, _, split, notes = plan_gpu_layers(iq, GpuSettings(64, (), None, 3), 80 * 2**30, torch.bfloat16)
     assert streamed == split == [] and "run on the CPU only" in notes[0]
     with pytest.raises(ValueError, match=r"layers \[1\] cannot be resident: layer 1: types \['IQ4_XS'\]"):
         plan_gpu_layers(iq, GpuSettings(64, (1,), None), 80 * 2**30, torch.bfloat16)
@@ -171,8 +171,10 @@ def split(experts_file):
     gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, resident_layers=[3], split_layers=[1, 2, 5],
                      split_experts=16)
     moe = lvgg.CpuMoE(store, threads=2, max_top_k=K)
-    yield SplitExperts(gpu, moe, slots={2: 1, 8: 2}, dtype=torch.bfloat16)
+    split = SplitExperts(gpu, moe, slots={2: 1, 8: 2}, dtype=torch.bfloat16)
+    yield split
     torch.cuda.synchronize()
+    split.close()
     gpu.close()
 
 

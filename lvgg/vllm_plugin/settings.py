@@ -13,7 +13,8 @@
                                  with "auto", half of what vLLM may use after its weights)
     LVGG_GPU_DECODE_SPLIT        short passes (decode): how many of each token's experts the GPU
                                  fetches over the link and computes while the CPU does the rest:
-                                 "auto" (default: timed at startup), a count, or "off"
+                                 "off" (default), a count, or "auto" (timed at startup);
+                                 docs/gpu-experts.md has what it gains and loses today
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class GpuSettings:
     prefill_min_tokens: int | None  # None: never stream
     resident: tuple[int, ...] | str  # layer indices, or "auto"
     experts_bytes: int | None  # VRAM bound, None: none given
-    decode_split: int | str | None = "auto"  # GPU experts per token in decode steps, "auto", None: off
+    decode_split: int | str | None = None  # GPU experts per token in decode steps, "auto", None: off
 
     @classmethod
     def from_env(cls) -> GpuSettings:
@@ -66,9 +67,9 @@ def _resident(text: str) -> tuple[int, ...] | str:
 
 def _split(text: str) -> int | str | None:
     text = text.strip().lower()
-    if text in ("", "auto"):
+    if text == "auto":
         return "auto"
-    if text == "off":
+    if text in ("", "off"):
         return None
     return _non_negative(text, GPU_SPLIT_ENV, int, "'auto', 'off' or how many of a token's experts the GPU "
                          "takes") or None
