@@ -40,16 +40,20 @@ class ExpertStore:
     place from the mapping. The repacked kernels are faster for few tokens per call (decode)
     but, for K-quants, about 2x slower for hundreds; ``keep_mapped=True`` keeps both layouts
     resident (twice the memory of the repacked tensors) so the engine uses the faster one
-    for each batch size.
+    for each batch size. ``layers`` keeps those MoE layers only (a pipeline-parallel rank's):
+    the others are checked in the header, never read.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, repack: bool = True, keep_mapped: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, repack: bool = True, keep_mapped: bool = False,
+                 layers: Sequence[int] | None = None) -> None:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"experts file not found: {path}")
         if not os.access(path, os.R_OK):
             raise PermissionError(f"experts file is not readable: {path}")
-        self._store = _bridge.ExpertStore(path, repack, keep_mapped)
+        if layers is not None and not layers:
+            raise ValueError("layers must name at least one MoE layer (None: all of them)")
+        self._store = _bridge.ExpertStore(path, repack, keep_mapped, list(layers or []))
 
     def part(self, part: int, n_parts: int, repack: bool = True) -> ExpertStore:
         """Share ``part`` of ``n_parts`` of every expert, as a store of its own: intermediate rows

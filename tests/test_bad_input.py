@@ -148,6 +148,21 @@ def test_check_layer_names_the_first_difference(good_file):
         store.check_layer(2, n_experts=E, hidden_size=2048)
 
 
+def test_a_store_of_some_layers_computes_them_like_the_whole_file(good_file):
+    """A pipeline-parallel rank's store: its layers only, the same results."""
+    whole, part = lvgg.ExpertStore(good_file), lvgg.ExpertStore(good_file, layers=[2])
+    assert part.layers == [2] and whole.layers == [0, 2]
+    x, ids, w = args(T=5)
+    outs = [lvgg.CpuMoE(s, threads=1, max_tokens=64, max_top_k=4)(2, x, ids, w) for s in (whole, part)]
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(IndexError, match="layer 0 has no routed experts"):
+        lvgg.CpuMoE(part, threads=1, max_tokens=64, max_top_k=4)(0, x, ids, w)
+    with pytest.raises(ValueError, match=r"has no experts for layer 1 \(its MoE layers: 0,2\)"):
+        lvgg.ExpertStore(good_file, layers=[1, 2])
+    with pytest.raises(ValueError, match="at least one MoE layer"):
+        lvgg.ExpertStore(good_file, layers=[])
+
+
 # --- arguments -----------------------------------------------------------------------------
 
 def test_layer_without_experts_is_index_error(moe):

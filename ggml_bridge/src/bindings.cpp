@@ -156,11 +156,12 @@ NB_MODULE(_bridge, m) {
 
     nb::class_<ExpertStore>(m, "ExpertStore")
         .def("__init__",
-             [](ExpertStore * self, const std::string & path, bool repack, bool keep_mapped) {
+             [](ExpertStore * self, const std::string & path, bool repack, bool keep_mapped,
+                std::vector<int> only_layers) {
                  nb::gil_scoped_release release;
-                 new (self) ExpertStore(path, repack, keep_mapped);
+                 new (self) ExpertStore(path, repack, keep_mapped, only_layers);
              },
-             "path"_a, "repack"_a = true, "keep_mapped"_a = false)
+             "path"_a, "repack"_a = true, "keep_mapped"_a = false, "only_layers"_a = std::vector<int>{})
         .def_prop_ro("keeps_mapped", &ExpertStore::keeps_mapped)
         .def_prop_ro("path", &ExpertStore::path)
         .def_prop_ro("architecture", &ExpertStore::architecture)

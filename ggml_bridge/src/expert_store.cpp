@@ -70,13 +70,16 @@ bool cpu_supports_experts_of_type(ggml_type type, const int64_t ne[3], ggml_back
     return ok;
 }
 
-ExpertStore::ExpertStore(const std::string & path, bool repack, bool keep_mapped) :
+ExpertStore::ExpertStore(const std::string & path, bool repack, bool keep_mapped, const std::vector<int> & only_layers) :
     path_(path),
     keep_mapped_(keep_mapped || !repack) {
     try {
         open_and_validate();
         collect_layers();
-        place_weights(repack);
+        if (!only_layers.empty()) {
+            keep_only(only_layers);
+        }
+        place_weights(repack, only_layers.empty());
     } catch (...) {
         release();
         throw;
@@ -270,7 +273,26 @@ void ExpertStore::collect_layers() {
     }
 }
 
-void ExpertStore::place_weights(bool repack) {
+void ExpertStore::keep_only(const std::vector<int> & layers) {
+    std::map<int, ExpertLayer> kept;
+    for (int index : layers) {
+        auto it = layers_.find(index);
+        if (it == layers_.end()) {
+            std::string have;
+            for (const auto & kv : layers_) {
+                have += (have.empty() ? "" : ",") + std::to_string(kv.first);
+            }
+            fail(ErrorKind::Value, path_ + " has no experts for layer " + std::to_string(index) + " (its MoE layers: " +
+                                       have + ")");
+        }
+        kept.insert(*it);
+    }
+    layers_.swap(kept);
+}
+
+// populate: read the whole mapping in at once (every layer is used); otherwise pages fault in
+// as the kept layers are read.
+void ExpertStore::place_weights(bool repack, bool populate) {
     if (layers_.empty()) {
         return;
     }
@@ -278,7 +300,7 @@ void ExpertStore::place_weights(bool repack) {
     if (fd < 0) {
         fail(ErrorKind::File, "cannot open " + path_ + ": " + std::strerror(errno));
     }
-    map_ = mmap(nullptr, file_size_, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
+    map_ = mmap(nullptr, file_size_, PROT_READ, MAP_SHARED | (populate ? MAP_POPULATE : 0), fd, 0);
     close(fd);
     if (map_ == MAP_FAILED) {
         map_ = nullptr;

@@ -39,7 +39,9 @@ struct ExpertLayer {
 
 class ExpertStore {
   public:
-    ExpertStore(const std::string & path, bool repack, bool keep_mapped);
+    // `only_layers` (when not empty): keep these MoE layers only (a pipeline-parallel rank's); the
+    // others are checked in the header but their bytes are never touched.
+    ExpertStore(const std::string & path, bool repack, bool keep_mapped, const std::vector<int> & only_layers = {});
     // Part `part` of `n_parts` of another store's experts, for one NUMA node: intermediate rows
     // part_range() of gate/up (of both halves of a fused gate_up) and the matching columns of
     // down, copied into memory this thread touches first (call it from a thread bound to the
@@ -70,7 +72,8 @@ class ExpertStore {
   private:
     void open_and_validate();
     void collect_layers();
-    void place_weights(bool repack);
+    void keep_only(const std::vector<int> & layers);
+    void place_weights(bool repack, bool populate);
     void slice_from(const ExpertStore & whole, int part, int n_parts, bool repack);
     ggml_tensor * add_repacked(ggml_tensor * t, const void * src);  // nullptr: no layout for the type
     void release();

@@ -8,6 +8,8 @@ keeps) and `DefaultModelLoader.get_all_weights` (the tensors handed to the model
 from __future__ import annotations
 
 from vllm.config import get_current_vllm_config  # noqa: F401
+from vllm.distributed import get_pp_group  # noqa: F401
+from vllm.distributed.utils import get_pp_indices  # noqa: F401
 from vllm.logger import init_logger  # noqa: F401
 from vllm.model_executor.custom_op import op_registry_oot  # noqa: F401
 from vllm.model_executor.layers.fused_moe import fused_experts  # noqa: F401  (CUDA builds of vLLM only)

@@ -69,9 +69,11 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
         vllm_config = compat.get_current_vllm_config()
         self.layer_index = compat.extract_layer_index(layer.layer_name)
         # Opens and checks the experts file at the first layer: a mismatch stops startup here.
+        pp = compat.get_pp_group()
         engine = runtime.engine(vllm_config.model_config.hf_config.to_dict(),
                                 vllm_config.scheduler_config.max_num_batched_tokens,
-                                vllm_config.cache_config.gpu_memory_utilization, self.moe.tp_rank, self.moe.tp_size)
+                                vllm_config.cache_config.gpu_memory_utilization, self.moe.tp_rank, self.moe.tp_size,
+                                pp.rank_in_group, pp.world_size)
         engine.store.check_layer(self.layer_index, n_experts=num_experts, hidden_size=hidden_size,
                                  intermediate_size=intermediate_size_per_partition if self.moe.tp_size == 1
                                  else None)  # a rank's share: the whole file was checked against the model

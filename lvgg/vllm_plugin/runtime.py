@@ -46,8 +46,9 @@ _gpu_memory_utilization = 0.9
 _tp_size = 1
 
 
-def check_experts_file(store: ExpertStore, hf_config: dict[str, Any]) -> None:
-    """Raise ValueError naming the first difference between the experts file and the model."""
+def check_experts_file(store: ExpertStore, hf_config: dict[str, Any], layers: list[int] | None = None) -> None:
+    """Raise ValueError naming the first difference between the experts file and the model
+    (its MoE ``layers`` only, e.g. a pipeline-parallel rank's; default: all)."""
     model_type = hf_config.get("model_type", "?")
     spec = arch_for(model_type).spec(hf_config)
     file_arch = store.metadata().get("lvgg.architecture")
@@ -55,12 +56,13 @@ def check_experts_file(store: ExpertStore, hf_config: dict[str, Any]) -> None:
             arch_for(model_type).gguf_arch:
         raise ValueError(f"experts file {store.path} was converted from a {file_arch} model; this model is "
                          f"{model_type}")
-    if store.layers != spec.layers:
-        missing = sorted(set(spec.layers) - set(store.layers))
-        extra = sorted(set(store.layers) - set(spec.layers))
-        raise ValueError(f"experts file {store.path} has MoE layers {store.layers}, the model has {spec.layers}"
+    want = spec.layers if layers is None else layers
+    if store.layers != want:
+        missing = sorted(set(want) - set(store.layers))
+        extra = sorted(set(store.layers) - set(want))
+        raise ValueError(f"experts file {store.path} has MoE layers {store.layers}, the model has {want}"
                          + (f" (missing {missing})" if missing else "") + (f" (extra {extra})" if extra else ""))
-    for layer in spec.layers:
+    for layer in want:
         store.check_layer(layer, n_experts=spec.n_experts, hidden_size=spec.hidden_size,
                           intermediate_size=spec.intermediate_size)
 
@@ -116,26 +118,43 @@ def rank_cpus(tp_rank: int, tp_size: int) -> list[int]:
 
 
 def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: float = 0.9, tp_rank: int = 0,
-           tp_size: int = 1) -> CpuMoE:
+           tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1) -> CpuMoE:
     """The engine of this process, created (and the file checked) on first use. A tensor-parallel
-    rank computes its share of every expert (vLLM's all-reduce sums the ranks' outputs)."""
+    rank computes its share of every expert (vLLM's all-reduce sums the ranks' outputs); a
+    pipeline-parallel rank holds its own layers' experts only."""
     global _engine, _gpu_memory_utilization, _tp_size
     with _lock:
         _gpu_memory_utilization, _tp_size = gpu_memory_utilization, tp_size
         if _engine is None:
-            _engine = _make_engine(hf_config, max_tokens, tp_rank, tp_size)
+            _engine = _make_engine(hf_config, max_tokens, tp_rank, tp_size, pp_rank, pp_size)
         return _engine
 
 
-def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_size: int) -> CpuMoE:
+def pp_layers(hf_config: dict[str, Any], pp_rank: int, pp_size: int) -> list[int] | None:
+    """The MoE layers of a pipeline-parallel rank (vLLM's split of the layers, which
+    VLLM_PP_LAYER_PARTITION sets), or None without pipeline parallelism."""
+    if pp_size == 1:
+        return None
+    from lvgg.vllm_plugin import compat
+
+    start, end = compat.get_pp_indices(hf_config["num_hidden_layers"], pp_rank, pp_size)
+    return [layer for layer in arch_for(hf_config["model_type"]).spec(hf_config).layers if start <= layer < end]
+
+
+def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_size: int, pp_rank: int,
+                 pp_size: int) -> CpuMoE:
     spec = arch_for(hf_config["model_type"]).spec(hf_config)
     kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu",
                   strict_cpu=settings.strict_binding())
     topo = topology.current()
     split = tp_size > 1 or len(topo.nodes) > 1
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
-    store = ExpertStore(os.environ[EXPERTS_ENV], repack=not split)
-    check_experts_file(store, hf_config)
+    layers = pp_layers(hf_config, pp_rank, pp_size)
+    store = ExpertStore(os.environ[EXPERTS_ENV], repack=not split, layers=layers)
+    check_experts_file(store, hf_config, layers)
+    if layers is not None:
+        log.info("lvgg: pipeline-parallel rank %d of %d holds the experts of layers %s", pp_rank, pp_size,
+                 topology.format_cpulist(layers))
     if tp_size > 1:
         store = store.part(tp_rank, tp_size)  # the whole file is unmapped when its store goes
         cpus = rank_cpus(tp_rank, tp_size)
