@@ -188,9 +188,14 @@ def bench_nodes(
 
     console = Console(width=None if sys.stdout.isatty() else 132)
     threads = threads or len(_bridge.physical_core_cpus())
+    counts = [n for n in _csv(nodes, int) if n <= threads]  # a virtual node needs a core of its own
+    if not counts:
+        _fail(ValueError(f"--nodes {nodes}: every count is above the {threads} cores used; give 1..{threads}"))
+    if len(counts) < len(_csv(nodes, int)):
+        console.print(f"[yellow]{threads} cores: node counts above that are left out[/]")
     bw = bench.read_bandwidth_gb_per_s(threads)
     console.print(f"read bandwidth, {threads} threads: [bold]{bw:.1f} GB/s[/]")
-    results = bench.bench_nodes(_csv(types), _csv(tokens, int), threads, _csv(nodes, int), layers, seconds, workdir)
+    results = bench.bench_nodes(_csv(types), _csv(tokens, int), threads, counts, layers, seconds, workdir)
     print_moe_table(console, results, bw, f"30B-A3B MoE layer, {threads} cores split into virtual nodes")
 
 

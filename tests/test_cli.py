@@ -32,6 +32,12 @@ def test_bench_rejects_unknown_type(tmp_path):
     assert result.exit_code != 0
 
 
+def test_bench_nodes_needs_a_core_per_virtual_node(tmp_path):
+    result = runner.invoke(app, ["bench", "nodes", "--threads", "1", "--nodes", "2,4", "--workdir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "every count is above the 1 cores used; give 1..1" in " ".join(result.output.split())
+
+
 def test_converter_imports_from_outside_the_source_tree(tmp_path):
     # The converter is installed as lvgg.convert: nothing may import it as top-level `convert`,
     # which only resolves when the current directory is the repository.
