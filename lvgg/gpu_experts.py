@@ -164,7 +164,7 @@ class GpuExperts:
 
     @property
     def vram_bytes(self) -> int:
-        """Device memory held for experts (staging, streamed weights and resident weights)."""
+        """Device memory held for experts (staging, streamed, resident and split weights)."""
         tensors = [*self._staging, *self._weights] if self.streamed_layers else []
         tensors += [self._fetch_staging, *self._fetch_weights] if self.split_layers else []
         tensors += [t for pair in self._resident.values() for t in pair]
@@ -281,7 +281,7 @@ class GpuExperts:
         self._link_stream = torch.cuda.Stream(self.device)
         self._fetched_event = [torch.cuda.Event() for _ in range(3)]  # one per projection
 
-    def _fetch(self, layer: int) -> None:
+    def _start_copy(self, layer: int) -> None:
         """Start copying a layer's bytes into its slot on the side stream, unless it is there already."""
         slot = self._slot_of[layer]
         if self._slot_holds[slot] == layer:
@@ -295,12 +295,12 @@ class GpuExperts:
 
     def _stream_in(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         slot = self._slot_of[layer]
-        self._fetch(layer)
+        self._start_copy(layer)
         stream = torch.cuda.current_stream(self.device)
         stream.wait_event(self._copied[slot])
         w13, w2 = self._dequantize(layer, self._staging[slot], out=self._weights)
         self._freed[slot].record(stream)
-        self._fetch(self._next[layer])  # overlaps this layer's matmuls
+        self._start_copy(self._next[layer])  # overlaps this layer's matmuls
         return w13, w2
 
     def _new_weights(self, info: ExpertLayerInfo, n_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,11 +79,6 @@ class SplitExperts:
         # next call's _inputs_ready), so the allocator cannot hand it out too early.
         return out.add_(gpu_part)
 
-    def check(self) -> None:
-        """Raise the error a CPU host function met, if any."""
-        for cpu in self._cpu.values():
-            cpu.check()
-
     def close(self) -> None:
         for cpu in self._cpu.values():
             cpu.close()
