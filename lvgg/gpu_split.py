@@ -119,9 +119,19 @@ def calibrate(gpu: GpuExperts, moe: CpuMoE, dtype: torch.dtype, token_counts: Se
     return result
 
 
+# A split must beat the CPU alone by this much to be kept: the rig's timings of one layer call
+# varied by more than 10% between runs, and a split that loses costs more than one that wins.
+SPLIT_MARGIN = 0.10
+
+
 def best_slots(seconds: dict[int, list[float]]) -> dict[int, int]:
-    """{n tokens: the number of GPU experts per token that was fastest} (0: the CPU alone)."""
-    return {n: min(range(len(times)), key=times.__getitem__) for n, times in seconds.items()}
+    """{n tokens: the number of GPU experts per token that was fastest} (0: the CPU alone, kept
+    unless a split was faster by SPLIT_MARGIN)."""
+    def best(times: list[float]) -> int:
+        g = min(range(len(times)), key=times.__getitem__)
+        return g if times[g] < (1 - SPLIT_MARGIN) * times[0] else 0
+
+    return {n: best(times) for n, times in seconds.items()}
 
 
 def graph_seconds(fn, repeats: int) -> float:

@@ -156,7 +156,8 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
 def test_split_slots_follow_the_calibrated_token_counts():
     from lvgg.gpu_split import best_slots, slots_for
 
-    seconds = {1: [0.50, 0.45, 0.40, 0.42], 2: [0.9, 0.8, 1.0], 4: [1.5, 1.7], 8: [2.7, 3.5]}
+    # 1 token: 20% faster with 2 on the GPU; 2 tokens: 11%; 4 tokens: 5% (within the margin); 8: slower
+    seconds = {1: [0.50, 0.45, 0.40, 0.42], 2: [0.9, 0.8, 1.0], 4: [1.5, 1.43], 8: [2.7, 3.5]}
     slots = best_slots(seconds)
     assert slots == {1: 2, 2: 1, 4: 0, 8: 0}
     assert [slots_for(slots, n) for n in (1, 2, 3, 4, 8, 9)] == [2, 1, 0, 0, 0, 0]
