@@ -1,6 +1,7 @@
 """`lvgg.LLM`: vLLM's offline `LLM` with the routed experts computed by lvgg on the CPU."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,30 @@ def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_thr
     env = {THREADS_ENV: cpu_threads or None, GPU_PREFILL_ENV: gpu_prefill_min_tokens,
            GPU_RESIDENT_ENV: gpu_resident_layers, GPU_EXPERTS_GB_ENV: gpu_experts_gb, GPU_SPLIT_ENV: gpu_decode_split}
     env = {k: str(v) if v is not None else os.environ.get(k, "") for k, v in env.items()}
-    from lvgg.vllm_plugin.settings import GpuSettings
+    from lvgg.vllm_plugin.settings import GpuSettings, check_decode_split
 
-    GpuSettings.parse(env[GPU_PREFILL_ENV], env[GPU_RESIDENT_ENV], env[GPU_EXPERTS_GB_ENV],
-                      env[GPU_SPLIT_ENV])  # before any change
+    wanted = GpuSettings.parse(env[GPU_PREFILL_ENV], env[GPU_RESIDENT_ENV], env[GPU_EXPERTS_GB_ENV],
+                               env[GPU_SPLIT_ENV])  # before any change
+    top_k = _model_top_k(model)
+    if top_k is not None:
+        check_decode_split(wanted.decode_split, top_k)
     os.environ.update({k: v for k, v in env.items() if v})
     os.environ[EXPERTS_ENV] = str(path)
     return path
+
+
+def _model_top_k(model: str) -> int | None:
+    """Experts per token of a local model folder (None: not a folder lvgg can read)."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return None
+    from lvgg.models import arch_for
+
+    try:
+        config = json.loads(path.read_text())
+        return arch_for(config["model_type"]).spec(config).top_k
+    except (ValueError, KeyError, TypeError):
+        return None  # vLLM will say what is wrong with it
 
 
 def capture_size_limit() -> int | None:

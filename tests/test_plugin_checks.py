@@ -96,6 +96,7 @@ def test_gpu_settings_are_read_from_the_environment(monkeypatch):
     ("--gpu-resident-layers", "0,0", "layer 0 is listed twice"),
     ("--gpu-experts-gb", "-2", "LVGG_GPU_EXPERTS_GB must be >= 0"),
     ("--gpu-decode-split", "half", "LVGG_GPU_DECODE_SPLIT must be 'auto', 'off' or how many of a token's experts"),
+    ("--gpu-decode-split", "99", "LVGG_GPU_DECODE_SPLIT=99: a token has"),  # the tiny model's top-k, from config.json
 ])
 def test_serve_refuses_bad_gpu_settings_before_vllm(qwen3, monkeypatch, flag, value, message):
     folder, _, experts = qwen3
@@ -169,3 +170,9 @@ def test_pipeline_parallel_ranks_hold_their_own_layers_only(qwen3, monkeypatch):
     for rank, layers in enumerate(ranks):
         engine = runtime._make_engine(config, 64, 0, 1, rank, 2)
         assert engine.store.layers == layers
+    # with tensor parallelism too: the rank's share of its own layers
+    engine = runtime._make_engine(config, 64, 1, 2, 1, 2)
+    whole = lvgg.ExpertStore(experts, layers=ranks[1])
+    assert engine.store.layers == ranks[1]
+    assert [engine.store.layer_info(n).intermediate_size * 2 for n in ranks[1]] == \
+        [whole.layer_info(n).intermediate_size for n in ranks[1]]

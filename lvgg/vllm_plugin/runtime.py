@@ -253,10 +253,8 @@ def _make_split(gpu: GpuExperts, moe: CpuMoE, wanted: int | str, dtype) -> Split
                  "takes %s", GPU_SPLIT_ENV, time.perf_counter() - t0,
                  "; ".join(f"{n} tokens " + "/".join(f"{t * 1e3:.3f}" for t in times) for n, times in seconds.items()),
                  ", ".join(f"{g} at {n} tokens" for n, g in slots.items()))
-    elif wanted >= top_k:
-        raise ValueError(f"{GPU_SPLIT_ENV}={wanted}: a token has {top_k} experts and the CPU keeps at least one; "
-                         f"give 1..{top_k - 1}, 'auto' or 'off'")
     else:
+        settings.check_decode_split(wanted, top_k)
         slots = {gpu.split_experts // wanted: wanted}  # every call the GPU's buffers hold
     return SplitExperts(gpu, moe, slots=slots, dtype=dtype) if any(slots.values()) else None
 

@@ -75,6 +75,13 @@ def _split(text: str) -> int | str | None:
                          "takes") or None
 
 
+def check_decode_split(slots: int | str | None, top_k: int) -> None:
+    """Raise ValueError unless a token's ``top_k`` experts leave the CPU at least one."""
+    if isinstance(slots, int) and slots >= top_k:
+        raise ValueError(f"{GPU_SPLIT_ENV}={slots}: a token has {top_k} experts and the CPU keeps at least one; "
+                         f"give 1..{top_k - 1}, 'auto' or 'off'")
+
+
 def _gib(text: str) -> int | None:
     text = text.strip()
     return int(_non_negative(text, GPU_EXPERTS_GB_ENV, float, "a size in GiB") * 2**30) if text else None
