@@ -150,3 +150,25 @@ def test_both_layouts_kept_each_match_the_reference(tmp_path, qtype, rng):
     for limit in (0, 10**6):  # mapped layout for every chunk, then repacked for every chunk
         moe = lvgg.CpuMoE(store, threads=2, repack_max_tokens=limit)
         assert rel_err(moe(0, x, ids, w), expected) < TOLERANCE[qtype]
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q4_0], ids=lambda q: q.name)  # repacked on every AVX2 CPU
+def test_separate_gate_and_up_run_as_one_fused_tensor(tmp_path, qtype, rng):
+    """Where gate and up are repacked they are repacked together (one MUL_MAT_ID instead of two):
+    the result is bit for bit that of a file whose gate_up is fused, and of its NUMA parts."""
+    separate = random_experts(rng, E, 256, 512)
+    fused = {"gate_up": np.concatenate([separate["gate"], separate["up"]], axis=1), "down": separate["down"]}
+    paths = [write_experts_file(tmp_path / f"{name}.gguf", {0: layer}, qtype)
+             for name, layer in (("separate", separate), ("fused", fused))]
+    x = torch.randn(5, 256)
+    ids = torch.stack([torch.randperm(E)[:4] for _ in range(5)]).to(torch.int32)
+    w = torch.rand(5, 4)
+    outs = [lvgg.CpuMoE(lvgg.ExpertStore(p), threads=2)(0, x, ids, w) for p in paths]
+    assert torch.equal(outs[0], outs[1])
+    parts = lvgg.CpuMoE(lvgg.ExpertStore(paths[0], repack=False), nodes=[lvgg.EngineNode([0]), lvgg.EngineNode([1])])
+    assert parts.store.layer_info(0).form == "gate+up+down"  # what the file holds
+    assert rel_err(parts(0, x, ids, w), outs[0].double().numpy()) < 1e-6
+    # with both layouts kept, the mapped gate and up still serve long batches
+    both = lvgg.CpuMoE(lvgg.ExpertStore(paths[0], keep_mapped=True), threads=2, repack_max_tokens=0)
+    assert rel_err(both(0, x, ids, w), read_reference(paths[0], 0).forward(
+        x.numpy(), ids.numpy(), w.numpy())) < TOLERANCE[qtype]

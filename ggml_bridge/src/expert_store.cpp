@@ -312,8 +312,10 @@ void ExpertStore::place_weights(bool repack, bool populate) {
     repacked_ctx_                       = tensor_context(count_expert_tensors(layers_));
     ggml_backend_buffer_type_t cpu_buft = ggml_backend_cpu_buffer_type();
     const size_t               data_offset = gguf_get_data_offset(gguf_);
+    std::vector<char> staging;  // a layer's gate and up rows, interleaved per expert, for the fused copy
     for (auto & kv : layers_) {
-        for (ggml_tensor * t : kv.second.tensors()) {
+        ExpertLayer & L = kv.second;
+        for (ggml_tensor * t : L.tensors()) {
             if (!cpu_supports_experts_of_type(t->type, t->ne, cpu_buft)) {
                 fail(ErrorKind::Value, std::string("tensor '") + t->name + "' has type " + ggml_type_name(t->type) +
                                            ", which ggml's CPU backend cannot multiply; requantize the experts "
@@ -321,17 +323,53 @@ void ExpertStore::place_weights(bool repack, bool populate) {
             }
             char * src = (char *) map_ + data_offset + gguf_get_tensor_offset(gguf_, gguf_find_tensor(gguf_, t->name));
             ggml_backend_tensor_alloc(map_buf_, t, src);
-            if (add_repacked(t, src) && !keep_mapped_) {
+        }
+        const bool fused = add_fused_gate_up(L, staging);
+        for (ggml_tensor * t : L.tensors()) {
+            const bool in_fused = fused && (t == L.gate || t == L.up);
+            if ((in_fused || add_repacked(t, t->data)) && !keep_mapped_) {
                 // Only the repacked copy will run: let the kernel drop our mapping of the source.
                 const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
-                const uintptr_t lo   = ((uintptr_t) src + page - 1) & ~(page - 1);
-                const uintptr_t hi   = ((uintptr_t) src + ggml_nbytes(t)) & ~(page - 1);
+                const uintptr_t lo   = ((uintptr_t) t->data + page - 1) & ~(page - 1);
+                const uintptr_t hi   = ((uintptr_t) t->data + ggml_nbytes(t)) & ~(page - 1);
                 if (hi > lo) {
                     madvise((void *) lo, hi - lo, MADV_DONTNEED);
                 }
             }
         }
     }
+}
+
+bool ExpertStore::add_fused_gate_up(const ExpertLayer & L, std::vector<char> & staging) {
+    ggml_backend_buffer_type_t repack_buft = repack_ ? repack_buffer_type() : nullptr;
+    const int64_t              ne[3]       = { L.n_embd, 2 * L.n_ff, L.n_expert };
+    if (!repack_buft || !L.gate || !L.up || L.gate->type != L.up->type ||
+        !cpu_supports_experts_of_type(L.gate->type, ne, repack_buft)) {
+        return false;
+    }
+    ggml_tensor * twin = ggml_new_tensor_3d(repacked_ctx_, L.gate->type, ne[0], ne[1], ne[2]);
+    ggml_set_name(twin, ("blk." + std::to_string(L.index) + ".ffn_gate_up_exps.weight").c_str());
+    ggml_backend_buffer_t buf =
+        ggml_backend_buft_alloc_buffer(repack_buft, ggml_backend_buft_get_alloc_size(repack_buft, twin));
+    if (!buf) {
+        fail(ErrorKind::Runtime, "out of memory repacking the gate and up experts of layer " + std::to_string(L.index));
+    }
+    repack_bufs_.push_back(buf);
+    ggml_backend_tensor_alloc(buf, twin, ggml_backend_buffer_get_base(buf));
+    const size_t half = L.gate->nb[2];  // one expert's gate (or up) rows
+    staging.resize(ggml_nbytes(twin));
+    for (int64_t e = 0; e < L.n_expert; ++e) {
+        std::memcpy(staging.data() + e * twin->nb[2], (const char *) L.gate->data + e * half, half);
+        std::memcpy(staging.data() + e * twin->nb[2] + half, (const char *) L.up->data + e * half, half);
+    }
+    ggml_backend_tensor_set(twin, staging.data(), 0, ggml_nbytes(twin));
+    fused_gate_up_[L.index] = twin;
+    return true;
+}
+
+ggml_tensor * ExpertStore::fused_gate_up(int layer) const {
+    auto it = fused_gate_up_.find(layer);
+    return it == fused_gate_up_.end() ? nullptr : it->second;
 }
 
 ggml_tensor * ExpertStore::add_repacked(ggml_tensor * t, const void * src) {
@@ -404,36 +442,54 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
         L.n_expert            = W.n_expert;
         L.n_embd              = W.n_embd;
         L.n_ff                = b - a;
-        for (ggml_tensor * src : W.tensors()) {
-            const bool    down = src == W.down;
-            const int64_t rows = src == W.gate_up ? 2 * L.n_ff : L.n_ff;
+        // Separate gate and up of one type become one gate_up part (gate rows, then up rows of each
+        // expert): one MUL_MAT_ID instead of two, x quantized once.
+        const bool fuse = W.gate && W.up && W.gate->type == W.up->type;
+        std::vector<std::vector<const ggml_tensor *>> sources;  // per part tensor: its row sources
+        if (fuse) {
+            sources = { { W.gate, W.up }, { W.down } };
+        } else {
+            for (ggml_tensor * src : W.tensors()) {
+                sources.push_back({ src });
+            }
+        }
+        for (const auto & from_tensors : sources) {
+            const ggml_tensor * src  = from_tensors[0];
+            const bool          down = src == W.down;
+            const bool          pair = from_tensors.size() == 2 || src == W.gate_up;  // rows of gate, then of up
+            const int64_t       rows = pair ? 2 * L.n_ff : L.n_ff;
             ggml_tensor * t = down ? ggml_new_tensor_3d(meta_, src->type, L.n_ff, L.n_embd, L.n_expert)
                                    : ggml_new_tensor_3d(meta_, src->type, L.n_embd, rows, L.n_expert);
-            ggml_set_name(t, src->name);
-            (src == W.gate ? L.gate : src == W.up ? L.up : src == W.gate_up ? L.gate_up : L.down) = t;
+            const std::string name = fuse && !down ? "blk." + std::to_string(W.index) + ".ffn_gate_up_exps.weight"
+                                                   : std::string(src->name);
+            ggml_set_name(t, name.c_str());
+            (down ? L.down : pair ? L.gate_up : src == W.gate ? L.gate : L.up) = t;
             ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(cpu_buft, ggml_nbytes(t));
             if (!buf) {
-                fail(ErrorKind::Runtime, std::string("out of memory for a part of '") + src->name + "'");
+                fail(ErrorKind::Runtime, "out of memory for a part of '" + name + "'");
             }
             slice_bufs_.push_back(buf);
             ggml_backend_tensor_alloc(buf, t, ggml_backend_buffer_get_base(buf));
-            const char * from = (const char *) src->data;
-            char *       to   = (char *) t->data;
+            char * to = (char *) t->data;
             for (int64_t e = 0; e < L.n_expert; ++e) {
                 if (down) {  // columns [a, b) of every row: whole blocks
+                    const char * from = (const char *) src->data;
                     const size_t skip = ggml_row_size(src->type, a), len = ggml_row_size(src->type, b - a);
                     for (int64_t r = 0; r < L.n_embd; ++r) {
                         std::memcpy(to + e * t->nb[2] + r * t->nb[1], from + e * src->nb[2] + r * src->nb[1] + skip, len);
                     }
-                } else {  // rows [a, b), and [F + a, F + b) of a fused gate_up
-                    for (int64_t half = 0; half < (src == W.gate_up ? 2 : 1); ++half) {
-                        std::memcpy(to + e * t->nb[2] + half * L.n_ff * t->nb[1],
-                                    from + e * src->nb[2] + (half * W.n_ff + a) * src->nb[1], L.n_ff * src->nb[1]);
-                    }
+                    continue;
+                }
+                // rows [a, b) of each source, or [a, b) and [F + a, F + b) of a fused gate_up
+                for (int64_t half = 0; half < (pair ? 2 : 1); ++half) {
+                    const ggml_tensor * from  = from_tensors.size() == 2 ? from_tensors[half] : src;
+                    const int64_t       first = from_tensors.size() == 2 ? a : half * W.n_ff + a;
+                    std::memcpy(to + e * t->nb[2] + half * L.n_ff * t->nb[1],
+                                (const char *) from->data + e * from->nb[2] + first * from->nb[1], L.n_ff * from->nb[1]);
                 }
             }
             if (!cpu_supports_experts_of_type(t->type, t->ne, cpu_buft)) {
-                fail(ErrorKind::Value, std::string("a ") + std::to_string(L.n_ff) + "-row part of '" + src->name +
+                fail(ErrorKind::Value, std::string("a ") + std::to_string(L.n_ff) + "-row part of '" + name +
                                            "' (" + ggml_type_name(t->type) + ") cannot be multiplied by ggml's CPU "
                                            "backend; use fewer nodes");
             }

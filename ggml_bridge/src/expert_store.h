@@ -62,6 +62,10 @@ class ExpertStore {
     const ExpertLayer &                layer(int index) const;  // throws IndexError
     // The repacked copy of an expert tensor, or nullptr where there is none.
     ggml_tensor *                      repacked(const ggml_tensor * t) const;
+    // A layer's separate gate and up experts repacked as one tensor [D, 2F, experts] (gate rows,
+    // then up rows, like a file's fused gate_up), or nullptr; gate and up then have no
+    // repacked copies of their own.
+    ggml_tensor *                      fused_gate_up(int layer) const;
     bool                               keeps_mapped() const { return keep_mapped_; }
     size_t                             file_size() const { return file_size_; }
     // Start of the read-only mapping of the whole file (nullptr when the file has no experts).
@@ -76,6 +80,7 @@ class ExpertStore {
     void place_weights(bool repack, bool populate);
     void slice_from(const ExpertStore & whole, int part, int n_parts, bool repack);
     ggml_tensor * add_repacked(ggml_tensor * t, const void * src);  // nullptr: no layout for the type
+    bool          add_fused_gate_up(const ExpertLayer & L, std::vector<char> & staging);  // false: not possible
     void release();
 
     std::string                        path_;
@@ -91,6 +96,7 @@ class ExpertStore {
     std::vector<ggml_backend_buffer_t> repack_bufs_;
     std::vector<ggml_backend_buffer_t> slice_bufs_;  // a part's plain (not repacked) tensors
     std::map<const ggml_tensor *, ggml_tensor *> repacked_;
+    std::map<int, ggml_tensor *>       fused_gate_up_;
     std::map<int, ExpertLayer>         layers_;
 };
 
