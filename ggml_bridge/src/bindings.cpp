@@ -89,8 +89,7 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
     for (int i = 0; i < 4; ++i) {
         if (ts[i]) {
             types[names[i]]    = ggml_type_name(ts[i]->type);
-            repacked[names[i]] = s.repacked(ts[i]) != nullptr ||
-                                 ((ts[i] == L.gate || ts[i] == L.up) && s.fused_gate_up(L.index));
+            repacked[names[i]] = s.repacked(ts[i]) != nullptr;
             if (s.mapping()) {  // a part (ExpertStore.part) has copies, not offsets in a file
                 offsets[names[i]] = (size_t) ((const char *) ts[i]->data - (const char *) s.mapping());
             }

@@ -340,6 +340,14 @@ void ExpertStore::place_weights(bool repack, bool populate) {
     }
 }
 
+// Rows [first, first + n) of every expert of `from` into `to` (experts `to_stride` bytes apart).
+static void copy_expert_rows(char * to, size_t to_stride, const ggml_tensor * from, int64_t first, int64_t n) {
+    for (int64_t e = 0; e < from->ne[2]; ++e) {
+        std::memcpy(to + e * to_stride, (const char *) from->data + e * from->nb[2] + first * from->nb[1],
+                    n * from->nb[1]);
+    }
+}
+
 bool ExpertStore::add_fused_gate_up(const ExpertLayer & L, std::vector<char> & staging) {
     ggml_backend_buffer_type_t repack_buft = repack_ ? repack_buffer_type() : nullptr;
     const int64_t              ne[3]       = { L.n_embd, 2 * L.n_ff, L.n_expert };
@@ -356,20 +364,12 @@ bool ExpertStore::add_fused_gate_up(const ExpertLayer & L, std::vector<char> & s
     }
     repack_bufs_.push_back(buf);
     ggml_backend_tensor_alloc(buf, twin, ggml_backend_buffer_get_base(buf));
-    const size_t half = L.gate->nb[2];  // one expert's gate (or up) rows
     staging.resize(ggml_nbytes(twin));
-    for (int64_t e = 0; e < L.n_expert; ++e) {
-        std::memcpy(staging.data() + e * twin->nb[2], (const char *) L.gate->data + e * half, half);
-        std::memcpy(staging.data() + e * twin->nb[2] + half, (const char *) L.up->data + e * half, half);
-    }
+    copy_expert_rows(staging.data(), twin->nb[2], L.gate, 0, L.n_ff);
+    copy_expert_rows(staging.data() + L.gate->nb[2], twin->nb[2], L.up, 0, L.n_ff);
     ggml_backend_tensor_set(twin, staging.data(), 0, ggml_nbytes(twin));
-    fused_gate_up_[L.index] = twin;
+    repacked_[L.gate] = repacked_[L.up] = twin;  // the engine sees one twin for both: one MUL_MAT_ID
     return true;
-}
-
-ggml_tensor * ExpertStore::fused_gate_up(int layer) const {
-    auto it = fused_gate_up_.find(layer);
-    return it == fused_gate_up_.end() ? nullptr : it->second;
 }
 
 ggml_tensor * ExpertStore::add_repacked(ggml_tensor * t, const void * src) {
@@ -471,21 +471,19 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
             slice_bufs_.push_back(buf);
             ggml_backend_tensor_alloc(buf, t, ggml_backend_buffer_get_base(buf));
             char * to = (char *) t->data;
-            for (int64_t e = 0; e < L.n_expert; ++e) {
-                if (down) {  // columns [a, b) of every row: whole blocks
-                    const char * from = (const char *) src->data;
-                    const size_t skip = ggml_row_size(src->type, a), len = ggml_row_size(src->type, b - a);
+            if (down) {  // columns [a, b) of every row: whole blocks
+                const size_t skip = ggml_row_size(src->type, a), len = ggml_row_size(src->type, b - a);
+                for (int64_t e = 0; e < L.n_expert; ++e) {
                     for (int64_t r = 0; r < L.n_embd; ++r) {
-                        std::memcpy(to + e * t->nb[2] + r * t->nb[1], from + e * src->nb[2] + r * src->nb[1] + skip, len);
+                        std::memcpy(to + e * t->nb[2] + r * t->nb[1],
+                                    (const char *) src->data + e * src->nb[2] + r * src->nb[1] + skip, len);
                     }
-                    continue;
                 }
-                // rows [a, b) of each source, or [a, b) and [F + a, F + b) of a fused gate_up
+            } else {  // rows [a, b) of each source, or [a, b) and [F + a, F + b) of a fused gate_up
                 for (int64_t half = 0; half < (pair ? 2 : 1); ++half) {
-                    const ggml_tensor * from  = from_tensors.size() == 2 ? from_tensors[half] : src;
-                    const int64_t       first = from_tensors.size() == 2 ? a : half * W.n_ff + a;
-                    std::memcpy(to + e * t->nb[2] + half * L.n_ff * t->nb[1],
-                                (const char *) from->data + e * from->nb[2] + first * from->nb[1], L.n_ff * from->nb[1]);
+                    const bool two = from_tensors.size() == 2;
+                    copy_expert_rows(to + half * L.n_ff * t->nb[1], t->nb[2], two ? from_tensors[half] : src,
+                                     two ? a : half * W.n_ff + a, L.n_ff);
                 }
             }
             if (!cpu_supports_experts_of_type(t->type, t->ne, cpu_buft)) {

@@ -60,12 +60,9 @@ class ExpertStore {
     const std::string &                architecture() const { return architecture_; }
     const std::map<int, ExpertLayer> & layers() const { return layers_; }
     const ExpertLayer &                layer(int index) const;  // throws IndexError
-    // The repacked copy of an expert tensor, or nullptr where there is none.
+    // The repacked copy of an expert tensor, or nullptr where there is none. Separate gate and up
+    // of one type share one: [D, 2F, experts], gate rows then up rows, like a file's gate_up.
     ggml_tensor *                      repacked(const ggml_tensor * t) const;
-    // A layer's separate gate and up experts repacked as one tensor [D, 2F, experts] (gate rows,
-    // then up rows, like a file's fused gate_up), or nullptr; gate and up then have no
-    // repacked copies of their own.
-    ggml_tensor *                      fused_gate_up(int layer) const;
     bool                               keeps_mapped() const { return keep_mapped_; }
     size_t                             file_size() const { return file_size_; }
     // Start of the read-only mapping of the whole file (nullptr when the file has no experts).
@@ -96,7 +93,6 @@ class ExpertStore {
     std::vector<ggml_backend_buffer_t> repack_bufs_;
     std::vector<ggml_backend_buffer_t> slice_bufs_;  // a part's plain (not repacked) tensors
     std::map<const ggml_tensor *, ggml_tensor *> repacked_;
-    std::map<int, ggml_tensor *>       fused_gate_up_;
     std::map<int, ExpertLayer>         layers_;
 };
 

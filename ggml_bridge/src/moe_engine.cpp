@@ -246,20 +246,16 @@ int64_t default_repack_max_tokens(ggml_type type) {
     }
 }
 
-bool MoeEngine::picks_repacked(ggml_type type, int64_t n_tokens, Layout layout) const {
-    if (!store_->keeps_mapped()) {
-        return true;  // the repacked copies are all there is
-    }
-    if (layout == Layout::BySize) {
-        const int64_t limit = cfg_.repack_max_tokens >= 0 ? cfg_.repack_max_tokens : default_repack_max_tokens(type);
-        return n_tokens <= limit;
-    }
-    return layout == Layout::Repacked;
-}
-
 ggml_tensor * MoeEngine::weights_for(ggml_tensor * t, int64_t n_tokens, Layout layout) const {
     ggml_tensor * twin = t ? store_->repacked(t) : nullptr;
-    return twin && picks_repacked(t->type, n_tokens, layout) ? twin : t;
+    if (!twin || !store_->keeps_mapped()) {
+        return twin ? twin : t;
+    }
+    if (layout == Layout::BySize) {
+        const int64_t limit = cfg_.repack_max_tokens >= 0 ? cfg_.repack_max_tokens : default_repack_max_tokens(t->type);
+        layout              = n_tokens <= limit ? Layout::Repacked : Layout::Mapped;
+    }
+    return layout == Layout::Repacked ? twin : t;
 }
 
 MoeEngine::Graph MoeEngine::build_mul_mat_id(const ExpertLayer & L, int64_t n, int64_t K, ggml_type x_type,
@@ -267,11 +263,8 @@ MoeEngine::Graph MoeEngine::build_mul_mat_id(const ExpertLayer & L, int64_t n, i
     ggml_context * ctx     = ctx_;
     ggml_tensor *  gate    = weights_for(L.gate, n, layout);
     ggml_tensor *  up_w    = weights_for(L.up, n, layout);
-    ggml_tensor *  gate_up = weights_for(L.gate_up, n, layout);
+    ggml_tensor *  gate_up = gate && gate == up_w ? gate : weights_for(L.gate_up, n, layout);  // repacked as one
     ggml_tensor *  down_w  = weights_for(L.down, n, layout);
-    if (ggml_tensor * fused = store_->fused_gate_up(L.index); fused && picks_repacked(fused->type, n, layout)) {
-        gate_up = fused;  // separate gate and up, repacked as one
-    }
     Graph          g = new_graph_inputs(ggml_new_tensor_3d(ctx, x_type, L.n_embd, 1, n), n, K);
     ggml_tensor *  x = x_type == GGML_TYPE_F32 ? g.x : ggml_cast(ctx, g.x, GGML_TYPE_F32);
 
@@ -312,9 +305,6 @@ void MoeEngine::finish_graph(Graph & g, ggml_tensor * out) {
 }
 
 bool MoeEngine::per_expert_possible(const ExpertLayer & L) const {
-    if (store_->fused_gate_up(L.index) && !store_->keeps_mapped()) {
-        return false;  // gate and up are resident only in the fused repacked copy
-    }
     for (ggml_tensor * t : L.tensors()) {
         if (store_->repacked(t) && !store_->keeps_mapped()) {
             return false;  // only the repacked copy is resident; plain MUL_MAT needs the mapped one

@@ -122,8 +122,6 @@ class MoeEngine : public Experts {
     bool   per_expert_possible(const ExpertLayer & L) const;
     bool   use_per_expert(const ExpertLayer & L, int64_t n_tokens) const;
     void   group_by_expert(int64_t n_tokens, int64_t top_k, int64_t n_expert);
-    // Whether a call of n_tokens uses the repacked copies (where a tensor has one) under `layout`.
-    bool          picks_repacked(ggml_type type, int64_t n_tokens, Layout layout) const;
     ggml_tensor * weights_for(ggml_tensor * t, int64_t n_tokens, Layout layout) const;
     size_t intermediate_bytes(const Graph & g) const;
     void   stage_routing(const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n, int64_t n_expert);
