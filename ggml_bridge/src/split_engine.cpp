@@ -65,6 +65,13 @@ template <typename Pred> bool spin_until(Pred pred) {
 
 }  // namespace
 
+template <typename Pred> void SplitEngine::await(std::condition_variable & cv, Pred pred) {
+    if (!spin_ || !spin_until(pred)) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv.wait(lock, pred);
+    }
+}
+
 SplitEngine::SplitEngine(const std::shared_ptr<ExpertStore> & whole, const std::vector<NodePlan> & nodes,
                          const EngineConfig & cfg, bool repack) :
     plans_(nodes) {
@@ -153,11 +160,7 @@ void SplitEngine::worker(int i) {
     }
     uint64_t seen = 0;
     for (;;) {
-        auto published = [&] { return stop_.load() || generation_.load(std::memory_order_acquire) != seen; };
-        if (!spin_ || !spin_until(published)) {
-            std::unique_lock<std::mutex> lock(mutex_);
-            start_.wait(lock, published);
-        }
+        await(start_, [&] { return stop_.load() || generation_.load(std::memory_order_acquire) != seen; });
         if (stop_) {
             return;
         }
@@ -200,11 +203,7 @@ void SplitEngine::forward(int layer, const Matrix & x, const Matrix & ids, const
     } catch (...) {
         errors_[0] = std::current_exception();
     }
-    auto finished = [&] { return pending_.load(std::memory_order_acquire) == 0; };
-    if (!spin_ || !spin_until(finished)) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        done_.wait(lock, finished);
-    }
+    await(done_, [&] { return pending_.load(std::memory_order_acquire) == 0; });
     for (auto & e : errors_) {
         if (e) {
             std::rethrow_exception(e);

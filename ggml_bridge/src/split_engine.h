@@ -53,6 +53,8 @@ class SplitEngine : public Experts {
 
   private:
     void worker(int i);
+    // Until pred(): spin briefly (unless power saving), then sleep on `cv`.
+    template <typename Pred> void await(std::condition_variable & cv, Pred pred);
 
     std::vector<std::unique_ptr<MoeEngine>> engines_;
     std::vector<NodePlan>                   plans_;
