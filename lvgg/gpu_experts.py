@@ -68,7 +68,7 @@ def _pieces(info: ExpertLayerInfo) -> list[tuple[str, slice, int]]:
     for projection, _ in _gpu_layout(info):
         n = _nbytes(info, projection)
         pieces.append((projection, slice(info.offsets[projection], info.offsets[projection] + n), at))
-        at += -(-n // 256) * 256  # each piece starts aligned
+        at += _aligned(n)  # each piece starts aligned
     return pieces
 
 
@@ -78,9 +78,14 @@ def staged_bytes(info: ExpertLayerInfo) -> int:
     return at + src.stop - src.start
 
 
+def _aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to whole 256-byte units (where staged pieces start)."""
+    return -(-nbytes // 256) * 256
+
+
 def _fetch_bytes(info: ExpertLayerInfo, n_experts: int) -> int:
     """Bytes ``n_experts`` of a layer's experts take on the GPU before dequantization."""
-    return sum(-(-(src.stop - src.start) // info.n_experts * n_experts // 256) * 256 for _, src, _ in _pieces(info))
+    return sum(_aligned((src.stop - src.start) // info.n_experts * n_experts) for _, src, _ in _pieces(info))
 
 
 def estimate_vram_bytes(infos: dict[int, ExpertLayerInfo], streamed: Sequence[int], resident: Sequence[int],
@@ -192,7 +197,6 @@ class GpuExperts:
         if layer not in self.split_layers or not 1 <= n <= self.split_experts:
             raise ValueError(f"fetched() takes 1..{self.split_experts} experts of the split layers "
                              f"{self.split_layers}; asked for {n} of layer {layer}")
-        info = self._info[layer]
         w13, w2 = self._fetch_weights[0][:n], self._fetch_weights[1][:n]
         stream = torch.cuda.current_stream(self.device)
         # Projections are fetched in turn on a second stream and each is dequantized as soon as
@@ -200,14 +204,13 @@ class GpuExperts:
         # waits for the last call's dequantization of the staging buffer).
         self._link_stream.wait_stream(stream)
         at, staged = 0, []
-        for i, (_, src, _, _) in enumerate(self._plan[layer]):
-            per_expert = (src.stop - src.start) // info.n_experts
-            staged.append(self._fetch_staging[at:at + n * per_expert].view(n, per_expert))
-            at += -(-n * per_expert // 256) * 256
+        for i, (_, host_rows, _) in enumerate(self._fetch_plan[layer]):
+            staged.append(self._fetch_staging[at:at + n * host_rows.shape[1]].view(n, -1))
+            at += _aligned(staged[-1].numel())
             with torch.cuda.stream(self._link_stream):
-                gather_rows(self._host[src].view(info.n_experts, per_expert), expert_ids, staged[-1])
+                gather_rows(host_rows, expert_ids, staged[-1])
                 self._fetched_event[i].record(self._link_stream)
-        for i, (ggml_type, _, _, rows) in enumerate(self._plan[layer]):
+        for i, (ggml_type, _, rows) in enumerate(self._fetch_plan[layer]):
             stream.wait_event(self._fetched_event[i])
             dequantize(staged[i].view(-1), ggml_type, w13[:, rows] if rows is not None else w2)
         return w13, w2
@@ -275,6 +278,10 @@ class GpuExperts:
                                "check free RAM and `ulimit -l`, or turn the split off (LVGG_GPU_DECODE_SPLIT=off)")
         info = self._one_shape(self.split_layers, "split")
         n = self.split_experts
+        # per split layer and projection: (ggml type, its file bytes as [experts, bytes of one], rows of w13)
+        self._fetch_plan = {layer: [(ggml_type, self._host[src].view(self._info[layer].n_experts, -1), rows)
+                                    for ggml_type, src, _, rows in self._plan[layer]]
+                            for layer in self.split_layers}
         self._fetch_weights = self._new_weights(info, n)
         staging = max(_fetch_bytes(self._info[layer], n) for layer in self.split_layers)
         self._fetch_staging = torch.empty(staging, dtype=torch.uint8, device=self.device)

@@ -44,6 +44,8 @@ class SplitExperts:
                                  "fetches per call (split_experts)")
         self.gpu, self.top_k, self.slots = gpu, top_k, dict(sorted(slots.items()))
         self.max_tokens = max(slots) if slots else 0
+        self._layers = frozenset(gpu.split_layers)
+        self._slots_of = [slots_for(slots, n) for n in range(self.max_tokens + 1)]  # by token count
         hidden = moe.store.layer_info(gpu.split_layers[0]).hidden_size
         self._cpu = {top_k - g: CudaExperts(moe, hidden_size=hidden, top_k=top_k - g, max_tokens=self.max_tokens,
                                             dtype=dtype) for g in set(slots.values()) if g}
@@ -54,10 +56,10 @@ class SplitExperts:
 
     def gpu_slots(self, n_tokens: int) -> int:
         """How many of each token's experts the GPU takes in a call of ``n_tokens`` (0: none)."""
-        return slots_for(self.slots, n_tokens)
+        return self._slots_of[n_tokens] if n_tokens <= self.max_tokens else 0
 
     def takes(self, layer: int, n_tokens: int) -> bool:
-        return self.gpu_slots(n_tokens) > 0 and layer in self.gpu.split_layers
+        return self.gpu_slots(n_tokens) > 0 and layer in self._layers
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         n, g = x.shape[0], self.gpu_slots(x.shape[0])
