@@ -25,9 +25,14 @@ from lvgg.testing.expert_files import add_quantized_tensor, write_all
 CONFIGS = {
     "ggml mul_mat_id": (dict(repack=False), "mul_mat_id"),  # ggml's plain graph on the mapped file
     "repacked": (dict(repack=True, keep_mapped=False), "mul_mat_id"),  # the memory-lean default
+    "ggml repacked": (dict(repack=True, own_kernels=False), "mul_mat_id"),  # ggml's interleaved kernels only
     "per-expert": (dict(repack=False), "per_expert"),
     "auto, both layouts": (dict(repack=True, keep_mapped=True), "auto"),
 }
+Q = gguf.GGMLQuantizationType
+# Types named by llama.cpp's mixtures, per projection: Q4_K_M keeps down in Q6_K (in half of the
+# layers; this benchmark, like the synthetic 30B-A3B file, in all).
+MIXES = {"Q4_K_M": {"gate": Q.Q4_K, "up": Q.Q4_K, "down": Q.Q6_K}}
 # Qwen3-30B-A3B's MoE layer
 SHAPE_30B_A3B = dict(n_experts=128, hidden=2048, intermediate=768, top_k=8, model_layers=48)
 
@@ -118,13 +123,13 @@ def _bench(types: list[str], tokens: list[int], n_layers: int, min_seconds: floa
     results = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for name in types:
-            qtype = gguf.GGMLQuantizationType[name.upper()]
+            qtype = MIXES.get(name.upper()) or gguf.GGMLQuantizationType[name.upper()]
             path = synthetic_experts_file(Path(tmp) / f"{name}.gguf", qtype, n_layers, E, D, F)
             for label, store, moe in engines(path, K):
                 bytes_per_expert = store.layer_info(0).nbytes // E
                 for t in tokens:
                     sec, active = time_layer(moe, store.layers, t, K, E, D, bytes_per_expert, min_seconds, rng)
-                    results.append(MoeResult(qtype.name, label, t, sec * 1e3, t / (sec * shape["model_layers"]),
+                    results.append(MoeResult(name.upper(), label, t, sec * 1e3, t / (sec * shape["model_layers"]),
                                              active / 1e9))
                 del moe, store
             os.unlink(path)

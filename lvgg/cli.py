@@ -146,7 +146,7 @@ def inspect(path: Path = typer.Argument(..., help="any GGUF file")) -> None:
 
 @bench_app.command("moe")
 def bench_moe(
-    types: str = typer.Option("Q4_K,Q4_0,Q8_0,BF16", help="ggml types of the experts, comma separated"),
+    types: str = typer.Option("Q4_K,Q4_0,Q8_0,BF16", help="ggml types of the experts (or Q4_K_M: Q4_K gate/up, Q6_K down), comma separated"),
     tokens: str = typer.Option("1,8,64,512,2048", help="token counts per call"),
     threads: int = typer.Option(0, help="engine threads (0: one per physical core)"),
     layers: int = typer.Option(3, help="distinct layers in the synthetic file (more: colder caches)"),
@@ -155,7 +155,7 @@ def bench_moe(
     experts: int = typer.Option(128), top_k: int = typer.Option(8),
     workdir: str = typer.Option(None, help="folder for the synthetic experts files (default: temp)"),
     configs: str = typer.Option(None, help="engine configurations to compare, ';' separated (default: all of "
-                                "'ggml mul_mat_id;repacked;per-expert;auto, both layouts')"),
+                                "'ggml mul_mat_id;repacked;ggml repacked;per-expert;auto, both layouts')"),
 ) -> None:
     """CPU MoE layer (30B-A3B shapes by default): ms per layer, tokens/s and bandwidth use."""
     from lvgg import _bridge, bench

@@ -27,7 +27,8 @@ class ExpertLayerInfo:
     intermediate_size: int
     form: str  # "gate+up+down", "gate_up+down" (fused, gate rows first) or "up+down"
     types: dict[str, str]  # projection -> ggml type name
-    repacked: dict[str, bool]  # projection -> held in ggml's interleaved CPU layout
+    repacked: dict[str, bool]  # projection -> held in an interleaved CPU layout (ggml's or lvgg's)
+    packed: dict[str, bool]  # projection -> in lvgg's own layout, run by its AVX-512 VNNI kernels
     offsets: dict[str, int]  # projection -> offset of its bytes in the file
     nbytes: int
 
@@ -45,10 +46,15 @@ class ExpertStore:
     resident (twice the memory of the repacked tensors) so the engine uses the faster one
     for each batch size. ``layers`` keeps those MoE layers only (a pipeline-parallel rank's):
     the others are checked in the header, never read.
+
+    On CPUs with AVX-512 VNNI (and a build for them), ``repack=True`` puts Q4_K and Q6_K
+    experts (rows a multiple of 16) into lvgg's own packed layout instead of ggml's, run by
+    lvgg's kernels (about the file's size; ``layer_info(n).packed`` says which);
+    ``own_kernels=False`` keeps ggml's.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, repack: bool = True, keep_mapped: bool = False,
-                 layers: Sequence[int] | None = None) -> None:
+                 layers: Sequence[int] | None = None, own_kernels: bool = True) -> None:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"experts file not found: {path}")
@@ -56,7 +62,7 @@ class ExpertStore:
             raise PermissionError(f"experts file is not readable: {path}")
         if layers is not None and not layers:
             raise ValueError("layers must name at least one MoE layer (None: all of them)")
-        self._store = _bridge.ExpertStore(path, repack, keep_mapped, list(layers or []))
+        self._store = _bridge.ExpertStore(path, repack, keep_mapped, list(layers or []), own_kernels)
 
     def part(self, part: int, n_parts: int, repack: bool = True) -> ExpertStore:
         """Share ``part`` of ``n_parts`` of every expert, as a store of its own: intermediate rows
@@ -97,7 +103,7 @@ class ExpertStore:
         return ExpertLayerInfo(
             index=d["index"], n_experts=d["n_expert"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], form=d["form"], types=dict(d["types"]),
-            repacked=dict(d["repacked"]), offsets=dict(d["offsets"]), nbytes=d["nbytes"])
+            repacked=dict(d["repacked"]), packed=dict(d["packed"]), offsets=dict(d["offsets"]), nbytes=d["nbytes"])
 
     def mapped_bytes(self) -> memoryview:
         """The whole file as mapped (read-only; valid while this store lives).

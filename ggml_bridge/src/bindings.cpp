@@ -8,6 +8,7 @@
 #include "quantize.h"
 #include "split_engine.h"
 #include "threads.h"
+#include "vnni_kquants.h"
 
 #include <ggml-cpu.h>
 #include <nanobind/nanobind.h>
@@ -82,7 +83,7 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
     d["hidden_size"]  = L.n_embd;
     d["intermediate_size"] = L.n_ff;
     d["form"]         = L.gate_up ? "gate_up+down" : L.gate ? "gate+up+down" : "up+down";
-    nb::dict types, repacked, offsets;
+    nb::dict types, repacked, packed, offsets;
     size_t   bytes = 0;
     const char * names[4] = { "gate", "up", "gate_up", "down" };
     ggml_tensor * ts[4]   = { L.gate, L.up, L.gate_up, L.down };
@@ -90,6 +91,7 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
         if (ts[i]) {
             types[names[i]]    = ggml_type_name(ts[i]->type);
             repacked[names[i]] = s.repacked(ts[i]) != nullptr;
+            packed[names[i]]   = s.packed(s.repacked(ts[i]));
             if (s.mapping()) {  // a part (ExpertStore.part) has copies, not offsets in a file
                 offsets[names[i]] = (size_t) ((const char *) ts[i]->data - (const char *) s.mapping());
             }
@@ -98,6 +100,7 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
     }
     d["types"]    = types;
     d["repacked"] = repacked;
+    d["packed"]   = packed;
     d["offsets"]  = offsets;
     d["nbytes"]   = bytes;
     return d;
@@ -157,11 +160,12 @@ NB_MODULE(_bridge, m) {
     nb::class_<ExpertStore>(m, "ExpertStore")
         .def("__init__",
              [](ExpertStore * self, const std::string & path, bool repack, bool keep_mapped,
-                std::vector<int> only_layers) {
+                std::vector<int> only_layers, bool own_kernels) {
                  nb::gil_scoped_release release;
-                 new (self) ExpertStore(path, repack, keep_mapped, only_layers);
+                 new (self) ExpertStore(path, repack, keep_mapped, only_layers, own_kernels);
              },
-             "path"_a, "repack"_a = true, "keep_mapped"_a = false, "only_layers"_a = std::vector<int>{})
+             "path"_a, "repack"_a = true, "keep_mapped"_a = false, "only_layers"_a = std::vector<int>{},
+             "own_kernels"_a = true)
         .def_prop_ro("keeps_mapped", &ExpertStore::keeps_mapped)
         .def_prop_ro("path", &ExpertStore::path)
         .def_prop_ro("architecture", &ExpertStore::architecture)
@@ -265,6 +269,7 @@ NB_MODULE(_bridge, m) {
         .def("enqueue", &CudaBridge::enqueue, "stream"_a, "layer"_a, "n_tokens"_a)
         .def("check", &CudaBridge::check);
 
+    m.attr("vnni_kernels") = vnni::available();  // lvgg's Q4_K/Q6_K kernels are built (vnni_kquants.h)
     m.attr("openmp") = ThreadPool::openmp();  // ggml's threads: torch's OpenMP team, or ggml's pool
     m.def("type_from_name", [](const std::string & n) { return (int) type_from_name(n); }, "name"_a);
     m.def("type_name", [](int t) {

@@ -1,6 +1,8 @@
 #include "expert_store.h"
 
 #include "errors.h"
+#include "threads.h"
+#include "vnni_kquants.h"
 
 #include <ggml-cpu.h>
 
@@ -70,9 +72,11 @@ bool cpu_supports_experts_of_type(ggml_type type, const int64_t ne[3], ggml_back
     return ok;
 }
 
-ExpertStore::ExpertStore(const std::string & path, bool repack, bool keep_mapped, const std::vector<int> & only_layers) :
+ExpertStore::ExpertStore(const std::string & path, bool repack, bool keep_mapped, const std::vector<int> & only_layers,
+                         bool own_kernels) :
     path_(path),
-    keep_mapped_(keep_mapped || !repack) {
+    keep_mapped_(keep_mapped || !repack),
+    own_kernels_(own_kernels) {
     try {
         open_and_validate();
         collect_layers();
@@ -89,7 +93,8 @@ ExpertStore::ExpertStore(const std::string & path, bool repack, bool keep_mapped
 ExpertStore::ExpertStore(const ExpertStore & whole, int part, int n_parts, bool repack) :
     path_(whole.path_ + " (part " + std::to_string(part + 1) + " of " + std::to_string(n_parts) + ")"),
     architecture_(whole.architecture_),
-    keep_mapped_(!repack) {
+    keep_mapped_(!repack),
+    own_kernels_(whole.own_kernels_) {
     try {
         slice_from(whole, part, n_parts, repack);
     } catch (...) {
@@ -110,6 +115,7 @@ void ExpertStore::release() {
     }
     slice_bufs_.clear();
     repacked_.clear();
+    packed_.clear();
     if (repacked_ctx_) {
         ggml_free(repacked_ctx_);
         repacked_ctx_ = nullptr;
@@ -149,6 +155,8 @@ ggml_tensor * ExpertStore::repacked(const ggml_tensor * t) const {
     auto it = repacked_.find(t);
     return it == repacked_.end() ? nullptr : it->second;
 }
+
+bool ExpertStore::packed(const ggml_tensor * twin) const { return packed_.count(twin) != 0; }
 
 static size_t count_expert_tensors(const std::map<int, ExpertLayer> & layers) {
     size_t n = 0;
@@ -349,14 +357,28 @@ static void copy_expert_rows(char * to, size_t to_stride, const ggml_tensor * fr
 }
 
 bool ExpertStore::add_fused_gate_up(const ExpertLayer & L, std::vector<char> & staging) {
-    ggml_backend_buffer_type_t repack_buft = repack_ ? repack_buffer_type() : nullptr;
-    const int64_t              ne[3]       = { L.n_embd, 2 * L.n_ff, L.n_expert };
-    if (!repack_buft || !L.gate || !L.up || L.gate->type != L.up->type ||
-        !cpu_supports_experts_of_type(L.gate->type, ne, repack_buft)) {
+    if (!repack_ || !L.gate || !L.up || L.gate->type != L.up->type) {
+        return false;
+    }
+    const int64_t ne[3] = { L.n_embd, 2 * L.n_ff, L.n_expert };
+    const std::string name = "blk." + std::to_string(L.index) + ".ffn_gate_up_exps.weight";
+    if (own_kernels_ && vnni::packable(L.gate->type, L.n_ff, L.n_embd)) {  // gate rows, then up rows of each expert
+        ggml_tensor * twin   = new_packed_twin(L.gate->type, ne, name);
+        const size_t  stride = vnni::packed_size(L.gate->type, ne[1], ne[0]);
+        const size_t  half   = vnni::packed_size(L.gate->type, L.n_ff, L.n_embd);
+        for (const ggml_tensor * t : { L.gate, L.up }) {
+            vnni::pack(t->type, t->data, t->nb[2], L.n_ff, L.n_embd, L.n_expert,
+                       (char *) twin->data + (t == L.up ? half : 0), stride, pack_threads());
+        }
+        repacked_[L.gate] = repacked_[L.up] = twin;
+        return true;
+    }
+    ggml_backend_buffer_type_t repack_buft = repack_buffer_type();
+    if (!repack_buft || !cpu_supports_experts_of_type(L.gate->type, ne, repack_buft)) {
         return false;
     }
     ggml_tensor * twin = ggml_new_tensor_3d(repacked_ctx_, L.gate->type, ne[0], ne[1], ne[2]);
-    ggml_set_name(twin, ("blk." + std::to_string(L.index) + ".ffn_gate_up_exps.weight").c_str());
+    ggml_set_name(twin, name.c_str());
     ggml_backend_buffer_t buf =
         ggml_backend_buft_alloc_buffer(repack_buft, ggml_backend_buft_get_alloc_size(repack_buft, twin));
     if (!buf) {
@@ -373,7 +395,17 @@ bool ExpertStore::add_fused_gate_up(const ExpertLayer & L, std::vector<char> & s
 }
 
 ggml_tensor * ExpertStore::add_repacked(ggml_tensor * t, const void * src) {
-    ggml_backend_buffer_type_t repack_buft = repack_ ? repack_buffer_type() : nullptr;
+    if (!repack_) {
+        return nullptr;
+    }
+    if (own_kernels_ && vnni::packable(t->type, t->ne[1], t->ne[0])) {
+        ggml_tensor * twin = new_packed_twin(t->type, t->ne, t->name);
+        vnni::pack(t->type, src, t->nb[2], t->ne[1], t->ne[0], t->ne[2], twin->data,
+                   vnni::packed_size(t->type, t->ne[1], t->ne[0]), pack_threads());
+        repacked_[t] = twin;
+        return twin;
+    }
+    ggml_backend_buffer_type_t repack_buft = repack_buffer_type();
     if (!repack_buft || !cpu_supports_experts_of_type(t->type, t->ne, repack_buft)) {
         return nullptr;
     }
@@ -390,6 +422,26 @@ ggml_tensor * ExpertStore::add_repacked(ggml_tensor * t, const void * src) {
     repacked_[t] = twin;
     return twin;
 }
+
+// A twin in lvgg's packed layout (vnni_kquants.h): a tensor ggml never computes with, whose
+// bytes the engine's own kernels read; 64-byte aligned, not yet written.
+ggml_tensor * ExpertStore::new_packed_twin(ggml_type type, const int64_t ne[3], const std::string & name) {
+    const size_t          bytes = vnni::packed_size(type, ne[1], ne[0]) * ne[2];
+    ggml_backend_buffer_t buf   = ggml_backend_buft_alloc_buffer(ggml_backend_cpu_buffer_type(), bytes + 64);
+    if (!buf) {
+        fail(ErrorKind::Runtime, "out of memory packing '" + name + "' (" + std::to_string(bytes >> 20) + " MiB)");
+    }
+    repack_bufs_.push_back(buf);
+    ggml_tensor * twin = ggml_new_tensor_3d(repacked_ctx_, type, ne[0], ne[1], ne[2]);
+    ggml_set_name(twin, name.c_str());
+    const uintptr_t base = ((uintptr_t) ggml_backend_buffer_get_base(buf) + 63) & ~uintptr_t(63);
+    ggml_backend_tensor_alloc(buf, twin, (void *) base);  // packed bytes >= ggml's bytes of the shape
+    packed_.insert(twin);
+    return twin;
+}
+
+// Packing runs on the CPUs this thread may use (a NUMA part's: its node's), one thread each.
+int ExpertStore::pack_threads() { return (int) std::max<size_t>(1, process_cpus().size()); }
 
 // The granule of a part: whole blocks of the down type, and of 32 values where the size allows
 // (whole rows of ggml's interleaved layouts).

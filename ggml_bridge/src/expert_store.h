@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <map>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -41,7 +42,10 @@ class ExpertStore {
   public:
     // `only_layers` (when not empty): keep these MoE layers only (a pipeline-parallel rank's); the
     // others are checked in the header but their bytes are never touched.
-    ExpertStore(const std::string & path, bool repack, bool keep_mapped, const std::vector<int> & only_layers = {});
+    // `own_kernels`: Q4_K/Q6_K experts go into lvgg's packed layout (vnni_kquants.h) rather than
+    // ggml's repacked one where this build has the kernels (repack must be on).
+    ExpertStore(const std::string & path, bool repack, bool keep_mapped, const std::vector<int> & only_layers = {},
+                bool own_kernels = true);
     // Part `part` of `n_parts` of another store's experts, for one NUMA node: intermediate rows
     // part_range() of gate/up (of both halves of a fused gate_up) and the matching columns of
     // down, copied into memory this thread touches first (call it from a thread bound to the
@@ -63,6 +67,8 @@ class ExpertStore {
     // The repacked copy of an expert tensor, or nullptr where there is none. Separate gate and up
     // of one type share one: [D, 2F, experts], gate rows then up rows, like a file's gate_up.
     ggml_tensor *                      repacked(const ggml_tensor * t) const;
+    // The twin is in lvgg's packed layout (vnni_kquants.h): only the engine's own kernels read it.
+    bool                               packed(const ggml_tensor * twin) const;
     bool                               keeps_mapped() const { return keep_mapped_; }
     size_t                             file_size() const { return file_size_; }
     // Start of the read-only mapping of the whole file (nullptr when the file has no experts).
@@ -78,6 +84,8 @@ class ExpertStore {
     void slice_from(const ExpertStore & whole, int part, int n_parts, bool repack);
     ggml_tensor * add_repacked(ggml_tensor * t, const void * src);  // nullptr: no layout for the type
     bool          add_fused_gate_up(const ExpertLayer & L, std::vector<char> & staging);  // false: not possible
+    ggml_tensor * new_packed_twin(ggml_type type, const int64_t ne[3], const std::string & name);
+    static int    pack_threads();
     void release();
 
     std::string                        path_;
@@ -89,10 +97,12 @@ class ExpertStore {
     ggml_backend_buffer_t              map_buf_   = nullptr;
     bool                               keep_mapped_ = true;
     bool                               repack_      = false;
+    bool                               own_kernels_ = true;
     ggml_context *                     repacked_ctx_ = nullptr;
     std::vector<ggml_backend_buffer_t> repack_bufs_;
     std::vector<ggml_backend_buffer_t> slice_bufs_;  // a part's plain (not repacked) tensors
     std::map<const ggml_tensor *, ggml_tensor *> repacked_;
+    std::set<const ggml_tensor *>      packed_;  // twins in lvgg's packed layout
     std::map<int, ExpertLayer>         layers_;
 };
 

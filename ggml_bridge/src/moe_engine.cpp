@@ -1,6 +1,7 @@
 #include "moe_engine.h"
 
 #include "errors.h"
+#include "vnni_kquants.h"
 
 #include <ggml-alloc.h>
 #include <ggml-cpu.h>
@@ -59,6 +60,66 @@ void combine(ggml_tensor * dst, int ith, int nth, void *) {
                 ggml_fp32_to_bf16_row(acc, (ggml_bf16_t *) dst->data + o, nc);
                 break;
         }
+    }
+}
+
+// Activation rows of a packed MUL_MAT_ID: every row of `src[0]` (f32/f16/bf16, contiguous) as
+// vnni::ActBlocks, one 256-value block per work unit.
+void quantize_activations(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * in    = dst->src[0];
+    const int64_t       nb    = in->ne[0] / 256;
+    const int64_t       units = ggml_nrows(in) * nb;
+    const size_t        block = 256 * ggml_type_size(in->type);
+    for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; ++u) {
+        const int64_t r = u / nb, b = u % nb;
+        vnni::quantize_row((const char *) in->data + r * in->nb[1] + b * block, in->type, 256,
+                           (vnni::ActBlock *) ((char *) dst->data + r * dst->nb[1]) + b);
+    }
+}
+
+// MUL_MAT_ID on packed weights: dst [rows, K, T] f32 like ggml's. Work units are (expert, group
+// of 16 rows) of the chunk's experts, split between threads by an estimated cost (reading a
+// group's weights counts as kWeightCost tokens); each unit passes over its weights once per
+// vnni::kMaxTile tokens routed to the expert.
+void packed_mul_mat_id(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    constexpr int64_t kWeightCost = 2;
+    const auto &      op      = *(const MoeEngine::PackedMatMul *) userdata;
+    const auto &      R       = *op.routing;
+    const ggml_tensor * xq    = dst->src[0];
+    const bool        per_slot = xq->ne[1] != R.n_tokens;  // down: one activation row per (token, slot)
+    const int64_t     groups  = op.rows / vnni::kRows;
+    const int32_t *   er      = R.expert_rows;
+    int64_t           total   = 0;
+    for (int64_t e = 0; e < R.n_expert; ++e) {
+        const int64_t c = er[e + 1] - er[e];
+        total += c ? groups * (kWeightCost + c) : 0;
+    }
+    const int64_t lo = total * ith / nth, hi = total * (ith + 1) / nth;
+    int64_t       base = 0;
+    for (int64_t e = 0; e < R.n_expert && base < hi; ++e) {
+        const int64_t c = er[e + 1] - er[e];
+        if (c == 0) {
+            continue;
+        }
+        const int64_t unit = kWeightCost + c;
+        const int64_t g0 = lo > base ? (lo - base + unit - 1) / unit : 0;  // groups starting in [lo, hi)
+        const int64_t g1 = std::min(groups, (hi - base + unit - 1) / unit);
+        for (int64_t g = g0; g < g1; ++g) {
+            const uint8_t * w = op.data + e * op.stride + vnni::group_offset(op.type, op.cols, g);
+            for (int64_t r0 = er[e]; r0 < er[e + 1]; r0 += vnni::kMaxTile) {
+                const int n = (int) std::min<int64_t>(vnni::kMaxTile, er[e + 1] - r0);
+                const vnni::ActBlock * x[vnni::kMaxTile];
+                float *                out[vnni::kMaxTile];
+                for (int i = 0; i < n; ++i) {
+                    const int64_t slot = R.sorted_slots[r0 + i];
+                    x[i]   = (const vnni::ActBlock *) ((const char *) xq->data +
+                                                     (per_slot ? slot : slot / R.top_k) * xq->nb[1]);
+                    out[i] = (float *) dst->data + slot * op.rows + g * vnni::kRows;
+                }
+                vnni::multiply_group(op.type, w, op.cols, x, n, out);
+            }
+        }
+        base += groups * unit;
     }
 }
 
@@ -130,6 +191,8 @@ MoeEngine::MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cf
     sorted_tokens_.resize(cfg_.chunk * cfg_.max_top_k);
     sorted_pos_.resize(cfg_.chunk * cfg_.max_top_k);
     expert_rows_.resize(max_experts + 1);
+    sorted_slots_.resize(cfg_.chunk * cfg_.max_top_k);
+    packed_ops_.reserve(4);  // at most gate, up, gate_up, down per graph
 
     if (cfg_.schedule == Schedule::PerExpert) {
         for (const auto & kv : store_->layers()) {
@@ -266,27 +329,50 @@ MoeEngine::Graph MoeEngine::build_mul_mat_id(const ExpertLayer & L, int64_t n, i
     ggml_tensor *  gate_up = gate && gate == up_w ? gate : weights_for(L.gate_up, n, layout);  // repacked as one
     ggml_tensor *  down_w  = weights_for(L.down, n, layout);
     Graph          g = new_graph_inputs(ggml_new_tensor_3d(ctx, x_type, L.n_embd, 1, n), n, K);
-    ggml_tensor *  x = x_type == GGML_TYPE_F32 ? g.x : ggml_cast(ctx, g.x, GGML_TYPE_F32);
+    ggml_tensor *  x = g.x;
 
     ggml_tensor * h;
     if (gate_up) {
-        ggml_tensor * gu = ggml_mul_mat_id(ctx, gate_up, x, g.ids);
+        ggml_tensor * gu = mul_mat_id(gate_up, x, g.ids);
         h = cfg_.activation == Activation::SiLU ? ggml_swiglu(ctx, gu) : ggml_geglu(ctx, gu);
     } else if (gate) {
-        ggml_tensor * gt = ggml_mul_mat_id(ctx, gate, x, g.ids);
-        ggml_tensor * up = ggml_mul_mat_id(ctx, up_w, x, g.ids);
+        ggml_tensor * gt = mul_mat_id(gate, x, g.ids);
+        ggml_tensor * up = mul_mat_id(up_w, x, g.ids);
         h = cfg_.activation == Activation::SiLU ? ggml_swiglu_split(ctx, gt, up) : ggml_geglu_split(ctx, gt, up);
     } else {
-        ggml_tensor * up = ggml_mul_mat_id(ctx, up_w, x, g.ids);
+        ggml_tensor * up = mul_mat_id(up_w, x, g.ids);
         h = ggml_sqr(ctx, ggml_relu(ctx, up));
     }
-    ggml_tensor * down = ggml_mul_mat_id(ctx, down_w, h, g.ids);
+    ggml_tensor * down = mul_mat_id(down_w, h, g.ids);
     ggml_tensor * args[2] = { down, g.weights };
     finish_graph(g, ggml_custom_4d(ctx, out_type, L.n_embd, n, 1, 1, args, 2, combine, GGML_N_TASKS_MAX, nullptr));
     return g;
 }
 
+// ggml's MUL_MAT_ID, or lvgg's on a packed twin (activations quantized once per input).
+ggml_tensor * MoeEngine::mul_mat_id(ggml_tensor * w, ggml_tensor * in, ggml_tensor * ids) {
+    if (!store_->packed(w)) {
+        if (in->type != GGML_TYPE_F32 && as_f32_from_ != in) {
+            as_f32_      = ggml_cast(ctx_, in, GGML_TYPE_F32);
+            as_f32_from_ = in;
+        }
+        return ggml_mul_mat_id(ctx_, w, in->type == GGML_TYPE_F32 ? in : as_f32_, ids);
+    }
+    if (quantized_from_ != in) {
+        const int64_t row_bytes = in->ne[0] / 256 * sizeof(vnni::ActBlock);
+        quantized_      = ggml_custom_4d(ctx_, GGML_TYPE_I8, row_bytes, ggml_nrows(in), 1, 1, &in, 1,
+                                         quantize_activations, GGML_N_TASKS_MAX, nullptr);
+        quantized_from_ = in;
+    }
+    packed_ops_.push_back({ &routing_, w->type, (const uint8_t *) w->data,
+                            vnni::packed_size(w->type, w->ne[1], w->ne[0]), w->ne[1], w->ne[0] });
+    return ggml_custom_4d(ctx_, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, &quantized_, 1,
+                          packed_mul_mat_id, GGML_N_TASKS_MAX, &packed_ops_.back());
+}
+
 MoeEngine::Graph MoeEngine::new_graph_inputs(ggml_tensor * x, int64_t n, int64_t K) {
+    packed_ops_.clear();
+    quantized_from_ = as_f32_from_ = nullptr;
     Graph g;
     g.x       = x;
     g.ids     = ggml_new_tensor_2d(ctx_, GGML_TYPE_I32, K, n);
@@ -327,6 +413,7 @@ void MoeEngine::group_by_expert(int64_t n, int64_t K, int64_t n_expert) {
     for (int64_t i = 0; i < n * K; ++i) {
         const int32_t row    = expert_rows_[ids_i32_[i]]++;
         sorted_tokens_[row]  = (int32_t) (i / K);
+        sorted_slots_[row]   = (int32_t) i;
         sorted_pos_[i]       = row;
     }
     for (int64_t e = n_expert; e > 0; --e) {  // the fill advanced each start to the next one's
@@ -552,6 +639,10 @@ void MoeEngine::run(int layer, const Matrix & x, const Matrix & ids, const Matri
             g.pos->data  = sorted_pos_.data();
         } else {
             g = build_mul_mat_id(L, n, K, x.type, out.type, Layout::BySize);
+            if (!packed_ops_.empty()) {
+                group_by_expert(n, K, L.n_expert);
+                routing_ = { n, K, L.n_expert, expert_rows_.data(), sorted_slots_.data() };
+            }
         }
         g.x->data       = (char *) x.data + t0 * x_row;
         g.out->data     = (char *) out.data + t0 * out_row;

@@ -100,6 +100,22 @@ class MoeEngine : public Experts {
     const std::shared_ptr<ExpertStore> & store() const { return store_; }
     size_t                               scratch_bytes() const;
 
+    // The chunk being computed, its (token, slot) pairs grouped by expert (group_by_expert), as
+    // the packed-weights ops read it.
+    struct Routing {
+        int64_t         n_tokens = 0, top_k = 0, n_expert = 0;
+        const int32_t * expert_rows  = nullptr;  // expert e owns sorted rows [expert_rows[e], expert_rows[e+1])
+        const int32_t * sorted_slots = nullptr;  // slot t*top_k + k of each sorted row
+    };
+    // One MUL_MAT_ID on a packed twin (ExpertStore::packed), run by lvgg's kernels.
+    struct PackedMatMul {
+        const Routing * routing;
+        ggml_type       type;
+        const uint8_t * data;
+        size_t          stride;  // bytes per expert
+        int64_t         rows, cols;
+    };
+
   private:
     enum class Layout { BySize, Mapped, Repacked };
     struct Graph {
@@ -123,6 +139,7 @@ class MoeEngine : public Experts {
     bool   use_per_expert(const ExpertLayer & L, int64_t n_tokens) const;
     void   group_by_expert(int64_t n_tokens, int64_t top_k, int64_t n_expert);
     ggml_tensor * weights_for(ggml_tensor * t, int64_t n_tokens, Layout layout) const;
+    ggml_tensor * mul_mat_id(ggml_tensor * w, ggml_tensor * in, ggml_tensor * ids);
     size_t intermediate_bytes(const Graph & g) const;
     void   stage_routing(const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n, int64_t n_expert);
     void   allocate_intermediates(const Graph & g);
@@ -141,6 +158,13 @@ class MoeEngine : public Experts {
     std::vector<int32_t>         sorted_tokens_;  // per-expert schedule (see group_by_expert)
     std::vector<int32_t>         sorted_pos_;
     std::vector<int32_t>         expert_rows_;
+    std::vector<int32_t>         sorted_slots_;
+    Routing                      routing_;
+    std::vector<PackedMatMul>    packed_ops_;  // this graph's, in build order (reserved: stable addresses)
+    ggml_tensor *                quantized_from_ = nullptr;  // the last input quantized for packed ops
+    ggml_tensor *                quantized_      = nullptr;
+    ggml_tensor *                as_f32_from_    = nullptr;  // the last input cast to f32 for ggml's ops
+    ggml_tensor *                as_f32_         = nullptr;
     std::mutex                   mutex_;
 };
 

@@ -1,0 +1,376 @@
+#include "vnni_kquants.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#    define LVGG_VNNI 1
+#    include <immintrin.h>
+#else
+#    define LVGG_VNNI 0
+#endif
+
+namespace lvgg::vnni {
+
+namespace {
+
+constexpr int64_t kBlock = 256;
+
+// ggml's block layouts (ggml-common.h), by offset.
+constexpr size_t kQ4KBytes = 144;  // d, dmin (fp16), scales[12] (6-bit sc and m), qs[128]
+constexpr size_t kQ6KBytes = 210;  // ql[128], qh[64], scales[16] (int8), d (fp16)
+
+// Packed tile sizes and offsets (see the header).
+constexpr size_t kQ4KTile = 2368, kQ4KSc = 64, kQ4KM = 192, kQ4KQs = 320;
+// Q6_K: runs of two 32-column chunks: sc pairs of both (64 bytes), then per chunk qh (128), ql (256).
+constexpr size_t kQ6KTile = 3328, kQ6KRun = 832;
+
+// Q6_K reads ahead in software: from cold memory one core streamed 13.8 GB/s without and 16.0
+// with (means of 4 runs, 2-core AVX-512 EPYC, 24 GB/s read bandwidth); Q4_K gained nothing.
+constexpr size_t kQ6KPrefetch = 1024;
+
+const uint8_t * q6_K_scales(const uint8_t * tile, int h) { return tile + (h / 2) * kQ6KRun + 32 * (h % 2); }
+const uint8_t * q6_K_qh(const uint8_t * tile, int h) { return tile + (h / 2) * kQ6KRun + 64 + 384 * (h % 2); }
+
+size_t round64(size_t n) { return (n + 63) & ~size_t(63); }
+
+size_t group_bytes(ggml_type type, int64_t cols) {
+    const size_t nb = cols / kBlock;
+    return type == GGML_TYPE_Q4_K ? nb * kQ4KTile : nb * kQ6KTile + round64(nb * kRows * 2);
+}
+
+uint16_t load_u16(const uint8_t * p) {
+    uint16_t v;
+    std::memcpy(&v, p, 2);
+    return v;
+}
+
+// One Q4_K block: 4-bit weights, 6-bit scales and mins.
+void decode_q4_K(const uint8_t * blk, uint8_t q[256], uint8_t sc[8], uint8_t m[8]) {
+    const uint8_t * s  = blk + 4;
+    const uint8_t * qs = blk + 16;
+    for (int j = 0; j < 8; ++j) {
+        if (j < 4) {
+            sc[j] = s[j] & 63;
+            m[j]  = s[j + 4] & 63;
+        } else {
+            sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+            m[j]  = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+    }
+    for (int c = 0; c < 4; ++c) {  // 64 weights per 32 bytes: low nibbles first
+        for (int l = 0; l < 32; ++l) {
+            q[64 * c + l]      = qs[32 * c + l] & 0xF;
+            q[64 * c + 32 + l] = qs[32 * c + l] >> 4;
+        }
+    }
+}
+
+// One Q6_K block: 6-bit weights (0..63, value = d * sc * (q - 32)), int8 scales per 16.
+void decode_q6_K(const uint8_t * blk, uint8_t q[256], int8_t sc[16]) {
+    const uint8_t * ql = blk;
+    const uint8_t * qh = blk + 128;
+    std::memcpy(sc, blk + 192, 16);
+    for (int half = 0; half < 2; ++half, ql += 64, qh += 32) {
+        uint8_t * y = q + 128 * half;
+        for (int l = 0; l < 32; ++l) {
+            y[l]      = (ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4);
+            y[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+            y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+    }
+}
+
+// Weights of columns c0 + 4i + p (low nibble) and c0 + 16 + 4i + p (high nibble), i < 4, of 16
+// rows: 4 loads of 64 bytes (the qs / ql part of a tile for one 32-column sub-block).
+void pack_nibbles(uint8_t q[kRows][256], int c0, uint8_t * dst) {
+    for (int i = 0; i < 4; ++i) {
+        for (int r = 0; r < kRows; ++r) {
+            for (int p = 0; p < 4; ++p) {
+                dst[(i * kRows + r) * 4 + p] = (q[r][c0 + 4 * i + p] & 0xF) | ((q[r][c0 + 16 + 4 * i + p] & 0xF) << 4);
+            }
+        }
+    }
+}
+
+void pack_group_q4_K(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
+    uint8_t q[kRows][256], sc[kRows][8], m[kRows][8];
+    for (int64_t b = 0; b < nb; ++b, dst += kQ4KTile) {
+        for (int r = 0; r < kRows; ++r) {
+            const uint8_t * blk = src + r * row_bytes + b * kQ4KBytes;
+            decode_q4_K(blk, q[r], sc[r], m[r]);
+            std::memcpy(dst + 2 * r, blk, 2);            // d
+            std::memcpy(dst + 32 + 2 * r, blk + 2, 2);   // dmin
+        }
+        for (int j = 0; j < 8; ++j) {
+            for (int r = 0; r < kRows; ++r) {
+                dst[kQ4KSc + j * kRows + r]                   = sc[r][j];
+                dst[kQ4KM + ((j / 2) * kRows + r) * 2 + j % 2] = m[r][j];
+            }
+            pack_nibbles(q, 32 * j, dst + kQ4KQs + j * 256);
+        }
+    }
+}
+
+void pack_group_q6_K(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
+    uint8_t  q[kRows][256];
+    int8_t   sc[kRows][16];
+    uint8_t * d = dst + nb * kQ6KTile;
+    for (int64_t b = 0; b < nb; ++b, dst += kQ6KTile) {
+        for (int r = 0; r < kRows; ++r) {
+            const uint8_t * blk = src + r * row_bytes + b * kQ6KBytes;
+            decode_q6_K(blk, q[r], sc[r]);
+            std::memcpy(d + (b * kRows + r) * 2, blk + 208, 2);
+        }
+        for (int h = 0; h < 8; ++h) {  // 32-column chunks: sub-blocks 2h, 2h + 1
+            uint8_t * scales = (uint8_t *) q6_K_scales(dst, h);
+            for (int r = 0; r < kRows; ++r) {
+                scales[2 * r]     = (uint8_t) sc[r][2 * h];
+                scales[2 * r + 1] = (uint8_t) sc[r][2 * h + 1];
+            }
+            uint8_t * qh = (uint8_t *) q6_K_qh(dst, h);
+            pack_nibbles(q, 32 * h, qh + 128);
+            for (int s = 0; s < 2; ++s) {
+                for (int r = 0; r < kRows; ++r) {
+                    for (int p = 0; p < 4; ++p) {
+                        const int c = 32 * h + 4 * (2 * s) + p;  // load 2s; load 2s + 1 is 4 columns on
+                        qh[(s * kRows + r) * 4 + p] = (uint8_t) ((q[r][c] >> 4) | ((q[r][c + 16] >> 4) << 2) |
+                                                                 ((q[r][c + 4] >> 4) << 4) | ((q[r][c + 20] >> 4) << 6));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#if LVGG_VNNI
+
+inline __m512i bcast32(const int8_t * p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+inline __m512i bcast32(const int16_t * p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+template <int NT>
+void multiply_q4_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x, float * const * out) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512        res[NT];
+    for (int n = 0; n < NT; ++n) {
+        res[n] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; ++b, tile += kQ4KTile) {
+        __m512i acc[NT], mins[NT];
+        for (int n = 0; n < NT; ++n) {
+            acc[n]  = _mm512_setzero_si512();
+            mins[n] = _mm512_setzero_si512();
+        }
+        for (int p = 0; p < 4; ++p) {
+            const __m512i mv = _mm512_cvtepu8_epi16(_mm256_load_si256((const __m256i *) (tile + kQ4KM + 32 * p)));
+            for (int n = 0; n < NT; ++n) {
+                mins[n] = _mm512_dpwssd_epi32(mins[n], mv, bcast32(x[n][b].bsum32 + 2 * p));
+            }
+        }
+        for (int j = 0; j < 8; ++j) {
+            const uint8_t * qs = tile + kQ4KQs + j * 256;
+            __m512i         lo[4], hi[4];
+            for (int i = 0; i < 4; ++i) {
+                const __m512i w = _mm512_load_si512((const __m512i *) (qs + 64 * i));
+                lo[i]           = _mm512_and_si512(w, low4);
+                hi[i]           = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+            }
+            const __m512i scv = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *) (tile + kQ4KSc + 16 * j)));
+            for (int n = 0; n < NT; ++n) {
+                const int8_t * xq = x[n][b].qs + 32 * j;
+                __m512i        d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+                for (int i = 0; i < 4; ++i) {
+                    d0 = _mm512_dpbusd_epi32(d0, lo[i], bcast32(xq + 4 * i));
+                    d1 = _mm512_dpbusd_epi32(d1, hi[i], bcast32(xq + 16 + 4 * i));
+                }
+                acc[n] = _mm512_add_epi32(acc[n], _mm512_mullo_epi32(_mm512_add_epi32(d0, d1), scv));
+            }
+        }
+        const __m512 d    = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *) tile));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *) (tile + 32)));
+        for (int n = 0; n < NT; ++n) {
+            const __m512 dx = _mm512_set1_ps(x[n][b].d);
+            res[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[n]), _mm512_mul_ps(d, dx), res[n]);
+            res[n] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins[n]), _mm512_mul_ps(dmin, dx), res[n]);
+        }
+    }
+    for (int n = 0; n < NT; ++n) {
+        _mm512_storeu_ps(out[n], res[n]);
+    }
+}
+
+template <int NT>
+void multiply_q6_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x, float * const * out) {
+    const __m512i  low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
+    const uint8_t * dgroup = tile + nb * kQ6KTile;
+    __m512         res[NT];
+    for (int n = 0; n < NT; ++n) {
+        res[n] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; ++b, tile += kQ6KTile) {
+        __m512i acc[NT], offs[NT];
+        for (int n = 0; n < NT; ++n) {
+            acc[n]  = _mm512_setzero_si512();
+            offs[n] = _mm512_setzero_si512();
+        }
+        for (int h = 0; h < 8; ++h) {
+            const __m512i scw    = _mm512_cvtepi8_epi16(_mm256_load_si256((const __m256i *) q6_K_scales(tile, h)));
+            const __m512i sc_odd = _mm512_srai_epi32(scw, 16);
+            const __m512i sc_even = _mm512_srai_epi32(_mm512_slli_epi32(scw, 16), 16);
+            const uint8_t * qh   = q6_K_qh(tile, h);
+            const uint8_t * ql   = qh + 128;
+            for (int l = 0; l < 6; ++l) {
+                _mm_prefetch((const char *) qh + kQ6KPrefetch + 64 * l, _MM_HINT_T0);
+            }
+            __m512i         lo[4], hi[4];
+            for (int s = 0; s < 2; ++s) {
+                const __m512i hb = _mm512_load_si512((const __m512i *) (qh + 64 * s));
+                const __m512i h0 = _mm512_and_si512(_mm512_slli_epi16(hb, 4), bits45);  // load 2s, low nibble
+                const __m512i h1 = _mm512_and_si512(_mm512_slli_epi16(hb, 2), bits45);  // load 2s, high nibble
+                const __m512i h2 = _mm512_and_si512(hb, bits45);                         // load 2s+1, low
+                const __m512i h3 = _mm512_and_si512(_mm512_srli_epi16(hb, 2), bits45);  // load 2s+1, high
+                const __m512i w0 = _mm512_load_si512((const __m512i *) (ql + 128 * s));
+                const __m512i w1 = _mm512_load_si512((const __m512i *) (ql + 128 * s + 64));
+                // (w & 0x0F) | h: ternary logic 0xEA = (a & b) | c
+                lo[2 * s]     = _mm512_ternarylogic_epi32(w0, low4, h0, 0xEA);
+                hi[2 * s]     = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w0, 4), low4, h1, 0xEA);
+                lo[2 * s + 1] = _mm512_ternarylogic_epi32(w1, low4, h2, 0xEA);
+                hi[2 * s + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w1, 4), low4, h3, 0xEA);
+            }
+            for (int n = 0; n < NT; ++n) {
+                const int8_t * xq = x[n][b].qs + 32 * h;
+                __m512i        d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+                for (int i = 0; i < 4; ++i) {
+                    d0 = _mm512_dpbusd_epi32(d0, lo[i], bcast32(xq + 4 * i));
+                    d1 = _mm512_dpbusd_epi32(d1, hi[i], bcast32(xq + 16 + 4 * i));
+                }
+                acc[n]  = _mm512_add_epi32(acc[n], _mm512_add_epi32(_mm512_mullo_epi32(d0, sc_even),
+                                                                    _mm512_mullo_epi32(d1, sc_odd)));
+                offs[n] = _mm512_dpwssd_epi32(offs[n], scw, bcast32(x[n][b].bsum16 + 2 * h));
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (dgroup + b * kRows * 2)));
+        for (int n = 0; n < NT; ++n) {
+            const __m512i q = _mm512_sub_epi32(acc[n], _mm512_slli_epi32(offs[n], 5));  // weights are q - 32
+            res[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(d, _mm512_set1_ps(x[n][b].d)), res[n]);
+        }
+    }
+    for (int n = 0; n < NT; ++n) {
+        _mm512_storeu_ps(out[n], res[n]);
+    }
+}
+
+template <int NT>
+void multiply_tile(ggml_type type, const uint8_t * group, int64_t nb, const ActBlock * const * x, float * const * out) {
+    if (type == GGML_TYPE_Q4_K) {
+        multiply_q4_K<NT>(group, nb, x, out);
+    } else {
+        multiply_q6_K<NT>(group, nb, x, out);
+    }
+}
+
+#endif  // LVGG_VNNI
+
+}  // namespace
+
+bool available() { return LVGG_VNNI; }
+
+bool packable(ggml_type type, int64_t rows, int64_t cols) {
+    return available() && (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K) && rows > 0 && rows % kRows == 0 &&
+           cols > 0 && cols % kBlock == 0 && ggml_type_size(GGML_TYPE_Q4_K) == kQ4KBytes &&
+           ggml_type_size(GGML_TYPE_Q6_K) == kQ6KBytes;
+}
+
+size_t group_offset(ggml_type type, int64_t cols, int64_t g) { return g * group_bytes(type, cols); }
+
+size_t packed_size(ggml_type type, int64_t rows, int64_t cols) { return (rows / kRows) * group_bytes(type, cols); }
+
+void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int64_t cols, int64_t n_matrices,
+          void * dst, size_t dst_stride, int n_threads) {
+    const size_t  row_bytes = ggml_row_size(type, cols);
+    const int64_t nb = cols / kBlock, groups = rows / kRows, units = n_matrices * groups;
+    auto          work       = [&](int64_t u0, int64_t u1) {
+        for (int64_t u = u0; u < u1; ++u) {
+            const int64_t   e = u / groups, g = u % groups;
+            const uint8_t * s = (const uint8_t *) src + e * src_stride + g * kRows * row_bytes;
+            uint8_t *       d = (uint8_t *) dst + e * dst_stride + group_offset(type, cols, g);
+            if (type == GGML_TYPE_Q4_K) {
+                pack_group_q4_K(s, row_bytes, nb, d);
+            } else {
+                pack_group_q6_K(s, row_bytes, nb, d);
+            }
+        }
+    };
+    n_threads = (int) std::max<int64_t>(1, std::min<int64_t>(n_threads, units));
+    std::vector<std::thread> threads;
+    for (int i = 1; i < n_threads; ++i) {
+        threads.emplace_back(work, units * i / n_threads, units * (i + 1) / n_threads);
+    }
+    work(0, units / n_threads);
+    for (auto & t : threads) {
+        t.join();
+    }
+}
+
+void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out) {
+    float buf[kBlock];
+    for (int64_t b = 0; b < cols / kBlock; ++b) {
+        const float * v = buf;
+        if (x_type == GGML_TYPE_F32) {
+            v = (const float *) x + b * kBlock;
+        } else if (x_type == GGML_TYPE_F16) {
+            ggml_fp16_to_fp32_row((const ggml_fp16_t *) x + b * kBlock, buf, kBlock);
+        } else {
+            ggml_bf16_to_fp32_row((const ggml_bf16_t *) x + b * kBlock, buf, kBlock);
+        }
+        ActBlock & o    = out[b];
+        float      amax = 0.0f;
+        for (int i = 0; i < kBlock; ++i) {
+            amax = std::max(amax, std::fabs(v[i]));
+        }
+        const float iscale = amax > 0.0f ? 127.0f / amax : 0.0f;
+        o.d                = amax / 127.0f;
+        for (int s = 0; s < 16; ++s) {
+            int sum = 0;
+            for (int i = 16 * s; i < 16 * s + 16; ++i) {
+                const int q = (int) std::nearbyint(v[i] * iscale);
+                o.qs[i]     = (int8_t) std::clamp(q, -127, 127);
+                sum += o.qs[i];
+            }
+            o.bsum16[s] = (int16_t) sum;
+        }
+        for (int j = 0; j < 8; ++j) {
+            o.bsum32[j] = (int16_t) (o.bsum16[2 * j] + o.bsum16[2 * j + 1]);
+        }
+    }
+}
+
+void multiply_group(ggml_type type, const uint8_t * group, int64_t cols, const ActBlock * const * x, int n_tokens,
+                    float * const * out) {
+#if LVGG_VNNI
+    const int64_t nb = cols / kBlock;
+    switch (n_tokens) {
+        case 1: multiply_tile<1>(type, group, nb, x, out); break;
+        case 2: multiply_tile<2>(type, group, nb, x, out); break;
+        case 3: multiply_tile<3>(type, group, nb, x, out); break;
+        default: multiply_tile<4>(type, group, nb, x, out); break;
+    }
+#else
+    (void) type, (void) group, (void) cols, (void) x, (void) n_tokens, (void) out;
+#endif
+}
+
+}  // namespace lvgg::vnni

@@ -1,0 +1,105 @@
+"""lvgg's own Q4_K/Q6_K kernels (AVX-512 VNNI, ggml_bridge/src/vnni_kquants.h) against the f64
+reference built from gguf-py's dequantization, and against ggml's kernels on the same file."""
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+import lvgg
+from lvgg import _bridge
+from lvgg.testing.expert_files import random_experts, read_reference, write_experts_file
+
+E = 8
+TOLERANCE = 3.5e-2  # relative L2 error vs the f64 reference, as for every K-quant (test_numerics.py)
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(out, dtype=np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def routing(rng, tokens: int, top_k: int, repeats: bool):
+    if repeats:  # experts may repeat within a row: their weights add up
+        ids = rng.integers(0, E, (tokens, top_k))
+    else:
+        ids = np.stack([rng.choice(E, top_k, replace=False) for _ in range(tokens)])
+    return ids.astype(np.int32), rng.random((tokens, top_k)).astype(np.float32)
+
+
+def run(moe, x, ids, w):
+    out = torch.full_like(x, float("nan"))  # poison: rows the kernels do not write fail
+    moe(0, x, torch.from_numpy(ids), torch.from_numpy(w), out)
+    return out.float().numpy()
+
+
+def test_a_build_for_vnni_packs_k_quants(tmp_path, rng):
+    """A build for AVX-512 VNNI (native on CI's CPU) has the kernels and uses them; others do not."""
+    assert _bridge.vnni_kernels == _bridge.cpu_features()["avx512_vnni"]
+    path = write_experts_file(tmp_path / "p.gguf", {0: random_experts(rng, E, 256, 256)}, Q.Q4_K)
+    packed = lvgg.ExpertStore(path).layer_info(0).packed
+    if not _bridge.vnni_kernels:
+        assert not any(packed.values())
+        return
+    assert packed == {"gate": True, "up": True, "down": True}
+    assert not any(lvgg.ExpertStore(path, own_kernels=False).layer_info(0).packed.values())
+    assert not any(lvgg.ExpertStore(path, repack=False).layer_info(0).packed.values())
+
+
+@pytest.fixture(scope="module", params=[Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+def packed_file(request, tmp_path_factory):
+    qtype = request.param
+    rng = np.random.default_rng(int(qtype))
+    D, F = 512, 768  # 2 and 3 blocks; 32 and 48 row groups
+    path = write_experts_file(tmp_path_factory.mktemp("vnni") / f"{qtype.name}.gguf",
+                              {0: random_experts(rng, E, D, F)}, qtype)
+    return path, read_reference(path, 0)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 9, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_packed_experts_match_the_f64_reference_and_ggml(packed_file, tokens, dtype, rng):
+    path, ref = packed_file
+    x = torch.randn(tokens, 512).to(dtype)
+    ids, w = routing(rng, tokens, 8, repeats=tokens % 2 == 1)
+    expected = ref.forward(x.float().numpy(), ids, w)
+    ours = run(lvgg.CpuMoE(lvgg.ExpertStore(path), threads=2), x, ids, w)
+    ggml = run(lvgg.CpuMoE(lvgg.ExpertStore(path, own_kernels=False), threads=2), x, ids, w)
+    assert rel_err(ours, expected) < TOLERANCE
+    assert rel_err(ours, ggml) < TOLERANCE  # the same weights, activations quantized alike
+
+
+def test_thread_counts_and_chunks_give_identical_results(packed_file, rng):
+    """Work is split by rows, never inside a row's sum: results do not depend on threads or chunking."""
+    path, _ = packed_file
+    store = lvgg.ExpertStore(path)
+    x = torch.randn(37, 512)
+    ids, w = routing(rng, 37, 6, repeats=False)
+    outs = [run(lvgg.CpuMoE(store, threads=t, chunk=c), x, ids, w) for t, c in ((1, 512), (2, 512), (2, 5))]
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("form", ["gate+up+down", "gate_up+down"])
+def test_mixed_layer_packed_and_ggml_projections(tmp_path, form, rng):
+    """Q4_K gate/up (packed, lvgg's kernels) with a Q5_K down (ggml's kernels) in one layer."""
+    experts = random_experts(rng, E, 256, 512, form)
+    types = {proj: Q.Q5_K if proj == "down" else Q.Q4_K for proj in experts}
+    path = write_experts_file(tmp_path / "m.gguf", {0: experts}, types)
+    store = lvgg.ExpertStore(path)
+    if _bridge.vnni_kernels:
+        assert store.layer_info(0).packed["down"] is False and store.layer_info(0).packed[form.split("+")[0]]
+    x = torch.randn(6, 256)
+    ids, w = routing(rng, 6, 4, repeats=True)
+    out = run(lvgg.CpuMoE(store, threads=2), x, ids, w)
+    assert rel_err(out, read_reference(path, 0).forward(x.numpy(), ids, w)) < TOLERANCE
+
+
+def test_numa_parts_of_packed_experts(tmp_path, rng):
+    """Two virtual nodes (parts of 512 and 256 intermediate rows, each packed by its node's threads):
+    the parts sum to the whole layer."""
+    path = write_experts_file(tmp_path / "n.gguf", {0: random_experts(rng, E, 256, 768)}, Q.Q4_K)
+    x = torch.randn(3, 256)
+    ids, w = routing(rng, 3, 8, repeats=False)
+    whole = run(lvgg.CpuMoE(lvgg.ExpertStore(path), threads=2), x, ids, w)
+    parts = lvgg.CpuMoE(lvgg.ExpertStore(path, repack=False), nodes=[lvgg.EngineNode([0]), lvgg.EngineNode([1])])
+    assert rel_err(run(parts, x, ids, w), whole.astype(np.float64)) < 1e-2
+    assert rel_err(whole, read_reference(path, 0).forward(x.numpy(), ids, w)) < TOLERANCE
