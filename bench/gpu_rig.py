@@ -39,9 +39,12 @@ CONFIGS = {"cpu": {"LVGG_GPU_PREFILL_MIN_TOKENS": "off", "LVGG_GPU_DECODE_SPLIT"
 
 
 def config_env(name: str) -> dict[str, str]:
-    """The environment of a configuration: a name of CONFIGS, or split:N."""
+    """The environment of a configuration: a name of CONFIGS, or split:N; "+ggml" runs ggml's CPU
+    kernels for every type (LVGG_CPU_KERNELS=ggml), e.g. stream+ggml."""
+    name, ggml, _ = name.partition("+ggml")
     base, _, slots = name.partition(":")
-    return {**CONFIGS[base], **({"LVGG_GPU_DECODE_SPLIT": slots} if slots else {})}
+    return {**CONFIGS[base], **({"LVGG_GPU_DECODE_SPLIT": slots} if slots else {}),
+            **({"LVGG_CPU_KERNELS": "ggml"} if ggml else {})}
 
 
 def read_once(path: Path, chunk: int = 64 << 20) -> float:

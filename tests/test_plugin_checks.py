@@ -130,6 +130,13 @@ def test_cpu_settings_are_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("LVGG_CPU_BINDING", "socket")
     with pytest.raises(ValueError, match="LVGG_CPU_BINDING must be 'node' or 'core', found 'socket'"):
         settings.strict_binding()
+    monkeypatch.delenv("LVGG_CPU_KERNELS", raising=False)
+    assert settings.own_kernels()
+    monkeypatch.setenv("LVGG_CPU_KERNELS", "GGML")
+    assert not settings.own_kernels()
+    monkeypatch.setenv("LVGG_CPU_KERNELS", "amx")
+    with pytest.raises(ValueError, match="LVGG_CPU_KERNELS must be 'lvgg' or 'ggml', found 'amx'"):
+        settings.own_kernels()
 
 
 def test_cuda_graphs_stay_below_the_streaming_threshold_unless_the_user_sets_capture_sizes(qwen3, monkeypatch):

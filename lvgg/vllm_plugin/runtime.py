@@ -150,7 +150,7 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     split = tp_size > 1 or len(topo.nodes) > 1
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
     layers = pp_layers(hf_config, pp_rank, pp_size)
-    store = ExpertStore(os.environ[EXPERTS_ENV], repack=not split, layers=layers)
+    store = ExpertStore(os.environ[EXPERTS_ENV], repack=not split, layers=layers, own_kernels=settings.own_kernels())
     check_experts_file(store, hf_config, layers)
     if layers is not None:
         log.info("lvgg: pipeline-parallel rank %d of %d holds the experts of layers %s", pp_rank, pp_size,

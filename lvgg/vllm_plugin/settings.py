@@ -25,6 +25,7 @@ from lvgg.topology import parse_ranges
 from lvgg.vllm_plugin import GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, THREADS_ENV
 
 BINDING_ENV = "LVGG_CPU_BINDING"
+KERNELS_ENV = "LVGG_CPU_KERNELS"
 
 DEFAULT_GPU_PREFILL_MIN_TOKENS = 64  # the CPU engine prefills ~130 tok/s; one streamed pass costs ~0.35 s
 
@@ -128,3 +129,12 @@ def strict_binding() -> bool:
     if text not in ("node", "core"):
         raise ValueError(f"{BINDING_ENV} must be 'node' or 'core', found {text!r}")
     return text == "core"
+
+
+def own_kernels() -> bool:
+    """LVGG_CPU_KERNELS: "lvgg" (default: lvgg's Q4_K/Q6_K kernels where the CPU and build have
+    AVX-512 VNNI) or "ggml" (ggml's kernels for every type)."""
+    text = os.environ.get(KERNELS_ENV, "lvgg").strip().lower() or "lvgg"
+    if text not in ("lvgg", "ggml"):
+        raise ValueError(f"{KERNELS_ENV} must be 'lvgg' or 'ggml', found {text!r}")
+    return text == "lvgg"
