@@ -236,7 +236,9 @@ std::vector<std::pair<uintptr_t, size_t>> SplitEngine::part_memory(int i) const 
     for (const auto & kv : part.layers()) {
         for (ggml_tensor * t : kv.second.tensors()) {
             ggml_tensor * live = part.repacked(t) ? part.repacked(t) : t;
-            out.emplace_back((uintptr_t) live->data, ggml_backend_buffer_get_size(live->buffer));
+            const uintptr_t end = (uintptr_t) ggml_backend_buffer_get_base(live->buffer) +
+                                  ggml_backend_buffer_get_size(live->buffer);  // a packed twin starts 64-aligned inside
+            out.emplace_back((uintptr_t) live->data, end - (uintptr_t) live->data);
         }
     }
     return out;
