@@ -114,7 +114,8 @@ def layer_infos(n_layers, E, D, F, types):
     from lvgg.experts import ExpertLayerInfo
 
     return {i: ExpertLayerInfo(index=i, n_experts=E, hidden_size=D, intermediate_size=F, form="gate+up+down",
-                               types=types, repacked={}, offsets={"gate": 0, "up": 0, "down": 0}, nbytes=0)
+                               types=types, repacked={}, packed={}, offsets={"gate": 0, "up": 0, "down": 0},
+                               nbytes=0)
             for i in range(n_layers)}
 
 
