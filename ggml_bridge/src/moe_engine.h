@@ -34,7 +34,8 @@ int64_t default_per_expert_min_tokens(ggml_type type);
 
 Activation  parse_activation(const std::string & name);
 
-// Largest chunk for which ggml's repacked kernels beat the mapped layout, by weight type.
+// Largest chunk for which ggml's repacked kernels beat the mapped layout, by weight type (lvgg's
+// packed layout, where a store has it, is used for every chunk).
 // Measured on a 16-core AVX-512 Xeon, 30B-A3B shapes: repacked Q4_K wins at 64 tokens and
 // loses at 128 (ggml's tiled K-quant path takes over); repacked Q4_0 wins at every size.
 int64_t     default_repack_max_tokens(ggml_type type);
