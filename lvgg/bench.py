@@ -70,7 +70,9 @@ def time_layer(moe: CpuMoE, layers: list[int], tokens: int, top_k: int, n_expert
     """(seconds per layer call, active expert bytes per second) with fresh random routing per call."""
     x = rng.standard_normal((tokens, hidden)).astype(np.float32)
     out = np.empty_like(x)
-    routes = [np.argsort(rng.random((tokens, n_experts)), axis=1)[:, :top_k].astype(np.int32) for _ in range(16)]
+    # Enough routes that (route, layer) pairs do not repeat within a run: a big last-level cache (the
+    # rig's VM) held the experts of 16 routes x 8 layers and read above the memory's bandwidth.
+    routes = [np.argsort(rng.random((tokens, n_experts)), axis=1)[:, :top_k].astype(np.int32) for _ in range(256)]
     w = np.full((tokens, top_k), 1.0 / top_k, np.float32)
     for i in range(2):  # warm-up
         moe(layers[i % len(layers)], x, routes[i], w, out)
