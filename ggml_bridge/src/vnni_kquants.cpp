@@ -1,7 +1,6 @@
 #include "vnni_kquants.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -354,6 +353,7 @@ void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int
 }
 
 void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out) {
+#if LVGG_VNNI
     float buf[kBlock];
     for (int64_t b = 0; b < cols / kBlock; ++b) {
         const float * v = buf;
@@ -365,25 +365,25 @@ void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out
             ggml_bf16_to_fp32_row((const ggml_bf16_t *) x + b * kBlock, buf, kBlock);
         }
         ActBlock & o    = out[b];
-        float      amax = 0.0f;
-        for (int i = 0; i < kBlock; ++i) {
-            amax = std::max(amax, std::fabs(v[i]));
+        __m512     vmax = _mm512_setzero_ps();
+        for (int i = 0; i < kBlock; i += 16) {
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(v + i)));
         }
-        const float iscale = amax > 0.0f ? 127.0f / amax : 0.0f;
+        const float  amax  = _mm512_reduce_max_ps(vmax);
+        const __m512 scale = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
         o.d                = amax / 127.0f;
-        for (int s = 0; s < 16; ++s) {
-            int sum = 0;
-            for (int i = 16 * s; i < 16 * s + 16; ++i) {
-                const int q = (int) std::nearbyint(v[i] * iscale);
-                o.qs[i]     = (int8_t) std::clamp(q, -127, 127);
-                sum += o.qs[i];
-            }
-            o.bsum16[s] = (int16_t) sum;
+        for (int s = 0; s < 16; ++s) {  // |v * scale| <= 127: rounding (to nearest even) never leaves int8
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + 16 * s), scale));
+            _mm_storeu_si128((__m128i *) (o.qs + 16 * s), _mm512_cvtsepi32_epi8(q));
+            o.bsum16[s] = (int16_t) _mm512_reduce_add_epi32(q);
         }
         for (int j = 0; j < 8; ++j) {
             o.bsum32[j] = (int16_t) (o.bsum16[2 * j] + o.bsum16[2 * j + 1]);
         }
     }
+#else
+    (void) x, (void) x_type, (void) cols, (void) out;
+#endif
 }
 
 void multiply_group(ggml_type type, const uint8_t * group, int64_t cols, const ActBlock * const * x, int n_tokens,

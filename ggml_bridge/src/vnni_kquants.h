@@ -55,7 +55,8 @@ size_t packed_size(ggml_type type, int64_t rows, int64_t cols);
 void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int64_t cols, int64_t n_matrices,
           void * dst, size_t dst_stride, int n_threads);
 
-// Quantizes `cols` (a multiple of 256) values of type f32, f16 or bf16 into cols/256 blocks.
+// Quantizes `cols` (a multiple of 256) values of type f32, f16 or bf16 into cols/256 blocks
+// (symmetric, round to nearest even, like ggml's Q8_K).
 void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out);
 
 // out[n][i] = row (16 g + i) of the packed matrix times activation row x[n], for n < n_tokens
