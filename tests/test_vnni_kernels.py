@@ -34,10 +34,10 @@ def run(moe, x, ids, w):
 
 def test_a_build_for_vnni_packs_k_quants(tmp_path, rng):
     """A build for AVX-512 VNNI (native on CI's CPU) has the kernels and uses them; others do not."""
-    assert _bridge.vnni_kernels == _bridge.cpu_features()["avx512_vnni"]
+    assert _bridge.cpu_features()["lvgg_vnni_kernels"] == _bridge.cpu_features()["avx512_vnni"]
     path = write_experts_file(tmp_path / "p.gguf", {0: random_experts(rng, E, 256, 256)}, Q.Q4_K)
     packed = lvgg.ExpertStore(path).layer_info(0).packed
-    if not _bridge.vnni_kernels:
+    if not _bridge.cpu_features()["lvgg_vnni_kernels"]:
         assert not any(packed.values())
         return
     assert packed == {"gate": True, "up": True, "down": True}
@@ -85,7 +85,7 @@ def test_mixed_layer_packed_and_ggml_projections(tmp_path, form, rng):
     types = {proj: Q.Q5_K if proj == "down" else Q.Q4_K for proj in experts}
     path = write_experts_file(tmp_path / "m.gguf", {0: experts}, types)
     store = lvgg.ExpertStore(path)
-    if _bridge.vnni_kernels:
+    if _bridge.cpu_features()["lvgg_vnni_kernels"]:
         assert store.layer_info(0).packed["down"] is False and store.layer_info(0).packed[form.split("+")[0]]
     x = torch.randn(6, 256)
     ids, w = routing(rng, 6, 4, repeats=True)

@@ -269,7 +269,6 @@ NB_MODULE(_bridge, m) {
         .def("enqueue", &CudaBridge::enqueue, "stream"_a, "layer"_a, "n_tokens"_a)
         .def("check", &CudaBridge::check);
 
-    m.attr("vnni_kernels") = vnni::available();  // lvgg's Q4_K/Q6_K kernels are built (vnni_kquants.h)
     m.attr("openmp") = ThreadPool::openmp();  // ggml's threads: torch's OpenMP team, or ggml's pool
     m.def("type_from_name", [](const std::string & n) { return (int) type_from_name(n); }, "name"_a);
     m.def("type_name", [](int t) {
@@ -310,6 +309,7 @@ NB_MODULE(_bridge, m) {
         d["avx512_vnni"] = (bool) ggml_cpu_has_avx512_vnni();
         d["amx_int8"]    = (bool) ggml_cpu_has_amx_int8();
         d["llamafile"]   = (bool) ggml_cpu_has_llamafile();
+        d["lvgg_vnni_kernels"] = vnni::available();  // lvgg's own Q4_K/Q6_K kernels (vnni_kquants.h)
         return d;
     });
 }
