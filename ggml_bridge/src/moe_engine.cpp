@@ -293,6 +293,9 @@ bool MoeEngine::use_per_expert(const ExpertLayer & L, int64_t n_tokens) const {
     if (cfg_.schedule == Schedule::MulMatId || !per_expert_possible(L)) {
         return false;
     }
+    if (cfg_.schedule == Schedule::Auto && store_->packed(store_->repacked(L.down))) {
+        return false;  // lvgg's kernels on the packed layout beat the per-expert schedule at every size
+    }
     return cfg_.schedule == Schedule::PerExpert || n_tokens >= default_per_expert_min_tokens(L.down->type);
 }
 

@@ -25,11 +25,14 @@ constexpr int64_t kBlock = 256;
 // ggml's block layouts (ggml-common.h), by offset.
 constexpr size_t kQ4KBytes = 144;  // d, dmin (fp16), scales[12] (6-bit sc and m), qs[128]
 constexpr size_t kQ6KBytes = 210;  // ql[128], qh[64], scales[16] (int8), d (fp16)
+constexpr size_t kQ80Bytes = 34;   // d (fp16), qs[32] (int8)
 
 // Packed tile sizes and offsets (see the header).
 constexpr size_t kQ4KTile = 2368, kQ4KSc = 64, kQ4KM = 192, kQ4KQs = 320;
 // Q6_K: runs of two 32-column chunks: sc pairs of both (64 bytes), then per chunk qh (128), ql (256).
 constexpr size_t kQ6KTile = 3328, kQ6KRun = 832;
+// Q8_0: per 256 columns, four pairs of 32-column blocks: d of both (64 bytes), then qs of each (512).
+constexpr size_t kQ80Tile = 4352, kQ80Pair = 1088;
 
 // Software prefetch distances (bytes ahead of the weights being read). Measured on the reference
 // Xeon (16 threads, 30B-A3B Q4_K layer at 1 token): 0.351 ms without, 0.257 with 1024, 0.247
@@ -38,6 +41,7 @@ constexpr size_t kQ6KTile = 3328, kQ6KRun = 832;
 // without, 16.0 with 1024 (means of 4 runs); Q4_K there was within noise either way.
 constexpr size_t kQ4KPrefetch = 2048;
 constexpr size_t kQ6KPrefetch = 1024;
+constexpr size_t kQ80Prefetch = 2048;  // as Q4_K's: not measured on its own
 
 const uint8_t * q6_K_scales(const uint8_t * tile, int h) { return tile + (h / 2) * kQ6KRun + 32 * (h % 2); }
 const uint8_t * q6_K_qh(const uint8_t * tile, int h) { return tile + (h / 2) * kQ6KRun + 64 + 384 * (h % 2); }
@@ -46,7 +50,11 @@ size_t round64(size_t n) { return (n + 63) & ~size_t(63); }
 
 size_t group_bytes(ggml_type type, int64_t cols) {
     const size_t nb = cols / kBlock;
-    return type == GGML_TYPE_Q4_K ? nb * kQ4KTile : nb * kQ6KTile + round64(nb * kRows * 2);
+    switch (type) {
+        case GGML_TYPE_Q4_K: return nb * kQ4KTile;
+        case GGML_TYPE_Q6_K: return nb * kQ6KTile + round64(nb * kRows * 2);
+        default: return nb * kQ80Tile;
+    }
 }
 
 // One Q4_K block: 4-bit weights, 6-bit scales and mins.
@@ -142,6 +150,23 @@ void pack_group_q6_K(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t 
                         qh[(s * kRows + r) * 4 + p] = (uint8_t) ((q[r][c] >> 4) | ((q[r][c + 16] >> 4) << 2) |
                                                                  ((q[r][c + 4] >> 4) << 4) | ((q[r][c + 20] >> 4) << 6));
                     }
+                }
+            }
+        }
+    }
+}
+
+// Q8_0 weights w are stored as w + 128 (unsigned, for VPDPBUSD); the kernel takes 128 * sum(x) back.
+void pack_group_q8_0(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
+    for (int64_t j = 0; j < nb * 8; ++j) {  // 32-column blocks
+        uint8_t * pair = dst + (j / 8) * kQ80Tile + ((j % 8) / 2) * kQ80Pair;
+        uint8_t * qs   = pair + 64 + (j % 2) * 512;
+        for (int r = 0; r < kRows; ++r) {
+            const uint8_t * blk = src + r * row_bytes + j * kQ80Bytes;
+            std::memcpy(pair + 32 * (j % 2) + 2 * r, blk, 2);
+            for (int i = 0; i < 8; ++i) {
+                for (int p = 0; p < 4; ++p) {
+                    qs[(i * kRows + r) * 4 + p] = blk[2 + 4 * i + p] ^ 0x80;
                 }
             }
         }
@@ -296,11 +321,49 @@ void multiply_q6_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x,
 }
 
 template <int NT>
+void multiply_q8_0(const uint8_t * tile, int64_t nb, const ActBlock * const * x, float * const * out) {
+    __m512 res[NT];
+    LVGG_UNROLL
+    for (int n = 0; n < NT; ++n) {
+        res[n] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; ++b, tile += kQ80Tile) {
+        for (int j = 0; j < 8; ++j) {
+            const uint8_t * pair = tile + (j / 2) * kQ80Pair;
+            const uint8_t * qs   = pair + 64 + (j % 2) * 512;
+            __m512i         w[8];
+            LVGG_UNROLL
+            for (int i = 0; i < 8; ++i) {
+                _mm_prefetch((const char *) qs + kQ80Prefetch + 64 * i, _MM_HINT_T0);
+                w[i] = _mm512_load_si512((const __m512i *) (qs + 64 * i));
+            }
+            const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *) (pair + 32 * (j % 2))));
+            LVGG_UNROLL
+            for (int n = 0; n < NT; ++n) {
+                const int8_t * xq = x[n][b].qs + 32 * j;
+                __m512i        d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+                LVGG_UNROLL
+                for (int i = 0; i < 8; i += 2) {
+                    d0 = _mm512_dpbusd_epi32(d0, w[i], bcast32(xq + 4 * i));
+                    d1 = _mm512_dpbusd_epi32(d1, w[i + 1], bcast32(xq + 4 * i + 4));
+                }
+                const __m512i q = _mm512_sub_epi32(_mm512_add_epi32(d0, d1), _mm512_set1_epi32(128 * x[n][b].bsum32[j]));
+                res[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(d, _mm512_set1_ps(x[n][b].d)), res[n]);
+            }
+        }
+    }
+    LVGG_UNROLL
+    for (int n = 0; n < NT; ++n) {
+        _mm512_storeu_ps(out[n], res[n]);
+    }
+}
+
+template <int NT>
 void multiply_tile(ggml_type type, const uint8_t * group, int64_t nb, const ActBlock * const * x, float * const * out) {
-    if (type == GGML_TYPE_Q4_K) {
-        multiply_q4_K<NT>(group, nb, x, out);
-    } else {
-        multiply_q6_K<NT>(group, nb, x, out);
+    switch (type) {
+        case GGML_TYPE_Q4_K: multiply_q4_K<NT>(group, nb, x, out); break;
+        case GGML_TYPE_Q6_K: multiply_q6_K<NT>(group, nb, x, out); break;
+        default: multiply_q8_0<NT>(group, nb, x, out); break;
     }
 }
 
@@ -311,9 +374,9 @@ void multiply_tile(ggml_type type, const uint8_t * group, int64_t nb, const ActB
 bool available() { return LVGG_VNNI; }
 
 bool packable(ggml_type type, int64_t rows, int64_t cols) {
-    return available() && (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K) && rows > 0 && rows % kRows == 0 &&
-           cols > 0 && cols % kBlock == 0 && ggml_type_size(GGML_TYPE_Q4_K) == kQ4KBytes &&
-           ggml_type_size(GGML_TYPE_Q6_K) == kQ6KBytes;
+    return available() && (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q8_0) && rows > 0 &&
+           rows % kRows == 0 && cols > 0 && cols % kBlock == 0 && ggml_type_size(GGML_TYPE_Q4_K) == kQ4KBytes &&
+           ggml_type_size(GGML_TYPE_Q6_K) == kQ6KBytes && ggml_type_size(GGML_TYPE_Q8_0) == kQ80Bytes;
 }
 
 size_t group_offset(ggml_type type, int64_t cols, int64_t g) { return g * group_bytes(type, cols); }
@@ -329,10 +392,10 @@ void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int
             const int64_t   e = u / groups, g = u % groups;
             const uint8_t * s = (const uint8_t *) src + e * src_stride + g * kRows * row_bytes;
             uint8_t *       d = (uint8_t *) dst + e * dst_stride + group_offset(type, cols, g);
-            if (type == GGML_TYPE_Q4_K) {
-                pack_group_q4_K(s, row_bytes, nb, d);
-            } else {
-                pack_group_q6_K(s, row_bytes, nb, d);
+            switch (type) {
+                case GGML_TYPE_Q4_K: pack_group_q4_K(s, row_bytes, nb, d); break;
+                case GGML_TYPE_Q6_K: pack_group_q6_K(s, row_bytes, nb, d); break;
+                default: pack_group_q8_0(s, row_bytes, nb, d); break;
             }
         }
     };

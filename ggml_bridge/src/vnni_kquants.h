@@ -1,4 +1,4 @@
-// lvgg's own CPU kernels for Q4_K and Q6_K experts on AVX-512 VNNI CPUs.
+// lvgg's own CPU kernels for Q4_K, Q6_K and Q8_0 experts on AVX-512 VNNI CPUs.
 //
 // Why: on the reference Xeon ggml's Q4_K kernels (AVX2, 8x8 interleave) reach ~60% of the read
 // bandwidth at one token; BF16, with almost no arithmetic per byte, reaches 97%. The work per
@@ -18,9 +18,12 @@
 //     of h+1, then per chunk qh[2][16][4], ql[4][16][4]. ql is laid out like Q4_K's qs (low 4
 //     bits); in qh, bits 0-1/2-3 are the high 2 bits of ql load 2s's low/high nibble, bits
 //     4-5/6-7 those of load 2s+1.
+//   Q8_0 tile (4352 bytes, the file's size): four pairs of 32-column blocks, each d[2][16]
+//     (fp16) then qs[2][8][16][4]: block k, load i, row r, byte p holds weight + 128 (unsigned,
+//     for VPDPBUSD) of column 32k + 4i + p.
 // Activations are quantized per 256 values to int8 with one float scale and the sums of each
-// 16 and 32 values (ActBlock), which fold the Q4_K mins and Q6_K's -32 offset into one
-// multiply per row.
+// 16 and 32 values (ActBlock), which fold the Q4_K mins, Q6_K's -32 and Q8_0's +128 offsets into
+// a few integer operations per row and block.
 #pragma once
 
 #include <ggml.h>
