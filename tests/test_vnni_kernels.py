@@ -103,3 +103,16 @@ def test_numa_parts_of_packed_experts(tmp_path, rng):
     parts = lvgg.CpuMoE(lvgg.ExpertStore(path, repack=False), nodes=[lvgg.EngineNode([0]), lvgg.EngineNode([1])])
     assert rel_err(run(parts, x, ids, w), whole.astype(np.float64)) < 1e-2
     assert rel_err(whole, read_reference(path, 0).forward(x.numpy(), ids, w)) < TOLERANCE
+
+
+def test_q8_0_keeps_its_precision_next_to_outlier_activations(tmp_path, rng):
+    """Q8_0's kernels take a scale per 32 activations, as ggml's do: a channel 100x larger than the
+    rest (as LLM hidden states have) costs the other 224 values of its 256-block no precision."""
+    path = write_experts_file(tmp_path / "o.gguf", {0: random_experts(rng, E, 512, 256)}, Q.Q8_0)
+    x = torch.randn(4, 512)
+    x[:, 7] *= 100.0
+    ids, w = routing(rng, 4, 4, repeats=False)
+    expected = read_reference(path, 0).forward(x.numpy(), ids, w)
+    ours = rel_err(run(lvgg.CpuMoE(lvgg.ExpertStore(path), threads=2), x, ids, w), expected)
+    ggml = rel_err(run(lvgg.CpuMoE(lvgg.ExpertStore(path, own_kernels=False), threads=2), x, ids, w), expected)
+    assert ours < 2 * ggml + 1e-3, (ours, ggml)

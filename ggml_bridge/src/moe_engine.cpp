@@ -64,8 +64,8 @@ void combine(ggml_tensor * dst, int ith, int nth, void *) {
 }
 
 // Activation rows of a packed MUL_MAT_ID: every row of `src[0]` (f32/f16/bf16, contiguous) as
-// vnni::ActBlocks, one 256-value block per work unit.
-void quantize_activations(ggml_tensor * dst, int ith, int nth, void *) {
+// vnni::ActBlocks (userdata non-null: a scale per 32 values), one 256-value block per work unit.
+void quantize_activations(ggml_tensor * dst, int ith, int nth, void * per_32) {
     const ggml_tensor * in    = dst->src[0];
     const int64_t       nb    = in->ne[0] / 256;
     const int64_t       units = ggml_nrows(in) * nb;
@@ -73,7 +73,7 @@ void quantize_activations(ggml_tensor * dst, int ith, int nth, void *) {
     for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; ++u) {
         const int64_t r = u / nb, b = u % nb;
         vnni::quantize_row((const char *) in->data + r * in->nb[1] + b * block, in->type, 256,
-                           (vnni::ActBlock *) ((char *) dst->data + r * dst->nb[1]) + b);
+                           (vnni::ActBlock *) ((char *) dst->data + r * dst->nb[1]) + b, per_32 != nullptr);
     }
 }
 
@@ -362,21 +362,23 @@ ggml_tensor * MoeEngine::mul_mat_id(ggml_tensor * w, ggml_tensor * in, ggml_tens
         }
         return ggml_mul_mat_id(ctx_, w, in->type == GGML_TYPE_F32 ? in : as_f32_, ids);
     }
-    if (quantized_from_ != in) {
+    const int mode = vnni::per_32_scales(w->type);  // the activations' scales: per 256 or per 32 values
+    if (quantized_from_[mode] != in) {
+        static int    per_32 = 1;  // any non-null userdata
         const int64_t row_bytes = in->ne[0] / 256 * sizeof(vnni::ActBlock);
-        quantized_      = ggml_custom_4d(ctx_, GGML_TYPE_I8, row_bytes, ggml_nrows(in), 1, 1, &in, 1,
-                                         quantize_activations, GGML_N_TASKS_MAX, nullptr);
-        quantized_from_ = in;
+        quantized_[mode]      = ggml_custom_4d(ctx_, GGML_TYPE_I8, row_bytes, ggml_nrows(in), 1, 1, &in, 1,
+                                               quantize_activations, GGML_N_TASKS_MAX, mode ? &per_32 : nullptr);
+        quantized_from_[mode] = in;
     }
     packed_ops_.push_back({ &routing_, w->type, (const uint8_t *) w->data,
                             vnni::packed_size(w->type, w->ne[1], w->ne[0]), w->ne[1], w->ne[0] });
-    return ggml_custom_4d(ctx_, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, &quantized_, 1,
+    return ggml_custom_4d(ctx_, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, &quantized_[mode], 1,
                           packed_mul_mat_id, GGML_N_TASKS_MAX, &packed_ops_.back());
 }
 
 MoeEngine::Graph MoeEngine::new_graph_inputs(ggml_tensor * x, int64_t n, int64_t K) {
     packed_ops_.clear();
-    quantized_from_ = as_f32_from_ = nullptr;
+    quantized_from_[0] = quantized_from_[1] = as_f32_from_ = nullptr;
     Graph g;
     g.x       = x;
     g.ids     = ggml_new_tensor_2d(ctx_, GGML_TYPE_I32, K, n);

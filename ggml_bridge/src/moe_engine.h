@@ -162,8 +162,8 @@ class MoeEngine : public Experts {
     std::vector<int32_t>         sorted_slots_;
     Routing                      routing_;
     std::vector<PackedMatMul>    packed_ops_;  // this graph's, in build order (reserved: stable addresses)
-    ggml_tensor *                quantized_from_ = nullptr;  // the last input quantized for packed ops
-    ggml_tensor *                quantized_      = nullptr;
+    ggml_tensor *                quantized_from_[2] = {};  // the last input quantized for packed ops, and
+    ggml_tensor *                quantized_[2]      = {};  // the result (per vnni::per_32_scales: no, yes)
     ggml_tensor *                as_f32_from_    = nullptr;  // the last input cast to f32 for ggml's ops
     ggml_tensor *                as_f32_         = nullptr;
     std::mutex                   mutex_;

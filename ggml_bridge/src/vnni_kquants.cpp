@@ -348,7 +348,7 @@ void multiply_q8_0(const uint8_t * tile, int64_t nb, const ActBlock * const * x,
                     d1 = _mm512_dpbusd_epi32(d1, w[i + 1], bcast32(xq + 4 * i + 4));
                 }
                 const __m512i q = _mm512_sub_epi32(_mm512_add_epi32(d0, d1), _mm512_set1_epi32(128 * x[n][b].bsum32[j]));
-                res[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(d, _mm512_set1_ps(x[n][b].d)), res[n]);
+                res[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(d, _mm512_set1_ps(x[n][b].d32[j])), res[n]);
             }
         }
     }
@@ -410,7 +410,9 @@ void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int
     }
 }
 
-void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out) {
+bool per_32_scales(ggml_type weight_type) { return weight_type == GGML_TYPE_Q8_0; }
+
+void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out, bool per_32) {
 #if LVGG_VNNI
     float buf[kBlock];
     for (int64_t b = 0; b < cols / kBlock; ++b) {
@@ -422,16 +424,23 @@ void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out
         } else {
             ggml_bf16_to_fp32_row((const ggml_bf16_t *) x + b * kBlock, buf, kBlock);
         }
-        ActBlock & o    = out[b];
-        __m512     vmax = _mm512_setzero_ps();
-        for (int i = 0; i < kBlock; i += 16) {
-            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(v + i)));
+        ActBlock & o = out[b];
+        __m512     amax[8];  // per 32 values
+        for (int j = 0; j < 8; ++j) {
+            amax[j] = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(v + 32 * j)),
+                                    _mm512_abs_ps(_mm512_loadu_ps(v + 32 * j + 16)));
         }
-        const float  amax  = _mm512_reduce_max_ps(vmax);
-        const __m512 scale = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-        o.d                = amax / 127.0f;
+        float whole = 0.0f, m32[8];
+        for (int j = 0; j < 8; ++j) {
+            m32[j]   = _mm512_reduce_max_ps(amax[j]);
+            o.d32[j] = m32[j] / 127.0f;
+            whole    = std::max(whole, m32[j]);
+        }
+        o.d = whole / 127.0f;
         for (int s = 0; s < 16; ++s) {  // |v * scale| <= 127: rounding (to nearest even) never leaves int8
-            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + 16 * s), scale));
+            const float   m     = per_32 ? m32[s / 2] : whole;
+            const __m512  scale = _mm512_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
+            const __m512i q     = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + 16 * s), scale));
             _mm_storeu_si128((__m128i *) (o.qs + 16 * s), _mm512_cvtsepi32_epi8(q));
             o.bsum16[s] = (int16_t) _mm512_reduce_add_epi32(q);
         }
@@ -440,7 +449,7 @@ void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out
         }
     }
 #else
-    (void) x, (void) x_type, (void) cols, (void) out;
+    (void) x, (void) x_type, (void) cols, (void) out, (void) per_32;
 #endif
 }
 

@@ -37,13 +37,18 @@ constexpr int64_t kRows = 16;   // rows per group
 constexpr int64_t kMaxTile = 4;  // tokens per pass over a row group's weights
 
 struct alignas(64) ActBlock {
-    float   d;  // value = d * qs
+    float   d;  // value = d * qs (one scale for the 256 values), or
     int16_t bsum16[16];
     int16_t bsum32[8];
-    int8_t  pad[12];
+    float   d32[8];  // value = d32[i / 32] * qs[i] (a scale per 32 values; see per_32_scales)
+    int8_t  pad[44];
     int8_t  qs[256];
 };
-static_assert(sizeof(ActBlock) == 320, "ActBlock layout");
+static_assert(sizeof(ActBlock) == 384, "ActBlock layout");
+
+// The kernels for weights of this type take activations with a scale per 32 values (Q8_0, as
+// ggml's own Q8_0 kernels do: outliers in a 256-value block then cost less precision).
+bool per_32_scales(ggml_type weight_type);
 
 // This build has the kernels (compiled for a CPU with AVX-512 F/BW/VL and VNNI).
 bool available();
@@ -59,8 +64,8 @@ void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int
           void * dst, size_t dst_stride, int n_threads);
 
 // Quantizes `cols` (a multiple of 256) values of type f32, f16 or bf16 into cols/256 blocks
-// (symmetric, round to nearest even, like ggml's Q8_K).
-void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out);
+// (symmetric, round to nearest even, like ggml's Q8_K; per 32 values like its Q8_0 with per_32).
+void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out, bool per_32);
 
 // out[n][i] = row (16 g + i) of the packed matrix times activation row x[n], for n < n_tokens
 // (1..kMaxTile) and one row group g (`group`: its start, from group_offset()).
