@@ -47,7 +47,7 @@ class ExpertStore:
     for each batch size. ``layers`` keeps those MoE layers only (a pipeline-parallel rank's):
     the others are checked in the header, never read.
 
-    On CPUs with AVX-512 VNNI (and a build for them), ``repack=True`` puts Q4_K, Q6_K and Q8_0
+    On CPUs with AVX-512 VNNI (and a build for them), ``repack=True`` puts Q4_K, Q6_K, Q8_0 and Q4_0
     experts (rows a multiple of 16) into lvgg's own packed layout instead of ggml's, run by
     lvgg's kernels (about the file's size; ``layer_info(n).packed`` says which);
     ``own_kernels=False`` keeps ggml's.

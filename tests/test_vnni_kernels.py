@@ -1,4 +1,4 @@
-"""lvgg's own Q4_K/Q6_K/Q8_0 kernels (AVX-512 VNNI, ggml_bridge/src/vnni_kquants.h) against the f64
+"""lvgg's own Q4_K/Q6_K/Q8_0/Q4_0 kernels (AVX-512 VNNI, ggml_bridge/src/vnni_kquants.h) against the f64
 reference built from gguf-py's dequantization, and against ggml's kernels on the same file."""
 import numpy as np
 import pytest
@@ -45,7 +45,7 @@ def test_a_build_for_vnni_packs_k_quants(tmp_path, rng):
     assert not any(lvgg.ExpertStore(path, repack=False).layer_info(0).packed.values())
 
 
-@pytest.fixture(scope="module", params=[Q.Q4_K, Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
+@pytest.fixture(scope="module", params=[Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q4_0], ids=lambda q: q.name)
 def packed_file(request, tmp_path_factory):
     qtype = request.param
     rng = np.random.default_rng(int(qtype))

@@ -309,7 +309,7 @@ NB_MODULE(_bridge, m) {
         d["avx512_vnni"] = (bool) ggml_cpu_has_avx512_vnni();
         d["amx_int8"]    = (bool) ggml_cpu_has_amx_int8();
         d["llamafile"]   = (bool) ggml_cpu_has_llamafile();
-        d["lvgg_vnni_kernels"] = vnni::available();  // lvgg's own Q4_K/Q6_K/Q8_0 kernels (vnni_kquants.h)
+        d["lvgg_vnni_kernels"] = vnni::available();  // lvgg's own Q4_K/Q6_K/Q8_0/Q4_0 kernels (vnni_kquants.h)
         return d;
     });
 }

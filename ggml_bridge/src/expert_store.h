@@ -42,7 +42,7 @@ class ExpertStore {
   public:
     // `only_layers` (when not empty): keep these MoE layers only (a pipeline-parallel rank's); the
     // others are checked in the header but their bytes are never touched.
-    // `own_kernels`: Q4_K/Q6_K/Q8_0 experts go into lvgg's packed layout (vnni_kquants.h) rather than
+    // `own_kernels`: Q4_K/Q6_K/Q8_0/Q4_0 experts go into lvgg's packed layout (vnni_kquants.h) rather than
     // ggml's repacked one where this build has the kernels (repack must be on).
     ExpertStore(const std::string & path, bool repack, bool keep_mapped, const std::vector<int> & only_layers = {},
                 bool own_kernels = true);

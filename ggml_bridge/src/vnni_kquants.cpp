@@ -26,6 +26,7 @@ constexpr int64_t kBlock = 256;
 constexpr size_t kQ4KBytes = 144;  // d, dmin (fp16), scales[12] (6-bit sc and m), qs[128]
 constexpr size_t kQ6KBytes = 210;  // ql[128], qh[64], scales[16] (int8), d (fp16)
 constexpr size_t kQ80Bytes = 34;   // d (fp16), qs[32] (int8)
+constexpr size_t kQ40Bytes = 18;   // d (fp16), qs[16] (4-bit: columns l and l + 16 of byte l)
 
 // Packed tile sizes and offsets (see the header).
 constexpr size_t kQ4KTile = 2368, kQ4KSc = 64, kQ4KM = 192, kQ4KQs = 320;
@@ -33,15 +34,17 @@ constexpr size_t kQ4KTile = 2368, kQ4KSc = 64, kQ4KM = 192, kQ4KQs = 320;
 constexpr size_t kQ6KTile = 3328, kQ6KRun = 832;
 // Q8_0: per 256 columns, four pairs of 32-column blocks: d of both (64 bytes), then qs of each (512).
 constexpr size_t kQ80Tile = 4352, kQ80Pair = 1088;
+// Q4_0: per 256 columns, four pairs of 32-column blocks: d of both (64 bytes), then qs of each (256).
+constexpr size_t kQ40Tile = 2304, kQ40Pair = 576;
 
 // Software prefetch distances (bytes ahead of the weights being read). Measured on the reference
 // Xeon (16 threads, 30B-A3B Q4_K layer at 1 token): 0.351 ms without, 0.257 with 1024, 0.247
 // with 2048 (ggml's kernels 0.569 / 0.358 / 0.333 in the same runs); Q6_K about the same with 0
 // or 2048 and with 1024. On the 2-core EPYC one core streamed Q6_K from cold memory at 13.8 GB/s
-// without, 16.0 with 1024 (means of 4 runs); Q4_K there was within noise either way.
+// without, 16.0 with 1024 (means of 4 runs); Q4_K there was within noise either way. Q8_0 and
+// Q4_0 use Q4_K's distance (not measured on their own).
 constexpr size_t kQ4KPrefetch = 2048;
 constexpr size_t kQ6KPrefetch = 1024;
-constexpr size_t kQ80Prefetch = 2048;  // as Q4_K's: not measured on its own
 
 const uint8_t * q6_K_scales(const uint8_t * tile, int h) { return tile + (h / 2) * kQ6KRun + 32 * (h % 2); }
 const uint8_t * q6_K_qh(const uint8_t * tile, int h) { return tile + (h / 2) * kQ6KRun + 64 + 384 * (h % 2); }
@@ -53,6 +56,7 @@ size_t group_bytes(ggml_type type, int64_t cols) {
     switch (type) {
         case GGML_TYPE_Q4_K: return nb * kQ4KTile;
         case GGML_TYPE_Q6_K: return nb * kQ6KTile + round64(nb * kRows * 2);
+        case GGML_TYPE_Q4_0: return nb * kQ40Tile;
         default: return nb * kQ80Tile;
     }
 }
@@ -148,7 +152,8 @@ void pack_group_q6_K(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t 
                     for (int p = 0; p < 4; ++p) {
                         const int c = 32 * h + 4 * (2 * s) + p;  // load 2s; load 2s + 1 is 4 columns on
                         qh[(s * kRows + r) * 4 + p] = (uint8_t) ((q[r][c] >> 4) | ((q[r][c + 16] >> 4) << 2) |
-                                                                 ((q[r][c + 4] >> 4) << 4) | ((q[r][c + 20] >> 4) << 6));
+                                                                 ((q[r][c + 4] >> 4) << 4) |
+                                                                 ((q[r][c + 20] >> 4) << 6));
                     }
                 }
             }
@@ -169,6 +174,24 @@ void pack_group_q8_0(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t 
                     qs[(i * kRows + r) * 4 + p] = blk[2 + 4 * i + p] ^ 0x80;
                 }
             }
+        }
+    }
+}
+
+void pack_group_q4_0(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
+    uint8_t q[kRows][256];
+    for (int64_t b = 0; b < nb; ++b, dst += kQ40Tile) {
+        for (int j = 0; j < 8; ++j) {  // 32-column blocks
+            uint8_t * pair = dst + (j / 2) * kQ40Pair;
+            for (int r = 0; r < kRows; ++r) {
+                const uint8_t * blk = src + r * row_bytes + (b * 8 + j) * kQ40Bytes;
+                std::memcpy(pair + 32 * (j % 2) + 2 * r, blk, 2);
+                for (int l = 0; l < 16; ++l) {
+                    q[r][32 * j + l]      = blk[2 + l] & 0xF;
+                    q[r][32 * j + 16 + l] = blk[2 + l] >> 4;
+                }
+            }
+            pack_nibbles(q, 32 * j, pair + 64 + (j % 2) * 256);
         }
     }
 }
@@ -320,22 +343,33 @@ void multiply_q6_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x,
     }
 }
 
-template <int NT>
-void multiply_q8_0(const uint8_t * tile, int64_t nb, const ActBlock * const * x, float * const * out) {
-    __m512 res[NT];
+// Q8_0 and Q4_0: 32-column blocks with one scale per row; w[k] holds columns 4k..4k+3 of a block
+// (unsigned: Q8_0's weight + 128, Q4_0's 4-bit q; the weights are those minus kOffset).
+template <int NT, bool Q4>
+void multiply_32(const uint8_t * tile, int64_t nb, const ActBlock * const * x, float * const * out) {
+    constexpr size_t  kTile = Q4 ? kQ40Tile : kQ80Tile, kPair = Q4 ? kQ40Pair : kQ80Pair, kQs = Q4 ? 256 : 512;
+    constexpr int32_t kOffset = Q4 ? 8 : 128;
+    const __m512i     low4    = _mm512_set1_epi8(0x0F);
+    __m512            res[NT];
     LVGG_UNROLL
     for (int n = 0; n < NT; ++n) {
         res[n] = _mm512_setzero_ps();
     }
-    for (int64_t b = 0; b < nb; ++b, tile += kQ80Tile) {
+    for (int64_t b = 0; b < nb; ++b, tile += kTile) {
         for (int j = 0; j < 8; ++j) {
-            const uint8_t * pair = tile + (j / 2) * kQ80Pair;
-            const uint8_t * qs   = pair + 64 + (j % 2) * 512;
+            const uint8_t * pair = tile + (j / 2) * kPair;
+            const uint8_t * qs   = pair + 64 + (j % 2) * kQs;
             __m512i         w[8];
             LVGG_UNROLL
-            for (int i = 0; i < 8; ++i) {
-                _mm_prefetch((const char *) qs + kQ80Prefetch + 64 * i, _MM_HINT_T0);
-                w[i] = _mm512_load_si512((const __m512i *) (qs + 64 * i));
+            for (int i = 0; i < (Q4 ? 4 : 8); ++i) {
+                _mm_prefetch((const char *) qs + kQ4KPrefetch + 64 * i, _MM_HINT_T0);
+                const __m512i v = _mm512_load_si512((const __m512i *) (qs + 64 * i));
+                if (Q4) {  // low nibbles: columns 4i.., high: 16 + 4i..
+                    w[i]     = _mm512_and_si512(v, low4);
+                    w[i + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                } else {
+                    w[i] = v;
+                }
             }
             const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *) (pair + 32 * (j % 2))));
             LVGG_UNROLL
@@ -343,12 +377,14 @@ void multiply_q8_0(const uint8_t * tile, int64_t nb, const ActBlock * const * x,
                 const int8_t * xq = x[n][b].qs + 32 * j;
                 __m512i        d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
                 LVGG_UNROLL
-                for (int i = 0; i < 8; i += 2) {
-                    d0 = _mm512_dpbusd_epi32(d0, w[i], bcast32(xq + 4 * i));
-                    d1 = _mm512_dpbusd_epi32(d1, w[i + 1], bcast32(xq + 4 * i + 4));
+                for (int k = 0; k < 8; k += 2) {
+                    d0 = _mm512_dpbusd_epi32(d0, w[k], bcast32(xq + 4 * k));
+                    d1 = _mm512_dpbusd_epi32(d1, w[k + 1], bcast32(xq + 4 * k + 4));
                 }
-                const __m512i q = _mm512_sub_epi32(_mm512_add_epi32(d0, d1), _mm512_set1_epi32(128 * x[n][b].bsum32[j]));
-                res[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(d, _mm512_set1_ps(x[n][b].d32[j])), res[n]);
+                const __m512i q  = _mm512_sub_epi32(_mm512_add_epi32(d0, d1),
+                                                    _mm512_set1_epi32(kOffset * x[n][b].bsum32[j]));
+                const __m512  dx = _mm512_set1_ps(x[n][b].d32[j]);
+                res[n]           = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(d, dx), res[n]);
             }
         }
     }
@@ -363,7 +399,8 @@ void multiply_tile(ggml_type type, const uint8_t * group, int64_t nb, const ActB
     switch (type) {
         case GGML_TYPE_Q4_K: multiply_q4_K<NT>(group, nb, x, out); break;
         case GGML_TYPE_Q6_K: multiply_q6_K<NT>(group, nb, x, out); break;
-        default: multiply_q8_0<NT>(group, nb, x, out); break;
+        case GGML_TYPE_Q4_0: multiply_32<NT, true>(group, nb, x, out); break;
+        default: multiply_32<NT, false>(group, nb, x, out); break;
     }
 }
 
@@ -374,9 +411,11 @@ void multiply_tile(ggml_type type, const uint8_t * group, int64_t nb, const ActB
 bool available() { return LVGG_VNNI; }
 
 bool packable(ggml_type type, int64_t rows, int64_t cols) {
-    return available() && (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q8_0) && rows > 0 &&
-           rows % kRows == 0 && cols > 0 && cols % kBlock == 0 && ggml_type_size(GGML_TYPE_Q4_K) == kQ4KBytes &&
-           ggml_type_size(GGML_TYPE_Q6_K) == kQ6KBytes && ggml_type_size(GGML_TYPE_Q8_0) == kQ80Bytes;
+    return available() &&
+           (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0) &&
+           rows > 0 && rows % kRows == 0 && cols > 0 && cols % kBlock == 0 &&
+           ggml_type_size(GGML_TYPE_Q4_K) == kQ4KBytes && ggml_type_size(GGML_TYPE_Q6_K) == kQ6KBytes &&
+           ggml_type_size(GGML_TYPE_Q8_0) == kQ80Bytes && ggml_type_size(GGML_TYPE_Q4_0) == kQ40Bytes;
 }
 
 size_t group_offset(ggml_type type, int64_t cols, int64_t g) { return g * group_bytes(type, cols); }
@@ -395,6 +434,7 @@ void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int
             switch (type) {
                 case GGML_TYPE_Q4_K: pack_group_q4_K(s, row_bytes, nb, d); break;
                 case GGML_TYPE_Q6_K: pack_group_q6_K(s, row_bytes, nb, d); break;
+                case GGML_TYPE_Q4_0: pack_group_q4_0(s, row_bytes, nb, d); break;
                 default: pack_group_q8_0(s, row_bytes, nb, d); break;
             }
         }
@@ -410,7 +450,7 @@ void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int
     }
 }
 
-bool per_32_scales(ggml_type weight_type) { return weight_type == GGML_TYPE_Q8_0; }
+bool per_32_scales(ggml_type weight_type) { return weight_type == GGML_TYPE_Q8_0 || weight_type == GGML_TYPE_Q4_0; }
 
 void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out, bool per_32) {
 #if LVGG_VNNI

@@ -1,4 +1,4 @@
-// lvgg's own CPU kernels for Q4_K, Q6_K and Q8_0 experts on AVX-512 VNNI CPUs.
+// lvgg's own CPU kernels for Q4_K, Q6_K, Q8_0 and Q4_0 experts on AVX-512 VNNI CPUs.
 //
 // Why: on the reference Xeon ggml's Q4_K kernels (AVX2, 8x8 interleave) reach ~60% of the read
 // bandwidth at one token; BF16, with almost no arithmetic per byte, reaches 97%. The work per
@@ -21,6 +21,8 @@
 //   Q8_0 tile (4352 bytes, the file's size): four pairs of 32-column blocks, each d[2][16]
 //     (fp16) then qs[2][8][16][4]: block k, load i, row r, byte p holds weight + 128 (unsigned,
 //     for VPDPBUSD) of column 32k + 4i + p.
+//   Q4_0 tile (2304 bytes, the file's size): like Q8_0's, with qs[2][4][16][4] of 4-bit weights
+//     laid out like Q4_K's qs (the kernel takes the -8 offset back with the 32-value sums).
 // Activations are quantized per 256 values to int8 with one float scale and the sums of each
 // 16 and 32 values (ActBlock), which fold the Q4_K mins, Q6_K's -32 and Q8_0's +128 offsets into
 // a few integer operations per row and block.
@@ -46,8 +48,8 @@ struct alignas(64) ActBlock {
 };
 static_assert(sizeof(ActBlock) == 384, "ActBlock layout");
 
-// The kernels for weights of this type take activations with a scale per 32 values (Q8_0, as
-// ggml's own Q8_0 kernels do: outliers in a 256-value block then cost less precision).
+// The kernels for weights of this type take activations with a scale per 32 values (Q8_0 and
+// Q4_0, as ggml's own kernels do: outliers in a 256-value block then cost less precision).
 bool per_32_scales(ggml_type weight_type);
 
 // This build has the kernels (compiled for a CPU with AVX-512 F/BW/VL and VNNI).
