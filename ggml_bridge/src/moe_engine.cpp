@@ -64,8 +64,8 @@ void combine(ggml_tensor * dst, int ith, int nth, void *) {
 }
 
 // Activation rows of a packed MUL_MAT_ID: every row of `src[0]` (f32/f16/bf16, contiguous) as
-// vnni::ActBlocks (userdata non-null: a scale per 32 values), one 256-value block per work unit.
-void quantize_activations(ggml_tensor * dst, int ith, int nth, void * per_32) {
+// vnni::ActBlocks (Per32: a scale per 32 values), one 256-value block per work unit.
+template <bool Per32> void quantize_activations(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * in    = dst->src[0];
     const int64_t       nb    = in->ne[0] / 256;
     const int64_t       units = ggml_nrows(in) * nb;
@@ -73,7 +73,7 @@ void quantize_activations(ggml_tensor * dst, int ith, int nth, void * per_32) {
     for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; ++u) {
         const int64_t r = u / nb, b = u % nb;
         vnni::quantize_row((const char *) in->data + r * in->nb[1] + b * block, in->type, 256,
-                           (vnni::ActBlock *) ((char *) dst->data + r * dst->nb[1]) + b, per_32 != nullptr);
+                           (vnni::ActBlock *) ((char *) dst->data + r * dst->nb[1]) + b, Per32);
     }
 }
 
@@ -364,10 +364,10 @@ ggml_tensor * MoeEngine::mul_mat_id(ggml_tensor * w, ggml_tensor * in, ggml_tens
     }
     const int mode = vnni::per_32_scales(w->type);  // the activations' scales: per 256 or per 32 values
     if (quantized_from_[mode] != in) {
-        static int    per_32 = 1;  // any non-null userdata
         const int64_t row_bytes = in->ne[0] / 256 * sizeof(vnni::ActBlock);
         quantized_[mode]      = ggml_custom_4d(ctx_, GGML_TYPE_I8, row_bytes, ggml_nrows(in), 1, 1, &in, 1,
-                                               quantize_activations, GGML_N_TASKS_MAX, mode ? &per_32 : nullptr);
+                                               mode ? quantize_activations<true> : quantize_activations<false>,
+                                               GGML_N_TASKS_MAX, nullptr);
         quantized_from_[mode] = in;
     }
     packed_ops_.push_back({ &routing_, w->type, (const uint8_t *) w->data,

@@ -210,21 +210,54 @@ inline __m512i bcast32(const int16_t * p) {
     return _mm512_set1_epi32(v);
 }
 
-template <int NT>
-void multiply_q4_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x, float * const * out) {
+#    define LVGG_INLINE inline __attribute__((always_inline))
+
+LVGG_INLINE void prefetch(const uint8_t * p, int lines) {
+    LVGG_UNROLL
+    for (int l = 0; l < lines; ++l) {
+        _mm_prefetch((const char *) p + 64 * l, _MM_HINT_T0);
+    }
+}
+
+// Four 64-byte loads of packed nibbles (pack_nibbles): w[i] = the low nibbles, columns 4i..4i+3 of
+// 16 rows; w[4 + i] = the high ones, columns 16 + 4i...
+LVGG_INLINE void unpack_nibbles(const uint8_t * qs, __m512i w[8]) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
-    __m512        res[NT];
+    LVGG_UNROLL
+    for (int i = 0; i < 4; ++i) {
+        const __m512i v = _mm512_load_si512((const __m512i *) (qs + 64 * i));
+        w[i]            = _mm512_and_si512(v, low4);
+        w[i + 4]        = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    }
+}
+
+// 16 rows times 16 activations: w[i] holds columns 4i..4i+3 of each row.
+LVGG_INLINE __m512i dot16(const __m512i * w, const int8_t * xq) {
+    __m512i d = _mm512_setzero_si512();
+    LVGG_UNROLL
+    for (int i = 0; i < 4; ++i) {
+        d = _mm512_dpbusd_epi32(d, w[i], bcast32(xq + 4 * i));
+    }
+    return d;
+}
+
+// 32 columns, as two independent chains.
+LVGG_INLINE __m512i dot32(const __m512i * w, const int8_t * xq) {
+    return _mm512_add_epi32(dot16(w, xq), dot16(w + 4, xq + 16));
+}
+
+template <int NT> LVGG_INLINE void store_rows(float * const * out, const __m512 * res) {
     LVGG_UNROLL
     for (int n = 0; n < NT; ++n) {
-        res[n] = _mm512_setzero_ps();
+        _mm512_storeu_ps(out[n], res[n]);
     }
+}
+
+template <int NT>
+void multiply_q4_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x, float * const * out) {
+    __m512 res[NT] = {};
     for (int64_t b = 0; b < nb; ++b, tile += kQ4KTile) {
-        __m512i acc[NT], mins[NT];
-        LVGG_UNROLL
-        for (int n = 0; n < NT; ++n) {
-            acc[n]  = _mm512_setzero_si512();
-            mins[n] = _mm512_setzero_si512();
-        }
+        __m512i acc[NT] = {}, mins[NT] = {};
         LVGG_UNROLL
         for (int p = 0; p < 4; ++p) {
             const __m512i mv = _mm512_cvtepu8_epi16(_mm256_load_si256((const __m256i *) (tile + kQ4KM + 32 * p)));
@@ -235,28 +268,13 @@ void multiply_q4_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x,
         }
         for (int j = 0; j < 8; ++j) {
             const uint8_t * qs = tile + kQ4KQs + j * 256;
-            LVGG_UNROLL
-            for (int l = 0; l < 4; ++l) {
-                _mm_prefetch((const char *) qs + kQ4KPrefetch + 64 * l, _MM_HINT_T0);
-            }
-            __m512i         lo[4], hi[4];
-            LVGG_UNROLL
-            for (int i = 0; i < 4; ++i) {
-                const __m512i w = _mm512_load_si512((const __m512i *) (qs + 64 * i));
-                lo[i]           = _mm512_and_si512(w, low4);
-                hi[i]           = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-            }
+            prefetch(qs + kQ4KPrefetch, 4);
+            __m512i w[8];
+            unpack_nibbles(qs, w);
             const __m512i scv = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *) (tile + kQ4KSc + 16 * j)));
             LVGG_UNROLL
             for (int n = 0; n < NT; ++n) {
-                const int8_t * xq = x[n][b].qs + 32 * j;
-                __m512i        d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
-                LVGG_UNROLL
-                for (int i = 0; i < 4; ++i) {
-                    d0 = _mm512_dpbusd_epi32(d0, lo[i], bcast32(xq + 4 * i));
-                    d1 = _mm512_dpbusd_epi32(d1, hi[i], bcast32(xq + 16 + 4 * i));
-                }
-                acc[n] = _mm512_add_epi32(acc[n], _mm512_mullo_epi32(_mm512_add_epi32(d0, d1), scv));
+                acc[n] = _mm512_add_epi32(acc[n], _mm512_mullo_epi32(dot32(w, x[n][b].qs + 32 * j), scv));
             }
         }
         const __m512 d    = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *) tile));
@@ -268,39 +286,24 @@ void multiply_q4_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x,
             res[n] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins[n]), _mm512_mul_ps(dmin, dx), res[n]);
         }
     }
-    LVGG_UNROLL
-    for (int n = 0; n < NT; ++n) {
-        _mm512_storeu_ps(out[n], res[n]);
-    }
+    store_rows<NT>(out, res);
 }
 
 template <int NT>
 void multiply_q6_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x, float * const * out) {
-    const __m512i  low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
+    const __m512i   low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
     const uint8_t * dgroup = tile + nb * kQ6KTile;
-    __m512         res[NT];
-    LVGG_UNROLL
-    for (int n = 0; n < NT; ++n) {
-        res[n] = _mm512_setzero_ps();
-    }
+    __m512          res[NT] = {};
     for (int64_t b = 0; b < nb; ++b, tile += kQ6KTile) {
-        __m512i acc[NT], offs[NT];
-        LVGG_UNROLL
-        for (int n = 0; n < NT; ++n) {
-            acc[n]  = _mm512_setzero_si512();
-            offs[n] = _mm512_setzero_si512();
-        }
+        __m512i acc[NT] = {}, offs[NT] = {};
         for (int h = 0; h < 8; ++h) {
-            const __m512i scw    = _mm512_cvtepi8_epi16(_mm256_load_si256((const __m256i *) q6_K_scales(tile, h)));
-            const __m512i sc_odd = _mm512_srai_epi32(scw, 16);
-            const __m512i sc_even = _mm512_srai_epi32(_mm512_slli_epi32(scw, 16), 16);
-            const uint8_t * qh   = q6_K_qh(tile, h);
-            const uint8_t * ql   = qh + 128;
-            LVGG_UNROLL
-            for (int l = 0; l < 6; ++l) {
-                _mm_prefetch((const char *) qh + kQ6KPrefetch + 64 * l, _MM_HINT_T0);
-            }
-            __m512i         lo[4], hi[4];
+            const __m512i   scw     = _mm512_cvtepi8_epi16(_mm256_load_si256((const __m256i *) q6_K_scales(tile, h)));
+            const __m512i   sc_odd  = _mm512_srai_epi32(scw, 16);
+            const __m512i   sc_even = _mm512_srai_epi32(_mm512_slli_epi32(scw, 16), 16);
+            const uint8_t * qh      = q6_K_qh(tile, h);
+            const uint8_t * ql      = qh + 128;
+            prefetch(qh + kQ6KPrefetch, 6);
+            __m512i w[8];  // as unpack_nibbles, with the high 2 bits merged in
             LVGG_UNROLL
             for (int s = 0; s < 2; ++s) {
                 const __m512i hb = _mm512_load_si512((const __m512i *) (qh + 64 * s));
@@ -311,22 +314,16 @@ void multiply_q6_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x,
                 const __m512i w0 = _mm512_load_si512((const __m512i *) (ql + 128 * s));
                 const __m512i w1 = _mm512_load_si512((const __m512i *) (ql + 128 * s + 64));
                 // (w & 0x0F) | h: ternary logic 0xEA = (a & b) | c
-                lo[2 * s]     = _mm512_ternarylogic_epi32(w0, low4, h0, 0xEA);
-                hi[2 * s]     = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w0, 4), low4, h1, 0xEA);
-                lo[2 * s + 1] = _mm512_ternarylogic_epi32(w1, low4, h2, 0xEA);
-                hi[2 * s + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w1, 4), low4, h3, 0xEA);
+                w[2 * s]         = _mm512_ternarylogic_epi32(w0, low4, h0, 0xEA);
+                w[2 * s + 4]     = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w0, 4), low4, h1, 0xEA);
+                w[2 * s + 1]     = _mm512_ternarylogic_epi32(w1, low4, h2, 0xEA);
+                w[2 * s + 5]     = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w1, 4), low4, h3, 0xEA);
             }
             LVGG_UNROLL
-            for (int n = 0; n < NT; ++n) {
+            for (int n = 0; n < NT; ++n) {  // sub-block 2h: columns 0..15 of the chunk, 2h + 1: 16..31
                 const int8_t * xq = x[n][b].qs + 32 * h;
-                __m512i        d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
-                LVGG_UNROLL
-                for (int i = 0; i < 4; ++i) {
-                    d0 = _mm512_dpbusd_epi32(d0, lo[i], bcast32(xq + 4 * i));
-                    d1 = _mm512_dpbusd_epi32(d1, hi[i], bcast32(xq + 16 + 4 * i));
-                }
-                acc[n]  = _mm512_add_epi32(acc[n], _mm512_add_epi32(_mm512_mullo_epi32(d0, sc_even),
-                                                                    _mm512_mullo_epi32(d1, sc_odd)));
+                acc[n]  = _mm512_add_epi32(acc[n], _mm512_add_epi32(_mm512_mullo_epi32(dot16(w, xq), sc_even),
+                                                                    _mm512_mullo_epi32(dot16(w + 4, xq + 16), sc_odd)));
                 offs[n] = _mm512_dpwssd_epi32(offs[n], scw, bcast32(x[n][b].bsum16 + 2 * h));
             }
         }
@@ -337,10 +334,7 @@ void multiply_q6_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x,
             res[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(d, _mm512_set1_ps(x[n][b].d)), res[n]);
         }
     }
-    LVGG_UNROLL
-    for (int n = 0; n < NT; ++n) {
-        _mm512_storeu_ps(out[n], res[n]);
-    }
+    store_rows<NT>(out, res);
 }
 
 // Q8_0 and Q4_0: 32-column blocks with one scale per row; w[k] holds columns 4k..4k+3 of a block
@@ -349,49 +343,32 @@ template <int NT, bool Q4>
 void multiply_32(const uint8_t * tile, int64_t nb, const ActBlock * const * x, float * const * out) {
     constexpr size_t  kTile = Q4 ? kQ40Tile : kQ80Tile, kPair = Q4 ? kQ40Pair : kQ80Pair, kQs = Q4 ? 256 : 512;
     constexpr int32_t kOffset = Q4 ? 8 : 128;
-    const __m512i     low4    = _mm512_set1_epi8(0x0F);
-    __m512            res[NT];
-    LVGG_UNROLL
-    for (int n = 0; n < NT; ++n) {
-        res[n] = _mm512_setzero_ps();
-    }
+    __m512            res[NT] = {};
     for (int64_t b = 0; b < nb; ++b, tile += kTile) {
         for (int j = 0; j < 8; ++j) {
             const uint8_t * pair = tile + (j / 2) * kPair;
             const uint8_t * qs   = pair + 64 + (j % 2) * kQs;
-            __m512i         w[8];
-            LVGG_UNROLL
-            for (int i = 0; i < (Q4 ? 4 : 8); ++i) {
-                _mm_prefetch((const char *) qs + kQ4KPrefetch + 64 * i, _MM_HINT_T0);
-                const __m512i v = _mm512_load_si512((const __m512i *) (qs + 64 * i));
-                if (Q4) {  // low nibbles: columns 4i.., high: 16 + 4i..
-                    w[i]     = _mm512_and_si512(v, low4);
-                    w[i + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-                } else {
-                    w[i] = v;
+            prefetch(qs + kQ4KPrefetch, kQs / 64);
+            __m512i w[8];
+            if (Q4) {
+                unpack_nibbles(qs, w);
+            } else {
+                LVGG_UNROLL
+                for (int k = 0; k < 8; ++k) {
+                    w[k] = _mm512_load_si512((const __m512i *) (qs + 64 * k));
                 }
             }
             const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *) (pair + 32 * (j % 2))));
             LVGG_UNROLL
             for (int n = 0; n < NT; ++n) {
-                const int8_t * xq = x[n][b].qs + 32 * j;
-                __m512i        d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
-                LVGG_UNROLL
-                for (int k = 0; k < 8; k += 2) {
-                    d0 = _mm512_dpbusd_epi32(d0, w[k], bcast32(xq + 4 * k));
-                    d1 = _mm512_dpbusd_epi32(d1, w[k + 1], bcast32(xq + 4 * k + 4));
-                }
-                const __m512i q  = _mm512_sub_epi32(_mm512_add_epi32(d0, d1),
+                const __m512i q  = _mm512_sub_epi32(dot32(w, x[n][b].qs + 32 * j),
                                                     _mm512_set1_epi32(kOffset * x[n][b].bsum32[j]));
                 const __m512  dx = _mm512_set1_ps(x[n][b].d32[j]);
                 res[n]           = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(d, dx), res[n]);
             }
         }
     }
-    LVGG_UNROLL
-    for (int n = 0; n < NT; ++n) {
-        _mm512_storeu_ps(out[n], res[n]);
-    }
+    store_rows<NT>(out, res);
 }
 
 template <int NT>
