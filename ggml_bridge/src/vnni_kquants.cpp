@@ -161,37 +161,32 @@ void pack_group_q6_K(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t 
     }
 }
 
-// Q8_0 weights w are stored as w + 128 (unsigned, for VPDPBUSD); the kernel takes 128 * sum(x) back.
-void pack_group_q8_0(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
-    for (int64_t j = 0; j < nb * 8; ++j) {  // 32-column blocks
-        uint8_t * pair = dst + (j / 8) * kQ80Tile + ((j % 8) / 2) * kQ80Pair;
-        uint8_t * qs   = pair + 64 + (j % 2) * 512;
-        for (int r = 0; r < kRows; ++r) {
-            const uint8_t * blk = src + r * row_bytes + j * kQ80Bytes;
-            std::memcpy(pair + 32 * (j % 2) + 2 * r, blk, 2);
-            for (int i = 0; i < 8; ++i) {
-                for (int p = 0; p < 4; ++p) {
-                    qs[(i * kRows + r) * 4 + p] = blk[2 + 4 * i + p] ^ 0x80;
-                }
-            }
-        }
-    }
-}
-
-void pack_group_q4_0(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
-    uint8_t q[kRows][256];
-    for (int64_t b = 0; b < nb; ++b, dst += kQ40Tile) {
-        for (int j = 0; j < 8; ++j) {  // 32-column blocks
-            uint8_t * pair = dst + (j / 2) * kQ40Pair;
+// Q8_0 and Q4_0 (multiply_32's layout): per 32-column block j, the rows' d into its pair, and
+// the weights as unsigned bytes (Q8_0: w + 128, for VPDPBUSD; the kernel takes 128 * sum(x) back)
+// or nibbles (Q4_0's q, laid out by pack_nibbles).
+template <bool Q4> void pack_group_32(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
+    constexpr size_t kTile = Q4 ? kQ40Tile : kQ80Tile, kPair = Q4 ? kQ40Pair : kQ80Pair, kQs = Q4 ? 256 : 512;
+    constexpr size_t kBytes = Q4 ? kQ40Bytes : kQ80Bytes;
+    uint8_t          q[kRows][256];
+    for (int64_t b = 0; b < nb; ++b, dst += kTile) {
+        for (int j = 0; j < 8; ++j) {
+            uint8_t * pair = dst + (j / 2) * kPair;
+            uint8_t * qs   = pair + 64 + (j % 2) * kQs;
             for (int r = 0; r < kRows; ++r) {
-                const uint8_t * blk = src + r * row_bytes + (b * 8 + j) * kQ40Bytes;
+                const uint8_t * blk = src + r * row_bytes + (b * 8 + j) * kBytes;
                 std::memcpy(pair + 32 * (j % 2) + 2 * r, blk, 2);
-                for (int l = 0; l < 16; ++l) {
-                    q[r][32 * j + l]      = blk[2 + l] & 0xF;
-                    q[r][32 * j + 16 + l] = blk[2 + l] >> 4;
+                for (int l = 0; l < (Q4 ? 16 : 32); ++l) {
+                    if (Q4) {
+                        q[r][32 * j + l]      = blk[2 + l] & 0xF;
+                        q[r][32 * j + 16 + l] = blk[2 + l] >> 4;
+                    } else {  // load l / 4, row r, byte l % 4
+                        qs[((l / 4) * kRows + r) * 4 + l % 4] = blk[2 + l] ^ 0x80;
+                    }
                 }
             }
-            pack_nibbles(q, 32 * j, pair + 64 + (j % 2) * 256);
+            if (Q4) {
+                pack_nibbles(q, 32 * j, qs);
+            }
         }
     }
 }
@@ -411,8 +406,8 @@ void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int
             switch (type) {
                 case GGML_TYPE_Q4_K: pack_group_q4_K(s, row_bytes, nb, d); break;
                 case GGML_TYPE_Q6_K: pack_group_q6_K(s, row_bytes, nb, d); break;
-                case GGML_TYPE_Q4_0: pack_group_q4_0(s, row_bytes, nb, d); break;
-                default: pack_group_q8_0(s, row_bytes, nb, d); break;
+                case GGML_TYPE_Q4_0: pack_group_32<true>(s, row_bytes, nb, d); break;
+                default: pack_group_32<false>(s, row_bytes, nb, d); break;
             }
         }
     };
