@@ -146,7 +146,8 @@ def inspect(path: Path = typer.Argument(..., help="any GGUF file")) -> None:
 
 @bench_app.command("moe")
 def bench_moe(
-    types: str = typer.Option("Q4_K,Q4_0,Q8_0,BF16", help="ggml types of the experts (or Q4_K_M: Q4_K gate/up, Q6_K down), comma separated"),
+    types: str = typer.Option("Q4_K,Q4_0,Q8_0,BF16",
+                              help="ggml types of the experts (or Q4_K_M: Q4_K gate/up, Q6_K down), comma separated"),
     tokens: str = typer.Option("1,8,64,512,2048", help="token counts per call"),
     threads: int = typer.Option(0, help="engine threads (0: one per physical core)"),
     layers: int = typer.Option(3, help="distinct layers in the synthetic file (more: colder caches)"),

@@ -47,10 +47,11 @@ class ExpertStore:
     for each batch size. ``layers`` keeps those MoE layers only (a pipeline-parallel rank's):
     the others are checked in the header, never read.
 
-    On CPUs with AVX-512 VNNI (and a build for them), ``repack=True`` puts Q4_K, Q6_K, Q8_0 and Q4_0
-    experts (rows a multiple of 16) into lvgg's own packed layout instead of ggml's, run by
-    lvgg's kernels (about the file's size; ``layer_info(n).packed`` says which);
-    ``own_kernels=False`` keeps ggml's.
+    On CPUs with AVX-512 VNNI (and a build for them), ``repack=True`` puts Q4_K, Q6_K, Q8_0 and
+    Q4_0 experts (rows a multiple of 16) into lvgg's own packed layout instead of ggml's, run by
+    lvgg's kernels (about the file's size; ``layer_info(n).packed`` says which). They beat both
+    ggml layouts at every batch size measured, so the engine runs them for every batch (with
+    ``keep_mapped=True`` too); ``own_kernels=False`` keeps ggml's.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, repack: bool = True, keep_mapped: bool = False,

@@ -132,8 +132,8 @@ def strict_binding() -> bool:
 
 
 def own_kernels() -> bool:
-    """LVGG_CPU_KERNELS: "lvgg" (default: lvgg's Q4_K/Q6_K/Q8_0/Q4_0 kernels where the CPU and build have
-    AVX-512 VNNI) or "ggml" (ggml's kernels for every type)."""
+    """LVGG_CPU_KERNELS: "lvgg" (default: lvgg's Q4_K/Q6_K/Q8_0/Q4_0 kernels where the CPU and
+    build have AVX-512 VNNI) or "ggml" (ggml's kernels for every type)."""
     text = os.environ.get(KERNELS_ENV, "lvgg").strip().lower() or "lvgg"
     if text not in ("lvgg", "ggml"):
         raise ValueError(f"{KERNELS_ENV} must be 'lvgg' or 'ggml', found {text!r}")
