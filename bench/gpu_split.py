@@ -4,7 +4,8 @@ next to the CPU alone in the same run. Needs an NVIDIA GPU and vLLM (its fused M
     python bench/gpu_split.py EXPERTS.gguf [--threads 15] [--tokens 1,2,4,8]
 
 Prints the GPU side's parts for one token's top-k experts of one layer (fetch over the link,
-with its GB/s; dequantize; multiply), then the time per layer call, replayed in CUDA graphs
+with its GB/s; multiply from the fetched bytes; both overlapped as GpuExperts.fetched runs
+them), then the time per layer call, replayed in CUDA graphs
 as vLLM's decode steps are, for each token count and number of each token's experts on the GPU
 (0: the CPU alone): the table `LVGG_GPU_DECODE_SPLIT=auto` picks from at startup.
 """
@@ -16,8 +17,8 @@ import time
 import torch
 
 import lvgg
-from lvgg.gpu_dequant import dequantize, gather_rows
-from lvgg.gpu_experts import GpuExperts
+from lvgg.gpu_dequant import gated_activations, gather_rows, weighted_down
+from lvgg.gpu_experts import GpuExperts, _staged
 from lvgg.gpu_split import graph_seconds, best_slots, calibrate
 
 
@@ -36,22 +37,21 @@ def main() -> None:
           f"({gpu.vram_bytes / 2**30:.2f} GiB of VRAM)")
     top_k, layer = moe.max_top_k, store.layers[len(store.layers) // 2]
     info = store.layer_info(layer)
-    plan = gpu._plan[layer]  # per projection: (ggml type, its bytes in the file, -, rows of w13 or None)
-    per_expert = [(src.stop - src.start) // info.n_experts for _, src, _, _ in plan]
+    plan = gpu._fetch_plan[layer]  # per projection: (ggml type, its bytes as [experts, bytes of one], name)
+    per_expert = [host_rows.shape[1] for _, host_rows, _ in plan]
     ids = torch.randperm(info.n_experts)[:top_k].to(torch.int32).cuda()
-    staged = [torch.empty(top_k, n, dtype=torch.uint8, device="cuda") for n in per_expert]
-    w13, w2 = gpu.fetched(layer, ids)
+    fetched = [torch.empty(top_k, n, dtype=torch.uint8, device="cuda") for n in per_expert]
     x = torch.randn(1, info.hidden_size, dtype=dtype, device="cuda")
     w = torch.full((1, top_k), 1 / top_k, device="cuda")
-    slots = torch.arange(top_k, dtype=torch.int32, device="cuda").view(1, top_k)
-    fetch = graph_seconds(lambda: [gather_rows(gpu._host[src].view(info.n_experts, -1), ids, out)
-                                    for (_, src, _, _), out in zip(plan, staged)], 20)
-    deq = graph_seconds(lambda: [dequantize(out.view(-1), ggml_type, w13[:, rows] if rows is not None else w2)
-                                  for (ggml_type, _, _, rows), out in zip(plan, staged)], 20)
-    mul = graph_seconds(lambda: gpu.multiply(x, w13, w2, w, slots), 20)
+    staged = [p for (ggml_type, _, name), data in zip(plan, fetched) for p in _staged(info, name, ggml_type, data)]
+    fetch = graph_seconds(lambda: [gather_rows(host_rows, ids, out) for (_, host_rows, _), out in zip(plan, fetched)],
+                          20)
+    multiply = graph_seconds(lambda: weighted_down(gated_activations(x, staged[0], staged[1], top_k), staged[2], w,
+                                                   dtype), 20)
+    whole = graph_seconds(lambda: gpu.fetched(layer, x, ids.view(1, top_k), w), 20)
     print(f"GPU side, one token's {top_k} experts of layer {layer} ({sum(per_expert) / 2**20:.2f} MiB each), in "
-          f"CUDA graphs: fetch {fetch * 1e3:.3f} ms ({top_k * sum(per_expert) / fetch / 1e9:.1f} GB/s), dequantize "
-          f"{deq * 1e3:.3f} ms, multiply {mul * 1e3:.3f} ms")
+          f"CUDA graphs: fetch {fetch * 1e3:.3f} ms ({top_k * sum(per_expert) / fetch / 1e9:.1f} GB/s), multiply "
+          f"from the bytes {multiply * 1e3:.3f} ms, both as fetched() runs them {whole * 1e3:.3f} ms")
 
     xc, wc, out = x.cpu(), w.cpu(), torch.empty(1, info.hidden_size, dtype=dtype)
     idsc = ids.cpu().view(1, top_k)

@@ -1,15 +1,22 @@
-"""GGML expert tensors dequantized on the GPU by Triton kernels.
+"""GGML expert tensors on the GPU, by Triton kernels: dequantized, or multiplied from their bytes.
 
     w = torch.empty(n_experts, rows, cols, dtype=torch.bfloat16, device="cuda")
     dequantize(raw, "Q4_K", w)          # raw: the tensor's GGUF bytes (uint8) on the same device
 
-One program turns a few quant blocks into their values: every value gathers its block's
-scales and its bits (all from L1), so the kernels run near the GPU's memory bandwidth. The
-layouts are ggml's (ggml-common.h); tests check every type against gguf-py's dequantization.
-The output may be a strided view with one stride per expert (e.g. the gate or up half of
-vLLM's fused w13 buffer); rows and columns must be contiguous.
+    act = gated_activations(x, gate, up, slots_per_token=g)     # StagedProjection: experts' bytes
+    out = weighted_down(act, down, topk_weights, x.dtype)       # a few tokens' g experts each
+
+One block decoder per type turns blocks into values (every value gathers its block's scales
+and its bits, all from L1), shared by both uses. Dequantization writes the values out (the
+output may be a strided view with one stride per expert, e.g. the gate or up half of vLLM's
+fused w13 buffer; rows and columns contiguous). The expert kernels, for decode steps of a few
+tokens, multiply 16 rows x 256 columns at a time as they decode them, so an expert costs a
+read of its bytes and no more. The layouts are ggml's (ggml-common.h); tests check every type
+against gguf-py's dequantization.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +31,8 @@ FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 QUANT_BLOCKS = {"Q4_0": (32, 18), "Q5_0": (32, 22), "Q8_0": (32, 34),
                 "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 SUPPORTED_TYPES = frozenset(FLOAT_TYPES) | frozenset(QUANT_BLOCKS)
+# the kernels' block decoders (_blocks), by type
+_TYPE_CODES = {"Q4_0": 0, "Q5_0": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "F32": 6, "F16": 7, "BF16": 8}
 
 
 def raw_nbytes(ggml_type: str, n_values: int) -> int:
@@ -62,9 +71,94 @@ def dequantize(raw: torch.Tensor, ggml_type: str, out: torch.Tensor) -> torch.Te
     n_blocks = n_experts * rows * cols // qk
     blocks_per_program = 4096 // qk
     grid = (triton.cdiv(n_blocks, blocks_per_program),)
-    _KERNELS[ggml_type][grid](raw, out, n_blocks, rows * cols, out.stride(0), BLOCKS=blocks_per_program, QK=qk,
-                              BLOCK_BYTES=block_bytes)
+    _dequantize[grid](raw, out, n_blocks, rows * cols, out.stride(0), BLOCKS=blocks_per_program, QK=qk,
+                      BLOCK_BYTES=block_bytes, TYPE=_TYPE_CODES[ggml_type])
     return out
+
+
+@dataclass(frozen=True)
+class StagedProjection:
+    """One projection (gate, up or down) of some experts as their GGUF bytes on the device:
+    ``data[s]`` ([slots, bytes] uint8) holds slot s's expert, rows x cols values row-major from
+    byte ``at`` (e.g. the up half of a fused gate_up starts ``rows`` rows in)."""
+    data: torch.Tensor
+    ggml_type: str
+    rows: int
+    cols: int
+    at: int = 0
+
+    def geometry(self) -> tuple[int, int, int]:
+        """(block decoder code, values per block, bytes per block); floats count as blocks of 32."""
+        t = self.ggml_type.upper()
+        if t not in SUPPORTED_TYPES:
+            raise ValueError(f"no GPU kernels for {t} experts; supported: {sorted(SUPPORTED_TYPES)}")
+        qk, size = QUANT_BLOCKS[t] if t in QUANT_BLOCKS else (32, 32 * FLOAT_TYPES[t].itemsize)
+        return _TYPE_CODES[t], qk, size
+
+    def row_bytes(self) -> int:
+        return raw_nbytes(self.ggml_type, self.cols)
+
+    def check(self, name: str, rows: int, cols: int, slots: int, device: torch.device) -> None:
+        """Raise unless this holds ``slots`` experts of rows x cols on ``device`` (and Triton is here)."""
+        qk = self.geometry()[1]
+        if (self.rows, self.cols) != (rows, cols) or cols % qk:
+            raise ValueError(f"{name} must be {rows}x{cols} ({self.ggml_type}: rows of whole blocks of {qk}), "
+                             f"found {self.rows}x{self.cols}")
+        d, need = self.data, self.at + rows * self.row_bytes()
+        if d.dtype != torch.uint8 or d.dim() != 2 or not d.is_contiguous() or d.device != device \
+                or d.shape[0] < slots or d.shape[1] < need:
+            raise ValueError(f"{name} bytes must be contiguous uint8 [>= {slots}, >= {need}] on {device}, found "
+                             f"{d.dtype} {list(d.shape)} on {d.device}")
+        if triton is None:
+            raise RuntimeError("GPU experts need Triton (it comes with CUDA builds of torch)")
+
+
+def gated_activations(x: torch.Tensor, gate: StagedProjection, up: StagedProjection,
+                      slots_per_token: int) -> torch.Tensor:
+    """``act[s] = silu(gate_s(x[t])) * up_s(x[t])`` for slot s = t * slots_per_token + j: the first
+    half of n tokens' SwiGLU experts, multiplied straight from their GGUF bytes (no dequantized
+    copy). x: [n, hidden] float on the device; gate and up: intermediate rows of hidden columns,
+    at least n * slots_per_token slots. Returns float32 [slots, intermediate], in the current
+    stream's order; ``weighted_down`` finishes the experts."""
+    if x.dim() != 2 or not x.is_floating_point() or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous float [tokens, hidden] tensor, found {x.dtype} {list(x.shape)}")
+    n, hidden = x.shape
+    slots = n * slots_per_token
+    for name, p in (("gate", gate), ("up", up)):
+        p.check(name, gate.rows, hidden, slots, x.device)
+    act = torch.empty(slots, gate.rows, dtype=torch.float32, device=x.device)
+    if slots:
+        (tg, qg, bg), (tu, qu, bu) = gate.geometry(), up.geometry()
+        _swiglu_up[(slots, triton.cdiv(gate.rows, _ROWS_PER_PROGRAM))](
+            x, gate.data, up.data, act, slots_per_token, hidden, gate.rows, gate.data.shape[1], up.data.shape[1],
+            gate.at, up.at, gate.row_bytes(), up.row_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK,
+            TYPE_G=tg, QK_G=qg, BB_G=bg, TYPE_U=tu, QK_U=qu, BB_U=bu)
+    return act
+
+
+def weighted_down(act: torch.Tensor, down: StagedProjection, weights: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``out[t] = sum_j weights[t, j] * down_s(act[s])``, s = t * g + j (weights: float32 [n, g];
+    act: ``gated_activations``' result; down: hidden rows of intermediate columns, at least n * g
+    slots). Returns [n, hidden] in ``dtype`` (float32 sums), in the current stream's order."""
+    if weights.dim() != 2 or weights.dtype != torch.float32 or not weights.is_contiguous():
+        raise ValueError(f"weights must be contiguous float32 [tokens, experts per token], found {weights.dtype} "
+                         f"{list(weights.shape)}")
+    n, g = weights.shape
+    if act.dtype != torch.float32 or act.dim() != 2 or act.shape[0] != n * g or not act.is_contiguous():
+        raise ValueError(f"act must be contiguous float32 [{n * g}, intermediate], found {act.dtype} {list(act.shape)}")
+    down.check("down", down.rows, act.shape[1], n * g, act.device)
+    out = torch.empty(n, down.rows, dtype=dtype, device=act.device)
+    if n:
+        code, qk, block_bytes = down.geometry()
+        _weighted_down[(n, triton.cdiv(down.rows, _ROWS_PER_PROGRAM))](
+            act, down.data, weights, out, g, down.rows, down.cols, down.data.shape[1], down.row_bytes(),
+            R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK, TYPE=code, QK=qk, BB=block_bytes)
+    return out
+
+
+# rows of a projection per program, and columns per step, of the expert kernels
+_ROWS_PER_PROGRAM, _CHUNK = 16, 256
 
 
 def gather_rows(src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -119,88 +213,168 @@ if triton is not None:
         m = tl.where(low, a & 63, (a >> 4) | ((c >> 6) << 4))
         return sc.to(tl.float32), m.to(tl.float32)
 
-    @triton.jit
-    def _prologue(pid, n_blocks, expert_elems, dst_expert_stride, BLOCKS: tl.constexpr, QK: tl.constexpr,
-                  BLOCK_BYTES: tl.constexpr):
-        """Per value: its index in the block, its block's first byte offset, the mask and the output offset."""
-        idx = tl.arange(0, BLOCKS * QK)
-        block = pid.to(tl.int64) * BLOCKS + idx // QK
-        i = idx % QK
-        mask = block < n_blocks
-        flat = block * QK + i
-        expert = flat // expert_elems
-        dst = expert * dst_expert_stride + (flat - expert * expert_elems)
-        return i, block * BLOCK_BYTES, mask, dst
+    # Block decoders: the values of the blocks starting at byte offsets ``base`` ([N] int64) of
+    # ``src``, as float32 [N, values per block] (K-quants: [N, sub-blocks, values per sub-block]);
+    # blocks where ``mask`` ([N]) is false read as 0.
+    # The layouts are ggml's (ggml-common.h).
 
     @triton.jit
-    def _q4_0(src, dst, n_blocks, expert_elems, dst_expert_stride, BLOCKS: tl.constexpr, QK: tl.constexpr,
-              BLOCK_BYTES: tl.constexpr):
-        i, base, mask, o = _prologue(tl.program_id(0), n_blocks, expert_elems, dst_expert_stride, BLOCKS, QK,
-                                     BLOCK_BYTES)
-        d = _f16_at(src + base, mask)
-        q = _u8_at(src + base + 2 + i % 16, mask)
+    def _q4_0_blocks(src, base, mask):
+        i = tl.arange(0, 32)[None, :]
+        d = _f16_at(src + base, mask)[:, None]
+        q = _u8_at(src + base[:, None] + 2 + i % 16, mask[:, None])
         q = tl.where(i < 16, q & 0xF, q >> 4) - 8
-        tl.store(dst + o, (d * q.to(tl.float32)).to(dst.dtype.element_ty), mask=mask)
+        return d * q.to(tl.float32)
 
     @triton.jit
-    def _q5_0(src, dst, n_blocks, expert_elems, dst_expert_stride, BLOCKS: tl.constexpr, QK: tl.constexpr,
-              BLOCK_BYTES: tl.constexpr):
-        i, base, mask, o = _prologue(tl.program_id(0), n_blocks, expert_elems, dst_expert_stride, BLOCKS, QK,
-                                     BLOCK_BYTES)
-        d = _f16_at(src + base, mask)
-        high = (_u8_at(src + base + 2 + i // 8, mask) >> (i % 8)) & 1
-        q = _u8_at(src + base + 6 + i % 16, mask)
+    def _q5_0_blocks(src, base, mask):
+        i = tl.arange(0, 32)[None, :]
+        m = mask[:, None]
+        d = _f16_at(src + base, mask)[:, None]
+        high = (_u8_at(src + base[:, None] + 2 + i // 8, m) >> (i % 8)) & 1
+        q = _u8_at(src + base[:, None] + 6 + i % 16, m)
         q = (tl.where(i < 16, q & 0xF, q >> 4) | (high << 4)) - 16
-        tl.store(dst + o, (d * q.to(tl.float32)).to(dst.dtype.element_ty), mask=mask)
+        return d * q.to(tl.float32)
 
     @triton.jit
-    def _q8_0(src, dst, n_blocks, expert_elems, dst_expert_stride, BLOCKS: tl.constexpr, QK: tl.constexpr,
-              BLOCK_BYTES: tl.constexpr):
-        i, base, mask, o = _prologue(tl.program_id(0), n_blocks, expert_elems, dst_expert_stride, BLOCKS, QK,
-                                     BLOCK_BYTES)
-        d = _f16_at(src + base, mask)
-        q = tl.load(src + base + 2 + i, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        tl.store(dst + o, (d * q).to(dst.dtype.element_ty), mask=mask)
+    def _q8_0_blocks(src, base, mask):
+        i = tl.arange(0, 32)[None, :]
+        d = _f16_at(src + base, mask)[:, None]
+        q = tl.load(src + base[:, None] + 2 + i, mask=mask[:, None], other=0).to(tl.int8, bitcast=True)
+        return d * q.to(tl.float32)
 
     @triton.jit
-    def _q4_k(src, dst, n_blocks, expert_elems, dst_expert_stride, BLOCKS: tl.constexpr, QK: tl.constexpr,
-              BLOCK_BYTES: tl.constexpr):
+    def _q4_k_blocks(src, base, mask, FIFTH_BITS: tl.constexpr):
         # d, dmin (f16), 12 bytes of 6-bit scales/mins, then (Q5_K only: 32 bytes of fifth bits, bit j
         # of byte `lane` for sub-block j) 128 bytes of nibbles: 4 chunks of 64 values, low nibbles
-        # for the first 32 of a chunk, high nibbles for the next 32. Q5_K is told by its block size.
-        i, base, mask, o = _prologue(tl.program_id(0), n_blocks, expert_elems, dst_expert_stride, BLOCKS, QK,
-                                     BLOCK_BYTES)
-        d = _f16_at(src + base, mask)
-        dmin = _f16_at(src + base + 2, mask)
-        chunk, half, lane = i // 64, (i // 32) % 2, i % 32
-        j = 2 * chunk + half
-        sc, m = _k_scale_min(src + base + 4, j, mask)
-        if BLOCK_BYTES == 176:  # Q5_K
-            q = _u8_at(src + base + 48 + 32 * chunk + lane, mask)
-        else:
-            q = _u8_at(src + base + 16 + 32 * chunk + lane, mask)
-        q = tl.where(half == 1, q >> 4, q & 0xF)
-        if BLOCK_BYTES == 176:
-            q = q | (((_u8_at(src + base + 16 + lane, mask) >> j) & 1) << 4)
-        tl.store(dst + o, (d * sc * q.to(tl.float32) - dmin * m).to(dst.dtype.element_ty), mask=mask)
+        # for the first 32 of a chunk (sub-block j = 2 * chunk), high nibbles for the next 32.
+        j = tl.arange(0, 8)[None, :, None]
+        lane = tl.arange(0, 32)[None, None, :]
+        b3, m3 = base[:, None, None], mask[:, None, None]
+        d = _f16_at(src + base, mask)[:, None, None]
+        dmin = _f16_at(src + base + 2, mask)[:, None, None]
+        sc, mn = _k_scale_min(src + base[:, None] + 4, tl.arange(0, 8)[None, :], mask[:, None])
+        q = _u8_at(src + b3 + 16 + 32 * FIFTH_BITS + 32 * (j // 2) + lane, m3)
+        q = tl.where(j % 2 == 1, q >> 4, q & 0xF)
+        if FIFTH_BITS:
+            q = q | (((_u8_at(src + b3 + 16 + lane, m3) >> j) & 1) << 4)
+        return d * sc[:, :, None] * q.to(tl.float32) - dmin * mn[:, :, None]
 
     @triton.jit
-    def _q6_k(src, dst, n_blocks, expert_elems, dst_expert_stride, BLOCKS: tl.constexpr, QK: tl.constexpr,
-              BLOCK_BYTES: tl.constexpr):
-        # 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales (one per 16 values), f16 d.
-        # Two halves of 128 values; in each, four groups of 32 take low/high nibbles of two 32-byte
-        # runs and 2-bit fields 0..3 of the same 32 high bytes.
-        i, base, mask, o = _prologue(tl.program_id(0), n_blocks, expert_elems, dst_expert_stride, BLOCKS, QK,
-                                     BLOCK_BYTES)
-        d = _f16_at(src + base + 208, mask)
-        half, group, lane = i // 128, (i // 32) % 4, i % 32
-        low = _u8_at(src + base + 64 * half + 32 * (group % 2) + lane, mask)
-        low = tl.where(group >= 2, low >> 4, low & 0xF)
-        high = (_u8_at(src + base + 128 + 32 * half + lane, mask) >> (2 * group)) & 3
+    def _q6_k_blocks(src, base, mask):
+        # 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, f16 d. Sub-block s of 16
+        # values (scale s) lies in half h = s // 8, group g = (s // 2) % 4, at lanes 16 * (s % 2) + u:
+        # low/high nibbles (g >= 2) of 32-byte run g % 2 of the half's 64 bytes, and 2-bit field g of
+        # the half's 32 high bytes.
+        s = tl.arange(0, 16)[None, :, None]
+        lane = 16 * (s % 2) + tl.arange(0, 16)[None, None, :]
+        h, g = s // 8, (s // 2) % 4
+        b3, m3 = base[:, None, None], mask[:, None, None]
+        low = _u8_at(src + b3 + 64 * h + 32 * (g % 2) + lane, m3)
+        low = tl.where(g >= 2, low >> 4, low & 0xF)
+        high = (_u8_at(src + b3 + 128 + 32 * h + lane, m3) >> (2 * g)) & 3
         q = ((low | (high << 4)) - 32).to(tl.float32)
-        sc = tl.load(src + base + 192 + 8 * half + lane // 16 + 2 * group, mask=mask, other=0)
-        sc = sc.to(tl.int8, bitcast=True).to(tl.float32)
-        tl.store(dst + o, (d * sc * q).to(dst.dtype.element_ty), mask=mask)
+        sc = tl.load(src + base[:, None] + 192 + tl.arange(0, 16)[None, :], mask=mask[:, None], other=0)
+        d = _f16_at(src + base + 208, mask)[:, None, None]
+        return d * sc.to(tl.int8, bitcast=True).to(tl.float32)[:, :, None] * q
+
+    @triton.jit
+    def _float_blocks(src, base, mask, ITEM: tl.constexpr, BF16: tl.constexpr):
+        """Runs of 32 float32/float16/bfloat16 values (``ITEM`` bytes each) as blocks."""
+        at = src + base[:, None] + ITEM * tl.arange(0, 32)[None, :]
+        m = mask[:, None]
+        if ITEM == 4:
+            bits = _u8_at(at, m) | (_u8_at(at + 1, m) << 8) | (_u8_at(at + 2, m) << 16) | (_u8_at(at + 3, m) << 24)
+            return bits.to(tl.float32, bitcast=True)
+        if BF16:
+            return ((_u8_at(at, m) | (_u8_at(at + 1, m) << 8)) << 16).to(tl.float32, bitcast=True)
+        return _f16_at(at, m)
+
+    @triton.jit
+    def _blocks(src, base, mask, TYPE: tl.constexpr):
+        """The values of blocks of ggml type ``TYPE`` (a code of _TYPE_CODES)."""
+        if TYPE == 0:
+            return _q4_0_blocks(src, base, mask)
+        elif TYPE == 1:
+            return _q5_0_blocks(src, base, mask)
+        elif TYPE == 2:
+            return _q8_0_blocks(src, base, mask)
+        elif TYPE == 3:
+            return _q4_k_blocks(src, base, mask, False)
+        elif TYPE == 4:
+            return _q4_k_blocks(src, base, mask, True)
+        elif TYPE == 5:
+            return _q6_k_blocks(src, base, mask)
+        elif TYPE == 6:
+            return _float_blocks(src, base, mask, 4, False)
+        elif TYPE == 7:
+            return _float_blocks(src, base, mask, 2, False)
+        else:
+            return _float_blocks(src, base, mask, 2, True)
+
+    @triton.jit
+    def _dequantize(src, dst, n_blocks, expert_elems, dst_expert_stride, BLOCKS: tl.constexpr, QK: tl.constexpr,
+                    BLOCK_BYTES: tl.constexpr, TYPE: tl.constexpr):
+        block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+        mask = block < n_blocks
+        values = tl.reshape(_blocks(src, block * BLOCK_BYTES, mask, TYPE), (BLOCKS, QK))
+        flat = block[:, None] * QK + tl.arange(0, QK)[None, :]
+        expert = flat // expert_elems
+        dst_at = expert * dst_expert_stride + (flat - expert * expert_elems)
+        tl.store(dst + dst_at, values.to(dst.dtype.element_ty), mask=mask[:, None])
+
+    @triton.jit
+    def _row_dots(src, row_at, row_mask, col, x, cols, R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr,
+                  QK: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+        """[R] dot products of ``x`` ([CHUNK] float32: columns col..col+CHUNK-1, zero past ``cols``)
+        with the same columns of R rows, whose bytes start at ``row_at`` ([R] int64) in ``src``."""
+        b = tl.arange(0, CHUNK // QK)
+        base = row_at[:, None] + (col // QK + b)[None, :] * BLOCK_BYTES
+        mask = row_mask[:, None] & (col + b * QK < cols)[None, :]
+        n: tl.constexpr = R * (CHUNK // QK)
+        values = _blocks(src, tl.reshape(base, (n,)), tl.reshape(mask, (n,)), TYPE)
+        return tl.sum(tl.reshape(values, (R, CHUNK)) * x[None, :], axis=1)
+
+    @triton.jit
+    def _swiglu_up(x, gate, up, act, slots_per_token, hidden, inter, gate_slot_bytes, up_slot_bytes, gate_first,
+                   up_first, gate_row_bytes, up_row_bytes, R: tl.constexpr, CHUNK: tl.constexpr,
+                   TYPE_G: tl.constexpr, QK_G: tl.constexpr, BB_G: tl.constexpr,
+                   TYPE_U: tl.constexpr, QK_U: tl.constexpr, BB_U: tl.constexpr):
+        # program (slot s, rows block): act[s, rows] = silu(gate_s(x_t)) * up_s(x_t), t = s // slots_per_token
+        s = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(1) * R + tl.arange(0, R)
+        row_mask = rows < inter
+        gate_at = s * gate_slot_bytes + gate_first + rows.to(tl.int64) * gate_row_bytes
+        up_at = s * up_slot_bytes + up_first + rows.to(tl.int64) * up_row_bytes
+        xt = x + (s // slots_per_token) * hidden
+        g = tl.zeros([R], dtype=tl.float32)
+        u = tl.zeros([R], dtype=tl.float32)
+        for col in range(0, hidden, CHUNK):
+            cols = col + tl.arange(0, CHUNK)
+            xv = tl.load(xt + cols, mask=cols < hidden, other=0).to(tl.float32)
+            g += _row_dots(gate, gate_at, row_mask, col, xv, hidden, R, CHUNK, TYPE_G, QK_G, BB_G)
+            u += _row_dots(up, up_at, row_mask, col, xv, hidden, R, CHUNK, TYPE_U, QK_U, BB_U)
+        tl.store(act + s * inter + rows, g / (1 + tl.exp(-g)) * u, mask=row_mask)
+
+    @triton.jit
+    def _weighted_down(act, down, weights, out, slots_per_token, hidden, inter, slot_bytes, row_bytes,
+                       R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr, QK: tl.constexpr,
+                       BB: tl.constexpr):
+        # program (token t, rows block): out[t, rows] = sum over t's slots s of weights[s] * down_s(act[s])
+        t = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(1) * R + tl.arange(0, R)
+        row_mask = rows < hidden
+        total = tl.zeros([R], dtype=tl.float32)
+        for j in range(0, slots_per_token):
+            s = t * slots_per_token + j
+            row_at = s * slot_bytes + rows.to(tl.int64) * row_bytes
+            part = tl.zeros([R], dtype=tl.float32)
+            for col in range(0, inter, CHUNK):
+                cols = col + tl.arange(0, CHUNK)
+                a = tl.load(act + s * inter + cols, mask=cols < inter, other=0)
+                part += _row_dots(down, row_at, row_mask, col, a, inter, R, CHUNK, TYPE, QK, BB)
+            total += tl.load(weights + s).to(tl.float32) * part
+        tl.store(out + t * hidden + rows, total.to(out.dtype.element_ty), mask=row_mask)
 
     @triton.jit
     def _gather_rows(src, ids, dst, n_rows, row_len, CHUNK: tl.constexpr):
@@ -209,5 +383,3 @@ if triton is not None:
         at = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
         mask = at < row_len
         tl.store(dst + j.to(tl.int64) * row_len + at, tl.load(src + row * row_len + at, mask=mask), mask=mask)
-
-    _KERNELS = {"Q4_0": _q4_0, "Q5_0": _q5_0, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q5_K": _q4_k, "Q6_K": _q6_k}

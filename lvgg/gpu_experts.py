@@ -1,7 +1,7 @@
 """Routed experts computed on the GPU from the experts file: streamed for long prefills,
 resident for chosen layers, or fetched a few at a time for decode steps split with the CPU.
 
-    from lvgg.gpu_experts import GpuExperts      # needs vLLM's CUDA build (its fused MoE kernel)
+    from lvgg.gpu_experts import GpuExperts      # streamed/resident layers need vLLM's CUDA build
     gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[2, 3], resident_layers=[0, 1])
     out = gpu(layer, x, topk_ids, topk_weights)          # CUDA tensors, any number of tokens
 
@@ -12,7 +12,8 @@ into one shared pair of weight buffers in vLLM's layout (w13 = [gate; up], w2 = 
 multiplied by vLLM's fused MoE kernel. After the last layer the first one is fetched for the
 next pass. Resident layers are dequantized once at creation and stay on the GPU. Split layers
 (`fetched`): a kernel reads the chosen experts' bytes straight from the pinned file (ids on the
-device, so CUDA graphs capture it), lvgg dequantizes them into small buffers (lvgg.gpu_split).
+device, so CUDA graphs capture it) and lvgg's expert kernels multiply them from those bytes
+(lvgg.gpu_split).
 
 Nothing here synchronizes the device; calls are ordered by the current stream. Streamed calls
 keep Python state about the staging slots, so they must not be captured in a CUDA graph
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 
 from lvgg.experts import ExpertLayerInfo, ExpertStore
-from lvgg.gpu_dequant import SUPPORTED_TYPES, dequantize, gather_rows, raw_nbytes
+from lvgg.gpu_dequant import (SUPPORTED_TYPES, StagedProjection, dequantize, gated_activations, gather_rows,
+                              raw_nbytes, weighted_down)
 
 log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
 
@@ -83,6 +85,17 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // 256) * 256
 
 
+def _staged(info: ExpertLayerInfo, projection: str, ggml_type: str, data: torch.Tensor) -> list[StagedProjection]:
+    """A projection's fetched bytes for the expert kernels (gate_up: its gate and up halves)."""
+    d, f = info.hidden_size, info.intermediate_size
+    if projection == "down":
+        return [StagedProjection(data, ggml_type, d, f)]
+    if projection == "gate_up":
+        return [StagedProjection(data, ggml_type, f, d),
+                StagedProjection(data, ggml_type, f, d, at=f * raw_nbytes(ggml_type, d))]
+    return [StagedProjection(data, ggml_type, f, d)]
+
+
 def _fetch_bytes(info: ExpertLayerInfo, n_experts: int) -> int:
     """Bytes ``n_experts`` of a layer's experts take on the GPU before dequantization."""
     return sum(_aligned((src.stop - src.start) // info.n_experts * n_experts) for _, src, _ in _pieces(info))
@@ -92,17 +105,15 @@ def estimate_vram_bytes(infos: dict[int, ExpertLayerInfo], streamed: Sequence[in
                         dtype: torch.dtype, split: Sequence[int] = (), split_experts: int = 0) -> int:
     """What GpuExperts(streamed_layers=..., resident_layers=..., split_layers=..., split_experts=...)
     will hold on the device."""
-    def weights(info: ExpertLayerInfo, n_experts: int | None = None) -> int:
-        n = info.n_experts if n_experts is None else n_experts
-        return 3 * n * info.hidden_size * info.intermediate_size * dtype.itemsize
+    def weights(info: ExpertLayerInfo) -> int:
+        return 3 * info.n_experts * info.hidden_size * info.intermediate_size * dtype.itemsize
 
     total = sum(weights(infos[layer]) for layer in resident)
     if streamed:
         total += max(weights(infos[layer]) for layer in streamed)
         total += 2 * max(staged_bytes(infos[layer]) for layer in streamed)
     if split and split_experts:
-        total += max(weights(infos[layer], split_experts) + _fetch_bytes(infos[layer], split_experts)
-                     for layer in split)
+        total += max(_fetch_bytes(infos[layer], split_experts) for layer in split)
     return total
 
 
@@ -113,16 +124,13 @@ class GpuExperts:
     dtype: of the hidden states and of the dequantized weights (vLLM's model dtype).
     ``split_layers`` may fetch up to ``split_experts`` experts per call (``fetched``).
     VRAM: two staging slots of the largest streamed layer's file bytes, one layer of weights in
-    ``dtype`` for the streamed layers, every resident layer's weights, and the bytes and weights
-    of ``split_experts`` experts for the split layers (``vram_bytes``).
+    ``dtype`` for the streamed layers, every resident layer's weights, and the bytes of
+    ``split_experts`` experts for the split layers (``vram_bytes``).
     """
 
     def __init__(self, store: ExpertStore, *, device: torch.device | str, dtype: torch.dtype,
                  streamed_layers: Sequence[int] = (), resident_layers: Sequence[int] = (),
                  split_layers: Sequence[int] = (), split_experts: int = 0) -> None:
-        from lvgg.vllm_plugin import compat  # vLLM's fused MoE kernel
-
-        self._fused_experts = compat.fused_experts
         self.store, self.device, self.dtype = store, torch.device(device), dtype
         overlap = sorted(set(streamed_layers) & set(resident_layers))
         if overlap:
@@ -134,6 +142,10 @@ class GpuExperts:
             raise ValueError(f"layers {overlap} are resident; they need no split with the CPU")
         self.split_layers = sorted(split_layers) if split_experts > 0 else []
         self.split_experts = split_experts if self.split_layers else 0
+        if self.streamed_layers or self.resident_layers:
+            from lvgg.vllm_plugin import compat  # vLLM's fused MoE kernel (split layers use lvgg's own)
+
+            self._fused_experts = compat.fused_experts
         self._info: dict[int, ExpertLayerInfo] = {}
         # per layer: (ggml type, bytes in the file, offset in a staging buffer, rows of w13 or None for w2)
         self._plan: dict[int, list[tuple[str, slice, int, slice | None]]] = {}
@@ -171,7 +183,7 @@ class GpuExperts:
     def vram_bytes(self) -> int:
         """Device memory held for experts (staging, streamed, resident and split weights)."""
         tensors = [*self._staging, *self._weights] if self.streamed_layers else []
-        tensors += [self._fetch_staging, *self._fetch_weights] if self.split_layers else []
+        tensors += [self._fetch_staging] if self.split_layers else []
         tensors += [t for pair in self._resident.values() for t in pair]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -189,31 +201,39 @@ class GpuExperts:
                              f"(streamed: {self.streamed_layers}, resident: {self.resident_layers})")
         return self.multiply(x, w13, w2, topk_weights, topk_ids)
 
-    def fetched(self, layer: int, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """w13 [n, 2F, D] and w2 [n, D, F] of the experts ``expert_ids`` ([n] int32/int64 on the
-        device, n <= split_experts, repeats allowed) of a split layer, read from the pinned file by
-        the GPU in the current stream's order: capturable. The buffers are reused by the next call."""
-        n = expert_ids.numel()
-        if layer not in self.split_layers or not 1 <= n <= self.split_experts:
+    def fetched(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        """The MoE of ``x`` ([n, hidden]) with the experts ``topk_ids`` ([n, g] int32/int64 on the
+        device, n * g <= split_experts, repeats allowed) of a split layer, weighted by
+        ``topk_weights`` ([n, g]): the GPU reads those experts' bytes from the pinned file and
+        multiplies them as they are (no dequantized copy), in the current stream's order:
+        capturable. Returns [n, hidden] in x's dtype."""
+        n_slots = topk_ids.numel()
+        if layer not in self.split_layers or topk_ids.dim() != 2 or not 1 <= n_slots <= self.split_experts:
             raise ValueError(f"fetched() takes 1..{self.split_experts} experts of the split layers "
-                             f"{self.split_layers}; asked for {n} of layer {layer}")
-        w13, w2 = self._fetch_weights[0][:n], self._fetch_weights[1][:n]
+                             f"{self.split_layers}; asked for {list(topk_ids.shape)} of layer {layer}")
+        info = self._info[layer]
         stream = torch.cuda.current_stream(self.device)
-        # Projections are fetched in turn on a second stream and each is dequantized as soon as
-        # it is in, so the link stays busy while the GPU dequantizes (the fetch stream first
-        # waits for the last call's dequantization of the staging buffer).
+        # Projections are fetched in turn on a second stream; gate and up are multiplied as soon as
+        # they are in, while the link carries down (the fetch stream first waits for the last call's
+        # use of the staging buffer).
         self._link_stream.wait_stream(stream)
         at, staged = 0, []
-        for i, (_, host_rows, _) in enumerate(self._fetch_plan[layer]):
-            staged.append(self._fetch_staging[at:at + n * host_rows.shape[1]].view(n, -1))
-            at += _aligned(staged[-1].numel())
+        ids = topk_ids.reshape(-1)
+        plan = self._fetch_plan[layer]
+        for i, (ggml_type, host_rows, projection) in enumerate(plan):
+            data = self._fetch_staging[at:at + n_slots * host_rows.shape[1]].view(n_slots, -1)
+            at += _aligned(data.numel())
             with torch.cuda.stream(self._link_stream):
-                gather_rows(host_rows, expert_ids, staged[-1])
+                gather_rows(host_rows, ids, data)
                 self._fetched_event[i].record(self._link_stream)
-        for i, (ggml_type, _, rows) in enumerate(self._fetch_plan[layer]):
-            stream.wait_event(self._fetched_event[i])
-            dequantize(staged[i].view(-1), ggml_type, w13[:, rows] if rows is not None else w2)
-        return w13, w2
+            staged += _staged(info, projection, ggml_type, data)
+        for event in self._fetched_event[:len(plan) - 1]:
+            stream.wait_event(event)
+        gate, up, down = staged
+        act = gated_activations(x.contiguous(), gate, up, topk_ids.shape[1])
+        stream.wait_event(self._fetched_event[len(plan) - 1])
+        return weighted_down(act, down, topk_weights.float().contiguous(), x.dtype)
 
     def multiply(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> torch.Tensor:
@@ -276,13 +296,13 @@ class GpuExperts:
         if not self.host_pinned:
             raise RuntimeError("splitting decode steps with the CPU needs the experts file pinned for the GPU; "
                                "check free RAM and `ulimit -l`, or turn the split off (LVGG_GPU_DECODE_SPLIT=off)")
-        info = self._one_shape(self.split_layers, "split")
+        self._one_shape(self.split_layers, "split")
         n = self.split_experts
-        # per split layer and projection: (ggml type, its file bytes as [experts, bytes of one], rows of w13)
-        self._fetch_plan = {layer: [(ggml_type, self._host[src].view(self._info[layer].n_experts, -1), rows)
-                                    for ggml_type, src, _, rows in self._plan[layer]]
+        # per split layer and projection: (ggml type, its file bytes as [experts, bytes of one], projection)
+        self._fetch_plan = {layer: [(ggml_type, self._host[src].view(self._info[layer].n_experts, -1), projection)
+                                    for (ggml_type, src, _, _), (projection, _) in
+                                    zip(self._plan[layer], _gpu_layout(self._info[layer]))]
                             for layer in self.split_layers}
-        self._fetch_weights = self._new_weights(info, n)
         staging = max(_fetch_bytes(self._info[layer], n) for layer in self.split_layers)
         self._fetch_staging = torch.empty(staging, dtype=torch.uint8, device=self.device)
         self._link_stream = torch.cuda.Stream(self.device)
@@ -310,9 +330,9 @@ class GpuExperts:
         self._start_copy(self._next[layer])  # overlaps this layer's matmuls
         return w13, w2
 
-    def _new_weights(self, info: ExpertLayerInfo, n_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Empty w13 [E, 2F, D] and w2 [E, D, F] for a layer of this shape (E: its experts or ``n_experts``)."""
-        e = info.n_experts if n_experts is None else n_experts
+    def _new_weights(self, info: ExpertLayerInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty w13 [E, 2F, D] and w2 [E, D, F] for a layer of this shape."""
+        e = info.n_experts
         d, f = info.hidden_size, info.intermediate_size
         return (torch.empty(e, 2 * f, d, dtype=self.dtype, device=self.device),
                 torch.empty(e, d, f, dtype=self.dtype, device=self.device))

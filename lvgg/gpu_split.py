@@ -7,8 +7,8 @@ For a call of n tokens, ``slots`` (by the smallest listed token count >= n) says
 each token's experts go to the GPU, g. A token's first ``top_k - g`` experts run on the CPU
 engine (CudaExperts: pinned buffers and a host function on the current stream) while, on a
 side stream, the GPU reads the other g experts' bytes straight from the pinned experts file
-over the PCIe link, dequantizes them and multiplies (GpuExperts.fetched/multiply); the two
-partial sums are added. Events order the two streams and no Python runs in between, so vLLM's
+over the PCIe link and multiplies them from those bytes (GpuExperts.fetched); the two partial
+sums are added. Events order the two streams and no Python runs in between, so vLLM's
 CUDA graphs capture it. The CPU's time is bound by its memory bandwidth and the GPU's by the
 link's (it reads each token's experts, repeats included, where the CPU reads each distinct
 expert once: with more tokens the GPU's share shrinks). ``calibrate`` replays both ways in
@@ -51,8 +51,6 @@ class SplitExperts:
                                             dtype=dtype) for g in set(slots.values()) if g}
         self._side = torch.cuda.Stream(gpu.device)
         self._inputs_ready, self._gpu_done = torch.cuda.Event(), torch.cuda.Event()
-        # the fetched experts are numbered 0..n*g-1 in token-major order: token t's slot s is t*g+s
-        self._slot_ids = torch.arange(gpu.split_experts, dtype=torch.int32, device=gpu.device)
 
     def gpu_slots(self, n_tokens: int) -> int:
         """How many of each token's experts the GPU takes in a call of ``n_tokens`` (0: none)."""
@@ -71,9 +69,7 @@ class SplitExperts:
         self._inputs_ready.record(main)
         with torch.cuda.stream(self._side):
             self._side.wait_event(self._inputs_ready)
-            w13, w2 = self.gpu.fetched(layer, topk_ids[:, kc:].reshape(-1))
-            gpu_part = self.gpu.multiply(x, w13, w2, topk_weights[:, kc:].contiguous(),
-                                         self._slot_ids[:n * g].view(n, g))
+            gpu_part = self.gpu.fetched(layer, x, topk_ids[:, kc:], topk_weights[:, kc:])
             self._gpu_done.record(self._side)
         out = self._cpu[kc](layer, x, topk_ids[:, :kc], topk_weights[:, :kc])
         main.wait_event(self._gpu_done)

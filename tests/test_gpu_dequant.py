@@ -15,13 +15,21 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
-from lvgg.gpu_dequant import FLOAT_TYPES, QUANT_BLOCKS, dequantize, gather_rows, raw_nbytes
+from lvgg.gpu_dequant import (FLOAT_TYPES, QUANT_BLOCKS, StagedProjection, dequantize, gated_activations, gather_rows,
+                              raw_nbytes, weighted_down)
 from lvgg.quantize import quantize
 
 # Byte offsets of each block's float16 scales; every other byte may hold any value.
 SCALE_OFFSETS = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 TYPES = sorted(QUANT_BLOCKS) + sorted(FLOAT_TYPES)
-CHECKS = TYPES + ["gather"]
+CHECKS = TYPES + ["gather", "experts"]
+# expert kernel cases: (gate/up type, down type, tokens, experts per token, hidden, intermediate, gate+up fused,
+# x and output dtype)
+EXPERT_CASES = [("Q4_K", "Q6_K", 2, 3, 512, 256, False, torch.bfloat16),  # llama.cpp's Q4_K_M
+                ("Q8_0", "Q4_0", 1, 2, 544, 288, False, torch.float32),  # rows and columns past whole tiles
+                ("Q5_K", "Q5_0", 1, 1, 256, 256, True, torch.bfloat16),
+                ("BF16", "F16", 2, 1, 96, 64, False, torch.float32),
+                ("F32", "Q8_0", 1, 2, 64, 64, True, torch.float16)]
 
 
 def random_blocks(rng: np.random.Generator, ggml_type: str, n_values: int) -> np.ndarray:
@@ -79,6 +87,53 @@ def check_gather(device: str) -> None:
         assert torch.equal(out.cpu(), src[[0, 8]]), "ids outside the rows are clamped"
 
 
+def quantized_experts(rng: np.random.Generator, ggml_type: str, n: int, rows: int, cols: int):
+    """(bytes [n, bytes of one], f64 values [n, rows, cols]) of n experts' ggml-quantized weights."""
+    w = (rng.standard_normal((n * rows, cols)) / np.sqrt(cols)).astype(np.float32)
+    if ggml_type == "BF16":
+        raw = (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    elif ggml_type in FLOAT_TYPES:
+        raw = w.astype(np.float16 if ggml_type == "F16" else np.float32).view(np.uint8)
+    else:
+        raw = quantize(w, Q[ggml_type], 1)
+    values = gguf_dequantize(raw.reshape(n * rows, -1), Q[ggml_type]).reshape(n, rows, cols)
+    return raw.reshape(n, -1), values.astype(np.float64)
+
+
+def check_experts(device: str) -> None:
+    """gated_activations + weighted_down (from the experts' bytes, in slots t * g + j) against the
+    f64 reference of the dequantized weights; slots past n * g are left alone."""
+    for case in EXPERT_CASES:
+        up_type, down_type, n, g, hidden, inter, fused, dtype = case
+        rng = np.random.default_rng(hidden + inter)
+        slots = n * g + 1  # one spare slot the kernels must not read into the result
+        if fused:
+            raw, values = quantized_experts(rng, up_type, slots, 2 * inter, hidden)
+            data = torch.from_numpy(raw.copy()).to(device)
+            gate = StagedProjection(data, up_type, inter, hidden)
+            up = StagedProjection(data, up_type, inter, hidden, at=inter * raw_nbytes(up_type, hidden))
+            w_gate, w_up = values[:, :inter], values[:, inter:]
+        else:
+            (raw_g, w_gate), (raw_u, w_up) = (quantized_experts(rng, up_type, slots, inter, hidden) for _ in "gu")
+            gate = StagedProjection(torch.from_numpy(raw_g).to(device), up_type, inter, hidden)
+            up = StagedProjection(torch.from_numpy(raw_u).to(device), up_type, inter, hidden)
+        raw_d, w_down = quantized_experts(rng, down_type, slots, hidden, inter)
+        down = StagedProjection(torch.from_numpy(raw_d).to(device), down_type, hidden, inter)
+        x = torch.from_numpy(rng.standard_normal((n, hidden)).astype(np.float32)).to(dtype)
+        weights = torch.from_numpy(rng.uniform(0.1, 1.0, (n, g)).astype(np.float32))
+        act = gated_activations(x.to(device), gate, up, g)
+        out = weighted_down(act, down, weights.to(device), dtype).double().cpu().numpy()
+        xd, want = x.double().numpy(), np.zeros((n, hidden))
+        for t in range(n):
+            for j in range(g):
+                s = t * g + j
+                h = w_gate[s] @ xd[t]
+                want[t] += weights[t, j].item() * (w_down[s] @ (h / (1 + np.exp(-h)) * (w_up[s] @ xd[t])))
+        err = np.linalg.norm(out - want) / np.linalg.norm(want)
+        # float32 sums of the exact values; the output rounded to dtype
+        assert err < {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype], f"{case}: {err:.2e}"
+
+
 @pytest.fixture(scope="module")
 def interpreter_results():
     """Run every check in one child process under Triton's interpreter (no GPU here)."""
@@ -86,7 +141,7 @@ def interpreter_results():
 
     code = ("import sys, test_gpu_dequant as t\n"
             "for name in t.CHECKS:\n"
-            "    try:\n        t.check_gather('cpu') if name == 'gather' else t.check_type(name, 'cpu'); print(name, 'ok')\n"
+            "    try:\n        getattr(t, 'check_' + name, lambda d: t.check_type(name, d))('cpu'); print(name, 'ok')\n"
             "    except AssertionError as e:\n        print(name, 'FAIL', e)\n")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
@@ -110,6 +165,13 @@ def test_gather_rows_copies_the_chosen_rows(request):
         assert request.getfixturevalue("interpreter_results")["gather"] == "ok"
 
 
+def test_experts_multiply_from_their_bytes(request):
+    if torch.cuda.is_available():
+        check_experts("cuda")
+    else:
+        assert request.getfixturevalue("interpreter_results")["experts"] == "ok"
+
+
 def test_bad_arguments_are_refused_before_any_kernel():
     out = torch.empty(2, 4, 256)
     raw = torch.zeros(raw_nbytes("Q4_K", out.numel()), dtype=torch.uint8)
@@ -123,3 +185,25 @@ def test_bad_arguments_are_refused_before_any_kernel():
         dequantize(raw, "Q4_K", out.to(torch.int32))
     with pytest.raises(ValueError, match="whole blocks of 256"):
         dequantize(torch.zeros(raw_nbytes("Q8_0", 2 * 4 * 96), dtype=torch.uint8), "Q4_K", torch.empty(2, 4, 96))
+
+
+def test_bad_expert_arguments_are_refused_before_any_kernel():
+    x = torch.zeros(2, 256)
+    gate = StagedProjection(torch.zeros(4, raw_nbytes("Q4_K", 64 * 256), dtype=torch.uint8), "Q4_K", 64, 256)
+    with pytest.raises(ValueError, match=r"up bytes must be contiguous uint8 \[>= 4, >= 9216\] on cpu, found "
+                                         r"torch.uint8 \[3, 9216\]"):
+        gated_activations(x, gate, StagedProjection(gate.data[:3], "Q4_K", 64, 256), 2)
+    with pytest.raises(ValueError, match=r"up must be 64x256 \(Q4_K: rows of whole blocks of 256\), found 32x256"):
+        gated_activations(x, gate, StagedProjection(gate.data, "Q4_K", 32, 256), 2)
+    with pytest.raises(ValueError, match="no GPU kernels for IQ4_XS"):
+        gated_activations(x, gate, StagedProjection(gate.data, "IQ4_XS", 64, 256), 2)
+    with pytest.raises(ValueError, match="x must be a contiguous float"):
+        gated_activations(x.t(), gate, gate, 2)
+    act = torch.zeros(4, 64)
+    down = StagedProjection(torch.zeros(4, raw_nbytes("Q8_0", 256 * 64), dtype=torch.uint8), "Q8_0", 256, 64)
+    with pytest.raises(ValueError, match="weights must be contiguous float32"):
+        weighted_down(act, down, torch.ones(2, 2, dtype=torch.float64), torch.float32)
+    with pytest.raises(ValueError, match=r"act must be contiguous float32 \[6, intermediate\]"):
+        weighted_down(act, down, torch.ones(2, 3), torch.float32)
+    with pytest.raises(ValueError, match="down must be 256x64"):
+        weighted_down(act, StagedProjection(down.data, "Q8_0", 256, 32), torch.ones(2, 2), torch.float32)

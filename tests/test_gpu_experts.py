@@ -138,14 +138,14 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
     with pytest.raises(ValueError, match="3 resident expert layers need 3.4 GiB of VRAM; LVGG_GPU_EXPERTS_GB allows 2.0"):
         plan_gpu_layers(a3b, GpuSettings(None, (0, 1, 2), 2 * 2**30), 80 * 2**30, torch.bfloat16)
     # DeepSeek-V3-sized layers: streaming one needs ~35 GiB; a 40 GiB GPU keeps prefill on the CPU,
-    # while splitting decode steps (32 experts: 3.0 GiB) fits
+    # while splitting decode steps (the bytes of 32 experts: 0.85 GiB) fits
     v3 = layer_infos(58, 256, 7168, 2048, q4_k_m)
     streamed, resident, split, notes = plan_gpu_layers(v3, GpuSettings(64, (), None, 3), 40 * 2**30, torch.bfloat16)
     assert streamed == [] and resident == [] and split == list(range(58))
     assert len(notes) == 1 and "prefill runs the experts on the CPU" in notes[0]
     streamed, _, split, notes = plan_gpu_layers(v3, GpuSettings(64, (), 40 * 2**30, "auto"), 40 * 2**30, torch.bfloat16)
     assert streamed == split == list(range(58)) and notes == []
-    streamed, _, split, notes = plan_gpu_layers(v3, GpuSettings(None, (), 2 * 2**30, "auto"), 40 * 2**30, torch.bfloat16)
+    streamed, _, split, notes = plan_gpu_layers(v3, GpuSettings(None, (), 2**29, "auto"), 40 * 2**30, torch.bfloat16)
     assert streamed == split == [] and "decode runs the experts on the CPU" in notes[0]
     iq = layer_infos(2, 8, 256, 256, {"gate": "iq4_xs", "up": "iq4_xs", "down": "q8_0"})
     streamed, _, split, notes = plan_gpu_layers(iq, GpuSettings(64, (), None, 3), 80 * 2**30, torch.bfloat16)
