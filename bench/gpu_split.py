@@ -1,13 +1,14 @@
 """Where a decode step's MoE time goes when the CPU and the GPU share the experts (lvgg.gpu_split),
-next to the CPU alone in the same run. Needs an NVIDIA GPU and vLLM (its fused MoE kernel).
+next to the CPU alone in the same run. Needs an NVIDIA GPU (not vLLM).
 
     python bench/gpu_split.py EXPERTS.gguf [--threads 15] [--tokens 1,2,4,8]
 
 Prints the GPU side's parts for one token's top-k experts of one layer (fetch over the link,
 with its GB/s; multiply from the fetched bytes; both overlapped as GpuExperts.fetched runs
-them), then the time per layer call, replayed in CUDA graphs
-as vLLM's decode steps are, for each token count and number of each token's experts on the GPU
-(0: the CPU alone): the table `LVGG_GPU_DECODE_SPLIT=auto` picks from at startup.
+them), then per token count and number of each token's experts on the GPU (0: the CPU alone)
+the time per layer call of the CPU's part alone, the GPU's part alone and both together,
+replayed in CUDA graphs as vLLM's decode steps are, with new routes each replay (what
+`LVGG_GPU_DECODE_SPLIT=auto` measures at startup, and its parts).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 import lvgg
 from lvgg.gpu_dequant import gated_activations, gather_rows, weighted_down
 from lvgg.gpu_experts import GpuExperts, _staged
-from lvgg.gpu_split import graph_seconds, best_slots, calibrate
+from lvgg.cuda_bridge import CudaExperts
+from lvgg.gpu_split import RandomRoutes, SplitExperts
 
 
 def main() -> None:
@@ -44,6 +46,7 @@ def main() -> None:
     x = torch.randn(1, info.hidden_size, dtype=dtype, device="cuda")
     w = torch.full((1, top_k), 1 / top_k, device="cuda")
     staged = [p for (ggml_type, _, name), data in zip(plan, fetched) for p in _staged(info, name, ggml_type, data)]
+    graph_seconds = RandomRoutes([layer], 1, top_k, info.n_experts, gpu.device, seed=0).graph_seconds
     fetch = graph_seconds(lambda: [gather_rows(host_rows, ids, out) for (_, host_rows, _), out in zip(plan, fetched)],
                           20)
     multiply = graph_seconds(lambda: weighted_down(gated_activations(x, staged[0], staged[1], top_k), staged[2], w,
@@ -53,25 +56,30 @@ def main() -> None:
           f"CUDA graphs: fetch {fetch * 1e3:.3f} ms ({top_k * sum(per_expert) / fetch / 1e9:.1f} GB/s), multiply "
           f"from the bytes {multiply * 1e3:.3f} ms, both as fetched() runs them {whole * 1e3:.3f} ms")
 
-    xc, wc, out = x.cpu(), w.cpu(), torch.empty(1, info.hidden_size, dtype=dtype)
-    idsc = ids.cpu().view(1, top_k)
-    engine = min(_seconds(lambda: moe(layer, xc, idsc, wc, out)) for _ in range(5))
-    print(f"CPU engine alone, one token (no CUDA): {engine * 1e3:.3f} ms")
+    print(f"\nms per layer call, CUDA graphs of {len(timed_layers(store))} layers, new routes each replay, {a.threads} CPU "
+          "threads: the CPU's part alone, the GPU's part alone, both as SplitExperts runs them")
+    for n in (int(v) for v in a.tokens.split(",")):
+        routes = RandomRoutes(timed_layers(store), n, top_k, info.n_experts, gpu.device, seed=n)
+        x = torch.randn(n, info.hidden_size, generator=routes.generator).to("cuda", dtype)
+        for g in range(min(top_k - 1, gpu.split_experts // n) + 1):
+            kc = top_k - g
+            cpu = CudaExperts(moe, hidden_size=info.hidden_size, top_k=kc, max_tokens=n, dtype=dtype)
+            parts = [routes.graph_seconds(lambda: [cpu(layer, x, ids[:, :kc], w[:, :kc]) for layer, ids, w in routes],
+                                          10)]
+            cpu.close()
+            if g:
+                split = SplitExperts(gpu, moe, slots={n: g}, dtype=dtype)
+                parts.append(routes.graph_seconds(
+                    lambda: [gpu.fetched(layer, x, ids[:, kc:], w[:, kc:]) for layer, ids, w in routes], 10))
+                parts.append(routes.graph_seconds(lambda: [split(layer, x, ids, w) for layer, ids, w in routes], 10))
+                split.close()
+            print(f"{n:3d} tokens, {g} of {top_k} on the GPU: " +
+                  " / ".join(f"{t / len(routes.layers) * 1e3:.3f}" for t in parts))
 
-    seconds = calibrate(gpu, moe, dtype, token_counts=[int(n) for n in a.tokens.split(",")], repeats=10)
-    width = max(len(v) for v in seconds.values())
-    print(f"\nms per layer call, CUDA graphs of 8 layers, {a.threads} CPU threads; columns: experts per token on the GPU")
-    print(f"{'tokens':>6} " + " ".join(f"{g:>7}" for g in range(width)) + "   best")
-    best = best_slots(seconds)
-    for n, times in seconds.items():
-        print(f"{n:6d} " + " ".join(f"{t * 1e3:7.3f}" for t in times) + " " * 8 * (width - len(times)) +
-              f"   {best[n]} ({times[0] / times[best[n]]:.2f}x the CPU alone)")
 
-
-def _seconds(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+def timed_layers(store) -> list[int]:
+    """The layers timed: up to 8, spread over the file (as calibrate picks them)."""
+    return store.layers[::max(1, len(store.layers) // 8)][:8]
 
 
 if __name__ == "__main__":

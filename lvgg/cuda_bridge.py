@@ -50,7 +50,11 @@ class CudaExperts:
         self._out = _pinned((max_tokens, hidden_size), dtype)
         self._bridge = _bridge.CudaBridge(moe._engine, self._x, self._ids, self._weights, self._out)
 
-    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 inputs_copied: torch.cuda.Event | None = None) -> torch.Tensor:
+        """The layer's experts of ``x``; ``inputs_copied``, if given, is recorded on the stream once
+        the inputs are in the pinned buffers, before the CPU starts (work on other streams that
+        waits for it then runs alongside the CPU without delaying these copies)."""
         n = x.shape[0] if x.dim() == 2 else -1
         for name, t, cols in (("x", x, self.hidden_size), ("topk_ids", topk_ids, self.top_k),
                               ("topk_weights", topk_weights, self.top_k)):
@@ -68,6 +72,8 @@ class CudaExperts:
         self._x[:n].copy_(x, non_blocking=True)
         self._ids[:n].copy_(topk_ids, non_blocking=True)
         self._weights[:n].copy_(topk_weights, non_blocking=True)
+        if inputs_copied is not None:
+            inputs_copied.record(stream)
         self._bridge.enqueue(stream.cuda_stream, layer, n)
         out = torch.empty_like(x)
         out.copy_(self._out[:n], non_blocking=True)

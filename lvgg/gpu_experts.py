@@ -165,6 +165,10 @@ class GpuExperts:
             self._pin_host()
         if self.streamed_layers:
             self._setup_streaming()
+        if self.split_layers and not self.host_pinned:
+            log.warning("lvgg: decode steps run the experts on the CPU alone: splitting them with the GPU needs the "
+                        "experts file pinned (see above)")
+            self.split_layers, self.split_experts = [], 0
         if self.split_layers:
             self._setup_split()
         t0 = time.perf_counter()
@@ -293,9 +297,6 @@ class GpuExperts:
         return self._info[layers[0]]
 
     def _setup_split(self) -> None:
-        if not self.host_pinned:
-            raise RuntimeError("splitting decode steps with the CPU needs the experts file pinned for the GPU; "
-                               "check free RAM and `ulimit -l`, or turn the split off (LVGG_GPU_DECODE_SPLIT=off)")
         self._one_shape(self.split_layers, "split")
         n = self.split_experts
         # per split layer and projection: (ggml type, its file bytes as [experts, bytes of one], projection)

@@ -66,12 +66,13 @@ class SplitExperts:
                              f"{self.gpu.split_layers}; found layer {layer}, ids {list(topk_ids.shape)}")
         kc = self.top_k - g
         main = torch.cuda.current_stream(x.device)
-        self._inputs_ready.record(main)
+        # The CPU's part first: its inputs are copied out before the GPU's part can fill the SMs
+        # and the link (measured on the rig: started together, the two parts ran almost in turn).
+        out = self._cpu[kc](layer, x, topk_ids[:, :kc], topk_weights[:, :kc], inputs_copied=self._inputs_ready)
         with torch.cuda.stream(self._side):
             self._side.wait_event(self._inputs_ready)
             gpu_part = self.gpu.fetched(layer, x, topk_ids[:, kc:], topk_weights[:, kc:])
             self._gpu_done.record(self._side)
-        out = self._cpu[kc](layer, x, topk_ids[:, :kc], topk_weights[:, :kc])
         main.wait_event(self._gpu_done)
         # gpu_part's memory belongs to the side stream, whose next work waits for this add (the
         # next call's _inputs_ready), so the allocator cannot hand it out too early.
@@ -92,29 +93,68 @@ def calibrate(gpu: GpuExperts, moe: CpuMoE, dtype: torch.dtype, token_counts: Se
               repeats: int = 5) -> dict[int, list[float]]:
     """{n tokens: seconds per layer call with 0, 1, ... of each token's experts on the GPU}.
 
-    Each way is captured in a CUDA graph calling up to 8 split layers in turn (random routing),
-    as vLLM's decode graphs do, and replayed ``repeats`` times; 0 is the CPU alone (through a
-    CudaExperts). Synchronizes: call outside any capture (vLLM's profiling run comes first)."""
+    Each way is captured in a CUDA graph calling up to 8 split layers in turn, as vLLM's decode
+    graphs do, and replayed ``repeats`` times with new random routing each time (the same
+    experts again would be read from the CPU's caches, which a decode step never is); 0 is the
+    CPU alone (through a CudaExperts). Synchronizes: call outside any capture (vLLM's profiling
+    run comes first)."""
     top_k = moe.max_top_k
     layers = gpu.split_layers[::max(1, len(gpu.split_layers) // 8)][:8]
     info = moe.store.layer_info(layers[0])
     cpu = CudaExperts(moe, hidden_size=info.hidden_size, top_k=top_k, max_tokens=max(token_counts), dtype=dtype)
     result = {}
     for n in token_counts:
-        g = torch.Generator().manual_seed(n)
-        x = torch.randn(n, info.hidden_size, generator=g).to(gpu.device, dtype)
-        routes = [(torch.stack([torch.randperm(info.n_experts, generator=g)[:top_k] for _ in range(n)])
-                   .to(gpu.device, torch.int32), torch.full((n, top_k), 1.0 / top_k, device=gpu.device))
-                  for _ in layers]
-        times = [graph_seconds(lambda: [cpu(layer, x, ids, w) for layer, (ids, w) in zip(layers, routes)], repeats)]
+        routes = RandomRoutes(layers, n, top_k, info.n_experts, gpu.device, seed=n)
+        x = torch.randn(n, info.hidden_size, generator=routes.generator).to(gpu.device, dtype)
+        times = [routes.graph_seconds(lambda: [cpu(layer, x, ids, w) for layer, ids, w in routes], repeats)]
         for slots in range(1, min(top_k - 1, gpu.split_experts // n) + 1):
             split = SplitExperts(gpu, moe, slots={n: slots}, dtype=dtype)
-            times.append(graph_seconds(lambda: [split(layer, x, ids, w) for layer, (ids, w) in zip(layers, routes)],
-                                        repeats))
+            times.append(routes.graph_seconds(lambda: [split(layer, x, ids, w) for layer, ids, w in routes], repeats))
             split.close()
         result[n] = [t / len(layers) for t in times]
     cpu.close()
     return result
+
+
+class RandomRoutes:
+    """Routing of n tokens to top_k distinct experts in each of ``layers``, in device tensors
+    that a CUDA graph captures; ``graph_seconds`` draws new routes before each replay.
+    Iterating gives (layer, ids [n, top_k] int32, weights [n, top_k] float32)."""
+
+    def __init__(self, layers: Sequence[int], n: int, top_k: int, n_experts: int, device: torch.device,
+                 seed: int) -> None:
+        self.layers, self.n, self.top_k, self.n_experts = list(layers), n, top_k, n_experts
+        self.generator = torch.Generator().manual_seed(seed)
+        self.ids = [torch.empty(n, top_k, dtype=torch.int32, device=device) for _ in self.layers]
+        self.weights = torch.full((n, top_k), 1.0 / top_k, device=device)
+        self.draw()
+
+    def draw(self) -> None:
+        for ids in self.ids:
+            ids.copy_(torch.stack([torch.randperm(self.n_experts, generator=self.generator)[:self.top_k]
+                                   for _ in range(self.n)]))
+
+    def __iter__(self):
+        return ((layer, ids, self.weights) for layer, ids in zip(self.layers, self.ids))
+
+    def graph_seconds(self, fn, repeats: int) -> float:
+        """Seconds one replay of a CUDA graph of ``fn`` takes, the median of ``repeats`` replays,
+        each with new routes (fn runs eagerly first and the graph twice before timing: kernels
+        compile, pages fault in)."""
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        times = []
+        for _ in range(repeats + 2):
+            self.draw()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return sorted(times[2:])[repeats // 2]
 
 
 # A split must beat the CPU alone by this much to be kept: the rig's timings of one layer call
@@ -130,20 +170,3 @@ def best_slots(seconds: dict[int, list[float]]) -> dict[int, int]:
         return g if times[g] < (1 - SPLIT_MARGIN) * times[0] else 0
 
     return {n: best(times) for n, times in seconds.items()}
-
-
-def graph_seconds(fn, repeats: int) -> float:
-    """Seconds one replay of a CUDA graph of ``fn`` takes, the median of ``repeats`` (fn runs
-    eagerly first and the graph twice before timing: kernels compile, pages fault in)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for i in range(repeats + 2):
-        t0 = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[2:])[repeats // 2]

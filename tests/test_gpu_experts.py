@@ -132,11 +132,11 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
     stream = estimate_vram_bytes(a3b, [0], [], torch.bfloat16, [0], SPLIT_EXPERTS)
     assert len(resident) == (40 * 2**30 - stream) // layer and resident == list(range(len(resident)))
     assert streamed == split == list(range(len(resident), 48))
-    _, resident_unsplit, split, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None), 80 * 2**30,
+    _, resident_unsplit, split, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, None), 80 * 2**30,
                                                     torch.bfloat16)
     assert split == [] and len(resident_unsplit) >= len(resident)
     with pytest.raises(ValueError, match="3 resident expert layers need 3.4 GiB of VRAM; LVGG_GPU_EXPERTS_GB allows 2.0"):
-        plan_gpu_layers(a3b, GpuSettings(None, (0, 1, 2), 2 * 2**30), 80 * 2**30, torch.bfloat16)
+        plan_gpu_layers(a3b, GpuSettings(None, (0, 1, 2), 2 * 2**30, None), 80 * 2**30, torch.bfloat16)
     # DeepSeek-V3-sized layers: streaming one needs ~35 GiB; a 40 GiB GPU keeps prefill on the CPU,
     # while splitting decode steps (the bytes of 32 experts: 0.85 GiB) fits
     v3 = layer_infos(58, 256, 7168, 2048, q4_k_m)

@@ -75,7 +75,7 @@ def test_gpu_settings_are_read_from_the_environment(monkeypatch):
 
     for name in GPU_ENVS:
         monkeypatch.setenv(name, "")
-    assert GpuSettings.from_env() == GpuSettings(DEFAULT_GPU_PREFILL_MIN_TOKENS, (), None, None)
+    assert GpuSettings.from_env() == GpuSettings(DEFAULT_GPU_PREFILL_MIN_TOKENS, (), None, "auto")
     monkeypatch.setenv("LVGG_GPU_PREFILL_MIN_TOKENS", "off")
     monkeypatch.setenv("LVGG_GPU_RESIDENT_LAYERS", "0-2,40")
     monkeypatch.setenv("LVGG_GPU_EXPERTS_GB", "1.5")
@@ -86,6 +86,8 @@ def test_gpu_settings_are_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("LVGG_GPU_DECODE_SPLIT", "Auto")
     assert GpuSettings.from_env() == GpuSettings(None, "auto", 3 * 2**29, "auto")
     monkeypatch.setenv("LVGG_GPU_DECODE_SPLIT", "0")
+    assert GpuSettings.from_env().decode_split is None
+    monkeypatch.setenv("LVGG_GPU_DECODE_SPLIT", "off")
     assert GpuSettings.from_env().decode_split is None
 
 

@@ -237,8 +237,8 @@ def _make_gpu_experts(moe: CpuMoE, device, dtype) -> tuple[GpuExperts | None, Sp
                      split_layers=split, split_experts=SPLIT_EXPERTS)
     log.info("lvgg: experts on %s: %d layers streamed for passes of >= %s tokens, %d resident, %d split with the "
              "CPU in decode steps; %.2f GiB of VRAM", device, len(streamed), wanted.prefill_min_tokens,
-             len(resident), len(split), gpu.vram_bytes / 2**30)
-    return gpu, _make_split(gpu, moe, wanted.decode_split, dtype) if split else None
+             len(resident), len(gpu.split_layers), gpu.vram_bytes / 2**30)
+    return gpu, _make_split(gpu, moe, wanted.decode_split, dtype) if gpu.split_layers else None
 
 
 def _make_split(gpu: GpuExperts, moe: CpuMoE, wanted: int | str, dtype) -> SplitExperts | None:

@@ -13,8 +13,9 @@
                                  with "auto", half of what vLLM may use after its weights)
     LVGG_GPU_DECODE_SPLIT        short passes (decode): how many of each token's experts the GPU
                                  fetches over the link and computes while the CPU does the rest:
-                                 "off" (default), a count, or "auto" (timed at startup);
-                                 docs/gpu-experts.md has what it gains and loses today
+                                 "auto" (default: the fastest count per batch size, timed at
+                                 startup; none where no split wins), a count, or "off";
+                                 docs/gpu-experts.md has what it gains
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class GpuSettings:
     prefill_min_tokens: int | None  # None: never stream
     resident: tuple[int, ...] | str  # layer indices, or "auto"
     experts_bytes: int | None  # VRAM bound, None: none given
-    decode_split: int | str | None = None  # GPU experts per token in decode steps, "auto", None: off
+    decode_split: int | str | None = "auto"  # GPU experts per token in decode steps, "auto", None: off
 
     @classmethod
     def from_env(cls) -> GpuSettings:
@@ -68,9 +69,9 @@ def _resident(text: str) -> tuple[int, ...] | str:
 
 def _split(text: str) -> int | str | None:
     text = text.strip().lower()
-    if text == "auto":
+    if text in ("", "auto"):
         return "auto"
-    if text in ("", "off"):
+    if text == "off":
         return None
     return _non_negative(text, GPU_SPLIT_ENV, int, "'auto', 'off' or how many of a token's experts the GPU "
                          "takes") or None
