@@ -21,7 +21,7 @@ import lvgg
 from lvgg.gpu_dequant import gated_activations, gather_rows, weighted_down
 from lvgg.gpu_experts import GpuExperts, _staged
 from lvgg.cuda_bridge import CudaExperts
-from lvgg.gpu_split import RandomRoutes, SplitExperts
+from lvgg.gpu_split import RandomRoutes, SplitExperts, timed_layers
 
 
 def main() -> None:
@@ -56,10 +56,11 @@ def main() -> None:
           f"CUDA graphs: fetch {fetch * 1e3:.3f} ms ({top_k * sum(per_expert) / fetch / 1e9:.1f} GB/s), multiply "
           f"from the bytes {multiply * 1e3:.3f} ms, both as fetched() runs them {whole * 1e3:.3f} ms")
 
-    print(f"\nms per layer call, CUDA graphs of {len(timed_layers(store))} layers, new routes each replay, {a.threads} CPU "
+    layers = timed_layers(store.layers)
+    print(f"\nms per layer call, CUDA graphs of {len(layers)} layers, new routes each replay, {a.threads} CPU "
           "threads: the CPU's part alone, the GPU's part alone, both as SplitExperts runs them")
     for n in (int(v) for v in a.tokens.split(",")):
-        routes = RandomRoutes(timed_layers(store), n, top_k, info.n_experts, gpu.device, seed=n)
+        routes = RandomRoutes(layers, n, top_k, info.n_experts, gpu.device, seed=n)
         x = torch.randn(n, info.hidden_size, generator=routes.generator).to("cuda", dtype)
         for g in range(min(top_k - 1, gpu.split_experts // n) + 1):
             kc = top_k - g
@@ -75,11 +76,6 @@ def main() -> None:
                 split.close()
             print(f"{n:3d} tokens, {g} of {top_k} on the GPU: " +
                   " / ".join(f"{t / len(routes.layers) * 1e3:.3f}" for t in parts))
-
-
-def timed_layers(store) -> list[int]:
-    """The layers timed: up to 8, spread over the file (as calibrate picks them)."""
-    return store.layers[::max(1, len(store.layers) // 8)][:8]
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def gated_activations(x: torch.Tensor, gate: StagedProjection, up: StagedProject
     act = torch.empty(slots, gate.rows, dtype=torch.float32, device=x.device)
     if slots:
         (tg, qg, bg), (tu, qu, bu) = gate.geometry(), up.geometry()
-        _swiglu_up[(slots, triton.cdiv(gate.rows, _ROWS_PER_PROGRAM))](
+        _gated_activations[(slots, triton.cdiv(gate.rows, _ROWS_PER_PROGRAM))](
             x, gate.data, up.data, act, slots_per_token, hidden, gate.rows, gate.data.shape[1], up.data.shape[1],
             gate.at, up.at, gate.row_bytes(), up.row_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK,
             TYPE_G=tg, QK_G=qg, BB_G=bg, TYPE_U=tu, QK_U=qu, BB_U=bu)
@@ -336,7 +336,7 @@ if triton is not None:
         return tl.sum(tl.reshape(values, (R, CHUNK)) * x[None, :], axis=1)
 
     @triton.jit
-    def _swiglu_up(x, gate, up, act, slots_per_token, hidden, inter, gate_slot_bytes, up_slot_bytes, gate_first,
+    def _gated_activations(x, gate, up, act, slots_per_token, hidden, inter, gate_slot_bytes, up_slot_bytes, gate_first,
                    up_first, gate_row_bytes, up_row_bytes, R: tl.constexpr, CHUNK: tl.constexpr,
                    TYPE_G: tl.constexpr, QK_G: tl.constexpr, BB_G: tl.constexpr,
                    TYPE_U: tl.constexpr, QK_U: tl.constexpr, BB_U: tl.constexpr):

@@ -185,7 +185,7 @@ class GpuExperts:
 
     @property
     def vram_bytes(self) -> int:
-        """Device memory held for experts (staging, streamed, resident and split weights)."""
+        """Device memory held for experts (staging, streamed and resident weights, split layers' bytes)."""
         tensors = [*self._staging, *self._weights] if self.streamed_layers else []
         tensors += [self._fetch_staging] if self.split_layers else []
         tensors += [t for pair in self._resident.values() for t in pair]

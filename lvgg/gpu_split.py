@@ -99,7 +99,7 @@ def calibrate(gpu: GpuExperts, moe: CpuMoE, dtype: torch.dtype, token_counts: Se
     CPU alone (through a CudaExperts). Synchronizes: call outside any capture (vLLM's profiling
     run comes first)."""
     top_k = moe.max_top_k
-    layers = gpu.split_layers[::max(1, len(gpu.split_layers) // 8)][:8]
+    layers = timed_layers(gpu.split_layers)
     info = moe.store.layer_info(layers[0])
     cpu = CudaExperts(moe, hidden_size=info.hidden_size, top_k=top_k, max_tokens=max(token_counts), dtype=dtype)
     result = {}
@@ -114,6 +114,11 @@ def calibrate(gpu: GpuExperts, moe: CpuMoE, dtype: torch.dtype, token_counts: Se
         result[n] = [t / len(layers) for t in times]
     cpu.close()
     return result
+
+
+def timed_layers(layers: Sequence[int]) -> list[int]:
+    """Up to 8 of ``layers``, spread over them: what ``calibrate`` replays."""
+    return list(layers[::max(1, len(layers) // 8)][:8])
 
 
 class RandomRoutes:
