@@ -1,8 +1,10 @@
 """The plugin's startup check of an experts file against the model (no vLLM start needed)."""
 import json
+import logging
 import os
 
 import pytest
+import torch
 from gguf import GGMLQuantizationType as Q
 from typer.testing import CliRunner
 
@@ -185,3 +187,19 @@ def test_pipeline_parallel_ranks_hold_their_own_layers_only(qwen3, monkeypatch):
     assert engine.store.layers == ranks[1]
     assert [engine.store.layer_info(n).intermediate_size * 2 for n in ranks[1]] == \
         [whole.layer_info(n).intermediate_size for n in ranks[1]]
+
+
+def test_auto_decode_split_that_cannot_be_timed_leaves_decode_on_the_cpu(monkeypatch, caplog):
+    """`auto` is the default: a split whose timing fails (e.g. a GPU kernel that does not compile
+    there) is dropped with a warning instead of stopping the server."""
+    from types import SimpleNamespace
+
+    from lvgg.vllm_plugin import runtime
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(runtime, "calibrate", broken)
+    caplog.set_level(logging.WARNING, logger="vllm.lvgg")
+    assert runtime._make_split(None, SimpleNamespace(max_top_k=8), "auto", torch.bfloat16) is None
+    assert "timing the decode split failed (RuntimeError: no kernel image for this GPU)" in caplog.text

@@ -247,7 +247,12 @@ def _make_split(gpu: GpuExperts, moe: CpuMoE, wanted: int | str, dtype) -> Split
     top_k = moe.max_top_k
     if wanted == "auto":
         t0 = time.perf_counter()
-        seconds = calibrate(gpu, moe, dtype)
+        try:
+            seconds = calibrate(gpu, moe, dtype)
+        except Exception as e:  # the default setting: a split that cannot run here must not stop the server
+            log.warning("lvgg: %s=auto: timing the decode split failed (%s: %s); decode runs the experts on the CPU "
+                        "alone (set %s=off to skip the timing)", GPU_SPLIT_ENV, type(e).__name__, e, GPU_SPLIT_ENV)
+            return None
         slots = best_slots(seconds)
         log.info("lvgg: %s=auto (%.1f s): ms per layer with 0, 1, ... of a token's experts on the GPU: %s; the GPU "
                  "takes %s", GPU_SPLIT_ENV, time.perf_counter() - t0,
