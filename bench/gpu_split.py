@@ -21,7 +21,7 @@ import lvgg
 from lvgg.gpu_dequant import gated_activations, gather_rows, weighted_down
 from lvgg.gpu_experts import GpuExperts, _staged
 from lvgg.cuda_bridge import CudaExperts
-from lvgg.gpu_split import RandomRoutes, SplitExperts, timed_layers
+from lvgg.gpu_split import RandomRoutes, SplitExperts, graph_seconds, timed_layers
 
 
 def main() -> None:
@@ -46,7 +46,6 @@ def main() -> None:
     x = torch.randn(1, info.hidden_size, dtype=dtype, device="cuda")
     w = torch.full((1, top_k), 1 / top_k, device="cuda")
     staged = [p for (ggml_type, _, name), data in zip(plan, fetched) for p in _staged(info, name, ggml_type, data)]
-    graph_seconds = RandomRoutes([layer], 1, top_k, info.n_experts, gpu.device, seed=0).graph_seconds
     fetch = graph_seconds(lambda: [gather_rows(host_rows, ids, out) for (_, host_rows, _), out in zip(plan, fetched)],
                           20)
     multiply = graph_seconds(lambda: weighted_down(gated_activations(x, staged[0], staged[1], top_k), staged[2], w,

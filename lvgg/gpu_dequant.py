@@ -98,9 +98,11 @@ class StagedProjection:
     def row_bytes(self) -> int:
         return raw_nbytes(self.ggml_type, self.cols)
 
-    def check(self, name: str, rows: int, cols: int, slots: int, device: torch.device) -> None:
-        """Raise unless this holds ``slots`` experts of rows x cols on ``device`` (and Triton is here)."""
-        qk = self.geometry()[1]
+    def check(self, name: str, rows: int, cols: int, slots: int, device: torch.device) -> tuple[int, int, int]:
+        """``geometry()``; raises unless this holds ``slots`` experts of rows x cols on ``device``
+        (and Triton is here)."""
+        geometry = self.geometry()
+        qk = geometry[1]
         if (self.rows, self.cols) != (rows, cols) or cols % qk:
             raise ValueError(f"{name} must be {rows}x{cols} ({self.ggml_type}: rows of whole blocks of {qk}), "
                              f"found {self.rows}x{self.cols}")
@@ -111,6 +113,7 @@ class StagedProjection:
                              f"{d.dtype} {list(d.shape)} on {d.device}")
         if triton is None:
             raise RuntimeError("GPU experts need Triton (it comes with CUDA builds of torch)")
+        return geometry
 
 
 def gated_activations(x: torch.Tensor, gate: StagedProjection, up: StagedProjection,
@@ -124,11 +127,10 @@ def gated_activations(x: torch.Tensor, gate: StagedProjection, up: StagedProject
         raise ValueError(f"x must be a contiguous float [tokens, hidden] tensor, found {x.dtype} {list(x.shape)}")
     n, hidden = x.shape
     slots = n * slots_per_token
-    for name, p in (("gate", gate), ("up", up)):
-        p.check(name, gate.rows, hidden, slots, x.device)
+    tg, qg, bg = gate.check("gate", gate.rows, hidden, slots, x.device)
+    tu, qu, bu = up.check("up", gate.rows, hidden, slots, x.device)
     act = torch.empty(slots, gate.rows, dtype=torch.float32, device=x.device)
     if slots:
-        (tg, qg, bg), (tu, qu, bu) = gate.geometry(), up.geometry()
         _gated_activations[(slots, triton.cdiv(gate.rows, _ROWS_PER_PROGRAM))](
             x, gate.data, up.data, act, slots_per_token, hidden, gate.rows, gate.data.shape[1], up.data.shape[1],
             gate.at, up.at, gate.row_bytes(), up.row_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK,
@@ -147,10 +149,9 @@ def weighted_down(act: torch.Tensor, down: StagedProjection, weights: torch.Tens
     n, g = weights.shape
     if act.dtype != torch.float32 or act.dim() != 2 or act.shape[0] != n * g or not act.is_contiguous():
         raise ValueError(f"act must be contiguous float32 [{n * g}, intermediate], found {act.dtype} {list(act.shape)}")
-    down.check("down", down.rows, act.shape[1], n * g, act.device)
+    code, qk, block_bytes = down.check("down", down.rows, act.shape[1], n * g, act.device)
     out = torch.empty(n, down.rows, dtype=dtype, device=act.device)
     if n:
-        code, qk, block_bytes = down.geometry()
         _weighted_down[(n, triton.cdiv(down.rows, _ROWS_PER_PROGRAM))](
             act, down.data, weights, out, g, down.rows, down.cols, down.data.shape[1], down.row_bytes(),
             R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK, TYPE=code, QK=qk, BB=block_bytes)

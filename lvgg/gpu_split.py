@@ -143,23 +143,29 @@ class RandomRoutes:
         return ((layer, ids, self.weights) for layer, ids in zip(self.layers, self.ids))
 
     def graph_seconds(self, fn, repeats: int) -> float:
-        """Seconds one replay of a CUDA graph of ``fn`` takes, the median of ``repeats`` replays,
-        each with new routes (fn runs eagerly first and the graph twice before timing: kernels
-        compile, pages fault in)."""
+        """``graph_seconds`` with new routes drawn before each replay."""
+        return graph_seconds(fn, repeats, before_each=self.draw)
+
+
+def graph_seconds(fn, repeats: int, before_each=None) -> float:
+    """Seconds one replay of a CUDA graph of ``fn`` takes, the median of ``repeats`` replays
+    (``before_each()`` runs, untimed, before each; fn runs eagerly first and the graph twice
+    before timing: kernels compile, pages fault in)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
+    times = []
+    for _ in range(repeats + 2):
+        if before_each is not None:
+            before_each()
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        times = []
-        for _ in range(repeats + 2):
-            self.draw()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            graph.replay()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return sorted(times[2:])[repeats // 2]
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[2:])[repeats // 2]
 
 
 # A split must beat the CPU alone by this much to be kept: the rig's timings of one layer call

@@ -29,6 +29,7 @@ BINDING_ENV = "LVGG_CPU_BINDING"
 KERNELS_ENV = "LVGG_CPU_KERNELS"
 
 DEFAULT_GPU_PREFILL_MIN_TOKENS = 64  # the CPU engine prefills ~130 tok/s; one streamed pass costs ~0.35 s
+DEFAULT_GPU_DECODE_SPLIT = "auto"  # timed at startup, kept where it wins (docs/gpu-experts.md)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class GpuSettings:
     prefill_min_tokens: int | None  # None: never stream
     resident: tuple[int, ...] | str  # layer indices, or "auto"
     experts_bytes: int | None  # VRAM bound, None: none given
-    decode_split: int | str | None = "auto"  # GPU experts per token in decode steps, "auto", None: off
+    # GPU experts per token in decode steps, "auto", None: off
+    decode_split: int | str | None = DEFAULT_GPU_DECODE_SPLIT
 
     @classmethod
     def from_env(cls) -> GpuSettings:
@@ -68,8 +70,8 @@ def _resident(text: str) -> tuple[int, ...] | str:
 
 
 def _split(text: str) -> int | str | None:
-    text = text.strip().lower()
-    if text in ("", "auto"):
+    text = text.strip().lower() or DEFAULT_GPU_DECODE_SPLIT
+    if text == "auto":
         return "auto"
     if text == "off":
         return None
