@@ -6,7 +6,10 @@ costs alone: the host-to-device copy of a layer's bytes (and the link speed it r
 our dequantization kernels, and vLLM's fused MoE kernel on the dequantized weights. The
 floor of a pass is max(copy, dequantize + matmuls) per layer when the two overlap.
 
-    python bench/gpu_prefill.py EXPERTS.gguf [--tokens 512,4096,16384] [--top-k 8]
+    python bench/gpu_prefill.py EXPERTS.gguf [--tokens 512,4096,16384] [--top-k 8] [--groups all,32]
+
+--groups compares whole layers with layers streamed a group of experts at a time (what a
+GPU too small for one layer of dequantized experts gets).
 
 Needs an NVIDIA GPU and vLLM's CUDA build.
 """
@@ -38,40 +41,49 @@ def main() -> None:
     ap.add_argument("experts")
     ap.add_argument("--tokens", default="512,4096,16384")
     ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--groups", default="all",
+                    help="experts streamed at once, comma-separated ('all': whole layers; e.g. all,32)")
     a = ap.parse_args()
     store = lvgg.ExpertStore(a.experts, repack=False)  # the GPU reads the mapped bytes only
     layers = store.layers
-    gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=layers)
     info = store.layer_info(layers[0])
     e, d = info.n_experts, info.hidden_size
-    staged = gpu._staging[0]
     layer_bytes = sum(staged_bytes(store.layer_info(layer)) for layer in layers) / len(layers)
     print(f"{store.path}: {len(layers)} layers, {layer_bytes / 2**20:.0f} MiB of experts per layer, "
-          f"types {info.types}, host pinned: {gpu.host_pinned}, VRAM {gpu.vram_bytes / 2**30:.2f} GiB")
-
-    copy_ms = cuda_ms(lambda: gpu._stage(layers[1], staged))
-    dequant_ms = cuda_ms(lambda: gpu._dequantize(layers[1], staged, out=gpu._weights))
-    print(f"per layer: copy {copy_ms:.2f} ms ({layer_bytes / copy_ms / 1e6:.1f} GB/s host to device), "
-          f"dequantize {dequant_ms:.2f} ms ({3 * e * d * info.intermediate_size / dequant_ms / 1e6:.0f} M values/ms)")
-
+          f"types {info.types}")
     rows = []
-    for T in (int(t) for t in a.tokens.split(",")):
-        g = torch.Generator(device="cuda").manual_seed(T)
-        x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        ids = torch.rand(T, e, device="cuda", generator=g).argsort(dim=1)[:, :a.top_k].to(torch.int32)
-        w = torch.softmax(torch.randn(T, a.top_k, device="cuda", generator=g), dim=-1)
-        matmul_ms = cuda_ms(lambda: gpu._fused_experts(x, *gpu._weights, w, ids))
+    for most in (None if g == "all" else int(g) for g in a.groups.split(",")):
+        gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=layers, stream_group=most)
+        group = gpu._groups[0]
+        group_bytes = layer_bytes * len(group) / e
+        copy_ms = cuda_ms(lambda: gpu._stage(layers[1], group, gpu._staging[0]))
+        dequant_ms = cuda_ms(lambda: gpu._dequantize(layers[1], group, gpu._staging[0], gpu._weights))
+        print(f"groups of {len(group)} experts ({len(gpu._groups)} per layer): host pinned: {gpu.host_pinned}, "
+              f"VRAM {gpu.vram_bytes / 2**30:.2f} GiB; per group: copy {copy_ms:.2f} ms "
+              f"({group_bytes / copy_ms / 1e6:.1f} GB/s host to device), dequantize {dequant_ms:.2f} ms "
+              f"({3 * len(group) * d * info.intermediate_size / dequant_ms / 1e6:.0f} M values/ms)")
+        for T in (int(t) for t in a.tokens.split(",")):
+            g = torch.Generator(device="cuda").manual_seed(T)
+            x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            ids = torch.rand(T, e, device="cuda", generator=g).argsort(dim=1)[:, :a.top_k].to(torch.int32)
+            w = torch.softmax(torch.randn(T, a.top_k, device="cuda", generator=g), dim=-1)
+            masked = {} if len(gpu._groups) == 1 else dict(global_num_experts=e, expert_map=gpu._expert_maps[0])
+            matmul_ms = cuda_ms(lambda: gpu._fused_experts(x, *gpu._weights, w, ids, **masked))
 
-        def one_pass():
-            h = x
-            for layer in layers:
-                h = gpu(layer, h, ids, w) * 0.5 + x * 0.5  # keep values finite; like a residual stream
-        pass_ms = cuda_ms(one_pass)
-        floor_ms = len(layers) * max(copy_ms, dequant_ms + matmul_ms)
-        rows.append((T, matmul_ms, pass_ms, floor_ms))
-    print(f"\n{'tokens':>7} {'matmuls ms/layer':>17} {'pass ms':>9} {'floor ms':>9} {'tok/s':>8} {'floor tok/s':>12}")
-    for T, matmul_ms, pass_ms, floor_ms in rows:
-        print(f"{T:7d} {matmul_ms:17.2f} {pass_ms:9.1f} {floor_ms:9.1f} {T / pass_ms * 1e3:8.0f} "
+            def one_pass():
+                h = x
+                for layer in layers:
+                    h = gpu(layer, h, ids, w) * 0.5 + x * 0.5  # keep values finite; like a residual stream
+            pass_ms = cuda_ms(one_pass)
+            floor_ms = len(layers) * len(gpu._groups) * max(copy_ms, dequant_ms + matmul_ms)
+            rows.append((len(group), T, matmul_ms, pass_ms, floor_ms))
+        torch.cuda.synchronize()
+        gpu.close()
+        del gpu
+    print(f"\n{'group':>6} {'tokens':>7} {'matmuls ms/group':>17} {'pass ms':>9} {'floor ms':>9} {'tok/s':>8} "
+          f"{'floor tok/s':>12}")
+    for group, T, matmul_ms, pass_ms, floor_ms in rows:
+        print(f"{group:6d} {T:7d} {matmul_ms:17.2f} {pass_ms:9.1f} {floor_ms:9.1f} {T / pass_ms * 1e3:8.0f} "
               f"{T / floor_ms * 1e3:12.0f}")
 
 

@@ -11,9 +11,11 @@ for llama.cpp (--experts), so both read the same bytes. Needs an NVIDIA GPU and 
 Configurations: `cpu` (every expert on the CPU; prefill 512 only, in one pass), `stream` (passes
 of >= 64 tokens stream the experts to the GPU, decode on the CPU), `split` (stream, and decode
 steps give some of each token's experts to the GPU: LVGG_GPU_DECODE_SPLIT=auto; `split:N`: N of
-them), `resident` (split, plus LVGG_GPU_RESIDENT_LAYERS=auto).
+them), `resident` (split, plus LVGG_GPU_RESIDENT_LAYERS=auto). A suffix `@GIB` bounds lvgg's VRAM
+(LVGG_GPU_EXPERTS_GB), e.g. `stream@0.5` streams 30B-A3B's layers 32 experts at a time.
 Also printed: the time to read the experts file once (from the page cache when it is there),
-next to the startup time (init: vLLM's start to ready, the experts file opened and checked).
+next to the startup times: init (vLLM's start to ready) and open_to_first_token (lvgg opening
+the experts file to the first token out).
 Decode: time of N+1 output tokens minus time of 1, divided by N (greedy, ignore_eos).
 Prefill: one pass of a random prompt (max_num_batched_tokens fits the longest), first token
 included.
@@ -40,11 +42,12 @@ CONFIGS = {"cpu": {"LVGG_GPU_PREFILL_MIN_TOKENS": "off", "LVGG_GPU_DECODE_SPLIT"
 
 def config_env(name: str) -> dict[str, str]:
     """The environment of a configuration: a name of CONFIGS, or split:N; "+ggml" runs ggml's CPU
-    kernels for every type (LVGG_CPU_KERNELS=ggml), e.g. stream+ggml."""
+    kernels for every type (LVGG_CPU_KERNELS=ggml), e.g. stream+ggml; "@GIB" bounds lvgg's VRAM."""
+    name, _, gib = name.partition("@")
     name, ggml, _ = name.partition("+ggml")
     base, _, slots = name.partition(":")
     return {**CONFIGS[base], **({"LVGG_GPU_DECODE_SPLIT": slots} if slots else {}),
-            **({"LVGG_CPU_KERNELS": "ggml"} if ggml else {})}
+            **({"LVGG_CPU_KERNELS": "ggml"} if ggml else {}), **({"LVGG_GPU_EXPERTS_GB": gib} if gib else {})}
 
 
 def read_once(path: Path, chunk: int = 64 << 20) -> float:
@@ -78,10 +81,13 @@ def run(n_seqs, n_in, n_out):
     t = time.perf_counter()
     llm.generate(prompts, sp, use_tqdm=False)
     return time.perf_counter() - t
+run(1, 16, 1)
+from lvgg.vllm_plugin import runtime
+result = {"init_s": init_s, "open_to_first_token_s": time.perf_counter() - runtime.opened_at}
 run(1, 16, 8)
 one, many = min(run(1, 16, 1) for _ in range(2)), min(run(1, 16, 65) for _ in range(2))
 c1, c8 = run(8, 16, 1), run(8, 16, 33)
-result = {"init_s": init_s, "decode_tok_s": 64 / (many - one), "concurrent8_tok_s": 8 * 32 / (c8 - c1)}
+result.update(decode_tok_s=64 / (many - one), concurrent8_tok_s=8 * 32 / (c8 - c1))
 for n in prefills:
     result[f"prefill{n}_tok_s"] = n / min(run(1, n, 1) for _ in range(2))
 print("RESULT " + json.dumps(result), flush=True)
@@ -143,9 +149,9 @@ def main() -> None:
     columns = sorted({k for _, r in rows for k in r}, key=lambda k: (k[:7], len(k), k))
     print(f"\n30B-A3B Q4_K_M, {a.layers} layers, {a.threads} CPU threads, {'eager' if a.eager else 'CUDA graphs'} "
           f"(tok/s; init in s; the experts file read once: {read_s:.1f} s)")
-    print(f"{'config':>9} " + " ".join(f"{c.replace('_tok_s', ''):>17}" for c in columns))
+    print(f"{'config':>11} " + " ".join(f"{c.replace('_tok_s', ''):>17}" for c in columns))
     for name, r in rows:
-        print(f"{name:>9} " + " ".join(f"{r[c]:17.1f}" if c in r else f"{'-':>17}" for c in columns))
+        print(f"{name:>11} " + " ".join(f"{r[c]:17.1f}" if c in r else f"{'-':>17}" for c in columns))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ one of two staging slots while the previous layer computes (the file's mapping i
 with CUDA, so the copies run at the PCIe link's speed), dequantized by lvgg's Triton kernels
 into one shared pair of weight buffers in vLLM's layout (w13 = [gate; up], w2 = down), and
 multiplied by vLLM's fused MoE kernel. After the last layer the first one is fetched for the
-next pass. Resident layers are dequantized once at creation and stay on the GPU. Split layers
+next pass. A layer too big for the VRAM given to streaming goes in groups of experts
+(``stream_group``), each multiplied with the others' ids masked out. Resident layers are dequantized once at creation and stay on the GPU. Split layers
 (`fetched`): a kernel reads the chosen experts' bytes straight from the pinned file (ids on the
 device, so CUDA graphs capture it) and lvgg's expert kernels multiply them from those bytes
 (lvgg.gpu_split).
@@ -64,20 +65,24 @@ def _nbytes(info: ExpertLayerInfo, projection: str) -> int:
     return raw_nbytes(info.types[projection], info.n_experts * rows * cols)
 
 
-def _pieces(info: ExpertLayerInfo) -> list[tuple[str, slice, int]]:
-    """(projection, its bytes in the file, its offset in a staging buffer) for a layer."""
+def _pieces(info: ExpertLayerInfo, n_experts: int | None = None) -> list[tuple[str, slice, int]]:
+    """(projection, its bytes in the file, where ``n_experts`` of its experts (default: all) start
+    in a staging buffer) for a layer."""
+    n = info.n_experts if n_experts is None else n_experts
     at, pieces = 0, []
     for projection, _ in _gpu_layout(info):
-        n = _nbytes(info, projection)
-        pieces.append((projection, slice(info.offsets[projection], info.offsets[projection] + n), at))
-        at += _aligned(n)  # each piece starts aligned
+        nbytes = _nbytes(info, projection)
+        pieces.append((projection, slice(info.offsets[projection], info.offsets[projection] + nbytes), at))
+        at += _aligned(nbytes // info.n_experts * n)  # each piece starts aligned
     return pieces
 
 
-def staged_bytes(info: ExpertLayerInfo) -> int:
-    """Bytes a layer's experts take on the GPU before dequantization (its file bytes, aligned)."""
-    _, src, at = _pieces(info)[-1]
-    return at + src.stop - src.start
+def staged_bytes(info: ExpertLayerInfo, n_experts: int | None = None) -> int:
+    """Bytes ``n_experts`` (default: all) of a layer's experts take on the GPU before
+    dequantization (their file bytes, each projection aligned)."""
+    n = info.n_experts if n_experts is None else n_experts
+    _, src, at = _pieces(info, n)[-1]
+    return at + (src.stop - src.start) // info.n_experts * n
 
 
 def _aligned(nbytes: int) -> int:
@@ -96,24 +101,31 @@ def _staged(info: ExpertLayerInfo, projection: str, ggml_type: str, data: torch.
     return [StagedProjection(data, ggml_type, f, d)]
 
 
-def _fetch_bytes(info: ExpertLayerInfo, n_experts: int) -> int:
-    """Bytes ``n_experts`` of a layer's experts take on the GPU before dequantization."""
-    return sum(_aligned((src.stop - src.start) // info.n_experts * n_experts) for _, src, _ in _pieces(info))
+def stream_groups(n_experts: int, most: int | None) -> list[range]:
+    """The experts of a layer in the fewest groups of at most ``most`` (None: one group), as even
+    as whole experts allow: what each streamed copy holds."""
+    if most is not None and most < 1:
+        raise ValueError(f"a streamed group holds at least one expert, found {most}")
+    n_groups = 1 if most is None else -(-n_experts // most)
+    size = -(-n_experts // n_groups)
+    return [range(e, min(n_experts, e + size)) for e in range(0, n_experts, size)]
 
 
 def estimate_vram_bytes(infos: dict[int, ExpertLayerInfo], streamed: Sequence[int], resident: Sequence[int],
-                        dtype: torch.dtype, split: Sequence[int] = (), split_experts: int = 0) -> int:
-    """What GpuExperts(streamed_layers=..., resident_layers=..., split_layers=..., split_experts=...)
-    will hold on the device."""
-    def weights(info: ExpertLayerInfo) -> int:
-        return 3 * info.n_experts * info.hidden_size * info.intermediate_size * dtype.itemsize
+                        dtype: torch.dtype, split: Sequence[int] = (), split_experts: int = 0,
+                        stream_group: int | None = None) -> int:
+    """What GpuExperts(streamed_layers=..., resident_layers=..., split_layers=..., split_experts=...,
+    stream_group=...) will hold on the device."""
+    def weights(info: ExpertLayerInfo, n_experts: int) -> int:
+        return 3 * n_experts * info.hidden_size * info.intermediate_size * dtype.itemsize
 
-    total = sum(weights(infos[layer]) for layer in resident)
+    total = sum(weights(infos[layer], infos[layer].n_experts) for layer in resident)
     if streamed:
-        total += max(weights(infos[layer]) for layer in streamed)
-        total += 2 * max(staged_bytes(infos[layer]) for layer in streamed)
+        group = len(stream_groups(infos[streamed[0]].n_experts, stream_group)[0])
+        total += max(weights(infos[layer], group) for layer in streamed)
+        total += 2 * max(staged_bytes(infos[layer], group) for layer in streamed)
     if split and split_experts:
-        total += max(_fetch_bytes(infos[layer], split_experts) for layer in split)
+        total += max(_aligned(staged_bytes(infos[layer], split_experts)) for layer in split)
     return total
 
 
@@ -123,14 +135,18 @@ class GpuExperts:
 
     dtype: of the hidden states and of the dequantized weights (vLLM's model dtype).
     ``split_layers`` may fetch up to ``split_experts`` experts per call (``fetched``).
-    VRAM: two staging slots of the largest streamed layer's file bytes, one layer of weights in
-    ``dtype`` for the streamed layers, every resident layer's weights, and the bytes of
-    ``split_experts`` experts for the split layers (``vram_bytes``).
+    ``stream_group``: the most experts of a streamed layer copied and dequantized at once (None:
+    the whole layer); a layer in several groups is multiplied group by group, so the VRAM streaming
+    takes is bounded by the group, not the layer.
+    VRAM: two staging slots of a group's file bytes, one group of weights in ``dtype`` for the
+    streamed layers, every resident layer's weights, and the bytes of ``split_experts`` experts
+    for the split layers (``vram_bytes``).
     """
 
     def __init__(self, store: ExpertStore, *, device: torch.device | str, dtype: torch.dtype,
                  streamed_layers: Sequence[int] = (), resident_layers: Sequence[int] = (),
-                 split_layers: Sequence[int] = (), split_experts: int = 0) -> None:
+                 split_layers: Sequence[int] = (), split_experts: int = 0,
+                 stream_group: int | None = None) -> None:
         self.store, self.device, self.dtype = store, torch.device(device), dtype
         overlap = sorted(set(streamed_layers) & set(resident_layers))
         if overlap:
@@ -147,8 +163,8 @@ class GpuExperts:
 
             self._fused_experts = compat.fused_experts
         self._info: dict[int, ExpertLayerInfo] = {}
-        # per layer: (ggml type, bytes in the file, offset in a staging buffer, rows of w13 or None for w2)
-        self._plan: dict[int, list[tuple[str, slice, int, slice | None]]] = {}
+        # per layer and projection: (ggml type, its bytes in the file, rows of w13 it fills or None for w2)
+        self._plan: dict[int, list[tuple[str, slice, slice | None]]] = {}
         for layer in sorted({*self.streamed_layers, *self.resident_layers, *self.split_layers}):
             info = store.layer_info(layer)
             why = gpu_unsupported(info)
@@ -156,15 +172,16 @@ class GpuExperts:
                 raise ValueError(f"layer {layer} of {store.path} cannot run on the GPU: {why}")
             self._info[layer] = info
             rows_of = dict(_gpu_layout(info))
-            self._plan[layer] = [(info.types[p], src, at, rows_of[p]) for p, src, at in _pieces(info)]
+            self._plan[layer] = [(info.types[p], src, rows_of[p]) for p, src, _ in _pieces(info)]
         self._host = self._host_bytes() if self._info else None
         self.host_pinned = False
         self._resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._slot_of: dict[int, int] = {}
+        self._streamed: frozenset[int] = frozenset()
+        self.stream_group: int | None = None  # experts per streamed group, once streaming is set up
         if self.streamed_layers or self.split_layers:
             self._pin_host()
         if self.streamed_layers:
-            self._setup_streaming()
+            self._setup_streaming(stream_group)
         if self.split_layers and not self.host_pinned:
             log.warning("lvgg: decode steps run the experts on the CPU alone: splitting them with the GPU needs the "
                         "experts file pinned (see above)")
@@ -173,9 +190,10 @@ class GpuExperts:
             self._setup_split()
         t0 = time.perf_counter()
         for layer in self.resident_layers:
+            every = range(self._info[layer].n_experts)
             staged = torch.empty(staged_bytes(self._info[layer]), dtype=torch.uint8, device=self.device)
-            self._stage(layer, staged)
-            self._resident[layer] = self._dequantize(layer, staged)
+            self._stage(layer, every, staged)
+            self._resident[layer] = self._dequantize(layer, every, staged, self._new_weights(self._info[layer]))
         if self.resident_layers:
             torch.cuda.synchronize(self.device)
             log.info("lvgg: %d resident expert layers dequantized onto %s in %.1f s", len(self.resident_layers),
@@ -194,16 +212,22 @@ class GpuExperts:
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         if layer in self._resident:
-            w13, w2 = self._resident[layer]
-        elif layer in self._slot_of:
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(f"layer {layer} is streamed, which cannot be captured in a CUDA graph; "
-                                   "run it eagerly or make it resident")
-            w13, w2 = self._stream_in(layer)
-        else:
+            return self._fused_experts(x, *self._resident[layer], topk_weights, topk_ids)
+        if layer not in self._streamed:
             raise ValueError(f"layer {layer} is neither streamed nor resident on the GPU "
                              f"(streamed: {self.streamed_layers}, resident: {self.resident_layers})")
-        return self.multiply(x, w13, w2, topk_weights, topk_ids)
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"layer {layer} is streamed, which cannot be captured in a CUDA graph; "
+                               "run it eagerly or make it resident")
+        if len(self._groups) == 1:
+            return self._fused_experts(x, *self._stream_in(layer, 0), topk_weights, topk_ids)
+        out = None
+        for group in range(len(self._groups)):  # the ids of other groups' experts map to -1: skipped
+            part = self._fused_experts(x, *self._stream_in(layer, group), topk_weights, topk_ids,
+                                       global_num_experts=self._info[layer].n_experts,
+                                       expert_map=self._expert_maps[group])
+            out = part if out is None else out.add_(part)
+        return out
 
     def fetched(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
@@ -239,11 +263,6 @@ class GpuExperts:
         stream.wait_event(self._fetched_event[len(plan) - 1])
         return weighted_down(act, down, topk_weights.float().contiguous(), x.dtype)
 
-    def multiply(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                 topk_ids: torch.Tensor) -> torch.Tensor:
-        """vLLM's fused MoE of ``x`` with these weights (ids index their first dimension)."""
-        return self._fused_experts(x, w13, w2, topk_weights, topk_ids)
-
     def close(self) -> None:
         """Unpin the experts file (pinned while layers stream); the device must be done with this
         object's work (synchronize first). The store must outlive this object until then."""
@@ -271,19 +290,39 @@ class GpuExperts:
             log.warning("lvgg: could not pin the experts file for GPU streaming (cudaHostRegister returned %s; "
                         "check free RAM and `ulimit -l`): copies will run at a fraction of the link's speed", rc)
 
-    def _stage(self, layer: int, staging: torch.Tensor) -> None:
-        """Copy a layer's bytes into ``staging`` on the current stream (asynchronous from pinned memory)."""
-        for _, src, at, _ in self._plan[layer]:
+    def _projections(self, layer: int, experts: range) -> list[tuple[str, slice, int, slice | None]]:
+        """Per projection of a layer: (ggml type, the file bytes of ``experts``, where they start in a
+        staging buffer, rows of w13 or None for w2)."""
+        info = self._info[layer]
+        out = []
+        for (ggml_type, src, rows), (_, _, at) in zip(self._plan[layer], _pieces(info, len(experts))):
+            per_expert = (src.stop - src.start) // info.n_experts
+            out.append((ggml_type, slice(src.start + experts.start * per_expert, src.start + experts.stop * per_expert),
+                        at, rows))
+        return out
+
+    def _stage(self, layer: int, experts: range, staging: torch.Tensor) -> None:
+        """Copy the bytes of a layer's ``experts`` into ``staging`` on the current stream
+        (asynchronous from pinned memory)."""
+        for _, src, at, _ in self._projections(layer, experts):
             staging[at:at + src.stop - src.start].copy_(self._host[src], non_blocking=True)
 
-    def _setup_streaming(self) -> None:
-        slot_bytes = max(staged_bytes(self._info[layer]) for layer in self.streamed_layers)
+    def _setup_streaming(self, stream_group: int | None) -> None:
+        info = self._one_shape(self.streamed_layers, "streamed")
+        self._streamed = frozenset(self.streamed_layers)
+        self._groups = stream_groups(info.n_experts, stream_group)
+        self.stream_group = len(self._groups[0])
+        slot_bytes = max(staged_bytes(self._info[layer], self.stream_group) for layer in self.streamed_layers)
         self._staging = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
-        self._weights = self._new_weights(self._one_shape(self.streamed_layers, "streamed"))
-        order = self.streamed_layers
-        self._slot_of = {layer: i % 2 for i, layer in enumerate(order)}
-        self._next = {layer: order[(i + 1) % len(order)] for i, layer in enumerate(order)}
-        self._slot_holds: list[int | None] = [None, None]
+        self._weights = self._new_weights(info, self.stream_group)
+        # vLLM's fused MoE computes a group's experts given a map of the layer's experts to the
+        # group's (-1: not in this group)
+        self._expert_maps = [torch.tensor([e - experts.start if e in experts else -1 for e in range(info.n_experts)],
+                                          dtype=torch.int32, device=self.device) for experts in self._groups]
+        order = [(layer, group) for layer in self.streamed_layers for group in range(len(self._groups))]
+        self._slot_of = {unit: i % 2 for i, unit in enumerate(order)}
+        self._next = {unit: order[(i + 1) % len(order)] for i, unit in enumerate(order)}
+        self._slot_holds: list[tuple[int, int] | None] = [None, None]
         self._copied = [torch.cuda.Event() for _ in range(2)]
         self._freed = [torch.cuda.Event() for _ in range(2)]
         self._copy_stream = torch.cuda.Stream(self.device)
@@ -301,47 +340,53 @@ class GpuExperts:
         n = self.split_experts
         # per split layer and projection: (ggml type, its file bytes as [experts, bytes of one], projection)
         self._fetch_plan = {layer: [(ggml_type, self._host[src].view(self._info[layer].n_experts, -1), projection)
-                                    for (ggml_type, src, _, _), (projection, _) in
+                                    for (ggml_type, src, _), (projection, _) in
                                     zip(self._plan[layer], _gpu_layout(self._info[layer]))]
                             for layer in self.split_layers}
-        staging = max(_fetch_bytes(self._info[layer], n) for layer in self.split_layers)
+        staging = max(_aligned(staged_bytes(self._info[layer], n)) for layer in self.split_layers)
         self._fetch_staging = torch.empty(staging, dtype=torch.uint8, device=self.device)
         self._link_stream = torch.cuda.Stream(self.device)
         self._fetched_event = [torch.cuda.Event() for _ in range(3)]  # one per projection
 
-    def _start_copy(self, layer: int) -> None:
-        """Start copying a layer's bytes into its slot on the side stream, unless it is there already."""
-        slot = self._slot_of[layer]
-        if self._slot_holds[slot] == layer:
+    def _start_copy(self, unit: tuple[int, int]) -> None:
+        """Start copying a (layer, group)'s bytes into its slot on the side stream, unless they are
+        there already."""
+        slot = self._slot_of[unit]
+        if self._slot_holds[slot] == unit:
             return
-        staging = self._staging[slot]
+        layer, group = unit
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(self._freed[slot])  # the slot's last dequantization is done
-            self._stage(layer, staging)
+            self._stage(layer, self._groups[group], self._staging[slot])
             self._copied[slot].record(self._copy_stream)
-        self._slot_holds[slot] = layer
+        self._slot_holds[slot] = unit
 
-    def _stream_in(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        slot = self._slot_of[layer]
-        self._start_copy(layer)
+    def _stream_in(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights of a streamed layer's group of experts, dequantized into the shared buffers
+        once copied; starts copying the next group (or layer) meanwhile."""
+        unit = (layer, group)
+        slot = self._slot_of[unit]
+        self._start_copy(unit)
         stream = torch.cuda.current_stream(self.device)
         stream.wait_event(self._copied[slot])
-        w13, w2 = self._dequantize(layer, self._staging[slot], out=self._weights)
+        w13, w2 = self._dequantize(layer, self._groups[group], self._staging[slot], self._weights)
         self._freed[slot].record(stream)
-        self._start_copy(self._next[layer])  # overlaps this layer's matmuls
+        self._start_copy(self._next[unit])  # overlaps this group's matmuls
         return w13, w2
 
-    def _new_weights(self, info: ExpertLayerInfo) -> tuple[torch.Tensor, torch.Tensor]:
-        """Empty w13 [E, 2F, D] and w2 [E, D, F] for a layer of this shape."""
-        e = info.n_experts
+    def _new_weights(self, info: ExpertLayerInfo, n_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty w13 [n, 2F, D] and w2 [n, D, F] for ``n_experts`` (default: all) of a layer of this shape."""
+        n = info.n_experts if n_experts is None else n_experts
         d, f = info.hidden_size, info.intermediate_size
-        return (torch.empty(e, 2 * f, d, dtype=self.dtype, device=self.device),
-                torch.empty(e, d, f, dtype=self.dtype, device=self.device))
+        return (torch.empty(n, 2 * f, d, dtype=self.dtype, device=self.device),
+                torch.empty(n, d, f, dtype=self.dtype, device=self.device))
 
-    def _dequantize(self, layer: int, staged: torch.Tensor,
-                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights in vLLM's layout from a layer's bytes placed as its plan says."""
-        w13, w2 = out if out is not None else self._new_weights(self._info[layer])
-        for ggml_type, src, at, rows in self._plan[layer]:
-            dequantize(staged[at:at + src.stop - src.start], ggml_type, w13[:, rows] if rows is not None else w2)
-        return w13, w2
+    def _dequantize(self, layer: int, experts: range, staged: torch.Tensor,
+                    out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first len(experts) of ``out``'s weights (vLLM's layout) from those experts' bytes,
+        staged as ``_stage`` places them."""
+        n = len(experts)
+        w13, w2 = out
+        for ggml_type, src, at, rows in self._projections(layer, experts):
+            dequantize(staged[at:at + src.stop - src.start], ggml_type, w13[:n, rows] if rows is not None else w2[:n])
+        return w13[:n], w2[:n]

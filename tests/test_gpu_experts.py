@@ -9,7 +9,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import lvgg
-from lvgg.gpu_experts import GpuExperts, estimate_vram_bytes, gpu_unsupported
+from lvgg.gpu_experts import GpuExperts, estimate_vram_bytes, gpu_unsupported, stream_groups
 from lvgg.testing.expert_files import random_experts, read_reference, write_experts_file
 
 E, D, F, K = 16, 256, 512, 4
@@ -40,9 +40,11 @@ def rel_error(got: torch.Tensor, want: np.ndarray) -> float:
 
 
 @needs_cuda
-def test_streamed_and_resident_layers_match_the_reference(experts_file):
+@pytest.mark.parametrize("stream_group", [None, 6])  # whole layers; groups of 6, 6 and 4 experts
+def test_streamed_and_resident_layers_match_the_reference(experts_file, stream_group):
     store = lvgg.ExpertStore(experts_file)
-    gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[1, 2, 5], resident_layers=[3])
+    gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[1, 2, 5], resident_layers=[3],
+                     stream_group=stream_group)
     refs = {layer: read_reference(experts_file, layer) for layer in (1, 2, 3, 5)}
     # in order, repeated, out of order, the same layer twice: every slot/prefetch path
     for step, layer in enumerate([1, 2, 3, 5, 1, 2, 5, 5, 2, 1, 3, 1]):
@@ -54,7 +56,7 @@ def test_streamed_and_resident_layers_match_the_reference(experts_file):
         assert rel_error(out, want) < 0.02, f"step {step} layer {layer}"
     assert gpu.host_pinned
     assert gpu.vram_bytes == estimate_vram_bytes({n: store.layer_info(n) for n in (1, 2, 3, 5)}, [1, 2, 5], [3],
-                                                 torch.bfloat16)
+                                                 torch.bfloat16, stream_group=stream_group)
     torch.cuda.synchronize()
     gpu.close()
     assert not gpu.host_pinned
@@ -109,6 +111,15 @@ def test_vram_estimate_counts_two_staging_slots_one_streamed_layer_and_each_resi
     assert estimate_vram_bytes(infos, [1], [], torch.float32) == 2 * weights + 2 * staged
 
 
+def test_streamed_groups_are_as_even_as_whole_experts_allow():
+    assert stream_groups(16, None) == [range(16)]
+    assert stream_groups(16, 6) == [range(0, 6), range(6, 12), range(12, 16)]
+    assert stream_groups(128, 100) == [range(0, 64), range(64, 128)]
+    assert stream_groups(3, 1) == [range(0, 1), range(1, 2), range(2, 3)]
+    with pytest.raises(ValueError, match="at least one expert, found 0"):
+        stream_groups(16, 0)
+
+
 def layer_infos(n_layers, E, D, F, types):
     """ExpertLayerInfo of a model's layers, as a store reports them (offsets as one file would)."""
     from lvgg.experts import ExpertLayerInfo
@@ -126,30 +137,34 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
     q4_k_m = {"gate": "q4_K", "up": "q4_K", "down": "q6_K"}
     a3b = layer_infos(48, 128, 2048, 768, q4_k_m)  # Qwen3-30B-A3B
     layer = 3 * 128 * 2048 * 768 * 2  # bf16 weights of one layer
-    streamed, resident, split, notes = plan_gpu_layers(a3b, GpuSettings(64, (), None, 3), 80 * 2**30, torch.bfloat16)
-    assert streamed == list(range(48)) and resident == [] and split == list(range(48)) and notes == []
-    streamed, resident, split, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, "auto"), 80 * 2**30, torch.bfloat16)
+    plan = plan_gpu_layers(a3b, GpuSettings(64, (), None, 3), 80 * 2**30, torch.bfloat16)
+    assert plan == (list(range(48)), [], list(range(48)), None, [])
+    streamed, resident, split, _, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, "auto"), 80 * 2**30,
+                                                      torch.bfloat16)
     stream = estimate_vram_bytes(a3b, [0], [], torch.bfloat16, [0], SPLIT_EXPERTS)
     assert len(resident) == (40 * 2**30 - stream) // layer and resident == list(range(len(resident)))
     assert streamed == split == list(range(len(resident), 48))
-    _, resident_unsplit, split, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, None), 80 * 2**30,
-                                                    torch.bfloat16)
-    assert split == [] and len(resident_unsplit) >= len(resident)
+    plan = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, None), 80 * 2**30, torch.bfloat16)
+    assert plan.split == [] and len(plan.resident) >= len(resident)
     with pytest.raises(ValueError, match="3 resident expert layers need 3.4 GiB of VRAM; LVGG_GPU_EXPERTS_GB allows 2.0"):
         plan_gpu_layers(a3b, GpuSettings(None, (0, 1, 2), 2 * 2**30, None), 80 * 2**30, torch.bfloat16)
-    # DeepSeek-V3-sized layers: streaming one needs ~35 GiB; a 40 GiB GPU keeps prefill on the CPU,
-    # while splitting decode steps (the bytes of 32 experts: 0.85 GiB) fits
+    # DeepSeek-V3-sized layers: streaming a whole one needs ~37 GiB; on a 40 GiB GPU (10 GiB for
+    # streaming) prefill streams them in 4 groups of 64 experts, and splitting decode steps (the
+    # bytes of 32 experts: 0.85 GiB) fits in what is left
     v3 = layer_infos(58, 256, 7168, 2048, q4_k_m)
-    streamed, resident, split, notes = plan_gpu_layers(v3, GpuSettings(64, (), None, 3), 40 * 2**30, torch.bfloat16)
-    assert streamed == [] and resident == [] and split == list(range(58))
-    assert len(notes) == 1 and "prefill runs the experts on the CPU" in notes[0]
-    streamed, _, split, notes = plan_gpu_layers(v3, GpuSettings(64, (), 40 * 2**30, "auto"), 40 * 2**30, torch.bfloat16)
-    assert streamed == split == list(range(58)) and notes == []
-    streamed, _, split, notes = plan_gpu_layers(v3, GpuSettings(None, (), 2**29, "auto"), 40 * 2**30, torch.bfloat16)
-    assert streamed == split == [] and "decode runs the experts on the CPU" in notes[0]
+    plan = plan_gpu_layers(v3, GpuSettings(64, (), None, 3), 40 * 2**30, torch.bfloat16)
+    assert plan.streamed == plan.split == list(range(58)) and plan.resident == [] and plan.stream_group == 64
+    assert len(plan.notes) == 1 and "streams them 64 of 256 experts at a time" in plan.notes[0]
+    group_bytes = estimate_vram_bytes(v3, [0], [], torch.bfloat16, stream_group=64)
+    assert group_bytes <= 10 * 2**30 < estimate_vram_bytes(v3, [0], [], torch.bfloat16, stream_group=86)
+    plan = plan_gpu_layers(v3, GpuSettings(64, (), 40 * 2**30, "auto"), 40 * 2**30, torch.bfloat16)
+    assert plan.streamed == plan.split == list(range(58)) and plan.stream_group is None and plan.notes == []
+    plan = plan_gpu_layers(v3, GpuSettings(64, (), 2**27, "auto"), 40 * 2**30, torch.bfloat16)  # not one expert
+    assert plan.streamed == plan.split == [] and "even one expert at a time" in plan.notes[0]
+    assert "decode runs the experts on the CPU" in plan.notes[1]
     iq = layer_infos(2, 8, 256, 256, {"gate": "iq4_xs", "up": "iq4_xs", "down": "q8_0"})
-    streamed, _, split, notes = plan_gpu_layers(iq, GpuSettings(64, (), None, 3), 80 * 2**30, torch.bfloat16)
-    assert streamed == split == [] and "run on the CPU only" in notes[0]
+    plan = plan_gpu_layers(iq, GpuSettings(64, (), None, 3), 80 * 2**30, torch.bfloat16)
+    assert plan.streamed == plan.split == [] and "run on the CPU only" in plan.notes[0]
     with pytest.raises(ValueError, match=r"layers \[1\] cannot be resident: layer 1: types \['IQ4_XS'\]"):
         plan_gpu_layers(iq, GpuSettings(64, (1,), None), 80 * 2**30, torch.bfloat16)
 

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ AUTO_RESIDENT_KV_SHARE = 0.5
 # a DeepSeek-V3-sized layer: ~35 GiB, which would leave a 24-80 GB GPU no KV cache).
 DEFAULT_STREAM_VRAM_SHARE = 0.25
 # Decode steps split with the CPU fetch at most this many experts per layer call (8 tokens x 4 per token;
-# 30B-A3B in bf16: 0.4 GiB of VRAM). Longer calls run on the CPU alone.
+# 30B-A3B Q4_K_M: 0.09 GiB of VRAM). Longer calls run on the CPU alone.
 SPLIT_EXPERTS = 32
 
 _lock = threading.Lock()
@@ -44,6 +44,7 @@ _gpu_made = False
 _gpu_min_tokens: int | None = None
 _gpu_memory_utilization = 0.9
 _tp_size = 1
+opened_at: float | None = None  # time.perf_counter() when this process opened the experts file (startup figures)
 
 
 def check_experts_file(store: ExpertStore, hf_config: dict[str, Any], layers: list[int] | None = None) -> None:
@@ -150,8 +151,11 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     split = tp_size > 1 or len(topo.nodes) > 1
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
     layers = pp_layers(hf_config, pp_rank, pp_size)
+    global opened_at
+    opened_at = time.perf_counter()
     store = ExpertStore(os.environ[EXPERTS_ENV], repack=not split, layers=layers, own_kernels=settings.own_kernels())
     check_experts_file(store, hf_config, layers)
+    log.info("lvgg: experts file %s opened and checked in %.1f s", store.path, time.perf_counter() - opened_at)
     if layers is not None:
         log.info("lvgg: pipeline-parallel rank %d of %d holds the experts of layers %s", pp_rank, pp_size,
                  topology.format_cpulist(layers))
@@ -227,17 +231,16 @@ def _make_gpu_experts(moe: CpuMoE, device, dtype) -> tuple[GpuExperts | None, Sp
     _gpu_min_tokens = wanted.prefill_min_tokens
     free, total = torch.cuda.mem_get_info(device)
     usable = max(0.0, _gpu_memory_utilization * total - (total - free))  # what vLLM may still take
-    streamed, resident, split, notes = plan_gpu_layers({n: store.layer_info(n) for n in store.layers}, wanted,
-                                                       usable, dtype)
-    for note in notes:
+    plan = plan_gpu_layers({n: store.layer_info(n) for n in store.layers}, wanted, usable, dtype)
+    for note in plan.notes:
         log.warning("lvgg: %s", note)
-    if not streamed and not resident and not split:
+    if not plan.streamed and not plan.resident and not plan.split:
         return None, None
-    gpu = GpuExperts(store, device=device, dtype=dtype, streamed_layers=streamed, resident_layers=resident,
-                     split_layers=split, split_experts=SPLIT_EXPERTS)
+    gpu = GpuExperts(store, device=device, dtype=dtype, streamed_layers=plan.streamed, resident_layers=plan.resident,
+                     split_layers=plan.split, split_experts=SPLIT_EXPERTS, stream_group=plan.stream_group)
     log.info("lvgg: experts on %s: %d layers streamed for passes of >= %s tokens, %d resident, %d split with the "
-             "CPU in decode steps; %.2f GiB of VRAM", device, len(streamed), wanted.prefill_min_tokens,
-             len(resident), len(gpu.split_layers), gpu.vram_bytes / 2**30)
+             "CPU in decode steps; %.2f GiB of VRAM", device, len(plan.streamed), wanted.prefill_min_tokens,
+             len(plan.resident), len(gpu.split_layers), gpu.vram_bytes / 2**30)
     return gpu, _make_split(gpu, moe, wanted.decode_split, dtype) if gpu.split_layers else None
 
 
@@ -264,11 +267,17 @@ def _make_split(gpu: GpuExperts, moe: CpuMoE, wanted: int | str, dtype) -> Split
     return SplitExperts(gpu, moe, slots=slots, dtype=dtype) if any(slots.values()) else None
 
 
-def plan_gpu_layers(infos: dict[int, Any], wanted: GpuSettings, usable: float,
-                    dtype) -> tuple[list[int], list[int], list[int], list[str]]:
-    """(streamed layers, resident layers, layers split with the CPU in decode steps, warnings) for
-    the settings, with ``usable`` bytes of VRAM left to vLLM. Raises ValueError for resident
-    layers that cannot be."""
+class GpuPlan(NamedTuple):
+    streamed: list[int]  # layers streamed for long passes
+    resident: list[int]
+    split: list[int]  # layers split with the CPU in decode steps
+    stream_group: int | None  # the most experts streamed at once (None: whole layers)
+    notes: list[str]  # warnings for the log
+
+
+def plan_gpu_layers(infos: dict[int, Any], wanted: GpuSettings, usable: float, dtype) -> GpuPlan:
+    """Which layers run on the GPU and how, for the settings, with ``usable`` bytes of VRAM left
+    to vLLM. Raises ValueError for resident layers that cannot be."""
     from lvgg.gpu_experts import estimate_vram_bytes
 
     notes = []
@@ -307,14 +316,25 @@ def plan_gpu_layers(infos: dict[int, Any], wanted: GpuSettings, usable: float,
                          f"{GPU_EXPERTS_GB_ENV} allows {budget / 2**30:.1f}: list fewer layers or raise it")
     # Streaming takes what LVGG_GPU_EXPERTS_GB leaves, or by default a share of what vLLM may use.
     stream_cap = budget - resident_bytes if budget is not None else usable * DEFAULT_STREAM_VRAM_SHARE
-    stream_bytes = estimate_vram_bytes(infos, streamed, [], dtype)
-    if streamed and stream_bytes > stream_cap:
+    stream_group, stream_bytes = None, 0
+    if streamed:
+        # whole layers if they fit, else the largest groups of experts that do
+        n_experts = infos[streamed[0]].n_experts
+        for n_groups in range(1, n_experts + 1):
+            stream_group = None if n_groups == 1 else -(-n_experts // n_groups)
+            stream_bytes = estimate_vram_bytes(infos, streamed, [], dtype, stream_group=stream_group)
+            if stream_bytes <= stream_cap:
+                break
         limit = GPU_EXPERTS_GB_ENV if budget is not None else f"{DEFAULT_STREAM_VRAM_SHARE:.0%} of what vLLM may use"
-        notes.append(f"streaming experts for prefill needs {stream_bytes / 2**30:.1f} GiB of VRAM, more than the "
-                     f"{stream_cap / 2**30:.1f} GiB it may take ({limit}): prefill runs the experts on the CPU; "
-                     f"set {GPU_EXPERTS_GB_ENV} to allow more")
-        streamed = []
-        stream_bytes = 0
+        if stream_bytes > stream_cap:
+            notes.append(f"streaming experts for prefill needs {stream_bytes / 2**30:.2f} GiB of VRAM even one "
+                         f"expert at a time, more than the {stream_cap / 2**30:.2f} GiB it may take ({limit}): "
+                         f"prefill runs the experts on the CPU; set {GPU_EXPERTS_GB_ENV} to allow more")
+            streamed, stream_group, stream_bytes = [], None, 0
+        elif stream_group is not None:
+            notes.append(f"a whole layer of experts does not fit the {stream_cap / 2**30:.1f} GiB of VRAM streaming may "
+                         f"take ({limit}): prefill streams them {stream_group} of {n_experts} experts at a time "
+                         f"({stream_bytes / 2**30:.2f} GiB); set {GPU_EXPERTS_GB_ENV} to allow more")
     split = [layer for layer in runnable if layer not in resident] if wanted.decode_split is not None else []
     split_bytes = estimate_vram_bytes(infos, [], [], dtype, split, SPLIT_EXPERTS)
     if split and split_bytes > stream_cap - stream_bytes:
@@ -322,7 +342,7 @@ def plan_gpu_layers(infos: dict[int, Any], wanted: GpuSettings, usable: float,
                      f"the {max(0, stream_cap - stream_bytes) / 2**30:.2f} GiB left to it: decode runs the experts on "
                      f"the CPU; set {GPU_EXPERTS_GB_ENV} to allow more")
         split = []
-    return streamed, resident, split, notes
+    return GpuPlan(streamed, resident, split, stream_group, notes)
 
 
 def runs_on_gpu(gpu: GpuExperts | None, layer: int, n_tokens: int) -> bool:
