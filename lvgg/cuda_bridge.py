@@ -3,10 +3,18 @@
     experts = lvgg.CudaExperts(moe, hidden_size=2048, top_k=8, max_tokens=8192, dtype=torch.bfloat16)
     out = experts(layer, x, topk_ids, topk_weights)      # CUDA tensors in, CUDA tensor out
 
-Per call, on the current stream: the inputs are copied into pinned host buffers, a host
-function (cuLaunchHostFunc) computes the layer on the CPU, and the result is copied back.
-Nothing synchronizes the device and no Python runs in between, so the whole sequence can be
-captured into a CUDA graph (vLLM's FULL and piecewise modes) and replayed.
+Per call, on the current stream: the inputs are copied into pinned host buffers, the CPU is
+told to compute the layer, the stream waits for it, and the result is copied back. Nothing
+synchronizes the device and no Python runs in between, so the whole sequence can be captured
+into a CUDA graph (vLLM's FULL and piecewise modes) and replayed.
+
+How the CPU is told (``signal``): "flags" (the default): the stream writes a word in pinned
+memory that a thread of the bridge polls, and waits on a second word that the thread writes
+when done (stream memory operations): a few microseconds per layer; the thread spins between
+layers and naps when idle. "host_function": the driver runs the layer in a host function
+(cuLaunchHostFunc), which costs tens of microseconds per layer to start and resume; no thread
+of lvgg's waits. With LVGG_POWER_SAVING=1, or a driver without stream memory operations,
+host functions are used.
 """
 from __future__ import annotations
 
@@ -18,15 +26,18 @@ import torch
 from lvgg import _bridge
 from lvgg.experts import CpuMoE
 
+SIGNALS = ("flags", "host_function")
+_HOST_REGISTER_MAPPED = 0x02  # cudaHostRegisterMapped: the device writes and polls the flags there
 
-def _pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+
+def _pinned(shape: tuple[int, ...], dtype: torch.dtype, flags: int = 0) -> torch.Tensor:
     """Page-locked memory outside torch's caching host allocator (its events do not mix with capture),
     on pages of its own (an anonymous mapping): a page shared with another registered buffer
     cannot be registered."""
     nbytes = math.prod(shape) * dtype.itemsize
     span = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
     t = torch.frombuffer(mmap.mmap(-1, span), dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
-    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), span, 0)
+    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), span, flags)
     if int(rc) != 0 or not t.is_pinned():
         raise RuntimeError(f"could not pin {span >> 10} KiB of host memory for the CUDA bridge "
                            f"(cudaHostRegister returned {rc}); check free RAM and the locked-memory limit")
@@ -38,17 +49,27 @@ class CudaExperts:
 
     Buffers of ``max_tokens`` rows are pinned once (inputs in ``dtype``, ids int32, weights
     float32). Calls on one CudaExperts are ordered by their streams; use one per device.
+    signal: "flags", "host_function" or None (flags unless LVGG_POWER_SAVING is set); ``signal``
+    after creation says what is used (host functions where the driver has no stream memory
+    operations).
     """
 
-    def __init__(self, moe: CpuMoE, *, hidden_size: int, top_k: int, max_tokens: int, dtype: torch.dtype) -> None:
+    def __init__(self, moe: CpuMoE, *, hidden_size: int, top_k: int, max_tokens: int, dtype: torch.dtype,
+                 signal: str | None = None) -> None:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        if signal is None:
+            signal = "host_function" if _bridge.power_saving() else "flags"
+        if signal not in SIGNALS:
+            raise ValueError(f"signal must be one of {SIGNALS}, found {signal!r}")
         self.moe, self.hidden_size, self.top_k, self.max_tokens = moe, hidden_size, top_k, max_tokens
         self._x = _pinned((max_tokens, hidden_size), dtype)
         self._ids = _pinned((max_tokens, top_k), torch.int32)
         self._weights = _pinned((max_tokens, top_k), torch.float32)
         self._out = _pinned((max_tokens, hidden_size), dtype)
-        self._bridge = _bridge.CudaBridge(moe._engine, self._x, self._ids, self._weights, self._out)
+        self._signals = _pinned((32,), torch.int32, _HOST_REGISTER_MAPPED) if signal == "flags" else None
+        self._bridge = _bridge.CudaBridge(moe._engine, self._x, self._ids, self._weights, self._out, self._signals)
+        self.signal = "flags" if self._bridge.flags else "host_function"
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  inputs_copied: torch.cuda.Event | None = None) -> torch.Tensor:
@@ -88,9 +109,10 @@ class CudaExperts:
         """Unpin the buffers; the device must be done with them (synchronize first)."""
         if self._bridge is None:
             return
-        for t in (self._x, self._ids, self._weights, self._out):
-            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
-        self._bridge = None
+        self._bridge = None  # stops its polling thread, if any, before the flags are unpinned
+        for t in (self._x, self._ids, self._weights, self._out, self._signals):
+            if t is not None:
+                torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
     def __del__(self) -> None:
         # A registration outliving its pages would make the next buffer mapped there unpinnable.

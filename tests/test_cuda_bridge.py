@@ -39,10 +39,21 @@ def test_without_a_driver_the_bridge_says_what_it_needs(experts_file):
         _bridge.CudaBridge(moe._engine, *bufs)
 
 
-@pytest.fixture(scope="module")
-def bridge(experts_file):
+def test_an_unknown_signal_is_refused(experts_file):
+    moe = lvgg.CpuMoE(lvgg.ExpertStore(experts_file), threads=1)
+    with pytest.raises(ValueError, match=r"signal must be one of \('flags', 'host_function'\), found 'poll'"):
+        lvgg.CudaExperts(moe, hidden_size=D, top_k=K, max_tokens=8, dtype=torch.bfloat16, signal="poll")
+
+
+@pytest.fixture(scope="module", params=["flags", "host_function"])
+def bridge(experts_file, request):
     moe = lvgg.CpuMoE(lvgg.ExpertStore(experts_file), max_tokens=256)
-    return moe, lvgg.CudaExperts(moe, hidden_size=D, top_k=K, max_tokens=256, dtype=torch.bfloat16)
+    experts = lvgg.CudaExperts(moe, hidden_size=D, top_k=K, max_tokens=256, dtype=torch.bfloat16,
+                               signal=request.param)
+    assert experts.signal == request.param  # the GPU machine's driver has stream memory operations
+    yield moe, experts
+    torch.cuda.synchronize()
+    experts.close()
 
 
 @needs_cuda
@@ -97,7 +108,7 @@ def test_bad_ids_poison_the_output_and_raise_at_the_next_call(bridge):
     out = experts(3, x, ids, w)
     torch.cuda.synchronize()
     assert torch.isnan(out).all()
-    with pytest.raises(RuntimeError, match="host function"):
+    with pytest.raises(RuntimeError, match="CPU experts failed in a job of the CUDA bridge"):
         experts.check()
     experts.check()  # reported once
 

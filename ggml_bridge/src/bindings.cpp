@@ -13,6 +13,7 @@
 #include <ggml-cpu.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
@@ -260,15 +261,28 @@ NB_MODULE(_bridge, m) {
 
     nb::class_<CudaBridge>(m, "CudaBridge")
         .def("__init__",
-             [](CudaBridge * self, Experts & engine, AnyArray x, AnyArray ids, AnyArray weights, AnyArray out) {
+             [](CudaBridge * self, Experts & engine, AnyArray x, AnyArray ids, AnyArray weights, AnyArray out,
+                std::optional<AnyArray> signals) {
+                 uint32_t * request = nullptr;
+                 if (signals) {  // two words 64 bytes apart: a cache line each
+                     const Matrix m = as_matrix(*signals, "signals");
+                     if (m.type != GGML_TYPE_I32 || m.rows * m.cols < 32) {
+                         fail(ErrorKind::Value, "signals must be 32 or more int32 words of pinned, mapped memory");
+                     }
+                     request = (uint32_t *) m.data;
+                 }
                  new (self) CudaBridge(engine, as_matrix(x, "x"), as_matrix(ids, "topk_ids"),
-                                       as_matrix(weights, "topk_weights"), as_matrix(out, "out"));
+                                       as_matrix(weights, "topk_weights"), as_matrix(out, "out"), request,
+                                       request ? request + 16 : nullptr);
              },
-             "engine"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "out"_a, nb::keep_alive<1, 2>(),
-             nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(), nb::keep_alive<1, 5>(), nb::keep_alive<1, 6>())
+             "engine"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "out"_a, "signals"_a = nb::none(),
+             nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(), nb::keep_alive<1, 5>(),
+             nb::keep_alive<1, 6>(), nb::keep_alive<1, 7>())
         .def("enqueue", &CudaBridge::enqueue, "stream"_a, "layer"_a, "n_tokens"_a)
-        .def("check", &CudaBridge::check);
+        .def("check", &CudaBridge::check)
+        .def_prop_ro("flags", &CudaBridge::flags);
 
+    m.def("power_saving", &ThreadPool::power_saving);  // LVGG_POWER_SAVING, as the engine reads it
     m.attr("openmp") = ThreadPool::openmp();  // ggml's threads: torch's OpenMP team, or ggml's pool
     m.def("type_from_name", [](const std::string & n) { return (int) type_from_name(n); }, "name"_a);
     m.def("type_name", [](int t) {

@@ -4,6 +4,7 @@
 
 #include <dlfcn.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -13,14 +14,20 @@ namespace lvgg {
 
 namespace {
 
-// The two driver entry points the bridge uses (CUDA 10+ ABI).
-using CUresult = int;
-using CUstream = void *;
-using CUhostFn = void (*)(void *);
+// The driver entry points the bridge uses (CUDA 10+ ABI; the stream memory operations' v2
+// entry points, on by default, since CUDA 11.7).
+using CUresult    = int;
+using CUstream    = void *;
+using CUhostFn    = void (*)(void *);
+using CUdeviceptr = uint64_t;
+constexpr unsigned CU_STREAM_WAIT_VALUE_EQ = 0x1;
 
 struct CudaDriver {
-    CUresult (*launch_host_func)(CUstream, CUhostFn, void *)  = nullptr;
-    CUresult (*get_error_string)(CUresult, const char **)     = nullptr;
+    CUresult (*launch_host_func)(CUstream, CUhostFn, void *)                    = nullptr;
+    CUresult (*get_error_string)(CUresult, const char **)                       = nullptr;
+    CUresult (*write_value32)(CUstream, CUdeviceptr, uint32_t, unsigned)        = nullptr;  // optional
+    CUresult (*wait_value32)(CUstream, CUdeviceptr, uint32_t, unsigned)         = nullptr;  // optional
+    CUresult (*host_device_pointer)(CUdeviceptr *, void *, unsigned)            = nullptr;  // optional
 };
 
 const CudaDriver & driver() {
@@ -37,9 +44,37 @@ const CudaDriver & driver() {
             fail(ErrorKind::Runtime, "libcuda.so.1 has no cuLaunchHostFunc: the CUDA bridge needs a driver for CUDA 10 "
                                      "or newer");
         }
+        out.write_value32 = reinterpret_cast<decltype(out.write_value32)>(dlsym(lib, "cuStreamWriteValue32_v2"));
+        out.wait_value32  = reinterpret_cast<decltype(out.wait_value32)>(dlsym(lib, "cuStreamWaitValue32_v2"));
+        out.host_device_pointer =
+            reinterpret_cast<decltype(out.host_device_pointer)>(dlsym(lib, "cuMemHostGetDevicePointer_v2"));
         return out;
     }();
     return d;
+}
+
+void check_cuda(CUresult rc, const char * call) {
+    if (rc != 0) {
+        const char * what = nullptr;
+        driver().get_error_string(rc, &what);
+        fail(ErrorKind::Runtime, std::string(call) + " failed: " + (what ? what : "unknown CUDA error") + " (error " +
+                                     std::to_string(rc) + ")");
+    }
+}
+
+// A polling thread spins this long after its last job (decode steps come every few ms), then
+// naps: briefly for a second, then longer, so an idle server costs almost nothing.
+constexpr auto kSpin      = std::chrono::milliseconds(20);
+constexpr auto kShortNap  = std::chrono::microseconds(20);
+constexpr auto kLongNap   = std::chrono::microseconds(500);
+constexpr auto kShortNaps = std::chrono::seconds(1);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
 }
 
 Matrix first_rows(const Matrix & m, int64_t rows) {
@@ -61,7 +96,7 @@ void fill_nan(const Matrix & out) {
 }  // namespace
 
 CudaBridge::CudaBridge(Experts & engine, const Matrix & x, const Matrix & ids, const Matrix & weights,
-                       const Matrix & out) :
+                       const Matrix & out, uint32_t * request, uint32_t * done) :
     engine_(engine),
     x_(x),
     ids_(ids),
@@ -76,7 +111,55 @@ CudaBridge::CudaBridge(Experts & engine, const Matrix & x, const Matrix & ids, c
         fail(ErrorKind::Value, "the pinned buffers have " + std::to_string(x.rows) + " rows, more than the engine's "
                                    "max_tokens=" + std::to_string(engine.max_tokens()));
     }
-    driver();
+    const CudaDriver & cu = driver();
+    if ((request == nullptr) != (done == nullptr)) {
+        fail(ErrorKind::Value, "give both signal words (request and done) or neither");
+    }
+    if (request && cu.write_value32 && cu.wait_value32 && cu.host_device_pointer) {
+        check_cuda(cu.host_device_pointer(&request_dev_, request, 0), "cuMemHostGetDevicePointer (request flag)");
+        check_cuda(cu.host_device_pointer(&done_dev_, done, 0), "cuMemHostGetDevicePointer (done flag)");
+        request_ = request;
+        done_    = done;
+        __atomic_store_n(request_, 0u, __ATOMIC_RELAXED);
+        __atomic_store_n(done_, 0u, __ATOMIC_RELAXED);
+        server_ = std::thread(&CudaBridge::serve, this);
+    }
+}
+
+CudaBridge::~CudaBridge() {
+    if (server_.joinable()) {
+        stop_.store(true, std::memory_order_relaxed);
+        server_.join();
+    }
+}
+
+CudaBridge::Job CudaBridge::job_for(uint32_t id) const {
+    const int64_t key = (int64_t) id - 1, rows = x_.rows + 1, n = key % rows;
+    return Job{ const_cast<CudaBridge *>(this), (int) (key / rows), first_rows(x_, n), first_rows(ids_, n),
+                first_rows(weights_, n), first_rows(out_, n) };
+}
+
+void CudaBridge::serve() {
+    using clock = std::chrono::steady_clock;
+    auto last   = clock::now();
+    while (!stop_.load(std::memory_order_relaxed)) {
+        const uint32_t id = __atomic_load_n(request_, __ATOMIC_ACQUIRE);
+        if (id == 0) {
+            const auto idle = clock::now() - last;
+            if (idle < kSpin) {
+                cpu_relax();
+            } else {
+                std::this_thread::sleep_for(idle < kShortNaps ? kShortNap : kLongNap);
+            }
+            continue;
+        }
+        // The stream writes the next request only after it has seen `done`, which comes after this.
+        __atomic_store_n(request_, 0u, __ATOMIC_RELAXED);
+        Job job = job_for(id);
+        run(&job);
+        __atomic_store_n(done_, id, __ATOMIC_RELEASE);
+        last = clock::now();
+    }
 }
 
 void CudaBridge::enqueue(uintptr_t stream, int layer, int64_t n_tokens) {
@@ -85,10 +168,13 @@ void CudaBridge::enqueue(uintptr_t stream, int layer, int64_t n_tokens) {
         fail(ErrorKind::Value, "n_tokens=" + std::to_string(n_tokens) + " but the pinned buffers hold 1.." +
                                    std::to_string(x_.rows) + " rows");
     }
-    Job * job;
+    Job *         job;
+    const int64_t key = (int64_t) layer * (x_.rows + 1) + n_tokens;
+    if (layer < 0 || key + 1 > (int64_t) std::numeric_limits<uint32_t>::max()) {
+        fail(ErrorKind::Value, "layer " + std::to_string(layer) + " is out of the bridge's range");
+    }
     {
         std::lock_guard<std::mutex> lock(jobs_mutex_);
-        const int64_t key = (int64_t) layer * (x_.rows + 1) + n_tokens;
         auto          it  = jobs_.find(key);
         if (it == jobs_.end()) {
             Job j{ this, layer, first_rows(x_, n_tokens), first_rows(ids_, n_tokens), first_rows(weights_, n_tokens),
@@ -98,13 +184,16 @@ void CudaBridge::enqueue(uintptr_t stream, int layer, int64_t n_tokens) {
         }
         job = &it->second;
     }
-    const CUresult rc = driver().launch_host_func((CUstream) stream, &CudaBridge::run, job);
-    if (rc != 0) {
-        const char * what = nullptr;
-        driver().get_error_string(rc, &what);
-        fail(ErrorKind::Runtime, std::string("cuLaunchHostFunc failed: ") + (what ? what : "unknown CUDA error") +
-                                     " (error " + std::to_string(rc) + ")");
+    const CudaDriver & cu = driver();
+    if (!flags()) {
+        check_cuda(cu.launch_host_func((CUstream) stream, &CudaBridge::run, job), "cuLaunchHostFunc");
+        return;
     }
+    // Ask the polling thread for job `id`, wait for its answer, and clear the answer for the next job.
+    const uint32_t id = (uint32_t) (key + 1);
+    check_cuda(cu.write_value32((CUstream) stream, request_dev_, id, 0), "cuStreamWriteValue32");
+    check_cuda(cu.wait_value32((CUstream) stream, done_dev_, id, CU_STREAM_WAIT_VALUE_EQ), "cuStreamWaitValue32");
+    check_cuda(cu.write_value32((CUstream) stream, done_dev_, 0, 0), "cuStreamWriteValue32");
 }
 
 void CudaBridge::run(void * p) {
@@ -127,7 +216,7 @@ void CudaBridge::check() {
         error.swap(error_);
     }
     if (!error.empty()) {
-        fail(ErrorKind::Runtime, "the CPU experts failed in a CUDA host function (that layer's output is NaN): " + error);
+        fail(ErrorKind::Runtime, "the CPU experts failed in a job of the CUDA bridge (that layer's output is NaN): " + error);
     }
 }
 

@@ -1,9 +1,17 @@
 // The CPU engine in the stream order of a CUDA stream, with no synchronization: the caller
-// copies a layer's inputs into pinned host buffers on the stream, `enqueue` adds a host
-// function to the same stream that computes the layer on the CPU into a pinned output
-// buffer, and the caller copies that back on the stream. All of it can be captured into a
-// CUDA graph: a job (layer, token count) is built once and never changes, so a graph replays
-// the host function with the buffers' new contents.
+// copies a layer's inputs into pinned host buffers on the stream, `enqueue` adds to the same
+// stream what makes the CPU compute the layer into a pinned output buffer, and the caller
+// copies that back on the stream. All of it can be captured into a CUDA graph: a job (layer,
+// token count) is fixed when enqueued, so a graph replays it with the buffers' new contents.
+//
+// Two ways to hand a job to the CPU:
+// - flags (`signals` given): the stream writes the job's id into a pinned word that a thread of
+//   the bridge polls, then waits (cuStreamWaitValue32) until that thread writes the id into a
+//   second word once the output is ready. The thread spins while jobs keep coming and naps when
+//   idle. Microseconds per layer.
+// - host functions (no `signals`): cuLaunchHostFunc runs the job on the driver's callback
+//   thread. No thread of ours, but the driver takes tens of microseconds per call to start it
+//   and resume the stream.
 //
 // libcuda.so.1 is opened at run time, on first use: builds and machines without CUDA need
 // nothing of it.
@@ -11,10 +19,12 @@
 
 #include "moe_engine.h"
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
 
 namespace lvgg {
@@ -22,14 +32,23 @@ namespace lvgg {
 class CudaBridge {
   public:
     // x, ids, weights, out: pinned host buffers of max_tokens rows (the engine's limit or less).
-    CudaBridge(Experts & engine, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out);
+    // signals: nullptr (host functions), or two uint32 words in pinned, mapped host memory, on
+    // cache lines of their own (request, done); flags need a driver with stream memory
+    // operations (CUDA 11.7+), else host functions are used (`flags()` says which).
+    CudaBridge(Experts & engine, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out,
+               uint32_t * request = nullptr, uint32_t * done = nullptr);
+    ~CudaBridge();
+    CudaBridge(const CudaBridge &)             = delete;
+    CudaBridge & operator=(const CudaBridge &) = delete;
 
     // Adds to `stream` (a CUstream / cudaStream_t) the computation of `layer` for the first
-    // `n_tokens` rows of the buffers. Raises the error of an earlier host function, if any.
+    // `n_tokens` rows of the buffers. Raises the error of an earlier job, if any.
     void enqueue(uintptr_t stream, int layer, int64_t n_tokens);
 
-    // Raises (once) the error a host function met since the last check.
+    // Raises (once) the error a job met since the last check.
     void check();
+
+    bool flags() const { return request_ != nullptr; }
 
   private:
     struct Job {
@@ -38,6 +57,8 @@ class CudaBridge {
         Matrix       x, ids, weights, out;
     };
     static void run(void * job);
+    Job         job_for(uint32_t id) const;  // id = (layer, n_tokens) as enqueue numbers it
+    void        serve();                      // the thread that answers flags
 
     Experts &                             engine_;
     Matrix                                x_, ids_, weights_, out_;
@@ -45,6 +66,12 @@ class CudaBridge {
     std::mutex                            jobs_mutex_;
     std::mutex                            error_mutex_;
     std::string                           error_;
+    uint32_t *                            request_ = nullptr;  // flags: host addresses
+    uint32_t *                            done_    = nullptr;
+    uint64_t                              request_dev_ = 0;  // and device ones
+    uint64_t                              done_dev_    = 0;
+    std::atomic<bool>                     stop_{ false };
+    std::thread                           server_;
 };
 
 }  // namespace lvgg
