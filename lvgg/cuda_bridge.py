@@ -67,7 +67,7 @@ class CudaExperts:
         self._ids = _pinned((max_tokens, top_k), torch.int32)
         self._weights = _pinned((max_tokens, top_k), torch.float32)
         self._out = _pinned((max_tokens, hidden_size), dtype)
-        self._signals = _pinned((32,), torch.int32, _HOST_REGISTER_MAPPED) if signal == "flags" else None
+        self._signals = _pinned((2, 16), torch.int32, _HOST_REGISTER_MAPPED) if signal == "flags" else None
         self._bridge = _bridge.CudaBridge(moe._engine, self._x, self._ids, self._weights, self._out, self._signals)
         self.signal = "flags" if self._bridge.flags else "host_function"
 

@@ -23,7 +23,7 @@ def routed_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
         split = runtime.split_experts()
         if split is not None and split.takes(layer, x.shape[0]):  # decode: the GPU takes some experts
             return split(layer, x, topk_ids, topk_weights)
-        # stream-ordered through pinned buffers and a host function: no sync, capturable
+        # stream-ordered through pinned buffers and flags the stream waits on: no sync, capturable
         return cpu(layer, x, topk_ids, topk_weights)
     engine = runtime.current_engine()
     xc = x.detach().to("cpu").contiguous()
