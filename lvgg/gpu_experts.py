@@ -11,8 +11,8 @@ with CUDA, so the copies run at the PCIe link's speed), dequantized by lvgg's Tr
 into one shared pair of weight buffers in vLLM's layout (w13 = [gate; up], w2 = down), and
 multiplied by vLLM's fused MoE kernel. After the last layer the first one is fetched for the
 next pass. A layer too big for the VRAM given to streaming goes in groups of experts
-(``stream_group``), each multiplied with the others' ids masked out. Resident layers are dequantized once at creation and stay on the GPU. Split layers
-(`fetched`): a kernel reads the chosen experts' bytes straight from the pinned file (ids on the
+(``stream_group``), each multiplied with the others' ids masked out. Resident layers are
+dequantized once at creation and stay on the GPU. Split layers (`fetched`): a kernel reads the chosen experts' bytes straight from the pinned file (ids on the
 device, so CUDA graphs capture it) and lvgg's expert kernels multiply them from those bytes
 (lvgg.gpu_split).
 
@@ -177,7 +177,6 @@ class GpuExperts:
         self.host_pinned = False
         self._resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._streamed: frozenset[int] = frozenset()
-        self.stream_group: int | None = None  # experts per streamed group, once streaming is set up
         if self.streamed_layers or self.split_layers:
             self._pin_host()
         if self.streamed_layers:
@@ -311,10 +310,10 @@ class GpuExperts:
         info = self._one_shape(self.streamed_layers, "streamed")
         self._streamed = frozenset(self.streamed_layers)
         self._groups = stream_groups(info.n_experts, stream_group)
-        self.stream_group = len(self._groups[0])
-        slot_bytes = max(staged_bytes(self._info[layer], self.stream_group) for layer in self.streamed_layers)
+        group = len(self._groups[0])
+        slot_bytes = max(staged_bytes(self._info[layer], group) for layer in self.streamed_layers)
         self._staging = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
-        self._weights = self._new_weights(info, self.stream_group)
+        self._weights = self._new_weights(info, group)
         # vLLM's fused MoE computes a group's experts given a map of the layer's experts to the
         # group's (-1: not in this group)
         self._expert_maps = [torch.tensor([e - experts.start if e in experts else -1 for e in range(info.n_experts)],

@@ -5,11 +5,11 @@
 // token count) is fixed when enqueued, so a graph replays it with the buffers' new contents.
 //
 // Two ways to hand a job to the CPU:
-// - flags (`signals` given): the stream writes the job's id into a pinned word that a thread of
+// - flags (`request` and `done` given): the stream writes the job's id into a pinned word that a thread of
 //   the bridge polls, then waits (cuStreamWaitValue32) until that thread writes the id into a
 //   second word once the output is ready. The thread spins while jobs keep coming and naps when
 //   idle. Microseconds per layer.
-// - host functions (no `signals`): cuLaunchHostFunc runs the job on the driver's callback
+// - host functions (no flags given): cuLaunchHostFunc runs the job on the driver's callback
 //   thread. No thread of ours, but the driver takes tens of microseconds per call to start it
 //   and resume the stream.
 //
@@ -32,9 +32,9 @@ namespace lvgg {
 class CudaBridge {
   public:
     // x, ids, weights, out: pinned host buffers of max_tokens rows (the engine's limit or less).
-    // signals: nullptr (host functions), or two uint32 words in pinned, mapped host memory, on
-    // cache lines of their own (request, done); flags need a driver with stream memory
-    // operations (CUDA 11.7+), else host functions are used (`flags()` says which).
+    // request, done: nullptr (host functions), or two uint32 words in pinned, mapped host memory,
+    // on cache lines of their own; flags need a driver with stream memory operations (CUDA
+    // 11.7+), else host functions are used (`flags()` says which).
     CudaBridge(Experts & engine, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out,
                uint32_t * request = nullptr, uint32_t * done = nullptr);
     ~CudaBridge();
