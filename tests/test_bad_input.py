@@ -170,11 +170,11 @@ def test_layer_without_experts_is_index_error(moe):
         moe(1, *args())
 
 
-@pytest.mark.parametrize("bad", [-1, E, 1 << 40])
+@pytest.mark.parametrize("bad", [-2, E, 1 << 40, -(1 << 40)])  # -1 is "no expert"
 def test_expert_id_out_of_range(moe, bad):
     x, ids, w = args(ids_dtype=torch.int64)
     ids[1, 1] = bad
-    with pytest.raises(IndexError, match=rf"topk_ids\[1, 1\] = {bad} is not an expert index: expected 0..7"):
+    with pytest.raises(IndexError, match=rf"topk_ids\[1, 1\] = {bad} is not an expert index: expected 0..7, or -1"):
         moe(0, x, ids, w)
 
 

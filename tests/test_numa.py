@@ -28,6 +28,7 @@ def block(qtype):
 def routing(rng, T, K=4):
     x = torch.from_numpy(rng.standard_normal((T, D)).astype(np.float32))
     ids = torch.from_numpy(np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int32))
+    ids[::3, -1] = -1  # some slots without an expert
     w = torch.from_numpy(rng.random((T, K)).astype(np.float32))
     return x, ids, w
 

@@ -75,6 +75,17 @@ def test_duplicated_ids_in_a_row_count_twice(typed_file, rows, schedule, rng):
     assert rel_err(out, ref.forward(x.numpy(), ids.numpy(), w.numpy())) < TOLERANCE[qtype]
 
 
+@pytest.mark.parametrize("schedule", ["mul_mat_id", "per_expert"])
+def test_slots_without_an_expert_add_nothing(typed_file, schedule, rng):
+    qtype, _, _, engines, ref = typed_file
+    ids = torch.tensor([[3, -1, 5], [-1, -1, -1], [2, 2, -1], [-1, 6, 1], [7, 0, 4]], dtype=torch.int64)
+    x = torch.from_numpy(rng.standard_normal((len(ids), 256)).astype(np.float32))
+    w = torch.from_numpy(rng.random(ids.shape).astype(np.float32))
+    out = run(engines[schedule], 4, x, ids, w)
+    assert not out[1].any()  # no expert at all: exactly zero
+    assert rel_err(out, ref.forward(x.numpy(), ids.numpy(), w.numpy())) < TOLERANCE[qtype]
+
+
 def test_thread_counts_give_identical_results(typed_file, rng):
     _, _, store, engines, _ = typed_file
     moe1, moe2 = lvgg.CpuMoE(store, threads=1), engines["mul_mat_id"]

@@ -18,7 +18,7 @@ constexpr int64_t kCombineCols = 256;  // columns per work unit of the weighted 
 std::string type_str(ggml_type t) { return ggml_type_name(t); }
 
 // out[:, t] = sum_k w[k, t] * rows[:, r(t, k)] with r(t, k) = t*K + k (the [D, K, T] output of
-// MUL_MAT_ID) or pos[k, t] (rows sorted by expert). Work is split in (token, column block)
+// MUL_MAT_ID) or pos[k, t] (rows sorted by expert), over the slots of nonzero weight. Work is split in (token, column block)
 // units so a single token still uses every thread. Writes f32, f16 or bf16 into caller memory.
 void combine(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * down   = dst->src[0];
@@ -42,7 +42,10 @@ void combine(ggml_tensor * dst, int ith, int nth, void *) {
             acc[c] = 0.0f;
         }
         for (int64_t k = 0; k < K; ++k) {
-            const float   wk  = wd[t * K + k];
+            const float wk = wd[t * K + k];
+            if (wk == 0.0f) {
+                continue;  // a slot without an expert (its row was not computed), or a weight of 0
+            }
             const float * row = dd + (pos ? pos[t * K + k] : t * K + k) * D + c0;
             for (int64_t c = 0; c < nc; ++c) {
                 acc[c] += wk * row[c];
@@ -407,16 +410,24 @@ bool MoeEngine::per_expert_possible(const ExpertLayer & L) const {
 
 // Counting sort of the chunk's (token, slot) pairs by expert: sorted_tokens_ lists the token of
 // each sorted row, sorted_pos_[t*K + k] is the sorted row of slot k of token t, and expert e
-// owns rows [expert_rows_[e], expert_rows_[e+1]).
+// owns rows [expert_rows_[e], expert_rows_[e+1]). Slots without an expert (-1) are left out.
 void MoeEngine::group_by_expert(int64_t n, int64_t K, int64_t n_expert) {
     std::fill(expert_rows_.begin(), expert_rows_.begin() + n_expert + 1, 0);
     for (int64_t i = 0; i < n * K; ++i) {
-        ++expert_rows_[ids_i32_[i] + 1];
+        if (ids_i32_[i] >= 0) {
+            ++expert_rows_[ids_i32_[i] + 1];
+        }
     }
     for (int64_t e = 0; e < n_expert; ++e) {
         expert_rows_[e + 1] += expert_rows_[e];
     }
+    // Rows past the grouped ones (slots without an expert) point at token 0, which get_rows reads.
+    std::fill(sorted_tokens_.begin() + expert_rows_[n_expert], sorted_tokens_.begin() + n * K, 0);
     for (int64_t i = 0; i < n * K; ++i) {
+        if (ids_i32_[i] < 0) {
+            sorted_pos_[i] = -1;  // weight 0: combine never reads it
+            continue;
+        }
         const int32_t row    = expert_rows_[ids_i32_[i]]++;
         sorted_tokens_[row]  = (int32_t) (i / K);
         sorted_slots_[row]   = (int32_t) i;
@@ -583,18 +594,23 @@ void MoeEngine::check_ids(int layer, const Matrix & ids) const {
     const int64_t n_expert = store_->layer(layer).n_expert, T = ids.rows, K = ids.cols;
     for (int64_t i = 0; i < T * K; ++i) {
         const int64_t e = ids.type == GGML_TYPE_I32 ? ((const int32_t *) ids.data)[i] : ((const int64_t *) ids.data)[i];
-        if (e < 0 || e >= n_expert) {
+        if (e < -1 || e >= n_expert) {
             fail(ErrorKind::Index, "layer " + std::to_string(layer) + ": topk_ids[" + std::to_string(i / K) + ", " +
                                        std::to_string(i % K) + "] = " + std::to_string(e) +
-                                       " is not an expert index: expected 0.." + std::to_string(n_expert - 1));
+                                       " is not an expert index: expected 0.." + std::to_string(n_expert - 1) +
+                                       ", or -1 for no expert");
         }
     }
 }
 
 // Copies one chunk's routing into the engine's int32/f32 buffers. A row that names an expert
-// twice gets the weights summed on the first slot and each repeat replaced by an expert absent
-// from the row with weight 0: ggml's repacked MUL_MAT_ID assumes distinct experts per token.
-void MoeEngine::stage_routing(const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n, int64_t n_expert) {
+// twice gets the weights summed on the first slot. The repeats and the slots without an expert
+// (-1) then get weight 0 and, where `skip` (lvgg's packed kernels and the per-expert schedule
+// leave -1 out), stay -1; otherwise (ggml's MUL_MAT_ID takes a real expert in every slot and its
+// repacked form assumes distinct experts per token) a stand-in absent from the row, preferably
+// one the chunk reads anyway.
+void MoeEngine::stage_routing(const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n, int64_t n_expert,
+                              bool skip) {
     const int64_t K = ids.cols;
     for (int64_t i = 0; i < n * K; ++i) {
         const int64_t j = t0 * K + i;
@@ -604,20 +620,44 @@ void MoeEngine::stage_routing(const Matrix & ids, const Matrix & weights, int64_
     for (int64_t t = 0; t < n; ++t) {
         int32_t * row = ids_i32_.data() + t * K;
         float *   w   = weights_f32_.data() + t * K;
-        for (int64_t k = 1; k < K; ++k) {
-            const int64_t first = std::find(row, row + k, row[k]) - row;
-            if (first == k) {
-                continue;
+        for (int64_t k = 0; k < K; ++k) {
+            if (row[k] >= 0) {
+                const int64_t first = std::find(row, row + k, row[k]) - row;
+                if (first == k) {
+                    continue;
+                }
+                w[first] += w[k];
             }
-            w[first] += w[k];
-            w[k] = 0.0f;
-            int32_t e = 0;
-            while (e < n_expert && std::find(row, row + K, e) != row + K) {
-                ++e;
-            }
-            row[k] = e;  // K <= n_expert, so a free expert exists
+            w[k]   = 0.0f;
+            row[k] = skip ? -1 : stand_in(row, K, n, n_expert);
         }
     }
+}
+
+int32_t MoeEngine::stand_in(const int32_t * row, int64_t K, int64_t n, int64_t n_expert) const {
+    auto absent = [&](int32_t e) { return e >= 0 && std::find(row, row + K, e) == row + K; };
+    for (int64_t i = 0; i < n * K; ++i) {
+        if (absent(ids_i32_[i])) {
+            return ids_i32_[i];
+        }
+    }
+    int32_t e = 0;
+    while (e < n_expert && !absent(e)) {
+        ++e;
+    }
+    return e;  // K <= n_expert, so a free expert exists
+}
+
+bool MoeEngine::skips_empty_slots(const ExpertLayer & L, int64_t n_tokens, bool per_expert) const {
+    if (per_expert) {
+        return true;
+    }
+    for (ggml_tensor * t : L.tensors()) {
+        if (!store_->packed(weights_for(t, n_tokens, Layout::BySize))) {
+            return false;
+        }
+    }
+    return true;
 }
 
 void MoeEngine::forward(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) {
@@ -636,9 +676,10 @@ void MoeEngine::run(int layer, const Matrix & x, const Matrix & ids, const Matri
     for (int64_t t0 = 0; t0 < T; t0 += cfg_.chunk) {
         const int64_t n = std::min(cfg_.chunk, T - t0);
         ggml_reset(ctx_);
-        stage_routing(ids, weights, t0, n, L.n_expert);
+        const bool per_expert = use_per_expert(L, n);
+        stage_routing(ids, weights, t0, n, L.n_expert, skips_empty_slots(L, n, per_expert));
         Graph g;
-        if (use_per_expert(L, n)) {
+        if (per_expert) {
             group_by_expert(n, K, L.n_expert);
             g            = build_per_expert(L, n, K, x.type, out.type);
             g.rows->data = sorted_tokens_.data();

@@ -72,12 +72,14 @@ class ReferenceLayer:
     down: np.ndarray  # [E, D, F]
 
     def forward(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, activation: str = "silu") -> np.ndarray:
-        """f64 MoE output for x [T, D], ids [T, K], weights [T, K]."""
+        """f64 MoE output for x [T, D], ids [T, K] (-1: no expert), weights [T, K]."""
         x = np.asarray(x, dtype=np.float64)
         out = np.zeros((x.shape[0], self.down.shape[1]))
         for t in range(x.shape[0]):
             for k in range(ids.shape[1]):
                 e = int(ids[t, k])
+                if e < 0:
+                    continue
                 u = self.up[e] @ x[t]
                 if self.gate is None:
                     h = np.maximum(u, 0.0) ** 2
