@@ -18,6 +18,7 @@ host functions are used.
 """
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 
@@ -25,6 +26,8 @@ import torch
 
 from lvgg import _bridge
 from lvgg.experts import CpuMoE
+
+log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
 
 SIGNALS = ("flags", "host_function")
 _HOST_REGISTER_MAPPED = 0x02  # cudaHostRegisterMapped: the device writes and polls the flags there
@@ -67,7 +70,12 @@ class CudaExperts:
         self._ids = _pinned((max_tokens, top_k), torch.int32)
         self._weights = _pinned((max_tokens, top_k), torch.float32)
         self._out = _pinned((max_tokens, hidden_size), dtype)
-        self._signals = _pinned((2, 16), torch.int32, _HOST_REGISTER_MAPPED) if signal == "flags" else None
+        self._signals = None
+        if signal == "flags":
+            try:
+                self._signals = _pinned((2, 16), torch.int32, _HOST_REGISTER_MAPPED)
+            except RuntimeError as e:  # host functions still work
+                log.warning("lvgg: the CUDA bridge hands layers to the CPU through host functions: %s", e)
         self._bridge = _bridge.CudaBridge(moe._engine, self._x, self._ids, self._weights, self._out, self._signals)
         self.signal = "flags" if self._bridge.flags else "host_function"
 

@@ -115,9 +115,10 @@ CudaBridge::CudaBridge(Experts & engine, const Matrix & x, const Matrix & ids, c
     if ((request == nullptr) != (done == nullptr)) {
         fail(ErrorKind::Value, "give both signal words (request and done) or neither");
     }
-    if (request && cu.write_value32 && cu.wait_value32 && cu.host_device_pointer) {
-        check_cuda(cu.host_device_pointer(&request_dev_, request, 0), "cuMemHostGetDevicePointer (request flag)");
-        check_cuda(cu.host_device_pointer(&done_dev_, done, 0), "cuMemHostGetDevicePointer (done flag)");
+    // Flags where the driver has stream memory operations and maps the words for the device;
+    // host functions otherwise (flags() says which).
+    if (request && cu.write_value32 && cu.wait_value32 && cu.host_device_pointer &&
+        cu.host_device_pointer(&request_dev_, request, 0) == 0 && cu.host_device_pointer(&done_dev_, done, 0) == 0) {
         request_ = request;
         done_    = done;
         __atomic_store_n(request_, 0u, __ATOMIC_RELAXED);

@@ -193,6 +193,8 @@ def cuda_experts(dtype) -> CudaExperts:
             layer = moe.store.layer_info(moe.store.layers[0])
             _cuda = CudaExperts(moe, hidden_size=layer.hidden_size, top_k=moe.max_top_k,
                                 max_tokens=moe.max_tokens, dtype=dtype)
+            log.info("lvgg: the CUDA stream hands each MoE layer to the CPU through %s",
+                     "flags (stream memory operations)" if _cuda.signal == "flags" else "host functions")
         return _cuda
 
 
