@@ -195,6 +195,7 @@ MoeEngine::MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cf
     sorted_pos_.resize(cfg_.chunk * cfg_.max_top_k);
     expert_rows_.resize(max_experts + 1);
     sorted_slots_.resize(cfg_.chunk * cfg_.max_top_k);
+    read_experts_.reserve(cfg_.max_top_k + 1);
     packed_ops_.reserve(4);  // at most gate, up, gate_up, down per graph
 
     if (cfg_.schedule == Schedule::PerExpert) {
@@ -617,6 +618,15 @@ void MoeEngine::stage_routing(const Matrix & ids, const Matrix & weights, int64_
         ids_i32_[i] = ids.type == GGML_TYPE_I32 ? ((const int32_t *) ids.data)[j] : (int32_t) ((const int64_t *) ids.data)[j];
     }
     to_f32((const char *) weights.data + t0 * K * ggml_type_size(weights.type), weights.type, weights_f32_.data(), n * K);
+    // Stand-ins come first from the chunk's first K + 1 distinct experts (read anyway): one of
+    // them is absent from any row of K.
+    read_experts_.clear();
+    for (int64_t i = 0; !skip && i < n * K && (int64_t) read_experts_.size() <= K; ++i) {
+        const int32_t e = ids_i32_[i];
+        if (e >= 0 && std::find(read_experts_.begin(), read_experts_.end(), e) == read_experts_.end()) {
+            read_experts_.push_back(e);
+        }
+    }
     for (int64_t t = 0; t < n; ++t) {
         int32_t * row = ids_i32_.data() + t * K;
         float *   w   = weights_f32_.data() + t * K;
@@ -629,16 +639,16 @@ void MoeEngine::stage_routing(const Matrix & ids, const Matrix & weights, int64_
                 w[first] += w[k];
             }
             w[k]   = 0.0f;
-            row[k] = skip ? -1 : stand_in(row, K, n, n_expert);
+            row[k] = skip ? -1 : stand_in(row, K, n_expert);
         }
     }
 }
 
-int32_t MoeEngine::stand_in(const int32_t * row, int64_t K, int64_t n, int64_t n_expert) const {
-    auto absent = [&](int32_t e) { return e >= 0 && std::find(row, row + K, e) == row + K; };
-    for (int64_t i = 0; i < n * K; ++i) {
-        if (absent(ids_i32_[i])) {
-            return ids_i32_[i];
+int32_t MoeEngine::stand_in(const int32_t * row, int64_t K, int64_t n_expert) const {
+    auto absent = [&](int32_t e) { return std::find(row, row + K, e) == row + K; };
+    for (int32_t e : read_experts_) {
+        if (absent(e)) {
+            return e;
         }
     }
     int32_t e = 0;

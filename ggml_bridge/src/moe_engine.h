@@ -144,7 +144,7 @@ class MoeEngine : public Experts {
     size_t intermediate_bytes(const Graph & g) const;
     void   stage_routing(const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n, int64_t n_expert,
                          bool skip);
-    int32_t stand_in(const int32_t * row, int64_t top_k, int64_t n_tokens, int64_t n_expert) const;
+    int32_t stand_in(const int32_t * row, int64_t top_k, int64_t n_expert) const;
     bool   skips_empty_slots(const ExpertLayer & L, int64_t n_tokens, bool per_expert) const;
     void   allocate_intermediates(const Graph & g);
     void   compute(const Graph & g);
@@ -159,6 +159,7 @@ class MoeEngine : public Experts {
     std::vector<uint8_t>         work_;
     std::vector<int32_t>         ids_i32_;      // one chunk's routing, as ggml takes it
     std::vector<float>           weights_f32_;
+    std::vector<int32_t>         read_experts_;  // stage_routing's preferred stand-ins
     std::vector<int32_t>         sorted_tokens_;  // per-expert schedule (see group_by_expert)
     std::vector<int32_t>         sorted_pos_;
     std::vector<int32_t>         expert_rows_;
