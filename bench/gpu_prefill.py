@@ -67,8 +67,8 @@ def main() -> None:
             x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, generator=g)
             ids = torch.rand(T, e, device="cuda", generator=g).argsort(dim=1)[:, :a.top_k].to(torch.int32)
             w = torch.softmax(torch.randn(T, a.top_k, device="cuda", generator=g), dim=-1)
-            masked = {} if len(gpu._groups) == 1 else dict(global_num_experts=e, expert_map=gpu._expert_maps[0])
-            matmul_ms = cuda_ms(lambda: gpu._fused_experts(x, *gpu._weights, w, ids, **masked))
+            matmul_ms = cuda_ms(lambda: gpu._fused_experts(x, *gpu._weights, w, ids, global_num_experts=e,
+                                                           expert_map=gpu._expert_maps[0]))
 
             def one_pass():
                 h = x

@@ -218,13 +218,10 @@ class GpuExperts:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"layer {layer} is streamed, which cannot be captured in a CUDA graph; "
                                "run it eagerly or make it resident")
-        if len(self._groups) == 1:
-            return self._fused_experts(x, *self._stream_in(layer, 0), topk_weights, topk_ids)
         out = None
-        for group in range(len(self._groups)):  # the ids of other groups' experts map to -1: skipped
+        for group, expert_map in enumerate(self._expert_maps):
             part = self._fused_experts(x, *self._stream_in(layer, group), topk_weights, topk_ids,
-                                       global_num_experts=self._info[layer].n_experts,
-                                       expert_map=self._expert_maps[group])
+                                       global_num_experts=self._info[layer].n_experts, expert_map=expert_map)
             out = part if out is None else out.add_(part)
         return out
 
@@ -315,9 +312,10 @@ class GpuExperts:
         self._staging = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
         self._weights = self._new_weights(info, group)
         # vLLM's fused MoE computes a group's experts given a map of the layer's experts to the
-        # group's (-1: not in this group)
-        self._expert_maps = [torch.tensor([e - experts.start if e in experts else -1 for e in range(info.n_experts)],
-                                          dtype=torch.int32, device=self.device) for experts in self._groups]
+        # group's (-1: not in this group, skipped); a whole layer needs none
+        self._expert_maps = [None] if len(self._groups) == 1 else [
+            torch.tensor([e - experts.start if e in experts else -1 for e in range(info.n_experts)],
+                         dtype=torch.int32, device=self.device) for experts in self._groups]
         order = [(layer, group) for layer in self.streamed_layers for group in range(len(self._groups))]
         self._slot_of = {unit: i % 2 for i, unit in enumerate(order)}
         self._next = {unit: order[(i + 1) % len(order)] for i, unit in enumerate(order)}
