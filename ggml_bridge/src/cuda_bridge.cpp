@@ -134,10 +134,10 @@ CudaBridge::~CudaBridge() {
     }
 }
 
-CudaBridge::Job CudaBridge::job_for(uint32_t id) const {
+CudaBridge::Job CudaBridge::job_for(uint32_t id) {
     const int64_t key = (int64_t) id - 1, rows = x_.rows + 1, n = key % rows;
-    return Job{ const_cast<CudaBridge *>(this), (int) (key / rows), first_rows(x_, n), first_rows(ids_, n),
-                first_rows(weights_, n), first_rows(out_, n) };
+    return Job{ this, (int) (key / rows), first_rows(x_, n), first_rows(ids_, n), first_rows(weights_, n),
+                first_rows(out_, n) };
 }
 
 void CudaBridge::serve() {
@@ -174,12 +174,12 @@ void CudaBridge::enqueue(uintptr_t stream, int layer, int64_t n_tokens) {
     if (layer < 0 || key + 1 > (int64_t) std::numeric_limits<uint32_t>::max()) {
         fail(ErrorKind::Value, "layer " + std::to_string(layer) + " is out of the bridge's range");
     }
+    const uint32_t id = (uint32_t) (key + 1);  // the job's number, as job_for reads it
     {
         std::lock_guard<std::mutex> lock(jobs_mutex_);
-        auto          it  = jobs_.find(key);
+        auto it = jobs_.find(key);
         if (it == jobs_.end()) {
-            Job j{ this, layer, first_rows(x_, n_tokens), first_rows(ids_, n_tokens), first_rows(weights_, n_tokens),
-                   first_rows(out_, n_tokens) };
+            const Job j = job_for(id);
             engine_.validate(layer, j.x, j.ids, j.weights, j.out);
             it = jobs_.emplace(key, j).first;
         }
@@ -191,7 +191,6 @@ void CudaBridge::enqueue(uintptr_t stream, int layer, int64_t n_tokens) {
         return;
     }
     // Ask the polling thread for job `id`, wait for its answer, and clear the answer for the next job.
-    const uint32_t id = (uint32_t) (key + 1);
     check_cuda(cu.write_value32((CUstream) stream, request_dev_, id, 0), "cuStreamWriteValue32");
     check_cuda(cu.wait_value32((CUstream) stream, done_dev_, id, CU_STREAM_WAIT_VALUE_EQ), "cuStreamWaitValue32");
     check_cuda(cu.write_value32((CUstream) stream, done_dev_, 0, 0), "cuStreamWriteValue32");

@@ -57,7 +57,7 @@ class CudaBridge {
         Matrix       x, ids, weights, out;
     };
     static void run(void * job);
-    Job         job_for(uint32_t id) const;  // id = (layer, n_tokens) as enqueue numbers it
+    Job         job_for(uint32_t id);  // id = (layer, n_tokens) as enqueue numbers it
     void        serve();                      // the thread that answers flags
 
     Experts &                             engine_;
