@@ -337,10 +337,10 @@ if triton is not None:
         return tl.sum(tl.reshape(values, (R, CHUNK)) * x[None, :], axis=1)
 
     @triton.jit
-    def _gated_activations(x, gate, up, act, slots_per_token, hidden, inter, gate_slot_bytes, up_slot_bytes, gate_first,
-                   up_first, gate_row_bytes, up_row_bytes, R: tl.constexpr, CHUNK: tl.constexpr,
-                   TYPE_G: tl.constexpr, QK_G: tl.constexpr, BB_G: tl.constexpr,
-                   TYPE_U: tl.constexpr, QK_U: tl.constexpr, BB_U: tl.constexpr):
+    def _gated_activations(x, gate, up, act, slots_per_token, hidden, inter, gate_slot_bytes, up_slot_bytes,
+                           gate_first, up_first, gate_row_bytes, up_row_bytes, R: tl.constexpr, CHUNK: tl.constexpr,
+                           TYPE_G: tl.constexpr, QK_G: tl.constexpr, BB_G: tl.constexpr,
+                           TYPE_U: tl.constexpr, QK_U: tl.constexpr, BB_U: tl.constexpr):
         # program (slot s, rows block): act[s, rows] = silu(gate_s(x_t)) * up_s(x_t), t = s // slots_per_token
         s = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * R + tl.arange(0, R)
