@@ -5,10 +5,10 @@ next to the CPU alone in the same run. Needs an NVIDIA GPU (not vLLM).
 
 Prints the GPU side's parts for one token's top-k experts of one layer (fetch over the link,
 with its GB/s; multiply from the fetched bytes; both overlapped as GpuExperts.fetched runs
-them), then per token count and number of each token's experts on the GPU (0: the CPU alone)
-the time per layer call of the CPU's part alone, the GPU's part alone and both together,
-replayed in CUDA graphs as vLLM's decode steps are, with new routes each replay (what
-`LVGG_GPU_DECODE_SPLIT=auto` measures at startup, and its parts).
+them), then per token count and GPU share g (of top_k; 0: the CPU alone) the time per layer
+call of the CPU's part alone, the GPU's part alone and both together, replayed in CUDA graphs
+as vLLM's decode steps are, with new routes each replay (what `LVGG_GPU_DECODE_SPLIT=auto`
+measures at startup, and its parts), and how many distinct experts each side read on average.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 import torch
 
 import lvgg
-from lvgg.gpu_dequant import gated_activations, gather_rows, weighted_down
+from lvgg.gpu_dequant import gated_activations, gather_rows, split_routing, weighted_down
 from lvgg.gpu_experts import GpuExperts, _staged
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.gpu_split import RandomRoutes, SplitExperts, graph_seconds, timed_layers
@@ -48,9 +48,10 @@ def main() -> None:
     staged = [p for (ggml_type, _, name), data in zip(plan, fetched) for p in _staged(info, name, ggml_type, data)]
     fetch = graph_seconds(lambda: [gather_rows(host_rows, ids, out) for (_, host_rows, _), out in zip(plan, fetched)],
                           20)
-    multiply = graph_seconds(lambda: weighted_down(gated_activations(x, staged[0], staged[1], top_k), staged[2], w,
-                                                   dtype), 20)
-    whole = graph_seconds(lambda: gpu.fetched(layer, x, ids.view(1, top_k), w), 20)
+    slot_expert = torch.arange(top_k, dtype=torch.int32, device="cuda").view(1, top_k)
+    multiply = graph_seconds(lambda: weighted_down(gated_activations(x, staged[0], staged[1], slot_expert), staged[2],
+                                                   w, slot_expert, dtype), 20)
+    whole = graph_seconds(lambda: gpu.fetched(layer, x, ids, slot_expert, w), 20)
     print(f"GPU side, one token's {top_k} experts of layer {layer} ({sum(per_expert) / 2**20:.2f} MiB each), in "
           f"CUDA graphs: fetch {fetch * 1e3:.3f} ms ({top_k * sum(per_expert) / fetch / 1e9:.1f} GB/s), multiply "
           f"from the bytes {multiply * 1e3:.3f} ms, both as fetched() runs them {whole * 1e3:.3f} ms")
@@ -61,21 +62,25 @@ def main() -> None:
     for n in (int(v) for v in a.tokens.split(",")):
         routes = RandomRoutes(layers, n, top_k, info.n_experts, gpu.device, seed=n)
         x = torch.randn(n, info.hidden_size, generator=routes.generator).to("cuda", dtype)
+        cpu = CudaExperts(moe, hidden_size=info.hidden_size, top_k=top_k, max_tokens=n, dtype=dtype)
         for g in range(min(top_k - 1, gpu.split_experts // n) + 1):
-            kc = top_k - g
-            cpu = CudaExperts(moe, hidden_size=info.hidden_size, top_k=kc, max_tokens=n, dtype=dtype)
-            parts = [routes.graph_seconds(lambda: [cpu(layer, x, ids[:, :kc], w[:, :kc]) for layer, ids, w in routes],
-                                          10)]
-            cpu.close()
+            parts, shares = [], ""
             if g:
                 split = SplitExperts(gpu, moe, slots={n: g}, dtype=dtype)
                 parts.append(routes.graph_seconds(
-                    lambda: [gpu.fetched(layer, x, ids[:, kc:], w[:, kc:]) for layer, ids, w in routes], 10))
+                    lambda: [cpu(layer, x, split_routing(ids, g)[0], w) for layer, ids, w in routes], 10))
+                parts.append(routes.graph_seconds(
+                    lambda: [gpu.fetched(layer, x, *split_routing(ids, g)[1:], w) for layer, ids, w in routes], 10))
                 parts.append(routes.graph_seconds(lambda: [split(layer, x, ids, w) for layer, ids, w in routes], 10))
                 split.close()
-            print(f"{n:3d} tokens, {g} of {top_k} on the GPU: " +
-                  " / ".join(f"{t / len(routes.layers) * 1e3:.3f}" for t in parts))
-
+                cpu_ids, gpu_experts, _ = split_routing(routes.ids[0], g)
+                shares = (f"  (distinct experts: CPU {cpu_ids[cpu_ids >= 0].unique().numel()}, "
+                          f"GPU {int((gpu_experts >= 0).sum())})")
+            else:
+                parts.append(routes.graph_seconds(lambda: [cpu(layer, x, ids, w) for layer, ids, w in routes], 10))
+            print(f"{n:3d} tokens, GPU share {g} of {top_k}: " +
+                  " / ".join(f"{t / len(routes.layers) * 1e3:.3f}" for t in parts) + shares)
+        cpu.close()
 
 if __name__ == "__main__":
     main()

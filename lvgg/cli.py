@@ -103,8 +103,9 @@ def serve(
                                                "to the GPU (default 64; 'off')"),
     gpu_resident_layers: str = typer.Option(None, help="layers whose experts stay on the GPU: '0-5,40' or 'auto'"),
     gpu_experts_gb: float = typer.Option(None, help="the most VRAM (GiB) lvgg's experts may take"),
-    gpu_decode_split: str = typer.Option(None, help="decode: how many of each token's experts the GPU computes "
-                                         "while the CPU does the rest: 'auto' (default: timed at startup), a count or 'off'"),
+    gpu_decode_split: str = typer.Option(None, help="decode: N, the GPU computes N/top_k of a step's experts "
+                                         "(N of a token's) while the CPU does the rest: 'auto' (default: timed at "
+                                         "startup), N or 'off'"),
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback unless told otherwise)"),
     port: int = typer.Option(8000),
 ) -> None:

@@ -3,8 +3,8 @@
     w = torch.empty(n_experts, rows, cols, dtype=torch.bfloat16, device="cuda")
     dequantize(raw, "Q4_K", w)          # raw: the tensor's GGUF bytes (uint8) on the same device
 
-    act = gated_activations(x, gate, up, slots_per_token=g)     # StagedProjection: experts' bytes
-    out = weighted_down(act, down, topk_weights, x.dtype)       # a few tokens' g experts each
+    act = gated_activations(x, gate, up, slot_expert)           # StagedProjection: experts' bytes
+    out = weighted_down(act, down, topk_weights, slot_expert, x.dtype)   # a few tokens' experts
 
 One block decoder per type turns blocks into values (every value gathers its block's scales
 and its bits, all from L1), shared by both uses. Dequantization writes the values out (the
@@ -116,46 +116,93 @@ class StagedProjection:
         return geometry
 
 
+def _check_slot_expert(slot_expert: torch.Tensor, n: int, device: torch.device) -> int:
+    """Slots per token of ``slot_expert`` ([n tokens, g] int32 on ``device``), or raise."""
+    if slot_expert.dim() != 2 or slot_expert.shape[0] != n or slot_expert.dtype != torch.int32 \
+            or not slot_expert.is_contiguous() or slot_expert.device != device:
+        raise ValueError(f"slot_expert must be contiguous int32 [{n}, experts per token] on {device}, found "
+                         f"{slot_expert.dtype} {list(slot_expert.shape)} on {slot_expert.device}")
+    return slot_expert.shape[1]
+
+
 def gated_activations(x: torch.Tensor, gate: StagedProjection, up: StagedProjection,
-                      slots_per_token: int) -> torch.Tensor:
-    """``act[s] = silu(gate_s(x[t])) * up_s(x[t])`` for slot s = t * slots_per_token + j: the first
-    half of n tokens' SwiGLU experts, multiplied straight from their GGUF bytes (no dequantized
-    copy). x: [n, hidden] float on the device; gate and up: intermediate rows of hidden columns,
-    at least n * slots_per_token slots. Returns float32 [slots, intermediate], in the current
-    stream's order; ``weighted_down`` finishes the experts."""
+                      slot_expert: torch.Tensor) -> torch.Tensor:
+    """``act[s] = silu(gate_e(x[t])) * up_e(x[t])`` for slot s = t * g + j, e = slot_expert[t, j]:
+    the first half of n tokens' SwiGLU experts, multiplied straight from their GGUF bytes (no
+    dequantized copy). x: [n, hidden] float on the device; gate and up: intermediate rows of
+    hidden columns, one staged expert per row of their data; slot_expert: [n, g] int32 on the
+    device, the staged expert of each slot or -1 for none (its row of act is left as it is;
+    values past the staged experts read the last one: they are never checked on the host).
+    Returns float32 [n * g, intermediate], in the current stream's order; ``weighted_down``
+    finishes the experts."""
     if x.dim() != 2 or not x.is_floating_point() or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous float [tokens, hidden] tensor, found {x.dtype} {list(x.shape)}")
     n, hidden = x.shape
-    slots = n * slots_per_token
-    tg, qg, bg = gate.check("gate", gate.rows, hidden, slots, x.device)
-    tu, qu, bu = up.check("up", gate.rows, hidden, slots, x.device)
-    act = torch.empty(slots, gate.rows, dtype=torch.float32, device=x.device)
-    if slots:
-        _gated_activations[(slots, triton.cdiv(gate.rows, _ROWS_PER_PROGRAM))](
-            x, gate.data, up.data, act, slots_per_token, hidden, gate.rows, gate.data.shape[1], up.data.shape[1],
-            gate.at, up.at, gate.row_bytes(), up.row_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK,
+    g = _check_slot_expert(slot_expert, n, x.device)
+    tg, qg, bg = gate.check("gate", gate.rows, hidden, 1, x.device)
+    tu, qu, bu = up.check("up", gate.rows, hidden, 1, x.device)
+    staged = min(gate.data.shape[0], up.data.shape[0])
+    act = torch.empty(n * g, gate.rows, dtype=torch.float32, device=x.device)
+    if n * g:
+        _gated_activations[(n * g, triton.cdiv(gate.rows, _ROWS_PER_PROGRAM))](
+            x, gate.data, up.data, act, slot_expert, g, staged, hidden, gate.rows, gate.data.shape[1],
+            up.data.shape[1], gate.at, up.at, gate.row_bytes(), up.row_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK,
             TYPE_G=tg, QK_G=qg, BB_G=bg, TYPE_U=tu, QK_U=qu, BB_U=bu)
     return act
 
 
-def weighted_down(act: torch.Tensor, down: StagedProjection, weights: torch.Tensor,
+def weighted_down(act: torch.Tensor, down: StagedProjection, weights: torch.Tensor, slot_expert: torch.Tensor,
                   dtype: torch.dtype) -> torch.Tensor:
-    """``out[t] = sum_j weights[t, j] * down_s(act[s])``, s = t * g + j (weights: float32 [n, g];
-    act: ``gated_activations``' result; down: hidden rows of intermediate columns, at least n * g
-    slots). Returns [n, hidden] in ``dtype`` (float32 sums), in the current stream's order."""
+    """``out[t] = sum_j weights[t, j] * down_e(act[s])``, s = t * g + j, e = slot_expert[t, j],
+    over the slots with an expert (weights: float32 [n, g]; act: ``gated_activations``' result;
+    down: hidden rows of intermediate columns, one staged expert per row of its data). Returns
+    [n, hidden] in ``dtype`` (float32 sums; a token without an expert gets 0), in the current
+    stream's order."""
     if weights.dim() != 2 or weights.dtype != torch.float32 or not weights.is_contiguous():
         raise ValueError(f"weights must be contiguous float32 [tokens, experts per token], found {weights.dtype} "
                          f"{list(weights.shape)}")
     n, g = weights.shape
+    if _check_slot_expert(slot_expert, n, weights.device) != g:
+        raise ValueError(f"slot_expert must be [{n}, {g}] like the weights, found {list(slot_expert.shape)}")
     if act.dtype != torch.float32 or act.dim() != 2 or act.shape[0] != n * g or not act.is_contiguous():
         raise ValueError(f"act must be contiguous float32 [{n * g}, intermediate], found {act.dtype} {list(act.shape)}")
-    code, qk, block_bytes = down.check("down", down.rows, act.shape[1], n * g, act.device)
+    staged = down.data.shape[0]
+    code, qk, block_bytes = down.check("down", down.rows, act.shape[1], 1, act.device)
     out = torch.empty(n, down.rows, dtype=dtype, device=act.device)
     if n:
         _weighted_down[(n, triton.cdiv(down.rows, _ROWS_PER_PROGRAM))](
-            act, down.data, weights, out, g, down.rows, down.cols, down.data.shape[1], down.row_bytes(),
-            R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK, TYPE=code, QK=qk, BB=block_bytes)
+            act, down.data, weights, slot_expert, out, g, staged, down.rows, down.cols, down.data.shape[1],
+            down.row_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK, TYPE=code, QK=qk, BB=block_bytes)
     return out
+
+
+def split_routing(topk_ids: torch.Tensor, gpu_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Share a step's distinct experts between the CPU and the GPU, on the device (capturable).
+
+    topk_ids: [n, k] int32/int64 on the GPU (-1: a slot without an expert). Of the d distinct
+    experts, in the order they first appear, the GPU takes the last m = round(d * gpu_slots / k)
+    (half up; one token's last ``gpu_slots``), each once however many tokens chose it.
+    Returns int32 tensors on the device:
+      cpu_ids [n, k]: topk_ids with the GPU's experts replaced by -1 (the CPU engine's share);
+      gpu_experts [n * gpu_slots]: the GPU's experts, then -1;
+      slot_expert [n, k]: each slot's index in gpu_experts, or -1 where the CPU has it.
+    """
+    if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be [tokens, experts per token] int32/int64, found {topk_ids.dtype} "
+                         f"{list(topk_ids.shape)}")
+    n, k = topk_ids.shape
+    if not 0 < gpu_slots < k:
+        raise ValueError(f"gpu_slots must be 1..{k - 1} (of {k} experts per token), found {gpu_slots}")
+    if triton is None:
+        raise RuntimeError("splitting experts on the GPU needs Triton (it comes with CUDA builds of torch)")
+    cpu_ids = torch.empty(n, k, dtype=torch.int32, device=topk_ids.device)
+    slot_expert = torch.empty_like(cpu_ids)
+    gpu_experts = torch.empty(n * gpu_slots, dtype=torch.int32, device=topk_ids.device)
+    if n:
+        _split_routing[(1,)](topk_ids.contiguous(), cpu_ids, gpu_experts, slot_expert, n * k, k, gpu_slots,
+                             n * gpu_slots, SLOTS=triton.next_power_of_2(n * k),
+                             MOST=triton.next_power_of_2(n * gpu_slots))
+    return cpu_ids, gpu_experts, slot_expert
 
 
 # rows of a projection per program, and columns per step, of the expert kernels
@@ -168,8 +215,9 @@ def gather_rows(src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torc
     src: [rows, n] uint8, e.g. one projection's bytes with a row per expert; it may be host
     memory registered with CUDA (the GPU then reads it over the link: no host code runs, so a
     CUDA graph can capture the call). ids: [m] int32/int64 on ``out``'s device, read by the
-    kernel: values outside 0..rows-1 are clamped (they are never checked on the host, which
-    would synchronize). out: [m, n] uint8, contiguous.
+    kernel: negative ones are skipped (their rows of out are left as they are), ones past the
+    last row read the last row (they are never checked on the host, which would synchronize).
+    out: [m, n] uint8, contiguous.
     """
     if src.dtype != torch.uint8 or src.dim() != 2 or src.stride(1) != 1 or src.stride(0) != src.shape[1]:
         raise ValueError(f"src must be contiguous [rows, bytes] uint8, found {src.dtype} {list(src.shape)}")
@@ -337,20 +385,24 @@ if triton is not None:
         return tl.sum(tl.reshape(values, (R, CHUNK)) * x[None, :], axis=1)
 
     @triton.jit
-    def _gated_activations(x, gate, up, act, slots_per_token, hidden, inter, gate_slot_bytes, up_slot_bytes,
-                           gate_first, up_first, gate_row_bytes, up_row_bytes, R: tl.constexpr, CHUNK: tl.constexpr,
-                           TYPE_G: tl.constexpr, QK_G: tl.constexpr, BB_G: tl.constexpr,
+    def _gated_activations(x, gate, up, act, slot_expert, slots_per_token, staged, hidden, inter, gate_slot_bytes,
+                           up_slot_bytes, gate_first, up_first, gate_row_bytes, up_row_bytes, R: tl.constexpr,
+                           CHUNK: tl.constexpr, TYPE_G: tl.constexpr, QK_G: tl.constexpr, BB_G: tl.constexpr,
                            TYPE_U: tl.constexpr, QK_U: tl.constexpr, BB_U: tl.constexpr):
-        # program (slot s, rows block): act[s, rows] = silu(gate_s(x_t)) * up_s(x_t), t = s // slots_per_token
+        # program (slot s, rows block): act[s, rows] = silu(gate_e(x_t)) * up_e(x_t),
+        # t = s // slots_per_token, e = slot_expert[s]; nothing where e < 0
         s = tl.program_id(0).to(tl.int64)
+        e = tl.load(slot_expert + s)
+        used = e >= 0
         rows = tl.program_id(1) * R + tl.arange(0, R)
-        row_mask = rows < inter
-        gate_at = s * gate_slot_bytes + gate_first + rows.to(tl.int64) * gate_row_bytes
-        up_at = s * up_slot_bytes + up_first + rows.to(tl.int64) * up_row_bytes
+        row_mask = (rows < inter) & (tl.broadcast_to(e, [R]) >= 0)  # (& used: a wrong mask type when interpreted)
+        e = tl.minimum(e, staged - 1).to(tl.int64)
+        gate_at = e * gate_slot_bytes + gate_first + rows.to(tl.int64) * gate_row_bytes
+        up_at = e * up_slot_bytes + up_first + rows.to(tl.int64) * up_row_bytes
         xt = x + (s // slots_per_token) * hidden
         g = tl.zeros([R], dtype=tl.float32)
         u = tl.zeros([R], dtype=tl.float32)
-        for col in range(0, hidden, CHUNK):
+        for col in range(0, hidden * used.to(tl.int32), CHUNK):
             cols = col + tl.arange(0, CHUNK)
             xv = tl.load(xt + cols, mask=cols < hidden, other=0).to(tl.float32)
             g += _row_dots(gate, gate_at, row_mask, col, xv, hidden, R, CHUNK, TYPE_G, QK_G, BB_G)
@@ -358,29 +410,55 @@ if triton is not None:
         tl.store(act + s * inter + rows, g / (1 + tl.exp(-g)) * u, mask=row_mask)
 
     @triton.jit
-    def _weighted_down(act, down, weights, out, slots_per_token, hidden, inter, slot_bytes, row_bytes,
-                       R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr, QK: tl.constexpr,
+    def _weighted_down(act, down, weights, slot_expert, out, slots_per_token, staged, hidden, inter, slot_bytes,
+                       row_bytes, R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr, QK: tl.constexpr,
                        BB: tl.constexpr):
-        # program (token t, rows block): out[t, rows] = sum over t's slots s of weights[s] * down_s(act[s])
+        # program (token t, rows block): out[t, rows] = sum over t's slots s with an expert e =
+        # slot_expert[s] >= 0 of weights[s] * down_e(act[s])
         t = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * R + tl.arange(0, R)
-        row_mask = rows < hidden
         total = tl.zeros([R], dtype=tl.float32)
         for j in range(0, slots_per_token):
             s = t * slots_per_token + j
-            row_at = s * slot_bytes + rows.to(tl.int64) * row_bytes
+            e = tl.load(slot_expert + s)
+            used = e >= 0
+            row_mask = (rows < hidden) & (tl.broadcast_to(e, [R]) >= 0)
+            row_at = tl.minimum(e, staged - 1).to(tl.int64) * slot_bytes + rows.to(tl.int64) * row_bytes
             part = tl.zeros([R], dtype=tl.float32)
-            for col in range(0, inter, CHUNK):
+            for col in range(0, inter * used.to(tl.int32), CHUNK):
                 cols = col + tl.arange(0, CHUNK)
                 a = tl.load(act + s * inter + cols, mask=cols < inter, other=0)
                 part += _row_dots(down, row_at, row_mask, col, a, inter, R, CHUNK, TYPE, QK, BB)
-            total += tl.load(weights + s).to(tl.float32) * part
-        tl.store(out + t * hidden + rows, total.to(out.dtype.element_ty), mask=row_mask)
+            total += tl.where(used, tl.load(weights + s).to(tl.float32), 0.0) * part
+        tl.store(out + t * hidden + rows, total.to(out.dtype.element_ty), mask=rows < hidden)
+
+    @triton.jit
+    def _split_routing(ids, cpu_ids, gpu_experts, slot_expert, n_slots, top_k, gpu_slots, most,
+                       SLOTS: tl.constexpr, MOST: tl.constexpr):
+        # one program over all n * k slots; [i, j] matrices compare slot i with slot j
+        i = tl.arange(0, SLOTS)
+        in_range = i < n_slots
+        v = tl.load(ids + i, mask=in_range, other=-1).to(tl.int32)
+        valid = in_range & (v >= 0)
+        same = (v[:, None] == v[None, :]) & valid[:, None] & valid[None, :]
+        first_at = tl.min(tl.where(same, i[None, :], SLOTS), axis=1)  # the slot where i's expert first appears
+        first = valid & (first_at == i)
+        # an expert's number among the distinct ones: first appearances before its own
+        rank = tl.sum((first[None, :] & (i[None, :] < first_at[:, None])).to(tl.int32), axis=1)
+        d = tl.sum(first.to(tl.int32), axis=0)
+        m = tl.minimum((2 * d * gpu_slots + top_k) // (2 * top_k), most)
+        local = rank - (d - m)
+        on_gpu = valid & (local >= 0)
+        tl.store(slot_expert + i, tl.where(on_gpu, local, -1), mask=in_range)
+        tl.store(cpu_ids + i, tl.where(on_gpu, -1, v), mask=in_range)
+        j = tl.arange(0, MOST)
+        hit = (first & on_gpu)[None, :] & (local[None, :] == j[:, None])  # [GPU expert j, slot]
+        tl.store(gpu_experts + j, tl.max(tl.where(hit, v[None, :], -1), axis=1), mask=j < most)
 
     @triton.jit
     def _gather_rows(src, ids, dst, n_rows, row_len, CHUNK: tl.constexpr):
         j = tl.program_id(0)
-        row = tl.minimum(tl.maximum(tl.load(ids + j).to(tl.int64), 0), n_rows - 1)
+        row = tl.minimum(tl.load(ids + j).to(tl.int64), n_rows - 1)
         at = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
-        mask = at < row_len
+        mask = (at < row_len) & (tl.broadcast_to(row, [CHUNK]) >= 0)
         tl.store(dst + j.to(tl.int64) * row_len + at, tl.load(src + row * row_len + at, mask=mask), mask=mask)

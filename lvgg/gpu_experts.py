@@ -12,9 +12,9 @@ into one shared pair of weight buffers in vLLM's layout (w13 = [gate; up], w2 = 
 multiplied by vLLM's fused MoE kernel. After the last layer the first one is fetched for the
 next pass. A layer too big for the VRAM given to streaming goes in groups of experts
 (``stream_group``), each multiplied with the others' ids masked out. Resident layers are
-dequantized once at creation and stay on the GPU. Split layers (`fetched`): a kernel reads the chosen experts' bytes straight from the pinned file (ids on the
-device, so CUDA graphs capture it) and lvgg's expert kernels multiply them from those bytes
-(lvgg.gpu_split).
+dequantized once at creation and stay on the GPU. Split layers (`fetched`): a kernel reads the
+chosen experts' bytes straight from the pinned file (ids on the device, so CUDA graphs capture
+it) and lvgg's expert kernels multiply them from those bytes (lvgg.gpu_split).
 
 Nothing here synchronizes the device; calls are ordered by the current stream. Streamed calls
 keep Python state about the staging slots, so they must not be captured in a CUDA graph
@@ -225,17 +225,18 @@ class GpuExperts:
             out = part if out is None else out.add_(part)
         return out
 
-    def fetched(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+    def fetched(self, layer: int, x: torch.Tensor, experts: torch.Tensor, slot_expert: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
-        """The MoE of ``x`` ([n, hidden]) with the experts ``topk_ids`` ([n, g] int32/int64 on the
-        device, n * g <= split_experts, repeats allowed) of a split layer, weighted by
-        ``topk_weights`` ([n, g]): the GPU reads those experts' bytes from the pinned file and
-        multiplies them as they are (no dequantized copy), in the current stream's order:
-        capturable. Returns [n, hidden] in x's dtype."""
-        n_slots = topk_ids.numel()
-        if layer not in self.split_layers or topk_ids.dim() != 2 or not 1 <= n_slots <= self.split_experts:
+        """The MoE of ``x`` ([n, hidden]) with some experts of a split layer, as
+        ``lvgg.gpu_dequant.split_routing`` shares them out: ``experts`` ([m] int32 on the device,
+        m <= split_experts; -1: none) are fetched, each once, from the pinned file and multiplied
+        as they are (no dequantized copy); slot [t, j] adds ``topk_weights[t, j]`` times expert
+        ``experts[slot_expert[t, j]]`` of x[t], or nothing where slot_expert is -1. In the
+        current stream's order: capturable. Returns [n, hidden] in x's dtype."""
+        n_fetched = experts.numel()
+        if layer not in self.split_layers or experts.dim() != 1 or not 1 <= n_fetched <= self.split_experts:
             raise ValueError(f"fetched() takes 1..{self.split_experts} experts of the split layers "
-                             f"{self.split_layers}; asked for {list(topk_ids.shape)} of layer {layer}")
+                             f"{self.split_layers}; asked for {list(experts.shape)} of layer {layer}")
         info = self._info[layer]
         stream = torch.cuda.current_stream(self.device)
         # Projections are fetched in turn on a second stream; gate and up are multiplied as soon as
@@ -243,21 +244,20 @@ class GpuExperts:
         # use of the staging buffer).
         self._link_stream.wait_stream(stream)
         at, staged = 0, []
-        ids = topk_ids.reshape(-1)
         plan = self._fetch_plan[layer]
         for i, (ggml_type, host_rows, projection) in enumerate(plan):
-            data = self._fetch_staging[at:at + n_slots * host_rows.shape[1]].view(n_slots, -1)
+            data = self._fetch_staging[at:at + n_fetched * host_rows.shape[1]].view(n_fetched, -1)
             at += _aligned(data.numel())
             with torch.cuda.stream(self._link_stream):
-                gather_rows(host_rows, ids, data)
+                gather_rows(host_rows, experts, data)
                 self._fetched_event[i].record(self._link_stream)
             staged += _staged(info, projection, ggml_type, data)
         for event in self._fetched_event[:len(plan) - 1]:
             stream.wait_event(event)
         gate, up, down = staged
-        act = gated_activations(x.contiguous(), gate, up, topk_ids.shape[1])
+        act = gated_activations(x.contiguous(), gate, up, slot_expert)
         stream.wait_event(self._fetched_event[len(plan) - 1])
-        return weighted_down(act, down, topk_weights.float().contiguous(), x.dtype)
+        return weighted_down(act, down, topk_weights.float().contiguous(), slot_expert, x.dtype)
 
     def close(self) -> None:
         """Unpin the experts file (pinned while layers stream); the device must be done with this

@@ -3,16 +3,16 @@
     split = SplitExperts(gpu, moe, slots={1: 3, 2: 2, 4: 1}, dtype=torch.bfloat16)
     out = split(layer, x, topk_ids, topk_weights)      # CUDA tensors, like CudaExperts
 
-For a call of n tokens, ``slots`` (by the smallest listed token count >= n) says how many of
-each token's experts go to the GPU, g. A token's first ``top_k - g`` experts run on the CPU
-engine (CudaExperts: pinned buffers, in the current stream's order) while, on a
-side stream, the GPU reads the other g experts' bytes straight from the pinned experts file
-over the PCIe link and multiplies them from those bytes (GpuExperts.fetched); the two partial
-sums are added. Events order the two streams and no Python runs in between, so vLLM's
-CUDA graphs capture it. The CPU's time is bound by its memory bandwidth and the GPU's by the
-link's (it reads each token's experts, repeats included, where the CPU reads each distinct
-expert once: with more tokens the GPU's share shrinks). ``calibrate`` replays both ways in
-CUDA graphs and picks the fastest g per token count.
+For a call of n tokens, ``slots`` (by the smallest listed token count >= n) gives g: the GPU
+takes g/top_k of the step's distinct experts (g of one token's). A small kernel shares them
+out on the device (lvgg.gpu_dequant.split_routing): the CPU engine computes the step with the
+GPU's experts masked out of its ids (CudaExperts: pinned buffers, in the current stream's
+order) while, on a side stream, the GPU reads each of its experts' bytes once, straight from
+the pinned experts file over the PCIe link, and multiplies them from those bytes for every
+token that chose them (GpuExperts.fetched); the two partial sums are added. Events order the
+two streams and no Python runs in between, so vLLM's CUDA graphs capture it. Both sides' time
+is bound by the bytes they read, the CPU's by its memory bandwidth and the GPU's by the link's:
+``calibrate`` replays both ways in CUDA graphs and picks the fastest g per token count.
 """
 from __future__ import annotations
 
@@ -23,23 +23,25 @@ import torch
 
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE
+from lvgg.gpu_dequant import split_routing
 from lvgg.gpu_experts import GpuExperts
 
 
 class SplitExperts:
-    """Decode calls of ``gpu.split_layers`` with some of each token's experts on the GPU.
+    """Decode calls of ``gpu.split_layers`` with some of their experts on the GPU.
 
-    slots: {token count: GPU experts per token}; a call of n tokens uses the entry of the
-    smallest count >= n, and is not taken (``takes``) past the largest or where that entry is 0.
+    slots: {token count: g}, the GPU's share of a call's distinct experts in g/top_k (g of one
+    token's experts); a call of n tokens uses the entry of the smallest count >= n, and is not
+    taken (``takes``) past the largest or where that entry is 0.
     """
 
     def __init__(self, gpu: GpuExperts, moe: CpuMoE, *, slots: dict[int, int], dtype: torch.dtype) -> None:
         top_k = moe.max_top_k
         for n, g in slots.items():
             if not 0 <= g < top_k:
-                raise ValueError(f"GPU slots must be 0..{top_k - 1} (the CPU keeps at least one of the {top_k} experts "
-                                 f"of a token), found {g} for {n} tokens")
-            if n * g > gpu.split_experts:
+                raise ValueError(f"the GPU's share must be 0..{top_k - 1} (of {top_k}: the CPU keeps a part), found {g} "
+                                 f"for {n} tokens")
+            if n * g > gpu.split_experts:  # the most distinct experts the GPU's share can hold
                 raise ValueError(f"{n} tokens x {g} GPU slots is more than the {gpu.split_experts} experts the GPU "
                                  "fetches per call (split_experts)")
         self.gpu, self.top_k, self.slots = gpu, top_k, dict(sorted(slots.items()))
@@ -47,13 +49,12 @@ class SplitExperts:
         self._layers = frozenset(gpu.split_layers)
         self._slots_of = [slots_for(slots, n) for n in range(self.max_tokens + 1)]  # by token count
         hidden = moe.store.layer_info(gpu.split_layers[0]).hidden_size
-        self._cpu = {top_k - g: CudaExperts(moe, hidden_size=hidden, top_k=top_k - g, max_tokens=self.max_tokens,
-                                            dtype=dtype) for g in set(slots.values()) if g}
+        self._cpu = CudaExperts(moe, hidden_size=hidden, top_k=top_k, max_tokens=self.max_tokens, dtype=dtype)
         self._side = torch.cuda.Stream(gpu.device)
         self._inputs_ready, self._gpu_done = torch.cuda.Event(), torch.cuda.Event()
 
     def gpu_slots(self, n_tokens: int) -> int:
-        """How many of each token's experts the GPU takes in a call of ``n_tokens`` (0: none)."""
+        """The GPU's share of a call of ``n_tokens``, g of top_k (0: none)."""
         return self._slots_of[n_tokens] if n_tokens <= self.max_tokens else 0
 
     def takes(self, layer: int, n_tokens: int) -> bool:
@@ -64,34 +65,34 @@ class SplitExperts:
         if not self.takes(layer, n) or tuple(topk_ids.shape) != (n, self.top_k):
             raise ValueError(f"SplitExperts takes calls of {self.slots} tokens x {self.top_k} experts of layers "
                              f"{self.gpu.split_layers}; found layer {layer}, ids {list(topk_ids.shape)}")
-        kc = self.top_k - g
         main = torch.cuda.current_stream(x.device)
+        cpu_ids, gpu_experts, slot_expert = split_routing(topk_ids, g)
         # The CPU's part first: its inputs are copied out before the GPU's part can fill the SMs
         # and the link (measured on the rig: started together, the two parts ran almost in turn).
-        out = self._cpu[kc](layer, x, topk_ids[:, :kc], topk_weights[:, :kc], inputs_copied=self._inputs_ready)
+        out = self._cpu(layer, x, cpu_ids, topk_weights, inputs_copied=self._inputs_ready)
         with torch.cuda.stream(self._side):
             self._side.wait_event(self._inputs_ready)
-            gpu_part = self.gpu.fetched(layer, x, topk_ids[:, kc:], topk_weights[:, kc:])
+            gpu_part = self.gpu.fetched(layer, x, gpu_experts, slot_expert, topk_weights)
             self._gpu_done.record(self._side)
         main.wait_event(self._gpu_done)
         # gpu_part's memory belongs to the side stream, whose next work waits for this add (the
-        # next call's _inputs_ready), so the allocator cannot hand it out too early.
+        # next call's _inputs_ready), so the allocator cannot hand it out too early; the routing's
+        # tensors belong to this stream, whose later work waits for the side stream's.
         return out.add_(gpu_part)
 
     def close(self) -> None:
-        for cpu in self._cpu.values():
-            cpu.close()
+        self._cpu.close()
 
 
 def slots_for(slots: dict[int, int], n_tokens: int) -> int:
-    """The entry of ``slots`` ({token count: GPU experts per token}) for the smallest count >=
+    """The entry of ``slots`` ({token count: GPU share}) for the smallest count >=
     ``n_tokens``; 0 past the largest."""
     return next((g for n, g in sorted(slots.items()) if n >= n_tokens), 0)
 
 
 def calibrate(gpu: GpuExperts, moe: CpuMoE, dtype: torch.dtype, token_counts: Sequence[int] = (1, 2, 4, 8),
               repeats: int = 5) -> dict[int, list[float]]:
-    """{n tokens: seconds per layer call with 0, 1, ... of each token's experts on the GPU}.
+    """{n tokens: seconds per layer call with the GPU's share 0, 1, ... (of top_k)}.
 
     Each way is captured in a CUDA graph calling up to 8 split layers in turn, as vLLM's decode
     graphs do, and replayed ``repeats`` times with new random routing each time (the same
@@ -179,7 +180,7 @@ SPLIT_TIE = 0.03
 
 
 def best_slots(seconds: dict[int, list[float]]) -> dict[int, int]:
-    """{n tokens: the number of GPU experts per token to use} from ``calibrate``'s timings (0:
+    """{n tokens: the GPU's share to use (of top_k)} from ``calibrate``'s timings (0:
     the CPU alone, kept unless a split was faster by SPLIT_MARGIN)."""
     def best(times: list[float]) -> int:
         fastest = min(times[1:], default=float("inf"))

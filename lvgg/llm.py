@@ -113,8 +113,8 @@ def LLM(model: str, experts: str | os.PathLike[str] | None = None, cpu_threads: 
     On a GPU, passes of at least ``gpu_prefill_min_tokens`` tokens (default 64; "off") stream
     the experts to it instead; ``gpu_resident_layers`` ("0-5,40" or "auto") keeps those layers'
     experts there; ``gpu_experts_gb`` bounds the VRAM they take. Shorter passes (decode) give
-    ``gpu_decode_split`` of each token's experts to the GPU ("auto", the default: timed at startup;
-    a count, or "off").
+    ``gpu_decode_split``/top_k of their distinct experts to the GPU ("auto", the default: timed
+    at startup; N, or "off").
     """
     path = configure_plugin(model, experts, cpu_threads, gpu_prefill_min_tokens, gpu_resident_layers,
                             gpu_experts_gb, gpu_decode_split)

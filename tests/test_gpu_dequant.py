@@ -16,13 +16,13 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
 from lvgg.gpu_dequant import (FLOAT_TYPES, QUANT_BLOCKS, StagedProjection, dequantize, gated_activations, gather_rows,
-                              raw_nbytes, weighted_down)
+                              raw_nbytes, split_routing, weighted_down)
 from lvgg.quantize import quantize
 
 # Byte offsets of each block's float16 scales; every other byte may hold any value.
 SCALE_OFFSETS = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 TYPES = sorted(QUANT_BLOCKS) + sorted(FLOAT_TYPES)
-CHECKS = TYPES + ["gather", "experts"]
+CHECKS = TYPES + ["gather", "experts", "split"]
 # expert kernel cases: (gate/up type, down type, tokens, experts per token, hidden, intermediate, gate+up fused,
 # x and output dtype)
 EXPERT_CASES = [("Q4_K", "Q6_K", 2, 3, 512, 256, False, torch.bfloat16),  # llama.cpp's Q4_K_M
@@ -73,7 +73,7 @@ def check_type(ggml_type: str, device: str) -> None:
 
 def check_gather(device: str) -> None:
     """gather_rows copies whole rows in the ids' order (repeats too), words and odd byte counts,
-    clamps ids outside the rows, and writes nothing else."""
+    skips negative ids, reads the last row for ids past it, and writes nothing else."""
     rng = np.random.default_rng(5)
     for row_bytes in (884_736 // 64, 4 * 2048 + 4, 210 * 3 + 1):  # 4-byte words over chunks; bytes
         src = torch.from_numpy(rng.integers(0, 256, size=(9, row_bytes), dtype=np.uint8))
@@ -82,9 +82,10 @@ def check_gather(device: str) -> None:
         gather_rows(src.to(device), ids.to(device), out[:len(ids)])
         assert torch.equal(out[:len(ids)].cpu(), src[ids.long()]), f"{row_bytes} bytes per row"
         assert not out[-1].any(), "wrote past the gathered rows"
-        out = torch.empty(2, row_bytes, dtype=torch.uint8, device=device)
-        gather_rows(src.to(device), torch.tensor([-3, 99], device=device), out)
-        assert torch.equal(out.cpu(), src[[0, 8]]), "ids outside the rows are clamped"
+        out = torch.full((3, row_bytes), 7, dtype=torch.uint8, device=device)
+        gather_rows(src.to(device), torch.tensor([-3, 99, -1], device=device), out)
+        assert (out[0] == 7).all() and (out[2] == 7).all(), "rows of negative ids are left as they are"
+        assert torch.equal(out[1].cpu(), src[8]), "ids past the rows read the last one"
 
 
 def quantized_experts(rng: np.random.Generator, ggml_type: str, n: int, rows: int, cols: int):
@@ -101,37 +102,61 @@ def quantized_experts(rng: np.random.Generator, ggml_type: str, n: int, rows: in
 
 
 def check_experts(device: str) -> None:
-    """gated_activations + weighted_down (from the experts' bytes, in slots t * g + j) against the
-    f64 reference of the dequantized weights; slots past n * g are left alone."""
+    """gated_activations + weighted_down (from the staged experts' bytes, slot [t, j] using staged
+    expert slot_expert[t, j], repeats and -1 included) against the f64 reference of the
+    dequantized weights; a token whose slots are all -1 gets exactly 0."""
     for case in EXPERT_CASES:
         up_type, down_type, n, g, hidden, inter, fused, dtype = case
         rng = np.random.default_rng(hidden + inter)
-        slots = n * g + 1  # one spare slot the kernels must not read into the result
+        staged = n * g + 1
         if fused:
-            raw, values = quantized_experts(rng, up_type, slots, 2 * inter, hidden)
+            raw, values = quantized_experts(rng, up_type, staged, 2 * inter, hidden)
             data = torch.from_numpy(raw.copy()).to(device)
             gate = StagedProjection(data, up_type, inter, hidden)
             up = StagedProjection(data, up_type, inter, hidden, at=inter * raw_nbytes(up_type, hidden))
             w_gate, w_up = values[:, :inter], values[:, inter:]
         else:
-            (raw_g, w_gate), (raw_u, w_up) = (quantized_experts(rng, up_type, slots, inter, hidden) for _ in "gu")
+            (raw_g, w_gate), (raw_u, w_up) = (quantized_experts(rng, up_type, staged, inter, hidden) for _ in "gu")
             gate = StagedProjection(torch.from_numpy(raw_g).to(device), up_type, inter, hidden)
             up = StagedProjection(torch.from_numpy(raw_u).to(device), up_type, inter, hidden)
-        raw_d, w_down = quantized_experts(rng, down_type, slots, hidden, inter)
+        raw_d, w_down = quantized_experts(rng, down_type, staged, hidden, inter)
         down = StagedProjection(torch.from_numpy(raw_d).to(device), down_type, hidden, inter)
+        n += 1  # one more token, without an expert
         x = torch.from_numpy(rng.standard_normal((n, hidden)).astype(np.float32)).to(dtype)
         weights = torch.from_numpy(rng.uniform(0.1, 1.0, (n, g)).astype(np.float32))
-        act = gated_activations(x.to(device), gate, up, g)
-        out = weighted_down(act, down, weights.to(device), dtype).double().cpu().numpy()
+        slot_expert = torch.from_numpy(rng.integers(-1, staged, (n, g)).astype(np.int32))
+        slot_expert[0, 0], slot_expert[-1] = staged - 1, -1
+        act = gated_activations(x.to(device), gate, up, slot_expert.to(device))
+        out = weighted_down(act, down, weights.to(device), slot_expert.to(device), dtype).double().cpu().numpy()
         xd, want = x.double().numpy(), np.zeros((n, hidden))
         for t in range(n):
-            for j in range(g):
-                s = t * g + j
-                h = w_gate[s] @ xd[t]
-                want[t] += weights[t, j].item() * (w_down[s] @ (h / (1 + np.exp(-h)) * (w_up[s] @ xd[t])))
+            for j, e in enumerate(slot_expert[t].tolist()):
+                if e >= 0:
+                    h = w_gate[e] @ xd[t]
+                    want[t] += weights[t, j].item() * (w_down[e] @ (h / (1 + np.exp(-h)) * (w_up[e] @ xd[t])))
         err = np.linalg.norm(out - want) / np.linalg.norm(want)
         # float32 sums of the exact values; the output rounded to dtype
         assert err < {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype], f"{case}: {err:.2e}"
+        assert not out[-1].any(), f"{case}: a token without an expert got {out[-1]}"
+
+
+def check_split(device: str) -> None:
+    """split_routing against a plain-Python sharing of the same ids: the GPU takes the last
+    round(d * g / k) of the d distinct experts (in order of first appearance), each once."""
+    rng = np.random.default_rng(11)
+    for n, k, g, n_experts in [(1, 8, 3, 128), (8, 8, 3, 128), (8, 8, 4, 16), (3, 4, 1, 6), (5, 6, 5, 64),
+                               (2, 8, 7, 8)]:
+        ids = np.stack([rng.permutation(n_experts)[:k] for _ in range(n)])
+        ids[rng.random(ids.shape) < 0.1] = -1  # slots without an expert
+        cpu_ids, gpu_experts, slot_expert = (t.cpu().numpy() for t in
+                                             split_routing(torch.from_numpy(ids).to(device), g))
+        distinct = list(dict.fromkeys(e for e in ids.reshape(-1).tolist() if e >= 0))
+        m = (2 * len(distinct) * g + k) // (2 * k)
+        mine = distinct[len(distinct) - m:] if m else []
+        case = f"{n} tokens, {g} of {k}, {len(distinct)} distinct"
+        assert gpu_experts.tolist() == mine + [-1] * (n * g - m), case
+        assert (cpu_ids == np.where(np.isin(ids, mine), -1, ids)).all(), case
+        assert (slot_expert == [[mine.index(e) if e in mine else -1 for e in row] for row in ids.tolist()]).all(), case
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +197,13 @@ def test_experts_multiply_from_their_bytes(request):
         assert request.getfixturevalue("interpreter_results")["experts"] == "ok"
 
 
+def test_split_routing_shares_the_distinct_experts(request):
+    if torch.cuda.is_available():
+        check_split("cuda")
+    else:
+        assert request.getfixturevalue("interpreter_results")["split"] == "ok"
+
+
 def test_bad_arguments_are_refused_before_any_kernel():
     out = torch.empty(2, 4, 256)
     raw = torch.zeros(raw_nbytes("Q4_K", out.numel()), dtype=torch.uint8)
@@ -189,21 +221,31 @@ def test_bad_arguments_are_refused_before_any_kernel():
 
 def test_bad_expert_arguments_are_refused_before_any_kernel():
     x = torch.zeros(2, 256)
+    slot_expert = torch.zeros(2, 2, dtype=torch.int32)
     gate = StagedProjection(torch.zeros(4, raw_nbytes("Q4_K", 64 * 256), dtype=torch.uint8), "Q4_K", 64, 256)
-    with pytest.raises(ValueError, match=r"up bytes must be contiguous uint8 \[>= 4, >= 9216\] on cpu, found "
-                                         r"torch.uint8 \[3, 9216\]"):
-        gated_activations(x, gate, StagedProjection(gate.data[:3], "Q4_K", 64, 256), 2)
+    with pytest.raises(ValueError, match=r"up bytes must be contiguous uint8 \[>= 1, >= 9216\] on cpu, found "
+                                         r"torch.uint8 \[0, 9216\]"):
+        gated_activations(x, gate, StagedProjection(gate.data[:0], "Q4_K", 64, 256), slot_expert)
     with pytest.raises(ValueError, match=r"up must be 64x256 \(Q4_K: rows of whole blocks of 256\), found 32x256"):
-        gated_activations(x, gate, StagedProjection(gate.data, "Q4_K", 32, 256), 2)
+        gated_activations(x, gate, StagedProjection(gate.data, "Q4_K", 32, 256), slot_expert)
     with pytest.raises(ValueError, match="no GPU kernels for IQ4_XS"):
-        gated_activations(x, gate, StagedProjection(gate.data, "IQ4_XS", 64, 256), 2)
+        gated_activations(x, gate, StagedProjection(gate.data, "IQ4_XS", 64, 256), slot_expert)
     with pytest.raises(ValueError, match="x must be a contiguous float"):
-        gated_activations(x.t(), gate, gate, 2)
+        gated_activations(x.t(), gate, gate, slot_expert)
+    with pytest.raises(ValueError, match=r"slot_expert must be contiguous int32 \[2, experts per token\] on cpu, "
+                                         r"found torch.int64 \[2, 2\]"):
+        gated_activations(x, gate, gate, slot_expert.long())
     act = torch.zeros(4, 64)
     down = StagedProjection(torch.zeros(4, raw_nbytes("Q8_0", 256 * 64), dtype=torch.uint8), "Q8_0", 256, 64)
     with pytest.raises(ValueError, match="weights must be contiguous float32"):
-        weighted_down(act, down, torch.ones(2, 2, dtype=torch.float64), torch.float32)
+        weighted_down(act, down, torch.ones(2, 2, dtype=torch.float64), slot_expert, torch.float32)
+    with pytest.raises(ValueError, match=r"slot_expert must be \[2, 3\] like the weights, found \[2, 2\]"):
+        weighted_down(act, down, torch.ones(2, 3), slot_expert, torch.float32)
     with pytest.raises(ValueError, match=r"act must be contiguous float32 \[6, intermediate\]"):
-        weighted_down(act, down, torch.ones(2, 3), torch.float32)
+        weighted_down(act, down, torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.int32), torch.float32)
     with pytest.raises(ValueError, match="down must be 256x64"):
-        weighted_down(act, StagedProjection(down.data, "Q8_0", 256, 32), torch.ones(2, 2), torch.float32)
+        weighted_down(act, StagedProjection(down.data, "Q8_0", 256, 32), torch.ones(2, 2), slot_expert, torch.float32)
+    with pytest.raises(ValueError, match=r"topk_ids must be \[tokens, experts per token\] int32/int64"):
+        split_routing(torch.zeros(8, dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match=r"gpu_slots must be 1..7 \(of 8 experts per token\), found 8"):
+        split_routing(torch.zeros(2, 8, dtype=torch.int32), 8)

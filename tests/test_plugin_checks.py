@@ -99,7 +99,7 @@ def test_gpu_settings_are_read_from_the_environment(monkeypatch):
     ("--gpu-resident-layers", "3-1", "LVGG_GPU_RESIDENT_LAYERS: range '3-1' is empty or negative"),
     ("--gpu-resident-layers", "0,0", "layer 0 is listed twice"),
     ("--gpu-experts-gb", "-2", "LVGG_GPU_EXPERTS_GB must be >= 0"),
-    ("--gpu-decode-split", "half", "LVGG_GPU_DECODE_SPLIT must be 'auto', 'off' or how many of a token's experts"),
+    ("--gpu-decode-split", "half", "LVGG_GPU_DECODE_SPLIT must be 'auto', 'off' or N, the GPU's share"),
     ("--gpu-decode-split", "99", "LVGG_GPU_DECODE_SPLIT=99: a token has"),  # the tiny model's top-k, from config.json
 ])
 def test_serve_refuses_bad_gpu_settings_before_vllm(qwen3, monkeypatch, flag, value, message):

@@ -15,7 +15,7 @@ THREADS_ENV = "LVGG_CPU_THREADS"
 GPU_PREFILL_ENV = "LVGG_GPU_PREFILL_MIN_TOKENS"  # passes of at least this many tokens stream experts to the GPU
 GPU_RESIDENT_ENV = "LVGG_GPU_RESIDENT_LAYERS"  # layers whose experts live on the GPU: "0-5,40" or "auto"
 GPU_EXPERTS_GB_ENV = "LVGG_GPU_EXPERTS_GB"  # the most VRAM (GiB) lvgg's experts may take
-GPU_SPLIT_ENV = "LVGG_GPU_DECODE_SPLIT"  # decode steps: experts per token the GPU takes, "auto" or "off"
+GPU_SPLIT_ENV = "LVGG_GPU_DECODE_SPLIT"  # decode steps: the GPU's share N (of top_k), "auto" or "off"
 
 _registered = False
 

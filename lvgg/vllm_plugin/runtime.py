@@ -248,8 +248,8 @@ def _make_gpu_experts(moe: CpuMoE, device, dtype) -> tuple[GpuExperts | None, Sp
 
 
 def _make_split(gpu: GpuExperts, moe: CpuMoE, wanted: int | str, dtype) -> SplitExperts | None:
-    """The decode split: ``wanted`` experts per token on the GPU, or for "auto" the count that
-    was fastest here for each batch size (each way replayed in CUDA graphs)."""
+    """The decode split: the GPU's share ``wanted`` (of top_k), or for "auto" the share that was
+    fastest here for each batch size (each way replayed in CUDA graphs)."""
     top_k = moe.max_top_k
     if wanted == "auto":
         t0 = time.perf_counter()
@@ -260,8 +260,8 @@ def _make_split(gpu: GpuExperts, moe: CpuMoE, wanted: int | str, dtype) -> Split
                         "alone (set %s=off to skip the timing)", GPU_SPLIT_ENV, type(e).__name__, e, GPU_SPLIT_ENV)
             return None
         slots = best_slots(seconds)
-        log.info("lvgg: %s=auto (%.1f s): ms per layer with 0, 1, ... of a token's experts on the GPU: %s; the GPU "
-                 "takes %s", GPU_SPLIT_ENV, time.perf_counter() - t0,
+        log.info("lvgg: %s=auto (%.1f s): ms per layer with the GPU's share 0, 1, ... of %d: %s; the GPU "
+                 "takes %s", GPU_SPLIT_ENV, time.perf_counter() - t0, top_k,
                  "; ".join(f"{n} tokens " + "/".join(f"{t * 1e3:.3f}" for t in times) for n, times in seconds.items()),
                  ", ".join(f"{g} at {n} tokens" for n, g in slots.items()))
     else:

@@ -11,11 +11,11 @@
     LVGG_GPU_RESIDENT_LAYERS     layers whose experts stay on the GPU: "0-5,40" or "auto"
     LVGG_GPU_EXPERTS_GB          the most VRAM (GiB) lvgg's experts may take (default: no bound;
                                  with "auto", half of what vLLM may use after its weights)
-    LVGG_GPU_DECODE_SPLIT        short passes (decode): how many of each token's experts the GPU
-                                 fetches over the link and computes while the CPU does the rest:
-                                 "auto" (default: the fastest count per batch size, timed at
-                                 startup; none where no split wins), a count, or "off";
-                                 docs/gpu-experts.md has what it gains
+    LVGG_GPU_DECODE_SPLIT        short passes (decode): N, the GPU fetches N/top_k of a step's
+                                 distinct experts over the link (N of one token's) and computes
+                                 them while the CPU does the rest: "auto" (default: the fastest N
+                                 per batch size, timed at startup; none where no split wins), N,
+                                 or "off"; docs/gpu-experts.md has what it gains
 """
 from __future__ import annotations
 
@@ -75,12 +75,12 @@ def _split(text: str) -> int | str | None:
         return "auto"
     if text == "off":
         return None
-    return _non_negative(text, GPU_SPLIT_ENV, int, "'auto', 'off' or how many of a token's experts the GPU "
-                         "takes") or None
+    return _non_negative(text, GPU_SPLIT_ENV, int, "'auto', 'off' or N, the GPU's share of the experts "
+                         "in N/top_k") or None
 
 
 def check_decode_split(slots: int | str | None, top_k: int) -> None:
-    """Raise ValueError unless a token's ``top_k`` experts leave the CPU at least one."""
+    """Raise ValueError unless the GPU's share (``slots``/``top_k``) leaves the CPU a part."""
     if isinstance(slots, int) and slots >= top_k:
         raise ValueError(f"{GPU_SPLIT_ENV}={slots}: a token has {top_k} experts and the CPU keeps at least one; "
                          f"give 1..{top_k - 1}, 'auto' or 'off'")
