@@ -21,7 +21,7 @@ import lvgg
 from lvgg.gpu_dequant import gated_activations, gather_rows, split_routing, weighted_down
 from lvgg.gpu_experts import GpuExperts, _staged
 from lvgg.cuda_bridge import CudaExperts
-from lvgg.gpu_split import RandomRoutes, SplitExperts, graph_seconds, timed_layers
+from lvgg.gpu_split import RandomRoutes, SplitExperts, graphs_seconds, timed_layers
 
 
 def main() -> None:
@@ -46,12 +46,12 @@ def main() -> None:
     x = torch.randn(1, info.hidden_size, dtype=dtype, device="cuda")
     w = torch.full((1, top_k), 1 / top_k, device="cuda")
     staged = [p for (ggml_type, _, name), data in zip(plan, fetched) for p in _staged(info, name, ggml_type, data)]
-    fetch = graph_seconds(lambda: [gather_rows(host_rows, ids, out) for (_, host_rows, _), out in zip(plan, fetched)],
-                          20)
     slot_expert = torch.arange(top_k, dtype=torch.int32, device="cuda").view(1, top_k)
-    multiply = graph_seconds(lambda: weighted_down(gated_activations(x, staged[0], staged[1], slot_expert), staged[2],
-                                                   w, slot_expert, dtype), 20)
-    whole = graph_seconds(lambda: gpu.fetched(layer, x, ids, slot_expert, w), 20)
+    fetch, multiply, whole = graphs_seconds([
+        lambda: [gather_rows(host_rows, ids, out) for (_, host_rows, _), out in zip(plan, fetched)],
+        lambda: weighted_down(gated_activations(x, staged[0], staged[1], slot_expert), staged[2], w, slot_expert,
+                              dtype),
+        lambda: gpu.fetched(layer, x, ids, slot_expert, w)], 20)
     print(f"GPU side, one token's {top_k} experts of layer {layer} ({sum(per_expert) / 2**20:.2f} MiB each), in "
           f"CUDA graphs: fetch {fetch * 1e3:.3f} ms ({top_k * sum(per_expert) / fetch / 1e9:.1f} GB/s), multiply "
           f"from the bytes {multiply * 1e3:.3f} ms, both as fetched() runs them {whole * 1e3:.3f} ms")
@@ -63,23 +63,25 @@ def main() -> None:
         routes = RandomRoutes(layers, n, top_k, info.n_experts, gpu.device, seed=n)
         x = torch.randn(n, info.hidden_size, generator=routes.generator).to("cuda", dtype)
         cpu = CudaExperts(moe, hidden_size=info.hidden_size, top_k=top_k, max_tokens=n, dtype=dtype)
-        for g in range(min(top_k - 1, gpu.split_experts // n) + 1):
-            parts, shares = [], ""
+        shares, ways = range(min(top_k - 1, gpu.split_experts // n) + 1), []
+        for g in shares:  # each way's parts, all timed in turn
+            if g == 0:
+                ways.append(lambda: [cpu(layer, x, ids, w) for layer, ids, w in routes])
+                continue
+            split = SplitExperts(gpu, cpu, slots={n: g})
+            ways += [lambda g=g: [cpu(layer, x, split_routing(ids, g)[0], w) for layer, ids, w in routes],
+                     lambda g=g: [gpu.fetched(layer, x, *split_routing(ids, g)[1:], w) for layer, ids, w in routes],
+                     lambda split=split: [split(layer, x, ids, w) for layer, ids, w in routes]]
+        times = iter(routes.graphs_seconds(ways, 10))
+        for g in shares:
+            parts = [next(times) for _ in range(3 if g else 1)]
+            shares_read = ""
             if g:
-                split = SplitExperts(gpu, moe, slots={n: g}, dtype=dtype)
-                parts.append(routes.graph_seconds(
-                    lambda: [cpu(layer, x, split_routing(ids, g)[0], w) for layer, ids, w in routes], 10))
-                parts.append(routes.graph_seconds(
-                    lambda: [gpu.fetched(layer, x, *split_routing(ids, g)[1:], w) for layer, ids, w in routes], 10))
-                parts.append(routes.graph_seconds(lambda: [split(layer, x, ids, w) for layer, ids, w in routes], 10))
-                split.close()
                 cpu_ids, gpu_experts, _ = split_routing(routes.ids[0], g)
-                shares = (f"  (distinct experts: CPU {cpu_ids[cpu_ids >= 0].unique().numel()}, "
-                          f"GPU {int((gpu_experts >= 0).sum())})")
-            else:
-                parts.append(routes.graph_seconds(lambda: [cpu(layer, x, ids, w) for layer, ids, w in routes], 10))
+                shares_read = (f"  (distinct experts: CPU {cpu_ids[cpu_ids >= 0].unique().numel()}, "
+                               f"GPU {int((gpu_experts >= 0).sum())})")
             print(f"{n:3d} tokens, GPU share {g} of {top_k}: " +
-                  " / ".join(f"{t / len(routes.layers) * 1e3:.3f}" for t in parts) + shares)
+                  " / ".join(f"{t / len(routes.layers) * 1e3:.3f}" for t in parts) + shares_read)
         cpu.close()
 
 if __name__ == "__main__":

@@ -65,25 +65,30 @@ class CudaExperts:
             signal = "host_function" if _bridge.power_saving() else "flags"
         if signal not in SIGNALS:
             raise ValueError(f"signal must be one of {SIGNALS}, found {signal!r}")
-        self.moe, self.hidden_size, self.top_k, self.max_tokens = moe, hidden_size, top_k, max_tokens
+        self.moe, self.hidden_size, self.top_k, self.max_tokens, self.dtype = moe, hidden_size, top_k, max_tokens, dtype
         self._x = _pinned((max_tokens, hidden_size), dtype)
         self._ids = _pinned((max_tokens, top_k), torch.int32)
         self._weights = _pinned((max_tokens, top_k), torch.float32)
         self._out = _pinned((max_tokens, hidden_size), dtype)
+        self._real_rows = _pinned((1, 1), torch.int32)
         self._signals = None
         if signal == "flags":
             try:
                 self._signals = _pinned((2, 16), torch.int32, _HOST_REGISTER_MAPPED)
             except RuntimeError as e:  # host functions still work
                 log.warning("lvgg: the CUDA bridge hands layers to the CPU through host functions: %s", e)
-        self._bridge = _bridge.CudaBridge(moe._engine, self._x, self._ids, self._weights, self._out, self._signals)
+        self._bridge = _bridge.CudaBridge(moe._engine, self._x, self._ids, self._weights, self._out, self._signals,
+                                          self._real_rows)
         self.signal = "flags" if self._bridge.flags else "host_function"
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 inputs_copied: torch.cuda.Event | None = None) -> torch.Tensor:
+                 inputs_copied: torch.cuda.Event | None = None, real_rows: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's experts of ``x``; ``inputs_copied``, if given, is recorded on the stream once
         the inputs are in the pinned buffers, before the CPU starts (work on other streams that
-        waits for it then runs alongside the CPU without delaying these copies)."""
+        waits for it then runs alongside the CPU without delaying these copies). ``real_rows``: a
+        one-element int32 CUDA tensor, read in stream order, with how many of x's rows are real
+        (vLLM pads a batch to its graph's size): the CPU leaves the others out and they come back
+        0 (a value outside 0..rows-1 computes every row)."""
         n = x.shape[0] if x.dim() == 2 else -1
         for name, t, cols in (("x", x, self.hidden_size), ("topk_ids", topk_ids, self.top_k),
                               ("topk_weights", topk_weights, self.top_k)):
@@ -97,13 +102,18 @@ class CudaExperts:
             raise RuntimeError("this CudaExperts was closed; make a new one")
         if topk_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"topk_ids must be int32 or int64, found {topk_ids.dtype}")
+        if real_rows is not None and (real_rows.numel() != 1 or real_rows.dtype != torch.int32 or not real_rows.is_cuda):
+            raise ValueError(f"real_rows must be one int32 on a CUDA device, found {real_rows.dtype} "
+                             f"{list(real_rows.shape)} on {real_rows.device}")
         stream = torch.cuda.current_stream(x.device)
         self._x[:n].copy_(x, non_blocking=True)
         self._ids[:n].copy_(topk_ids, non_blocking=True)
         self._weights[:n].copy_(topk_weights, non_blocking=True)
+        if real_rows is not None:
+            self._real_rows.view(1).copy_(real_rows.view(1), non_blocking=True)
         if inputs_copied is not None:
             inputs_copied.record(stream)
-        self._bridge.enqueue(stream.cuda_stream, layer, n)
+        self._bridge.enqueue(stream.cuda_stream, layer, n, real_rows is not None)
         out = torch.empty_like(x)
         out.copy_(self._out[:n], non_blocking=True)
         return out
@@ -118,7 +128,7 @@ class CudaExperts:
         if self._bridge is None:
             return
         self._bridge = None  # stops its polling thread, if any, before the flags are unpinned
-        for t in (self._x, self._ids, self._weights, self._out, self._signals):
+        for t in (self._x, self._ids, self._weights, self._out, self._real_rows, self._signals):
             if t is not None:
                 torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 

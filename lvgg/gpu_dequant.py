@@ -176,10 +176,13 @@ def weighted_down(act: torch.Tensor, down: StagedProjection, weights: torch.Tens
     return out
 
 
-def split_routing(topk_ids: torch.Tensor, gpu_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Share a step's distinct experts between the CPU and the GPU, on the device (capturable).
 
-    topk_ids: [n, k] int32/int64 on the GPU (-1: a slot without an expert). Of the d distinct
+    topk_ids: [n, k] int32/int64 on the GPU (-1: a slot without an expert); real_rows: None, or
+    a one-element int32 tensor on the GPU: rows from there on are padding, their slots left
+    without an expert (a value outside 0..n-1: every row is real). Of the d distinct
     experts, in the order they first appear, the GPU takes the last m = round(d * gpu_slots / k)
     (half up; one token's last ``gpu_slots``), each once however many tokens chose it.
     Returns int32 tensors on the device:
@@ -193,15 +196,19 @@ def split_routing(topk_ids: torch.Tensor, gpu_slots: int) -> tuple[torch.Tensor,
     n, k = topk_ids.shape
     if not 0 < gpu_slots < k:
         raise ValueError(f"gpu_slots must be 1..{k - 1} (of {k} experts per token), found {gpu_slots}")
+    if real_rows is not None and (real_rows.numel() != 1 or real_rows.dtype != torch.int32
+                                  or real_rows.device != topk_ids.device):
+        raise ValueError(f"real_rows must be one int32 on {topk_ids.device}, found {real_rows.dtype} "
+                         f"{list(real_rows.shape)} on {real_rows.device}")
     if triton is None:
         raise RuntimeError("splitting experts on the GPU needs Triton (it comes with CUDA builds of torch)")
     cpu_ids = torch.empty(n, k, dtype=torch.int32, device=topk_ids.device)
     slot_expert = torch.empty_like(cpu_ids)
     gpu_experts = torch.empty(n * gpu_slots, dtype=torch.int32, device=topk_ids.device)
     if n:
-        _split_routing[(1,)](topk_ids.contiguous(), cpu_ids, gpu_experts, slot_expert, n * k, k, gpu_slots,
-                             n * gpu_slots, SLOTS=triton.next_power_of_2(n * k),
-                             MOST=triton.next_power_of_2(n * gpu_slots))
+        _split_routing[(1,)](topk_ids.contiguous(), topk_ids if real_rows is None else real_rows, cpu_ids, gpu_experts,
+                             slot_expert, n, k, gpu_slots, n * gpu_slots, COUNTED=real_rows is not None,
+                             SLOTS=triton.next_power_of_2(n * k), MOST=triton.next_power_of_2(n * gpu_slots))
     return cpu_ids, gpu_experts, slot_expert
 
 
@@ -433,12 +440,16 @@ if triton is not None:
         tl.store(out + t * hidden + rows, total.to(out.dtype.element_ty), mask=rows < hidden)
 
     @triton.jit
-    def _split_routing(ids, cpu_ids, gpu_experts, slot_expert, n_slots, top_k, gpu_slots, most,
-                       SLOTS: tl.constexpr, MOST: tl.constexpr):
+    def _split_routing(ids, real_rows, cpu_ids, gpu_experts, slot_expert, n_rows, top_k, gpu_slots, most,
+                       COUNTED: tl.constexpr, SLOTS: tl.constexpr, MOST: tl.constexpr):
         # one program over all n * k slots; [i, j] matrices compare slot i with slot j
+        n_real = n_rows
+        if COUNTED:
+            r = tl.load(real_rows)
+            n_real = tl.where((r >= 0) & (r < n_rows), r, n_rows)
         i = tl.arange(0, SLOTS)
-        in_range = i < n_slots
-        v = tl.load(ids + i, mask=in_range, other=-1).to(tl.int32)
+        in_range = i < n_rows * top_k
+        v = tl.load(ids + i, mask=i < n_real * top_k, other=-1).to(tl.int32)
         valid = in_range & (v >= 0)
         same = (v[:, None] == v[None, :]) & valid[:, None] & valid[None, :]
         first_at = tl.min(tl.where(same, i[None, :], SLOTS), axis=1)  # the slot where i's expert first appears

@@ -1,6 +1,6 @@
 """A decode step's experts shared between the CPU and the GPU, so both read weights at once.
 
-    split = SplitExperts(gpu, moe, slots={1: 3, 2: 2, 4: 1}, dtype=torch.bfloat16)
+    split = SplitExperts(gpu, cpu, slots={1: 3, 2: 2, 4: 1})   # cpu: the CudaExperts to share
     out = split(layer, x, topk_ids, topk_weights)      # CUDA tensors, like CudaExperts
 
 For a call of n tokens, ``slots`` (by the smallest listed token count >= n) gives g: the GPU
@@ -22,7 +22,6 @@ from typing import Sequence
 import torch
 
 from lvgg.cuda_bridge import CudaExperts
-from lvgg.experts import CpuMoE
 from lvgg.gpu_dequant import split_routing
 from lvgg.gpu_experts import GpuExperts
 
@@ -35,8 +34,8 @@ class SplitExperts:
     taken (``takes``) past the largest or where that entry is 0.
     """
 
-    def __init__(self, gpu: GpuExperts, moe: CpuMoE, *, slots: dict[int, int], dtype: torch.dtype) -> None:
-        top_k = moe.max_top_k
+    def __init__(self, gpu: GpuExperts, cpu: CudaExperts, *, slots: dict[int, int]) -> None:
+        top_k = cpu.top_k
         for n, g in slots.items():
             if not 0 <= g < top_k:
                 raise ValueError(f"the GPU's share must be 0..{top_k - 1} (of {top_k}: the CPU keeps a part), found {g} "
@@ -44,12 +43,13 @@ class SplitExperts:
             if n * g > gpu.split_experts:  # the most distinct experts the GPU's share can hold
                 raise ValueError(f"{n} tokens x {g} GPU slots is more than the {gpu.split_experts} experts the GPU "
                                  "fetches per call (split_experts)")
-        self.gpu, self.top_k, self.slots = gpu, top_k, dict(sorted(slots.items()))
+        self.gpu, self.cpu, self.top_k, self.slots = gpu, cpu, top_k, dict(sorted(slots.items()))
         self.max_tokens = max(slots) if slots else 0
+        if self.max_tokens > cpu.max_tokens:
+            raise ValueError(f"calls of up to {self.max_tokens} tokens need a CudaExperts of as many rows; this one "
+                             f"takes {cpu.max_tokens}")
         self._layers = frozenset(gpu.split_layers)
         self._slots_of = [slots_for(slots, n) for n in range(self.max_tokens + 1)]  # by token count
-        hidden = moe.store.layer_info(gpu.split_layers[0]).hidden_size
-        self._cpu = CudaExperts(moe, hidden_size=hidden, top_k=top_k, max_tokens=self.max_tokens, dtype=dtype)
         self._side = torch.cuda.Stream(gpu.device)
         self._inputs_ready, self._gpu_done = torch.cuda.Event(), torch.cuda.Event()
 
@@ -60,16 +60,18 @@ class SplitExperts:
     def takes(self, layer: int, n_tokens: int) -> bool:
         return self.gpu_slots(n_tokens) > 0 and layer in self._layers
 
-    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 real_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Like CudaExperts' call (real_rows too: padding rows come back 0)."""
         n, g = x.shape[0], self.gpu_slots(x.shape[0])
         if not self.takes(layer, n) or tuple(topk_ids.shape) != (n, self.top_k):
             raise ValueError(f"SplitExperts takes calls of {self.slots} tokens x {self.top_k} experts of layers "
                              f"{self.gpu.split_layers}; found layer {layer}, ids {list(topk_ids.shape)}")
         main = torch.cuda.current_stream(x.device)
-        cpu_ids, gpu_experts, slot_expert = split_routing(topk_ids, g)
+        cpu_ids, gpu_experts, slot_expert = split_routing(topk_ids, g, real_rows)
         # The CPU's part first: its inputs are copied out before the GPU's part can fill the SMs
         # and the link (measured on the rig: started together, the two parts ran almost in turn).
-        out = self._cpu(layer, x, cpu_ids, topk_weights, inputs_copied=self._inputs_ready)
+        out = self.cpu(layer, x, cpu_ids, topk_weights, inputs_copied=self._inputs_ready)
         with torch.cuda.stream(self._side):
             self._side.wait_event(self._inputs_ready)
             gpu_part = self.gpu.fetched(layer, x, gpu_experts, slot_expert, topk_weights)
@@ -80,9 +82,6 @@ class SplitExperts:
         # tensors belong to this stream, whose later work waits for the side stream's.
         return out.add_(gpu_part)
 
-    def close(self) -> None:
-        self._cpu.close()
-
 
 def slots_for(slots: dict[int, int], n_tokens: int) -> int:
     """The entry of ``slots`` ({token count: GPU share}) for the smallest count >=
@@ -90,30 +89,27 @@ def slots_for(slots: dict[int, int], n_tokens: int) -> int:
     return next((g for n, g in sorted(slots.items()) if n >= n_tokens), 0)
 
 
-def calibrate(gpu: GpuExperts, moe: CpuMoE, dtype: torch.dtype, token_counts: Sequence[int] = (1, 2, 4, 8),
+def calibrate(gpu: GpuExperts, cpu: CudaExperts, token_counts: Sequence[int] = (1, 2, 4, 8),
               repeats: int = 5) -> dict[int, list[float]]:
     """{n tokens: seconds per layer call with the GPU's share 0, 1, ... (of top_k)}.
 
     Each way is captured in a CUDA graph calling up to 8 split layers in turn, as vLLM's decode
-    graphs do, and replayed ``repeats`` times with new random routing each time (the same
-    experts again would be read from the CPU's caches, which a decode step never is); 0 is the
-    CPU alone (through a CudaExperts). Synchronizes: call outside any capture (vLLM's profiling
-    run comes first)."""
-    top_k = moe.max_top_k
+    graphs do; 0 is the CPU alone (``cpu``, which the splits share). The ways are replayed in
+    turn, ``repeats`` rounds, so a passing slowdown of the machine weighs on every way alike,
+    with new random routing before each replay (the same experts again would be read from the
+    CPU's caches, which a decode step never is). Synchronizes: call outside any capture (vLLM's profiling run
+    comes first)."""
+    top_k = cpu.top_k
     layers = timed_layers(gpu.split_layers)
-    info = moe.store.layer_info(layers[0])
-    cpu = CudaExperts(moe, hidden_size=info.hidden_size, top_k=top_k, max_tokens=max(token_counts), dtype=dtype)
+    info = cpu.moe.store.layer_info(layers[0])
     result = {}
     for n in token_counts:
         routes = RandomRoutes(layers, n, top_k, info.n_experts, gpu.device, seed=n)
-        x = torch.randn(n, info.hidden_size, generator=routes.generator).to(gpu.device, dtype)
-        times = [routes.graph_seconds(lambda: [cpu(layer, x, ids, w) for layer, ids, w in routes], repeats)]
-        for slots in range(1, min(top_k - 1, gpu.split_experts // n) + 1):
-            split = SplitExperts(gpu, moe, slots={n: slots}, dtype=dtype)
-            times.append(routes.graph_seconds(lambda: [split(layer, x, ids, w) for layer, ids, w in routes], repeats))
-            split.close()
+        x = torch.randn(n, info.hidden_size, generator=routes.generator).to(gpu.device, cpu.dtype)
+        ways = [cpu] + [SplitExperts(gpu, cpu, slots={n: g}) for g in range(1, min(top_k - 1, gpu.split_experts // n) + 1)]
+        times = routes.graphs_seconds([lambda way=way: [way(layer, x, ids, w) for layer, ids, w in routes]
+                                       for way in ways], repeats)
         result[n] = [t / len(layers) for t in times]
-    cpu.close()
     return result
 
 
@@ -124,7 +120,7 @@ def timed_layers(layers: Sequence[int]) -> list[int]:
 
 class RandomRoutes:
     """Routing of n tokens to top_k distinct experts in each of ``layers``, in device tensors
-    that a CUDA graph captures; ``graph_seconds`` draws new routes before each replay.
+    that a CUDA graph captures; ``graphs_seconds`` draws new routes before each replay.
     Iterating gives (layer, ids [n, top_k] int32, weights [n, top_k] float32)."""
 
     def __init__(self, layers: Sequence[int], n: int, top_k: int, n_experts: int, device: torch.device,
@@ -143,30 +139,35 @@ class RandomRoutes:
     def __iter__(self):
         return ((layer, ids, self.weights) for layer, ids in zip(self.layers, self.ids))
 
-    def graph_seconds(self, fn, repeats: int) -> float:
-        """``graph_seconds`` with new routes drawn before each replay."""
-        return graph_seconds(fn, repeats, before_each=self.draw)
+    def graphs_seconds(self, fns, repeats: int) -> list[float]:
+        """``graphs_seconds`` with new routes drawn before each replay."""
+        return graphs_seconds(fns, repeats, before_each=self.draw)
 
 
-def graph_seconds(fn, repeats: int, before_each=None) -> float:
-    """Seconds one replay of a CUDA graph of ``fn`` takes, the median of ``repeats`` replays
-    (``before_each()`` runs, untimed, before each; fn runs eagerly first and the graph twice
-    before timing: kernels compile, pages fault in)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+def graphs_seconds(fns, repeats: int, before_each=None) -> list[float]:
+    """Seconds one replay of a CUDA graph of each of ``fns`` takes, the median of ``repeats``
+    rounds that replay each graph in turn (``before_each()`` runs, untimed, before each replay;
+    each fn runs eagerly first, and two rounds run before timing: kernels compile, pages fault
+    in)."""
+    graphs = []
+    for fn in fns:
         fn()
-    times = []
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graphs.append(graph)
+    times = [[] for _ in graphs]
     for _ in range(repeats + 2):
-        if before_each is not None:
-            before_each()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[2:])[repeats // 2]
+        for graph, took in zip(graphs, times):
+            if before_each is not None:
+                before_each()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            took.append(time.perf_counter() - t0)
+    return [sorted(took[2:])[repeats // 2] for took in times]
 
 
 # A split must beat the CPU alone by this much to be kept, and among the splits within

@@ -101,6 +101,32 @@ def test_graph_replay_equals_eager_with_new_inputs(bridge):
 
 
 @needs_cuda
+def test_counted_calls_leave_the_padding_rows_out_graph_replays_included(bridge):
+    moe, experts = bridge
+    x, ids, w = routing(6, "cuda", seed=6)
+    full = moe(3, x.cpu(), ids.cpu(), w.cpu())
+    real_rows = torch.zeros(1, dtype=torch.int32, device="cuda")
+    experts(3, x, ids, w, real_rows=real_rows)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = experts(3, x, ids, w, real_rows=real_rows)
+    ids[4:] = E + 9  # padding rows hold anything, out-of-range ids too: they are never read
+    for real in (4, 0, 1):
+        real_rows.fill_(real)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y[:real].cpu(), full[:real]) and not y[real:].any(), f"{real} real rows"
+        experts.check()
+    ids[4:] = ids[:2]
+    for real in (6, -1, 99):  # not a count of padded rows: every row is computed
+        real_rows.fill_(real)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y.cpu(), moe(3, x.cpu(), ids.cpu(), w.cpu())), f"real_rows={real}"
+
+
+@needs_cuda
 def test_bad_ids_poison_the_output_and_raise_at_the_next_call(bridge):
     _, experts = bridge
     x, ids, w = routing(2, "cuda", seed=5)
@@ -123,5 +149,7 @@ def test_bad_calls_are_refused_before_anything_is_enqueued(bridge):
         experts(3, x, ids[:, :2], w)
     with pytest.raises(ValueError, match="takes 1..256"):
         experts(3, *routing(300, "cuda"))
+    with pytest.raises(ValueError, match=r"real_rows must be one int32 on a CUDA device, found torch.int64"):
+        experts(3, x, ids, w, real_rows=torch.tensor([2], device="cuda"))
     with pytest.raises(IndexError):
         experts(2, x, ids, w)  # no MoE layer 2 in the file

@@ -190,10 +190,11 @@ def split(experts_file):
     gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, resident_layers=[3], split_layers=[1, 2, 5],
                      split_experts=16)
     moe = lvgg.CpuMoE(store, threads=2, max_top_k=K)
-    split = SplitExperts(gpu, moe, slots={2: 1, 8: 2}, dtype=torch.bfloat16)
+    cpu = lvgg.CudaExperts(moe, hidden_size=D, top_k=K, max_tokens=8, dtype=torch.bfloat16)
+    split = SplitExperts(gpu, cpu, slots={2: 1, 8: 2})
     yield split
     torch.cuda.synchronize()
-    split.close()
+    cpu.close()
     gpu.close()
 
 
@@ -232,7 +233,7 @@ def test_decode_split_replays_in_a_cuda_graph(split):
 def test_decode_split_calibration_times_both_sides(split):
     from lvgg.gpu_split import best_slots, calibrate
 
-    seconds = calibrate(split.gpu, split._cpu.moe, torch.bfloat16, token_counts=(1, 8), repeats=2)
+    seconds = calibrate(split.gpu, split.cpu, token_counts=(1, 8), repeats=2)
     assert len(seconds[1]) == K and len(seconds[8]) == 3  # 0..K-1 GPU slots; 8 tokens x 2 fill the 16 fetched
     assert all(t > 0 for times in seconds.values() for t in times)
     assert set(best_slots(seconds)) == {1, 8}

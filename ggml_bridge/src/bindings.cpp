@@ -262,7 +262,7 @@ NB_MODULE(_bridge, m) {
     nb::class_<CudaBridge>(m, "CudaBridge")
         .def("__init__",
              [](CudaBridge * self, Experts & engine, AnyArray x, AnyArray ids, AnyArray weights, AnyArray out,
-                std::optional<AnyArray> signals) {
+                std::optional<AnyArray> signals, std::optional<AnyArray> real_rows) {
                  uint32_t * request = nullptr;
                  if (signals) {  // two words 64 bytes apart: a cache line each
                      const Matrix m = as_matrix(*signals, "signals");
@@ -271,14 +271,22 @@ NB_MODULE(_bridge, m) {
                      }
                      request = (uint32_t *) m.data;
                  }
+                 const int32_t * rows = nullptr;
+                 if (real_rows) {
+                     const Matrix m = as_matrix(*real_rows, "real_rows");
+                     if (m.type != GGML_TYPE_I32 || m.rows * m.cols < 1) {
+                         fail(ErrorKind::Value, "real_rows must be an int32 word of pinned memory");
+                     }
+                     rows = (const int32_t *) m.data;
+                 }
                  new (self) CudaBridge(engine, as_matrix(x, "x"), as_matrix(ids, "topk_ids"),
                                        as_matrix(weights, "topk_weights"), as_matrix(out, "out"), request,
-                                       request ? request + 16 : nullptr);
+                                       request ? request + 16 : nullptr, rows);
              },
              "engine"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "out"_a, "signals"_a = nb::none(),
-             nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(), nb::keep_alive<1, 5>(),
-             nb::keep_alive<1, 6>(), nb::keep_alive<1, 7>())
-        .def("enqueue", &CudaBridge::enqueue, "stream"_a, "layer"_a, "n_tokens"_a)
+             "real_rows"_a = nb::none(), nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(),
+             nb::keep_alive<1, 5>(), nb::keep_alive<1, 6>(), nb::keep_alive<1, 7>(), nb::keep_alive<1, 8>())
+        .def("enqueue", &CudaBridge::enqueue, "stream"_a, "layer"_a, "n_tokens"_a, "counted"_a = false)
         .def("check", &CudaBridge::check)
         .def_prop_ro("flags", &CudaBridge::flags);
 

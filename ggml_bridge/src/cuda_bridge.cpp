@@ -96,12 +96,13 @@ void fill_nan(const Matrix & out) {
 }  // namespace
 
 CudaBridge::CudaBridge(Experts & engine, const Matrix & x, const Matrix & ids, const Matrix & weights,
-                       const Matrix & out, uint32_t * request, uint32_t * done) :
+                       const Matrix & out, uint32_t * request, uint32_t * done, const int32_t * real_rows) :
     engine_(engine),
     x_(x),
     ids_(ids),
     weights_(weights),
-    out_(out) {
+    out_(out),
+    real_rows_(real_rows) {
     if (x.rows != ids.rows || x.rows != weights.rows || x.rows != out.rows) {
         fail(ErrorKind::Value, "the pinned buffers must have the same number of rows; found " + std::to_string(x.rows) +
                                    ", " + std::to_string(ids.rows) + ", " + std::to_string(weights.rows) + ", " +
@@ -134,9 +135,15 @@ CudaBridge::~CudaBridge() {
     }
 }
 
+// A job's number: 1 + (layer * (rows + 1) + n_tokens) * 2 + counted.
 CudaBridge::Job CudaBridge::job_for(uint32_t id) {
-    const int64_t key = (int64_t) id - 1, rows = x_.rows + 1, n = key % rows;
-    return Job{ this, (int) (key / rows), first_rows(x_, n), first_rows(ids_, n), first_rows(weights_, n),
+    const int64_t key = ((int64_t) id - 1) / 2, rows = x_.rows + 1, n = key % rows;
+    return Job{ this,
+                (int) (key / rows),
+                (id - 1) % 2 == 1,
+                first_rows(x_, n),
+                first_rows(ids_, n),
+                first_rows(weights_, n),
                 first_rows(out_, n) };
 }
 
@@ -163,14 +170,17 @@ void CudaBridge::serve() {
     }
 }
 
-void CudaBridge::enqueue(uintptr_t stream, int layer, int64_t n_tokens) {
+void CudaBridge::enqueue(uintptr_t stream, int layer, int64_t n_tokens, bool counted) {
     check();
     if (n_tokens < 1 || n_tokens > x_.rows) {
         fail(ErrorKind::Value, "n_tokens=" + std::to_string(n_tokens) + " but the pinned buffers hold 1.." +
                                    std::to_string(x_.rows) + " rows");
     }
+    if (counted && !real_rows_) {
+        fail(ErrorKind::Value, "a counted job needs the bridge's real_rows word; this bridge has none");
+    }
     Job *         job;
-    const int64_t key = (int64_t) layer * (x_.rows + 1) + n_tokens;
+    const int64_t key = ((int64_t) layer * (x_.rows + 1) + n_tokens) * 2 + counted;
     if (layer < 0 || key + 1 > (int64_t) std::numeric_limits<uint32_t>::max()) {
         fail(ErrorKind::Value, "layer " + std::to_string(layer) + " is out of the bridge's range");
     }
@@ -197,9 +207,22 @@ void CudaBridge::enqueue(uintptr_t stream, int layer, int64_t n_tokens) {
 }
 
 void CudaBridge::run(void * p) {
-    Job & job = *static_cast<Job *>(p);
+    Job &   job  = *static_cast<Job *>(p);
+    int64_t rows = job.x.rows;
+    if (job.counted) {  // the stream copied the count before it asked for the job
+        const int32_t real = __atomic_load_n(job.bridge->real_rows_, __ATOMIC_ACQUIRE);
+        if (real >= 0 && real < rows) {
+            const size_t row_bytes = ggml_row_size(job.out.type, job.out.cols);
+            std::memset((char *) job.out.data + real * row_bytes, 0, (size_t) (rows - real) * row_bytes);
+            rows = real;
+        }
+    }
+    if (rows == 0) {
+        return;
+    }
     try {
-        job.bridge->engine_.forward(job.layer, job.x, job.ids, job.weights, job.out);
+        job.bridge->engine_.forward(job.layer, first_rows(job.x, rows), first_rows(job.ids, rows),
+                                    first_rows(job.weights, rows), first_rows(job.out, rows));
     } catch (const std::exception & e) {
         fill_nan(job.out);
         std::lock_guard<std::mutex> lock(job.bridge->error_mutex_);

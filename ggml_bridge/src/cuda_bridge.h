@@ -3,6 +3,9 @@
 // stream what makes the CPU compute the layer into a pinned output buffer, and the caller
 // copies that back on the stream. All of it can be captured into a CUDA graph: a job (layer,
 // token count) is fixed when enqueued, so a graph replays it with the buffers' new contents.
+// A job may also be counted: the caller copies how many of its rows are real into a pinned
+// word first (vLLM pads a batch to the size its graph was captured for), and the CPU computes
+// only those; the rest of the output comes back 0.
 //
 // Two ways to hand a job to the CPU:
 // - flags (`request` and `done` given): the stream writes the job's id into a pinned word that a thread of
@@ -34,16 +37,18 @@ class CudaBridge {
     // x, ids, weights, out: pinned host buffers of max_tokens rows (the engine's limit or less).
     // request, done: nullptr (host functions), or two uint32 words in pinned, mapped host memory,
     // on cache lines of their own; flags need a driver with stream memory operations (CUDA
-    // 11.7+), else host functions are used (`flags()` says which).
+    // 11.7+), else host functions are used (`flags()` says which). real_rows: a pinned int32
+    // word that counted jobs read (nullptr: no job may be counted).
     CudaBridge(Experts & engine, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out,
-               uint32_t * request = nullptr, uint32_t * done = nullptr);
+               uint32_t * request = nullptr, uint32_t * done = nullptr, const int32_t * real_rows = nullptr);
     ~CudaBridge();
     CudaBridge(const CudaBridge &)             = delete;
     CudaBridge & operator=(const CudaBridge &) = delete;
 
     // Adds to `stream` (a CUstream / cudaStream_t) the computation of `layer` for the first
-    // `n_tokens` rows of the buffers. Raises the error of an earlier job, if any.
-    void enqueue(uintptr_t stream, int layer, int64_t n_tokens);
+    // `n_tokens` rows of the buffers; `counted`: for the first real_rows of them, when the word
+    // then holds 0..n_tokens-1 (any other value: all). Raises the error of an earlier job, if any.
+    void enqueue(uintptr_t stream, int layer, int64_t n_tokens, bool counted = false);
 
     // Raises (once) the error a job met since the last check.
     void check();
@@ -54,15 +59,17 @@ class CudaBridge {
     struct Job {
         CudaBridge * bridge;
         int          layer;
+        bool         counted;
         Matrix       x, ids, weights, out;
     };
     static void run(void * job);
-    Job         job_for(uint32_t id);  // id = (layer, n_tokens) as enqueue numbers it
+    Job         job_for(uint32_t id);  // id = (layer, n_tokens, counted) as enqueue numbers it
     void        serve();                      // the thread that answers flags
 
     Experts &                             engine_;
     Matrix                                x_, ids_, weights_, out_;
-    std::unordered_map<int64_t, Job>      jobs_;  // by (layer, n_tokens); nodes never move
+    const int32_t *                       real_rows_;
+    std::unordered_map<int64_t, Job>      jobs_;  // by (layer, n_tokens, counted); nodes never move
     std::mutex                            jobs_mutex_;
     std::mutex                            error_mutex_;
     std::string                           error_;

@@ -3,13 +3,16 @@
 Besides these imports, lvgg overrides three private methods by name:
 `RoutedExperts._get_quant_method` (where a MoE layer picks its quant method),
 `DefaultModelLoader._init_ep_weight_filter` (sets the expert ids the safetensors reader
-keeps) and `DefaultModelLoader.get_all_weights` (the tensors handed to the model).
+keeps) and `DefaultModelLoader.get_all_weights` (the tensors handed to the model). It also
+reads how many tokens of a padded batch are real from the GPU model runner's query_start_loc
+buffer (`runtime.real_rows`; checked against vLLM 0.26 and 0.32).
 """
 from __future__ import annotations
 
 from vllm.config import get_current_vllm_config  # noqa: F401
 from vllm.distributed import get_pp_group  # noqa: F401
 from vllm.distributed.utils import get_pp_indices  # noqa: F401
+from vllm.forward_context import get_forward_context, is_forward_context_available  # noqa: F401
 from vllm.logger import init_logger  # noqa: F401
 from vllm.model_executor.custom_op import op_registry_oot  # noqa: F401
 from vllm.model_executor.layers.fused_moe import fused_experts  # noqa: F401  (CUDA builds of vLLM only)

@@ -12,6 +12,40 @@ import torch
 
 from lvgg.vllm_plugin import compat, runtime
 
+log = compat.init_logger("vllm.lvgg")
+
+
+# Set once real_rows() has found vLLM's count of real rows (its log says so).
+counts_real_rows = False
+
+
+def real_rows() -> torch.Tensor | None:
+    """How many rows of the current pass are real tokens (vLLM pads a batch to the size its CUDA
+    graph was captured for), as a one-element int32 tensor on the device that vLLM's GPU model
+    runner rewrites before every step, so a captured graph reads each step's count: the last
+    entry of the runner's query_start_loc buffer. The runner fills the entries past the step's
+    requests with its token count (vLLM 0.26 and 0.32), so the last one holds it whatever the
+    batch and whichever graph replays. None where the pass has no attention metadata with that
+    buffer (e.g. a piecewise graph's capture): every row is then computed."""
+    if not compat.is_forward_context_available():
+        return None
+    metadata = compat.get_forward_context().attn_metadata
+    if not isinstance(metadata, dict):  # None, or a list per micro-batch
+        return None
+    for layer_metadata in metadata.values():
+        starts = getattr(layer_metadata, "query_start_loc", None)
+        # the buffer's first entries (a view from its start), not a tensor of the backend's own
+        if isinstance(starts, torch.Tensor) and starts.is_cuda and starts.dtype == torch.int32 \
+                and starts.dim() == 1 and starts.storage_offset() == 0:
+            global counts_real_rows
+            if not counts_real_rows:
+                counts_real_rows = True
+                log.info("lvgg: the CPU leaves out the rows vLLM pads a batch with (the real count is read from "
+                         "the model runner's query_start_loc on the device)")
+            size = starts.untyped_storage().nbytes() // 4
+            return torch.as_strided(starts, (1,), (1,), size - 1)
+    return None
+
 
 @torch.library.custom_op("lvgg::routed_experts", mutates_args=())
 def routed_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
@@ -20,11 +54,12 @@ def routed_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
         gpu, cpu = runtime.gpu_experts(x.device, x.dtype), runtime.cuda_experts(x.dtype)
         if runtime.runs_on_gpu(gpu, layer, x.shape[0]):  # long passes and resident layers
             return gpu(layer, x, topk_ids, topk_weights)
+        rows = real_rows()  # in CUDA graphs vLLM pads the batch: those rows are left out
         split = runtime.split_experts()
         if split is not None and split.takes(layer, x.shape[0]):  # decode: the GPU takes some experts
-            return split(layer, x, topk_ids, topk_weights)
+            return split(layer, x, topk_ids, topk_weights, rows)
         # stream-ordered through pinned buffers and flags the stream waits on: no sync, capturable
-        return cpu(layer, x, topk_ids, topk_weights)
+        return cpu(layer, x, topk_ids, topk_weights, real_rows=rows)
     engine = runtime.current_engine()
     xc = x.detach().to("cpu").contiguous()
     out = torch.empty_like(xc)

@@ -35,7 +35,7 @@ DEFAULT_STREAM_VRAM_SHARE = 0.25
 # 30B-A3B Q4_K_M: 0.09 GiB of VRAM). Longer calls run on the CPU alone.
 SPLIT_EXPERTS = 32
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # gpu_experts() makes the split, which takes cuda_experts()
 _engine: CpuMoE | None = None
 _cuda: CudaExperts | None = None
 _gpu: GpuExperts | None = None
@@ -244,17 +244,17 @@ def _make_gpu_experts(moe: CpuMoE, device, dtype) -> tuple[GpuExperts | None, Sp
     log.info("lvgg: experts on %s: %d layers streamed for passes of >= %s tokens, %d resident, %d split with the "
              "CPU in decode steps; %.2f GiB of VRAM", device, len(plan.streamed), wanted.prefill_min_tokens,
              len(plan.resident), len(gpu.split_layers), gpu.vram_bytes / 2**30)
-    return gpu, _make_split(gpu, moe, wanted.decode_split, dtype) if gpu.split_layers else None
+    return gpu, _make_split(gpu, cuda_experts(dtype), wanted.decode_split) if gpu.split_layers else None
 
 
-def _make_split(gpu: GpuExperts, moe: CpuMoE, wanted: int | str, dtype) -> SplitExperts | None:
-    """The decode split: the GPU's share ``wanted`` (of top_k), or for "auto" the share that was
-    fastest here for each batch size (each way replayed in CUDA graphs)."""
-    top_k = moe.max_top_k
+def _make_split(gpu: GpuExperts, cpu: CudaExperts, wanted: int | str) -> SplitExperts | None:
+    """The decode split, sharing the CPU's bridge: the GPU's share ``wanted`` (of top_k), or for
+    "auto" the share that was fastest here for each batch size (each way replayed in CUDA graphs)."""
+    top_k = cpu.top_k
     if wanted == "auto":
         t0 = time.perf_counter()
         try:
-            seconds = calibrate(gpu, moe, dtype)
+            seconds = calibrate(gpu, cpu)
         except Exception as e:  # the default setting: a split that cannot run here must not stop the server
             log.warning("lvgg: %s=auto: timing the decode split failed (%s: %s); decode runs the experts on the CPU "
                         "alone (set %s=off to skip the timing)", GPU_SPLIT_ENV, type(e).__name__, e, GPU_SPLIT_ENV)
@@ -267,7 +267,7 @@ def _make_split(gpu: GpuExperts, moe: CpuMoE, wanted: int | str, dtype) -> Split
     else:
         settings.check_decode_split(wanted, top_k)
         slots = {gpu.split_experts // wanted: wanted}  # every call the GPU's buffers hold
-    return SplitExperts(gpu, moe, slots=slots, dtype=dtype) if any(slots.values()) else None
+    return SplitExperts(gpu, cpu, slots=slots) if any(slots.values()) else None
 
 
 class GpuPlan(NamedTuple):
