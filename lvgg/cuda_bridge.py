@@ -102,7 +102,8 @@ class CudaExperts:
             raise RuntimeError("this CudaExperts was closed; make a new one")
         if topk_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"topk_ids must be int32 or int64, found {topk_ids.dtype}")
-        if real_rows is not None and (real_rows.numel() != 1 or real_rows.dtype != torch.int32 or not real_rows.is_cuda):
+        if real_rows is not None and (real_rows.numel() != 1 or real_rows.dtype != torch.int32
+                                      or not real_rows.is_cuda):
             raise ValueError(f"real_rows must be one int32 on a CUDA device, found {real_rows.dtype} "
                              f"{list(real_rows.shape)} on {real_rows.device}")
         stream = torch.cuda.current_stream(x.device)

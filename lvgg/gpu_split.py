@@ -38,8 +38,8 @@ class SplitExperts:
         top_k = cpu.top_k
         for n, g in slots.items():
             if not 0 <= g < top_k:
-                raise ValueError(f"the GPU's share must be 0..{top_k - 1} (of {top_k}: the CPU keeps a part), found {g} "
-                                 f"for {n} tokens")
+                raise ValueError(f"the GPU's share must be 0..{top_k - 1} (of {top_k}: the CPU keeps a part), "
+                                 f"found {g} for {n} tokens")
             if n * g > gpu.split_experts:  # the most distinct experts the GPU's share can hold
                 raise ValueError(f"{n} tokens x {g} GPU slots is more than the {gpu.split_experts} experts the GPU "
                                  "fetches per call (split_experts)")
@@ -97,8 +97,8 @@ def calibrate(gpu: GpuExperts, cpu: CudaExperts, token_counts: Sequence[int] = (
     graphs do; 0 is the CPU alone (``cpu``, which the splits share). The ways are replayed in
     turn, ``repeats`` rounds, so a passing slowdown of the machine weighs on every way alike,
     with new random routing before each replay (the same experts again would be read from the
-    CPU's caches, which a decode step never is). Synchronizes: call outside any capture (vLLM's profiling run
-    comes first)."""
+    CPU's caches, which a decode step never is). Synchronizes: call outside any capture (vLLM's
+    profiling run comes first)."""
     top_k = cpu.top_k
     layers = timed_layers(gpu.split_layers)
     info = cpu.moe.store.layer_info(layers[0])
@@ -106,7 +106,8 @@ def calibrate(gpu: GpuExperts, cpu: CudaExperts, token_counts: Sequence[int] = (
     for n in token_counts:
         routes = RandomRoutes(layers, n, top_k, info.n_experts, gpu.device, seed=n)
         x = torch.randn(n, info.hidden_size, generator=routes.generator).to(gpu.device, cpu.dtype)
-        ways = [cpu] + [SplitExperts(gpu, cpu, slots={n: g}) for g in range(1, min(top_k - 1, gpu.split_experts // n) + 1)]
+        shares = range(1, min(top_k - 1, gpu.split_experts // n) + 1)
+        ways = [cpu] + [SplitExperts(gpu, cpu, slots={n: g}) for g in shares]
         times = routes.graphs_seconds([lambda way=way: [way(layer, x, ids, w) for layer, ids, w in routes]
                                        for way in ways], repeats)
         result[n] = [t / len(layers) for t in times]
