@@ -402,7 +402,7 @@ if triton is not None:
         e = tl.load(slot_expert + s)
         used = e >= 0
         rows = tl.program_id(1) * R + tl.arange(0, R)
-        row_mask = (rows < inter) & (tl.broadcast_to(e, [R]) >= 0)  # (& used: a wrong mask type when interpreted)
+        row_mask = (rows < inter) & (tl.broadcast_to(e, [R]) >= 0)  # (`& used`: a mask the interpreter rejects)
         e = tl.minimum(e, staged - 1).to(tl.int64)
         gate_at = e * gate_slot_bytes + gate_first + rows.to(tl.int64) * gate_row_bytes
         up_at = e * up_slot_bytes + up_first + rows.to(tl.int64) * up_row_bytes

@@ -4,7 +4,6 @@ import logging
 import os
 
 import pytest
-import torch
 from gguf import GGMLQuantizationType as Q
 from typer.testing import CliRunner
 
@@ -201,5 +200,5 @@ def test_auto_decode_split_that_cannot_be_timed_leaves_decode_on_the_cpu(monkeyp
 
     monkeypatch.setattr(runtime, "calibrate", broken)
     caplog.set_level(logging.WARNING, logger="vllm.lvgg")
-    assert runtime._make_split(None, SimpleNamespace(max_top_k=8), "auto", torch.bfloat16) is None
+    assert runtime._make_split(None, SimpleNamespace(top_k=8), "auto") is None
     assert "timing the decode split failed (RuntimeError: no kernel image for this GPU)" in caplog.text

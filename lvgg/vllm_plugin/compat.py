@@ -5,7 +5,7 @@ Besides these imports, lvgg overrides three private methods by name:
 `DefaultModelLoader._init_ep_weight_filter` (sets the expert ids the safetensors reader
 keeps) and `DefaultModelLoader.get_all_weights` (the tensors handed to the model). It also
 reads how many tokens of a padded batch are real from the GPU model runner's query_start_loc
-buffer (`runtime.real_rows`; checked against vLLM 0.26 and 0.32).
+buffer (`moe_method.real_rows`; checked against vLLM 0.26, 0.32 and 0.33).
 """
 from __future__ import annotations
 

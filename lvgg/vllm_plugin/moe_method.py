@@ -24,9 +24,10 @@ def real_rows() -> torch.Tensor | None:
     graph was captured for), as a one-element int32 tensor on the device that vLLM's GPU model
     runner rewrites before every step, so a captured graph reads each step's count: the last
     entry of the runner's query_start_loc buffer. The runner fills the entries past the step's
-    requests with its token count (vLLM 0.26 and 0.32), so the last one holds it whatever the
-    batch and whichever graph replays. None where the pass has no attention metadata with that
-    buffer (e.g. a piecewise graph's capture): every row is then computed."""
+    requests with its token count (vLLM 0.26, 0.32, and both of 0.33's GPU runners), so the last
+    one holds it whatever the batch and whichever graph replays. None where the pass has no
+    attention metadata with that buffer (e.g. a piecewise graph's capture): every row is then
+    computed."""
     if not compat.is_forward_context_available():
         return None
     metadata = compat.get_forward_context().attn_metadata
