@@ -163,10 +163,10 @@ class CpuMoE:
     ``out[t] = sum_k topk_weights[t, k] * down_e(act(gate_e(x[t])) * up_e(x[t]))`` with
     ``e = topk_ids[t, k]``. x and out: [T, D] float32/float16/bfloat16; topk_ids: [T, K]
     int32/int64, -1 for a slot without an expert (it adds nothing: e.g. the slots of experts a
-    caller computes elsewhere); topk_weights: [T, K] float. lvgg's
-    own kernels and the per-expert schedule skip such slots; ggml's MUL_MAT_ID computes a
-    stand-in expert for them with weight 0 (an expert the call reads anyway where there is one). All C-contiguous CPU arrays (numpy, torch or any
-    DLPack producer), read and written in place.
+    caller computes elsewhere); topk_weights: [T, K] float. lvgg's own kernels and the
+    per-expert schedule skip such slots; ggml's MUL_MAT_ID computes a stand-in expert for them
+    with weight 0 (an expert the call reads anyway where there is one). All C-contiguous CPU
+    arrays (numpy, torch or any DLPack producer), read and written in place.
 
     threads: default one per physical core of ``cpus`` (default: the process's CPU set). Built
         without a GPU driver they are the calling thread's OpenMP team, shared with torch's CPU

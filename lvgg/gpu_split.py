@@ -43,7 +43,7 @@ class SplitExperts:
             if n * g > gpu.split_experts:  # the most distinct experts the GPU's share can hold
                 raise ValueError(f"{n} tokens x {g} GPU slots is more than the {gpu.split_experts} experts the GPU "
                                  "fetches per call (split_experts)")
-        self.gpu, self.cpu, self.top_k, self.slots = gpu, cpu, top_k, dict(sorted(slots.items()))
+        self.gpu, self.cpu, self.slots = gpu, cpu, dict(sorted(slots.items()))
         self.max_tokens = max(slots) if slots else 0
         if self.max_tokens > cpu.max_tokens:
             raise ValueError(f"calls of up to {self.max_tokens} tokens need a CudaExperts of as many rows; this one "
@@ -64,8 +64,8 @@ class SplitExperts:
                  real_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Like CudaExperts' call (real_rows too: padding rows come back 0)."""
         n, g = x.shape[0], self.gpu_slots(x.shape[0])
-        if not self.takes(layer, n) or tuple(topk_ids.shape) != (n, self.top_k):
-            raise ValueError(f"SplitExperts takes calls of {self.slots} tokens x {self.top_k} experts of layers "
+        if not self.takes(layer, n) or tuple(topk_ids.shape) != (n, self.cpu.top_k):
+            raise ValueError(f"SplitExperts takes calls of {self.slots} tokens x {self.cpu.top_k} experts of layers "
                              f"{self.gpu.split_layers}; found layer {layer}, ids {list(topk_ids.shape)}")
         main = torch.cuda.current_stream(x.device)
         cpu_ids, gpu_experts, slot_expert = split_routing(topk_ids, g, real_rows)

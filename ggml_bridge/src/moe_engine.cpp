@@ -18,8 +18,9 @@ constexpr int64_t kCombineCols = 256;  // columns per work unit of the weighted 
 std::string type_str(ggml_type t) { return ggml_type_name(t); }
 
 // out[:, t] = sum_k w[k, t] * rows[:, r(t, k)] with r(t, k) = t*K + k (the [D, K, T] output of
-// MUL_MAT_ID) or pos[k, t] (rows sorted by expert), over the slots of nonzero weight. Work is split in (token, column block)
-// units so a single token still uses every thread. Writes f32, f16 or bf16 into caller memory.
+// MUL_MAT_ID) or pos[k, t] (rows sorted by expert), over the slots of nonzero weight. Work is
+// split in (token, column block) units so a single token still uses every thread. Writes f32,
+// f16 or bf16 into caller memory.
 void combine(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * down   = dst->src[0];
     const ggml_tensor * w      = dst->src[1];

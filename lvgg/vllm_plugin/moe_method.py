@@ -25,10 +25,11 @@ def real_rows() -> torch.Tensor | None:
     runner rewrites before every step, so a captured graph reads each step's count: the last
     entry of the runner's query_start_loc buffer. The runner fills the entries past the step's
     requests with its token count (vLLM 0.26, 0.32, and both of 0.33's GPU runners), so the last
-    one holds it whatever the batch and whichever graph replays. None where the pass has no
-    attention metadata with that buffer (e.g. a piecewise graph's capture): every row is then
-    computed."""
-    if not compat.is_forward_context_available():
+    one holds it whatever the batch and whichever graph replays. None outside a graph capture
+    (an eager pass is not padded: no count to copy, nothing to look up per layer) and where the
+    pass has no attention metadata with that buffer (e.g. a piecewise graph's capture): every
+    row is then computed."""
+    if not torch.cuda.is_current_stream_capturing() or not compat.is_forward_context_available():
         return None
     metadata = compat.get_forward_context().attn_metadata
     if not isinstance(metadata, dict):  # None, or a list per micro-batch
@@ -55,7 +56,7 @@ def routed_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
         gpu, cpu = runtime.gpu_experts(x.device, x.dtype), runtime.cuda_experts(x.dtype)
         if runtime.runs_on_gpu(gpu, layer, x.shape[0]):  # long passes and resident layers
             return gpu(layer, x, topk_ids, topk_weights)
-        rows = real_rows()  # in CUDA graphs vLLM pads the batch: those rows are left out
+        rows = real_rows()  # a CUDA graph's batch is padded: those rows are left out
         split = runtime.split_experts()
         if split is not None and split.takes(layer, x.shape[0]):  # decode: the GPU takes some experts
             return split(layer, x, topk_ids, topk_weights, rows)
