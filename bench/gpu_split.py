@@ -21,7 +21,7 @@ import lvgg
 from lvgg.gpu_dequant import gated_activations, gather_rows, split_routing, weighted_down
 from lvgg.gpu_experts import GpuExperts, _staged
 from lvgg.cuda_bridge import CudaExperts
-from lvgg.gpu_split import RandomRoutes, SplitExperts, graphs_seconds, timed_layers
+from lvgg.gpu_split import RandomRoutes, SplitExperts, graphs_seconds, split_shares, timed_layers
 
 
 def main() -> None:
@@ -56,6 +56,9 @@ def main() -> None:
           f"CUDA graphs: fetch {fetch * 1e3:.3f} ms ({top_k * sum(per_expert) / fetch / 1e9:.1f} GB/s), multiply "
           f"from the bytes {multiply * 1e3:.3f} ms, both as fetched() runs them {whole * 1e3:.3f} ms")
 
+    def route(ids: torch.Tensor, g: int):  # as SplitExperts shares a call out
+        return split_routing(ids, g, most=gpu.split_experts)
+
     layers = timed_layers(store.layers)
     print(f"\nms per layer call, CUDA graphs of {len(layers)} layers, new routes each replay, {a.threads} CPU "
           "threads: the CPU's part alone, the GPU's part alone, both as SplitExperts runs them")
@@ -63,21 +66,21 @@ def main() -> None:
         routes = RandomRoutes(layers, n, top_k, info.n_experts, gpu.device, seed=n)
         x = torch.randn(n, info.hidden_size, generator=routes.generator).to("cuda", dtype)
         cpu = CudaExperts(moe, hidden_size=info.hidden_size, top_k=top_k, max_tokens=n, dtype=dtype)
-        shares, ways = range(min(top_k - 1, gpu.split_experts // n) + 1), []
+        shares, ways = [0, *split_shares(n, top_k, info.n_experts, gpu.split_experts)], []
         for g in shares:  # each way's parts, all timed in turn
             if g == 0:
                 ways.append(lambda: [cpu(layer, x, ids, w) for layer, ids, w in routes])
                 continue
             split = SplitExperts(gpu, cpu, slots={n: g})
-            ways += [lambda g=g: [cpu(layer, x, split_routing(ids, g)[0], w) for layer, ids, w in routes],
-                     lambda g=g: [gpu.fetched(layer, x, *split_routing(ids, g)[1:], w) for layer, ids, w in routes],
+            ways += [lambda g=g: [cpu(layer, x, route(ids, g)[0], w) for layer, ids, w in routes],
+                     lambda g=g: [gpu.fetched(layer, x, *route(ids, g)[1:], w) for layer, ids, w in routes],
                      lambda split=split: [split(layer, x, ids, w) for layer, ids, w in routes]]
         times = iter(routes.graphs_seconds(ways, 10))
         for g in shares:
             parts = [next(times) for _ in range(3 if g else 1)]
             shares_read = ""
             if g:
-                cpu_ids, gpu_experts, _ = split_routing(routes.ids[0], g)
+                cpu_ids, gpu_experts, _ = route(routes.ids[0], g)
                 shares_read = (f"  (distinct experts: CPU {cpu_ids[cpu_ids >= 0].unique().numel()}, "
                                f"GPU {int((gpu_experts >= 0).sum())})")
             print(f"{n:3d} tokens, GPU share {g} of {top_k}: " +

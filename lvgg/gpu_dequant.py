@@ -176,18 +176,19 @@ def weighted_down(act: torch.Tensor, down: StagedProjection, weights: torch.Tens
     return out
 
 
-def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tensor | None = None,
+                  most: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Share a step's distinct experts between the CPU and the GPU, on the device (capturable).
 
     topk_ids: [n, k] int32/int64 on the GPU (-1: a slot without an expert); real_rows: None, or
     a one-element int32 tensor on the GPU: rows from there on are padding, their slots left
     without an expert (a value outside 0..n-1: every row is real). Of the d distinct
     experts, in the order they first appear, the GPU takes the last m = round(d * gpu_slots / k)
-    (half up; one token's last ``gpu_slots``), each once however many tokens chose it.
+    (half up; one token's last ``gpu_slots``), each once however many tokens chose it, but no
+    more than ``most`` (default n * gpu_slots, which m never passes; the CPU keeps the rest).
     Returns int32 tensors on the device:
       cpu_ids [n, k]: topk_ids with the GPU's experts replaced by -1 (the CPU engine's share);
-      gpu_experts [n * gpu_slots]: the GPU's experts, then -1;
+      gpu_experts [min(most, n * gpu_slots)]: the GPU's experts, then -1;
       slot_expert [n, k]: each slot's index in gpu_experts, or -1 where the CPU has it.
     """
     if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64):
@@ -200,15 +201,18 @@ def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tenso
                                   or real_rows.device != topk_ids.device):
         raise ValueError(f"real_rows must be one int32 on {topk_ids.device}, found {real_rows.dtype} "
                          f"{list(real_rows.shape)} on {real_rows.device}")
+    if most is not None and most < 1:
+        raise ValueError(f"most must be at least 1 (the GPU's experts per call), found {most}")
+    most = n * gpu_slots if most is None else min(most, n * gpu_slots)
     if triton is None:
         raise RuntimeError("splitting experts on the GPU needs Triton (it comes with CUDA builds of torch)")
     cpu_ids = torch.empty(n, k, dtype=torch.int32, device=topk_ids.device)
     slot_expert = torch.empty_like(cpu_ids)
-    gpu_experts = torch.empty(n * gpu_slots, dtype=torch.int32, device=topk_ids.device)
+    gpu_experts = torch.empty(most, dtype=torch.int32, device=topk_ids.device)
     if n:
         _split_routing[(1,)](topk_ids.contiguous(), topk_ids if real_rows is None else real_rows, cpu_ids, gpu_experts,
-                             slot_expert, n, k, gpu_slots, n * gpu_slots, COUNTED=real_rows is not None,
-                             SLOTS=triton.next_power_of_2(n * k), MOST=triton.next_power_of_2(n * gpu_slots))
+                             slot_expert, n, k, gpu_slots, most, COUNTED=real_rows is not None,
+                             SLOTS=triton.next_power_of_2(n * k), MOST=triton.next_power_of_2(most))
     return cpu_ids, gpu_experts, slot_expert
 
 

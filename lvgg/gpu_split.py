@@ -16,6 +16,7 @@ is bound by the bytes they read, the CPU's by its memory bandwidth and the GPU's
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
@@ -25,13 +26,18 @@ from lvgg.cuda_bridge import CudaExperts
 from lvgg.gpu_dequant import split_routing
 from lvgg.gpu_experts import GpuExperts
 
+# The most tokens a split call takes: split_routing compares each of a call's tokens x top_k
+# slots with every other in one program (16 x 8 slots: 128 x 128).
+MOST_TOKENS = 16
+
 
 class SplitExperts:
     """Decode calls of ``gpu.split_layers`` with some of their experts on the GPU.
 
     slots: {token count: g}, the GPU's share of a call's distinct experts in g/top_k (g of one
-    token's experts); a call of n tokens uses the entry of the smallest count >= n, and is not
-    taken (``takes``) past the largest or where that entry is 0.
+    token's experts), but no more experts than the GPU fetches per call (``gpu.split_experts``:
+    the CPU keeps the rest); a call of n tokens uses the entry of the smallest count >= n, and is
+    not taken (``takes``) past the largest or where that entry is 0.
     """
 
     def __init__(self, gpu: GpuExperts, cpu: CudaExperts, *, slots: dict[int, int]) -> None:
@@ -40,9 +46,8 @@ class SplitExperts:
             if not 0 <= g < top_k:
                 raise ValueError(f"the GPU's share must be 0..{top_k - 1} (of {top_k}: the CPU keeps a part), "
                                  f"found {g} for {n} tokens")
-            if n * g > gpu.split_experts:  # the most distinct experts the GPU's share can hold
-                raise ValueError(f"{n} tokens x {g} GPU slots is more than the {gpu.split_experts} experts the GPU "
-                                 "fetches per call (split_experts)")
+            if not 1 <= n <= MOST_TOKENS:
+                raise ValueError(f"split calls take 1..{MOST_TOKENS} tokens, found {n}")
         self.gpu, self.cpu, self.slots = gpu, cpu, dict(sorted(slots.items()))
         self.max_tokens = max(slots) if slots else 0
         if self.max_tokens > cpu.max_tokens:
@@ -68,7 +73,7 @@ class SplitExperts:
             raise ValueError(f"SplitExperts takes calls of {self.slots} tokens x {self.cpu.top_k} experts of layers "
                              f"{self.gpu.split_layers}; found layer {layer}, ids {list(topk_ids.shape)}")
         main = torch.cuda.current_stream(x.device)
-        cpu_ids, gpu_experts, slot_expert = split_routing(topk_ids, g, real_rows)
+        cpu_ids, gpu_experts, slot_expert = split_routing(topk_ids, g, real_rows, most=self.gpu.split_experts)
         # The CPU's part first: its inputs are copied out before the GPU's part can fill the SMs
         # and the link (measured on the rig: started together, the two parts ran almost in turn).
         out = self.cpu(layer, x, cpu_ids, topk_weights, inputs_copied=self._inputs_ready)
@@ -89,11 +94,11 @@ def slots_for(slots: dict[int, int], n_tokens: int) -> int:
     return next((g for n, g in sorted(slots.items()) if n >= n_tokens), 0)
 
 
-def calibrate(gpu: GpuExperts, cpu: CudaExperts, token_counts: Sequence[int] = (1, 2, 4, 8),
+def calibrate(gpu: GpuExperts, cpu: CudaExperts, token_counts: Sequence[int] | None = None,
               repeats: int = 5) -> dict[int, list[float]]:
-    """{n tokens: seconds per layer call with the GPU's share 0, 1, ... (of top_k)}.
-
-    Each way is captured in a CUDA graph calling up to 8 split layers in turn, as vLLM's decode
+    """{n tokens: seconds per layer call with the GPU's share 0, 1, ... (of top_k)}, for
+    ``token_counts`` (default 1, 2, 4, ... MOST_TOKENS, up to the CPU's max_tokens) and the
+    shares ``split_shares`` gives. Each way is captured in a CUDA graph calling up to 8 split layers in turn, as vLLM's decode
     graphs do; 0 is the CPU alone (``cpu``, which the splits share). The ways are replayed in
     turn, ``repeats`` rounds, so a passing slowdown of the machine weighs on every way alike,
     with new random routing before each replay (the same experts again would be read from the
@@ -102,16 +107,26 @@ def calibrate(gpu: GpuExperts, cpu: CudaExperts, token_counts: Sequence[int] = (
     top_k = cpu.top_k
     layers = timed_layers(gpu.split_layers)
     info = cpu.moe.store.layer_info(layers[0])
+    if token_counts is None:
+        token_counts = [1 << i for i in range(MOST_TOKENS.bit_length()) if 1 << i <= cpu.max_tokens]
     result = {}
     for n in token_counts:
         routes = RandomRoutes(layers, n, top_k, info.n_experts, gpu.device, seed=n)
         x = torch.randn(n, info.hidden_size, generator=routes.generator).to(gpu.device, cpu.dtype)
-        shares = range(1, min(top_k - 1, gpu.split_experts // n) + 1)
+        shares = split_shares(n, top_k, info.n_experts, gpu.split_experts)
         ways = [cpu] + [SplitExperts(gpu, cpu, slots={n: g}) for g in shares]
         times = routes.graphs_seconds([lambda way=way: [way(layer, x, ids, w) for layer, ids, w in routes]
                                        for way in ways], repeats)
         result[n] = [t / len(layers) for t in times]
     return result
+
+
+def split_shares(n_tokens: int, top_k: int, n_experts: int, split_experts: int) -> range:
+    """The GPU shares (of top_k) worth timing for calls of ``n_tokens``: 1 up to the first whose
+    expected experts, with uniform random routing, fill the ``split_experts`` the GPU fetches per
+    call (past it the GPU's part stays the same), and at most top_k - 1."""
+    distinct = n_experts * (1 - (1 - top_k / n_experts) ** n_tokens)
+    return range(1, min(top_k - 1, math.ceil(split_experts * top_k / distinct)) + 1)
 
 
 def timed_layers(layers: Sequence[int]) -> list[int]:

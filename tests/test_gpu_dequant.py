@@ -142,23 +142,26 @@ def check_experts(device: str) -> None:
 
 def check_split(device: str) -> None:
     """split_routing against a plain-Python sharing of the same ids: the GPU takes the last
-    round(d * g / k) of the d distinct experts (in order of first appearance), each once; with
-    real_rows, the rows past it (padding) have no expert."""
+    round(d * g / k) of the d distinct experts (in order of first appearance), each once, at most
+    ``most``; with real_rows, the rows past it (padding) have no expert."""
     rng = np.random.default_rng(11)
-    for n, k, g, n_experts, real in [(1, 8, 3, 128, None), (8, 8, 3, 128, None), (8, 8, 4, 16, 5), (3, 4, 1, 6, 3),
-                                     (5, 6, 5, 64, 0), (2, 8, 7, 8, -1), (4, 8, 2, 128, 9)]:
+    for n, k, g, n_experts, real, most in [
+            (1, 8, 3, 128, None, None), (8, 8, 3, 128, None, None), (8, 8, 4, 16, 5, None), (3, 4, 1, 6, 3, None),
+            (5, 6, 5, 64, 0, None), (2, 8, 7, 8, -1, None), (4, 8, 2, 128, 9, None),
+            (16, 8, 5, 128, None, 32), (16, 8, 3, 128, 11, 32), (4, 8, 6, 128, None, 5)]:
         ids = np.stack([rng.permutation(n_experts)[:k] for _ in range(n)])
         ids[rng.random(ids.shape) < 0.1] = -1  # slots without an expert
         real_rows = None if real is None else torch.tensor([real], dtype=torch.int32, device=device)
         cpu_ids, gpu_experts, slot_expert = (t.cpu().numpy() for t in
-                                             split_routing(torch.from_numpy(ids).to(device), g, real_rows))
+                                             split_routing(torch.from_numpy(ids).to(device), g, real_rows, most))
         if real is not None and 0 <= real < n:
             ids[real:] = -1
         distinct = list(dict.fromkeys(e for e in ids.reshape(-1).tolist() if e >= 0))
-        m = (2 * len(distinct) * g + k) // (2 * k)
+        length = min(most or n * g, n * g)
+        m = min((2 * len(distinct) * g + k) // (2 * k), length)
         mine = distinct[len(distinct) - m:] if m else []
-        case = f"{n} tokens ({real} real), {g} of {k}, {len(distinct)} distinct"
-        assert gpu_experts.tolist() == mine + [-1] * (n * g - m), case
+        case = f"{n} tokens ({real} real), {g} of {k}, {len(distinct)} distinct, at most {most}"
+        assert gpu_experts.tolist() == mine + [-1] * (length - m), case
         assert (cpu_ids == np.where(np.isin(ids, mine), -1, ids)).all(), case
         assert (slot_expert == [[mine.index(e) if e in mine else -1 for e in row] for row in ids.tolist()]).all(), case
 
@@ -255,3 +258,5 @@ def test_bad_expert_arguments_are_refused_before_any_kernel():
         split_routing(torch.zeros(2, 8, dtype=torch.int32), 8)
     with pytest.raises(ValueError, match=r"real_rows must be one int32 on cpu, found torch.int64 \[1\]"):
         split_routing(torch.zeros(2, 8, dtype=torch.int32), 3, torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"most must be at least 1 \(the GPU's experts per call\), found 0"):
+        split_routing(torch.zeros(2, 8, dtype=torch.int32), 3, most=0)

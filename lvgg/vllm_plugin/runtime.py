@@ -19,7 +19,7 @@ from lvgg import _bridge, topology
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, EngineNode, ExpertStore
 from lvgg.gpu_experts import GpuExperts, gpu_unsupported
-from lvgg.gpu_split import SplitExperts, best_slots, calibrate
+from lvgg.gpu_split import MOST_TOKENS, SplitExperts, best_slots, calibrate
 from lvgg.models import arch_for
 from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, settings
 from lvgg.vllm_plugin.settings import GpuSettings
@@ -31,8 +31,9 @@ AUTO_RESIDENT_KV_SHARE = 0.5
 # Without LVGG_GPU_EXPERTS_GB, streaming may take this share of it (30B-A3B Q4_K_M in bf16: 1.85 GiB;
 # a DeepSeek-V3-sized layer: ~35 GiB, which would leave a 24-80 GB GPU no KV cache).
 DEFAULT_STREAM_VRAM_SHARE = 0.25
-# Decode steps split with the CPU fetch at most this many experts per layer call (8 tokens x 4 per token;
-# 30B-A3B Q4_K_M: 0.09 GiB of VRAM). Longer calls run on the CPU alone.
+# Decode steps split with the CPU fetch at most this many experts per layer call (30B-A3B Q4_K_M: 0.09
+# GiB of VRAM; 16 tokens have ~82 distinct experts of 128, so the GPU can take 3/8 of them); the
+# CPU computes the rest.
 SPLIT_EXPERTS = 32
 
 _lock = threading.RLock()  # gpu_experts() makes the split, which takes cuda_experts()
@@ -266,7 +267,7 @@ def _make_split(gpu: GpuExperts, cpu: CudaExperts, wanted: int | str) -> SplitEx
                  ", ".join(f"{g} at {n} tokens" for n, g in slots.items()))
     else:
         settings.check_decode_split(wanted, top_k)
-        slots = {gpu.split_experts // wanted: wanted}  # every call the GPU's buffers hold
+        slots = {min(MOST_TOKENS, cpu.max_tokens): wanted}  # every call a split takes
     return SplitExperts(gpu, cpu, slots=slots) if any(slots.values()) else None
 
 
