@@ -45,21 +45,26 @@ def test_a_build_for_vnni_packs_k_quants(tmp_path, rng):
     assert not any(lvgg.ExpertStore(path, repack=False).layer_info(0).packed.values())
 
 
-@pytest.fixture(scope="module", params=[Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q4_0], ids=lambda q: q.name)
+# 512 and 768: 2 and 3 whole 256-column tiles, 32 and 48 row groups; Q8_0 and Q4_0 rows may end
+# inside a tile: 352 = 11 blocks of 32 (a tile, then an odd block's pair), 416 = 13
+@pytest.fixture(scope="module", params=[(Q.Q4_K, 512, 768), (Q.Q6_K, 512, 768), (Q.Q8_0, 512, 768),
+                                        (Q.Q4_0, 512, 768), (Q.Q8_0, 352, 416), (Q.Q4_0, 352, 416)],
+                ids=lambda p: f"{p[0].name}-{p[1]}x{p[2]}")
 def packed_file(request, tmp_path_factory):
-    qtype = request.param
-    rng = np.random.default_rng(int(qtype))
-    D, F = 512, 768  # 2 and 3 blocks; 32 and 48 row groups
-    path = write_experts_file(tmp_path_factory.mktemp("vnni") / f"{qtype.name}.gguf",
+    qtype, D, F = request.param
+    rng = np.random.default_rng(int(qtype) + D)
+    path = write_experts_file(tmp_path_factory.mktemp("vnni") / f"{qtype.name}-{D}.gguf",
                               {0: random_experts(rng, E, D, F)}, qtype)
-    return path, read_reference(path, 0)
+    if _bridge.cpu_features()["lvgg_vnni_kernels"]:
+        assert all(lvgg.ExpertStore(path).layer_info(0).packed.values())
+    return path, read_reference(path, 0), D
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 9, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_packed_experts_match_the_f64_reference_and_ggml(packed_file, tokens, dtype, rng):
-    path, ref = packed_file
-    x = torch.randn(tokens, 512).to(dtype)
+    path, ref, D = packed_file
+    x = torch.randn(tokens, D).to(dtype)
     ids, w = routing(rng, tokens, 8, repeats=tokens % 2 == 1)
     expected = ref.forward(x.float().numpy(), ids, w)
     ours = run(lvgg.CpuMoE(lvgg.ExpertStore(path), threads=2), x, ids, w)
@@ -70,9 +75,9 @@ def test_packed_experts_match_the_f64_reference_and_ggml(packed_file, tokens, dt
 
 def test_thread_counts_and_chunks_give_identical_results(packed_file, rng):
     """Work is split by rows, never inside a row's sum: results do not depend on threads or chunking."""
-    path, _ = packed_file
+    path, _, D = packed_file
     store = lvgg.ExpertStore(path)
-    x = torch.randn(37, 512)
+    x = torch.randn(37, D)
     ids, w = routing(rng, 37, 6, repeats=False)
     outs = [run(lvgg.CpuMoE(store, threads=t, chunk=c), x, ids, w) for t, c in ((1, 512), (2, 512), (2, 5))]
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
@@ -93,10 +98,13 @@ def test_mixed_layer_packed_and_ggml_projections(tmp_path, form, rng):
     assert rel_err(out, read_reference(path, 0).forward(x.numpy(), ids, w)) < TOLERANCE
 
 
-def test_numa_parts_of_packed_experts(tmp_path, rng):
-    """Two virtual nodes (parts of 512 and 256 intermediate rows, each packed by its node's threads):
-    the parts sum to the whole layer."""
-    path = write_experts_file(tmp_path / "n.gguf", {0: random_experts(rng, E, 256, 768)}, Q.Q4_K)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+def test_numa_parts_of_packed_experts(tmp_path, qtype, rng):
+    """Two virtual nodes (each part packed by its node's threads; Q4_K: 512 and 256 intermediate
+    rows, Q8_0: 384 each, which ends inside a tile): the parts sum to the whole layer."""
+    path = write_experts_file(tmp_path / "n.gguf", {0: random_experts(rng, E, 256, 768)}, qtype)
+    if _bridge.cpu_features()["lvgg_vnni_kernels"]:
+        assert all(lvgg.ExpertStore(path).part(1, 2).layer_info(0).packed.values())
     x = torch.randn(3, 256)
     ids, w = routing(rng, 3, 8, repeats=False)
     whole = run(lvgg.CpuMoE(lvgg.ExpertStore(path), threads=2), x, ids, w)

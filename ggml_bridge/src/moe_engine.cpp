@@ -68,15 +68,17 @@ void combine(ggml_tensor * dst, int ith, int nth, void *) {
 }
 
 // Activation rows of a packed MUL_MAT_ID: every row of `src[0]` (f32/f16/bf16, contiguous) as
-// vnni::ActBlocks (Per32: a scale per 32 values), one 256-value block per work unit.
+// vnni::ActBlocks (Per32: a scale per 32 values), one 256-value block per work unit (a row's
+// last may hold fewer).
 template <bool Per32> void quantize_activations(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * in    = dst->src[0];
-    const int64_t       nb    = in->ne[0] / 256;
+    const int64_t       nb    = vnni::act_blocks(in->ne[0]);
     const int64_t       units = ggml_nrows(in) * nb;
     const size_t        block = 256 * ggml_type_size(in->type);
     for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; ++u) {
         const int64_t r = u / nb, b = u % nb;
-        vnni::quantize_row((const char *) in->data + r * in->nb[1] + b * block, in->type, 256,
+        vnni::quantize_row((const char *) in->data + r * in->nb[1] + b * block, in->type,
+                           std::min<int64_t>(256, in->ne[0] - b * 256),
                            (vnni::ActBlock *) ((char *) dst->data + r * dst->nb[1]) + b, Per32);
     }
 }
@@ -369,7 +371,7 @@ ggml_tensor * MoeEngine::mul_mat_id(ggml_tensor * w, ggml_tensor * in, ggml_tens
     }
     const int mode = vnni::per_32_scales(w->type);  // the activations' scales: per 256 or per 32 values
     if (quantized_from_[mode] != in) {
-        const int64_t row_bytes = in->ne[0] / 256 * sizeof(vnni::ActBlock);
+        const int64_t row_bytes = vnni::act_blocks(in->ne[0]) * sizeof(vnni::ActBlock);
         quantized_[mode]      = ggml_custom_4d(ctx_, GGML_TYPE_I8, row_bytes, ggml_nrows(in), 1, 1, &in, 1,
                                                mode ? quantize_activations<true> : quantize_activations<false>,
                                                GGML_N_TASKS_MAX, nullptr);

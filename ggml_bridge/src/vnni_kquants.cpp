@@ -51,13 +51,17 @@ const uint8_t * q6_K_qh(const uint8_t * tile, int h) { return tile + (h / 2) * k
 
 size_t round64(size_t n) { return (n + 63) & ~size_t(63); }
 
+bool has_32_blocks(ggml_type type) { return type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0; }
+
+// Q8_0 and Q4_0 rows may end inside a tile: the last tile keeps only the pairs it uses (an odd
+// last block's pair partner has d = 0 and is never read by the kernel).
 size_t group_bytes(ggml_type type, int64_t cols) {
-    const size_t nb = cols / kBlock;
+    const size_t nb = cols / kBlock, tail_pairs = (cols % kBlock / 32 + 1) / 2;
     switch (type) {
         case GGML_TYPE_Q4_K: return nb * kQ4KTile;
         case GGML_TYPE_Q6_K: return nb * kQ6KTile + round64(nb * kRows * 2);
-        case GGML_TYPE_Q4_0: return nb * kQ40Tile;
-        default: return nb * kQ80Tile;
+        case GGML_TYPE_Q4_0: return nb * kQ40Tile + tail_pairs * kQ40Pair;
+        default: return nb * kQ80Tile + tail_pairs * kQ80Pair;
     }
 }
 
@@ -164,16 +168,21 @@ void pack_group_q6_K(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t 
 // Q8_0 and Q4_0 (multiply_32's layout): per 32-column block j, the rows' d into its pair, and
 // the weights as unsigned bytes (Q8_0: w + 128, for VPDPBUSD; the kernel takes 128 * sum(x) back)
 // or nibbles (Q4_0's q, laid out by pack_nibbles).
-template <bool Q4> void pack_group_32(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
+// n32: the row's 32-column blocks; an odd last one's pair partner gets d = 0 and zero weights.
+template <bool Q4> void pack_group_32(const uint8_t * src, size_t row_bytes, int64_t n32, uint8_t * dst) {
     constexpr size_t kTile = Q4 ? kQ40Tile : kQ80Tile, kPair = Q4 ? kQ40Pair : kQ80Pair, kQs = Q4 ? 256 : 512;
     constexpr size_t kBytes = Q4 ? kQ40Bytes : kQ80Bytes;
     uint8_t          q[kRows][256];
-    for (int64_t b = 0; b < nb; ++b, dst += kTile) {
-        for (int j = 0; j < 8; ++j) {
+    uint8_t          zero[kBytes] = {};
+    if (Q4) {
+        std::memset(zero + 2, 0x88, 16);  // q = 8: weight 0
+    }
+    for (int64_t b = 0; b < (n32 + 7) / 8; ++b, dst += kTile) {
+        for (int j = 0; j < std::min<int64_t>(8, (n32 - b * 8 + 1) / 2 * 2); ++j) {
             uint8_t * pair = dst + (j / 2) * kPair;
             uint8_t * qs   = pair + 64 + (j % 2) * kQs;
             for (int r = 0; r < kRows; ++r) {
-                const uint8_t * blk = src + r * row_bytes + (b * 8 + j) * kBytes;
+                const uint8_t * blk = b * 8 + j < n32 ? src + r * row_bytes + (b * 8 + j) * kBytes : zero;
                 std::memcpy(pair + 32 * (j % 2) + 2 * r, blk, 2);
                 for (int l = 0; l < (Q4 ? 16 : 32); ++l) {
                     if (Q4) {
@@ -335,12 +344,13 @@ void multiply_q6_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x,
 // Q8_0 and Q4_0: 32-column blocks with one scale per row; w[k] holds columns 4k..4k+3 of a block
 // (unsigned: Q8_0's weight + 128, Q4_0's 4-bit q; the weights are those minus kOffset).
 template <int NT, bool Q4>
-void multiply_32(const uint8_t * tile, int64_t nb, const ActBlock * const * x, float * const * out) {
+void multiply_32(const uint8_t * tile, int64_t n32, const ActBlock * const * x, float * const * out) {
     constexpr size_t  kTile = Q4 ? kQ40Tile : kQ80Tile, kPair = Q4 ? kQ40Pair : kQ80Pair, kQs = Q4 ? 256 : 512;
     constexpr int32_t kOffset = Q4 ? 8 : 128;
     __m512            res[NT] = {};
-    for (int64_t b = 0; b < nb; ++b, tile += kTile) {
-        for (int j = 0; j < 8; ++j) {
+    for (int64_t b = 0; b < (n32 + 7) / 8; ++b, tile += kTile) {
+        const int blocks = (int) std::min<int64_t>(8, n32 - b * 8);
+        for (int j = 0; j < blocks; ++j) {
             const uint8_t * pair = tile + (j / 2) * kPair;
             const uint8_t * qs   = pair + 64 + (j % 2) * kQs;
             prefetch(qs + kQ4KPrefetch, kQs / 64);
@@ -367,12 +377,12 @@ void multiply_32(const uint8_t * tile, int64_t nb, const ActBlock * const * x, f
 }
 
 template <int NT>
-void multiply_tile(ggml_type type, const uint8_t * group, int64_t nb, const ActBlock * const * x, float * const * out) {
+void multiply_tile(ggml_type type, const uint8_t * group, int64_t cols, const ActBlock * const * x, float * const * out) {
     switch (type) {
-        case GGML_TYPE_Q4_K: multiply_q4_K<NT>(group, nb, x, out); break;
-        case GGML_TYPE_Q6_K: multiply_q6_K<NT>(group, nb, x, out); break;
-        case GGML_TYPE_Q4_0: multiply_32<NT, true>(group, nb, x, out); break;
-        default: multiply_32<NT, false>(group, nb, x, out); break;
+        case GGML_TYPE_Q4_K: multiply_q4_K<NT>(group, cols / kBlock, x, out); break;
+        case GGML_TYPE_Q6_K: multiply_q6_K<NT>(group, cols / kBlock, x, out); break;
+        case GGML_TYPE_Q4_0: multiply_32<NT, true>(group, cols / 32, x, out); break;
+        default: multiply_32<NT, false>(group, cols / 32, x, out); break;
     }
 }
 
@@ -385,7 +395,7 @@ bool available() { return LVGG_VNNI; }
 bool packable(ggml_type type, int64_t rows, int64_t cols) {
     return available() &&
            (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0) &&
-           rows > 0 && rows % kRows == 0 && cols > 0 && cols % kBlock == 0 &&
+           rows > 0 && rows % kRows == 0 && cols > 0 && cols % (has_32_blocks(type) ? 32 : kBlock) == 0 &&
            ggml_type_size(GGML_TYPE_Q4_K) == kQ4KBytes && ggml_type_size(GGML_TYPE_Q6_K) == kQ6KBytes &&
            ggml_type_size(GGML_TYPE_Q8_0) == kQ80Bytes && ggml_type_size(GGML_TYPE_Q4_0) == kQ40Bytes;
 }
@@ -397,7 +407,7 @@ size_t packed_size(ggml_type type, int64_t rows, int64_t cols) { return (rows / 
 void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int64_t cols, int64_t n_matrices,
           void * dst, size_t dst_stride, int n_threads) {
     const size_t  row_bytes = ggml_row_size(type, cols);
-    const int64_t nb = cols / kBlock, groups = rows / kRows, units = n_matrices * groups;
+    const int64_t nb = cols / kBlock, n32 = cols / 32, groups = rows / kRows, units = n_matrices * groups;
     auto          work       = [&](int64_t u0, int64_t u1) {
         for (int64_t u = u0; u < u1; ++u) {
             const int64_t   e = u / groups, g = u % groups;
@@ -406,8 +416,8 @@ void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int
             switch (type) {
                 case GGML_TYPE_Q4_K: pack_group_q4_K(s, row_bytes, nb, d); break;
                 case GGML_TYPE_Q6_K: pack_group_q6_K(s, row_bytes, nb, d); break;
-                case GGML_TYPE_Q4_0: pack_group_32<true>(s, row_bytes, nb, d); break;
-                default: pack_group_32<false>(s, row_bytes, nb, d); break;
+                case GGML_TYPE_Q4_0: pack_group_32<true>(s, row_bytes, n32, d); break;
+                default: pack_group_32<false>(s, row_bytes, n32, d); break;
             }
         }
     };
@@ -422,19 +432,25 @@ void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int
     }
 }
 
-bool per_32_scales(ggml_type weight_type) { return weight_type == GGML_TYPE_Q8_0 || weight_type == GGML_TYPE_Q4_0; }
+bool per_32_scales(ggml_type weight_type) { return has_32_blocks(weight_type); }
+
+int64_t act_blocks(int64_t cols) { return (cols + kBlock - 1) / kBlock; }
 
 void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out, bool per_32) {
 #if LVGG_VNNI
     float buf[kBlock];
-    for (int64_t b = 0; b < cols / kBlock; ++b) {
+    for (int64_t b = 0; b < act_blocks(cols); ++b) {
+        const int64_t n = std::min(kBlock, cols - b * kBlock);  // a last block of fewer values: zeros after
         const float * v = buf;
-        if (x_type == GGML_TYPE_F32) {
+        std::fill(buf + n, buf + kBlock, 0.0f);
+        if (x_type == GGML_TYPE_F32 && n == kBlock) {
             v = (const float *) x + b * kBlock;
+        } else if (x_type == GGML_TYPE_F32) {
+            std::memcpy(buf, (const float *) x + b * kBlock, n * sizeof(float));
         } else if (x_type == GGML_TYPE_F16) {
-            ggml_fp16_to_fp32_row((const ggml_fp16_t *) x + b * kBlock, buf, kBlock);
+            ggml_fp16_to_fp32_row((const ggml_fp16_t *) x + b * kBlock, buf, n);
         } else {
-            ggml_bf16_to_fp32_row((const ggml_bf16_t *) x + b * kBlock, buf, kBlock);
+            ggml_bf16_to_fp32_row((const ggml_bf16_t *) x + b * kBlock, buf, n);
         }
         ActBlock & o = out[b];
         __m512     amax[8];  // per 32 values
@@ -468,12 +484,11 @@ void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out
 void multiply_group(ggml_type type, const uint8_t * group, int64_t cols, const ActBlock * const * x, int n_tokens,
                     float * const * out) {
 #if LVGG_VNNI
-    const int64_t nb = cols / kBlock;
     switch (n_tokens) {
-        case 1: multiply_tile<1>(type, group, nb, x, out); break;
-        case 2: multiply_tile<2>(type, group, nb, x, out); break;
-        case 3: multiply_tile<3>(type, group, nb, x, out); break;
-        default: multiply_tile<4>(type, group, nb, x, out); break;
+        case 1: multiply_tile<1>(type, group, cols, x, out); break;
+        case 2: multiply_tile<2>(type, group, cols, x, out); break;
+        case 3: multiply_tile<3>(type, group, cols, x, out); break;
+        default: multiply_tile<4>(type, group, cols, x, out); break;
     }
 #else
     (void) type, (void) group, (void) cols, (void) x, (void) n_tokens, (void) out;

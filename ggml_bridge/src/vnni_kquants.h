@@ -6,8 +6,9 @@
 // so that one VPDPBUSD multiplies 4 weights of each of 16 rows by 4 activations broadcast to
 // every lane, with no horizontal sums and no scale decoding at run time.
 //
-// Packed layout of one expert matrix [rows, cols] (rows a multiple of 16, cols of 256): row
-// groups of 16 rows, each a run of tiles, one tile per 256-column block:
+// Packed layout of one expert matrix [rows, cols] (rows a multiple of 16, cols of 256; of 32 for
+// Q8_0 and Q4_0, whose last tile then keeps only the pairs it uses): row groups of 16 rows, each
+// a run of tiles, one tile per 256-column block:
 //   Q4_K tile (2368 bytes, 2304 in the file's layout): d[16], dmin[16] (fp16); sc[8][16];
 //     m pairs[4][16][2] (the 6-bit scales and mins of sub-blocks 2p, 2p+1 of each row);
 //     qs[8][4][16][4]: sub-block j, load i, row r, byte p holds the 4-bit weights of columns
@@ -65,8 +66,11 @@ size_t packed_size(ggml_type type, int64_t rows, int64_t cols);
 void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int64_t cols, int64_t n_matrices,
           void * dst, size_t dst_stride, int n_threads);
 
-// Quantizes `cols` (a multiple of 256) values of type f32, f16 or bf16 into cols/256 blocks
-// (symmetric, round to nearest even, like ggml's Q8_K; per 32 values like its Q8_0 with per_32).
+// ActBlocks of an activation row of `cols` values (a last block of fewer is padded with zeros).
+int64_t act_blocks(int64_t cols);
+// Quantizes `cols` (a multiple of 32) values of type f32, f16 or bf16 into act_blocks(cols)
+// blocks (symmetric, round to nearest even, like ggml's Q8_K; per 32 values like its Q8_0 with
+// per_32).
 void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out, bool per_32);
 
 // out[n][i] = row (16 g + i) of the packed matrix times activation row x[n], for n < n_tokens
