@@ -1,4 +1,4 @@
-"""vLLM on the GPU with lvgg's experts, Qwen3-30B-A3B shapes: decode, 8 concurrent decodes and
+"""vLLM on the GPU with lvgg's experts, Qwen3-30B-A3B shapes: decode, 8 and 16 concurrent decodes and
 long prefills, one configuration per process, printed as one table.
 
 The dense part has vLLM's dummy weights (`load_format="dummy"`, only config.json is written);
@@ -70,9 +70,9 @@ prefills = [int(n) for n in sys.argv[5].split(",")]
 batch = max(512, *prefills) + 128
 t0 = time.perf_counter()
 llm = lvgg.LLM(model, experts=experts, cpu_threads=threads, load_format="dummy", dtype="bfloat16",
-               max_model_len=batch, max_num_batched_tokens=batch, max_num_seqs=8, enforce_eager=eager,
+               max_model_len=batch, max_num_batched_tokens=batch, max_num_seqs=16, enforce_eager=eager,
                gpu_memory_utilization=0.6, skip_tokenizer_init=True, enable_prefix_caching=False,
-               compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]}, seed=0)
+               compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16]}, seed=0)
 init_s = time.perf_counter() - t0
 rng = random.Random(0)
 def run(n_seqs, n_in, n_out):
@@ -86,8 +86,9 @@ from lvgg.vllm_plugin import runtime
 result = {"init_s": init_s, "open_to_first_token_s": time.perf_counter() - runtime.opened_at}
 run(1, 16, 8)
 one, many = min(run(1, 16, 1) for _ in range(2)), min(run(1, 16, 65) for _ in range(2))
-c1, c8 = run(8, 16, 1), run(8, 16, 33)
-result.update(decode_tok_s=64 / (many - one), concurrent8_tok_s=8 * 32 / (c8 - c1))
+result["decode_tok_s"] = 64 / (many - one)
+for n in (8, 16):
+    result[f"concurrent{n}_tok_s"] = n * 32 / (run(n, 16, 33) - run(n, 16, 1))
 for n in prefills:
     result[f"prefill{n}_tok_s"] = n / min(run(1, n, 1) for _ in range(2))
 print("RESULT " + json.dumps(result), flush=True)
