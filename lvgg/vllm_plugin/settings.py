@@ -11,11 +11,12 @@
     LVGG_GPU_RESIDENT_LAYERS     layers whose experts stay on the GPU: "0-5,40" or "auto"
     LVGG_GPU_EXPERTS_GB          the most VRAM (GiB) lvgg's experts may take (default: no bound;
                                  with "auto", half of what vLLM may use after its weights)
-    LVGG_GPU_DECODE_SPLIT        short passes (decode): N, the GPU fetches N/top_k of a step's
-                                 distinct experts over the link (N of one token's) and computes
-                                 them while the CPU does the rest: "auto" (default: the fastest N
-                                 per batch size, timed at startup; none where no split wins), N,
-                                 or "off"; docs/gpu-experts.md has what it gains
+    LVGG_GPU_DECODE_SPLIT        passes of up to 16 tokens (decode): N, the GPU fetches N/top_k
+                                 of a step's distinct experts over the link (N of one token's,
+                                 32 at most) and computes them while the CPU does the rest:
+                                 "auto" (default: the fastest N per batch size, timed at
+                                 startup; none where no split wins), N, or "off";
+                                 docs/gpu-experts.md has what it gains
 """
 from __future__ import annotations
 
