@@ -98,7 +98,9 @@ def calibrate(gpu: GpuExperts, cpu: CudaExperts, token_counts: Sequence[int] | N
               repeats: int = 5) -> dict[int, list[float]]:
     """{n tokens: seconds per layer call with the GPU's share 0, 1, ... (of top_k)}, for
     ``token_counts`` (default 1, 2, 4, ... MOST_TOKENS, up to the CPU's max_tokens) and the
-    shares ``split_shares`` gives. Each way is captured in a CUDA graph calling up to 8 split layers in turn, as vLLM's decode
+    shares ``split_shares`` gives.
+
+    Each way is captured in a CUDA graph calling up to 8 split layers in turn, as vLLM's decode
     graphs do; 0 is the CPU alone (``cpu``, which the splits share). The ways are replayed in
     turn, ``repeats`` rounds, so a passing slowdown of the machine weighs on every way alike,
     with new random routing before each replay (the same experts again would be read from the

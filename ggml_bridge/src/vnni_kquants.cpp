@@ -377,7 +377,8 @@ void multiply_32(const uint8_t * tile, int64_t n32, const ActBlock * const * x, 
 }
 
 template <int NT>
-void multiply_tile(ggml_type type, const uint8_t * group, int64_t cols, const ActBlock * const * x, float * const * out) {
+void multiply_tile(ggml_type type, const uint8_t * group, int64_t cols, const ActBlock * const * x,
+                   float * const * out) {
     switch (type) {
         case GGML_TYPE_Q4_K: multiply_q4_K<NT>(group, cols / kBlock, x, out); break;
         case GGML_TYPE_Q6_K: multiply_q6_K<NT>(group, cols / kBlock, x, out); break;
