@@ -18,10 +18,11 @@ import time
 import torch
 
 import lvgg
-from lvgg.gpu_dequant import gated_activations, gather_rows, split_routing, weighted_down
+from lvgg.gpu_dequant import gated_activations, gather_rows, weighted_down
 from lvgg.gpu_experts import GpuExperts, _staged
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.gpu_split import RandomRoutes, SplitExperts, graphs_seconds, split_shares, timed_layers
+from lvgg.vllm_plugin.runtime import SPLIT_EXPERTS
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     store = lvgg.ExpertStore(a.experts)
     moe = lvgg.CpuMoE(store, threads=a.threads)
     t = time.perf_counter()
-    gpu = GpuExperts(store, device="cuda", dtype=dtype, split_layers=store.layers, split_experts=32)
+    gpu = GpuExperts(store, device="cuda", dtype=dtype, split_layers=store.layers, split_experts=SPLIT_EXPERTS)
     print(f"experts file pinned and GPU buffers made in {time.perf_counter() - t:.1f} s "
           f"({gpu.vram_bytes / 2**30:.2f} GiB of VRAM)")
     top_k, layer = moe.max_top_k, store.layers[len(store.layers) // 2]
@@ -56,9 +57,6 @@ def main() -> None:
           f"CUDA graphs: fetch {fetch * 1e3:.3f} ms ({top_k * sum(per_expert) / fetch / 1e9:.1f} GB/s), multiply "
           f"from the bytes {multiply * 1e3:.3f} ms, both as fetched() runs them {whole * 1e3:.3f} ms")
 
-    def route(ids: torch.Tensor, g: int):  # as SplitExperts shares a call out
-        return split_routing(ids, g, most=gpu.split_experts)
-
     layers = timed_layers(store.layers)
     print(f"\nms per layer call, CUDA graphs of {len(layers)} layers, new routes each replay, {a.threads} CPU "
           "threads: the CPU's part alone, the GPU's part alone, both as SplitExperts runs them")
@@ -66,21 +64,19 @@ def main() -> None:
         routes = RandomRoutes(layers, n, top_k, info.n_experts, gpu.device, seed=n)
         x = torch.randn(n, info.hidden_size, generator=routes.generator).to("cuda", dtype)
         cpu = CudaExperts(moe, hidden_size=info.hidden_size, top_k=top_k, max_tokens=n, dtype=dtype)
-        shares, ways = [0, *split_shares(n, top_k, info.n_experts, gpu.split_experts)], []
-        for g in shares:  # each way's parts, all timed in turn
-            if g == 0:
-                ways.append(lambda: [cpu(layer, x, ids, w) for layer, ids, w in routes])
-                continue
-            split = SplitExperts(gpu, cpu, slots={n: g})
-            ways += [lambda g=g: [cpu(layer, x, route(ids, g)[0], w) for layer, ids, w in routes],
-                     lambda g=g: [gpu.fetched(layer, x, *route(ids, g)[1:], w) for layer, ids, w in routes],
+        splits = {g: SplitExperts(gpu, cpu, slots={n: g}) for g in split_shares(n, top_k, info.n_experts,
+                                                                                 gpu.split_experts)}
+        ways = [lambda: [cpu(layer, x, ids, w) for layer, ids, w in routes]]  # each way's parts, timed in turn
+        for split in splits.values():
+            ways += [lambda split=split: [cpu(layer, x, split.route(ids)[0], w) for layer, ids, w in routes],
+                     lambda split=split: [gpu.fetched(layer, x, *split.route(ids)[1:], w) for layer, ids, w in routes],
                      lambda split=split: [split(layer, x, ids, w) for layer, ids, w in routes]]
         times = iter(routes.graphs_seconds(ways, 10))
-        for g in shares:
+        for g in [0, *splits]:
             parts = [next(times) for _ in range(3 if g else 1)]
             shares_read = ""
             if g:
-                cpu_ids, gpu_experts, _ = route(routes.ids[0], g)
+                cpu_ids, gpu_experts, _ = splits[g].route(routes.ids[0])
                 shares_read = (f"  (distinct experts: CPU {cpu_ids[cpu_ids >= 0].unique().numel()}, "
                                f"GPU {int((gpu_experts >= 0).sum())})")
             print(f"{n:3d} tokens, GPU share {g} of {top_k}: " +

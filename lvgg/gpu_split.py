@@ -65,15 +65,20 @@ class SplitExperts:
     def takes(self, layer: int, n_tokens: int) -> bool:
         return self.gpu_slots(n_tokens) > 0 and layer in self._layers
 
+    def route(self, topk_ids: torch.Tensor, real_rows: torch.Tensor | None = None):
+        """How a call with these ids is shared out (``split_routing``'s cpu_ids, gpu_experts,
+        slot_expert): the GPU's share for the call's token count, at most the experts it fetches."""
+        return split_routing(topk_ids, self.gpu_slots(topk_ids.shape[0]), real_rows, most=self.gpu.split_experts)
+
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  real_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Like CudaExperts' call (real_rows too: padding rows come back 0)."""
-        n, g = x.shape[0], self.gpu_slots(x.shape[0])
+        n = x.shape[0]
         if not self.takes(layer, n) or tuple(topk_ids.shape) != (n, self.cpu.top_k):
             raise ValueError(f"SplitExperts takes calls of {self.slots} tokens x {self.cpu.top_k} experts of layers "
                              f"{self.gpu.split_layers}; found layer {layer}, ids {list(topk_ids.shape)}")
         main = torch.cuda.current_stream(x.device)
-        cpu_ids, gpu_experts, slot_expert = split_routing(topk_ids, g, real_rows, most=self.gpu.split_experts)
+        cpu_ids, gpu_experts, slot_expert = self.route(topk_ids, real_rows)
         # The CPU's part first: its inputs are copied out before the GPU's part can fill the SMs
         # and the link (measured on the rig: started together, the two parts ran almost in turn).
         out = self.cpu(layer, x, cpu_ids, topk_weights, inputs_copied=self._inputs_ready)

@@ -178,7 +178,8 @@ template <bool Q4> void pack_group_32(const uint8_t * src, size_t row_bytes, int
         std::memset(zero + 2, 0x88, 16);  // q = 8: weight 0
     }
     for (int64_t b = 0; b < (n32 + 7) / 8; ++b, dst += kTile) {
-        for (int j = 0; j < std::min<int64_t>(8, (n32 - b * 8 + 1) / 2 * 2); ++j) {
+        const int blocks = (int) std::min<int64_t>(8, n32 - b * 8);
+        for (int j = 0; j < blocks + blocks % 2; ++j) {  // an odd last block's pair partner too
             uint8_t * pair = dst + (j / 2) * kPair;
             uint8_t * qs   = pair + 64 + (j % 2) * kQs;
             for (int r = 0; r < kRows; ++r) {
