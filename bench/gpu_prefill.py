@@ -6,10 +6,12 @@ costs alone: the host-to-device copy of a layer's bytes (and the link speed it r
 our dequantization kernels, and vLLM's fused MoE kernel on the dequantized weights. The
 floor of a pass is max(copy, dequantize + matmuls) per layer when the two overlap.
 
-    python bench/gpu_prefill.py EXPERTS.gguf [--tokens 512,4096,16384] [--top-k 8] [--groups all,32]
+    python bench/gpu_prefill.py EXPERTS.gguf [--tokens 512,4096,16384] [--top-k 8] [--groups all,32] [--parts 1,2]
 
 --groups compares whole layers with layers streamed a group of experts at a time (what a
-GPU too small for one layer of dequantized experts gets).
+GPU too small for one layer of dequantized experts gets). --parts 2 streams the first of two
+shares of every expert (a tensor-parallel rank's of two: half the intermediate rows, read from
+the whole file by a kernel over the link where the copy engine takes whole layers).
 
 Needs an NVIDIA GPU and vLLM's CUDA build.
 """
@@ -20,7 +22,7 @@ import argparse
 import torch
 
 import lvgg
-from lvgg.gpu_experts import GpuExperts, staged_bytes
+from lvgg.gpu_experts import GpuExperts, layer_infos, staged_bytes
 
 
 def cuda_ms(fn, repeat: int = 3) -> float:
@@ -43,17 +45,21 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--groups", default="all",
                     help="experts streamed at once, comma-separated ('all': whole layers; e.g. all,32)")
+    ap.add_argument("--parts", default="1", help="shares of every expert, comma-separated: the first is streamed")
     a = ap.parse_args()
     store = lvgg.ExpertStore(a.experts, repack=False)  # the GPU reads the mapped bytes only
     layers = store.layers
-    info = store.layer_info(layers[0])
-    e, d = info.n_experts, info.hidden_size
-    layer_bytes = sum(staged_bytes(store.layer_info(layer)) for layer in layers) / len(layers)
-    print(f"{store.path}: {len(layers)} layers, {layer_bytes / 2**20:.0f} MiB of experts per layer, "
-          f"types {info.types}")
     rows = []
-    for most in (None if g == "all" else int(g) for g in a.groups.split(",")):
-        gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=layers, stream_group=most)
+    for parts, most in ((int(p), None if g == "all" else int(g)) for p in a.parts.split(",")
+                        for g in a.groups.split(",")):
+        infos = layer_infos(store, (0, parts))
+        info = infos[layers[0]]
+        e, d = info.n_experts, info.hidden_size
+        layer_bytes = sum(staged_bytes(i) for i in infos.values()) / len(layers)
+        print(f"{store.path}, share 1 of {parts}: {len(layers)} layers, {layer_bytes / 2**20:.0f} MiB of experts per "
+              f"layer, types {info.types}")
+        gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=layers, stream_group=most,
+                         part=(0, parts))
         group = gpu._groups[0]
         group_bytes = layer_bytes * len(group) / e
         copy_ms = cuda_ms(lambda: gpu._stage(layers[1], group, gpu._staging[0]))
@@ -76,15 +82,15 @@ def main() -> None:
                     h = gpu(layer, h, ids, w) * 0.5 + x * 0.5  # keep values finite; like a residual stream
             pass_ms = cuda_ms(one_pass)
             floor_ms = len(layers) * len(gpu._groups) * max(copy_ms, dequant_ms + matmul_ms)
-            rows.append((len(group), T, matmul_ms, pass_ms, floor_ms))
+            rows.append((parts, len(group), T, matmul_ms, pass_ms, floor_ms))
         torch.cuda.synchronize()
         gpu.close()
         del gpu
-    print(f"\n{'group':>6} {'tokens':>7} {'matmuls ms/group':>17} {'pass ms':>9} {'floor ms':>9} {'tok/s':>8} "
-          f"{'floor tok/s':>12}")
-    for group, T, matmul_ms, pass_ms, floor_ms in rows:
-        print(f"{group:6d} {T:7d} {matmul_ms:17.2f} {pass_ms:9.1f} {floor_ms:9.1f} {T / pass_ms * 1e3:8.0f} "
-              f"{T / floor_ms * 1e3:12.0f}")
+    print(f"\n{'parts':>6} {'group':>6} {'tokens':>7} {'matmuls ms/group':>17} {'pass ms':>9} {'floor ms':>9} "
+          f"{'tok/s':>8} {'floor tok/s':>12}")
+    for parts, group, T, matmul_ms, pass_ms, floor_ms in rows:
+        print(f"{parts:6d} {group:6d} {T:7d} {matmul_ms:17.2f} {pass_ms:9.1f} {floor_ms:9.1f} "
+              f"{T / pass_ms * 1e3:8.0f} {T / floor_ms * 1e3:12.0f}")
 
 
 if __name__ == "__main__":

@@ -99,9 +99,11 @@ def bench_moe(types: list[str], tokens: list[int], threads: int, n_layers: int, 
 
 
 def bench_nodes(types: list[str], tokens: list[int], threads: int, node_counts: list[int], n_layers: int,
-                min_seconds: float, workdir: str | None = None, **shape) -> list[MoeResult]:
+                min_seconds: float, workdir: str | None = None, own_kernels: bool = True,
+                **shape) -> list[MoeResult]:
     """The same layers with the physical cores split into 1, 2, 4, ... virtual nodes (pinned CPU
-    groups, one part of every expert each): the cost of splitting on one socket."""
+    groups, one part of every expert each): the cost of splitting on one socket. ``own_kernels``:
+    as ExpertStore's (False: ggml's kernels for every type)."""
     from lvgg import _bridge
     from lvgg.experts import EngineNode
 
@@ -109,7 +111,7 @@ def bench_nodes(types: list[str], tokens: list[int], threads: int, node_counts: 
 
     def engines(path: Path, K: int):
         for n in node_counts:
-            store = ExpertStore(path, repack=n == 1)  # with nodes, each part is repacked
+            store = ExpertStore(path, repack=n == 1, own_kernels=own_kernels)  # with nodes, each part is repacked
             nodes = [EngineNode(list(g)) for g in np.array_split(cpus, n)]
             yield f"{n} node{'s' * (n > 1)}", store, CpuMoE(store, nodes=nodes, max_tokens=max(tokens), max_top_k=K)
 

@@ -223,29 +223,35 @@ _ROWS_PER_PROGRAM, _CHUNK = 16, 256
 def gather_rows(src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out[j] = src[ids[j]]`` by a kernel on ``out``'s device, in the current stream's order.
 
-    src: [rows, n] uint8, e.g. one projection's bytes with a row per expert; it may be host
-    memory registered with CUDA (the GPU then reads it over the link: no host code runs, so a
-    CUDA graph can capture the call). ids: [m] int32/int64 on ``out``'s device, read by the
-    kernel: negative ones are skipped (their rows of out are left as they are), ones past the
-    last row read the last row (they are never checked on the host, which would synchronize).
-    out: [m, n] uint8, contiguous.
+    src: [rows, n] or [rows, lines, n] uint8, its last dimension contiguous, any other strides:
+    e.g. one projection's bytes with a row per expert, or a tensor-parallel rank's share of them
+    (some lines of each expert's, or some bytes of each of its lines). It may be host memory
+    registered with CUDA (the GPU then reads it over the link: no host code runs, so a CUDA graph
+    can capture the call). ids: [m] int32/int64 on ``out``'s device, read by the kernel: negative
+    ones are skipped (their rows of out are left as they are), ones past the last row read the
+    last row (they are never checked on the host, which would synchronize).
+    out: [m, *src.shape[1:]] uint8, its last dimension contiguous.
     """
-    if src.dtype != torch.uint8 or src.dim() != 2 or src.stride(1) != 1 or src.stride(0) != src.shape[1]:
-        raise ValueError(f"src must be contiguous [rows, bytes] uint8, found {src.dtype} {list(src.shape)}")
+    if src.dtype != torch.uint8 or src.dim() not in (2, 3) or src.stride(-1) != 1:
+        raise ValueError(f"src must be [rows, bytes] or [rows, lines, bytes] uint8 with contiguous bytes, found "
+                         f"{src.dtype} {list(src.shape)} strides {list(src.stride())}")
     m = ids.numel()
     if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64) or ids.device != out.device:
         raise ValueError(f"ids must be a 1-d int32/int64 tensor on {out.device}, found {ids.dtype} "
                          f"{list(ids.shape)} on {ids.device}")
-    if out.dtype != torch.uint8 or tuple(out.shape) != (m, src.shape[1]) or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous [{m}, {src.shape[1]}] uint8, found {out.dtype} {list(out.shape)}")
+    if out.dtype != torch.uint8 or tuple(out.shape) != (m, *src.shape[1:]) or out.stride(-1) != 1:
+        raise ValueError(f"out must be [{m}, {', '.join(map(str, src.shape[1:]))}] uint8 with contiguous bytes, "
+                         f"found {out.dtype} {list(out.shape)} strides {list(out.stride())}")
     if triton is None:
         raise RuntimeError("gathering expert bytes needs Triton (it comes with CUDA builds of torch)")
-    if m == 0:
+    if m == 0 or src.shape[1:].numel() == 0:
         return out
-    words = src.shape[1] % 4 == 0 and src.data_ptr() % 4 == 0 and out.data_ptr() % 4 == 0
-    s, o = (src.view(torch.int32), out.view(torch.int32)) if words else (src, out)
-    chunk = 2048
-    _gather_rows[(m, triton.cdiv(s.shape[1], chunk))](s, ids, o, s.shape[0], s.shape[1], CHUNK=chunk)
+    s, o = (src, out) if src.dim() == 3 else (src[:, None], out[:, None])
+    if all(v % 4 == 0 for v in (s.shape[2], *s.stride()[:2], *o.stride()[:2], s.data_ptr(), o.data_ptr())):
+        s, o = s.view(torch.int32), o.view(torch.int32)  # whole 4-byte words
+    chunk, size = 2048, s.shape[1] * s.shape[2]
+    _gather_rows[(m, triton.cdiv(size, chunk))](s, ids, o, s.shape[0], s.stride(0), s.stride(1), o.stride(0),
+                                                o.stride(1), size, s.shape[2], CHUNK=chunk)
     return out
 
 
@@ -471,9 +477,11 @@ if triton is not None:
         tl.store(gpu_experts + j, tl.max(tl.where(hit, v[None, :], -1), axis=1), mask=j < most)
 
     @triton.jit
-    def _gather_rows(src, ids, dst, n_rows, row_len, CHUNK: tl.constexpr):
+    def _gather_rows(src, ids, dst, n_rows, src_row, src_line, dst_row, dst_line, size, line, CHUNK: tl.constexpr):
         j = tl.program_id(0)
         row = tl.minimum(tl.load(ids + j).to(tl.int64), n_rows - 1)
-        at = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
-        mask = (at < row_len) & (tl.broadcast_to(row, [CHUNK]) >= 0)
-        tl.store(dst + j.to(tl.int64) * row_len + at, tl.load(src + row * row_len + at, mask=mask), mask=mask)
+        at = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)  # in the row's lines, end to end
+        mask = (at < size) & (tl.broadcast_to(row, [CHUNK]) >= 0)
+        i, k = at // line, at % line
+        value = tl.load(src + row * src_row + i * src_line + k, mask=mask)
+        tl.store(dst + j.to(tl.int64) * dst_row + i * dst_line + k, value, mask=mask)

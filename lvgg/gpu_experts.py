@@ -22,6 +22,7 @@ keep Python state about the staging slots, so they must not be captured in a CUD
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -65,24 +66,72 @@ def _nbytes(info: ExpertLayerInfo, projection: str) -> int:
     return raw_nbytes(info.types[projection], info.n_experts * rows * cols)
 
 
-def _pieces(info: ExpertLayerInfo, n_experts: int | None = None) -> list[tuple[str, slice, int]]:
-    """(projection, its bytes in the file, where ``n_experts`` of its experts (default: all) start
-    in a staging buffer) for a layer."""
+def _pieces(info: ExpertLayerInfo, n_experts: int | None = None) -> list[tuple[str, int, int]]:
+    """(projection, the bytes of ``n_experts`` of its experts (default: all), where they start in a
+    staging buffer) for a layer."""
     n = info.n_experts if n_experts is None else n_experts
     at, pieces = 0, []
     for projection, _ in _gpu_layout(info):
-        nbytes = _nbytes(info, projection)
-        pieces.append((projection, slice(info.offsets[projection], info.offsets[projection] + nbytes), at))
-        at += _aligned(nbytes // info.n_experts * n)  # each piece starts aligned
+        nbytes = _nbytes(info, projection) // info.n_experts * n
+        pieces.append((projection, nbytes, at))
+        at += _aligned(nbytes)  # each piece starts aligned
     return pieces
 
 
 def staged_bytes(info: ExpertLayerInfo, n_experts: int | None = None) -> int:
     """Bytes ``n_experts`` (default: all) of a layer's experts take on the GPU before
     dequantization (their file bytes, each projection aligned)."""
-    n = info.n_experts if n_experts is None else n_experts
-    _, src, at = _pieces(info, n)[-1]
-    return at + (src.stop - src.start) // info.n_experts * n
+    _, nbytes, at = _pieces(info, n_experts)[-1]
+    return at + nbytes
+
+
+def layer_infos(store: ExpertStore, part: tuple[int, int] = (0, 1),
+                layers: Sequence[int] | None = None) -> dict[int, ExpertLayerInfo]:
+    """The MoE layers of ``store`` (default: all) as share ``part`` = (index, count) of every
+    expert sees them: intermediate rows ``store.part_rows(layer, *part)`` (the sizes and bytes
+    the GPU holds; offsets stay the file's whole projections')."""
+    infos = {}
+    for layer in store.layers if layers is None else layers:
+        info = store.layer_info(layer)
+        begin, end = store.part_rows(layer, *part)
+        if end - begin != info.intermediate_size:
+            info = dataclasses.replace(info, intermediate_size=end - begin)
+            info = dataclasses.replace(info, nbytes=sum(_nbytes(info, p) for p in info.types))
+        infos[layer] = info
+    return infos
+
+
+def _host_views(host: torch.Tensor, whole: ExpertLayerInfo, rows: tuple[int, int]) -> list[list[torch.Tensor]]:
+    """Per projection of a layer, the views of the mapped file (``host``) whose bytes, expert by
+    expert ([experts, lines, bytes] each) and end to end, are its intermediate rows [a, b): rows
+    [a, b) of gate and up (of both halves of a fused gate_up), columns [a, b) of every row of down
+    (whole blocks). The whole layer's are one contiguous view per projection."""
+    a, b = rows
+    d, f, n = whole.hidden_size, whole.intermediate_size, whole.n_experts
+    views = []
+    for projection, _ in _gpu_layout(whole):
+        ggml_type, start = whole.types[projection], whole.offsets[projection]
+        data = host[start:start + _nbytes(whole, projection)]
+        if projection == "down":
+            lines = data.view(n, d, raw_nbytes(ggml_type, f))
+            views.append([lines[:, :, raw_nbytes(ggml_type, a):raw_nbytes(ggml_type, b)]])
+            continue
+        lines = data.view(n, -1, raw_nbytes(ggml_type, d))  # [experts, rows, bytes of a row]
+        if (a, b) == (0, f):
+            views.append([lines])
+        else:
+            views.append([lines[:, h * f + a:h * f + b] for h in range(2 if projection == "gate_up" else 1)])
+    return views
+
+
+def _gather(views: list[torch.Tensor], ids: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[j]`` ([m, bytes] uint8 on the device) = expert ``ids[j]``'s bytes of ``views``
+    (_host_views'), end to end; on the current stream."""
+    at = 0
+    for view in views:
+        nbytes = view[0].numel()
+        gather_rows(view, ids, out[:, at:at + nbytes].view(out.shape[0], *view.shape[1:]))
+        at += nbytes
 
 
 def _aligned(nbytes: int) -> int:
@@ -141,13 +190,18 @@ class GpuExperts:
     VRAM: two staging slots of a group's file bytes, one group of weights in ``dtype`` for the
     streamed layers, every resident layer's weights, and the bytes of ``split_experts`` experts
     for the split layers (``vram_bytes``).
+    ``part`` = (index, count): compute that share of every expert, the intermediate rows
+    ``store.part(index, count)`` holds (a tensor-parallel rank's; the shares' outputs sum to the
+    layer's). Its bytes are read from the whole file (``store``, mapped), only they cross the link.
     """
 
     def __init__(self, store: ExpertStore, *, device: torch.device | str, dtype: torch.dtype,
                  streamed_layers: Sequence[int] = (), resident_layers: Sequence[int] = (),
                  split_layers: Sequence[int] = (), split_experts: int = 0,
-                 stream_group: int | None = None) -> None:
-        self.store, self.device, self.dtype = store, torch.device(device), dtype
+                 stream_group: int | None = None, part: tuple[int, int] = (0, 1)) -> None:
+        self.store, self.device, self.dtype, self.part = store, torch.device(device), dtype, tuple(part)
+        if len(self.part) != 2 or not 0 <= self.part[0] < self.part[1]:
+            raise ValueError(f"part must be (index, count) with 0 <= index < count, found {part}")
         overlap = sorted(set(streamed_layers) & set(resident_layers))
         if overlap:
             raise ValueError(f"layers {overlap} are both streamed and resident; pick one")
@@ -162,18 +216,21 @@ class GpuExperts:
             from lvgg.vllm_plugin import compat  # vLLM's fused MoE kernel (split layers use lvgg's own)
 
             self._fused_experts = compat.fused_experts
-        self._info: dict[int, ExpertLayerInfo] = {}
-        # per layer and projection: (ggml type, its bytes in the file, rows of w13 it fills or None for w2)
-        self._plan: dict[int, list[tuple[str, slice, slice | None]]] = {}
-        for layer in sorted({*self.streamed_layers, *self.resident_layers, *self.split_layers}):
-            info = store.layer_info(layer)
+        layers = sorted({*self.streamed_layers, *self.resident_layers, *self.split_layers})
+        self._info = layer_infos(store, self.part, layers)  # this share's sizes
+        for layer, info in self._info.items():
             why = gpu_unsupported(info)
             if why:
                 raise ValueError(f"layer {layer} of {store.path} cannot run on the GPU: {why}")
-            self._info[layer] = info
-            rows_of = dict(_gpu_layout(info))
-            self._plan[layer] = [(info.types[p], src, rows_of[p]) for p, src, _ in _pieces(info)]
         self._host = self._host_bytes() if self._info else None
+        # per layer and projection: (ggml type, the share's bytes in the file as _host_views gives them,
+        # rows of w13 it fills or None for w2)
+        self._plan: dict[int, list[tuple[str, list[torch.Tensor], slice | None]]] = {}
+        for layer, info in self._info.items():
+            views = _host_views(self._host, store.layer_info(layer), store.part_rows(layer, *self.part))
+            self._plan[layer] = [(info.types[p], v, rows) for (p, rows), v in zip(_gpu_layout(info), views)]
+        self._expert_ids = torch.arange(max((i.n_experts for i in self._info.values()), default=0), dtype=torch.int32,
+                                        device=self.device)  # what a share's streamed copies gather
         self.host_pinned = False
         self._resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._streamed: frozenset[int] = frozenset()
@@ -243,13 +300,12 @@ class GpuExperts:
         # they are in, while the link carries down (the fetch stream first waits for the last call's
         # use of the staging buffer).
         self._link_stream.wait_stream(stream)
-        at, staged = 0, []
-        plan = self._fetch_plan[layer]
-        for i, (ggml_type, host_rows, projection) in enumerate(plan):
-            data = self._fetch_staging[at:at + n_fetched * host_rows.shape[1]].view(n_fetched, -1)
-            at += _aligned(data.numel())
+        staged = []
+        plan = self._plan[layer]
+        for i, ((ggml_type, views, _), (projection, nbytes, at)) in enumerate(zip(plan, _pieces(info, n_fetched))):
+            data = self._fetch_staging[at:at + nbytes].view(n_fetched, -1)
             with torch.cuda.stream(self._link_stream):
-                gather_rows(host_rows, experts, data)
+                _gather(views, experts, data)
                 self._fetched_event[i].record(self._link_stream)
             staged += _staged(info, projection, ggml_type, data)
         for event in self._fetched_event[:len(plan) - 1]:
@@ -286,22 +342,21 @@ class GpuExperts:
             log.warning("lvgg: could not pin the experts file for GPU streaming (cudaHostRegister returned %s; "
                         "check free RAM and `ulimit -l`): copies will run at a fraction of the link's speed", rc)
 
-    def _projections(self, layer: int, experts: range) -> list[tuple[str, slice, int, slice | None]]:
-        """Per projection of a layer: (ggml type, the file bytes of ``experts``, where they start in a
-        staging buffer, rows of w13 or None for w2)."""
-        info = self._info[layer]
-        out = []
-        for (ggml_type, src, rows), (_, _, at) in zip(self._plan[layer], _pieces(info, len(experts))):
-            per_expert = (src.stop - src.start) // info.n_experts
-            out.append((ggml_type, slice(src.start + experts.start * per_expert, src.start + experts.stop * per_expert),
-                        at, rows))
-        return out
-
     def _stage(self, layer: int, experts: range, staging: torch.Tensor) -> None:
-        """Copy the bytes of a layer's ``experts`` into ``staging`` on the current stream
-        (asynchronous from pinned memory)."""
-        for _, src, at, _ in self._projections(layer, experts):
-            staging[at:at + src.stop - src.start].copy_(self._host[src], non_blocking=True)
+        """Copy the bytes of a layer's ``experts`` (this share's) into ``staging`` on the current
+        stream: by the copy engine where they are contiguous in the file (a whole layer's;
+        asynchronous once the file is pinned), else by a kernel reading the pinned file over the
+        link, or (not pinned: resident layers only) gathered on the host first."""
+        n = len(experts)
+        for (_, views, _), (_, nbytes, at) in zip(self._plan[layer], _pieces(self._info[layer], n)):
+            data = staging[at:at + nbytes]
+            mine = [view[experts.start:experts.stop] for view in views]
+            if len(mine) == 1 and mine[0].is_contiguous():
+                data.copy_(mine[0].view(-1), non_blocking=True)
+            elif self.host_pinned:
+                _gather(views, self._expert_ids[experts.start:experts.stop], data.view(n, -1))
+            else:
+                data.copy_(torch.cat([m.reshape(n, -1) for m in mine], dim=1).view(-1))
 
     def _setup_streaming(self, stream_group: int | None) -> None:
         info = self._one_shape(self.streamed_layers, "streamed")
@@ -335,11 +390,6 @@ class GpuExperts:
     def _setup_split(self) -> None:
         self._one_shape(self.split_layers, "split")
         n = self.split_experts
-        # per split layer and projection: (ggml type, its file bytes as [experts, bytes of one], projection)
-        self._fetch_plan = {layer: [(ggml_type, self._host[src].view(self._info[layer].n_experts, -1), projection)
-                                    for (ggml_type, src, _), (projection, _) in
-                                    zip(self._plan[layer], _gpu_layout(self._info[layer]))]
-                            for layer in self.split_layers}
         staging = max(_aligned(staged_bytes(self._info[layer], n)) for layer in self.split_layers)
         self._fetch_staging = torch.empty(staging, dtype=torch.uint8, device=self.device)
         self._link_stream = torch.cuda.Stream(self.device)
@@ -384,6 +434,6 @@ class GpuExperts:
         staged as ``_stage`` places them."""
         n = len(experts)
         w13, w2 = out
-        for ggml_type, src, at, rows in self._projections(layer, experts):
-            dequantize(staged[at:at + src.stop - src.start], ggml_type, w13[:n, rows] if rows is not None else w2[:n])
+        for (ggml_type, _, rows), (_, nbytes, at) in zip(self._plan[layer], _pieces(self._info[layer], n)):
+            dequantize(staged[at:at + nbytes], ggml_type, w13[:n, rows] if rows is not None else w2[:n])
         return w13[:n], w2[:n]

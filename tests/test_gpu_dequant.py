@@ -86,6 +86,20 @@ def check_gather(device: str) -> None:
         gather_rows(src.to(device), torch.tensor([-3, 99, -1], device=device), out)
         assert (out[0] == 7).all() and (out[2] == 7).all(), "rows of negative ids are left as they are"
         assert torch.equal(out[1].cpu(), src[8]), "ids past the rows read the last one"
+    # A share of each row (some of its lines, some bytes of each line: a tensor-parallel rank's) into
+    # a strided out: 4-byte words (Q4_K rows), bytes (Q8_0 rows of 5 blocks), a 2-d share of each row.
+    for lines, line, cut in ((6, 144 * 3, slice(144, 432)), (5, 34 * 5, slice(34, 102)), (1, 600, slice(8, 200))):
+        whole = torch.from_numpy(rng.integers(0, 256, size=(7, lines, line), dtype=np.uint8))
+        share = slice(1, 4) if lines > 1 else slice(0, 1)
+        src = whole.to(device)[:, share, cut]
+        if lines == 1:
+            src = src[:, 0]
+        ids = torch.tensor([6, 1, 1, 0], dtype=torch.int64)
+        padded = torch.full((len(ids), *src.shape[1:-1], src.shape[-1] + 8), 7, dtype=torch.uint8, device=device)
+        gather_rows(src, ids.to(device), padded[..., 4:-4])
+        assert torch.equal(padded[..., 4:-4].cpu(), whole[ids][:, share, cut].reshape(padded[..., 4:-4].shape)), \
+            f"a share of rows of {lines} lines of {line} bytes"
+        assert (padded[..., :4] == 7).all() and (padded[..., -4:] == 7).all(), "wrote outside out"
 
 
 def quantized_experts(rng: np.random.Generator, ggml_type: str, n: int, rows: int, cols: int):

@@ -9,8 +9,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import lvgg
-from lvgg.gpu_experts import GpuExperts, estimate_vram_bytes, gpu_unsupported, stream_groups
-from lvgg.testing.expert_files import random_experts, read_reference, write_experts_file
+from lvgg.gpu_experts import GpuExperts, _host_views, estimate_vram_bytes, gpu_unsupported, layer_infos, stream_groups
+from lvgg.testing.expert_files import ReferenceLayer, random_experts, read_reference, write_experts_file
 
 E, D, F, K = 16, 256, 512, 4
 Q4_K_M = {"gate": Q.Q4_K, "up": Q.Q4_K, "gate_up": Q.Q4_K, "down": Q.Q6_K}
@@ -24,6 +24,22 @@ def experts_file(tmp_path_factory):
     layers = {i: random_experts(rng, E, D, F) for i in (1, 2, 3)}
     layers[5] = random_experts(rng, E, D, F, form="gate_up+down")
     return write_experts_file(tmp_path_factory.mktemp("gpu") / "experts.gguf", layers, Q4_K_M)
+
+
+@pytest.fixture(scope="module")
+def q8_file(tmp_path_factory):
+    """Layers 1 and 5 (fused gate_up) in Q8_0: 512 intermediate rows are 16 blocks of 32, which 3
+    shares split unevenly (192, 160, 160 rows: a share's row of down is then 170 bytes)."""
+    rng = np.random.default_rng(12)
+    layers = {1: random_experts(rng, E, D, F), 5: random_experts(rng, E, D, F, form="gate_up+down")}
+    return write_experts_file(tmp_path_factory.mktemp("gpu_q8") / "experts.gguf", layers,
+                              dict.fromkeys(("gate", "up", "gate_up", "down"), Q.Q8_0))
+
+
+def share_reference(path, layer: int, rows: tuple[int, int]) -> ReferenceLayer:
+    """The f64 reference of a share of every expert: its intermediate rows [a, b)."""
+    whole, (a, b) = read_reference(path, layer), rows
+    return ReferenceLayer(whole.gate[:, a:b], whole.up[:, a:b], whole.down[:, :, a:b])
 
 
 def routing(T, seed):
@@ -120,7 +136,7 @@ def test_streamed_groups_are_as_even_as_whole_experts_allow():
         stream_groups(16, 0)
 
 
-def layer_infos(n_layers, E, D, F, types):
+def model_layer_infos(n_layers, E, D, F, types):
     """ExpertLayerInfo of a model's layers, as a store reports them (offsets as one file would)."""
     from lvgg.experts import ExpertLayerInfo
 
@@ -135,7 +151,7 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
     from lvgg.vllm_plugin.settings import GpuSettings
 
     q4_k_m = {"gate": "q4_K", "up": "q4_K", "down": "q6_K"}
-    a3b = layer_infos(48, 128, 2048, 768, q4_k_m)  # Qwen3-30B-A3B
+    a3b = model_layer_infos(48, 128, 2048, 768, q4_k_m)  # Qwen3-30B-A3B
     layer = 3 * 128 * 2048 * 768 * 2  # bf16 weights of one layer
     plan = plan_gpu_layers(a3b, GpuSettings(64, (), None, 3), 80 * 2**30, torch.bfloat16)
     assert plan == (list(range(48)), [], list(range(48)), None, [])
@@ -151,7 +167,7 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
     # DeepSeek-V3-sized layers: streaming a whole one needs ~37 GiB; on a 40 GiB GPU (10 GiB for
     # streaming) prefill streams them in 4 groups of 64 experts, and splitting decode steps (the
     # bytes of 32 experts: 0.85 GiB) fits in what is left
-    v3 = layer_infos(58, 256, 7168, 2048, q4_k_m)
+    v3 = model_layer_infos(58, 256, 7168, 2048, q4_k_m)
     plan = plan_gpu_layers(v3, GpuSettings(64, (), None, 3), 40 * 2**30, torch.bfloat16)
     assert plan.streamed == plan.split == list(range(58)) and plan.resident == [] and plan.stream_group == 64
     assert len(plan.notes) == 1 and "streams them 64 of 256 experts at a time" in plan.notes[0]
@@ -162,7 +178,7 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
     plan = plan_gpu_layers(v3, GpuSettings(64, (), 2**27, "auto"), 40 * 2**30, torch.bfloat16)  # not one expert
     assert plan.streamed == plan.split == [] and "even one expert at a time" in plan.notes[0]
     assert "decode runs the experts on the CPU" in plan.notes[1]
-    iq = layer_infos(2, 8, 256, 256, {"gate": "iq4_xs", "up": "iq4_xs", "down": "q8_0"})
+    iq = model_layer_infos(2, 8, 256, 256, {"gate": "iq4_xs", "up": "iq4_xs", "down": "q8_0"})
     plan = plan_gpu_layers(iq, GpuSettings(64, (), None, 3), 80 * 2**30, torch.bfloat16)
     assert plan.streamed == plan.split == [] and "run on the CPU only" in plan.notes[0]
     with pytest.raises(ValueError, match=r"layers \[1\] cannot be resident: layer 1: types \['IQ4_XS'\]"):
@@ -246,3 +262,78 @@ def test_decode_split_calibration_times_both_sides(split):
     assert len(seconds[1]) == len(seconds[8]) == K  # the CPU alone, then GPU shares 1..K-1
     assert all(t > 0 for times in seconds.values() for t in times)
     assert set(best_slots(seconds)) == {1, 8}
+
+
+@pytest.mark.parametrize("n_parts", [2, 3])
+def test_a_shares_bytes_in_the_file_are_the_rows_its_cpu_part_holds(experts_file, q8_file, n_parts):
+    """What a tensor-parallel rank's GPU reads of the file (rows [a, b) of gate and up, columns
+    [a, b) of down), dequantized by gguf-py, is the reference's share; the shares tile the layer
+    as the CPU parts do."""
+    import gguf
+
+    path = experts_file if n_parts == 2 else q8_file
+    store = lvgg.ExpertStore(path, repack=False)
+    host = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+    for layer in (1, 5):
+        whole, ends = store.layer_info(layer), [0]
+        for part in range(n_parts):
+            a, b = store.part_rows(layer, part, n_parts)
+            assert a == ends[-1] and b - a == layer_infos(store, (part, n_parts))[layer].intermediate_size == \
+                store.part(part, n_parts, repack=False).layer_info(layer).intermediate_size
+            ends.append(b)
+            want = share_reference(path, layer, (a, b))
+            views = _host_views(host, whole, (a, b))
+            projections = ["gate", "up", "down"] if whole.form == "gate+up+down" else ["gate_up", "down"]
+            for projection, pieces in zip(projections, views):
+                raw = torch.cat([v.reshape(E, -1) for v in pieces], dim=1).numpy()
+                values = gguf.quants.dequantize(raw.reshape(-1, pieces[0].shape[-1]), Q[whole.types[projection].upper()])
+                expect = {"gate_up": lambda: np.concatenate([want.gate, want.up], axis=1)}.get(
+                    projection, lambda: getattr(want, projection))()
+                assert np.array_equal(values.reshape(expect.shape), expect), (layer, part, projection)
+        assert ends[-1] == F and len(set(np.diff(ends))) <= 2, ends
+
+
+@needs_cuda
+@pytest.mark.parametrize("n_parts", [2, 3])
+def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_file, q8_file, n_parts):
+    """A rank's GpuExperts (streamed whole and in groups, resident, and split with the rank's CPU
+    part in decode steps) computes the share its CPU part holds; the ranks' outputs sum to the layer."""
+    from lvgg.gpu_split import SplitExperts
+
+    path = experts_file if n_parts == 2 else q8_file
+    store = lvgg.ExpertStore(path, repack=False)
+    x, ids, w = routing(64, 3)
+    xd, idsd, wd = routing(4, 4)
+    xb, xdb = x.to(torch.bfloat16), xd.to(torch.bfloat16)
+    sums: dict[str, dict[int, torch.Tensor]] = {"prefill": {}, "decode": {}}
+    for part in range(n_parts):
+        share = (part, n_parts)
+        moe = lvgg.CpuMoE(store.part(part, n_parts), threads=2, max_top_k=K)
+        cpu = lvgg.CudaExperts(moe, hidden_size=D, top_k=K, max_tokens=8, dtype=torch.bfloat16)
+        gpus = [GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[1], resident_layers=[5],
+                           stream_group=group, part=share) for group in (None, 6)]
+        split_gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, split_layers=[1, 5], split_experts=8,
+                               part=share)
+        split = SplitExperts(split_gpu, cpu, slots={8: 2})
+        assert gpus[0].vram_bytes == estimate_vram_bytes(layer_infos(store, share), [1], [5], torch.bfloat16)
+        for layer in (1, 5):
+            rows = store.part_rows(layer, *share)
+            want = share_reference(path, layer, rows).forward(xb.double().numpy(), ids.numpy(), w.double().numpy())
+            for gpu in gpus:
+                out = gpu(layer, xb.cuda(), ids.cuda(), w.cuda())
+                assert rel_error(out, want) < 0.02, (share, layer, gpu.streamed_layers)
+            sums["prefill"][layer] = sums["prefill"].get(layer, 0) + out.double().cpu()
+            out = split(layer, xdb.cuda(), idsd.cuda(), wd.cuda())
+            want = share_reference(path, layer, rows).forward(xdb.double().numpy(), idsd.numpy(), wd.double().numpy())
+            assert rel_error(out, want) < 0.02, (share, layer, "split")
+            sums["decode"][layer] = sums["decode"].get(layer, 0) + out.double().cpu()
+        torch.cuda.synchronize()
+        cpu.close()
+        for gpu in (*gpus, split_gpu):
+            gpu.close()
+    for layer in (1, 5):
+        ref = read_reference(path, layer)
+        assert rel_error(sums["prefill"][layer], ref.forward(xb.double().numpy(), ids.numpy(),
+                                                             w.double().numpy())) < 0.02, layer
+        assert rel_error(sums["decode"][layer], ref.forward(xdb.double().numpy(), idsd.numpy(),
+                                                            wd.double().numpy())) < 0.02, layer

@@ -181,6 +181,11 @@ NB_MODULE(_bridge, m) {
                          return out;
                      })
         .def("layer_info", [](const ExpertStore & s, int i) { return layer_info(s, s.layer(i)); }, "layer"_a)
+        .def("part_range",
+             [](const ExpertStore & s, int layer, int part, int n_parts) {
+                 return ExpertStore::part_range(s.layer(layer), part, n_parts);
+             },
+             "layer"_a, "part"_a, "n_parts"_a)
         .def("metadata", [](const ExpertStore & s) {
             nb::dict d;
             for (int64_t i = 0; s.gguf() && i < gguf_get_n_kv(s.gguf()); ++i) {

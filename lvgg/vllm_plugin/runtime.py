@@ -18,7 +18,7 @@ import torch
 from lvgg import _bridge, topology
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, EngineNode, ExpertStore
-from lvgg.gpu_experts import GpuExperts, gpu_unsupported
+from lvgg.gpu_experts import GpuExperts, gpu_unsupported, layer_infos
 from lvgg.gpu_split import MOST_TOKENS, SplitExperts, best_slots, calibrate
 from lvgg.models import arch_for
 from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, settings
@@ -44,7 +44,9 @@ _split: SplitExperts | None = None
 _gpu_made = False
 _gpu_min_tokens: int | None = None
 _gpu_memory_utilization = 0.9
-_tp_size = 1
+# What the GPU's experts are read from: the whole file (mapped) and this rank's share of each expert
+# (a tensor-parallel rank's engine holds a copy of its share only).
+_gpu_source: tuple[ExpertStore, tuple[int, int]] | None = None
 opened_at: float | None = None  # time.perf_counter() when this process opened the experts file (startup figures)
 
 
@@ -125,9 +127,9 @@ def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: f
     expert-parallel rank (tp_rank of tp_size) computes its share of every expert (vLLM's
     all-reduce sums the ranks' outputs); a pipeline-parallel rank holds its own layers' experts
     only."""
-    global _engine, _gpu_memory_utilization, _tp_size
+    global _engine, _gpu_memory_utilization
     with _lock:
-        _gpu_memory_utilization, _tp_size = gpu_memory_utilization, tp_size
+        _gpu_memory_utilization = gpu_memory_utilization
         if _engine is None:
             _engine = _make_engine(hf_config, max_tokens, tp_rank, tp_size, pp_rank, pp_size)
         return _engine
@@ -153,7 +155,7 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     split = tp_size > 1 or len(topo.nodes) > 1
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
     layers = pp_layers(hf_config, pp_rank, pp_size)
-    global opened_at
+    global opened_at, _gpu_source
     opened_at = time.perf_counter()
     store = ExpertStore(os.environ[EXPERTS_ENV], repack=not split, layers=layers, own_kernels=settings.own_kernels())
     check_experts_file(store, hf_config, layers)
@@ -161,8 +163,9 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     if layers is not None:
         log.info("lvgg: pipeline-parallel rank %d of %d holds the experts of layers %s", pp_rank, pp_size,
                  topology.format_cpulist(layers))
+    _gpu_source = (store, (tp_rank, tp_size)) if _gpu_present() else None  # no copy: the GPU reads the mapping
     if tp_size > 1:
-        store = store.part(tp_rank, tp_size)  # the whole file is unmapped when its store goes
+        store = store.part(tp_rank, tp_size)  # without a GPU the whole file is unmapped when its store goes
         cpus = rank_cpus(tp_rank, tp_size)
         counts = settings.cpu_threads(1)
         moe = CpuMoE(store, threads=min(counts[0], len(cpus)) if counts else len(cpus), cpus=cpus, **kwargs)
@@ -214,11 +217,8 @@ def gpu_experts(device, dtype) -> GpuExperts | None:
         return _gpu
     with _lock:
         if not _gpu_made:
-            if _tp_size > 1:  # GpuExperts streams whole layers; a rank holds its share only
-                log.warning("lvgg: with tensor or expert parallelism the experts run on the CPU only (no GPU "
-                            "prefill, resident layers or decode split yet)")
-            else:
-                _gpu, _split = _make_gpu_experts(current_engine(), device, dtype)
+            current_engine()  # made first
+            _gpu, _split = _make_gpu_experts(*_gpu_source, device, dtype)
             _gpu_made = True
         return _gpu
 
@@ -228,23 +228,24 @@ def split_experts() -> SplitExperts | None:
     return _split
 
 
-def _make_gpu_experts(moe: CpuMoE, device, dtype) -> tuple[GpuExperts | None, SplitExperts | None]:
+def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], device,
+                      dtype) -> tuple[GpuExperts | None, SplitExperts | None]:
     global _gpu_min_tokens
-    store = moe.store
     wanted = GpuSettings.from_env()
     _gpu_min_tokens = wanted.prefill_min_tokens
     free, total = torch.cuda.mem_get_info(device)
     usable = max(0.0, _gpu_memory_utilization * total - (total - free))  # what vLLM may still take
-    plan = plan_gpu_layers({n: store.layer_info(n) for n in store.layers}, wanted, usable, dtype)
+    plan = plan_gpu_layers(layer_infos(store, part), wanted, usable, dtype)
     for note in plan.notes:
         log.warning("lvgg: %s", note)
     if not plan.streamed and not plan.resident and not plan.split:
         return None, None
     gpu = GpuExperts(store, device=device, dtype=dtype, streamed_layers=plan.streamed, resident_layers=plan.resident,
-                     split_layers=plan.split, split_experts=SPLIT_EXPERTS, stream_group=plan.stream_group)
-    log.info("lvgg: experts on %s: %d layers streamed for passes of >= %s tokens, %d resident, %d split with the "
-             "CPU in decode steps; %.2f GiB of VRAM", device, len(plan.streamed), wanted.prefill_min_tokens,
-             len(plan.resident), len(gpu.split_layers), gpu.vram_bytes / 2**30)
+                     split_layers=plan.split, split_experts=SPLIT_EXPERTS, stream_group=plan.stream_group, part=part)
+    log.info("lvgg: experts on %s%s: %d layers streamed for passes of >= %s tokens, %d resident, %d split with the "
+             "CPU in decode steps; %.2f GiB of VRAM", device, f" (share {part[0] + 1} of {part[1]})" if part[1] > 1
+             else "", len(plan.streamed), wanted.prefill_min_tokens, len(plan.resident), len(gpu.split_layers),
+             gpu.vram_bytes / 2**30)
     return gpu, _make_split(gpu, cuda_experts(dtype), wanted.decode_split) if gpu.split_layers else None
 
 
