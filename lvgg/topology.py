@@ -21,6 +21,7 @@ a tree of their own.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,6 +294,18 @@ def current(sys_root: str | os.PathLike[str] = "/sys", numa: str | None = None) 
 
 
 # --- threads ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def bound_to(cpus: Iterable[int]):
+    """Run the calling thread on ``cpus`` for the block (memory it first touches then lands on
+    their node), then on the CPUs it had."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(cpus))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
 
 def node_thread_cpus(node: Node, *, reserve: int = 0, threads: int | None = None) -> tuple[int, ...]:
     """The CPUs to run a node's engine threads on, one thread per CPU returned.

@@ -141,3 +141,44 @@ def test_more_nodes_than_parts_share_parts(tmp_path, monkeypatch):
     assert len(runtime.engine_nodes(four, 4)) == 4 and runtime.engine_nodes(four, 1) is None
     monkeypatch.setenv("LVGG_CPU_THREADS", "2,1,1")
     assert [list(n.cpus) for n in runtime.engine_nodes(four, 3)] == [[0, 1], [4], [6]]
+
+
+def test_tensor_parallel_ranks_take_whole_nodes_nearest_their_gpus(monkeypatch):
+    from lvgg import topology
+    from lvgg.vllm_plugin import runtime
+
+    monkeypatch.setattr(runtime, "_gpu_present", lambda: False)  # no core kept for vLLM's thread
+
+    def machine_of(n_nodes: int, cores_per_node: int, process_cpus=None) -> topology.Topology:
+        cpus = range(n_nodes * cores_per_node)
+        machine = topology.Machine(
+            tuple(topology.MachineNode(i, tuple(cpus[i * cores_per_node:(i + 1) * cores_per_node]), 1 << 30, 1 << 30)
+                  for i in range(n_nodes)),
+            tuple(tuple(10 if i == j else 20 for j in range(n_nodes)) for i in range(n_nodes)),
+            {c: (c,) for c in cpus})
+        return topology.resolve(topology.parse_numa("auto"), machine, process_cpus or cpus)
+
+    two = machine_of(2, 4)
+    assert [runtime.rank_cpus(two, r, 2) for r in (0, 1)] == [([0, 1, 2, 3], 0), ([4, 5, 6, 7], 1)]
+    assert [runtime.rank_cpus(two, r, 2, [1, 0]) for r in (0, 1)] == [([4, 5, 6, 7], 1), ([0, 1, 2, 3], 0)]
+    # both GPUs on node 0, or a GPU of unknown node: the nodes go in rank order, one each
+    for gpu_nodes in ([0, 0], [1, None]):
+        assert [runtime.rank_cpus(two, r, 2, gpu_nodes)[1] for r in (0, 1)] == [0, 1], gpu_nodes
+    four = machine_of(4, 2)
+    assert [runtime.rank_cpus(four, r, 2, [3, 0]) for r in (0, 1)] == [([4, 5, 6, 7], 2), ([0, 1, 2, 3], 0)]
+    one = machine_of(1, 8)  # fewer nodes than ranks: the cores in order, memory where they touch it
+    assert [runtime.rank_cpus(one, r, 2) for r in (0, 1)] == [([0, 1, 2, 3], None), ([4, 5, 6, 7], None)]
+    assert runtime.rank_cpus(one, 1, 3) == ([3, 4, 5], None)
+    bound = machine_of(2, 4, process_cpus=[4, 5])  # vLLM bound this rank already: its CPUs, whatever the rank
+    assert runtime.rank_cpus(bound, 0, 2) == ([4, 5], None)
+
+
+def test_a_thread_bound_for_a_block_gets_its_cpus_back():
+    from lvgg import topology
+
+    before = os.sched_getaffinity(0)
+    first = min(before)
+    with topology.bound_to([first]):
+        assert os.sched_getaffinity(0) == {first}
+        assert lvgg._bridge.process_cpus() == [first]  # what a part's packing threads run on
+    assert os.sched_getaffinity(0) == before

