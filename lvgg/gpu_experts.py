@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from lvgg import _bridge
 from lvgg.experts import ExpertLayerInfo, ExpertStore
 from lvgg.gpu_dequant import (SUPPORTED_TYPES, StagedProjection, dequantize, gated_activations, gather_rows,
                               raw_nbytes, weighted_down)
@@ -134,6 +135,24 @@ def _gather(views: list[torch.Tensor], ids: torch.Tensor, out: torch.Tensor) -> 
         at += nbytes
 
 
+def _copy_share(views: list[torch.Tensor], out: torch.Tensor) -> None:
+    """``out`` ([n, bytes] uint8 on the device) = the bytes of ``views`` ([n, lines, bytes] each,
+    pinned host memory: a share's of n experts) end to end, one 2-d copy per view by the copy
+    engine, on the current stream."""
+    stream, at = torch.cuda.current_stream(out.device).cuda_stream, 0
+    for src in views:
+        n, lines, width = src.shape
+        dst = out[:, at:at + lines * width]
+        if src.stride(0) == lines * src.stride(1) and dst.stride(0) == lines * width:  # a row per line (down's)
+            _bridge.copy_rows_to_device(dst.data_ptr(), width, src.data_ptr(), src.stride(1), width, n * lines, stream)
+        elif src.stride(1) == width:  # a row per expert (its lines end to end: gate's, up's)
+            _bridge.copy_rows_to_device(dst.data_ptr(), dst.stride(0), src.data_ptr(), src.stride(0), lines * width, n,
+                                        stream)
+        else:
+            raise ValueError(f"no 2-d copy of a [{n}, {lines}, {width}] share with strides {list(src.stride())}")
+        at += lines * width
+
+
 def _aligned(nbytes: int) -> int:
     """``nbytes`` rounded up to whole 256-byte units (where staged pieces start)."""
     return -(-nbytes // 256) * 256
@@ -229,8 +248,6 @@ class GpuExperts:
         for layer, info in self._info.items():
             views = _host_views(self._host, store.layer_info(layer), store.part_rows(layer, *self.part))
             self._plan[layer] = [(info.types[p], v, rows) for (p, rows), v in zip(_gpu_layout(info), views)]
-        self._expert_ids = torch.arange(max((i.n_experts for i in self._info.values()), default=0), dtype=torch.int32,
-                                        device=self.device)  # what a share's streamed copies gather
         self.host_pinned = False
         self._resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._streamed: frozenset[int] = frozenset()
@@ -344,17 +361,16 @@ class GpuExperts:
 
     def _stage(self, layer: int, experts: range, staging: torch.Tensor) -> None:
         """Copy the bytes of a layer's ``experts`` (this share's) into ``staging`` on the current
-        stream: by the copy engine where they are contiguous in the file (a whole layer's;
-        asynchronous once the file is pinned), else by a kernel reading the pinned file over the
-        link, or (not pinned: resident layers only) gathered on the host first."""
+        stream, by the copy engine: asynchronous once the file is pinned (a share's as 2-d copies),
+        else (resident layers only) a share's gathered on the host first."""
         n = len(experts)
         for (_, views, _), (_, nbytes, at) in zip(self._plan[layer], _pieces(self._info[layer], n)):
             data = staging[at:at + nbytes]
             mine = [view[experts.start:experts.stop] for view in views]
-            if len(mine) == 1 and mine[0].is_contiguous():
+            if len(mine) == 1 and mine[0].is_contiguous():  # a whole projection's
                 data.copy_(mine[0].view(-1), non_blocking=True)
             elif self.host_pinned:
-                _gather(views, self._expert_ids[experts.start:experts.stop], data.view(n, -1))
+                _copy_share(mine, data.view(n, -1))
             else:
                 data.copy_(torch.cat([m.reshape(n, -1) for m in mine], dim=1).view(-1))
 

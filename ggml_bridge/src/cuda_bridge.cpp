@@ -21,6 +21,25 @@ using CUstream    = void *;
 using CUhostFn    = void (*)(void *);
 using CUdeviceptr = uint64_t;
 constexpr unsigned CU_STREAM_WAIT_VALUE_EQ = 0x1;
+constexpr int      CU_MEMORYTYPE_HOST      = 1;
+constexpr int      CU_MEMORYTYPE_DEVICE    = 2;
+
+// cuda.h's CUDA_MEMCPY2D (its layout is part of the driver's ABI).
+struct Memcpy2D {
+    size_t      src_x, src_y;
+    int         src_memory_type;
+    const void * src_host;
+    CUdeviceptr src_device;
+    void *      src_array;
+    size_t      src_pitch;
+    size_t      dst_x, dst_y;
+    int         dst_memory_type;
+    void *      dst_host;
+    CUdeviceptr dst_device;
+    void *      dst_array;
+    size_t      dst_pitch;
+    size_t      width, height;
+};
 
 struct CudaDriver {
     CUresult (*launch_host_func)(CUstream, CUhostFn, void *)                    = nullptr;
@@ -28,6 +47,7 @@ struct CudaDriver {
     CUresult (*write_value32)(CUstream, CUdeviceptr, uint32_t, unsigned)        = nullptr;  // optional
     CUresult (*wait_value32)(CUstream, CUdeviceptr, uint32_t, unsigned)         = nullptr;  // optional
     CUresult (*host_device_pointer)(CUdeviceptr *, void *, unsigned)            = nullptr;  // optional
+    CUresult (*memcpy_2d_async)(const Memcpy2D *, CUstream)                     = nullptr;
 };
 
 const CudaDriver & driver() {
@@ -40,7 +60,8 @@ const CudaDriver & driver() {
         }
         out.launch_host_func = reinterpret_cast<decltype(out.launch_host_func)>(dlsym(lib, "cuLaunchHostFunc"));
         out.get_error_string = reinterpret_cast<decltype(out.get_error_string)>(dlsym(lib, "cuGetErrorString"));
-        if (!out.launch_host_func || !out.get_error_string) {
+        out.memcpy_2d_async  = reinterpret_cast<decltype(out.memcpy_2d_async)>(dlsym(lib, "cuMemcpy2DAsync_v2"));
+        if (!out.launch_host_func || !out.get_error_string || !out.memcpy_2d_async) {
             fail(ErrorKind::Runtime, "libcuda.so.1 has no cuLaunchHostFunc: the CUDA bridge needs a driver for CUDA 10 "
                                      "or newer");
         }
@@ -94,6 +115,25 @@ void fill_nan(const Matrix & out) {
 }
 
 }  // namespace
+
+void copy_rows_to_device(uintptr_t dst, size_t dst_pitch, uintptr_t src, size_t src_pitch, size_t width,
+                         size_t height, uintptr_t stream) {
+    if (!dst || !src || width == 0 || dst_pitch < width || src_pitch < width) {
+        fail(ErrorKind::Value, "copy_rows_to_device: rows of " + std::to_string(width) + " bytes need non-null buffers "
+                                   "and pitches of at least that; found pitches " + std::to_string(dst_pitch) +
+                                   " (device) and " + std::to_string(src_pitch) + " (host)");
+    }
+    Memcpy2D copy{};
+    copy.src_memory_type = CU_MEMORYTYPE_HOST;
+    copy.src_host        = reinterpret_cast<const void *>(src);
+    copy.src_pitch       = src_pitch;
+    copy.dst_memory_type = CU_MEMORYTYPE_DEVICE;
+    copy.dst_device      = dst;
+    copy.dst_pitch       = dst_pitch;
+    copy.width           = width;
+    copy.height          = height;
+    check_cuda(driver().memcpy_2d_async(&copy, reinterpret_cast<CUstream>(stream)), "cuMemcpy2DAsync");
+}
 
 CudaBridge::CudaBridge(Experts & engine, const Matrix & x, const Matrix & ids, const Matrix & weights,
                        const Matrix & out, uint32_t * request, uint32_t * done, const int32_t * real_rows) :

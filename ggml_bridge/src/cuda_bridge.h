@@ -32,6 +32,12 @@
 
 namespace lvgg {
 
+// Copies `height` rows of `width` bytes from host memory (rows `src_pitch` bytes apart) to
+// device memory (rows `dst_pitch` apart) on `stream` (a CUstream): by the copy engine,
+// asynchronously where the host memory is pinned (registered).
+void copy_rows_to_device(uintptr_t dst, size_t dst_pitch, uintptr_t src, size_t src_pitch, size_t width,
+                         size_t height, uintptr_t stream);
+
 class CudaBridge {
   public:
     // x, ids, weights, out: pinned host buffers of max_tokens rows (the engine's limit or less).
