@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 import warnings
 from typing import Sequence
@@ -40,6 +41,10 @@ log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
 
 # cudaHostRegisterMapped | cudaHostRegisterReadOnly: kernels read the file, which is mapped read-only
 _HOST_REGISTER_FLAGS = 0x02 | 0x08
+# Mapped files this process pinned, by address: how many GpuExperts read each (CUDA refuses to
+# register a range twice; a test's shares of one store each make their own).
+_pin_users: dict[int, int] = {}
+_pin_lock = threading.Lock()
 
 
 def _gpu_layout(info: ExpertLayerInfo) -> list[tuple[str, slice | None]]:
@@ -336,7 +341,12 @@ class GpuExperts:
         """Unpin the experts file (pinned while layers stream); the device must be done with this
         object's work (synchronize first). The store must outlive this object until then."""
         if self.host_pinned:
-            torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
+            address = self._host.data_ptr()
+            with _pin_lock:
+                _pin_users[address] -= 1
+                if not _pin_users[address]:
+                    del _pin_users[address]
+                    torch.cuda.cudart().cudaHostUnregister(address)
             self.host_pinned = False
 
     # -- streaming ------------------------------------------------------------------------------------
@@ -349,15 +359,21 @@ class GpuExperts:
         return host
 
     def _pin_host(self) -> None:
-        t0 = time.perf_counter()
-        rc = torch.cuda.cudart().cudaHostRegister(self._host.data_ptr(), self._host.numel(), _HOST_REGISTER_FLAGS)
-        self.host_pinned = int(rc) == 0
-        if self.host_pinned:
-            log.info("lvgg: %.1f GiB of experts file pinned for GPU streaming in %.1f s",
-                     self._host.numel() / 2**30, time.perf_counter() - t0)
-        else:
-            log.warning("lvgg: could not pin the experts file for GPU streaming (cudaHostRegister returned %s; "
-                        "check free RAM and `ulimit -l`): copies will run at a fraction of the link's speed", rc)
+        address = self._host.data_ptr()
+        with _pin_lock:
+            if address not in _pin_users:
+                t0 = time.perf_counter()
+                rc = torch.cuda.cudart().cudaHostRegister(address, self._host.numel(), _HOST_REGISTER_FLAGS)
+                if int(rc) != 0:
+                    log.warning("lvgg: could not pin the experts file for GPU streaming (cudaHostRegister returned "
+                                "%s; check free RAM and `ulimit -l`): copies will run at a fraction of the link's "
+                                "speed", rc)
+                    return
+                log.info("lvgg: %.1f GiB of experts file pinned for GPU streaming in %.1f s",
+                         self._host.numel() / 2**30, time.perf_counter() - t0)
+                _pin_users[address] = 0
+            _pin_users[address] += 1
+        self.host_pinned = True
 
     def _stage(self, layer: int, experts: range, staging: torch.Tensor) -> None:
         """Copy the bytes of a layer's ``experts`` (this share's) into ``staging`` on the current

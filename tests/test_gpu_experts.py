@@ -9,6 +9,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import lvgg
+from lvgg import gpu_experts
 from lvgg.gpu_experts import GpuExperts, _host_views, estimate_vram_bytes, gpu_unsupported, layer_infos, stream_groups
 from lvgg.testing.expert_files import ReferenceLayer, random_experts, read_reference, write_experts_file
 
@@ -315,6 +316,7 @@ def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_
         split_gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, split_layers=[1, 5], split_experts=8,
                                part=share)
         split = SplitExperts(split_gpu, cpu, slots={8: 2})
+        assert all(gpu.host_pinned for gpu in (*gpus, split_gpu)), "three readers of one pinned file"
         assert gpus[0].vram_bytes == estimate_vram_bytes(layer_infos(store, share), [1], [5], torch.bfloat16)
         for layer in (1, 5):
             rows = store.part_rows(layer, *share)
@@ -331,6 +333,7 @@ def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_
         cpu.close()
         for gpu in (*gpus, split_gpu):
             gpu.close()
+        assert not gpu_experts._pin_users, "the file is unpinned with its last reader"
     for layer in (1, 5):
         ref = read_reference(path, layer)
         assert rel_error(sums["prefill"][layer], ref.forward(xb.double().numpy(), ids.numpy(),
