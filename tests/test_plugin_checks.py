@@ -3,7 +3,9 @@ import json
 import logging
 import os
 
+import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as Q
 from typer.testing import CliRunner
 
@@ -202,3 +204,46 @@ def test_auto_decode_split_that_cannot_be_timed_leaves_decode_on_the_cpu(monkeyp
     caplog.set_level(logging.WARNING, logger="vllm.lvgg")
     assert runtime._make_split(None, SimpleNamespace(top_k=8), "auto") is None
     assert "timing the decode split failed (RuntimeError: no kernel image for this GPU)" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run on the GPU machine)")
+def test_a_tensor_parallel_rank_runs_its_share_of_every_expert_on_the_gpu(qwen3, monkeypatch):
+    """Each rank's runtime (rank 0 and 1 of 2, in turn in this process) makes GPU experts for its
+    share: streamed for a long pass, split with its CPU engine's share in a decode step. The
+    ranks' outputs sum to the layer's, as vLLM's all-reduce sums them."""
+    from lvgg.models import arch_for
+    from lvgg.testing.expert_files import read_reference
+    from lvgg.vllm_plugin import runtime
+
+    _, config, experts = qwen3
+    spec = arch_for(config["model_type"]).spec(config)
+    for name, value in (("LVGG_EXPERTS", str(experts)), ("LVGG_NUMA", "off"), ("LVGG_GPU_DECODE_SPLIT", "1"),
+                        ("LVGG_GPU_PREFILL_MIN_TOKENS", "16")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LVGG_GPU_RESIDENT_LAYERS", raising=False)
+    g = torch.Generator().manual_seed(0)
+    layer, passes = spec.layers[0], {}
+    for T in (32, 4):  # prefill (streamed), decode (split)
+        ids = torch.stack([torch.randperm(spec.n_experts, generator=g)[:spec.top_k] for _ in range(T)]).int()
+        passes[T] = (torch.randn(T, spec.hidden_size, generator=g).to(torch.bfloat16), ids,
+                     torch.softmax(torch.randn(T, spec.top_k, generator=g), dim=-1))
+    sums = dict.fromkeys(passes, 0)
+    for rank in (0, 1):
+        for name, value in (("_engine", None), ("_cuda", None), ("_gpu", None), ("_split", None), ("_gpu_made", False)):
+            monkeypatch.setattr(runtime, name, value)
+        runtime.engine(config, 64, 0.5, rank, 2)
+        gpu = runtime.gpu_experts(torch.device("cuda"), torch.bfloat16)
+        split = runtime.split_experts()
+        assert gpu.part == (rank, 2) and layer in gpu.streamed_layers and split is not None
+        assert split.takes(layer, 4) and runtime.runs_on_gpu(gpu, layer, 32)
+        for T, (x, ids, w) in passes.items():
+            out = (gpu if T == 32 else split)(layer, x.cuda(), ids.cuda(), w.cuda())
+            sums[T] = sums[T] + out.double().cpu()
+        torch.cuda.synchronize()
+        runtime._cuda.close()
+        gpu.close()
+    ref = read_reference(experts, layer)
+    for T, (x, ids, w) in passes.items():
+        want = ref.forward(x.double().numpy(), ids.numpy(), w.double().numpy())
+        error = float(np.linalg.norm(sums[T].numpy() - want) / np.linalg.norm(want))
+        assert error < 0.02, f"{T} tokens: relative error {error:.4f}"
