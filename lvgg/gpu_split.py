@@ -81,7 +81,7 @@ class SplitExperts:
         cpu_ids, gpu_experts, slot_expert = self.route(topk_ids, real_rows)
         # The CPU's part first: its inputs are copied out before the GPU's part can fill the SMs
         # and the link (measured on the rig: started together, the two parts ran almost in turn).
-        out = self.cpu(layer, x, cpu_ids, topk_weights, inputs_copied=self._inputs_ready)
+        out = self.cpu(layer, x, cpu_ids, topk_weights, inputs_copied=self._inputs_ready, real_rows=real_rows)
         with torch.cuda.stream(self._side):
             self._side.wait_event(self._inputs_ready)
             gpu_part = self.gpu.fetched(layer, x, gpu_experts, slot_expert, topk_weights)
