@@ -336,9 +336,11 @@ def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_
             sums["decode"][layer] = sums["decode"].get(layer, 0) + out.double().cpu()
         torch.cuda.synchronize()
         cpu.close()
+        address = split_gpu._host.data_ptr()
         for gpu in (*gpus, split_gpu):
+            assert address in gpu_experts._pin_users, "pinned while a reader is open"
             gpu.close()
-        assert not gpu_experts._pin_users, "the file is unpinned with its last reader"
+        assert address not in gpu_experts._pin_users, "the file is unpinned with its last reader"
     for layer in (1, 5):
         ref = read_reference(path, layer)
         assert rel_error(sums["prefill"][layer], ref.forward(xb.double().numpy(), ids.numpy(),

@@ -145,13 +145,12 @@ def test_cpu_settings_are_read_from_the_environment(monkeypatch):
 
 
 def test_cuda_graphs_stay_below_the_streaming_threshold_unless_the_user_sets_capture_sizes(qwen3, monkeypatch):
-    import torch
-
     from lvgg.llm import server_argv
 
     _, _, experts = qwen3
     monkeypatch.setenv("LVGG_GPU_PREFILL_MIN_TOKENS", "")
-    assert "--max-cudagraph-capture-size" not in server_argv("m", experts, "127.0.0.1", 8000, [])  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--max-cudagraph-capture-size" not in server_argv("m", experts, "127.0.0.1", 8000, [])  # no GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     argv = server_argv("m", experts, "127.0.0.1", 8000, ["--max-model-len", "4096"])
     assert argv[-4:] == ["--max-model-len", "4096", "--max-cudagraph-capture-size", "63"]
