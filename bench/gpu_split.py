@@ -18,8 +18,8 @@ import time
 import torch
 
 import lvgg
-from lvgg.gpu_dequant import gated_activations, gather_rows, weighted_down
-from lvgg.gpu_experts import GpuExperts, _staged
+from lvgg.gpu_dequant import gated_activations, weighted_down
+from lvgg.gpu_experts import GpuExperts, _gather, _gpu_layout, _staged
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.gpu_split import RandomRoutes, SplitExperts, graphs_seconds, split_shares, timed_layers
 from lvgg.vllm_plugin.runtime import SPLIT_EXPERTS
@@ -40,16 +40,17 @@ def main() -> None:
           f"({gpu.vram_bytes / 2**30:.2f} GiB of VRAM)")
     top_k, layer = moe.max_top_k, store.layers[len(store.layers) // 2]
     info = store.layer_info(layer)
-    plan = gpu._fetch_plan[layer]  # per projection: (ggml type, its bytes as [experts, bytes of one], name)
-    per_expert = [host_rows.shape[1] for _, host_rows, _ in plan]
+    plan = gpu._plan[layer]  # per projection: (ggml type, views of its bytes in the file, rows of w13)
+    per_expert = [sum(view[0].numel() for view in views) for _, views, _ in plan]
     ids = torch.randperm(info.n_experts)[:top_k].to(torch.int32).cuda()
     fetched = [torch.empty(top_k, n, dtype=torch.uint8, device="cuda") for n in per_expert]
     x = torch.randn(1, info.hidden_size, dtype=dtype, device="cuda")
     w = torch.full((1, top_k), 1 / top_k, device="cuda")
-    staged = [p for (ggml_type, _, name), data in zip(plan, fetched) for p in _staged(info, name, ggml_type, data)]
+    staged = [p for (ggml_type, _, _), (name, _), data in zip(plan, _gpu_layout(info), fetched)
+              for p in _staged(info, name, ggml_type, data)]
     slot_expert = torch.arange(top_k, dtype=torch.int32, device="cuda").view(1, top_k)
     fetch, multiply, whole = graphs_seconds([
-        lambda: [gather_rows(host_rows, ids, out) for (_, host_rows, _), out in zip(plan, fetched)],
+        lambda: [_gather(views, ids, out) for (_, views, _), out in zip(plan, fetched)],
         lambda: weighted_down(gated_activations(x, staged[0], staged[1], slot_expert), staged[2], w, slot_expert,
                               dtype),
         lambda: gpu.fetched(layer, x, ids, slot_expert, w)], 20)
