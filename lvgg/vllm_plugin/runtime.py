@@ -214,8 +214,8 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
         _gpu_source = (store, (tp_rank, tp_size)) if _gpu_present() else None  # the GPU reads the mapping
         if tp_size > 1:
             store = store.part(tp_rank, tp_size)  # without a GPU the whole file is unmapped when its store goes
-    counts = settings.cpu_threads(1)
     if cpus:
+        counts = settings.cpu_threads(1)
         moe = CpuMoE(store, threads=min(counts[0], len(cpus)) if counts else len(cpus), cpus=cpus, **kwargs)
         log.info("lvgg: rank %d of %d on this machine (tensor-parallel %d of %d, pipeline %d of %d) computes %s, "
                  "%d threads on CPUs %s%s", index, count, tp_rank, tp_size, pp_rank, pp_size, store.path, moe.threads,
@@ -227,6 +227,7 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
         log.info("lvgg: experts split over %d NUMA nodes (%s), %d threads", len(nodes),
                  "; ".join(topology.format_cpulist(n.cpus) for n in nodes), moe.threads)
         return moe
+    counts = settings.cpu_threads(1)
     threads = counts[0] if counts else default_threads()
     # "core" binding pins one thread per physical core, the last ones (the first stays for vLLM)
     cpus = _bridge.physical_core_cpus()[-threads:] if kwargs["strict_cpu"] else None
