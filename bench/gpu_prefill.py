@@ -10,8 +10,8 @@ floor of a pass is max(copy, dequantize + matmuls) per layer when the two overla
 
 --groups compares whole layers with layers streamed a group of experts at a time (what a
 GPU too small for one layer of dequantized experts gets). --parts 2 streams the first of two
-shares of every expert (a tensor-parallel rank's of two: half the intermediate rows, read from
-the whole file by a kernel over the link where the copy engine takes whole layers).
+shares of every expert (a tensor-parallel rank's of two: its intermediate rows, read from the
+whole file by 2-d copies where a whole layer is one copy).
 
 Needs an NVIDIA GPU and vLLM's CUDA build.
 """

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -175,6 +176,11 @@ def bench_moe(
                     f"{threads} threads")
 
 
+class Kernels(str, Enum):
+    lvgg = "lvgg"
+    ggml = "ggml"
+
+
 @bench_app.command("nodes")
 def bench_nodes(
     types: str = typer.Option("Q4_K,BF16", help="ggml types of the experts, comma separated"),
@@ -184,8 +190,8 @@ def bench_nodes(
     layers: int = typer.Option(3, help="distinct layers in the synthetic file"),
     seconds: float = typer.Option(1.0, help="minimum timed seconds per figure"),
     workdir: str = typer.Option(None, help="folder for the synthetic experts files (default: temp)"),
-    kernels: str = typer.Option("lvgg", help="lvgg: its own kernels where the CPU has AVX-512 VNNI; ggml: ggml's "
-                                "for every type"),
+    kernels: Kernels = typer.Option(Kernels.lvgg, help="lvgg: its own kernels where the CPU has AVX-512 VNNI; ggml: "
+                                    "ggml's for every type"),
 ) -> None:
     """The cost of splitting experts over NUMA nodes, measured with virtual nodes on this socket."""
     from lvgg import _bridge, bench
@@ -199,12 +205,10 @@ def bench_nodes(
         console.print(f"[yellow]{threads} cores: node counts above that are left out[/]")
     bw = bench.read_bandwidth_gb_per_s(threads)
     console.print(f"read bandwidth, {threads} threads: [bold]{bw:.1f} GB/s[/]")
-    if kernels not in ("lvgg", "ggml"):
-        _fail(ValueError(f"--kernels must be lvgg or ggml, found {kernels!r}"))
     results = bench.bench_nodes(_csv(types), _csv(tokens, int), threads, counts, layers, seconds, workdir,
-                                own_kernels=kernels == "lvgg")
+                                own_kernels=kernels is Kernels.lvgg)
     print_moe_table(console, results, bw, f"30B-A3B MoE layer, {threads} cores split into virtual nodes, "
-                    f"{kernels}'s kernels")
+                    f"{kernels.value}'s kernels")
 
 
 def print_moe_table(console: Console, results: list, bw: float, title: str) -> None:

@@ -79,9 +79,7 @@ class ExpertStore:
     def part_rows(self, layer: int, part: int, n_parts: int) -> tuple[int, int]:
         """The intermediate rows [begin, end) of ``layer``'s experts that ``part(part, n_parts)``
         holds (of gate and up; of down, the matching columns)."""
-        if not 0 <= part < n_parts:
-            raise ValueError(f"part must be in 0..{n_parts - 1}, found {part}")
-        return tuple(self._store.part_range(layer, part, n_parts))
+        return tuple(self._store.part_range(layer, part, n_parts))  # checks the part and layer
 
     @property
     def max_parts(self) -> int:

@@ -91,20 +91,17 @@ def staged_bytes(info: ExpertLayerInfo, n_experts: int | None = None) -> int:
     return at + nbytes
 
 
-def layer_infos(store: ExpertStore, part: tuple[int, int] = (0, 1),
-                layers: Sequence[int] | None = None) -> dict[int, ExpertLayerInfo]:
-    """The MoE layers of ``store`` (default: all) as share ``part`` = (index, count) of every
-    expert sees them: intermediate rows ``store.part_rows(layer, *part)`` (the sizes and bytes
-    the GPU holds; offsets stay the file's whole projections')."""
-    infos = {}
-    for layer in store.layers if layers is None else layers:
-        info = store.layer_info(layer)
-        begin, end = store.part_rows(layer, *part)
-        if end - begin != info.intermediate_size:
-            info = dataclasses.replace(info, intermediate_size=end - begin)
-            info = dataclasses.replace(info, nbytes=sum(_nbytes(info, p) for p in info.types))
-        infos[layer] = info
-    return infos
+def _share_info(whole: ExpertLayerInfo, rows: tuple[int, int]) -> ExpertLayerInfo:
+    """A layer as the share holding intermediate rows [a, b) of every expert sees it: the sizes
+    and bytes the GPU holds (offsets stay the whole projections' in the file)."""
+    share = dataclasses.replace(whole, intermediate_size=rows[1] - rows[0])
+    return dataclasses.replace(share, nbytes=sum(_nbytes(share, p) for p in share.types))
+
+
+def layer_infos(store: ExpertStore, part: tuple[int, int] = (0, 1)) -> dict[int, ExpertLayerInfo]:
+    """Every MoE layer of ``store`` as share ``part`` = (index, count) of every expert sees it
+    (the intermediate rows ``store.part_rows(layer, *part)``)."""
+    return {layer: _share_info(store.layer_info(layer), store.part_rows(layer, *part)) for layer in store.layers}
 
 
 def _host_views(host: torch.Tensor, whole: ExpertLayerInfo, rows: tuple[int, int]) -> list[list[torch.Tensor]]:
@@ -240,19 +237,21 @@ class GpuExperts:
             from lvgg.vllm_plugin import compat  # vLLM's fused MoE kernel (split layers use lvgg's own)
 
             self._fused_experts = compat.fused_experts
-        layers = sorted({*self.streamed_layers, *self.resident_layers, *self.split_layers})
-        self._info = layer_infos(store, self.part, layers)  # this share's sizes
-        for layer, info in self._info.items():
-            why = gpu_unsupported(info)
+        self._info: dict[int, ExpertLayerInfo] = {}  # this share's sizes
+        wholes: dict[int, tuple[ExpertLayerInfo, tuple[int, int]]] = {}
+        for layer in sorted({*self.streamed_layers, *self.resident_layers, *self.split_layers}):
+            whole, rows = store.layer_info(layer), store.part_rows(layer, *self.part)
+            why = gpu_unsupported(whole)
             if why:
                 raise ValueError(f"layer {layer} of {store.path} cannot run on the GPU: {why}")
+            self._info[layer], wholes[layer] = _share_info(whole, rows), (whole, rows)
         self._host = self._host_bytes() if self._info else None
         # per layer and projection: (ggml type, the share's bytes in the file as _host_views gives them,
         # rows of w13 it fills or None for w2)
-        self._plan: dict[int, list[tuple[str, list[torch.Tensor], slice | None]]] = {}
-        for layer, info in self._info.items():
-            views = _host_views(self._host, store.layer_info(layer), store.part_rows(layer, *self.part))
-            self._plan[layer] = [(info.types[p], v, rows) for (p, rows), v in zip(_gpu_layout(info), views)]
+        self._plan: dict[int, list[tuple[str, list[torch.Tensor], slice | None]]] = {
+            layer: [(info.types[p], views, rows) for (p, rows), views in
+                    zip(_gpu_layout(info), _host_views(self._host, *wholes[layer]))]
+            for layer, info in self._info.items()}
         self.host_pinned = False
         self._resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._streamed: frozenset[int] = frozenset()
