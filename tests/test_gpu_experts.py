@@ -292,7 +292,8 @@ def test_a_shares_bytes_in_the_file_are_the_rows_its_cpu_part_holds(experts_file
             projections = ["gate", "up", "down"] if whole.form == "gate+up+down" else ["gate_up", "down"]
             for projection, pieces in zip(projections, views):
                 raw = torch.cat([v.reshape(E, -1) for v in pieces], dim=1).numpy()
-                values = gguf.quants.dequantize(raw.reshape(-1, pieces[0].shape[-1]), Q[whole.types[projection].upper()])
+                qtype = Q[whole.types[projection].upper()]
+                values = gguf.quants.dequantize(raw.reshape(-1, pieces[0].shape[-1]), qtype)
                 expect = {"gate_up": lambda: np.concatenate([want.gate, want.up], axis=1)}.get(
                     projection, lambda: getattr(want, projection))()
                 assert np.array_equal(values.reshape(expect.shape), expect), (layer, part, projection)
