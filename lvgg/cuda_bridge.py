@@ -30,7 +30,23 @@ from lvgg.experts import CpuMoE
 log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
 
 SIGNALS = ("flags", "host_function")
-_HOST_REGISTER_MAPPED = 0x02  # cudaHostRegisterMapped: the device writes and polls the flags there
+_HOST_REGISTER_MAPPED = 0x02  # CU_MEMHOSTREGISTER_DEVICEMAP: the device writes and polls the flags there
+
+
+def register_host(address: int, nbytes: int, flags: int, device: torch.device | None = None) -> None:
+    """Page-lock host memory for CUDA, in ``device``'s context (the current device's by default).
+    Through the driver: a failure raises RuntimeError here and leaves nothing behind, where the
+    runtime's cudaHostRegister leaves its error for torch's next CUDA call to raise."""
+    with torch.cuda.device(device):
+        torch.cuda.synchronize()  # makes the device's context current in this thread, as the driver needs
+        _bridge.register_host_memory(address, nbytes, flags)
+
+
+def unregister_host(address: int, device: torch.device | None = None) -> None:
+    """Undo ``register_host``; the device must be done with the memory."""
+    with torch.cuda.device(device):
+        torch.cuda.synchronize()
+        _bridge.unregister_host_memory(address)
 
 
 def _pinned(shape: tuple[int, ...], dtype: torch.dtype, flags: int = 0) -> torch.Tensor:
@@ -40,10 +56,11 @@ def _pinned(shape: tuple[int, ...], dtype: torch.dtype, flags: int = 0) -> torch
     nbytes = math.prod(shape) * dtype.itemsize
     span = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
     t = torch.frombuffer(mmap.mmap(-1, span), dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
-    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), span, flags)
-    if int(rc) != 0 or not t.is_pinned():
-        raise RuntimeError(f"could not pin {span >> 10} KiB of host memory for the CUDA bridge "
-                           f"(cudaHostRegister returned {rc}); check free RAM and the locked-memory limit")
+    try:
+        register_host(t.data_ptr(), span, flags)
+    except RuntimeError as e:
+        raise RuntimeError(f"could not pin {span >> 10} KiB of host memory for the CUDA bridge ({e}); check free "
+                           "RAM and the locked-memory limit (ulimit -l)") from None
     return t
 
 
@@ -131,7 +148,7 @@ class CudaExperts:
         self._bridge = None  # stops its polling thread, if any, before the flags are unpinned
         for t in (self._x, self._ids, self._weights, self._out, self._real_rows, self._signals):
             if t is not None:
-                torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+                unregister_host(t.data_ptr())
 
     def __del__(self) -> None:
         # A registration outliving its pages would make the next buffer mapped there unpinnable.

@@ -33,13 +33,14 @@ import numpy as np
 import torch
 
 from lvgg import _bridge
+from lvgg.cuda_bridge import register_host, unregister_host
 from lvgg.experts import ExpertLayerInfo, ExpertStore
 from lvgg.gpu_dequant import (SUPPORTED_TYPES, StagedProjection, dequantize, gated_activations, gather_rows,
                               raw_nbytes, weighted_down)
 
 log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
 
-# cudaHostRegisterMapped | cudaHostRegisterReadOnly: kernels read the file, which is mapped read-only
+# CU_MEMHOSTREGISTER_DEVICEMAP | CU_MEMHOSTREGISTER_READ_ONLY: kernels read the file, which is mapped read-only
 _HOST_REGISTER_FLAGS = 0x02 | 0x08
 # Mapped files this process pinned, by address: how many GpuExperts read each (CUDA refuses to
 # register a range twice; a test's shares of one store each make their own).
@@ -345,7 +346,7 @@ class GpuExperts:
                 _pin_users[address] -= 1
                 if not _pin_users[address]:
                     del _pin_users[address]
-                    torch.cuda.cudart().cudaHostUnregister(address)
+                    unregister_host(address, self.device)
             self.host_pinned = False
 
     # -- streaming ------------------------------------------------------------------------------------
@@ -362,11 +363,11 @@ class GpuExperts:
         with _pin_lock:
             if address not in _pin_users:
                 t0 = time.perf_counter()
-                rc = torch.cuda.cudart().cudaHostRegister(address, self._host.numel(), _HOST_REGISTER_FLAGS)
-                if int(rc) != 0:
-                    log.warning("lvgg: could not pin the experts file for GPU streaming (cudaHostRegister returned "
-                                "%s; check free RAM and `ulimit -l`): copies will run at a fraction of the link's "
-                                "speed", rc)
+                try:
+                    register_host(address, self._host.numel(), _HOST_REGISTER_FLAGS, self.device)
+                except RuntimeError as e:
+                    log.warning("lvgg: could not pin the experts file for GPU streaming (%s; check free RAM and "
+                                "`ulimit -l`): copies will run at a fraction of the link's speed", e)
                     return
                 log.info("lvgg: %.1f GiB of experts file pinned for GPU streaming in %.1f s",
                          self._host.numel() / 2**30, time.perf_counter() - t0)

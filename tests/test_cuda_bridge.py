@@ -3,6 +3,8 @@
 The GPU tests run on a machine with an NVIDIA GPU (the project's GPU machine); the first test
 runs everywhere and checks what a machine without a driver gets.
 """
+import mmap
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from gguf import GGMLQuantizationType as Q
 
 import lvgg
 from lvgg import _bridge
+from lvgg.cuda_bridge import register_host, unregister_host
 from lvgg.testing.expert_files import random_experts, read_reference, write_experts_file
 
 E, D, F, K = 16, 256, 512, 4
@@ -153,3 +156,24 @@ def test_bad_calls_are_refused_before_anything_is_enqueued(bridge):
         experts(3, x, ids, w, real_rows=torch.tensor([2], device="cuda"))
     with pytest.raises(IndexError):
         experts(2, x, ids, w)  # no MoE layer 2 in the file
+
+
+def test_pinning_checks_its_range_before_the_driver():
+    with pytest.raises(ValueError, match="expected a non-null address and a size above 0, found 0 bytes"):
+        _bridge.register_host_memory(4096, 0, 0)
+
+
+@needs_cuda
+def test_a_failed_pin_raises_and_leaves_no_cuda_error_behind():
+    # The runtime's cudaHostRegister leaves a failure as its last error, which torch's next kernel
+    # launch raises; through the driver the failure is ours alone.
+    pages = torch.frombuffer(mmap.mmap(-1, 4 * mmap.PAGESIZE), dtype=torch.uint8)
+    register_host(pages.data_ptr(), pages.numel(), 0)
+    try:
+        assert pages.is_pinned()
+        with pytest.raises(RuntimeError, match=r"cuMemHostRegister failed: .*\(error 712\)"):
+            register_host(pages.data_ptr(), pages.numel(), 0)  # CUDA registers a range once
+        assert (torch.arange(4, device="cuda") * 2).sum().item() == 12
+    finally:
+        unregister_host(pages.data_ptr())
+    assert not pages.is_pinned()

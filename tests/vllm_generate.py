@@ -8,6 +8,8 @@ import argparse
 import json
 import os
 
+import psutil
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -15,29 +17,6 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model s
 
 PROMPTS = ["The experts of a mixture", "Each token picks a few", "Quantized weights are read",
            "from RAM at the speed of"]
-
-
-def model_info(model) -> dict:
-    """What a worker's model holds: routed-expert bytes, MoE and other quant methods, and the
-    nodes of lvgg's CPU engine in that process (1: one engine; 0: none)."""
-    from vllm.model_executor.layers.fused_moe import RoutedExperts
-
-    experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
-    engine_nodes, engine_bytes, counts_real_rows = 0, 0, False
-    if os.environ.get("LVGG_EXPERTS"):
-        from lvgg.vllm_plugin import moe_method, runtime
-
-        counts_real_rows = moe_method.counts_real_rows
-        if runtime._engine is not None:
-            engine_nodes = max(1, len(runtime._engine.nodes))
-            store = runtime._engine.store  # a tensor-parallel rank's: its share
-            engine_bytes = sum(store.layer_info(layer).nbytes for layer in store.layers)
-    return {"expert_bytes": sum(p.numel() * p.element_size() for m in experts for p in m.parameters()),
-            "methods": sorted({type(m.quant_method).__name__ for m in experts}),
-            "others": sorted({type(m.quant_method).__name__ for m in model.modules()
-                              if getattr(m, "quant_method", None) is not None and not isinstance(m, RoutedExperts)}),
-            "engine_nodes": engine_nodes, "engine_expert_bytes": engine_bytes,
-            "expert_parallel": any(m.use_ep for m in experts), "counts_real_rows": counts_real_rows}
 
 
 def main() -> None:
@@ -59,6 +38,8 @@ def main() -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(cpus[i % len(cpus)]) for i in range(ranks)))
     if a.pp > 1:  # vLLM's in-process engine cannot schedule pipeline stages
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        if a.eager:  # vllm-cpu makes a later stage's input buffers in its warm-up pass, which eager mode skips
+            ap.error("vllm-cpu runs pipeline stages in compiled mode only (leave out --eager)")
     from vllm import SamplingParams
 
     kwargs = dict(model=a.model, enforce_eager=a.eager, dtype=a.dtype, max_model_len=512, max_num_seqs=8, seed=0,
@@ -73,7 +54,9 @@ def main() -> None:
         llm = LLM(**kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=a.tokens, ignore_eos=True, logprobs=2)
     outs = llm.generate(PROMPTS[:a.prompts], params)
-    ranks = llm.apply_model(model_info)  # in every worker (each tensor-parallel rank)
+    from lvgg.testing.worker_info import model_info  # a module's: vLLM's engine process imports it to unpickle it
+
+    ranks = llm.apply_model(model_info)  # in every worker (each tensor-parallel rank, each pipeline stage)
     expert_bytes = sum(r["expert_bytes"] for r in ranks)
     methods = sorted({m for r in ranks for m in r["methods"]})
     others = sorted({m for r in ranks for m in r["others"]})
@@ -94,7 +77,10 @@ def main() -> None:
         "other_quant_methods": others, "engine_nodes": engine_nodes,
         "engine_expert_bytes": engine_bytes, "expert_parallel": expert_parallel,
         "counts_real_rows": ranks[0]["counts_real_rows"]}), flush=True)
-    os._exit(0)  # vLLM's engine may not exit by itself
+    # vLLM's engine may not exit by itself, nor its engine process (pipeline stages) with this one
+    for child in psutil.Process().children(recursive=True):
+        child.kill()
+    os._exit(0)
 
 
 if __name__ == "__main__":

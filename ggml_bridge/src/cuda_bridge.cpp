@@ -48,6 +48,9 @@ struct CudaDriver {
     CUresult (*wait_value32)(CUstream, CUdeviceptr, uint32_t, unsigned)         = nullptr;  // optional
     CUresult (*host_device_pointer)(CUdeviceptr *, void *, unsigned)            = nullptr;  // optional
     CUresult (*memcpy_2d_async)(const Memcpy2D *, CUstream)                     = nullptr;
+    CUresult (*host_register)(void *, size_t, unsigned)                         = nullptr;
+    CUresult (*host_unregister)(void *)                                         = nullptr;
+    CUresult (*current_context)(void **)                                        = nullptr;
 };
 
 const CudaDriver & driver() {
@@ -61,9 +64,13 @@ const CudaDriver & driver() {
         out.launch_host_func = reinterpret_cast<decltype(out.launch_host_func)>(dlsym(lib, "cuLaunchHostFunc"));
         out.get_error_string = reinterpret_cast<decltype(out.get_error_string)>(dlsym(lib, "cuGetErrorString"));
         out.memcpy_2d_async  = reinterpret_cast<decltype(out.memcpy_2d_async)>(dlsym(lib, "cuMemcpy2DAsync_v2"));
-        if (!out.launch_host_func || !out.get_error_string || !out.memcpy_2d_async) {
-            fail(ErrorKind::Runtime, "libcuda.so.1 has no cuLaunchHostFunc: the CUDA bridge needs a driver for CUDA 10 "
-                                     "or newer");
+        out.host_register    = reinterpret_cast<decltype(out.host_register)>(dlsym(lib, "cuMemHostRegister_v2"));
+        out.host_unregister  = reinterpret_cast<decltype(out.host_unregister)>(dlsym(lib, "cuMemHostUnregister"));
+        out.current_context  = reinterpret_cast<decltype(out.current_context)>(dlsym(lib, "cuCtxGetCurrent"));
+        if (!out.launch_host_func || !out.get_error_string || !out.memcpy_2d_async || !out.host_register ||
+            !out.host_unregister || !out.current_context) {
+            fail(ErrorKind::Runtime, "libcuda.so.1 lacks cuLaunchHostFunc, cuMemcpy2DAsync_v2 or cuMemHostRegister_v2: "
+                                     "the CUDA bridge needs a driver for CUDA 10 or newer");
         }
         out.write_value32 = reinterpret_cast<decltype(out.write_value32)>(dlsym(lib, "cuStreamWriteValue32_v2"));
         out.wait_value32  = reinterpret_cast<decltype(out.wait_value32)>(dlsym(lib, "cuStreamWaitValue32_v2"));
@@ -114,6 +121,15 @@ void fill_nan(const Matrix & out) {
     }
 }
 
+void need_context(const char * call) {
+    void * context = nullptr;
+    check_cuda(driver().current_context(&context), "cuCtxGetCurrent");
+    if (!context) {
+        fail(ErrorKind::Runtime, std::string(call) + " needs a current CUDA context in this thread; use the device "
+                                                     "through torch in this thread first (torch.cuda.synchronize())");
+    }
+}
+
 }  // namespace
 
 void copy_rows_to_device(uintptr_t dst, size_t dst_pitch, uintptr_t src, size_t src_pitch, size_t width,
@@ -133,6 +149,20 @@ void copy_rows_to_device(uintptr_t dst, size_t dst_pitch, uintptr_t src, size_t 
     copy.width           = width;
     copy.height          = height;
     check_cuda(driver().memcpy_2d_async(&copy, reinterpret_cast<CUstream>(stream)), "cuMemcpy2DAsync");
+}
+
+void register_host_memory(uintptr_t address, size_t size, unsigned flags) {
+    if (!address || size == 0) {
+        fail(ErrorKind::Value, "register_host_memory: expected a non-null address and a size above 0, found " +
+                                   std::to_string(size) + " bytes at " + std::to_string(address));
+    }
+    need_context("cuMemHostRegister");
+    check_cuda(driver().host_register(reinterpret_cast<void *>(address), size, flags), "cuMemHostRegister");
+}
+
+void unregister_host_memory(uintptr_t address) {
+    need_context("cuMemHostUnregister");
+    check_cuda(driver().host_unregister(reinterpret_cast<void *>(address)), "cuMemHostUnregister");
 }
 
 CudaBridge::CudaBridge(Experts & engine, const Matrix & x, const Matrix & ids, const Matrix & weights,

@@ -38,6 +38,13 @@ namespace lvgg {
 void copy_rows_to_device(uintptr_t dst, size_t dst_pitch, uintptr_t src, size_t src_pitch, size_t width,
                          size_t height, uintptr_t stream);
 
+// Page-locks `size` bytes of host memory at `address` for CUDA (cuMemHostRegister's flags, the
+// same values as cudaHostRegister's), in the calling thread's current context. Through the
+// driver: a failure raises here and leaves nothing behind, where the runtime's cudaHostRegister
+// would also leave its error for the runtime's next call (torch's next kernel) to report.
+void register_host_memory(uintptr_t address, size_t size, unsigned flags);
+void unregister_host_memory(uintptr_t address);
+
 class CudaBridge {
   public:
     // x, ids, weights, out: pinned host buffers of max_tokens rows (the engine's limit or less).

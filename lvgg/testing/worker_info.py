@@ -1,0 +1,27 @@
+"""What a vLLM worker's model holds, for tests/vllm_generate.py's `LLM.apply_model` (a module
+function: vLLM's engine process, a process of its own under pipeline parallelism, imports it
+to unpickle it)."""
+import os
+
+
+def model_info(model) -> dict:
+    """What a worker's model holds: routed-expert bytes, MoE and other quant methods, and the
+    nodes of lvgg's CPU engine in that process (1: one engine; 0: none)."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    engine_nodes, engine_bytes, counts_real_rows = 0, 0, False
+    if os.environ.get("LVGG_EXPERTS"):
+        from lvgg.vllm_plugin import moe_method, runtime
+
+        counts_real_rows = moe_method.counts_real_rows
+        if runtime._engine is not None:
+            engine_nodes = max(1, len(runtime._engine.nodes))
+            store = runtime._engine.store  # a tensor-parallel rank's: its share
+            engine_bytes = sum(store.layer_info(layer).nbytes for layer in store.layers)
+    return {"expert_bytes": sum(p.numel() * p.element_size() for m in experts for p in m.parameters()),
+            "methods": sorted({type(m.quant_method).__name__ for m in experts}),
+            "others": sorted({type(m.quant_method).__name__ for m in model.modules()
+                              if getattr(m, "quant_method", None) is not None and not isinstance(m, RoutedExperts)}),
+            "engine_nodes": engine_nodes, "engine_expert_bytes": engine_bytes,
+            "expert_parallel": any(m.use_ep for m in experts), "counts_real_rows": counts_real_rows}
