@@ -259,6 +259,7 @@ def test_pipeline_stages_next_to_gpus_take_cpus_of_their_own(qwen3, monkeypatch)
     monkeypatch.setenv("LVGG_NUMA", "off")
     monkeypatch.setattr(runtime, "_gpu_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(runtime, "rank_gpu_nodes", lambda count: [None] * count)  # pretended GPUs: no PCI slots
     stages = []
     for stage in (0, 1):
         monkeypatch.setattr(torch.cuda, "current_device", lambda stage=stage: stage)  # vLLM: device = local rank
