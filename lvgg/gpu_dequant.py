@@ -250,12 +250,8 @@ def gather_rows(src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torc
     if all(v % 4 == 0 for v in (s.shape[2], *s.stride()[:2], *o.stride()[:2], s.data_ptr(), o.data_ptr())):
         s, o = s.view(torch.int32), o.view(torch.int32)  # whole 4-byte words
     chunk, size = 2048, s.shape[1] * s.shape[2]
-    if size >= 2**31:
-        raise ValueError(f"rows of src must be below 2 GiB each, found {size * s.element_size()} bytes")
-    # one run of bytes per row (whole experts, a share of gate/up) needs no line arithmetic
-    lines = s.shape[1] > 1 and not (s.stride(1) == o.stride(1) == s.shape[2])
     _gather_rows[(m, triton.cdiv(size, chunk))](s, ids, o, s.shape[0], s.stride(0), s.stride(1), o.stride(0),
-                                                o.stride(1), size, s.shape[2], CHUNK=chunk, LINES=lines)
+                                                o.stride(1), size, s.shape[2], CHUNK=chunk)
     return out
 
 
@@ -481,16 +477,11 @@ if triton is not None:
         tl.store(gpu_experts + j, tl.max(tl.where(hit, v[None, :], -1), axis=1), mask=j < most)
 
     @triton.jit
-    def _gather_rows(src, ids, dst, n_rows, src_row, src_line, dst_row, dst_line, size, line, CHUNK: tl.constexpr,
-                     LINES: tl.constexpr):
+    def _gather_rows(src, ids, dst, n_rows, src_row, src_line, dst_row, dst_line, size, line, CHUNK: tl.constexpr):
         j = tl.program_id(0)
         row = tl.minimum(tl.load(ids + j).to(tl.int64), n_rows - 1)
-        at = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)  # in the row's lines, end to end (int32: < 2 GiB)
+        at = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)  # in the row's lines, end to end
         mask = (at < size) & (tl.broadcast_to(row, [CHUNK]) >= 0)
-        if LINES:  # lines of `line` elements, src_line / dst_line apart
-            i, k = at // line, at % line
-            src_at, dst_at = i.to(tl.int64) * src_line + k, i.to(tl.int64) * dst_line + k
-        else:
-            src_at, dst_at = at, at
-        value = tl.load(src + row * src_row + src_at, mask=mask)
-        tl.store(dst + j.to(tl.int64) * dst_row + dst_at, value, mask=mask)
+        i, k = at // line, at % line
+        value = tl.load(src + row * src_row + i * src_line + k, mask=mask)
+        tl.store(dst + j.to(tl.int64) * dst_row + i * dst_line + k, value, mask=mask)
