@@ -182,3 +182,14 @@ def test_a_thread_bound_for_a_block_gets_its_cpus_back():
         assert os.sched_getaffinity(0) == {first}
         assert lvgg._bridge.process_cpus() == [first]  # what a part's packing threads run on
     assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_engine_on_given_cpus_leaves_its_makers_cpus_alone(tmp_path, strict):
+    # ggml's own pool (builds next to an NVIDIA driver) binds the thread that makes it to its first
+    # worker's CPUs; that thread is vLLM's, which must keep its CPUs.
+    path = write_experts_file(tmp_path / "e.gguf", {0: random_experts(np.random.default_rng(3), 8, 64, 64)}, Q.Q8_0)
+    before = os.sched_getaffinity(0)
+    moe = lvgg.CpuMoE(lvgg.ExpertStore(path), threads=1, cpus=[max(before)], strict_cpu=strict)
+    assert os.sched_getaffinity(0) == before
+    del moe

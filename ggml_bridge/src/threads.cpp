@@ -3,6 +3,7 @@
 #include "errors.h"
 
 #include <ggml.h>
+#include <pthread.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -97,7 +98,14 @@ ThreadPool::ThreadPool(int n_threads, std::vector<int> cpus, bool strict_cpu) {
         }
         params.strict_cpu = strict_cpu;
     }
-    pool_             = ggml_threadpool_new(&params);
+    // ggml binds the thread that makes a pool to its first worker's CPUs (that thread computes
+    // its graphs in llama.cpp); here the maker is the caller's (vLLM's) thread, which keeps its own.
+    cpu_set_t maker_cpus;
+    const bool keep = pthread_getaffinity_np(pthread_self(), sizeof(maker_cpus), &maker_cpus) == 0;
+    pool_           = ggml_threadpool_new(&params);
+    if (keep) {
+        pthread_setaffinity_np(pthread_self(), sizeof(maker_cpus), &maker_cpus);
+    }
     if (!pool_) {
         fail(ErrorKind::Runtime, "ggml could not start a thread pool of " + std::to_string(n_threads_) + " threads");
     }
