@@ -85,6 +85,8 @@ def test_tensor_and_expert_parallel_ranks_each_compute_their_share_of_every_expe
         assert hybrid["expert_parallel"] == ep
         assert hybrid["tokens"] == stock["tokens"], f"ep={ep}"
         assert hybrid["engine_expert_bytes"] == [whole // 2, whole // 2]  # one share per rank, not a copy each
+        first, second = hybrid["engine_cpus"]
+        assert first and second and not set(first) & set(second)  # no core runs two ranks' threads
 
 
 def test_pipeline_stages_each_compute_their_own_layers_experts(qwen3):
@@ -97,6 +99,8 @@ def test_pipeline_stages_each_compute_their_own_layers_experts(qwen3):
     store = lvgg.ExpertStore(experts[Q.F32])
     first, second = hybrid["engine_expert_bytes"]
     assert first > 0 and second > 0 and first + second == sum(store.layer_info(n).nbytes for n in store.layers)
+    first, second = hybrid["engine_cpus"]
+    assert first and second and not set(first) & set(second)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])

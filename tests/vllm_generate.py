@@ -76,7 +76,8 @@ def main() -> None:
         "expert_param_bytes": expert_bytes, "moe_methods": methods,
         "other_quant_methods": others, "engine_nodes": engine_nodes,
         "engine_expert_bytes": engine_bytes, "expert_parallel": expert_parallel,
-        "counts_real_rows": ranks[0]["counts_real_rows"]}), flush=True)
+        "counts_real_rows": ranks[0]["counts_real_rows"], "rss": [r["rss"] for r in ranks],
+        "engine_cpus": [r["engine_cpus"] for r in ranks]}), flush=True)
     # vLLM's engine may not exit by itself, nor its engine process (pipeline stages) with this one
     for child in psutil.Process().children(recursive=True):
         child.kill()

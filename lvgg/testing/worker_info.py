@@ -5,12 +5,13 @@ import os
 
 
 def model_info(model) -> dict:
-    """What a worker's model holds: routed-expert bytes, MoE and other quant methods, and the
-    nodes of lvgg's CPU engine in that process (1: one engine; 0: none)."""
+    """What a worker's model holds: routed-expert bytes, MoE and other quant methods, the nodes of
+    lvgg's CPU engine in that process (1: one engine; 0: none) and the CPUs its threads run on, and
+    the process's resident memory (bytes: all, anonymous, file pages)."""
     from vllm.model_executor.layers.fused_moe import RoutedExperts
 
     experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
-    engine_nodes, engine_bytes, counts_real_rows = 0, 0, False
+    engine_nodes, engine_bytes, engine_cpus, counts_real_rows = 0, 0, [], False
     if os.environ.get("LVGG_EXPERTS"):
         from lvgg.vllm_plugin import moe_method, runtime
 
@@ -19,9 +20,18 @@ def model_info(model) -> dict:
             engine_nodes = max(1, len(runtime._engine.nodes))
             store = runtime._engine.store  # a tensor-parallel rank's: its share
             engine_bytes = sum(store.layer_info(layer).nbytes for layer in store.layers)
+            engine_cpus = runtime._engine.cpus
     return {"expert_bytes": sum(p.numel() * p.element_size() for m in experts for p in m.parameters()),
             "methods": sorted({type(m.quant_method).__name__ for m in experts}),
             "others": sorted({type(m.quant_method).__name__ for m in model.modules()
                               if getattr(m, "quant_method", None) is not None and not isinstance(m, RoutedExperts)}),
-            "engine_nodes": engine_nodes, "engine_expert_bytes": engine_bytes,
-            "expert_parallel": any(m.use_ep for m in experts), "counts_real_rows": counts_real_rows}
+            "engine_nodes": engine_nodes, "engine_expert_bytes": engine_bytes, "engine_cpus": engine_cpus,
+            "expert_parallel": any(m.use_ep for m in experts), "counts_real_rows": counts_real_rows,
+            "rss": resident_memory()}
+
+
+def resident_memory() -> dict[str, int]:
+    """This process's VmRSS, RssAnon and RssFile (/proc/self/status), in bytes."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "RssAnon", "RssFile")))
+    return {k: int(v.split()[0]) * 1024 for k, v in fields.items()}
