@@ -51,9 +51,7 @@ def main() -> None:
         model = make_30b_a3b_shaped_model(Path(tmp) / "model", a.layers)
         experts = Path(tmp) / f"experts-{a.type}.gguf"
         convert_hf(str(model), experts, projection_types(a.type, None), threads=threads, quiet=True)
-        store = lvgg.ExpertStore(experts)
-        file_experts = sum(store.layer_info(n).nbytes for n in store.layers)
-        del store
+        file_experts = lvgg.ExpertStore(experts).expert_bytes
         rows = [(name, tp, run(model, experts if name == "lvgg" else None, tp))
                 for name in ("lvgg", "stock") for tp in (1, 2)]
     gib = 2**30

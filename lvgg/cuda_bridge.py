@@ -18,6 +18,7 @@ host functions are used.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import mmap
@@ -33,19 +34,26 @@ SIGNALS = ("flags", "host_function")
 _HOST_REGISTER_MAPPED = 0x02  # CU_MEMHOSTREGISTER_DEVICEMAP: the device writes and polls the flags there
 
 
-def register_host(address: int, nbytes: int, flags: int, device: torch.device | None = None) -> None:
-    """Page-lock host memory for CUDA, in ``device``'s context (the current device's by default).
-    Through the driver: a failure raises RuntimeError here and leaves nothing behind, where the
-    runtime's cudaHostRegister leaves its error for torch's next CUDA call to raise."""
+@contextlib.contextmanager
+def _driver_context(device: torch.device | None):
+    """``device``'s context (the current device's by default) current in this thread, as the
+    driver's calls need it: a runtime call (the synchronize) makes it so."""
     with torch.cuda.device(device):
-        torch.cuda.synchronize()  # makes the device's context current in this thread, as the driver needs
+        torch.cuda.synchronize()
+        yield
+
+
+def register_host(address: int, nbytes: int, flags: int, device: torch.device | None = None) -> None:
+    """Page-lock host memory for CUDA, in ``device``'s context. Through the driver: a failure
+    raises RuntimeError here and leaves nothing behind, where the runtime's cudaHostRegister
+    leaves its error for torch's next CUDA call to raise."""
+    with _driver_context(device):
         _bridge.register_host_memory(address, nbytes, flags)
 
 
 def unregister_host(address: int, device: torch.device | None = None) -> None:
     """Undo ``register_host``; the device must be done with the memory."""
-    with torch.cuda.device(device):
-        torch.cuda.synchronize()
+    with _driver_context(device):
         _bridge.unregister_host_memory(address)
 
 

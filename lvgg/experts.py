@@ -104,6 +104,11 @@ class ExpertStore:
     def file_size(self) -> int:
         return self._store.file_size
 
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of the routed experts of every layer this store holds (a part's: its share)."""
+        return sum(self.layer_info(layer).nbytes for layer in self.layers)
+
     def layer_info(self, layer: int) -> ExpertLayerInfo:
         d = self._store.layer_info(layer)
         return ExpertLayerInfo(

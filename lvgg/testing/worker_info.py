@@ -18,8 +18,7 @@ def model_info(model) -> dict:
         counts_real_rows = moe_method.counts_real_rows
         if runtime._engine is not None:
             engine_nodes = max(1, len(runtime._engine.nodes))
-            store = runtime._engine.store  # a tensor-parallel rank's: its share
-            engine_bytes = sum(store.layer_info(layer).nbytes for layer in store.layers)
+            engine_bytes = runtime._engine.store.expert_bytes  # a tensor-parallel rank's: its share
             engine_cpus = runtime._engine.cpus
     return {"expert_bytes": sum(p.numel() * p.element_size() for m in experts for p in m.parameters()),
             "methods": sorted({type(m.quant_method).__name__ for m in experts}),
