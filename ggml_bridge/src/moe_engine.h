@@ -142,7 +142,7 @@ class MoeEngine : public Experts {
     ggml_tensor * weights_for(ggml_tensor * t, int64_t n_tokens, Layout layout) const;
     ggml_tensor * mul_mat_id(ggml_tensor * w, ggml_tensor * in, ggml_tensor * ids);
     size_t intermediate_bytes(const Graph & g) const;
-    void   stage_routing(const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n, int64_t n_expert,
+    void   stage_routing(const ExpertLayer & L, const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n,
                          bool skip);
     int32_t stand_in(const int32_t * row, int64_t top_k, int64_t n_expert) const;
     bool   skips_empty_slots(const ExpertLayer & L, int64_t n_tokens, bool per_expert) const;

@@ -102,16 +102,13 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
         self.layer_index = compat.extract_layer_index(layer.layer_name)
         # Opens and checks the experts file at the first layer: a mismatch stops startup here.
         pp = compat.get_pp_group()
-        # With expert parallelism vLLM would give each rank whole experts; lvgg gives each rank its
-        # share of every expert, as with tensor parallelism, and vLLM's all-reduce over the group
-        # sums the shares all the same. Every rank then reads the same bytes per token, where with
-        # whole experts a step would wait for the rank holding most of the routed ones (one token's
-        # 8 of 128 experts over 2 ranks: 1.26x the even share on average; docs/numa.md).
+        # With expert parallelism (over the tensor-parallel ranks: no DP) a rank computes the whole
+        # experts it holds; vLLM's all-reduce over the group sums the ranks' outputs as with TP.
         rank, ranks = (self.moe.ep_rank, self.moe.ep_size) if self.moe.use_ep else (self.moe.tp_rank, self.moe.tp_size)
         engine = runtime.engine(vllm_config.model_config.hf_config.to_dict(),
                                 vllm_config.scheduler_config.max_num_batched_tokens,
                                 vllm_config.cache_config.gpu_memory_utilization, rank, ranks,
-                                pp.rank_in_group, pp.world_size)
+                                pp.rank_in_group, pp.world_size, expert_parallel=self.moe.use_ep)
         engine.store.check_layer(self.layer_index, n_experts=self.moe.num_experts, hidden_size=hidden_size,
                                  intermediate_size=intermediate_size_per_partition if ranks == 1
                                  else None)  # a rank's share: the whole file was checked against the model

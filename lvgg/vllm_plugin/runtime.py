@@ -7,6 +7,7 @@ message naming the first difference.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -47,7 +48,7 @@ _gpu_min_tokens: int | None = None
 _gpu_memory_utilization = 0.9
 # What the GPU's experts are read from: the whole file (mapped) and this rank's share of each expert
 # (a tensor-parallel rank's engine holds a copy of its share only).
-_gpu_source: tuple[ExpertStore, tuple[int, int]] | None = None
+_gpu_source: tuple[ExpertStore, tuple[int, int], bool] | None = None  # store, share, decode split allowed
 opened_at: float | None = None  # time.perf_counter() when this process opened the experts file (startup figures)
 
 
@@ -164,17 +165,35 @@ def rank_gpu_nodes(count: int) -> list[int | None]:
 
 
 def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: float = 0.9, tp_rank: int = 0,
-           tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1) -> CpuMoE:
-    """The engine of this process, created (and the file checked) on first use. A tensor- or
-    expert-parallel rank (tp_rank of tp_size) computes its share of every expert (vLLM's
-    all-reduce sums the ranks' outputs); a pipeline-parallel rank holds its own layers' experts
-    only."""
+           tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1, expert_parallel: bool = False) -> CpuMoE:
+    """The engine of this process, created (and the file checked) on first use. A tensor-parallel
+    rank (tp_rank of tp_size) computes its share of every expert, an expert-parallel one
+    (``expert_parallel``, over the same ranks) the whole experts it holds (vLLM's all-reduce sums
+    the ranks' outputs either way); a pipeline-parallel rank holds its own layers' experts only."""
     global _engine, _gpu_memory_utilization
     with _lock:
         _gpu_memory_utilization = gpu_memory_utilization
         if _engine is None:
-            _engine = _make_engine(hf_config, max_tokens, tp_rank, tp_size, pp_rank, pp_size)
+            _engine = _make_engine(hf_config, max_tokens, tp_rank, tp_size, pp_rank, pp_size, expert_parallel)
         return _engine
+
+
+def split_by(store: ExpertStore, top_k: int, rank: int, ranks: int, expert_parallel: bool) -> str:
+    """How ranks split the experts: "experts" (whole ones, for expert parallelism) where every rank
+    holds at least top_k of every layer's (the engine's stand-ins for the experts a token routes
+    elsewhere come from its own), else "rows" (a share of every expert)."""
+    if not expert_parallel:
+        return "rows"
+    fewest = min(b - a for a, b in (store.expert_range(layer, r, ranks) for layer in store.layers
+                                    for r in range(ranks)))
+    if fewest < top_k:
+        log.warning("lvgg: expert parallelism over %d ranks leaves %d experts to a rank, fewer than the %d a token "
+                    "routes to; each rank computes a share of every expert instead (as with tensor parallelism)",
+                    ranks, fewest, top_k)
+        return "rows"
+    if rank == 0:
+        log.info("lvgg: expert parallelism: each of %d ranks computes the whole experts it holds", ranks)
+    return "experts"
 
 
 def pp_layers(hf_config: dict[str, Any], pp_rank: int, pp_size: int) -> list[int] | None:
@@ -189,7 +208,7 @@ def pp_layers(hf_config: dict[str, Any], pp_rank: int, pp_size: int) -> list[int
 
 
 def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_size: int, pp_rank: int,
-                 pp_size: int) -> CpuMoE:
+                 pp_size: int, expert_parallel: bool) -> CpuMoE:
     spec = arch_for(hf_config["model_type"]).spec(hf_config)
     kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu",
                   strict_cpu=settings.strict_binding())
@@ -197,7 +216,8 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     index, count = local_rank(tp_rank, tp_size, pp_size)
     # Ranks sharing this machine's CPUs each run one pool on CPUs of their own.
     cpus, mem_node = rank_cpus(topo, index, count, rank_gpu_nodes(count)) if count > 1 else (None, None)
-    split = tp_size > 1 or (count == 1 and len(topo.nodes) > 1)
+    several_nodes = count == 1 and len(topo.nodes) > 1  # this rank's engine splits over the machine's nodes
+    split = tp_size > 1 or several_nodes
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
     layers = pp_layers(hf_config, pp_rank, pp_size)
     global opened_at, _gpu_source
@@ -211,9 +231,12 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
         if layers is not None:
             log.info("lvgg: pipeline-parallel rank %d of %d holds the experts of layers %s", pp_rank, pp_size,
                      topology.format_cpulist(layers))
-        _gpu_source = (store, (tp_rank, tp_size)) if _gpu_present() else None  # the GPU reads the mapping
-        if tp_size > 1:
-            store = store.part(tp_rank, tp_size)  # without a GPU the whole file is unmapped when its store goes
+        by = split_by(store, spec.top_k, tp_rank, tp_size, expert_parallel) if tp_size > 1 else "rows"
+        # The GPU reads the mapping, a share of every expert (of whole experts, with none split with the CPU)
+        _gpu_source = (store, (tp_rank, tp_size), by == "rows") if _gpu_present() else None
+        if tp_size > 1:  # without a GPU the whole file is unmapped when its store goes
+            # A rank alone on several nodes splits its part again, over them: a plain copy, split, then repacked.
+            store = store.part(tp_rank, tp_size, repack=not several_nodes, by=by)
     if cpus:
         counts = settings.cpu_threads(1)
         moe = CpuMoE(store, threads=min(counts[0], len(cpus)) if counts else len(cpus), cpus=cpus, **kwargs)
@@ -221,7 +244,7 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
                  "%d threads on CPUs %s%s", index, count, tp_rank, tp_size, pp_rank, pp_size, store.path, moe.threads,
                  topology.format_cpulist(cpus), f" (NUMA node {mem_node})" if mem_node is not None else "")
         return moe
-    nodes = engine_nodes(topo, store.max_parts) if split else None
+    nodes = engine_nodes(topo, store.max_parts) if several_nodes else None
     if nodes:
         moe = CpuMoE(store, nodes=nodes, **kwargs)
         log.info("lvgg: experts split over %d NUMA nodes (%s), %d threads", len(nodes),
@@ -277,10 +300,15 @@ def split_experts() -> SplitExperts | None:
     return _split
 
 
-def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], device,
+def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], can_split: bool, device,
                       dtype) -> tuple[GpuExperts | None, SplitExperts | None]:
     global _gpu_min_tokens
     wanted = GpuSettings.from_env()
+    if not can_split and wanted.decode_split is not None:
+        # The GPU computes a share of every expert; a decode step's experts shared between it and a
+        # CPU holding whole experts would not add up to the layer over the ranks.
+        log.info("lvgg: expert parallelism: decode steps run the experts on the CPU alone (no GPU split)")
+        wanted = dataclasses.replace(wanted, decode_split=None)
     _gpu_min_tokens = wanted.prefill_min_tokens
     free, total = torch.cuda.mem_get_info(device)
     usable = max(0.0, _gpu_memory_utilization * total - (total - free))  # what vLLM may still take
