@@ -118,6 +118,53 @@ def bench_nodes(types: list[str], tokens: list[int], threads: int, node_counts: 
     return _bench(types, tokens, n_layers, min_seconds, workdir, engines, shape)
 
 
+class Ranks:
+    """Tensor- or expert-parallel ranks of one machine, each an engine on cores of its own: a call
+    runs them all at once (the engines release the GIL) and sums their outputs, as vLLM's
+    all-reduce does, so it takes as long as the slowest rank of that call."""
+
+    def __init__(self, engines: list[CpuMoE]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.engines = engines
+        self._pool = ThreadPoolExecutor(len(engines) - 1)
+        self._outs: list[np.ndarray] = []
+
+    def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+        if not self._outs or self._outs[0].shape != out.shape:
+            self._outs = [np.empty_like(out) for _ in self.engines]
+        waits = [self._pool.submit(moe, layer, x, ids, w, o) for moe, o in zip(self.engines[1:], self._outs[1:])]
+        self.engines[0](layer, x, ids, w, self._outs[0])
+        for wait in waits:
+            wait.result()
+        np.sum(self._outs, axis=0, out=out)
+
+
+def bench_ranks(types: list[str], tokens: list[int], threads: int, ranks: int, n_layers: int, min_seconds: float,
+                workdir: str | None = None, own_kernels: bool = True, **shape) -> list[MoeResult]:
+    """One engine on ``threads`` cores against ``ranks`` engines splitting those cores, each on its
+    part of the experts (as the plugin gives tensor-parallel ranks: a share of every expert's rows;
+    expert-parallel ones: whole experts), called at once with the same routing."""
+    from lvgg import topology
+
+    cpus = _bridge.physical_core_cpus()[:threads]
+
+    def engines(path: Path, K: int):
+        store = ExpertStore(path, own_kernels=own_kernels)
+        yield "1 rank", store, CpuMoE(store, threads=len(cpus), cpus=cpus, max_tokens=max(tokens), max_top_k=K)
+        whole = ExpertStore(path, repack=False, own_kernels=own_kernels)
+        for by in ("rows", "experts"):
+            moes = []
+            for rank, group in enumerate(np.array_split(cpus, ranks)):
+                group = [int(c) for c in group]
+                with topology.bound_to(group):  # the part's copy is made by its rank's cores, as in the plugin
+                    part = whole.part(rank, ranks, by=by)
+                moes.append(CpuMoE(part, threads=len(group), cpus=group, max_tokens=max(tokens), max_top_k=K))
+            yield f"{ranks} ranks, {by}", whole, Ranks(moes)
+
+    return _bench(types, tokens, n_layers, min_seconds, workdir, engines, shape)
+
+
 def _bench(types: list[str], tokens: list[int], n_layers: int, min_seconds: float, workdir: str | None,
            engines, shape: dict) -> list[MoeResult]:
     """Time every engine ``engines(path, top_k)`` yields (label, store, moe) on a synthetic file per type."""

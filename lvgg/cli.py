@@ -211,6 +211,34 @@ def bench_nodes(
                     f"{kernels.value}'s kernels")
 
 
+@bench_app.command("ranks")
+def bench_ranks(
+    types: str = typer.Option("Q4_K_M,Q8_0", help="ggml types of the experts (or Q4_K_M), comma separated"),
+    tokens: str = typer.Option("1,8,64,512", help="token counts per call"),
+    ranks: int = typer.Option(2, help="tensor- or expert-parallel ranks sharing the cores"),
+    threads: int = typer.Option(0, help="cores used in all (0: every physical core)"),
+    layers: int = typer.Option(3, help="distinct layers in the synthetic file"),
+    seconds: float = typer.Option(1.0, help="minimum timed seconds per figure"),
+    workdir: str = typer.Option(None, help="folder for the synthetic experts files (default: temp)"),
+    kernels: Kernels = typer.Option(Kernels.lvgg, help="lvgg: its own kernels where the CPU has AVX-512 VNNI; ggml: "
+                                    "ggml's for every type"),
+) -> None:
+    """Ranks of one machine (tensor or expert parallel) against one engine: each rank computes its
+    part of the experts on its share of the cores, all at once; a call waits for the slowest."""
+    from lvgg import _bridge, bench
+
+    console = Console(width=None if sys.stdout.isatty() else 132)
+    threads = threads or len(_bridge.physical_core_cpus())
+    if not 2 <= ranks <= threads:
+        _fail(ValueError(f"--ranks {ranks}: give 2..{threads} (each rank needs a core of its own)"))
+    bw = bench.read_bandwidth_gb_per_s(threads)
+    console.print(f"read bandwidth, {threads} threads: [bold]{bw:.1f} GB/s[/]")
+    results = bench.bench_ranks(_csv(types), _csv(tokens, int), threads, ranks, layers, seconds, workdir,
+                                own_kernels=kernels is Kernels.lvgg)
+    print_moe_table(console, results, bw, f"30B-A3B MoE layer, {threads} cores: one engine or {ranks} ranks "
+                    f"(rows: a share of every expert; experts: whole experts), {kernels.value}'s kernels")
+
+
 def print_moe_table(console: Console, results: list, bw: float, title: str) -> None:
     table = Table(title=title)
     for col in ("type", "engine", "tokens", "ms/layer", "tok/s (48 layers)", "active GB/s", "% of read bw"):

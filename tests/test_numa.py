@@ -77,7 +77,6 @@ def test_expert_parallel_parts_hold_whole_experts_and_sum_to_the_layer(odd_file,
     qtype, path, F = odd_file
     rng = np.random.default_rng(20 + n_parts)
     whole = lvgg.ExpertStore(path, repack=False)
-    single = lvgg.CpuMoE(lvgg.ExpertStore(path), threads=1)
     parts = [whole.part(i, n_parts, by="experts") for i in range(n_parts)]
     ranges = [whole.expert_range(0, i, n_parts) for i in range(n_parts)]
     assert ranges == [(0, 4), (4, 8)] if n_parts == 2 else ranges == [(0, 3), (3, 6), (6, 8)]
@@ -86,14 +85,27 @@ def test_expert_parallel_parts_hold_whole_experts_and_sum_to_the_layer(odd_file,
         assert (info.first_expert, info.n_experts, info.routed_experts, info.intermediate_size) == \
             (begin, end - begin, E, F)
     assert sum(p.expert_bytes for p in parts) == whole.expert_bytes
-    engines = [lvgg.CpuMoE(p, threads=1) for p in parts]
+    # ggml's MUL_MAT_ID on the routed pairs only (repacked or not), and the per-expert schedule,
+    # each against one engine on the whole layer with the same kernels
+    plain = [whole.part(i, n_parts, repack=False, by="experts") for i in range(n_parts)]
+    ways = {"mul_mat_id": (lvgg.CpuMoE(lvgg.ExpertStore(path), threads=1), [lvgg.CpuMoE(p, threads=1) for p in parts]),
+            "per_expert": (lvgg.CpuMoE(whole, threads=1, schedule="per_expert"),
+                           [lvgg.CpuMoE(p, threads=1, schedule="per_expert") for p in plain])}
     K = 4 if n_parts == 2 else 2  # an engine takes at most as many experts per token as it holds
     for layer in (0, 3):
-        for T in (1, 7, 64):
+        for T, dtype in ((1, torch.float32), (7, torch.bfloat16), (64, torch.float32)):
             x, ids, w = routing(rng, T, K)
-            want = single(layer, x, ids, w).numpy()
-            got = sum(engine(layer, x, ids, w).numpy() for engine in engines)
-            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (qtype.name, n_parts, layer, T)
+            x = x.to(dtype)
+            for way, (single, engines) in ways.items():
+                want = single(layer, x, ids, w).float().numpy()
+                tol = (1e-5 if dtype == torch.float32 else 1e-2) * np.abs(want).max()
+                got = sum(engine(layer, x, ids, w).float().numpy() for engine in engines)
+                assert np.abs(got - want).max() <= tol, (qtype.name, n_parts, layer, T, way)
+    # a token routed to the first part's experts only: the others add exactly nothing
+    x, _, w = routing(rng, 1, K)
+    ids = torch.arange(K, dtype=torch.int32)[None]
+    for _, engines in ways.values():
+        assert all(not engine(3, x, ids, w).numpy().any() for engine in engines[1:])
 
 
 def test_a_plain_part_splits_again_over_nodes(odd_file):

@@ -198,6 +198,7 @@ MoeEngine::MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cf
     sorted_pos_.resize(cfg_.chunk * cfg_.max_top_k);
     expert_rows_.resize(max_experts + 1);
     sorted_slots_.resize(cfg_.chunk * cfg_.max_top_k);
+    pair_experts_.resize(cfg_.chunk * cfg_.max_top_k);
     read_experts_.reserve(cfg_.max_top_k + 1);
     packed_ops_.reserve(4);  // at most gate, up, gate_up, down per graph
 
@@ -227,6 +228,10 @@ MoeEngine::MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cf
         for (Layout layout : { Layout::Mapped, Layout::Repacked }) {
             ggml_reset(ctx_);
             measure(build_mul_mat_id(L, n, K, GGML_TYPE_BF16, GGML_TYPE_F32, layout));
+            if (holds_some_experts(L)) {  // at most every slot routed to the part
+                ggml_reset(ctx_);
+                measure(build_mul_mat_id(L, n, K, GGML_TYPE_BF16, GGML_TYPE_F32, layout, n * K));
+            }
         }
         if (cfg_.schedule != Schedule::MulMatId && per_expert_possible(L)) {
             // Largest work buffer: K experts take every token; most tensors: rows spread evenly.
@@ -332,31 +337,53 @@ ggml_tensor * MoeEngine::weights_for(ggml_tensor * t, int64_t n_tokens, Layout l
     return layout == Layout::Repacked ? twin : t;
 }
 
+// With `pairs` >= 0 (compact), only the chunk's routed (token, slot) pairs are computed, each a
+// row of its own with one expert (rows sorted by expert: group_by_expert): ggml's MUL_MAT_ID
+// takes a real expert in every slot, and a part holding some of the experts (expert parallel)
+// would otherwise compute a stand-in for each slot routed elsewhere, most of a token's.
 MoeEngine::Graph MoeEngine::build_mul_mat_id(const ExpertLayer & L, int64_t n, int64_t K, ggml_type x_type,
-                                             ggml_type out_type, Layout layout) {
+                                             ggml_type out_type, Layout layout, int64_t pairs) {
     ggml_context * ctx     = ctx_;
+    const bool     compact = pairs >= 0;
     ggml_tensor *  gate    = weights_for(L.gate, n, layout);
     ggml_tensor *  up_w    = weights_for(L.up, n, layout);
     ggml_tensor *  gate_up = gate && gate == up_w ? gate : weights_for(L.gate_up, n, layout);  // repacked as one
     ggml_tensor *  down_w  = weights_for(L.down, n, layout);
-    Graph          g = new_graph_inputs(ggml_new_tensor_3d(ctx, x_type, L.n_embd, 1, n), n, K);
-    ggml_tensor *  x = g.x;
+    Graph g = new_graph_inputs(compact ? ggml_new_tensor_2d(ctx, x_type, L.n_embd, n)
+                                       : ggml_new_tensor_3d(ctx, x_type, L.n_embd, 1, n), n, K);
+    ggml_tensor * x   = g.x;
+    ggml_tensor * ids = g.ids;
+    if (compact) {
+        g.rows         = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, pairs);
+        g.pos          = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, n);
+        g.pair_experts = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, pairs);
+        for (ggml_tensor * t : { g.rows, g.pos, g.pair_experts }) {
+            ggml_set_input(t);
+        }
+        x   = ggml_reshape_3d(ctx, ggml_get_rows(ctx, g.x, g.rows), L.n_embd, 1, pairs);  // [D, 1, pairs] f32
+        ids = g.pair_experts;
+    }
 
     ggml_tensor * h;
     if (gate_up) {
-        ggml_tensor * gu = mul_mat_id(gate_up, x, g.ids);
+        ggml_tensor * gu = mul_mat_id(gate_up, x, ids);
         h = cfg_.activation == Activation::SiLU ? ggml_swiglu(ctx, gu) : ggml_geglu(ctx, gu);
     } else if (gate) {
-        ggml_tensor * gt = mul_mat_id(gate, x, g.ids);
-        ggml_tensor * up = mul_mat_id(up_w, x, g.ids);
+        ggml_tensor * gt = mul_mat_id(gate, x, ids);
+        ggml_tensor * up = mul_mat_id(up_w, x, ids);
         h = cfg_.activation == Activation::SiLU ? ggml_swiglu_split(ctx, gt, up) : ggml_geglu_split(ctx, gt, up);
     } else {
-        ggml_tensor * up = mul_mat_id(up_w, x, g.ids);
+        ggml_tensor * up = mul_mat_id(up_w, x, ids);
         h = ggml_sqr(ctx, ggml_relu(ctx, up));
     }
-    ggml_tensor * down = mul_mat_id(down_w, h, g.ids);
-    ggml_tensor * args[2] = { down, g.weights };
-    finish_graph(g, ggml_custom_4d(ctx, out_type, L.n_embd, n, 1, 1, args, 2, combine, GGML_N_TASKS_MAX, nullptr));
+    ggml_tensor * down = mul_mat_id(down_w, h, ids);
+    if (compact) {
+        ggml_tensor * args[3] = { ggml_reshape_2d(ctx, down, L.n_embd, pairs), g.weights, g.pos };
+        finish_graph(g, ggml_custom_4d(ctx, out_type, L.n_embd, n, 1, 1, args, 3, combine, GGML_N_TASKS_MAX, nullptr));
+    } else {
+        ggml_tensor * args[2] = { down, g.weights };
+        finish_graph(g, ggml_custom_4d(ctx, out_type, L.n_embd, n, 1, 1, args, 2, combine, GGML_N_TASKS_MAX, nullptr));
+    }
     return g;
 }
 
@@ -693,13 +720,30 @@ void MoeEngine::run(int layer, const Matrix & x, const Matrix & ids, const Matri
         const int64_t n = std::min(cfg_.chunk, T - t0);
         ggml_reset(ctx_);
         const bool per_expert = use_per_expert(L, n);
-        stage_routing(L, ids, weights, t0, n, skips_empty_slots(L, n, per_expert));
+        const bool skip       = skips_empty_slots(L, n, per_expert);
+        const bool compact    = !skip && holds_some_experts(L);
+        stage_routing(L, ids, weights, t0, n, skip || compact);
         Graph g;
         if (per_expert) {
             group_by_expert(n, K, L.n_expert);
             g            = build_per_expert(L, n, K, x.type, out.type);
             g.rows->data = sorted_tokens_.data();
             g.pos->data  = sorted_pos_.data();
+        } else if (compact) {
+            group_by_expert(n, K, L.n_expert);
+            const int64_t pairs = expert_rows_[L.n_expert];
+            if (pairs == 0) {  // no token of the chunk routed to this part's experts
+                std::memset((char *) out.data + t0 * out_row, 0, n * out_row);
+                continue;
+            }
+            for (int64_t e = 0; e < L.n_expert; ++e) {
+                std::fill(pair_experts_.begin() + expert_rows_[e], pair_experts_.begin() + expert_rows_[e + 1],
+                          (int32_t) e);
+            }
+            g                    = build_mul_mat_id(L, n, K, x.type, out.type, Layout::BySize, pairs);
+            g.rows->data         = sorted_tokens_.data();
+            g.pos->data          = sorted_pos_.data();
+            g.pair_experts->data = pair_experts_.data();
         } else {
             g = build_mul_mat_id(L, n, K, x.type, out.type, Layout::BySize);
             if (!packed_ops_.empty()) {

@@ -128,12 +128,15 @@ class MoeEngine : public Experts {
         ggml_tensor * rows = nullptr;  // per-expert schedule: token of each expert-sorted row
         ggml_tensor * pos  = nullptr;  // per-expert schedule: sorted row of each (token, slot)
         ggml_tensor * sorted_out = nullptr;  // per-expert schedule: down outputs, expert-sorted
+        ggml_tensor * pair_experts = nullptr;  // compact MUL_MAT_ID: expert of each sorted row
     };
 
     Graph  new_graph_inputs(ggml_tensor * x, int64_t n_tokens, int64_t top_k);
     void   finish_graph(Graph & g, ggml_tensor * out);
     Graph  build_mul_mat_id(const ExpertLayer & L, int64_t n_tokens, int64_t top_k, ggml_type x_type,
-                            ggml_type out_type, Layout layout);
+                            ggml_type out_type, Layout layout, int64_t pairs = -1);
+    // A part of whole experts (expert parallel): slots routed to other parts' experts are left out.
+    static bool holds_some_experts(const ExpertLayer & L) { return L.n_expert < L.routed_experts; }
     Graph  build_per_expert(const ExpertLayer & L, int64_t n_tokens, int64_t top_k, ggml_type x_type,
                             ggml_type out_type);
     bool   per_expert_possible(const ExpertLayer & L) const;
@@ -164,6 +167,7 @@ class MoeEngine : public Experts {
     std::vector<int32_t>         sorted_pos_;
     std::vector<int32_t>         expert_rows_;
     std::vector<int32_t>         sorted_slots_;
+    std::vector<int32_t>         pair_experts_;  // compact MUL_MAT_ID: expert of each sorted row
     Routing                      routing_;
     std::vector<PackedMatMul>    packed_ops_;  // this graph's, in build order (reserved: stable addresses)
     ggml_tensor *                quantized_from_[2] = {};  // the last input quantized for packed ops, and
