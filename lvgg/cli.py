@@ -219,6 +219,8 @@ def bench_ranks(
     threads: int = typer.Option(0, help="cores used in all (0: every physical core)"),
     layers: int = typer.Option(3, help="distinct layers in the synthetic file"),
     seconds: float = typer.Option(1.0, help="minimum timed seconds per figure"),
+    hidden: int = typer.Option(2048), intermediate: int = typer.Option(768),
+    experts: int = typer.Option(128), top_k: int = typer.Option(8),
     workdir: str = typer.Option(None, help="folder for the synthetic experts files (default: temp)"),
     kernels: Kernels = typer.Option(Kernels.lvgg, help="lvgg: its own kernels where the CPU has AVX-512 VNNI; ggml: "
                                     "ggml's for every type"),
@@ -234,9 +236,11 @@ def bench_ranks(
     bw = bench.read_bandwidth_gb_per_s(threads)
     console.print(f"read bandwidth, {threads} threads: [bold]{bw:.1f} GB/s[/]")
     results = bench.bench_ranks(_csv(types), _csv(tokens, int), threads, ranks, layers, seconds, workdir,
-                                own_kernels=kernels is Kernels.lvgg)
-    print_moe_table(console, results, bw, f"30B-A3B MoE layer, {threads} cores: one engine or {ranks} ranks "
-                    f"(rows: a share of every expert; experts: whole experts), {kernels.value}'s kernels")
+                                own_kernels=kernels is Kernels.lvgg, n_experts=experts, hidden=hidden,
+                                intermediate=intermediate, top_k=top_k)
+    print_moe_table(console, results, bw, f"MoE layer D={hidden} F={intermediate} E={experts} top-{top_k}, "
+                    f"{threads} cores: one engine or {ranks} ranks (rows: a share of every expert; experts: whole "
+                    f"experts), {kernels.value}'s kernels")
 
 
 def print_moe_table(console: Console, results: list, bw: float, title: str) -> None:

@@ -189,6 +189,27 @@ def test_pipeline_parallel_ranks_hold_their_own_layers_only(qwen3, monkeypatch):
         [whole.layer_info(n).intermediate_size for n in ranks[1]]
 
 
+def test_expert_parallel_ranks_hold_whole_experts_where_each_gets_top_k(qwen3, monkeypatch, caplog):
+    """An expert-parallel rank's engine holds its whole experts (the router's indices run over all);
+    with fewer experts per rank than a token routes to, ranks take a share of every expert."""
+    from lvgg.vllm_plugin import runtime
+
+    _, config, experts = qwen3
+    monkeypatch.setenv("LVGG_EXPERTS", str(experts))
+    monkeypatch.setenv("LVGG_NUMA", "off")
+    store = lvgg.ExpertStore(experts)
+    E, K = store.layer_info(store.layers[0]).n_experts, config["num_experts_per_tok"]
+    assert runtime.split_by(store, K, 0, 2, expert_parallel=False) == "rows"
+    assert runtime.split_by(store, K, 0, 2, expert_parallel=True) == "experts"
+    with caplog.at_level(logging.WARNING, logger="vllm.lvgg"):
+        assert runtime.split_by(store, K, 0, E // K + 1, expert_parallel=True) == "rows"
+    assert "fewer than the 2 a token routes to" in caplog.text
+    engine = runtime._make_engine(config, 64, 1, 2, 0, 1, expert_parallel=True)
+    info = engine.store.layer_info(engine.store.layers[0])
+    assert (info.first_expert, info.n_experts, info.routed_experts) == (E // 2, E // 2, E)
+    engine.store.check_layer(engine.store.layers[0], n_experts=E)  # the model's count, not the rank's
+
+
 def test_auto_decode_split_that_cannot_be_timed_leaves_decode_on_the_cpu(monkeypatch, caplog):
     """`auto` is the default: a split whose timing fails (e.g. a GPU kernel that does not compile
     there) is dropped with a warning instead of stopping the server."""
@@ -206,10 +227,12 @@ def test_auto_decode_split_that_cannot_be_timed_leaves_decode_on_the_cpu(monkeyp
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run on the GPU machine)")
-def test_a_tensor_parallel_rank_runs_its_share_of_every_expert_on_the_gpu(qwen3, monkeypatch):
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_a_tensor_parallel_rank_runs_its_share_of_every_expert_on_the_gpu(qwen3, monkeypatch, expert_parallel):
     """Each rank's runtime (rank 0 and 1 of 2, in turn in this process) makes GPU experts for its
-    share: streamed for a long pass, split with its CPU engine's share in a decode step. The
-    ranks' outputs sum to the layer's, as vLLM's all-reduce sums them."""
+    share: streamed for a long pass, split with its CPU engine's share in a decode step. An
+    expert-parallel rank streams the same share, but its CPU engine holds whole experts and
+    decodes alone. The ranks' outputs sum to the layer's, as vLLM's all-reduce sums them."""
     from lvgg.models import arch_for
     from lvgg.testing.expert_files import read_reference
     from lvgg.vllm_plugin import runtime
@@ -230,13 +253,15 @@ def test_a_tensor_parallel_rank_runs_its_share_of_every_expert_on_the_gpu(qwen3,
     for rank in (0, 1):
         for name, value in (("_engine", None), ("_cuda", None), ("_gpu", None), ("_split", None), ("_gpu_made", False)):
             monkeypatch.setattr(runtime, name, value)
-        runtime.engine(config, 64, 0.5, rank, 2)
+        engine = runtime.engine(config, 64, 0.5, rank, 2, expert_parallel=expert_parallel)
+        assert engine.store.layer_info(layer).n_experts == spec.n_experts // 2 if expert_parallel else spec.n_experts
         gpu = runtime.gpu_experts(torch.device("cuda"), torch.bfloat16)
         split = runtime.split_experts()
-        assert gpu.part == (rank, 2) and layer in gpu.streamed_layers and split is not None
-        assert split.takes(layer, 4) and runtime.runs_on_gpu(gpu, layer, 32)
+        assert gpu.part == (rank, 2) and layer in gpu.streamed_layers and runtime.runs_on_gpu(gpu, layer, 32)
+        assert (split is None) if expert_parallel else split.takes(layer, 4)
+        decode = runtime.cuda_experts(torch.bfloat16) if expert_parallel else split
         for T, (x, ids, w) in passes.items():
-            out = (gpu if T == 32 else split)(layer, x.cuda(), ids.cuda(), w.cuda())
+            out = (gpu if T == 32 else decode)(layer, x.cuda(), ids.cuda(), w.cuda())
             sums[T] = sums[T] + out.double().cpu()
         torch.cuda.synchronize()
         runtime._cuda.close()

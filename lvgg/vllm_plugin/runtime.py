@@ -208,7 +208,7 @@ def pp_layers(hf_config: dict[str, Any], pp_rank: int, pp_size: int) -> list[int
 
 
 def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_size: int, pp_rank: int,
-                 pp_size: int, expert_parallel: bool) -> CpuMoE:
+                 pp_size: int, expert_parallel: bool = False) -> CpuMoE:
     spec = arch_for(hf_config["model_type"]).spec(hf_config)
     kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu",
                   strict_cpu=settings.strict_binding())
