@@ -4,6 +4,7 @@ The GPU tests run on a machine with an NVIDIA GPU (the project's GPU machine); t
 runs everywhere and checks what a machine without a driver gets.
 """
 import mmap
+import os
 
 import numpy as np
 import pytest
@@ -156,6 +157,29 @@ def test_bad_calls_are_refused_before_anything_is_enqueued(bridge):
         experts(3, x, ids, w, real_rows=torch.tensor([2], device="cuda"))
     with pytest.raises(IndexError):
         experts(2, x, ids, w)  # no MoE layer 2 in the file
+
+
+@needs_cuda
+def test_the_bridge_thread_computes_on_its_engines_first_cpu(experts_file):
+    """The thread that serves the stream's requests computes as the engine's first worker (ggml's
+    pool runs the others): with the engine on given CPUs it runs on the first one's, not anywhere."""
+    from pathlib import Path
+
+    cpus = sorted(os.sched_getaffinity(0))[-2:]
+    moe = lvgg.CpuMoE(lvgg.ExpertStore(experts_file), threads=2, cpus=cpus, strict_cpu=True)
+    experts = lvgg.CudaExperts(moe, hidden_size=D, top_k=K, max_tokens=8, dtype=torch.bfloat16, signal="flags")
+    try:
+        want = [] if _bridge.openmp else [cpus[0]]
+        assert moe._engine.caller_cpus == want
+        threads = [t for t in Path("/proc/self/task").iterdir() if (t / "comm").read_text().strip() == "lvgg-bridge"]
+        assert len(threads) == 1
+        allowed = os.sched_getaffinity(int(threads[0].name))
+        assert allowed == set(want or os.sched_getaffinity(0))
+        out = experts(3, *routing(4, "cuda"))  # and it computes from there
+        assert torch.isfinite(out).all()
+    finally:
+        torch.cuda.synchronize()
+        experts.close()
 
 
 def test_pinning_checks_its_range_before_the_driver():

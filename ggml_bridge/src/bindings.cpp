@@ -219,7 +219,8 @@ NB_MODULE(_bridge, m) {
                  nb::gil_scoped_release release;
                  e.forward(layer, mx, mi, mw, mo);
              },
-             "layer"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "out"_a);
+             "layer"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "out"_a)
+        .def_prop_ro("caller_cpus", &Experts::caller_cpus);
 
     nb::class_<MoeEngine, Experts>(m, "MoeEngine")
         .def("__init__",

@@ -3,6 +3,7 @@
 #include "errors.h"
 
 #include <dlfcn.h>
+#include <pthread.h>
 
 #include <chrono>
 #include <cmath>
@@ -218,6 +219,12 @@ CudaBridge::Job CudaBridge::job_for(uint32_t id) {
 }
 
 void CudaBridge::serve() {
+    pthread_setname_np(pthread_self(), "lvgg-bridge");
+    try {
+        bind_thread(engine_.caller_cpus());  // it computes as the engine's first worker
+    } catch (...) {
+        // A thread that cannot bind still computes correctly, only maybe next to another's workers.
+    }
     using clock = std::chrono::steady_clock;
     auto last   = clock::now();
     while (!stop_.load(std::memory_order_relaxed)) {

@@ -77,6 +77,8 @@ class Experts {
     virtual void validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights,
                           const Matrix & out) const = 0;
     virtual int64_t max_tokens() const = 0;
+    // Where a thread that calls forward() should run (ThreadPool::caller_cpus; empty: anywhere).
+    virtual std::vector<int> caller_cpus() const = 0;
 };
 
 class MoeEngine : public Experts {
@@ -94,6 +96,7 @@ class MoeEngine : public Experts {
     // forward without its checks, for a caller that made them (SplitEngine: once for all nodes).
     void run(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out);
     int64_t max_tokens() const override { return cfg_.max_tokens; }
+    std::vector<int> caller_cpus() const override { return pool_->caller_cpus(); }
 
     const EngineConfig &                 config() const { return cfg_; }
     const ThreadPool &                   pool() const { return *pool_; }

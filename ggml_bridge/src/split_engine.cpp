@@ -16,22 +16,6 @@ namespace lvgg {
 
 namespace {
 
-// Bind the calling thread to `cpus` (none: leave it where it may run).
-void bind_thread(const std::vector<int> & cpus) {
-    if (cpus.empty()) {
-        return;
-    }
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    for (int c : cpus) {
-        CPU_SET(c, &set);
-    }
-    if (pthread_setaffinity_np(pthread_self(), sizeof(set), &set) != 0) {
-        fail(ErrorKind::Runtime, "could not bind a thread to CPUs " + std::to_string(cpus.front()) + "..: " +
-                                     std::strerror(errno));
-    }
-}
-
 // Prefer `node`'s memory for the calling thread's new pages (<0: the default policy again).
 // A raw syscall: no libnuma needed. Returns false where the kernel refuses (e.g. no NUMA).
 bool prefer_memory_of(int node) {

@@ -7,7 +7,9 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <set>
 #include <string>
@@ -87,6 +89,8 @@ ThreadPool::ThreadPool(int n_threads, std::vector<int> cpus, bool strict_cpu) {
     }
     n_threads_ = n_threads;
     cpus_      = std::move(cpus);
+    pinned_    = pinned;
+    strict_    = pinned && strict_cpu;
 
     ggml_threadpool_params params = ggml_threadpool_params_default(n_threads_);
     if (power_saving()) {
@@ -109,6 +113,29 @@ ThreadPool::ThreadPool(int n_threads, std::vector<int> cpus, bool strict_cpu) {
     if (!pool_) {
         fail(ErrorKind::Runtime, "ggml could not start a thread pool of " + std::to_string(n_threads_) + " threads");
     }
+}
+
+// Bind the calling thread to `cpus` (none: leave it where it may run).
+void bind_thread(const std::vector<int> & cpus) {
+    if (cpus.empty()) {
+        return;
+    }
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int c : cpus) {
+        CPU_SET(c, &set);
+    }
+    if (pthread_setaffinity_np(pthread_self(), sizeof(set), &set) != 0) {
+        fail(ErrorKind::Runtime, "could not bind a thread to CPUs " + std::to_string(cpus.front()) + "..: " +
+                                     std::strerror(errno));
+    }
+}
+
+std::vector<int> ThreadPool::caller_cpus() const {
+    if (openmp() || !pinned_) {
+        return {};
+    }
+    return strict_ ? std::vector<int>{ cpus_[0] } : cpus_;
 }
 
 bool ThreadPool::power_saving() {

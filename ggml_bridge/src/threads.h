@@ -18,6 +18,9 @@ namespace lvgg {
 // CPUs in this process's affinity set, ascending.
 std::vector<int> process_cpus();
 
+// Bind the calling thread to `cpus` (none: leave it where it may run); throws where the OS refuses.
+void bind_thread(const std::vector<int> & cpus);
+
 // The first logical CPU of every physical core among `cpus` (SMT siblings dropped).
 std::vector<int> one_cpu_per_core(const std::vector<int> & cpus);
 
@@ -39,11 +42,18 @@ class ThreadPool {
     ggml_threadpool *        get() const { return pool_; }
     int                      n_threads() const { return n_threads_; }
     const std::vector<int> & cpus() const { return cpus_; }
+    // Where the thread that computes a graph should run: it is the pool's first worker (ggml's
+    // workers are the others), so the CPUs ggml gives that worker, the first one (strict_cpu) or
+    // all of them; empty where the pool is not pinned, and in the OpenMP build (its team is the
+    // caller's).
+    std::vector<int>         caller_cpus() const;
 
   private:
     ggml_threadpool * pool_ = nullptr;
     int               n_threads_;
     std::vector<int>  cpus_;
+    bool              pinned_ = false;
+    bool              strict_ = false;
 };
 
 }  // namespace lvgg
