@@ -7,12 +7,15 @@ own (default) or any GGUF of that model, e.g. the one ../shared/anchors/synth_gg
 for llama.cpp (--experts), so both read the same bytes. Needs an NVIDIA GPU and vLLM.
 
     python bench/gpu_rig.py [--configs stream,split,split:2,resident,cpu] [--threads 15] [--experts FILE]
+                            [--parallel 1,tp2,pp2,ep2]
 
 Configurations: `cpu` (every expert on the CPU; prefill 512 only, in one pass), `stream` (passes
 of >= 64 tokens stream the experts to the GPU, decode on the CPU), `split` (stream, and decode
 steps give some of each token's experts to the GPU: LVGG_GPU_DECODE_SPLIT=auto; `split:N`: N of
 them), `resident` (split, plus LVGG_GPU_RESIDENT_LAYERS=auto). A suffix `@GIB` bounds lvgg's VRAM
 (LVGG_GPU_EXPERTS_GB), e.g. `stream@0.5` streams 30B-A3B's layers 32 experts at a time.
+`--parallel` runs every configuration once per GPU layout (PARALLEL: one GPU; two, tensor
+parallel, pipeline parallel, or expert parallel over the tensor-parallel ranks), side by side.
 Also printed: the time to read the experts file once (from the page cache when it is there),
 next to the startup times: init (vLLM's start to ready) and open_to_first_token (lvgg opening
 the experts file to the first token out).
@@ -40,6 +43,10 @@ CONFIGS = {"cpu": {"LVGG_GPU_PREFILL_MIN_TOKENS": "off", "LVGG_GPU_DECODE_SPLIT"
                         "LVGG_GPU_DECODE_SPLIT": "auto"}}
 
 
+# GPU layouts: vLLM's tensor_parallel_size, pipeline_parallel_size, enable_expert_parallel
+PARALLEL = {"1": (1, 1, False), "tp2": (2, 1, False), "pp2": (1, 2, False), "ep2": (2, 1, True)}
+
+
 def config_env(name: str) -> dict[str, str]:
     """The environment of a configuration: a name of CONFIGS, or split:N; "+ggml" runs ggml's CPU
     kernels for every type (LVGG_CPU_KERNELS=ggml), e.g. stream+ggml; "@GIB" bounds lvgg's VRAM."""
@@ -63,16 +70,20 @@ _CHILD = r"""
 import json, os, random, sys, time
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-import lvgg
-from vllm import SamplingParams
 model, experts, threads, eager = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 prefills = [int(n) for n in sys.argv[5].split(",")]
+tp, pp, ep = json.loads(sys.argv[6])
+if pp > 1:  # vLLM's in-process engine cannot schedule pipeline stages
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+import lvgg
+from vllm import SamplingParams
 batch = max(512, *prefills) + 128
 t0 = time.perf_counter()
-llm = lvgg.LLM(model, experts=experts, cpu_threads=threads, load_format="dummy", dtype="bfloat16",
+llm = lvgg.LLM(model, experts=experts, cpu_threads=threads or None, load_format="dummy", dtype="bfloat16",
                max_model_len=batch, max_num_batched_tokens=batch, max_num_seqs=16, enforce_eager=eager,
                gpu_memory_utilization=0.6, skip_tokenizer_init=True, enable_prefix_caching=False,
-               compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16]}, seed=0)
+               compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16]}, seed=0,
+               tensor_parallel_size=tp, pipeline_parallel_size=pp, enable_expert_parallel=ep)
 init_s = time.perf_counter() - t0
 rng = random.Random(0)
 def run(n_seqs, n_in, n_out):
@@ -83,7 +94,9 @@ def run(n_seqs, n_in, n_out):
     return time.perf_counter() - t
 run(1, 16, 1)
 from lvgg.vllm_plugin import runtime
-result = {"init_s": init_s, "open_to_first_token_s": time.perf_counter() - runtime.opened_at}
+result = {"init_s": init_s}
+if runtime.opened_at is not None:  # the engine is in this process (one GPU)
+    result["open_to_first_token_s"] = time.perf_counter() - runtime.opened_at
 run(1, 16, 8)
 one, many = min(run(1, 16, 1) for _ in range(2)), min(run(1, 16, 65) for _ in range(2))
 result["decode_tok_s"] = 64 / (many - one)
@@ -112,7 +125,8 @@ def write_config(folder: Path, layers: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="stream,resident")
-    ap.add_argument("--threads", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=15, help="CPU threads per rank (0: each rank's share of the cores)")
+    ap.add_argument("--parallel", default="1", help="GPU layouts, a subset of " + ",".join(PARALLEL))
     ap.add_argument("--prefill", default="4096,16384", help="prompt lengths (the cpu config runs 512 only)")
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--experts", help="an existing GGUF with the model's experts (default: write one)")
@@ -135,24 +149,25 @@ def main() -> None:
         read_s = read_once(experts)
         print(f"experts file read once: {read_s:.1f} s ({experts.stat().st_size / read_s / 1e9:.1f} GB/s)", flush=True)
         rows = []
-        for name in a.configs.split(","):
+        for name, layout in ((n, p) for n in a.configs.split(",") for p in a.parallel.split(",")):
             prefills = "512" if name == "cpu" else a.prefill
+            label = name if layout == "1" else f"{name} {layout}"
             done = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(experts), str(a.threads),
-                                   "1" if a.eager else "0", prefills], capture_output=True, text=True, timeout=1200,
-                                  env={**os.environ, **config_env(name)})
+                                   "1" if a.eager else "0", prefills, json.dumps(PARALLEL[layout])],
+                                  capture_output=True, text=True, timeout=1200, env={**os.environ, **config_env(name)})
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
             if not lines:
-                print(f"{name} failed (rc={done.returncode}):\n{done.stderr[-4000:]}", flush=True)
+                print(f"{label} failed (rc={done.returncode}):\n{done.stderr[-4000:]}", flush=True)
                 continue
             notes = [ln for ln in (done.stdout + done.stderr).splitlines() if "lvgg:" in ln]
-            rows.append((name, json.loads(lines[-1][7:])))
-            print(name, rows[-1][1], *notes[-6:], sep="\n  ", flush=True)
+            rows.append((label, json.loads(lines[-1][7:])))
+            print(label, rows[-1][1], *notes[-6:], sep="\n  ", flush=True)
     columns = sorted({k for _, r in rows for k in r}, key=lambda k: (k[:7], len(k), k))
     print(f"\n30B-A3B Q4_K_M, {a.layers} layers, {a.threads} CPU threads, {'eager' if a.eager else 'CUDA graphs'} "
           f"(tok/s; init in s; the experts file read once: {read_s:.1f} s)")
-    print(f"{'config':>11} " + " ".join(f"{c.replace('_tok_s', ''):>17}" for c in columns))
+    print(f"{'config':>15} " + " ".join(f"{c.replace('_tok_s', ''):>17}" for c in columns))
     for name, r in rows:
-        print(f"{name:>11} " + " ".join(f"{r[c]:17.1f}" if c in r else f"{'-':>17}" for c in columns))
+        print(f"{name:>15} " + " ".join(f"{r[c]:17.1f}" if c in r else f"{'-':>17}" for c in columns))
 
 
 if __name__ == "__main__":

@@ -144,7 +144,9 @@ def bench_ranks(types: list[str], tokens: list[int], threads: int, ranks: int, n
                 workdir: str | None = None, own_kernels: bool = True, **shape) -> list[MoeResult]:
     """One engine on ``threads`` cores against ``ranks`` engines splitting those cores, each on its
     part of the experts (as the plugin gives tensor-parallel ranks: a share of every expert's rows;
-    expert-parallel ones: whole experts), called at once with the same routing."""
+    expert-parallel ones: whole experts), called at once with the same routing. The cores go to
+    the ranks evenly, or in proportion to their parts' bytes (what the plugin does where ranks
+    share a NUMA node)."""
     from lvgg import topology
 
     cpus = _bridge.physical_core_cpus()[:threads]
@@ -153,14 +155,18 @@ def bench_ranks(types: list[str], tokens: list[int], threads: int, ranks: int, n
         store = ExpertStore(path, own_kernels=own_kernels)
         yield "1 rank", store, CpuMoE(store, threads=len(cpus), cpus=cpus, max_tokens=max(tokens), max_top_k=K)
         whole = ExpertStore(path, repack=False, own_kernels=own_kernels)
-        for by in ("rows", "experts"):
+        for by, weighted in (("rows", False), ("rows", True), ("experts", False)):
+            weights = [whole.part_bytes(r, ranks, by) for r in range(ranks)] if weighted else None
+            groups = topology.split_cpus(cpus, weights or [1] * ranks)
+            if weighted and groups == topology.split_cpus(cpus, [1] * ranks):
+                continue  # the parts are even: the same as the row above
             moes = []
-            for rank, group in enumerate(np.array_split(cpus, ranks)):
-                group = [int(c) for c in group]
+            for rank, group in enumerate(groups):
                 with topology.bound_to(group):  # the part's copy is made by its rank's cores, as in the plugin
                     part = whole.part(rank, ranks, by=by)
                 moes.append(CpuMoE(part, threads=len(group), cpus=group, max_tokens=max(tokens), max_top_k=K))
-            yield f"{ranks} ranks, {by}", whole, Ranks(moes)
+            cores = "/".join(str(len(g)) for g in groups)
+            yield f"{ranks} ranks, {by}" + (f" ({cores} cores)" if weighted else ""), whole, Ranks(moes)
 
     return _bench(types, tokens, n_layers, min_seconds, workdir, engines, shape)
 

@@ -94,6 +94,18 @@ class ExpertStore:
         holds (of gate and up; of down, the matching columns)."""
         return tuple(self._store.part_range(layer, part, n_parts))  # checks the part and layer
 
+    def part_bytes(self, part: int, n_parts: int, by: str = "rows") -> int:
+        """The expert bytes ``part(part, n_parts, by=by)`` would hold."""
+        total = 0
+        for layer in self.layers:
+            info = self.layer_info(layer)
+            if by == "rows":
+                (lo, hi), size = self.part_rows(layer, part, n_parts), info.intermediate_size
+            else:
+                (lo, hi), size = self.expert_range(layer, part, n_parts), info.n_experts
+            total += info.nbytes * (hi - lo) // size
+        return total
+
     @property
     def max_parts(self) -> int:
         """The most parts (NUMA nodes, tensor-parallel ranks) every layer can be split into."""

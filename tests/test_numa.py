@@ -222,8 +222,19 @@ def test_tensor_parallel_ranks_take_whole_nodes_nearest_their_gpus(monkeypatch):
     one = machine_of(1, 8)  # fewer nodes than ranks: the cores in order, memory where they touch it
     assert [runtime.rank_cpus(one, r, 2) for r in (0, 1)] == [([0, 1, 2, 3], None), ([4, 5, 6, 7], None)]
     assert runtime.rank_cpus(one, 1, 3) == ([3, 4, 5], None)
+    # in proportion to the ranks' expert bytes: 30B-A3B's K-quant rows split 512/256 between two ranks
+    assert [runtime.rank_cpus(one, r, 2, weights=[512, 256])[0] for r in (0, 1)] == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    assert [runtime.rank_cpus(one, r, 3, weights=[1, 1, 100])[0] for r in (0, 1, 2)] == [[0], [1], [2, 3, 4, 5, 6, 7]]
     bound = machine_of(2, 4, process_cpus=[4, 5])  # vLLM bound this rank already: its CPUs, whatever the rank
     assert runtime.rank_cpus(bound, 0, 2) == ([4, 5], None)
+
+
+def test_a_part_knows_its_bytes_before_it_is_made(odd_file):
+    _, path, _ = odd_file
+    store = lvgg.ExpertStore(path, repack=False)
+    for by in ("rows", "experts"):
+        sizes = [store.part_bytes(r, 3, by) for r in range(3)]
+        assert sizes == [store.part(r, 3, repack=False, by=by).expert_bytes for r in range(3)], by
 
 
 def test_a_thread_bound_for_a_block_gets_its_cpus_back():

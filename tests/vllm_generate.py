@@ -38,8 +38,10 @@ def main() -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(cpus[i % len(cpus)]) for i in range(ranks)))
     if a.pp > 1:  # vLLM's in-process engine cannot schedule pipeline stages
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-        if a.eager:  # vllm-cpu makes a later stage's input buffers in its warm-up pass, which eager mode skips
-            ap.error("vllm-cpu runs pipeline stages in compiled mode only (leave out --eager)")
+        import torch
+
+        if a.eager and not torch.cuda.is_available():  # vllm-cpu makes a later stage's input buffers in its
+            ap.error("vllm-cpu runs pipeline stages in compiled mode only (leave out --eager)")  # warm-up pass
     from vllm import SamplingParams
 
     kwargs = dict(model=a.model, enforce_eager=a.eager, dtype=a.dtype, max_model_len=512, max_num_seqs=8, seed=0,

@@ -112,8 +112,8 @@ def engine_nodes(topo: topology.Topology, max_parts: int) -> list[EngineNode] | 
     return nodes
 
 
-def rank_cpus(topo: topology.Topology, rank: int, ranks: int,
-              gpu_nodes: list[int | None] | None = None) -> tuple[list[int], int | None]:
+def rank_cpus(topo: topology.Topology, rank: int, ranks: int, gpu_nodes: list[int | None] | None = None,
+              weights: list[int] | None = None) -> tuple[list[int], int | None]:
     """The physical cores the engine of ``rank`` of the ``ranks`` sharing this machine's CPUs
     (local_rank()'s: tensor-parallel ranks, pipeline stages) runs on, and the NUMA node its
     experts live on (None: wherever the rank's cores are).
@@ -123,7 +123,8 @@ def rank_cpus(topo: topology.Topology, rank: int, ranks: int,
     - As many NUMA nodes as ranks or more (``topo``'s, so LVGG_NUMA counts): a group of whole
       nodes per rank; the group holding the rank's GPU's node where the ranks' GPUs (``gpu_nodes``,
       NUMA node of each rank's GPU) sit in different groups, else group ``rank``.
-    - Else its share of the cores, in order.
+    - Else its share of the cores, in order: in proportion to ``weights`` (the expert bytes each
+      rank computes) where given, so that ranks holding more finish together with the others.
     Next to a GPU the first core stays for the rank's own vLLM thread.
     """
     cores = sorted(c for node in topo.nodes for c in node.physical_cores)
@@ -136,7 +137,7 @@ def rank_cpus(topo: topology.Topology, rank: int, ranks: int,
         mine = homes[rank] if len(homes) == ranks and None not in homes and len(set(homes)) == ranks else rank
         share, mem_node = [c for n in groups[mine] for c in n.physical_cores], groups[mine][0].mem_node
     else:
-        share, mem_node = [int(c) for c in np.array_split(cores, ranks)[rank]], None
+        share, mem_node = topology.split_cpus(cores, weights or [1] * ranks)[rank], None
     return (share[1:] if _gpu_present() and len(share) > 2 else share), mem_node
 
 
@@ -214,24 +215,33 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
                   strict_cpu=settings.strict_binding())
     topo = topology.current()
     index, count = local_rank(tp_rank, tp_size, pp_size)
-    # Ranks sharing this machine's CPUs each run one pool on CPUs of their own.
-    cpus, mem_node = rank_cpus(topo, index, count, rank_gpu_nodes(count)) if count > 1 else (None, None)
     several_nodes = count == 1 and len(topo.nodes) > 1  # this rank's engine splits over the machine's nodes
     split = tp_size > 1 or several_nodes
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
     layers = pp_layers(hf_config, pp_rank, pp_size)
     global opened_at, _gpu_source
     opened_at = time.perf_counter()
-    # A rank's copies are made by its own cores (first touch): they land in their node's memory.
-    with topology.bound_to(cpus) if cpus else contextlib.nullcontext():
+
+    def open_store() -> ExpertStore:
         store = ExpertStore(os.environ[EXPERTS_ENV], repack=not split, layers=layers,
                             own_kernels=settings.own_kernels())
         check_experts_file(store, hf_config, layers)
         log.info("lvgg: experts file %s opened and checked in %.1f s", store.path, time.perf_counter() - opened_at)
+        return store
+
+    # A store that is split only maps the file (the parts are the copies): it opens before the
+    # rank's CPUs are known, which then follow its part's bytes where the ranks share cores.
+    store = open_store() if split else None
+    by = split_by(store, spec.top_k, tp_rank, tp_size, expert_parallel) if tp_size > 1 else "rows"
+    weights = [store.part_bytes(r, tp_size, by) for r in range(tp_size)] if tp_size == count > 1 else None
+    # Ranks sharing this machine's CPUs each run one pool on CPUs of their own.
+    cpus, mem_node = rank_cpus(topo, index, count, rank_gpu_nodes(count), weights) if count > 1 else (None, None)
+    # A rank's copies are made by its own cores (first touch): they land in their node's memory.
+    with topology.bound_to(cpus) if cpus else contextlib.nullcontext():
+        store = store or open_store()
         if layers is not None:
             log.info("lvgg: pipeline-parallel rank %d of %d holds the experts of layers %s", pp_rank, pp_size,
                      topology.format_cpulist(layers))
-        by = split_by(store, spec.top_k, tp_rank, tp_size, expert_parallel) if tp_size > 1 else "rows"
         # The GPU reads the mapping, a share of every expert (of whole experts, with none split with the CPU)
         _gpu_source = (store, (tp_rank, tp_size), by == "rows") if _gpu_present() else None
         if tp_size > 1:  # without a GPU the whole file is unmapped when its store goes
