@@ -31,8 +31,8 @@ class ExpertLayerInfo:
     packed: dict[str, bool]  # projection -> in lvgg's own layout, run by its AVX-512 VNNI kernels
     offsets: dict[str, int]  # projection -> offset of its bytes in the file
     nbytes: int
-    first_expert: int = 0  # the router's index of the first expert held
-    routed_experts: int | None = None  # experts the router picks from (None: n_experts)
+    first_expert: int  # the router's index of the first expert held
+    routed_experts: int  # experts the router picks from (a whole layer's n_experts)
 
 
 class ExpertStore:

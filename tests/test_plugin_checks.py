@@ -189,21 +189,21 @@ def test_pipeline_parallel_ranks_hold_their_own_layers_only(qwen3, monkeypatch):
         [whole.layer_info(n).intermediate_size for n in ranks[1]]
 
 
-def test_expert_parallel_ranks_hold_whole_experts_where_each_gets_top_k(qwen3, monkeypatch, caplog):
+def test_expert_parallel_ranks_hold_whole_experts(qwen3, monkeypatch, caplog):
     """An expert-parallel rank's engine holds its whole experts (the router's indices run over all);
-    with fewer experts per rank than a token routes to, ranks take a share of every expert."""
+    with fewer experts than ranks, ranks take a share of every expert."""
     from lvgg.vllm_plugin import runtime
 
     _, config, experts = qwen3
     monkeypatch.setenv("LVGG_EXPERTS", str(experts))
     monkeypatch.setenv("LVGG_NUMA", "off")
     store = lvgg.ExpertStore(experts)
-    E, K = store.layer_info(store.layers[0]).n_experts, config["num_experts_per_tok"]
-    assert runtime.split_by(store, K, 0, 2, expert_parallel=False) == "rows"
-    assert runtime.split_by(store, K, 0, 2, expert_parallel=True) == "experts"
+    E = store.layer_info(store.layers[0]).n_experts
+    assert runtime.split_by(store, 0, 2, expert_parallel=False) == "rows"
+    assert runtime.split_by(store, 0, E, expert_parallel=True) == "experts"  # one expert each
     with caplog.at_level(logging.WARNING, logger="vllm.lvgg"):
-        assert runtime.split_by(store, K, 0, E // K + 1, expert_parallel=True) == "rows"
-    assert "fewer than the 2 a token routes to" in caplog.text
+        assert runtime.split_by(store, 0, E + 1, expert_parallel=True) == "rows"
+    assert f"expert parallelism over {E + 1} ranks, but a layer has {E} experts" in caplog.text
     engine = runtime._make_engine(config, 64, 1, 2, 0, 1, expert_parallel=True)
     info = engine.store.layer_info(engine.store.layers[0])
     assert (info.first_expert, info.n_experts, info.routed_experts) == (E // 2, E // 2, E)

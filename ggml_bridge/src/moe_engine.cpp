@@ -219,7 +219,7 @@ MoeEngine::MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cf
         if (L.gated() == (cfg_.activation == Activation::ReLU2)) {
             continue;  // forward() refuses this layer/activation pair; nothing to size
         }
-        const int64_t n = cfg_.chunk, K = std::min(cfg_.max_top_k, L.n_expert);
+        const int64_t n = cfg_.chunk, K = std::min(cfg_.max_top_k, L.routed_experts);
         auto measure = [&](const Graph & g) {
             scratch         = std::max(scratch, intermediate_bytes(g));
             ggml_cplan plan = ggml_graph_plan(g.graph, cfg_.n_threads, pool_->get());
@@ -237,7 +237,7 @@ MoeEngine::MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cf
             // Largest work buffer: K experts take every token; most tensors: rows spread evenly.
             for (bool spread : { false, true }) {
                 for (int64_t i = 0; i < n * K; ++i) {
-                    ids_i32_[i] = spread ? (int32_t) (i % L.n_expert) : (int32_t) (i % K);
+                    ids_i32_[i] = (int32_t) (i % (spread ? L.n_expert : std::min(K, L.n_expert)));
                 }
                 group_by_expert(n, K, L.n_expert);
                 ggml_reset(ctx_);
@@ -597,11 +597,13 @@ void MoeEngine::validate(int layer, const Matrix & x, const Matrix & ids, const 
                                    std::to_string(T) + ", " + std::to_string(ids.rows) + ", " +
                                    std::to_string(weights.rows) + ", " + std::to_string(out.rows));
     }
-    if (K < 1 || K > cfg_.max_top_k || K > L.n_expert) {
+    // (A part of whole experts may hold fewer than K: it leaves out the slots routed elsewhere
+    // and never needs stand-ins, see run().)
+    if (K < 1 || K > cfg_.max_top_k || K > L.routed_experts) {
         fail(ErrorKind::Value, where + "topk_ids has " + std::to_string(K) + " experts per token; expected 1.." +
-                                   std::to_string(std::min(cfg_.max_top_k, L.n_expert)) +
+                                   std::to_string(std::min(cfg_.max_top_k, L.routed_experts)) +
                                    " (max_top_k=" + std::to_string(cfg_.max_top_k) + ", " +
-                                   std::to_string(L.n_expert) + " experts in the layer)");
+                                   std::to_string(L.routed_experts) + " experts in the layer)");
     }
     if (weights.cols != K) {
         fail(ErrorKind::Value, where + "topk_weights must be [tokens, " + std::to_string(K) + "] like topk_ids, found [" +

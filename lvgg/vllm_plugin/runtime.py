@@ -179,18 +179,15 @@ def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: f
         return _engine
 
 
-def split_by(store: ExpertStore, top_k: int, rank: int, ranks: int, expert_parallel: bool) -> str:
-    """How ranks split the experts: "experts" (whole ones, for expert parallelism) where every rank
-    holds at least top_k of every layer's (the engine's stand-ins for the experts a token routes
-    elsewhere come from its own), else "rows" (a share of every expert)."""
+def split_by(store: ExpertStore, rank: int, ranks: int, expert_parallel: bool) -> str:
+    """How ranks split the experts: "experts" (whole ones, for expert parallelism) where every
+    layer has an expert for each rank, else "rows" (a share of every expert)."""
     if not expert_parallel:
         return "rows"
-    fewest = min(b - a for a, b in (store.expert_range(layer, r, ranks) for layer in store.layers
-                                    for r in range(ranks)))
-    if fewest < top_k:
-        log.warning("lvgg: expert parallelism over %d ranks leaves %d experts to a rank, fewer than the %d a token "
-                    "routes to; each rank computes a share of every expert instead (as with tensor parallelism)",
-                    ranks, fewest, top_k)
+    fewest = min(store.layer_info(layer).n_experts for layer in store.layers)
+    if fewest < ranks:
+        log.warning("lvgg: expert parallelism over %d ranks, but a layer has %d experts; each rank computes a share "
+                    "of every expert instead (as with tensor parallelism)", ranks, fewest)
         return "rows"
     if rank == 0:
         log.info("lvgg: expert parallelism: each of %d ranks computes the whole experts it holds", ranks)
@@ -232,7 +229,7 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     # A store that is split only maps the file (the parts are the copies): it opens before the
     # rank's CPUs are known, which then follow its part's bytes where the ranks share cores.
     store = open_store() if split else None
-    by = split_by(store, spec.top_k, tp_rank, tp_size, expert_parallel) if tp_size > 1 else "rows"
+    by = split_by(store, tp_rank, tp_size, expert_parallel) if tp_size > 1 else "rows"
     weights = [store.part_bytes(r, tp_size, by) for r in range(tp_size)] if tp_size == count > 1 else None
     # Ranks sharing this machine's CPUs each run one pool on CPUs of their own.
     cpus, mem_node = rank_cpus(topo, index, count, rank_gpu_nodes(count), weights) if count > 1 else (None, None)
@@ -242,7 +239,8 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
         if layers is not None:
             log.info("lvgg: pipeline-parallel rank %d of %d holds the experts of layers %s", pp_rank, pp_size,
                      topology.format_cpulist(layers))
-        # The GPU reads the mapping, a share of every expert (of whole experts, with none split with the CPU)
+        # The GPU reads the mapping: a share of every expert's rows. Where the CPU holds whole experts
+        # instead (expert parallel), no decode step is split between the two.
         _gpu_source = (store, (tp_rank, tp_size), by == "rows") if _gpu_present() else None
         if tp_size > 1:  # without a GPU the whole file is unmapped when its store goes
             # A rank alone on several nodes splits its part again, over them: a plain copy, split, then repacked.
