@@ -350,8 +350,8 @@ void ExpertStore::place_weights(bool repack, bool populate) {
     }
 }
 
-// Rows [first, first + n) of every expert of `from` into `to` (experts `to_stride` bytes apart).
-// Rows [first, first + n) of experts [e0, e0 + n_experts) of `from`, expert by expert `to_stride` apart.
+// Rows [first, first + n) of experts [e0, e0 + n_experts) of `from` into `to` (experts `to_stride`
+// bytes apart).
 static void copy_expert_rows(char * to, size_t to_stride, const ggml_tensor * from, int64_t e0, int64_t n_experts,
                              int64_t first, int64_t n) {
     for (int64_t e = 0; e < n_experts; ++e) {

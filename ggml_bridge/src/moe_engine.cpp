@@ -637,8 +637,8 @@ void MoeEngine::check_ids(int layer, const Matrix & ids) const {
 }
 
 // Copies one chunk's routing into the engine's int32/f32 buffers, the router's expert indices
-// made the store's (an expert-parallel part's: the experts it does not hold become -1). A row that names an expert
-// twice gets the weights summed on the first slot. The repeats and the slots without an expert
+// made the store's (an expert-parallel part's: the experts it does not hold become -1). A row
+// that names an expert twice gets the weights summed on the first slot. The repeats and the slots without an expert
 // (-1) then get weight 0 and, where `skip` (lvgg's packed kernels and the per-expert schedule
 // leave -1 out), stay -1; otherwise (ggml's MUL_MAT_ID takes a real expert in every slot and its
 // repacked form assumes distinct experts per token) a stand-in absent from the row, preferably
@@ -648,9 +648,10 @@ void MoeEngine::stage_routing(const ExpertLayer & L, const Matrix & ids, const M
     const int64_t K = ids.cols, n_expert = L.n_expert;
     for (int64_t i = 0; i < n * K; ++i) {
         const int64_t j = t0 * K + i;
-        const int64_t e = (ids.type == GGML_TYPE_I32 ? ((const int32_t *) ids.data)[j] : ((const int64_t *) ids.data)[j]) -
-                          L.first_expert;
-        ids_i32_[i]     = e >= 0 && e < n_expert ? (int32_t) e : -1;
+        const int64_t routed = ids.type == GGML_TYPE_I32 ? ((const int32_t *) ids.data)[j]
+                                                         : ((const int64_t *) ids.data)[j];
+        const int64_t e      = routed - L.first_expert;
+        ids_i32_[i]          = e >= 0 && e < n_expert ? (int32_t) e : -1;
     }
     to_f32((const char *) weights.data + t0 * K * ggml_type_size(weights.type), weights.type, weights_f32_.data(), n * K);
     // Stand-ins come first from the chunk's first K + 1 distinct experts (read anyway): one of

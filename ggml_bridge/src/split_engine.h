@@ -44,7 +44,8 @@ class SplitEngine : public Experts {
     void validate(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights,
                   const Matrix & out) const override;
     int64_t max_tokens() const override { return config().max_tokens; }
-    std::vector<int> caller_cpus() const override { return engines_[0]->caller_cpus(); }  // the caller runs node 0
+    // The caller computes node 0's part.
+    std::vector<int> caller_cpus() const override { return engines_[0]->caller_cpus(); }
 
     int                  n_nodes() const { return (int) engines_.size(); }
     const MoeEngine &    node(int i) const { return *engines_.at(i); }
