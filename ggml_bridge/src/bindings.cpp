@@ -195,9 +195,11 @@ NB_MODULE(_bridge, m) {
             }
             return d;
         })
-        .def("expert_range",
+        .def("expert_range",  // as the router numbers the experts
              [](const ExpertStore & s, int layer, int part, int n_parts) {
-                 return ExpertStore::expert_range(s.layer(layer), part, n_parts);
+                 const ExpertLayer & L = s.layer(layer);
+                 const auto [begin, end] = ExpertStore::expert_range(L, part, n_parts);
+                 return std::make_pair(L.first_expert + begin, L.first_expert + end);
              },
              "layer"_a, "part"_a, "n_parts"_a)
         .def_static("part",

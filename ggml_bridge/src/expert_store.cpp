@@ -509,9 +509,9 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
     meta_         = tensor_context(count_expert_tensors(whole.layers_));
     repacked_ctx_ = tensor_context(count_expert_tensors(whole.layers_));
     ggml_backend_buffer_type_t cpu_buft = ggml_backend_cpu_buffer_type();
+    const bool by_rows = by == Split::Rows;
     for (const auto & kv : whole.layers_) {
         const ExpertLayer & W = kv.second;
-        const bool by_rows    = by == Split::Rows;
         const auto [a, b]     = by_rows ? part_range(W, part, n_parts) : std::pair<int64_t, int64_t>(0, W.n_ff);
         const auto [e0, e1]   = by_rows ? std::pair<int64_t, int64_t>(0, W.n_expert) : expert_range(W, part, n_parts);
         ExpertLayer & L       = layers_[kv.first];

@@ -37,6 +37,8 @@ struct ExpertLayer {
     ggml_tensor * down     = nullptr;
 
     bool                       gated() const { return gate || gate_up; }
+    // A part of whole experts (expert parallel): the slots routed to other parts' experts are left out.
+    bool                       holds_some_experts() const { return n_expert < routed_experts; }
     std::vector<ggml_tensor *> tensors() const;
 };
 

@@ -228,7 +228,7 @@ MoeEngine::MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cf
         for (Layout layout : { Layout::Mapped, Layout::Repacked }) {
             ggml_reset(ctx_);
             measure(build_mul_mat_id(L, n, K, GGML_TYPE_BF16, GGML_TYPE_F32, layout));
-            if (holds_some_experts(L)) {  // at most every slot routed to the part
+            if (L.holds_some_experts()) {  // at most every slot routed to the part
                 ggml_reset(ctx_);
                 measure(build_mul_mat_id(L, n, K, GGML_TYPE_BF16, GGML_TYPE_F32, layout, n * K));
             }
@@ -724,7 +724,7 @@ void MoeEngine::run(int layer, const Matrix & x, const Matrix & ids, const Matri
         ggml_reset(ctx_);
         const bool per_expert = use_per_expert(L, n);
         const bool skip       = skips_empty_slots(L, n, per_expert);
-        const bool compact    = !skip && holds_some_experts(L);
+        const bool compact    = !skip && L.holds_some_experts();
         stage_routing(L, ids, weights, t0, n, skip || compact);
         Graph g;
         if (per_expert) {

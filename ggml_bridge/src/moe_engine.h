@@ -78,7 +78,7 @@ class Experts {
                           const Matrix & out) const = 0;
     virtual int64_t max_tokens() const = 0;
     // Where a thread that calls forward() should run (ThreadPool::caller_cpus; empty: anywhere).
-    virtual std::vector<int> caller_cpus() const = 0;
+    virtual const std::vector<int> & caller_cpus() const = 0;
 };
 
 class MoeEngine : public Experts {
@@ -96,7 +96,7 @@ class MoeEngine : public Experts {
     // forward without its checks, for a caller that made them (SplitEngine: once for all nodes).
     void run(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out);
     int64_t max_tokens() const override { return cfg_.max_tokens; }
-    std::vector<int> caller_cpus() const override { return pool_->caller_cpus(); }
+    const std::vector<int> & caller_cpus() const override { return pool_->caller_cpus(); }
 
     const EngineConfig &                 config() const { return cfg_; }
     const ThreadPool &                   pool() const { return *pool_; }
@@ -138,8 +138,6 @@ class MoeEngine : public Experts {
     void   finish_graph(Graph & g, ggml_tensor * out);
     Graph  build_mul_mat_id(const ExpertLayer & L, int64_t n_tokens, int64_t top_k, ggml_type x_type,
                             ggml_type out_type, Layout layout, int64_t pairs = -1);
-    // A part of whole experts (expert parallel): slots routed to other parts' experts are left out.
-    static bool holds_some_experts(const ExpertLayer & L) { return L.n_expert < L.routed_experts; }
     Graph  build_per_expert(const ExpertLayer & L, int64_t n_tokens, int64_t top_k, ggml_type x_type,
                             ggml_type out_type);
     bool   per_expert_possible(const ExpertLayer & L) const;

@@ -45,7 +45,7 @@ class SplitEngine : public Experts {
                   const Matrix & out) const override;
     int64_t max_tokens() const override { return config().max_tokens; }
     // The caller computes node 0's part.
-    std::vector<int> caller_cpus() const override { return engines_[0]->caller_cpus(); }
+    const std::vector<int> & caller_cpus() const override { return engines_[0]->caller_cpus(); }
 
     int                  n_nodes() const { return (int) engines_.size(); }
     const MoeEngine &    node(int i) const { return *engines_.at(i); }

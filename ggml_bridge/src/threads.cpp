@@ -89,8 +89,9 @@ ThreadPool::ThreadPool(int n_threads, std::vector<int> cpus, bool strict_cpu) {
     }
     n_threads_ = n_threads;
     cpus_      = std::move(cpus);
-    pinned_    = pinned;
-    strict_    = pinned && strict_cpu;
+    if (pinned && !openmp()) {
+        caller_cpus_ = strict_cpu ? std::vector<int>{ cpus_[0] } : cpus_;
+    }
 
     ggml_threadpool_params params = ggml_threadpool_params_default(n_threads_);
     if (power_saving()) {
@@ -129,13 +130,6 @@ void bind_thread(const std::vector<int> & cpus) {
         fail(ErrorKind::Runtime, "could not bind a thread to CPUs " + std::to_string(cpus.front()) + "..: " +
                                      std::strerror(errno));
     }
-}
-
-std::vector<int> ThreadPool::caller_cpus() const {
-    if (openmp() || !pinned_) {
-        return {};
-    }
-    return strict_ ? std::vector<int>{ cpus_[0] } : cpus_;
 }
 
 bool ThreadPool::power_saving() {

@@ -46,14 +46,13 @@ class ThreadPool {
     // workers are the others), so the CPUs ggml gives that worker, the first one (strict_cpu) or
     // all of them; empty where the pool is not pinned, and in the OpenMP build (its team is the
     // caller's).
-    std::vector<int>         caller_cpus() const;
+    const std::vector<int> & caller_cpus() const { return caller_cpus_; }
 
   private:
     ggml_threadpool * pool_ = nullptr;
     int               n_threads_;
     std::vector<int>  cpus_;
-    bool              pinned_ = false;
-    bool              strict_ = false;
+    std::vector<int>  caller_cpus_;
 };
 
 }  // namespace lvgg

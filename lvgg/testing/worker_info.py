@@ -6,9 +6,9 @@ import os
 
 def model_info(model) -> dict:
     """What a worker's model holds: routed-expert bytes, MoE and other quant methods, the nodes of
-    lvgg's CPU engine in that process (1: one engine; 0: none), the CPUs its threads run on and the
-    experts [begin, end) of its first layer it holds, and
-    the process's resident memory (bytes: all, anonymous, file pages)."""
+    lvgg's CPU engine in that process (1: one engine; 0: none), the CPUs its threads run on, the
+    experts [begin, end) it holds of its first layer, and the process's resident memory (bytes:
+    all, anonymous, file pages)."""
     from vllm.model_executor.layers.fused_moe import RoutedExperts
 
     experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
