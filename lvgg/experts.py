@@ -33,6 +33,8 @@ class ExpertLayerInfo:
     nbytes: int
     first_expert: int  # the router's index of the first expert held
     routed_experts: int  # experts the router picks from (a whole layer's n_experts)
+    down_columns: int  # of down: intermediate_size, or a rows part's whole quant blocks around its rows
+    down_lead: int  # down's columns start this many intermediate rows before the first held (a rows part's)
 
 
 class ExpertStore:
@@ -70,8 +72,9 @@ class ExpertStore:
     def part(self, part: int, n_parts: int, repack: bool = True, by: str = "rows") -> ExpertStore:
         """Part ``part`` of ``n_parts`` of every layer, as a store of its own, copied into memory
         this thread touches first (and repacked; ``repack=False`` keeps plain copies, which can be
-        split again). ``by="rows"``: a share of every expert, intermediate rows of gate/up and the
-        matching columns of down, whole quant blocks (a tensor-parallel rank's or a NUMA node's).
+        split again). ``by="rows"``: a share of every expert, intermediate rows ``part_rows`` of
+        gate/up and the whole quant blocks of down around them (a tensor-parallel rank's or a NUMA
+        node's; its activations are zero-padded to those blocks).
         ``by="experts"``: whole experts (``expert_range``; an expert-parallel rank's); its engine
         takes the router's expert indices and leaves out the experts it does not hold. Either way
         the outputs of all parts' engines sum to the whole layer's."""
@@ -89,20 +92,17 @@ class ExpertStore:
 
     def part_rows(self, layer: int, part: int, n_parts: int) -> tuple[int, int]:
         """The intermediate rows [begin, end) of ``layer``'s experts that ``part(part, n_parts)``
-        holds (of gate and up; of down, the matching columns)."""
+        holds: of gate and up; of down, ``down_columns`` of them."""
         return tuple(self._store.part_range(layer, part, n_parts))  # checks the part and layer
+
+    def down_columns(self, layer: int, rows: tuple[int, int]) -> tuple[int, int]:
+        """The columns [begin, end) of ``layer``'s down that its intermediate rows ``rows`` = [a, b)
+        need: whole quant blocks (a part holding them pads its activations with zeros to them)."""
+        return tuple(self._store.down_span(layer, *rows))
 
     def part_bytes(self, part: int, n_parts: int, by: str = "rows") -> int:
         """The expert bytes ``part(part, n_parts, by=by)`` would hold."""
-        total = 0
-        for layer in self.layers:
-            info = self.layer_info(layer)
-            if by == "rows":
-                (lo, hi), size = self.part_rows(layer, part, n_parts), info.intermediate_size
-            else:
-                (lo, hi), size = self.expert_range(layer, part, n_parts), info.n_experts
-            total += info.nbytes * (hi - lo) // size
-        return total
+        return self._store.part_bytes(part, n_parts, by)
 
     @property
     def max_parts(self) -> int:
@@ -138,7 +138,8 @@ class ExpertStore:
             index=d["index"], n_experts=d["n_expert"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], form=d["form"], types=dict(d["types"]),
             repacked=dict(d["repacked"]), packed=dict(d["packed"]), offsets=dict(d["offsets"]), nbytes=d["nbytes"],
-            first_expert=d["first_expert"], routed_experts=d["routed_experts"])
+            first_expert=d["first_expert"], routed_experts=d["routed_experts"], down_columns=d["down_columns"],
+            down_lead=d["down_lead"])
 
     def mapped_bytes(self) -> memoryview:
         """The whole file as mapped (read-only; valid while this store lives).
@@ -208,7 +209,7 @@ class CpuMoE:
         briefly, then sleep.
     cpus: pin the threads to these CPUs (strict_cpu: one CPU per thread); default: no pinning.
     nodes: two or more EngineNode: one engine per NUMA node, each holding its share of every
-        expert's intermediate dimension (whole quant blocks) in its node's memory, computing a
+        expert's intermediate dimension (units of 32 rows) in its node's memory, computing a
         partial output with its own threads; the parts are summed. The parts are copies (made at
         creation, repacked when ``repack``): open the store with ``repack=False`` so that it does
         not hold repacked copies of its own. One EngineNode is the same as threads=/cpus=.

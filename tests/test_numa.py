@@ -13,7 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import lvgg
-from lvgg.testing.expert_files import random_experts, write_experts_file
+from lvgg.testing.expert_files import random_experts, read_reference, write_experts_file
 from lvgg.topology import read_machine
 
 E, D = 8, 256
@@ -48,6 +48,29 @@ def odd_file(request, tmp_path_factory):
     return qtype, path, F
 
 
+def rel_err(out, ref):
+    return float(np.linalg.norm(np.asarray(out, dtype=np.float64) - ref) / np.linalg.norm(ref))
+
+
+def assert_parts_match(got, want, reference, x, ids, w, exact, what):
+    """The parts' sum ``got`` against one engine's ``want``: the same dot products summed in
+    another order where every part's rows are whole blocks of down (``exact``; rounded once more
+    to 16 bits for 16-bit x); else some part pads a down block with zeros, so its activations are
+    quantized with a scale of their own, and the sum must be as close to the f64 reference
+    (dequantized weights) as one engine is."""
+    if exact:
+        tol = (1e-5 if x.dtype == torch.float32 else 1e-2) * np.abs(want).max()
+        assert np.abs(got - want).max() <= tol, what
+    else:
+        ref = reference.forward(x.float().numpy(), ids.numpy(), w.numpy())
+        assert rel_err(got, ref) <= 1.1 * rel_err(want, ref), what
+
+
+def whole_blocks(qtype, sizes):
+    """Whether parts of these intermediate sizes, in order, start and end on down's blocks."""
+    return all(end % block(qtype) == 0 for end in np.cumsum(sizes))
+
+
 @pytest.mark.parametrize("n_nodes", [1, 2, 3, 4])
 def test_nodes_give_the_single_engine_result(odd_file, n_nodes):
     qtype, path, F = odd_file
@@ -56,18 +79,36 @@ def test_nodes_give_the_single_engine_result(odd_file, n_nodes):
     # parts are repacked from a plain store; one node runs on the store as opened: repacked too
     split = lvgg.CpuMoE(lvgg.ExpertStore(path, repack=n_nodes == 1), nodes=unbound(n_nodes))
     sizes = [split.node_intermediate_size(i, 0) for i in range(n_nodes)]
-    assert sum(sizes) == F and max(sizes) - min(sizes) <= block(qtype) * (1 + (qtype in (Q.F32, Q.F16, Q.BF16)))
+    assert sum(sizes) == F and max(sizes) - min(sizes) <= 32  # units of 32 rows, as even as they go
     for layer in (0, 3):
+        reference = read_reference(path, layer)
         for T, dtype in ((1, torch.float32), (7, torch.bfloat16), (64, torch.float32)):
             x, ids, w = routing(rng, T)
             x = x.to(dtype)
             want = single(layer, x, ids, w).float().numpy()
             got = torch.full_like(x, float("nan"))
             split(layer, x, ids, w, got)
-            got = got.float().numpy()
-            # the same dot products, summed in another order (and rounded once more to 16 bits)
-            tol = (1e-5 if dtype == torch.float32 else 1e-2) * np.abs(want).max()
-            assert np.abs(got - want).max() <= tol, (qtype.name, n_nodes, layer, T, dtype)
+            assert_parts_match(got.float().numpy(), want, reference, x, ids, w, whole_blocks(qtype, sizes),
+                               (qtype.name, n_nodes, layer, T, dtype))
+
+
+def test_a_rows_part_holds_vllms_share_and_pads_down_to_whole_blocks(tmp_path):
+    """30B-A3B's experts (F=768, 3 blocks of 256) over two tensor-parallel ranks: 384 rows each,
+    as vLLM's own ranks hold, each with the two blocks of down around its rows."""
+    rng = np.random.default_rng(11)
+    path = write_experts_file(tmp_path / "q4k.gguf", {0: random_experts(rng, E, D, 768)}, Q.Q4_K)
+    whole = lvgg.ExpertStore(path, repack=False)
+    assert whole.max_parts == 24
+    assert [whole.part_rows(0, r, 2) for r in (0, 1)] == [(0, 384), (384, 768)]
+    assert [whole.down_columns(0, whole.part_rows(0, r, 2)) for r in (0, 1)] == [(0, 512), (256, 768)]
+    infos = [whole.part(r, 2).layer_info(0) for r in (0, 1)]
+    assert [(i.intermediate_size, i.down_columns, i.down_lead) for i in infos] == [(384, 512, 0), (384, 512, 128)]
+    assert whole.part_bytes(0, 2) == whole.part_bytes(1, 2)  # the same bytes: the same time on equal cores
+    x, ids, w = routing(rng, 5)
+    reference = read_reference(path, 0)
+    want = lvgg.CpuMoE(whole, threads=1)(0, x, ids, w).numpy()
+    got = sum(lvgg.CpuMoE(whole.part(r, 2), threads=1)(0, x, ids, w).numpy() for r in (0, 1))
+    assert_parts_match(got, want, reference, x, ids, w, False, "two ranks")
 
 
 @pytest.mark.parametrize("n_parts", [2, 3, 8])
@@ -120,7 +161,13 @@ def test_a_plain_part_splits_again_over_nodes(odd_file):
     split = lvgg.CpuMoE(whole.part(0, 2, repack=False), nodes=unbound(2))
     x, ids, w = routing(rng, 9)
     want = lvgg.CpuMoE(repacked, threads=1)(3, x, ids, w).numpy()
-    assert np.abs(split(3, x, ids, w).numpy() - want).max() <= 1e-5 * np.abs(want).max()
+    got = split(3, x, ids, w).numpy()
+    if whole_blocks(qtype, [split.node_intermediate_size(i, 3) for i in range(2)]):
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    else:  # the other rank's share completes the layer, to compare with the f64 reference
+        other = lvgg.CpuMoE(whole.part(1, 2), threads=1)(3, x, ids, w).numpy()
+        single = lvgg.CpuMoE(whole, threads=1)(3, x, ids, w).numpy()
+        assert_parts_match(got + other, single, read_reference(path, 3), x, ids, w, False, qtype.name)
     if any(repacked.layer_info(3).repacked.values()):  # types with an interleaved layout: only that copy stays
         with pytest.raises(ValueError, match="keeps only repacked copies of its experts, which cannot be split"):
             lvgg.CpuMoE(repacked, nodes=unbound(2))
@@ -171,9 +218,9 @@ def test_bad_node_configurations_are_refused(tmp_path):
         lvgg.CpuMoE(store, nodes=[lvgg.EngineNode([cpu], threads=2), lvgg.EngineNode((), threads=1)])
     with pytest.raises(ValueError, match="NUMA node 4096 does not exist"):
         lvgg.CpuMoE(store, nodes=[lvgg.EngineNode((), threads=1, mem_node=4096), lvgg.EngineNode((), threads=1)])
-    with pytest.raises(ValueError, match=r"intermediate size 768 is 3 blocks of 256 \(q6_K\), too few to split over "
-                                         r"4 nodes; use at most 3 nodes"):
-        lvgg.CpuMoE(store, nodes=unbound(4))
+    with pytest.raises(ValueError, match=r"intermediate size 768 is 24 units of 32 rows, too few to split over 25 "
+                                         r"nodes or ranks; use at most 24"):
+        lvgg.CpuMoE(store, nodes=unbound(25))
     with pytest.raises(ValueError, match="not threads=/cpus="):
         lvgg.CpuMoE(store, threads=2, nodes=unbound(2))
     with pytest.raises(ValueError, match="neither CPUs nor a thread count"):
@@ -181,12 +228,12 @@ def test_bad_node_configurations_are_refused(tmp_path):
 
 
 def test_more_nodes_than_parts_share_parts(tmp_path, monkeypatch):
-    # 30B-A3B's F=768 is 3 Q4_K blocks: on a 4-node machine the plugin groups nodes rather than fail.
+    # F=96 is 3 units of 32 rows: on a 4-node machine the plugin groups nodes rather than fail.
     from lvgg import topology
     from lvgg.vllm_plugin import runtime
 
     rng = np.random.default_rng(10)
-    path = write_experts_file(tmp_path / "q4k.gguf", {0: random_experts(rng, E, D, 768)}, Q.Q4_K)
+    path = write_experts_file(tmp_path / "q8.gguf", {0: random_experts(rng, E, D, 96)}, Q.Q8_0)
     assert lvgg.ExpertStore(path).max_parts == 3
     four = topology.Topology("auto", tuple(range(8)), tuple(
         topology.Node(i, ((2 * i,), (2 * i + 1,)), i) for i in range(4)), read_machine())
@@ -225,7 +272,7 @@ def test_tensor_parallel_ranks_take_whole_nodes_nearest_their_gpus(monkeypatch):
     one = machine_of(1, 8)  # fewer nodes than ranks: the cores in order, memory where they touch it
     assert [runtime.rank_cpus(one, r, 2) for r in (0, 1)] == [([0, 1, 2, 3], None), ([4, 5, 6, 7], None)]
     assert runtime.rank_cpus(one, 1, 3) == ([3, 4, 5], None)
-    # in proportion to the ranks' expert bytes: 30B-A3B's K-quant rows split 512/256 between two ranks
+    # in proportion to the ranks' expert bytes
     assert [runtime.rank_cpus(one, r, 2, weights=[512, 256])[0] for r in (0, 1)] == [[0, 1, 2, 3, 4], [5, 6, 7]]
     assert [runtime.rank_cpus(one, r, 3, weights=[1, 1, 100])[0] for r in (0, 1, 2)] == [[0], [1], [2, 3, 4, 5, 6, 7]]
     bound = machine_of(2, 4, process_cpus=[4, 5])  # vLLM bound this rank already: its CPUs, whatever the rank

@@ -77,6 +77,13 @@ EngineConfig engine_config(int threads, std::vector<int> cpus, bool strict_cpu, 
     return cfg;
 }
 
+Split split_named(const std::string & by) {
+    if (by != "rows" && by != "experts") {
+        fail(ErrorKind::Value, "by must be 'rows' or 'experts', found '" + by + "'");
+    }
+    return by == "rows" ? Split::Rows : Split::Experts;
+}
+
 nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
     nb::dict d;
     d["index"]        = L.index;
@@ -85,6 +92,8 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
     d["routed_experts"] = L.routed_experts;
     d["hidden_size"]  = L.n_embd;
     d["intermediate_size"] = L.n_ff;
+    d["down_columns"] = L.down_cols();
+    d["down_lead"]    = L.down_lead;
     d["form"]         = L.gate_up ? "gate_up+down" : L.gate ? "gate+up+down" : "up+down";
     nb::dict types, repacked, packed, offsets;
     size_t   bytes = 0;
@@ -188,6 +197,22 @@ NB_MODULE(_bridge, m) {
                  return ExpertStore::part_range(s.layer(layer), part, n_parts);
              },
              "layer"_a, "part"_a, "n_parts"_a)
+        .def("down_span",
+             [](const ExpertStore & s, int layer, int64_t begin, int64_t end) {
+                 const ExpertLayer & L = s.layer(layer);
+                 if (begin < 0 || begin >= end || end > L.n_ff) {
+                     fail(ErrorKind::Value, "intermediate rows [" + std::to_string(begin) + ", " + std::to_string(end) +
+                                                ") are not within layer " + std::to_string(layer) + "'s 0.." +
+                                                std::to_string(L.n_ff));
+                 }
+                 return ExpertStore::down_span(L, begin, end);
+             },
+             "layer"_a, "begin"_a, "end"_a)
+        .def("part_bytes",
+             [](const ExpertStore & s, int part, int n_parts, const std::string & by) {
+                 return s.part_bytes(part, n_parts, split_named(by));
+             },
+             "part"_a, "n_parts"_a, "by"_a = "rows")
         .def("metadata", [](const ExpertStore & s) {
             nb::dict d;
             for (int64_t i = 0; s.gguf() && i < gguf_get_n_kv(s.gguf()); ++i) {
@@ -204,12 +229,9 @@ NB_MODULE(_bridge, m) {
              "layer"_a, "part"_a, "n_parts"_a)
         .def_static("part",
                     [](std::shared_ptr<ExpertStore> whole, int part, int n_parts, bool repack, const std::string & by) {
-                        if (by != "rows" && by != "experts") {
-                            fail(ErrorKind::Value, "by must be 'rows' or 'experts', found '" + by + "'");
-                        }
+                        const Split split = split_named(by);
                         nb::gil_scoped_release release;
-                        return std::make_shared<ExpertStore>(*whole, part, n_parts, repack,
-                                                             by == "rows" ? Split::Rows : Split::Experts);
+                        return std::make_shared<ExpertStore>(*whole, part, n_parts, repack, split);
                     },
                     "whole"_a, "part"_a, "n_parts"_a, "repack"_a = true, "by"_a = "rows");
 

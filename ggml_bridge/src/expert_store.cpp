@@ -447,13 +447,8 @@ ggml_tensor * ExpertStore::new_packed_twin(ggml_type type, const int64_t ne[3], 
 // Packing runs on the CPUs this thread may use (a NUMA part's: its node's), one thread each.
 int ExpertStore::pack_threads() { return (int) std::max<size_t>(1, process_cpus().size()); }
 
-// The granule of a part: whole blocks of the down type, and of 32 values where the size allows
-// (whole rows of ggml's interleaved layouts).
-static int64_t part_unit(const ExpertLayer & L) {
-    const int64_t block = ggml_blck_size(L.down->type);
-    const int64_t wide  = std::lcm(block, (int64_t) 32);
-    return L.n_ff % wide == 0 ? wide : block;
-}
+// The granule of a rows part: 32 intermediate rows where F allows, else whole blocks of the down type.
+static int64_t part_unit(const ExpertLayer & L) { return L.n_ff % 32 == 0 ? 32 : ggml_blck_size(L.down->type); }
 
 int64_t ExpertStore::max_parts() const {
     int64_t most = INT64_MAX;
@@ -471,15 +466,40 @@ std::pair<int64_t, int64_t> ExpertStore::part_range(const ExpertLayer & L, int p
     }
     if (units < n_parts) {
         fail(ErrorKind::Value, "layer " + std::to_string(L.index) + ": its intermediate size " +
-                                   std::to_string(L.n_ff) + " is " + std::to_string(units) + " blocks of " +
-                                   std::to_string(unit) + " (" + ggml_type_name(L.down->type) +
-                                   "), too few to split over " + std::to_string(n_parts) +
-                                   " nodes; use at most " + std::to_string(units) + " nodes (LVGG_NUMA)");
+                                   std::to_string(L.n_ff) + " is " + std::to_string(units) + " units of " +
+                                   std::to_string(unit) + " rows, too few to split over " + std::to_string(n_parts) +
+                                   " nodes or ranks; use at most " + std::to_string(units) + " (LVGG_NUMA)");
     }
     const int64_t base = units / n_parts, extra = units % n_parts;
     const int64_t begin = part * base + std::min<int64_t>(part, extra);
     const int64_t count = base + (part < extra ? 1 : 0);
     return { begin * unit, (begin + count) * unit };
+}
+
+std::pair<int64_t, int64_t> ExpertStore::down_span(const ExpertLayer & L, int64_t a, int64_t b) {
+    const int64_t block = ggml_blck_size(L.down->type);
+    return { (a + L.down_lead) / block * block, (b + L.down_lead + block - 1) / block * block };
+}
+
+size_t ExpertStore::part_bytes(int part, int n_parts, Split by) const {
+    size_t total = 0;
+    for (const auto & kv : layers_) {
+        const ExpertLayer & L = kv.second;
+        if (by == Split::Experts) {
+            const auto [e0, e1] = expert_range(L, part, n_parts);
+            for (const ggml_tensor * t : L.tensors()) {
+                total += ggml_nbytes(t) / L.n_expert * (e1 - e0);
+            }
+            continue;
+        }
+        const auto [a, b]   = part_range(L, part, n_parts);
+        const auto [c0, c1] = down_span(L, a, b);
+        for (const ggml_tensor * t : L.tensors()) {
+            total += t == L.down ? L.n_expert * L.n_embd * ggml_row_size(t->type, c1 - c0)
+                                 : ggml_nbytes(t) / t->ne[1] * (t == L.gate_up ? 2 : 1) * (b - a);
+        }
+    }
+    return total;
 }
 
 std::pair<int64_t, int64_t> ExpertStore::expert_range(const ExpertLayer & L, int part, int n_parts) {
@@ -513,6 +533,7 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
     for (const auto & kv : whole.layers_) {
         const ExpertLayer & W = kv.second;
         const auto [a, b]     = by_rows ? part_range(W, part, n_parts) : std::pair<int64_t, int64_t>(0, W.n_ff);
+        const auto [c0, c1]   = down_span(W, a, b);  // by experts: all of down's columns
         const auto [e0, e1]   = by_rows ? std::pair<int64_t, int64_t>(0, W.n_expert) : expert_range(W, part, n_parts);
         ExpertLayer & L       = layers_[kv.first];
         L.index               = W.index;
@@ -521,6 +542,7 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
         L.routed_experts      = W.routed_experts;
         L.n_embd              = W.n_embd;
         L.n_ff                = b - a;
+        L.down_lead           = a + W.down_lead - c0;
         // Separate gate and up of one type become one gate_up part (gate rows, then up rows of each
         // expert): one MUL_MAT_ID instead of two, x quantized once.
         const bool fuse = W.gate && W.up && W.gate->type == W.up->type;
@@ -537,7 +559,7 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
             const bool          down = src == W.down;
             const bool          pair = from_tensors.size() == 2 || src == W.gate_up;  // rows of gate, then of up
             const int64_t       rows = pair ? 2 * L.n_ff : L.n_ff;
-            ggml_tensor * t = down ? ggml_new_tensor_3d(meta_, src->type, L.n_ff, L.n_embd, L.n_expert)
+            ggml_tensor * t = down ? ggml_new_tensor_3d(meta_, src->type, c1 - c0, L.n_embd, L.n_expert)
                                    : ggml_new_tensor_3d(meta_, src->type, L.n_embd, rows, L.n_expert);
             const std::string name = fuse && !down ? "blk." + std::to_string(W.index) + ".ffn_gate_up_exps.weight"
                                                    : std::string(src->name);
@@ -550,8 +572,8 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
             slice_bufs_.push_back(buf);
             ggml_backend_tensor_alloc(buf, t, ggml_backend_buffer_get_base(buf));
             char * to = (char *) t->data;
-            if (down) {  // columns [a, b) of every row: whole blocks
-                const size_t skip = ggml_row_size(src->type, a), len = ggml_row_size(src->type, b - a);
+            if (down) {  // columns [c0, c1) of every row: whole blocks
+                const size_t skip = ggml_row_size(src->type, c0), len = ggml_row_size(src->type, c1 - c0);
                 for (int64_t e = 0; e < L.n_expert; ++e) {
                     for (int64_t r = 0; r < L.n_embd; ++r) {
                         std::memcpy(to + e * t->nb[2] + r * t->nb[1],

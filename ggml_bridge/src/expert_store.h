@@ -31,12 +31,17 @@ struct ExpertLayer {
     int64_t       routed_experts = 0;  // experts the router picks from: ids run 0..routed_experts-1
     int64_t       n_embd   = 0;  // D: hidden size, rows of down
     int64_t       n_ff     = 0;  // F: expert intermediate size
+    // A rows part's down holds whole blocks around its intermediate rows (ggml multiplies whole
+    // blocks): its columns start this many rows before the part's first, and the activations are
+    // zero-padded to down_cols() before down.
+    int64_t       down_lead = 0;
     ggml_tensor * gate     = nullptr;
     ggml_tensor * up       = nullptr;
     ggml_tensor * gate_up  = nullptr;
     ggml_tensor * down     = nullptr;
 
     bool                       gated() const { return gate || gate_up; }
+    int64_t                    down_cols() const { return down->ne[0]; }  // n_ff, or a rows part's padded width
     // A part of whole experts (expert parallel): the slots routed to other parts' experts are left out.
     bool                       holds_some_experts() const { return n_expert < routed_experts; }
     std::vector<ggml_tensor *> tensors() const;
@@ -57,18 +62,25 @@ class ExpertStore {
                 bool own_kernels = true);
     // Part `part` of `n_parts` of another store's experts, for one NUMA node or rank. By rows:
     // intermediate rows part_range() of gate/up (of both halves of a fused gate_up) and the
-    // matching columns of down; by experts: the whole experts expert_range(). Copied into memory
+    // columns down_span() of down; by experts: the whole experts expert_range(). Copied into memory
     // this thread touches first (call it from a thread bound to the node), repacked where ggml has
     // a layout for the type (then only the repacked copy stays).
     ExpertStore(const ExpertStore & whole, int part, int n_parts, bool repack, Split by = Split::Rows);
-    // The intermediate rows [begin, end) part `part` of `n_parts` holds: whole blocks of the down
-    // type (of 32 values or more, for ggml's interleaved layouts), spread as evenly as they go.
+    // The intermediate rows [begin, end) part `part` of `n_parts` holds: units of 32 rows (whole
+    // rows of ggml's interleaved layouts and of lvgg's packed groups; whole blocks of the down type
+    // where F is not a multiple of 32), spread as evenly as they go: F / n_parts each, vLLM's
+    // tensor-parallel share, when that is a multiple of 32.
     static std::pair<int64_t, int64_t> part_range(const ExpertLayer & L, int part, int n_parts);
+    // The columns [begin, end) of L's down that its intermediate rows [a, b) need: whole blocks of
+    // the down type (a part holding them pads its activations with zeros, see down_lead).
+    static std::pair<int64_t, int64_t> down_span(const ExpertLayer & L, int64_t a, int64_t b);
     // The experts [begin, end) part `part` of `n_parts` holds when split by experts: as evenly as
     // they go, the first parts taking one more (vLLM's linear placement).
     static std::pair<int64_t, int64_t> expert_range(const ExpertLayer & L, int part, int n_parts);
     // The most parts every layer can be split into (its intermediate size in part_range's units).
     int64_t                            max_parts() const;
+    // The expert bytes part(part, n_parts, by) would hold.
+    size_t                             part_bytes(int part, int n_parts, Split by) const;
     ~ExpertStore();
     ExpertStore(const ExpertStore &)             = delete;
     ExpertStore & operator=(const ExpertStore &) = delete;

@@ -129,6 +129,19 @@ void packed_mul_mat_id(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
+// Activations for a rows part's down (ExpertLayer::down_lead): every row of `src[0]` (f32,
+// contiguous) placed down_lead values into a row of zeros as wide as down's.
+void pad_for_down(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const auto &        L    = *(const ExpertLayer *) userdata;
+    const ggml_tensor * in   = dst->src[0];
+    const int64_t       rows = ggml_nrows(in), n = in->ne[0];
+    for (int64_t r = rows * ith / nth; r < rows * (ith + 1) / nth; ++r) {
+        float * to = (float *) ((char *) dst->data + r * dst->nb[1]);
+        std::fill(to, to + dst->ne[0], 0.0f);
+        std::memcpy(to + L.down_lead, (const char *) in->data + r * in->nb[1], n * sizeof(float));
+    }
+}
+
 bool is_float_type(ggml_type t) { return t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_BF16; }
 
 void to_f32(const void * src, ggml_type type, float * dst, int64_t n) {
@@ -376,7 +389,7 @@ MoeEngine::Graph MoeEngine::build_mul_mat_id(const ExpertLayer & L, int64_t n, i
         ggml_tensor * up = mul_mat_id(up_w, x, ids);
         h = ggml_sqr(ctx, ggml_relu(ctx, up));
     }
-    ggml_tensor * down = mul_mat_id(down_w, h, ids);
+    ggml_tensor * down = mul_mat_id(down_w, padded_for_down(L, h), ids);
     if (compact) {
         ggml_tensor * args[3] = { ggml_reshape_2d(ctx, down, L.n_embd, pairs), g.weights, g.pos };
         finish_graph(g, ggml_custom_4d(ctx, out_type, L.n_embd, n, 1, 1, args, 3, combine, GGML_N_TASKS_MAX, nullptr));
@@ -385,6 +398,16 @@ MoeEngine::Graph MoeEngine::build_mul_mat_id(const ExpertLayer & L, int64_t n, i
         finish_graph(g, ggml_custom_4d(ctx, out_type, L.n_embd, n, 1, 1, args, 2, combine, GGML_N_TASKS_MAX, nullptr));
     }
     return g;
+}
+
+// The activations `h` ([F, ...] f32) as L's down takes them: zero-padded to its whole blocks in a
+// rows part (ExpertLayer::down_lead), else as they are.
+ggml_tensor * MoeEngine::padded_for_down(const ExpertLayer & L, ggml_tensor * h) {
+    if (L.down_cols() == L.n_ff) {
+        return h;
+    }
+    return ggml_custom_4d(ctx_, GGML_TYPE_F32, L.down_cols(), h->ne[1], h->ne[2], h->ne[3], &h, 1, pad_for_down,
+                          GGML_N_TASKS_MAX, (void *) &L);
 }
 
 // ggml's MUL_MAT_ID, or lvgg's on a packed twin (activations quantized once per input).
@@ -503,7 +526,7 @@ MoeEngine::Graph MoeEngine::build_per_expert(const ExpertLayer & L, int64_t n, i
         } else {
             h = ggml_sqr(ctx, ggml_relu(ctx, ggml_mul_mat(ctx, expert(L.up, e), xe)));
         }
-        ggml_tensor * de = ggml_mul_mat(ctx, expert(L.down, e), h);
+        ggml_tensor * de = ggml_mul_mat(ctx, expert(L.down, e), padded_for_down(L, h));
         ggml_build_forward_expand(g.graph, ggml_cpy(ctx, de, ggml_view_2d(ctx, ys, D, c, ys->nb[1], r0 * ys->nb[1])));
     }
     ggml_tensor * args[3] = { ys, g.weights, g.pos };

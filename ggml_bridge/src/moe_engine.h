@@ -145,6 +145,7 @@ class MoeEngine : public Experts {
     void   group_by_expert(int64_t n_tokens, int64_t top_k, int64_t n_expert);
     ggml_tensor * weights_for(ggml_tensor * t, int64_t n_tokens, Layout layout) const;
     ggml_tensor * mul_mat_id(ggml_tensor * w, ggml_tensor * in, ggml_tensor * ids);
+    ggml_tensor * padded_for_down(const ExpertLayer & L, ggml_tensor * h);
     size_t intermediate_bytes(const Graph & g) const;
     void   stage_routing(const ExpertLayer & L, const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n,
                          bool skip);

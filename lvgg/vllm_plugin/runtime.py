@@ -94,7 +94,7 @@ def engine_nodes(topo: topology.Topology, max_parts: int) -> list[EngineNode] | 
         return None
     groups = [list(g) for g in np.array_split(np.arange(len(topo.nodes)), min(len(topo.nodes), max_parts))]
     if len(groups) < len(topo.nodes):
-        log.warning("lvgg: the experts split into at most %d parts (whole quant blocks of the intermediate size); "
+        log.warning("lvgg: the experts split into at most %d parts (units of 32 intermediate rows); "
                     "%d NUMA nodes share them in %d groups", max_parts, len(topo.nodes), len(groups))
     counts = settings.cpu_threads(len(groups))
     nodes = []
