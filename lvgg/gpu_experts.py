@@ -69,7 +69,7 @@ def gpu_unsupported(info: ExpertLayerInfo) -> str | None:
 def _nbytes(info: ExpertLayerInfo, projection: str) -> int:
     rows = {"gate": info.intermediate_size, "up": info.intermediate_size,
             "gate_up": 2 * info.intermediate_size, "down": info.hidden_size}[projection]
-    cols = info.hidden_size if projection != "down" else info.intermediate_size
+    cols = info.hidden_size if projection != "down" else info.down_columns
     return raw_nbytes(info.types[projection], info.n_experts * rows * cols)
 
 
@@ -92,23 +92,32 @@ def staged_bytes(info: ExpertLayerInfo, n_experts: int | None = None) -> int:
     return at + nbytes
 
 
-def _share_info(whole: ExpertLayerInfo, rows: tuple[int, int]) -> ExpertLayerInfo:
-    """A layer as the share holding intermediate rows [a, b) of every expert sees it: the sizes
-    and bytes the GPU holds (offsets stay the whole projections' in the file)."""
-    share = dataclasses.replace(whole, intermediate_size=rows[1] - rows[0])
+def _share_info(whole: ExpertLayerInfo, rows: tuple[int, int], columns: tuple[int, int]) -> ExpertLayerInfo:
+    """A layer as the share holding intermediate rows [a, b) of every expert and columns [c, d) of
+    down (its whole blocks around them) sees it: the sizes and bytes the GPU holds (offsets stay
+    the whole projections' in the file)."""
+    share = dataclasses.replace(whole, intermediate_size=rows[1] - rows[0], down_columns=columns[1] - columns[0],
+                                down_lead=rows[0] - columns[0])
     return dataclasses.replace(share, nbytes=sum(_nbytes(share, p) for p in share.types))
 
 
+def _share_of(store: ExpertStore, layer: int, part: tuple[int, int]) -> tuple[ExpertLayerInfo, tuple, tuple]:
+    """(the whole layer, the intermediate rows share ``part`` = (index, count) holds, the columns
+    of down they need): what ``store.part(*part)`` holds of the layer."""
+    rows = store.part_rows(layer, *part)
+    return store.layer_info(layer), rows, store.down_columns(layer, rows)
+
+
 def layer_infos(store: ExpertStore, part: tuple[int, int] = (0, 1)) -> dict[int, ExpertLayerInfo]:
-    """Every MoE layer of ``store`` as share ``part`` = (index, count) of every expert sees it
-    (the intermediate rows ``store.part_rows(layer, *part)``)."""
-    return {layer: _share_info(store.layer_info(layer), store.part_rows(layer, *part)) for layer in store.layers}
+    """Every MoE layer of ``store`` as share ``part`` = (index, count) of every expert sees it."""
+    return {layer: _share_info(*_share_of(store, layer, part)) for layer in store.layers}
 
 
-def _host_views(host: torch.Tensor, whole: ExpertLayerInfo, rows: tuple[int, int]) -> list[list[torch.Tensor]]:
+def _host_views(host: torch.Tensor, whole: ExpertLayerInfo, rows: tuple[int, int],
+                columns: tuple[int, int]) -> list[list[torch.Tensor]]:
     """Per projection of a layer, the views of the mapped file (``host``) whose bytes, expert by
-    expert ([experts, lines, bytes] each) and end to end, are its intermediate rows [a, b): rows
-    [a, b) of gate and up (of both halves of a fused gate_up), columns [a, b) of every row of down
+    expert ([experts, lines, bytes] each) and end to end, are a share's (``_share_of``): rows
+    [a, b) of gate and up (of both halves of a fused gate_up), columns [c, d) of every row of down
     (whole blocks). The whole layer's are one contiguous view per projection."""
     a, b = rows
     d, f, n = whole.hidden_size, whole.intermediate_size, whole.n_experts
@@ -118,7 +127,7 @@ def _host_views(host: torch.Tensor, whole: ExpertLayerInfo, rows: tuple[int, int
         data = host[start:start + _nbytes(whole, projection)]
         if projection == "down":
             lines = data.view(n, d, raw_nbytes(ggml_type, f))
-            views.append([lines[:, :, raw_nbytes(ggml_type, a):raw_nbytes(ggml_type, b)]])
+            views.append([lines[:, :, raw_nbytes(ggml_type, columns[0]):raw_nbytes(ggml_type, columns[1])]])
             continue
         lines = data.view(n, -1, raw_nbytes(ggml_type, d))  # [experts, rows, bytes of a row]
         if (a, b) == (0, f):
@@ -165,7 +174,7 @@ def _staged(info: ExpertLayerInfo, projection: str, ggml_type: str, data: torch.
     """A projection's fetched bytes for the expert kernels (gate_up: its gate and up halves)."""
     d, f = info.hidden_size, info.intermediate_size
     if projection == "down":
-        return [StagedProjection(data, ggml_type, d, f)]
+        return [StagedProjection(data, ggml_type, d, info.down_columns)]
     if projection == "gate_up":
         return [StagedProjection(data, ggml_type, f, d),
                 StagedProjection(data, ggml_type, f, d, at=f * raw_nbytes(ggml_type, d))]
@@ -188,7 +197,7 @@ def estimate_vram_bytes(infos: dict[int, ExpertLayerInfo], streamed: Sequence[in
     """What GpuExperts(streamed_layers=..., resident_layers=..., split_layers=..., split_experts=...,
     stream_group=...) will hold on the device."""
     def weights(info: ExpertLayerInfo, n_experts: int) -> int:
-        return 3 * n_experts * info.hidden_size * info.intermediate_size * dtype.itemsize
+        return n_experts * info.hidden_size * (2 * info.intermediate_size + info.down_columns) * dtype.itemsize
 
     total = sum(weights(infos[layer], infos[layer].n_experts) for layer in resident)
     if streamed:
@@ -239,19 +248,19 @@ class GpuExperts:
 
             self._fused_experts = compat.fused_experts
         self._info: dict[int, ExpertLayerInfo] = {}  # this share's sizes
-        wholes: dict[int, tuple[ExpertLayerInfo, tuple[int, int]]] = {}
+        shares: dict[int, tuple[ExpertLayerInfo, tuple[int, int], tuple[int, int]]] = {}
         for layer in sorted({*self.streamed_layers, *self.resident_layers, *self.split_layers}):
-            whole, rows = store.layer_info(layer), store.part_rows(layer, *self.part)
-            why = gpu_unsupported(whole)
+            shares[layer] = _share_of(store, layer, self.part)
+            why = gpu_unsupported(shares[layer][0])
             if why:
                 raise ValueError(f"layer {layer} of {store.path} cannot run on the GPU: {why}")
-            self._info[layer], wholes[layer] = _share_info(whole, rows), (whole, rows)
+            self._info[layer] = _share_info(*shares[layer])
         self._host = self._host_bytes() if self._info else None
         # per layer and projection: (ggml type, the share's bytes in the file as _host_views gives them,
         # rows of w13 it fills or None for w2)
         self._plan: dict[int, list[tuple[str, list[torch.Tensor], slice | None]]] = {
             layer: [(info.types[p], views, rows) for (p, rows), views in
-                    zip(_gpu_layout(info), _host_views(self._host, *wholes[layer]))]
+                    zip(_gpu_layout(info), _host_views(self._host, *shares[layer]))]
             for layer, info in self._info.items()}
         self.host_pinned = False
         self._resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -285,7 +294,7 @@ class GpuExperts:
         tensors = [*self._staging, *self._weights] if self.streamed_layers else []
         tensors += [self._fetch_staging] if self.split_layers else []
         tensors += [t for pair in self._resident.values() for t in pair]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.untyped_storage().nbytes() for t in tensors)  # a resident w2 is a view of its padded down
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
@@ -334,6 +343,9 @@ class GpuExperts:
             stream.wait_event(event)
         gate, up, down = staged
         act = gated_activations(x.contiguous(), gate, up, slot_expert)
+        if info.down_columns != info.intermediate_size:  # a share's down: whole blocks around its rows
+            lead = info.down_lead
+            act = torch.nn.functional.pad(act, (lead, info.down_columns - info.intermediate_size - lead))
         stream.wait_event(self._fetched_event[len(plan) - 1])
         return weighted_down(act, down, topk_weights.float().contiguous(), slot_expert, x.dtype)
 
@@ -397,7 +409,7 @@ class GpuExperts:
         group = len(self._groups[0])
         slot_bytes = max(staged_bytes(self._info[layer], group) for layer in self.streamed_layers)
         self._staging = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
-        self._weights = self._new_weights(info, group)
+        self._weights = self._new_weights(info, group, max(self._info[n].down_columns for n in self.streamed_layers))
         # vLLM's fused MoE computes a group's experts given a map of the layer's experts to the
         # group's (-1: not in this group, skipped); a whole layer needs none
         self._expert_maps = [None] if len(self._groups) == 1 else [
@@ -453,19 +465,23 @@ class GpuExperts:
         self._start_copy(self._next[unit])  # overlaps this group's matmuls
         return w13, w2
 
-    def _new_weights(self, info: ExpertLayerInfo, n_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Empty w13 [n, 2F, D] and w2 [n, D, F] for ``n_experts`` (default: all) of a layer of this shape."""
+    def _new_weights(self, info: ExpertLayerInfo, n_experts: int | None = None,
+                     down_columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty w13 [n, 2F, D] and w2 [n, D, down_columns] (default: the layer's) for ``n_experts``
+        (default: all) of a layer of this shape."""
         n = info.n_experts if n_experts is None else n_experts
         d, f = info.hidden_size, info.intermediate_size
         return (torch.empty(n, 2 * f, d, dtype=self.dtype, device=self.device),
-                torch.empty(n, d, f, dtype=self.dtype, device=self.device))
+                torch.empty(n, d, down_columns or info.down_columns, dtype=self.dtype, device=self.device))
 
     def _dequantize(self, layer: int, experts: range, staged: torch.Tensor,
                     out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The first len(experts) of ``out``'s weights (vLLM's layout) from those experts' bytes,
-        staged as ``_stage`` places them."""
-        n = len(experts)
+        staged as ``_stage`` places them; of a share's padded down, the columns of its rows (a view)."""
+        n, info = len(experts), self._info[layer]
         w13, w2 = out
-        for (ggml_type, _, rows), (_, nbytes, at) in zip(self._plan[layer], _pieces(self._info[layer], n)):
-            dequantize(staged[at:at + nbytes], ggml_type, w13[:n, rows] if rows is not None else w2[:n])
-        return w13[:n], w2[:n]
+        # streamed layers share a w2 as wide as their widest down (a share's down blocks differ by type)
+        w2 = w2.view(-1)[:n * info.hidden_size * info.down_columns].view(n, info.hidden_size, info.down_columns)
+        for (ggml_type, _, rows), (_, nbytes, at) in zip(self._plan[layer], _pieces(info, n)):
+            dequantize(staged[at:at + nbytes], ggml_type, w13[:n, rows] if rows is not None else w2)
+        return w13[:n], w2[:, :, info.down_lead:info.down_lead + info.intermediate_size]

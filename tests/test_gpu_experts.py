@@ -270,14 +270,18 @@ def test_decode_split_calibration_times_both_sides(split):
     assert set(best_slots(seconds)) == {1, 8}
 
 
-@pytest.mark.parametrize("n_parts", [2, 3])
-def test_a_shares_bytes_in_the_file_are_the_rows_its_cpu_part_holds(experts_file, q8_file, n_parts):
-    """What a tensor-parallel rank's GPU reads of the file (rows [a, b) of gate and up, columns
-    [a, b) of down), dequantized by gguf-py, is the reference's share; the shares tile the layer
-    as the CPU parts do."""
+# (file, shares): Q4_K_M in 2 shares of whole blocks and in 3 that pad down's blocks; Q8_0 in 3
+SHARES = [("k", 2), ("k", 3), ("q8", 3)]
+
+
+@pytest.mark.parametrize("kind,n_parts", SHARES)
+def test_a_shares_bytes_in_the_file_are_the_rows_its_cpu_part_holds(experts_file, q8_file, kind, n_parts):
+    """What a tensor-parallel rank's GPU reads of the file (rows [a, b) of gate and up, the whole
+    blocks of down around them), dequantized by gguf-py, is the reference's; the shares tile the
+    layer as the CPU parts do."""
     import gguf
 
-    path = experts_file if n_parts == 2 else q8_file
+    path, block = (experts_file, 256) if kind == "k" else (q8_file, 32)
     store = lvgg.ExpertStore(path, repack=False)
     host = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
     for layer in (1, 5):
@@ -287,27 +291,29 @@ def test_a_shares_bytes_in_the_file_are_the_rows_its_cpu_part_holds(experts_file
             assert a == ends[-1] and b - a == layer_infos(store, (part, n_parts))[layer].intermediate_size == \
                 store.part(part, n_parts, repack=False).layer_info(layer).intermediate_size
             ends.append(b)
-            want = share_reference(path, layer, (a, b))
-            views = _host_views(host, whole, (a, b))
+            ref, (c0, c1) = read_reference(path, layer), store.down_columns(layer, (a, b))
+            assert (c0, c1) == (a // block * block, -(-b // block) * block)
+            want = {"gate": ref.gate[:, a:b], "up": ref.up[:, a:b], "down": ref.down[:, :, c0:c1]}
+            want["gate_up"] = np.concatenate([want["gate"], want["up"]], axis=1)
+            views = _host_views(host, whole, (a, b), (c0, c1))
             projections = ["gate", "up", "down"] if whole.form == "gate+up+down" else ["gate_up", "down"]
             for projection, pieces in zip(projections, views):
                 raw = torch.cat([v.reshape(E, -1) for v in pieces], dim=1).numpy()
                 qtype = Q[whole.types[projection].upper()]
                 values = gguf.quants.dequantize(raw.reshape(-1, pieces[0].shape[-1]), qtype)
-                expect = {"gate_up": lambda: np.concatenate([want.gate, want.up], axis=1)}.get(
-                    projection, lambda: getattr(want, projection))()
-                assert np.array_equal(values.reshape(expect.shape), expect), (layer, part, projection)
+                assert np.array_equal(values.reshape(want[projection].shape), want[projection]), \
+                    (layer, part, projection)
         assert ends[-1] == F and len(set(np.diff(ends))) <= 2, ends
 
 
 @needs_cuda
-@pytest.mark.parametrize("n_parts", [2, 3])
-def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_file, q8_file, n_parts):
+@pytest.mark.parametrize("kind,n_parts", SHARES)
+def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_file, q8_file, kind, n_parts):
     """A rank's GpuExperts (streamed whole and in groups, resident, and split with the rank's CPU
     part in decode steps) computes the share its CPU part holds; the ranks' outputs sum to the layer."""
     from lvgg.gpu_split import SplitExperts
 
-    path = experts_file if n_parts == 2 else q8_file
+    path = experts_file if kind == "k" else q8_file
     store = lvgg.ExpertStore(path, repack=False)
     x, ids, w = routing(64, 3)
     xd, idsd, wd = routing(4, 4)
