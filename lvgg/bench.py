@@ -143,10 +143,10 @@ class Ranks:
 def bench_ranks(types: list[str], tokens: list[int], threads: int, ranks: int, n_layers: int, min_seconds: float,
                 workdir: str | None = None, own_kernels: bool = True, **shape) -> list[MoeResult]:
     """One engine on ``threads`` cores against ``ranks`` engines splitting those cores, each on its
-    part of the experts (as the plugin gives tensor-parallel ranks: a share of every expert's rows;
-    expert-parallel ones: whole experts), called at once with the same routing. The cores go to
-    the ranks evenly, or in proportion to their parts' bytes (what the plugin does where ranks
-    share a NUMA node)."""
+    part of the experts (ExpertStore.part), called at once with the same routing: by rows (vLLM's
+    share of every expert) on even cores; by blocks of down (what the plugin gives ranks sharing a
+    NUMA node) on cores in proportion to their parts' bytes; by whole experts (expert parallel) on
+    even cores."""
     from lvgg import topology
 
     cpus = _bridge.physical_core_cpus()[:threads]
@@ -156,11 +156,11 @@ def bench_ranks(types: list[str], tokens: list[int], threads: int, ranks: int, n
         store = ExpertStore(path, own_kernels=own_kernels)
         yield "1 rank", store, CpuMoE(store, threads=len(cpus), cpus=cpus, max_tokens=max(tokens), max_top_k=K)
         whole = ExpertStore(path, repack=False, own_kernels=own_kernels)
-        for by, weighted in (("rows", False), ("rows", True), ("experts", False)):
+        for by, weighted in (("rows", False), ("blocks", True), ("experts", False)):
+            if by == "blocks" and whole.max_parts("blocks") < ranks:
+                continue  # fewer blocks than ranks: the plugin splits by rows
             weights = [whole.part_bytes(r, ranks, by) for r in range(ranks)] if weighted else [1] * ranks
             groups = topology.split_cpus(cpus, weights)
-            if weighted and groups == even:
-                continue  # the parts are even: the same as the row above
             moes = []
             for rank, group in enumerate(groups):
                 with topology.bound_to(group):  # the part's copy is made by its rank's cores, as in the plugin

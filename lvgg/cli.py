@@ -239,8 +239,8 @@ def bench_ranks(
                                 own_kernels=kernels is Kernels.lvgg, n_experts=experts, hidden=hidden,
                                 intermediate=intermediate, top_k=top_k)
     print_moe_table(console, results, bw, f"MoE layer D={hidden} F={intermediate} E={experts} top-{top_k}, "
-                    f"{threads} cores: one engine or {ranks} ranks (rows: a share of every expert; experts: whole "
-                    f"experts), {kernels.value}'s kernels")
+                    f"{threads} cores: one engine or {ranks} ranks (rows: vLLM's share of every expert; blocks: "
+                    f"whole blocks of down, cores by bytes; experts: whole experts), {kernels.value}'s kernels")
 
 
 def print_moe_table(console: Console, results: list, bw: float, title: str) -> None:

@@ -73,8 +73,10 @@ class ExpertStore:
         """Part ``part`` of ``n_parts`` of every layer, as a store of its own, copied into memory
         this thread touches first (and repacked; ``repack=False`` keeps plain copies, which can be
         split again). ``by="rows"``: a share of every expert, intermediate rows ``part_rows`` of
-        gate/up and the whole quant blocks of down around them (a tensor-parallel rank's or a NUMA
-        node's; its activations are zero-padded to those blocks).
+        gate/up (vLLM's tensor-parallel share: units of 32) and the whole quant blocks of down
+        around them, its activations zero-padded to those blocks (the fewest bytes per part: NUMA
+        nodes, ranks on nodes of their own). ``by="blocks"``: rows in whole blocks of down, parts a
+        block apart in size (the fewest bytes in all: ranks sharing a node's memory).
         ``by="experts"``: whole experts (``expert_range``; an expert-parallel rank's); its engine
         takes the router's expert indices and leaves out the experts it does not hold. Either way
         the outputs of all parts' engines sum to the whole layer's."""
@@ -90,10 +92,10 @@ class ExpertStore:
         placement)."""
         return tuple(self._store.expert_range(layer, part, n_parts))  # checks the part and layer
 
-    def part_rows(self, layer: int, part: int, n_parts: int) -> tuple[int, int]:
-        """The intermediate rows [begin, end) of ``layer``'s experts that ``part(part, n_parts)``
-        holds: of gate and up; of down, ``down_columns`` of them."""
-        return tuple(self._store.part_range(layer, part, n_parts))  # checks the part and layer
+    def part_rows(self, layer: int, part: int, n_parts: int, by: str = "rows") -> tuple[int, int]:
+        """The intermediate rows [begin, end) of ``layer``'s experts that ``part(part, n_parts, by=by)``
+        holds (by rows or blocks): of gate and up; of down, ``down_columns`` of them."""
+        return tuple(self._store.part_range(layer, part, n_parts, by))  # checks the part and layer
 
     def down_columns(self, layer: int, rows: tuple[int, int]) -> tuple[int, int]:
         """The columns [begin, end) of ``layer``'s down that its intermediate rows ``rows`` = [a, b)
@@ -104,10 +106,10 @@ class ExpertStore:
         """The expert bytes ``part(part, n_parts, by=by)`` would hold."""
         return self._store.part_bytes(part, n_parts, by)
 
-    @property
-    def max_parts(self) -> int:
-        """The most parts (NUMA nodes, tensor-parallel ranks) every layer can be split into."""
-        return self._store.max_parts
+    def max_parts(self, by: str = "rows") -> int:
+        """The most parts (NUMA nodes, tensor-parallel ranks) every layer can be split into by
+        rows or blocks."""
+        return self._store.max_parts(by)
 
     @property
     def path(self) -> str:

@@ -101,16 +101,18 @@ def _share_info(whole: ExpertLayerInfo, rows: tuple[int, int], columns: tuple[in
     return dataclasses.replace(share, nbytes=sum(_nbytes(share, p) for p in share.types))
 
 
-def _share_of(store: ExpertStore, layer: int, part: tuple[int, int]) -> tuple[ExpertLayerInfo, tuple, tuple]:
+def _share_of(store: ExpertStore, layer: int, part: tuple[int, int],
+              by: str) -> tuple[ExpertLayerInfo, tuple, tuple]:
     """(the whole layer, the intermediate rows share ``part`` = (index, count) holds, the columns
-    of down they need): what ``store.part(*part)`` holds of the layer."""
-    rows = store.part_rows(layer, *part)
+    of down they need): what ``store.part(*part, by=by)`` holds of the layer."""
+    rows = store.part_rows(layer, *part, by)
     return store.layer_info(layer), rows, store.down_columns(layer, rows)
 
 
-def layer_infos(store: ExpertStore, part: tuple[int, int] = (0, 1)) -> dict[int, ExpertLayerInfo]:
-    """Every MoE layer of ``store`` as share ``part`` = (index, count) of every expert sees it."""
-    return {layer: _share_info(*_share_of(store, layer, part)) for layer in store.layers}
+def layer_infos(store: ExpertStore, part: tuple[int, int] = (0, 1), by: str = "rows") -> dict[int, ExpertLayerInfo]:
+    """Every MoE layer of ``store`` as share ``part`` = (index, count) of every expert, ``by`` rows
+    or blocks (ExpertStore.part), sees it."""
+    return {layer: _share_info(*_share_of(store, layer, part, by)) for layer in store.layers}
 
 
 def _host_views(host: torch.Tensor, whole: ExpertLayerInfo, rows: tuple[int, int],
@@ -222,14 +224,15 @@ class GpuExperts:
     streamed layers, every resident layer's weights, and the bytes of ``split_experts`` experts
     for the split layers (``vram_bytes``).
     ``part`` = (index, count): compute that share of every expert, the intermediate rows
-    ``store.part(index, count)`` holds (a tensor-parallel rank's; the shares' outputs sum to the
-    layer's). Its bytes are read from the whole file (``store``, mapped), only they cross the link.
+    ``store.part(index, count, by=by)`` holds (a tensor-parallel rank's, by rows or blocks; the
+    shares' outputs sum to the layer's). Its bytes are read from the whole file (``store``,
+    mapped), only they cross the link.
     """
 
     def __init__(self, store: ExpertStore, *, device: torch.device | str, dtype: torch.dtype,
                  streamed_layers: Sequence[int] = (), resident_layers: Sequence[int] = (),
                  split_layers: Sequence[int] = (), split_experts: int = 0,
-                 stream_group: int | None = None, part: tuple[int, int] = (0, 1)) -> None:
+                 stream_group: int | None = None, part: tuple[int, int] = (0, 1), by: str = "rows") -> None:
         self.store, self.device, self.dtype, self.part = store, torch.device(device), dtype, tuple(part)
         if len(self.part) != 2 or not 0 <= self.part[0] < self.part[1]:
             raise ValueError(f"part must be (index, count) with 0 <= index < count, found {part}")
@@ -250,7 +253,7 @@ class GpuExperts:
         self._info: dict[int, ExpertLayerInfo] = {}  # this share's sizes
         shares: dict[int, tuple[ExpertLayerInfo, tuple[int, int], tuple[int, int]]] = {}
         for layer in sorted({*self.streamed_layers, *self.resident_layers, *self.split_layers}):
-            shares[layer] = _share_of(store, layer, self.part)
+            shares[layer] = _share_of(store, layer, self.part, by)
             why = gpu_unsupported(shares[layer][0])
             if why:
                 raise ValueError(f"layer {layer} of {store.path} cannot run on the GPU: {why}")

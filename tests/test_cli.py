@@ -38,13 +38,13 @@ def test_bench_nodes_needs_a_core_per_virtual_node(tmp_path):
     assert "every count is above the 1 cores used; give 1..1" in " ".join(result.output.split())
 
 
-def test_bench_ranks_times_one_engine_and_ranks_by_rows_and_by_experts(tmp_path):
+def test_bench_ranks_times_one_engine_and_ranks_by_rows_blocks_and_experts(tmp_path):
     result = runner.invoke(app, ["bench", "ranks", "--types", "Q8_0", "--tokens", "1,9", "--threads", "2",
                                  "--ranks", "2", "--layers", "2", "--seconds", "0.01", "--hidden", "256",
                                  "--intermediate", "256", "--experts", "4", "--top-k", "2", "--workdir", str(tmp_path)],
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    for config in ("1 rank", "2 ranks, rows", "2 ranks, experts"):
+    for config in ("1 rank", "2 ranks, rows", "2 ranks, blocks (1/1 cores)", "2 ranks, experts"):
         assert config in result.output
     result = runner.invoke(app, ["bench", "ranks", "--threads", "2", "--ranks", "3", "--workdir", str(tmp_path)])
     assert result.exit_code == 2

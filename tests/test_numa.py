@@ -92,13 +92,14 @@ def test_nodes_give_the_single_engine_result(odd_file, n_nodes):
                                (qtype.name, n_nodes, layer, T, dtype))
 
 
-def test_a_rows_part_holds_vllms_share_and_pads_down_to_whole_blocks(tmp_path):
-    """30B-A3B's experts (F=768, 3 blocks of 256) over two tensor-parallel ranks: 384 rows each,
-    as vLLM's own ranks hold, each with the two blocks of down around its rows."""
+def test_rows_parts_hold_vllms_share_and_blocks_parts_whole_blocks(tmp_path):
+    """30B-A3B's experts (F=768, 3 blocks of 256) over two tensor-parallel ranks. By rows: 384 rows
+    each, as vLLM's own ranks hold, each with the two blocks of down around its rows. By blocks:
+    512 and 256 rows, the fewest bytes in all, exactly one engine's result."""
     rng = np.random.default_rng(11)
     path = write_experts_file(tmp_path / "q4k.gguf", {0: random_experts(rng, E, D, 768)}, Q.Q4_K)
     whole = lvgg.ExpertStore(path, repack=False)
-    assert whole.max_parts == 24
+    assert whole.max_parts() == 24 and whole.max_parts("blocks") == 3
     assert [whole.part_rows(0, r, 2) for r in (0, 1)] == [(0, 384), (384, 768)]
     assert [whole.down_columns(0, whole.part_rows(0, r, 2)) for r in (0, 1)] == [(0, 512), (256, 768)]
     infos = [whole.part(r, 2).layer_info(0) for r in (0, 1)]
@@ -109,6 +110,13 @@ def test_a_rows_part_holds_vllms_share_and_pads_down_to_whole_blocks(tmp_path):
     want = lvgg.CpuMoE(whole, threads=1)(0, x, ids, w).numpy()
     got = sum(lvgg.CpuMoE(whole.part(r, 2), threads=1)(0, x, ids, w).numpy() for r in (0, 1))
     assert_parts_match(got, want, reference, x, ids, w, False, "two ranks")
+    assert [whole.part_rows(0, r, 2, "blocks") for r in (0, 1)] == [(0, 512), (512, 768)]
+    blocks = [whole.part(r, 2, by="blocks") for r in (0, 1)]
+    assert [b.layer_info(0).down_columns for b in blocks] == [512, 256]
+    assert [whole.part_bytes(r, 2, "blocks") for r in (0, 1)] == [b.expert_bytes for b in blocks]
+    assert sum(b.expert_bytes for b in blocks) == whole.expert_bytes < 2 * whole.part_bytes(0, 2)
+    got = sum(lvgg.CpuMoE(b, threads=1)(0, x, ids, w).numpy() for b in blocks)
+    assert_parts_match(got, want, reference, x, ids, w, True, "two ranks by blocks")
 
 
 @pytest.mark.parametrize("n_parts", [2, 3, 8])
@@ -234,7 +242,7 @@ def test_more_nodes_than_parts_share_parts(tmp_path, monkeypatch):
 
     rng = np.random.default_rng(10)
     path = write_experts_file(tmp_path / "q8.gguf", {0: random_experts(rng, E, D, 96)}, Q.Q8_0)
-    assert lvgg.ExpertStore(path).max_parts == 3
+    assert lvgg.ExpertStore(path).max_parts() == 3
     four = topology.Topology("auto", tuple(range(8)), tuple(
         topology.Node(i, ((2 * i,), (2 * i + 1,)), i) for i in range(4)), read_machine())
     monkeypatch.setenv("LVGG_CPU_THREADS", "")
@@ -282,7 +290,7 @@ def test_tensor_parallel_ranks_take_whole_nodes_nearest_their_gpus(monkeypatch):
 def test_a_part_knows_its_bytes_before_it_is_made(odd_file):
     _, path, _ = odd_file
     store = lvgg.ExpertStore(path, repack=False)
-    for by in ("rows", "experts"):
+    for by in ("rows", "blocks", "experts"):
         sizes = [store.part_bytes(r, 3, by) for r in range(3)]
         assert sizes == [store.part(r, 3, repack=False, by=by).expert_bytes for r in range(3)], by
 

@@ -200,6 +200,9 @@ def test_expert_parallel_ranks_hold_whole_experts(qwen3, monkeypatch, caplog):
     store = lvgg.ExpertStore(experts)
     E = store.layer_info(store.layers[0]).n_experts
     assert runtime.split_by(store, 0, 2, expert_parallel=False) == "rows"
+    # ranks sharing a node's memory: whole blocks of down (F=256 is 8 Q8_0 blocks of 32), while there are enough
+    assert runtime.split_by(store, 0, 8, expert_parallel=False, shared_memory=True) == "blocks"
+    assert runtime.split_by(store, 0, 9, expert_parallel=False, shared_memory=True) == "rows"
     assert runtime.split_by(store, 0, E, expert_parallel=True) == "experts"  # one expert each
     with caplog.at_level(logging.WARNING, logger="vllm.lvgg"):
         assert runtime.split_by(store, 0, E + 1, expert_parallel=True) == "rows"

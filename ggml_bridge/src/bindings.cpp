@@ -78,10 +78,10 @@ EngineConfig engine_config(int threads, std::vector<int> cpus, bool strict_cpu, 
 }
 
 Split split_named(const std::string & by) {
-    if (by != "rows" && by != "experts") {
-        fail(ErrorKind::Value, "by must be 'rows' or 'experts', found '" + by + "'");
+    if (by != "rows" && by != "blocks" && by != "experts") {
+        fail(ErrorKind::Value, "by must be 'rows', 'blocks' or 'experts', found '" + by + "'");
     }
-    return by == "rows" ? Split::Rows : Split::Experts;
+    return by == "rows" ? Split::Rows : by == "blocks" ? Split::Blocks : Split::Experts;
 }
 
 nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
@@ -184,7 +184,8 @@ NB_MODULE(_bridge, m) {
         .def_prop_ro("file_size", &ExpertStore::file_size)
         .def_prop_ro("mapping_address", [](const ExpertStore & s) { return (uintptr_t) s.mapping(); })
         .def_prop_ro("n_tensors", &ExpertStore::n_tensors)
-        .def_prop_ro("max_parts", &ExpertStore::max_parts)
+        .def("max_parts", [](const ExpertStore & s, const std::string & by) { return s.max_parts(split_named(by)); },
+             "by"_a = "rows")
         .def_prop_ro("layers",
                      [](const ExpertStore & s) {
                          std::vector<int> out;
@@ -193,10 +194,10 @@ NB_MODULE(_bridge, m) {
                      })
         .def("layer_info", [](const ExpertStore & s, int i) { return layer_info(s, s.layer(i)); }, "layer"_a)
         .def("part_range",
-             [](const ExpertStore & s, int layer, int part, int n_parts) {
-                 return ExpertStore::part_range(s.layer(layer), part, n_parts);
+             [](const ExpertStore & s, int layer, int part, int n_parts, const std::string & by) {
+                 return ExpertStore::part_range(s.layer(layer), part, n_parts, split_named(by));
              },
-             "layer"_a, "part"_a, "n_parts"_a)
+             "layer"_a, "part"_a, "n_parts"_a, "by"_a = "rows")
         .def("down_span",
              [](const ExpertStore & s, int layer, int64_t begin, int64_t end) {
                  const ExpertLayer & L = s.layer(layer);

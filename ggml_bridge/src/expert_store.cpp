@@ -91,7 +91,7 @@ ExpertStore::ExpertStore(const std::string & path, bool repack, bool keep_mapped
 }
 
 ExpertStore::ExpertStore(const ExpertStore & whole, int part, int n_parts, bool repack, Split by) :
-    path_(whole.path_ + (by == Split::Rows ? " (part " : " (experts part ") + std::to_string(part + 1) + " of " +
+    path_(whole.path_ + (by == Split::Experts ? " (experts part " : " (part ") + std::to_string(part + 1) + " of " +
           std::to_string(n_parts) + ")"),
     architecture_(whole.architecture_),
     keep_mapped_(!repack),
@@ -447,19 +447,23 @@ ggml_tensor * ExpertStore::new_packed_twin(ggml_type type, const int64_t ne[3], 
 // Packing runs on the CPUs this thread may use (a NUMA part's: its node's), one thread each.
 int ExpertStore::pack_threads() { return (int) std::max<size_t>(1, process_cpus().size()); }
 
-// The granule of a rows part: 32 intermediate rows where F allows, else whole blocks of the down type.
-static int64_t part_unit(const ExpertLayer & L) { return L.n_ff % 32 == 0 ? 32 : ggml_blck_size(L.down->type); }
+// The granule of a part by rows or blocks (see part_range).
+static int64_t part_unit(const ExpertLayer & L, Split by) {
+    const int64_t block = ggml_blck_size(L.down->type);
+    const int64_t unit  = by == Split::Rows ? 32 : std::lcm(block, (int64_t) 32);
+    return L.n_ff % unit == 0 ? unit : block;
+}
 
-int64_t ExpertStore::max_parts() const {
+int64_t ExpertStore::max_parts(Split by) const {
     int64_t most = INT64_MAX;
     for (const auto & kv : layers_) {
-        most = std::min(most, kv.second.n_ff / part_unit(kv.second));
+        most = std::min(most, kv.second.n_ff / part_unit(kv.second, by));
     }
     return layers_.empty() ? 0 : most;
 }
 
-std::pair<int64_t, int64_t> ExpertStore::part_range(const ExpertLayer & L, int part, int n_parts) {
-    const int64_t unit  = part_unit(L);
+std::pair<int64_t, int64_t> ExpertStore::part_range(const ExpertLayer & L, int part, int n_parts, Split by) {
+    const int64_t unit  = part_unit(L, by);
     const int64_t units = L.n_ff / unit;
     if (n_parts < 1 || part < 0 || part >= n_parts) {
         fail(ErrorKind::Value, "part " + std::to_string(part) + " of " + std::to_string(n_parts) + " does not exist");
@@ -492,7 +496,7 @@ size_t ExpertStore::part_bytes(int part, int n_parts, Split by) const {
             }
             continue;
         }
-        const auto [a, b]   = part_range(L, part, n_parts);
+        const auto [a, b]   = part_range(L, part, n_parts, by);
         const auto [c0, c1] = down_span(L, a, b);
         for (const ggml_tensor * t : L.tensors()) {
             total += t == L.down ? L.n_expert * L.n_embd * ggml_row_size(t->type, c1 - c0)
@@ -529,10 +533,10 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
     meta_         = tensor_context(count_expert_tensors(whole.layers_));
     repacked_ctx_ = tensor_context(count_expert_tensors(whole.layers_));
     ggml_backend_buffer_type_t cpu_buft = ggml_backend_cpu_buffer_type();
-    const bool by_rows = by == Split::Rows;
+    const bool by_rows = by != Split::Experts;
     for (const auto & kv : whole.layers_) {
         const ExpertLayer & W = kv.second;
-        const auto [a, b]     = by_rows ? part_range(W, part, n_parts) : std::pair<int64_t, int64_t>(0, W.n_ff);
+        const auto [a, b]     = by_rows ? part_range(W, part, n_parts, by) : std::pair<int64_t, int64_t>(0, W.n_ff);
         const auto [c0, c1]   = down_span(W, a, b);  // by experts: all of down's columns
         const auto [e0, e1]   = by_rows ? std::pair<int64_t, int64_t>(0, W.n_expert) : expert_range(W, part, n_parts);
         ExpertLayer & L       = layers_[kv.first];

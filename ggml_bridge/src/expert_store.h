@@ -47,10 +47,15 @@ struct ExpertLayer {
     std::vector<ggml_tensor *> tensors() const;
 };
 
-// How a store is split into parts: intermediate rows of every expert (tensor parallel, NUMA
-// nodes; the parts' outputs sum to the layer's) or whole experts (expert parallel; a part
-// computes the routed slots of the experts it holds, and the parts' outputs sum to the layer's).
-enum class Split { Rows, Experts };
+// How a store is split into parts, whose outputs sum to the layer's:
+// - Rows: intermediate rows of every expert in units of 32, vLLM's tensor-parallel share; a part
+//   whose rows end inside a block of down holds the whole block (the least bytes per part: parts
+//   with memory of their own, NUMA nodes or ranks on nodes of their own);
+// - Blocks: intermediate rows in whole blocks of down, parts a block apart in size (the least
+//   bytes in all: ranks sharing a node's memory, with cores in proportion to their bytes);
+// - Experts: whole experts (expert parallel; a part computes the routed slots of the experts it
+//   holds).
+enum class Split { Rows, Blocks, Experts };
 
 class ExpertStore {
   public:
@@ -60,25 +65,27 @@ class ExpertStore {
     // ggml's repacked one where this build has the kernels (repack must be on).
     ExpertStore(const std::string & path, bool repack, bool keep_mapped, const std::vector<int> & only_layers = {},
                 bool own_kernels = true);
-    // Part `part` of `n_parts` of another store's experts, for one NUMA node or rank. By rows:
-    // intermediate rows part_range() of gate/up (of both halves of a fused gate_up) and the
-    // columns down_span() of down; by experts: the whole experts expert_range(). Copied into memory
+    // Part `part` of `n_parts` of another store's experts, for one NUMA node or rank. By rows or
+    // blocks: intermediate rows part_range() of gate/up (of both halves of a fused gate_up) and
+    // the columns down_span() of down; by experts: the whole experts expert_range(). Copied into memory
     // this thread touches first (call it from a thread bound to the node), repacked where ggml has
     // a layout for the type (then only the repacked copy stays).
     ExpertStore(const ExpertStore & whole, int part, int n_parts, bool repack, Split by = Split::Rows);
-    // The intermediate rows [begin, end) part `part` of `n_parts` holds: units of 32 rows (whole
-    // rows of ggml's interleaved layouts and of lvgg's packed groups; whole blocks of the down type
-    // where F is not a multiple of 32), spread as evenly as they go: F / n_parts each, vLLM's
-    // tensor-parallel share, when that is a multiple of 32.
-    static std::pair<int64_t, int64_t> part_range(const ExpertLayer & L, int part, int n_parts);
+    // The intermediate rows [begin, end) part `part` of `n_parts` holds, spread as evenly as their
+    // units go. Rows: units of 32 rows (whole rows of ggml's interleaved layouts and of lvgg's
+    // packed groups), F / n_parts each, vLLM's tensor-parallel share, when that is a multiple of 32;
+    // Blocks: whole blocks of the down type (of 32 values or more). Where F is not a multiple of
+    // 32, whole blocks either way.
+    static std::pair<int64_t, int64_t> part_range(const ExpertLayer & L, int part, int n_parts,
+                                                  Split by = Split::Rows);
     // The columns [begin, end) of L's down that its intermediate rows [a, b) need: whole blocks of
     // the down type (a part holding them pads its activations with zeros, see down_lead).
     static std::pair<int64_t, int64_t> down_span(const ExpertLayer & L, int64_t a, int64_t b);
     // The experts [begin, end) part `part` of `n_parts` holds when split by experts: as evenly as
     // they go, the first parts taking one more (vLLM's linear placement).
     static std::pair<int64_t, int64_t> expert_range(const ExpertLayer & L, int part, int n_parts);
-    // The most parts every layer can be split into (its intermediate size in part_range's units).
-    int64_t                            max_parts() const;
+    // The most parts every layer can be split into by rows or blocks (F in part_range's units).
+    int64_t                            max_parts(Split by = Split::Rows) const;
     // The expert bytes part(part, n_parts, by) would hold.
     size_t                             part_bytes(int part, int n_parts, Split by) const;
     ~ExpertStore();

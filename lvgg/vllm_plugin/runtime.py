@@ -48,7 +48,7 @@ _gpu_min_tokens: int | None = None
 _gpu_memory_utilization = 0.9
 # What the GPU's experts are read from: the whole file (mapped) and this rank's share of each expert
 # (a tensor-parallel rank's engine holds a copy of its share only).
-_gpu_source: tuple[ExpertStore, tuple[int, int], bool] | None = None  # store, share, decode split allowed
+_gpu_source: tuple[ExpertStore, tuple[int, int], str, bool] | None = None  # store, share, by, decode split allowed
 opened_at: float | None = None  # time.perf_counter() when this process opened the experts file (startup figures)
 
 
@@ -179,19 +179,21 @@ def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: f
         return _engine
 
 
-def split_by(store: ExpertStore, rank: int, ranks: int, expert_parallel: bool) -> str:
-    """How ranks split the experts: "experts" (whole ones, for expert parallelism) where every
-    layer has an expert for each rank, else "rows" (a share of every expert)."""
-    if not expert_parallel:
-        return "rows"
-    fewest = min(store.layer_info(layer).n_experts for layer in store.layers)
-    if fewest < ranks:
+def split_by(store: ExpertStore, rank: int, ranks: int, expert_parallel: bool, shared_memory: bool = False) -> str:
+    """How ranks split the experts (ExpertStore.part): "experts" (whole ones, for expert
+    parallelism) where every layer has an expert for each rank; else a share of every expert:
+    "blocks" for ranks sharing a node's memory (the fewest bytes in all; their cores follow their
+    bytes) where every layer has a block of down for each, else "rows" (vLLM's tensor-parallel
+    share: the fewest bytes per rank)."""
+    if expert_parallel:
+        fewest = min(store.layer_info(layer).n_experts for layer in store.layers)
+        if fewest >= ranks:
+            if rank == 0:
+                log.info("lvgg: expert parallelism: each of %d ranks computes the whole experts it holds", ranks)
+            return "experts"
         log.warning("lvgg: expert parallelism over %d ranks, but a layer has %d experts; each rank computes a share "
                     "of every expert instead (as with tensor parallelism)", ranks, fewest)
-        return "rows"
-    if rank == 0:
-        log.info("lvgg: expert parallelism: each of %d ranks computes the whole experts it holds", ranks)
-    return "experts"
+    return "blocks" if shared_memory and store.max_parts("blocks") >= ranks else "rows"
 
 
 def pp_layers(hf_config: dict[str, Any], pp_rank: int, pp_size: int) -> list[int] | None:
@@ -229,7 +231,8 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     # A store that is split only maps the file (the parts are the copies): it opens before the
     # rank's CPUs are known, which then follow its part's bytes where the ranks share cores.
     store = open_store() if split else None
-    by = split_by(store, tp_rank, tp_size, expert_parallel) if tp_size > 1 else "rows"
+    by = split_by(store, tp_rank, tp_size, expert_parallel, shared_memory=len(topo.nodes) < count) \
+        if tp_size > 1 else "rows"
     weights = [store.part_bytes(r, tp_size, by) for r in range(tp_size)] if tp_size == count > 1 else None
     # Ranks sharing this machine's CPUs each run one pool on CPUs of their own.
     cpus, mem_node = rank_cpus(topo, index, count, rank_gpu_nodes(count), weights) if count > 1 else (None, None)
@@ -241,7 +244,8 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
                      topology.format_cpulist(layers))
         # The GPU reads the mapping: a share of every expert's rows. Where the CPU holds whole experts
         # instead (expert parallel), no decode step is split between the two.
-        _gpu_source = (store, (tp_rank, tp_size), by == "rows") if _gpu_present() else None
+        _gpu_source = (store, (tp_rank, tp_size), "rows" if by == "experts" else by, by != "experts") \
+            if _gpu_present() else None
         if tp_size > 1:  # without a GPU the whole file is unmapped when its store goes
             # A rank alone on several nodes splits its part again, over them: a plain copy, split, then repacked.
             store = store.part(tp_rank, tp_size, repack=not several_nodes, by=by)
@@ -252,7 +256,7 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
                  "%d threads on CPUs %s%s", index, count, tp_rank, tp_size, pp_rank, pp_size, store.path, moe.threads,
                  topology.format_cpulist(cpus), f" (NUMA node {mem_node})" if mem_node is not None else "")
         return moe
-    nodes = engine_nodes(topo, store.max_parts) if several_nodes else None
+    nodes = engine_nodes(topo, store.max_parts()) if several_nodes else None
     if nodes:
         moe = CpuMoE(store, nodes=nodes, **kwargs)
         log.info("lvgg: experts split over %d NUMA nodes (%s), %d threads", len(nodes),
@@ -308,7 +312,7 @@ def split_experts() -> SplitExperts | None:
     return _split
 
 
-def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], can_split: bool, device,
+def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], by: str, can_split: bool, device,
                       dtype) -> tuple[GpuExperts | None, SplitExperts | None]:
     global _gpu_min_tokens
     wanted = GpuSettings.from_env()
@@ -320,13 +324,13 @@ def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], can_split: bool
     _gpu_min_tokens = wanted.prefill_min_tokens
     free, total = torch.cuda.mem_get_info(device)
     usable = max(0.0, _gpu_memory_utilization * total - (total - free))  # what vLLM may still take
-    plan = plan_gpu_layers(layer_infos(store, part), wanted, usable, dtype)
+    plan = plan_gpu_layers(layer_infos(store, part, by), wanted, usable, dtype)
     for note in plan.notes:
         log.warning("lvgg: %s", note)
     if not plan.streamed and not plan.resident and not plan.split:
         return None, None
     gpu = GpuExperts(store, device=device, dtype=dtype, streamed_layers=plan.streamed, resident_layers=plan.resident,
-                     split_layers=plan.split, split_experts=SPLIT_EXPERTS, stream_group=plan.stream_group, part=part)
+                     split_layers=plan.split, split_experts=SPLIT_EXPERTS, stream_group=plan.stream_group, part=part, by=by)
     log.info("lvgg: experts on %s%s: %d layers streamed for passes of >= %s tokens, %d resident, %d split with the "
              "CPU in decode steps; %.2f GiB of VRAM", device, f" (share {part[0] + 1} of {part[1]})" if part[1] > 1
              else "", len(plan.streamed), wanted.prefill_min_tokens, len(plan.resident), len(gpu.split_layers),
