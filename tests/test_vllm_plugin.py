@@ -93,12 +93,14 @@ def test_tensor_and_expert_parallel_ranks_each_compute_their_part_of_the_experts
         assert hybrid["engine_expert_bytes"] == [whole // 2, whole // 2]  # one part per rank, not a copy each
         assert hybrid["engine_experts"] == ([[0, 4], [4, 8]] if ep else [[0, 8], [0, 8]])
         assert_ranks_on_cpus_of_their_own(hybrid)
-    # Q4_K: vLLM's share of F=256 is 128 rows, half a block of down; each rank pads to the block
+    # Q4_K: vLLM's share of F=256 is 128 rows, half a block of down; each rank pads to the block, so
+    # its activations are quantized with scales of their own: log-probabilities stay within noise of
+    # TP=1 on the same file, and greedy tokens part only where TP=1's top two are as close
     q4_k = convert_hf(str(folder), folder.parent / "experts-Q4_K.gguf", {p: Q.Q4_K for p in PROJECTIONS},
                       threads=2, quiet=True)
     assert lvgg.ExpertStore(q4_k).part_rows(0, 1, 2) == (128, 256)
-    same, diff, _ = agreement(generate(folder, q4_k, tp=2), stock, "Q4_K experts, TP=2")
-    assert same >= 0.5 and diff < 0.5
+    _, diff, margin = agreement(generate(folder, q4_k, tp=2), generate(folder, q4_k), "Q4_K experts, TP=2 vs TP=1")
+    assert diff < 0.1 and margin < 0.1
 
 
 def test_pipeline_stages_each_compute_their_own_layers_experts(qwen3):
