@@ -150,7 +150,6 @@ def bench_ranks(types: list[str], tokens: list[int], threads: int, ranks: int, n
     from lvgg import topology
 
     cpus = _bridge.physical_core_cpus()[:threads]
-    even = topology.split_cpus(cpus, [1] * ranks)
 
     def engines(path: Path, K: int):
         store = ExpertStore(path, own_kernels=own_kernels)

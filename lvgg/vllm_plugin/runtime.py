@@ -330,7 +330,8 @@ def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], by: str, can_sp
     if not plan.streamed and not plan.resident and not plan.split:
         return None, None
     gpu = GpuExperts(store, device=device, dtype=dtype, streamed_layers=plan.streamed, resident_layers=plan.resident,
-                     split_layers=plan.split, split_experts=SPLIT_EXPERTS, stream_group=plan.stream_group, part=part, by=by)
+                     split_layers=plan.split, split_experts=SPLIT_EXPERTS, stream_group=plan.stream_group, part=part,
+                     by=by)
     log.info("lvgg: experts on %s%s: %d layers streamed for passes of >= %s tokens, %d resident, %d split with the "
              "CPU in decode steps; %.2f GiB of VRAM", device, f" (share {part[0] + 1} of {part[1]})" if part[1] > 1
              else "", len(plan.streamed), wanted.prefill_min_tokens, len(plan.resident), len(gpu.split_layers),
