@@ -92,26 +92,31 @@ def staged_bytes(info: ExpertLayerInfo, n_experts: int | None = None) -> int:
     return at + nbytes
 
 
-def _share_info(whole: ExpertLayerInfo, rows: tuple[int, int], columns: tuple[int, int]) -> ExpertLayerInfo:
-    """A layer as the share holding intermediate rows [a, b) of every expert and columns [c, d) of
-    down (its whole blocks around them) sees it: the sizes and bytes the GPU holds (offsets stay
-    the whole projections' in the file)."""
-    share = dataclasses.replace(whole, intermediate_size=rows[1] - rows[0], down_columns=columns[1] - columns[0],
+def _share_info(whole: ExpertLayerInfo, rows: tuple[int, int], columns: tuple[int, int],
+                experts: tuple[int, int]) -> ExpertLayerInfo:
+    """A layer as the share holding intermediate rows [a, b) and columns [c, d) of down (its whole
+    blocks around them) of experts [e, f) sees it: the sizes and bytes the GPU holds (offsets
+    stay the whole projections' in the file)."""
+    share = dataclasses.replace(whole, n_experts=experts[1] - experts[0], first_expert=experts[0],
+                                intermediate_size=rows[1] - rows[0], down_columns=columns[1] - columns[0],
                                 down_lead=rows[0] - columns[0])
     return dataclasses.replace(share, nbytes=sum(_nbytes(share, p) for p in share.types))
 
 
 def _share_of(store: ExpertStore, layer: int, part: tuple[int, int],
-              by: str) -> tuple[ExpertLayerInfo, tuple, tuple]:
-    """(the whole layer, the intermediate rows share ``part`` = (index, count) holds, the columns
-    of down they need): what ``store.part(*part, by=by)`` holds of the layer."""
+              by: str) -> tuple[ExpertLayerInfo, tuple, tuple, tuple]:
+    """(the whole layer, the intermediate rows, the columns of down and the experts, as the router
+    numbers them) that ``store.part(*part, by=by)`` holds of the layer."""
+    whole = store.layer_info(layer)
+    if by == "experts":
+        return whole, (0, whole.intermediate_size), (0, whole.down_columns), store.expert_range(layer, *part)
     rows = store.part_rows(layer, *part, by)
-    return store.layer_info(layer), rows, store.down_columns(layer, rows)
+    return whole, rows, store.down_columns(layer, rows), (0, whole.n_experts)
 
 
 def layer_infos(store: ExpertStore, part: tuple[int, int] = (0, 1), by: str = "rows") -> dict[int, ExpertLayerInfo]:
-    """Every MoE layer of ``store`` as share ``part`` = (index, count) of every expert, ``by`` rows
-    or blocks (ExpertStore.part), sees it."""
+    """Every MoE layer of ``store`` as share ``part`` = (index, count), by rows, blocks or experts
+    (ExpertStore.part), sees it."""
     return {layer: _share_info(*_share_of(store, layer, part, by)) for layer in store.layers}
 
 
@@ -251,7 +256,7 @@ class GpuExperts:
 
             self._fused_experts = compat.fused_experts
         self._info: dict[int, ExpertLayerInfo] = {}  # this share's sizes
-        shares: dict[int, tuple[ExpertLayerInfo, tuple[int, int], tuple[int, int]]] = {}
+        shares: dict[int, tuple[ExpertLayerInfo, tuple[int, int], tuple[int, int], tuple[int, int]]] = {}
         for layer in sorted({*self.streamed_layers, *self.resident_layers, *self.split_layers}):
             shares[layer] = _share_of(store, layer, self.part, by)
             why = gpu_unsupported(shares[layer][0])
@@ -263,10 +268,11 @@ class GpuExperts:
         # rows of w13 it fills or None for w2)
         self._plan: dict[int, list[tuple[str, list[torch.Tensor], slice | None]]] = {
             layer: [(info.types[p], views, rows) for (p, rows), views in
-                    zip(_gpu_layout(info), _host_views(self._host, *shares[layer]))]
+                    zip(_gpu_layout(info), _host_views(self._host, *shares[layer][:3]))]
             for layer, info in self._info.items()}
         self.host_pinned = False
         self._resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._resident_maps: dict[int, torch.Tensor | None] = {}
         self._streamed: frozenset[int] = frozenset()
         if self.streamed_layers or self.split_layers:
             self._pin_host()
@@ -280,16 +286,21 @@ class GpuExperts:
             self._setup_split()
         t0 = time.perf_counter()
         for layer in self.resident_layers:
-            every = range(self._info[layer].n_experts)
+            every = self._held(layer)
             staged = torch.empty(staged_bytes(self._info[layer]), dtype=torch.uint8, device=self.device)
             self._stage(layer, every, staged)
             self._resident[layer] = self._dequantize(layer, every, staged, self._new_weights(self._info[layer]))
+            self._resident_maps[layer] = self._expert_map(self._info[layer], every)
         if self.resident_layers:
             torch.cuda.synchronize(self.device)
             log.info("lvgg: %d resident expert layers dequantized onto %s in %.1f s", len(self.resident_layers),
                      self.device, time.perf_counter() - t0)
 
     # -- public ---------------------------------------------------------------------------------------
+
+    def layer_info(self, layer: int) -> ExpertLayerInfo:
+        """A layer as this share holds it (its rows and experts)."""
+        return self._info[layer]
 
     @property
     def vram_bytes(self) -> int:
@@ -302,7 +313,9 @@ class GpuExperts:
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         if layer in self._resident:
-            return self._fused_experts(x, *self._resident[layer], topk_weights, topk_ids)
+            return self._fused_experts(x, *self._resident[layer], topk_weights, topk_ids,
+                                       global_num_experts=self._info[layer].routed_experts,
+                                       expert_map=self._resident_maps[layer])
         if layer not in self._streamed:
             raise ValueError(f"layer {layer} is neither streamed nor resident on the GPU "
                              f"(streamed: {self.streamed_layers}, resident: {self.resident_layers})")
@@ -312,7 +325,7 @@ class GpuExperts:
         out = None
         for group, expert_map in enumerate(self._expert_maps):
             part = self._fused_experts(x, *self._stream_in(layer, group), topk_weights, topk_ids,
-                                       global_num_experts=self._info[layer].n_experts, expert_map=expert_map)
+                                       global_num_experts=self._info[layer].routed_experts, expert_map=expert_map)
             out = part if out is None else out.add_(part)
         return out
 
@@ -408,16 +421,13 @@ class GpuExperts:
     def _setup_streaming(self, stream_group: int | None) -> None:
         info = self._one_shape(self.streamed_layers, "streamed")
         self._streamed = frozenset(self.streamed_layers)
-        self._groups = stream_groups(info.n_experts, stream_group)
+        held = self._held(self.streamed_layers[0])
+        self._groups = [range(held.start + g.start, held.start + g.stop) for g in stream_groups(len(held), stream_group)]
         group = len(self._groups[0])
         slot_bytes = max(staged_bytes(self._info[layer], group) for layer in self.streamed_layers)
         self._staging = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
         self._weights = self._new_weights(info, group, max(self._info[n].down_columns for n in self.streamed_layers))
-        # vLLM's fused MoE computes a group's experts given a map of the layer's experts to the
-        # group's (-1: not in this group, skipped); a whole layer needs none
-        self._expert_maps = [None] if len(self._groups) == 1 else [
-            torch.tensor([e - experts.start if e in experts else -1 for e in range(info.n_experts)],
-                         dtype=torch.int32, device=self.device) for experts in self._groups]
+        self._expert_maps = [self._expert_map(info, experts) for experts in self._groups]
         order = [(layer, group) for layer in self.streamed_layers for group in range(len(self._groups))]
         self._slot_of = {unit: i % 2 for i, unit in enumerate(order)}
         self._next = {unit: order[(i + 1) % len(order)] for i, unit in enumerate(order)}
@@ -426,9 +436,23 @@ class GpuExperts:
         self._freed = [torch.cuda.Event() for _ in range(2)]
         self._copy_stream = torch.cuda.Stream(self.device)
 
+    def _held(self, layer: int) -> range:
+        """The experts of ``layer`` this share holds, as the router numbers them."""
+        info = self._info[layer]
+        return range(info.first_expert, info.first_expert + info.n_experts)
+
+    def _expert_map(self, info: ExpertLayerInfo, experts: range) -> torch.Tensor | None:
+        """What vLLM's fused MoE takes to compute ``experts`` of a layer held as weights 0, 1, ...:
+        each of the router's experts' index among them (-1: not held, skipped); None for all."""
+        if experts == range(info.routed_experts):
+            return None
+        return torch.tensor([e - experts.start if e in experts else -1 for e in range(info.routed_experts)],
+                            dtype=torch.int32, device=self.device)
+
     def _one_shape(self, layers: list[int], what: str) -> ExpertLayerInfo:
         """The layer info of ``layers``, which must share their shape (they share weight buffers)."""
-        shapes = {(self._info[n].n_experts, self._info[n].hidden_size, self._info[n].intermediate_size) for n in layers}
+        shapes = {(self._info[n].n_experts, self._info[n].first_expert, self._info[n].hidden_size,
+                   self._info[n].intermediate_size) for n in layers}
         if len(shapes) > 1:
             raise ValueError(f"{what} layers of {self.store.path} differ in shape ({sorted(shapes)}); "
                              f"give layers of one shape")

@@ -270,11 +270,21 @@ def test_decode_split_calibration_times_both_sides(split):
     assert set(best_slots(seconds)) == {1, 8}
 
 
-# (file, shares): Q4_K_M in 2 shares of whole blocks and in 3 that pad down's blocks; Q8_0 in 3
-SHARES = [("k", 2), ("k", 3), ("q8", 3)]
+# (file, shares, split): Q4_K_M in 2 shares of whole blocks and in 3 that pad down's blocks; Q8_0
+# in 3; Q4_K_M in 2 of whole experts
+SHARES = [("k", 2, "rows"), ("k", 3, "rows"), ("q8", 3, "rows"), ("k", 2, "experts")]
 
 
-@pytest.mark.parametrize("kind,n_parts", SHARES)
+def share_output(path, store, layer, share, by, x, ids, w):
+    """The f64 output of share ``share`` = (index, count) of a layer, for float64/int numpy inputs:
+    of its rows of every expert, or of its whole experts (slots routed elsewhere add nothing)."""
+    if by == "experts":
+        lo, hi = store.expert_range(layer, *share)
+        return read_reference(path, layer).forward(x, np.where((ids >= lo) & (ids < hi), ids, -1), w)
+    return share_reference(path, layer, store.part_rows(layer, *share, by)).forward(x, ids, w)
+
+
+@pytest.mark.parametrize("kind,n_parts", [share[:2] for share in SHARES if share[2] == "rows"])
 def test_a_shares_bytes_in_the_file_are_the_rows_its_cpu_part_holds(experts_file, q8_file, kind, n_parts):
     """What a tensor-parallel rank's GPU reads of the file (rows [a, b) of gate and up, the whole
     blocks of down around them), dequantized by gguf-py, is the reference's; the shares tile the
@@ -306,11 +316,20 @@ def test_a_shares_bytes_in_the_file_are_the_rows_its_cpu_part_holds(experts_file
         assert ends[-1] == F and len(set(np.diff(ends))) <= 2, ends
 
 
+def test_an_expert_parallel_share_is_its_whole_experts(experts_file):
+    store = lvgg.ExpertStore(experts_file, repack=False)
+    whole, share = store.layer_info(1), layer_infos(store, (1, 2), "experts")[1]
+    assert (share.first_expert, share.n_experts, share.routed_experts) == (E // 2, E // 2, E)
+    assert (share.intermediate_size, share.down_columns, share.nbytes) == (F, F, whole.nbytes // 2)
+    assert share.nbytes == store.part(1, 2, repack=False, by="experts").layer_info(1).nbytes
+
+
 @needs_cuda
-@pytest.mark.parametrize("kind,n_parts", SHARES)
-def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_file, q8_file, kind, n_parts):
+@pytest.mark.parametrize("kind,n_parts,by", SHARES)
+def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_file, q8_file, kind, n_parts, by):
     """A rank's GpuExperts (streamed whole and in groups, resident, and split with the rank's CPU
-    part in decode steps) computes the share its CPU part holds; the ranks' outputs sum to the layer."""
+    part in decode steps) computes the share its CPU part holds, rows of every expert or whole
+    experts (expert parallel); the ranks' outputs sum to the layer."""
     from lvgg.gpu_split import SplitExperts
 
     path = experts_file if kind == "k" else q8_file
@@ -321,24 +340,24 @@ def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_
     sums: dict[str, dict[int, torch.Tensor]] = {"prefill": {}, "decode": {}}
     for part in range(n_parts):
         share = (part, n_parts)
-        moe = lvgg.CpuMoE(store.part(part, n_parts), threads=2, max_top_k=K)
+        moe = lvgg.CpuMoE(store.part(part, n_parts, by=by), threads=2, max_top_k=K)
         cpu = lvgg.CudaExperts(moe, hidden_size=D, top_k=K, max_tokens=8, dtype=torch.bfloat16)
         gpus = [GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[1], resident_layers=[5],
-                           stream_group=group, part=share) for group in (None, 6)]
+                           stream_group=group, part=share, by=by) for group in (None, 6)]
         split_gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, split_layers=[1, 5], split_experts=8,
-                               part=share)
+                               part=share, by=by)
         split = SplitExperts(split_gpu, cpu, slots={8: 2})
         assert all(gpu.host_pinned for gpu in (*gpus, split_gpu)), "three readers of one pinned file"
-        assert gpus[0].vram_bytes == estimate_vram_bytes(layer_infos(store, share), [1], [5], torch.bfloat16)
+        assert gpus[0].vram_bytes == estimate_vram_bytes(layer_infos(store, share, by), [1], [5], torch.bfloat16)
         for layer in (1, 5):
-            rows = store.part_rows(layer, *share)
-            want = share_reference(path, layer, rows).forward(xb.double().numpy(), ids.numpy(), w.double().numpy())
+            want = share_output(path, store, layer, share, by, xb.double().numpy(), ids.numpy(), w.double().numpy())
             for gpu in gpus:
                 out = gpu(layer, xb.cuda(), ids.cuda(), w.cuda())
                 assert rel_error(out, want) < 0.02, (share, layer, gpu.streamed_layers)
             sums["prefill"][layer] = sums["prefill"].get(layer, 0) + out.double().cpu()
             out = split(layer, xdb.cuda(), idsd.cuda(), wd.cuda())
-            want = share_reference(path, layer, rows).forward(xdb.double().numpy(), idsd.numpy(), wd.double().numpy())
+            want = share_output(path, store, layer, share, by, xdb.double().numpy(), idsd.numpy(),
+                                wd.double().numpy())
             assert rel_error(out, want) < 0.02, (share, layer, "split")
             sums["decode"][layer] = sums["decode"].get(layer, 0) + out.double().cpu()
         torch.cuda.synchronize()

@@ -234,8 +234,8 @@ def test_auto_decode_split_that_cannot_be_timed_leaves_decode_on_the_cpu(monkeyp
 def test_a_tensor_parallel_rank_runs_its_share_of_every_expert_on_the_gpu(qwen3, monkeypatch, expert_parallel):
     """Each rank's runtime (rank 0 and 1 of 2, in turn in this process) makes GPU experts for its
     share: streamed for a long pass, split with its CPU engine's share in a decode step. An
-    expert-parallel rank streams the same share, but its CPU engine holds whole experts and
-    decodes alone. The ranks' outputs sum to the layer's, as vLLM's all-reduce sums them."""
+    expert-parallel rank's GPU and CPU hold its whole experts. The ranks' outputs sum to the
+    layer's, as vLLM's all-reduce sums them."""
     from lvgg.models import arch_for
     from lvgg.testing.expert_files import read_reference
     from lvgg.vllm_plugin import runtime
@@ -261,10 +261,10 @@ def test_a_tensor_parallel_rank_runs_its_share_of_every_expert_on_the_gpu(qwen3,
         gpu = runtime.gpu_experts(torch.device("cuda"), torch.bfloat16)
         split = runtime.split_experts()
         assert gpu.part == (rank, 2) and layer in gpu.streamed_layers and runtime.runs_on_gpu(gpu, layer, 32)
-        assert (split is None) if expert_parallel else split.takes(layer, 4)
-        decode = runtime.cuda_experts(torch.bfloat16) if expert_parallel else split
+        assert split.takes(layer, 4)
+        assert gpu.layer_info(layer).n_experts == (spec.n_experts // 2 if expert_parallel else spec.n_experts)
         for T, (x, ids, w) in passes.items():
-            out = (gpu if T == 32 else decode)(layer, x.cuda(), ids.cuda(), w.cuda())
+            out = (gpu if T == 32 else split)(layer, x.cuda(), ids.cuda(), w.cuda())
             sums[T] = sums[T] + out.double().cpu()
         torch.cuda.synchronize()
         runtime._cuda.close()

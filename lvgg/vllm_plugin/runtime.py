@@ -7,7 +7,6 @@ message naming the first difference.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
@@ -48,7 +47,7 @@ _gpu_min_tokens: int | None = None
 _gpu_memory_utilization = 0.9
 # What the GPU's experts are read from: the whole file (mapped) and this rank's share of each expert
 # (a tensor-parallel rank's engine holds a copy of its share only).
-_gpu_source: tuple[ExpertStore, tuple[int, int], str, bool] | None = None  # store, share, by, decode split allowed
+_gpu_source: tuple[ExpertStore, tuple[int, int], str] | None = None  # the whole store, the rank's part and its split
 opened_at: float | None = None  # time.perf_counter() when this process opened the experts file (startup figures)
 
 
@@ -242,10 +241,8 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
         if layers is not None:
             log.info("lvgg: pipeline-parallel rank %d of %d holds the experts of layers %s", pp_rank, pp_size,
                      topology.format_cpulist(layers))
-        # The GPU reads the mapping: a share of every expert's rows. Where the CPU holds whole experts
-        # instead (expert parallel), no decode step is split between the two.
-        _gpu_source = (store, (tp_rank, tp_size), "rows" if by == "experts" else by, by != "experts") \
-            if _gpu_present() else None
+        # The GPU reads the mapping: the rank's part, as its CPU engine holds it.
+        _gpu_source = (store, (tp_rank, tp_size), by) if _gpu_present() else None
         if tp_size > 1:  # without a GPU the whole file is unmapped when its store goes
             # A rank alone on several nodes splits its part again, over them: a plain copy, split, then repacked.
             store = store.part(tp_rank, tp_size, repack=not several_nodes, by=by)
@@ -312,15 +309,10 @@ def split_experts() -> SplitExperts | None:
     return _split
 
 
-def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], by: str, can_split: bool, device,
+def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], by: str, device,
                       dtype) -> tuple[GpuExperts | None, SplitExperts | None]:
     global _gpu_min_tokens
     wanted = GpuSettings.from_env()
-    if not can_split and wanted.decode_split is not None:
-        # The GPU computes a share of every expert; a decode step's experts shared between it and a
-        # CPU holding whole experts would not add up to the layer over the ranks.
-        log.info("lvgg: expert parallelism: decode steps run the experts on the CPU alone (no GPU split)")
-        wanted = dataclasses.replace(wanted, decode_split=None)
     _gpu_min_tokens = wanted.prefill_min_tokens
     free, total = torch.cuda.mem_get_info(device)
     usable = max(0.0, _gpu_memory_utilization * total - (total - free))  # what vLLM may still take
@@ -333,7 +325,7 @@ def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], by: str, can_sp
                      split_layers=plan.split, split_experts=SPLIT_EXPERTS, stream_group=plan.stream_group, part=part,
                      by=by)
     log.info("lvgg: experts on %s%s: %d layers streamed for passes of >= %s tokens, %d resident, %d split with the "
-             "CPU in decode steps; %.2f GiB of VRAM", device, f" (share {part[0] + 1} of {part[1]})" if part[1] > 1
+             "CPU in decode steps; %.2f GiB of VRAM", device, f" (part {part[0] + 1} of {part[1]} by {by})" if part[1] > 1
              else "", len(plan.streamed), wanted.prefill_min_tokens, len(plan.resident), len(gpu.split_layers),
              gpu.vram_bytes / 2**30)
     return gpu, _make_split(gpu, cuda_experts(dtype), wanted.decode_split) if gpu.split_layers else None
