@@ -228,10 +228,11 @@ class GpuExperts:
     VRAM: two staging slots of a group's file bytes, one group of weights in ``dtype`` for the
     streamed layers, every resident layer's weights, and the bytes of ``split_experts`` experts
     for the split layers (``vram_bytes``).
-    ``part`` = (index, count): compute that share of every expert, the intermediate rows
-    ``store.part(index, count, by=by)`` holds (a tensor-parallel rank's, by rows or blocks; the
-    shares' outputs sum to the layer's). Its bytes are read from the whole file (``store``,
-    mapped), only they cross the link.
+    ``part`` = (index, count) and ``by``: compute what ``store.part(index, count, by=by)`` holds,
+    intermediate rows of every expert (by rows or blocks: a tensor-parallel rank's) or whole
+    experts (an expert-parallel rank's: slots routed to others add nothing); the parts' outputs
+    sum to the layer's. Its bytes are read from the whole file (``store``, mapped), only they
+    cross the link.
     """
 
     def __init__(self, store: ExpertStore, *, device: torch.device | str, dtype: torch.dtype,
@@ -422,7 +423,8 @@ class GpuExperts:
         info = self._one_shape(self.streamed_layers, "streamed")
         self._streamed = frozenset(self.streamed_layers)
         held = self._held(self.streamed_layers[0])
-        self._groups = [range(held.start + g.start, held.start + g.stop) for g in stream_groups(len(held), stream_group)]
+        self._groups = [range(held.start + g.start, held.start + g.stop)
+                        for g in stream_groups(len(held), stream_group)]
         group = len(self._groups[0])
         slot_bytes = max(staged_bytes(self._info[layer], group) for layer in self.streamed_layers)
         self._staging = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]

@@ -45,9 +45,9 @@ _split: SplitExperts | None = None
 _gpu_made = False
 _gpu_min_tokens: int | None = None
 _gpu_memory_utilization = 0.9
-# What the GPU's experts are read from: the whole file (mapped) and this rank's share of each expert
-# (a tensor-parallel rank's engine holds a copy of its share only).
-_gpu_source: tuple[ExpertStore, tuple[int, int], str] | None = None  # the whole store, the rank's part and its split
+# What the GPU's experts are read from: the whole file (mapped), this rank's part and how the ranks
+# split (ExpertStore.part's by; a tensor-parallel rank's engine holds a copy of its part only).
+_gpu_source: tuple[ExpertStore, tuple[int, int], str] | None = None
 opened_at: float | None = None  # time.perf_counter() when this process opened the experts file (startup figures)
 
 
@@ -325,9 +325,9 @@ def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], by: str, device
                      split_layers=plan.split, split_experts=SPLIT_EXPERTS, stream_group=plan.stream_group, part=part,
                      by=by)
     log.info("lvgg: experts on %s%s: %d layers streamed for passes of >= %s tokens, %d resident, %d split with the "
-             "CPU in decode steps; %.2f GiB of VRAM", device, f" (part {part[0] + 1} of {part[1]} by {by})" if part[1] > 1
-             else "", len(plan.streamed), wanted.prefill_min_tokens, len(plan.resident), len(gpu.split_layers),
-             gpu.vram_bytes / 2**30)
+             "CPU in decode steps; %.2f GiB of VRAM", device,
+             f" (part {part[0] + 1} of {part[1]} by {by})" if part[1] > 1 else "", len(plan.streamed),
+             wanted.prefill_min_tokens, len(plan.resident), len(gpu.split_layers), gpu.vram_bytes / 2**30)
     return gpu, _make_split(gpu, cuda_experts(dtype), wanted.decode_split) if gpu.split_layers else None
 
 
