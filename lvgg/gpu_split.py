@@ -117,7 +117,8 @@ def calibrate(gpu: GpuExperts, cpu: CudaExperts, token_counts: Sequence[int] | N
     turn, ``repeats`` rounds, so a passing slowdown of the machine weighs on every way alike,
     with new random routing before each replay (the same experts again would be read from the
     CPU's caches, which a decode step never is). Synchronizes: call outside any capture (vLLM's
-    profiling run comes first)."""
+    profiling run comes first). An expert-parallel rank's routes run over every expert, as the
+    router's do, and it computes those it holds."""
     top_k = cpu.top_k
     layers = timed_layers(gpu.split_layers)
     info = cpu.moe.store.layer_info(layers[0])
@@ -125,9 +126,9 @@ def calibrate(gpu: GpuExperts, cpu: CudaExperts, token_counts: Sequence[int] | N
         token_counts = [1 << i for i in range(MOST_TOKENS.bit_length()) if 1 << i <= cpu.max_tokens]
     result = {}
     for n in token_counts:
-        routes = RandomRoutes(layers, n, top_k, info.n_experts, gpu.device, seed=n)
+        routes = RandomRoutes(layers, n, top_k, info.routed_experts, gpu.device, seed=n)
         x = torch.randn(n, info.hidden_size, generator=routes.generator).to(gpu.device, cpu.dtype)
-        shares = split_shares(n, top_k, info.n_experts, gpu.split_experts)
+        shares = split_shares(n, top_k, info.routed_experts, gpu.split_experts, held=info.n_experts)
         ways = [cpu] + [SplitExperts(gpu, cpu, slots={n: g}) for g in shares]
         times = routes.graphs_seconds([lambda way=way: [way(layer, x, ids, w) for layer, ids, w in routes]
                                        for way in ways], repeats)
@@ -135,11 +136,12 @@ def calibrate(gpu: GpuExperts, cpu: CudaExperts, token_counts: Sequence[int] | N
     return result
 
 
-def split_shares(n_tokens: int, top_k: int, n_experts: int, split_experts: int) -> range:
+def split_shares(n_tokens: int, top_k: int, n_experts: int, split_experts: int, held: int | None = None) -> range:
     """The GPU shares (of top_k) worth timing for calls of ``n_tokens``: 1 up to the first whose
-    expected experts, with uniform random routing, fill the ``split_experts`` the GPU fetches per
-    call (past it the GPU's part stays the same), and at most top_k - 1."""
-    distinct = n_experts * (1 - (1 - top_k / n_experts) ** n_tokens)
+    expected experts, with uniform random routing over ``n_experts``, fill the ``split_experts``
+    the GPU fetches per call (past it the GPU's part stays the same), and at most top_k - 1.
+    ``held``: the experts the split computes (an expert-parallel rank's; default all)."""
+    distinct = n_experts * (1 - (1 - top_k / n_experts) ** n_tokens) * (held or n_experts) / n_experts
     return range(1, min(top_k - 1, math.ceil(split_experts * top_k / distinct)) + 1)
 
 

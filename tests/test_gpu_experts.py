@@ -206,6 +206,8 @@ def test_split_shares_stop_where_the_gpu_fetches_its_most():
     # 16 tokens ~82 (4/8: 41, clamped to 32)
     assert [split_shares(n, 8, 128, 32) for n in (1, 8, 16)] == [range(1, 8), range(1, 6), range(1, 5)]
     assert split_shares(8, 4, 16, 8) == range(1, 4)
+    # an expert-parallel rank holding half of them meets half the distinct experts: more shares are worth timing
+    assert split_shares(16, 8, 128, 32, held=64) == range(1, 8)
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +270,27 @@ def test_decode_split_calibration_times_both_sides(split):
     assert len(seconds[1]) == len(seconds[8]) == K  # the CPU alone, then GPU shares 1..K-1
     assert all(t > 0 for times in seconds.values() for t in times)
     assert set(best_slots(seconds)) == {1, 8}
+
+
+@needs_cuda
+def test_an_expert_parallel_ranks_calibration_routes_over_every_expert(experts_file):
+    """Rank 1 of 2 holds experts 8..15: calibration's routes run over all 16, as the router's do
+    (routes over 0..7 alone would leave both sides nothing to compute)."""
+    from lvgg.gpu_split import calibrate, split_shares
+
+    store = lvgg.ExpertStore(experts_file)
+    gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, split_layers=[1, 2], split_experts=8, part=(1, 2),
+                     by="experts")
+    cpu = lvgg.CudaExperts(lvgg.CpuMoE(store.part(1, 2, by="experts"), threads=2, max_top_k=K), hidden_size=D,
+                           top_k=K, max_tokens=8, dtype=torch.bfloat16)
+    try:
+        seconds = calibrate(gpu, cpu, token_counts=(1, 8), repeats=2)
+        assert len(seconds[8]) == 1 + len(split_shares(8, K, E, 8, held=E // 2))
+        assert all(t > 0 for times in seconds.values() for t in times)
+    finally:
+        torch.cuda.synchronize()
+        cpu.close()
+        gpu.close()
 
 
 # (file, shares, split): Q4_K_M in 2 shares of whole blocks and in 3 that pad down's blocks; Q8_0
