@@ -278,7 +278,7 @@ def test_an_expert_parallel_ranks_calibration_routes_over_every_expert(experts_f
     (routes over 0..7 alone would leave both sides nothing to compute)."""
     from lvgg.gpu_split import calibrate, split_shares
 
-    store = lvgg.ExpertStore(experts_file)
+    store = lvgg.ExpertStore(experts_file, repack=False)  # parts are made from plain tensors
     gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, split_layers=[1, 2], split_experts=8, part=(1, 2),
                      by="experts")
     cpu = lvgg.CudaExperts(lvgg.CpuMoE(store.part(1, 2, by="experts"), threads=2, max_top_k=K), hidden_size=D,
