@@ -36,6 +36,11 @@ class ExpertLayerInfo:
     down_columns: int  # of down: intermediate_size, or a rows part's whole quant blocks around its rows
     down_lead: int  # down's columns start this many intermediate rows before the first held (a rows part's)
 
+    @property
+    def held_experts(self) -> range:
+        """The experts held, as the router numbers them."""
+        return range(self.first_expert, self.first_expert + self.n_experts)
+
 
 class ExpertStore:
     """A GGUF file's routed experts (``blk.N.ffn_{gate,up,down}_exps.weight``), memory-mapped.
@@ -86,29 +91,30 @@ class ExpertStore:
         store._store = _bridge.ExpertStore.part(self._store, part, n_parts, repack, by)
         return store
 
-    def expert_range(self, layer: int, part: int, n_parts: int) -> tuple[int, int]:
-        """The experts [begin, end) of ``layer`` that ``part(part, n_parts, by="experts")`` holds,
-        as the router numbers them (as evenly as they go, the first parts one more: vLLM's linear
-        placement)."""
-        return tuple(self._store.expert_range(layer, part, n_parts))  # checks the part and layer
+    def part_shape(self, layer: int, part: int, n_parts: int,
+                   by: str = "rows") -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """What ``part(part, n_parts, by=by)`` holds of ``layer``, each as [begin, end): its
+        intermediate rows of gate and up, its columns of down (whole quant blocks around the rows:
+        the part pads its activations with zeros to them) and its experts, as the router numbers
+        them (by experts: as evenly as they go, the first parts one more, vLLM's linear placement)."""
+        rows, columns, experts = self._store.part_shape(layer, part, n_parts, by)  # checks the part and layer
+        return tuple(rows), tuple(columns), tuple(experts)
 
     def part_rows(self, layer: int, part: int, n_parts: int, by: str = "rows") -> tuple[int, int]:
-        """The intermediate rows [begin, end) of ``layer``'s experts that ``part(part, n_parts, by=by)``
-        holds (by rows or blocks): of gate and up; of down, ``down_columns`` of them."""
-        return tuple(self._store.part_range(layer, part, n_parts, by))  # checks the part and layer
+        """The intermediate rows [begin, end) ``part(part, n_parts, by=by)`` holds (``part_shape``)."""
+        return self.part_shape(layer, part, n_parts, by)[0]
 
-    def down_columns(self, layer: int, rows: tuple[int, int]) -> tuple[int, int]:
-        """The columns [begin, end) of ``layer``'s down that its intermediate rows ``rows`` = [a, b)
-        need: whole quant blocks (a part holding them pads its activations with zeros to them)."""
-        return tuple(self._store.down_span(layer, *rows))
+    def expert_range(self, layer: int, part: int, n_parts: int) -> tuple[int, int]:
+        """The experts [begin, end) ``part(part, n_parts, by="experts")`` holds (``part_shape``)."""
+        return self.part_shape(layer, part, n_parts, "experts")[2]
 
     def part_bytes(self, part: int, n_parts: int, by: str = "rows") -> int:
         """The expert bytes ``part(part, n_parts, by=by)`` would hold."""
         return self._store.part_bytes(part, n_parts, by)
 
     def max_parts(self, by: str = "rows") -> int:
-        """The most parts (NUMA nodes, tensor-parallel ranks) every layer can be split into by
-        rows or blocks."""
+        """The most parts (NUMA nodes, tensor- or expert-parallel ranks) every layer can be split
+        into ``by`` rows, blocks or experts."""
         return self._store.max_parts(by)
 
     @property

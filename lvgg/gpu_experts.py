@@ -107,11 +107,7 @@ def _share_of(store: ExpertStore, layer: int, part: tuple[int, int],
               by: str) -> tuple[ExpertLayerInfo, tuple, tuple, tuple]:
     """(the whole layer, the intermediate rows, the columns of down and the experts, as the router
     numbers them) that ``store.part(*part, by=by)`` holds of the layer."""
-    whole = store.layer_info(layer)
-    if by == "experts":
-        return whole, (0, whole.intermediate_size), (0, whole.down_columns), store.expert_range(layer, *part)
-    rows = store.part_rows(layer, *part, by)
-    return whole, rows, store.down_columns(layer, rows), (0, whole.n_experts)
+    return store.layer_info(layer), *store.part_shape(layer, *part, by)
 
 
 def layer_infos(store: ExpertStore, part: tuple[int, int] = (0, 1), by: str = "rows") -> dict[int, ExpertLayerInfo]:
@@ -287,7 +283,7 @@ class GpuExperts:
             self._setup_split()
         t0 = time.perf_counter()
         for layer in self.resident_layers:
-            every = self._held(layer)
+            every = self._info[layer].held_experts
             staged = torch.empty(staged_bytes(self._info[layer]), dtype=torch.uint8, device=self.device)
             self._stage(layer, every, staged)
             self._resident[layer] = self._dequantize(layer, every, staged, self._new_weights(self._info[layer]))
@@ -422,7 +418,7 @@ class GpuExperts:
     def _setup_streaming(self, stream_group: int | None) -> None:
         info = self._one_shape(self.streamed_layers, "streamed")
         self._streamed = frozenset(self.streamed_layers)
-        held = self._held(self.streamed_layers[0])
+        held = info.held_experts
         self._groups = [range(held.start + g.start, held.start + g.stop)
                         for g in stream_groups(len(held), stream_group)]
         group = len(self._groups[0])
@@ -437,11 +433,6 @@ class GpuExperts:
         self._copied = [torch.cuda.Event() for _ in range(2)]
         self._freed = [torch.cuda.Event() for _ in range(2)]
         self._copy_stream = torch.cuda.Stream(self.device)
-
-    def _held(self, layer: int) -> range:
-        """The experts of ``layer`` this share holds, as the router numbers them."""
-        info = self._info[layer]
-        return range(info.first_expert, info.first_expert + info.n_experts)
 
     def _expert_map(self, info: ExpertLayerInfo, experts: range) -> torch.Tensor | None:
         """What vLLM's fused MoE takes to compute ``experts`` of a layer held as weights 0, 1, ...:

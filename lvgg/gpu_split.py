@@ -57,8 +57,7 @@ class SplitExperts:
         # An expert-parallel rank's GPU and CPU hold experts [first, end) whole: the other ranks'
         # experts are left out of the routing, so that neither side computes them here.
         info = gpu.layer_info(gpu.split_layers[0]) if gpu.split_layers else None
-        self._held = (info.first_expert, info.first_expert + info.n_experts) \
-            if info and info.n_experts < info.routed_experts else None
+        self._held = info.held_experts if info and info.n_experts < info.routed_experts else None
         self._slots_of = [slots_for(slots, n) for n in range(self.max_tokens + 1)]  # by token count
         self._side = torch.cuda.Stream(gpu.device)
         self._inputs_ready, self._gpu_done = torch.cuda.Event(), torch.cuda.Event()
@@ -74,7 +73,8 @@ class SplitExperts:
         """How a call with these ids is shared out (``split_routing``'s cpu_ids, gpu_experts,
         slot_expert): the GPU's share for the call's token count, at most the experts it fetches."""
         if self._held:
-            topk_ids = torch.where((topk_ids >= self._held[0]) & (topk_ids < self._held[1]), topk_ids, -1)
+            held = (topk_ids >= self._held.start) & (topk_ids < self._held.stop)
+            topk_ids = torch.where(held, topk_ids, -1)
         return split_routing(topk_ids, self.gpu_slots(topk_ids.shape[0]), real_rows, most=self.gpu.split_experts)
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

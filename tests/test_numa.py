@@ -101,7 +101,7 @@ def test_rows_parts_hold_vllms_share_and_blocks_parts_whole_blocks(tmp_path):
     whole = lvgg.ExpertStore(path, repack=False)
     assert whole.max_parts() == 24 and whole.max_parts("blocks") == 3
     assert [whole.part_rows(0, r, 2) for r in (0, 1)] == [(0, 384), (384, 768)]
-    assert [whole.down_columns(0, whole.part_rows(0, r, 2)) for r in (0, 1)] == [(0, 512), (256, 768)]
+    assert [whole.part_shape(0, r, 2)[1] for r in (0, 1)] == [(0, 512), (256, 768)]
     infos = [whole.part(r, 2).layer_info(0) for r in (0, 1)]
     assert [(i.intermediate_size, i.down_columns, i.down_lead) for i in infos] == [(384, 512, 0), (384, 512, 128)]
     assert whole.part_bytes(0, 2) == whole.part_bytes(1, 2)  # the same bytes: the same time on equal cores

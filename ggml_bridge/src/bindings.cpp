@@ -17,6 +17,7 @@
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 namespace nb = nanobind;
@@ -193,22 +194,15 @@ NB_MODULE(_bridge, m) {
                          return out;
                      })
         .def("layer_info", [](const ExpertStore & s, int i) { return layer_info(s, s.layer(i)); }, "layer"_a)
-        .def("part_range",
+        .def("part_shape",  // (rows, columns of down, experts as the router numbers them), each [begin, end)
              [](const ExpertStore & s, int layer, int part, int n_parts, const std::string & by) {
-                 return ExpertStore::part_range(s.layer(layer), part, n_parts, split_named(by));
+                 const ExpertLayer & L     = s.layer(layer);
+                 const PartShape     shape = ExpertStore::part_shape(L, part, n_parts, split_named(by));
+                 const auto [e0, e1]       = shape.experts;
+                 return std::make_tuple(shape.rows, shape.columns,
+                                        std::make_pair(L.first_expert + e0, L.first_expert + e1));
              },
              "layer"_a, "part"_a, "n_parts"_a, "by"_a = "rows")
-        .def("down_span",
-             [](const ExpertStore & s, int layer, int64_t begin, int64_t end) {
-                 const ExpertLayer & L = s.layer(layer);
-                 if (begin < 0 || begin >= end || end > L.n_ff) {
-                     fail(ErrorKind::Value, "intermediate rows [" + std::to_string(begin) + ", " + std::to_string(end) +
-                                                ") are not within layer " + std::to_string(layer) + "'s 0.." +
-                                                std::to_string(L.n_ff));
-                 }
-                 return ExpertStore::down_span(L, begin, end);
-             },
-             "layer"_a, "begin"_a, "end"_a)
         .def("part_bytes",
              [](const ExpertStore & s, int part, int n_parts, const std::string & by) {
                  return s.part_bytes(part, n_parts, split_named(by));
@@ -221,13 +215,6 @@ NB_MODULE(_bridge, m) {
             }
             return d;
         })
-        .def("expert_range",  // as the router numbers the experts
-             [](const ExpertStore & s, int layer, int part, int n_parts) {
-                 const ExpertLayer & L = s.layer(layer);
-                 const auto [begin, end] = ExpertStore::expert_range(L, part, n_parts);
-                 return std::make_pair(L.first_expert + begin, L.first_expert + end);
-             },
-             "layer"_a, "part"_a, "n_parts"_a)
         .def_static("part",
                     [](std::shared_ptr<ExpertStore> whole, int part, int n_parts, bool repack, const std::string & by) {
                         const Split split = split_named(by);

@@ -454,10 +454,22 @@ static int64_t part_unit(const ExpertLayer & L, Split by) {
     return L.n_ff % unit == 0 ? unit : block;
 }
 
+// Share `part` of `n_parts` of `count` units, [begin, end): as evenly as they go, the first
+// shares taking one more.
+static std::pair<int64_t, int64_t> even_share(int64_t count, int part, int n_parts) {
+    if (n_parts < 1 || part < 0 || part >= n_parts) {
+        fail(ErrorKind::Value, "part " + std::to_string(part) + " of " + std::to_string(n_parts) + " does not exist");
+    }
+    const int64_t base = count / n_parts, extra = count % n_parts;
+    const int64_t begin = part * base + std::min<int64_t>(part, extra);
+    return { begin, begin + base + (part < extra ? 1 : 0) };
+}
+
 int64_t ExpertStore::max_parts(Split by) const {
     int64_t most = INT64_MAX;
     for (const auto & kv : layers_) {
-        most = std::min(most, kv.second.n_ff / part_unit(kv.second, by));
+        const ExpertLayer & L = kv.second;
+        most = std::min(most, by == Split::Experts ? L.n_expert : L.n_ff / part_unit(L, by));
     }
     return layers_.empty() ? 0 : most;
 }
@@ -465,58 +477,47 @@ int64_t ExpertStore::max_parts(Split by) const {
 std::pair<int64_t, int64_t> ExpertStore::part_range(const ExpertLayer & L, int part, int n_parts, Split by) {
     const int64_t unit  = part_unit(L, by);
     const int64_t units = L.n_ff / unit;
-    if (n_parts < 1 || part < 0 || part >= n_parts) {
-        fail(ErrorKind::Value, "part " + std::to_string(part) + " of " + std::to_string(n_parts) + " does not exist");
-    }
+    const auto [begin, end] = even_share(units, part, n_parts);
     if (units < n_parts) {
         fail(ErrorKind::Value, "layer " + std::to_string(L.index) + ": its intermediate size " +
                                    std::to_string(L.n_ff) + " is " + std::to_string(units) + " units of " +
                                    std::to_string(unit) + " rows, too few to split over " + std::to_string(n_parts) +
                                    " nodes or ranks; use at most " + std::to_string(units) + " (LVGG_NUMA)");
     }
-    const int64_t base = units / n_parts, extra = units % n_parts;
-    const int64_t begin = part * base + std::min<int64_t>(part, extra);
-    const int64_t count = base + (part < extra ? 1 : 0);
-    return { begin * unit, (begin + count) * unit };
+    return { begin * unit, end * unit };
 }
 
-std::pair<int64_t, int64_t> ExpertStore::down_span(const ExpertLayer & L, int64_t a, int64_t b) {
+PartShape ExpertStore::part_shape(const ExpertLayer & L, int part, int n_parts, Split by) {
+    PartShape s;
+    if (by == Split::Experts) {
+        s.experts = even_share(L.n_expert, part, n_parts);
+        if (L.n_expert < n_parts) {
+            fail(ErrorKind::Value, "layer " + std::to_string(L.index) + " has " + std::to_string(L.n_expert) +
+                                       " experts, too few to give each of " + std::to_string(n_parts) + " parts one");
+        }
+        s.rows = { 0, L.n_ff };
+    } else {
+        s.experts = { 0, L.n_expert };
+        s.rows    = part_range(L, part, n_parts, by);
+    }
     const int64_t block = ggml_blck_size(L.down->type);
-    return { (a + L.down_lead) / block * block, (b + L.down_lead + block - 1) / block * block };
+    s.columns = { (s.rows.first + L.down_lead) / block * block,
+                  (s.rows.second + L.down_lead + block - 1) / block * block };
+    return s;
 }
 
 size_t ExpertStore::part_bytes(int part, int n_parts, Split by) const {
     size_t total = 0;
     for (const auto & kv : layers_) {
         const ExpertLayer & L = kv.second;
-        if (by == Split::Experts) {
-            const auto [e0, e1] = expert_range(L, part, n_parts);
-            for (const ggml_tensor * t : L.tensors()) {
-                total += ggml_nbytes(t) / L.n_expert * (e1 - e0);
-            }
-            continue;
-        }
-        const auto [a, b]   = part_range(L, part, n_parts, by);
-        const auto [c0, c1] = down_span(L, a, b);
+        const PartShape     s = part_shape(L, part, n_parts, by);
+        const int64_t experts = s.experts.second - s.experts.first, rows = s.rows.second - s.rows.first;
         for (const ggml_tensor * t : L.tensors()) {
-            total += t == L.down ? L.n_expert * L.n_embd * ggml_row_size(t->type, c1 - c0)
-                                 : ggml_nbytes(t) / t->ne[1] * (t == L.gate_up ? 2 : 1) * (b - a);
+            total += experts * (t == L.down ? L.n_embd * ggml_row_size(t->type, s.columns.second - s.columns.first)
+                                            : (t == L.gate_up ? 2 : 1) * rows * ggml_row_size(t->type, L.n_embd));
         }
     }
     return total;
-}
-
-std::pair<int64_t, int64_t> ExpertStore::expert_range(const ExpertLayer & L, int part, int n_parts) {
-    if (n_parts < 1 || part < 0 || part >= n_parts) {
-        fail(ErrorKind::Value, "part " + std::to_string(part) + " of " + std::to_string(n_parts) + " does not exist");
-    }
-    if (L.n_expert < n_parts) {
-        fail(ErrorKind::Value, "layer " + std::to_string(L.index) + " has " + std::to_string(L.n_expert) +
-                                   " experts, too few to give each of " + std::to_string(n_parts) + " parts one");
-    }
-    const int64_t base = L.n_expert / n_parts, extra = L.n_expert % n_parts;
-    const int64_t begin = part * base + std::min<int64_t>(part, extra);
-    return { begin, begin + base + (part < extra ? 1 : 0) };
 }
 
 void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, bool repack, Split by) {
@@ -533,12 +534,12 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
     meta_         = tensor_context(count_expert_tensors(whole.layers_));
     repacked_ctx_ = tensor_context(count_expert_tensors(whole.layers_));
     ggml_backend_buffer_type_t cpu_buft = ggml_backend_cpu_buffer_type();
-    const bool by_rows = by != Split::Experts;
     for (const auto & kv : whole.layers_) {
         const ExpertLayer & W = kv.second;
-        const auto [a, b]     = by_rows ? part_range(W, part, n_parts, by) : std::pair<int64_t, int64_t>(0, W.n_ff);
-        const auto [c0, c1]   = down_span(W, a, b);  // by experts: all of down's columns
-        const auto [e0, e1]   = by_rows ? std::pair<int64_t, int64_t>(0, W.n_expert) : expert_range(W, part, n_parts);
+        const PartShape     shape = part_shape(W, part, n_parts, by);
+        const auto [a, b]     = shape.rows;
+        const auto [c0, c1]   = shape.columns;
+        const auto [e0, e1]   = shape.experts;
         ExpertLayer & L       = layers_[kv.first];
         L.index               = W.index;
         L.n_expert            = e1 - e0;

@@ -57,6 +57,12 @@ struct ExpertLayer {
 //   holds).
 enum class Split { Rows, Blocks, Experts };
 
+// What a part holds of a layer, each as [begin, end): intermediate rows of gate/up, columns of
+// down (whole blocks around the rows) and experts (the layer's own numbering).
+struct PartShape {
+    std::pair<int64_t, int64_t> rows, columns, experts;
+};
+
 class ExpertStore {
   public:
     // `only_layers` (when not empty): keep these MoE layers only (a pipeline-parallel rank's); the
@@ -65,9 +71,8 @@ class ExpertStore {
     // ggml's repacked one where this build has the kernels (repack must be on).
     ExpertStore(const std::string & path, bool repack, bool keep_mapped, const std::vector<int> & only_layers = {},
                 bool own_kernels = true);
-    // Part `part` of `n_parts` of another store's experts, for one NUMA node or rank. By rows or
-    // blocks: intermediate rows part_range() of gate/up (of both halves of a fused gate_up) and
-    // the columns down_span() of down; by experts: the whole experts expert_range(). Copied into memory
+    // Part `part` of `n_parts` of another store's experts, for one NUMA node or rank: what
+    // part_shape() names of every layer (of both halves of a fused gate_up). Copied into memory
     // this thread touches first (call it from a thread bound to the node), repacked where ggml has
     // a layout for the type (then only the repacked copy stays).
     ExpertStore(const ExpertStore & whole, int part, int n_parts, bool repack, Split by = Split::Rows);
@@ -78,13 +83,12 @@ class ExpertStore {
     // 32, whole blocks either way.
     static std::pair<int64_t, int64_t> part_range(const ExpertLayer & L, int part, int n_parts,
                                                   Split by = Split::Rows);
-    // The columns [begin, end) of L's down that its intermediate rows [a, b) need: whole blocks of
-    // the down type (a part holding them pads its activations with zeros, see down_lead).
-    static std::pair<int64_t, int64_t> down_span(const ExpertLayer & L, int64_t a, int64_t b);
-    // The experts [begin, end) part `part` of `n_parts` holds when split by experts: as evenly as
-    // they go, the first parts taking one more (vLLM's linear placement).
-    static std::pair<int64_t, int64_t> expert_range(const ExpertLayer & L, int part, int n_parts);
-    // The most parts every layer can be split into by rows or blocks (F in part_range's units).
+    // What part `part` of `n_parts` holds of L. By rows or blocks: rows part_range() of every
+    // expert and the whole blocks of down around them (the part pads its activations with zeros
+    // to them, see down_lead). By experts: all rows of experts as evenly as they go, the first
+    // parts taking one more (vLLM's linear placement).
+    static PartShape                   part_shape(const ExpertLayer & L, int part, int n_parts, Split by);
+    // The most parts every layer can be split into (F in part_range's units, or its experts).
     int64_t                            max_parts(Split by = Split::Rows) const;
     // The expert bytes part(part, n_parts, by) would hold.
     size_t                             part_bytes(int part, int n_parts, Split by) const;

@@ -142,6 +142,11 @@ void pad_for_down(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
+// Element i of topk_ids (int32 or int64, checked by validate()).
+int64_t routed_id(const Matrix & ids, int64_t i) {
+    return ids.type == GGML_TYPE_I32 ? ((const int32_t *) ids.data)[i] : ((const int64_t *) ids.data)[i];
+}
+
 bool is_float_type(ggml_type t) { return t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_BF16; }
 
 void to_f32(const void * src, ggml_type type, float * dst, int64_t n) {
@@ -649,7 +654,7 @@ void MoeEngine::validate(int layer, const Matrix & x, const Matrix & ids, const 
 void MoeEngine::check_ids(int layer, const Matrix & ids) const {
     const int64_t n_expert = store_->layer(layer).routed_experts, T = ids.rows, K = ids.cols;
     for (int64_t i = 0; i < T * K; ++i) {
-        const int64_t e = ids.type == GGML_TYPE_I32 ? ((const int32_t *) ids.data)[i] : ((const int64_t *) ids.data)[i];
+        const int64_t e = routed_id(ids, i);
         if (e < -1 || e >= n_expert) {
             fail(ErrorKind::Index, "layer " + std::to_string(layer) + ": topk_ids[" + std::to_string(i / K) + ", " +
                                        std::to_string(i % K) + "] = " + std::to_string(e) +
@@ -670,11 +675,8 @@ void MoeEngine::stage_routing(const ExpertLayer & L, const Matrix & ids, const M
                               int64_t n, bool skip) {
     const int64_t K = ids.cols, n_expert = L.n_expert;
     for (int64_t i = 0; i < n * K; ++i) {
-        const int64_t j = t0 * K + i;
-        const int64_t routed = ids.type == GGML_TYPE_I32 ? ((const int32_t *) ids.data)[j]
-                                                         : ((const int64_t *) ids.data)[j];
-        const int64_t e      = routed - L.first_expert;
-        ids_i32_[i]          = e >= 0 && e < n_expert ? (int32_t) e : -1;
+        const int64_t e = routed_id(ids, t0 * K + i) - L.first_expert;
+        ids_i32_[i]     = e >= 0 && e < n_expert ? (int32_t) e : -1;
     }
     to_f32((const char *) weights.data + t0 * K * ggml_type_size(weights.type), weights.type, weights_f32_.data(), n * K);
     // Stand-ins come first from the chunk's first K + 1 distinct experts (read anyway): one of

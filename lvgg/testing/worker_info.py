@@ -21,8 +21,8 @@ def model_info(model) -> dict:
             engine_nodes = max(1, len(runtime._engine.nodes))
             engine_bytes = runtime._engine.store.expert_bytes  # a tensor-parallel rank's: its share
             engine_cpus = runtime._engine.cpus
-            first = runtime._engine.store.layer_info(runtime._engine.store.layers[0])
-            engine_experts = [first.first_expert, first.first_expert + first.n_experts]
+            held = runtime._engine.store.layer_info(runtime._engine.store.layers[0]).held_experts
+            engine_experts = [held.start, held.stop]
     return {"expert_bytes": sum(p.numel() * p.element_size() for m in experts for p in m.parameters()),
             "methods": sorted({type(m.quant_method).__name__ for m in experts}),
             "others": sorted({type(m.quant_method).__name__ for m in model.modules()

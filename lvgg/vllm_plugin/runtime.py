@@ -185,7 +185,7 @@ def split_by(store: ExpertStore, rank: int, ranks: int, expert_parallel: bool, s
     bytes) where every layer has a block of down for each, else "rows" (vLLM's tensor-parallel
     share: the fewest bytes per rank)."""
     if expert_parallel:
-        fewest = min(store.layer_info(layer).n_experts for layer in store.layers)
+        fewest = store.max_parts("experts")
         if fewest >= ranks:
             if rank == 0:
                 log.info("lvgg: expert parallelism: each of %d ranks computes the whole experts it holds", ranks)
