@@ -1,14 +1,14 @@
 // SplitEngine: one MoE engine per NUMA node, each on its own share of every expert.
 //
-// Node n holds intermediate rows part_range(n) of every expert's gate/up and the matching
-// columns of down (ExpertStore's part constructor), in memory placed on the node: the part is
+// Node n holds ExpertStore::part_shape(n) by rows of every expert (ExpertStore's part
+// constructor), in memory placed on the node: the part is
 // built by a thread bound to the node's CPUs, with the node's memory preferred
 // (set_mempolicy) when one is named, so pages land there at first touch. Each node computes
 // its partial output [T, D] in float32 with its own threads (pinned to its CPUs; node 0's
 // first thread is the caller's, as with one engine, the others' a driver thread each); the
-// parts are summed into out. Because a part is a whole number of quant blocks, each node's dot
-// products are the full computation's, split: results equal one engine's up to the order of
-// float32 additions.
+// parts are summed into out. Where every part ends on a block of down, each node's dot products
+// are the full computation's, split: results equal one engine's up to the order of float32
+// additions; a part padding a block quantizes its activations with scales of its own.
 #pragma once
 
 #include "moe_engine.h"
