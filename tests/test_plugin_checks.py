@@ -286,15 +286,11 @@ def test_pipeline_stages_next_to_gpus_take_cpus_of_their_own(qwen3, monkeypatch)
     monkeypatch.setenv("LVGG_EXPERTS", str(experts))
     monkeypatch.setenv("LVGG_NUMA", "off")
     monkeypatch.setattr(runtime, "_gpu_present", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(runtime, "rank_gpu_nodes", lambda count: [None] * count)  # pretended GPUs: no PCI slots
     stages = []
     for stage in (0, 1):
-        monkeypatch.setattr(torch.cuda, "current_device", lambda stage=stage: stage)  # vLLM: device = local rank
-        assert runtime.local_rank(0, 1, 2) == (stage, 2)
-        engine = runtime._make_engine(config, 64, 0, 1, stage, 2)
+        engine = runtime._make_engine(config, 64, 0, 1, stage, 2, local=(stage, 2))  # vLLM's local rank of 2
         assert engine.store.layers == runtime.pp_layers(config, stage, 2)
         stages.append(engine.cpus)
     assert stages[0] and stages[1] and not set(stages[0]) & set(stages[1]), stages
     assert stages == [runtime.rank_cpus(topology.current(), stage, 2, [None, None])[0] for stage in (0, 1)]
-    assert runtime.local_rank(1, 2, 1) == (1, 2)  # tensor parallelism alone: one rank per device too

