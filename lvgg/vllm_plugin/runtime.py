@@ -253,7 +253,8 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     counts = None if nodes else settings.cpu_threads(1)  # the nodes' counts: engine_nodes
     if cpus:
         moe = CpuMoE(store, threads=min(counts[0], len(cpus)) if counts else len(cpus), cpus=cpus, **kwargs)
-        where = f"on CPUs {topology.format_cpulist(cpus)}" + (f" (NUMA node {mem_node})" if mem_node is not None else "")
+        node = f" (NUMA node {mem_node})" if mem_node is not None else ""
+        where = f"on CPUs {topology.format_cpulist(cpus)}{node}"
     elif nodes:
         moe = CpuMoE(store, nodes=nodes, **kwargs)
         where = f"split over {len(nodes)} NUMA nodes ({'; '.join(topology.format_cpulist(n.cpus) for n in nodes)})"
