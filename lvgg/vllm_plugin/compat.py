@@ -6,11 +6,18 @@ Besides these imports, lvgg overrides three private methods by name:
 keeps) and `DefaultModelLoader.get_all_weights` (the tensors handed to the model). It also
 reads how many tokens of a padded batch are real from the GPU model runner's query_start_loc
 buffer (`moe_method.real_rows`; checked against vLLM 0.26, 0.32 and 0.33).
+`lvgg serve`'s launcher imports vLLM's `serve` subcommand itself (lvgg/vllm_serve.py): its
+process runs no model, and importing these would load the model executor there.
 """
 from __future__ import annotations
 
 from vllm.config import get_current_vllm_config  # noqa: F401
 from vllm.distributed import get_pp_group  # noqa: F401
+from vllm.distributed.parallel_state import (  # noqa: F401
+    get_node_count,
+    get_world_group,
+    model_parallel_is_initialized,
+)
 from vllm.distributed.utils import get_pp_indices  # noqa: F401
 from vllm.forward_context import get_forward_context, is_forward_context_available  # noqa: F401
 from vllm.logger import init_logger  # noqa: F401

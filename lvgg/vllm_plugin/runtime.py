@@ -145,12 +145,12 @@ def local_rank() -> tuple[int, int]:
     (next to GPUs, its device index) and its world size over the machines it spans (``--nnodes``,
     else the machines vLLM finds its ranks on). Tensor-parallel ranks and pipeline stages alike.
     Outside a vLLM world (no distributed state), one rank."""
-    from vllm.distributed import parallel_state
+    from lvgg.vllm_plugin import compat
 
-    if not parallel_state.model_parallel_is_initialized():
+    if not compat.model_parallel_is_initialized():
         return 0, 1
-    world = parallel_state.get_world_group()
-    count = max(1, world.world_size // parallel_state.get_node_count())
+    world = compat.get_world_group()
+    count = max(1, world.world_size // compat.get_node_count())
     return world.local_rank % count, count
 
 
