@@ -10,6 +10,7 @@ import sys
 
 
 def main(argv: list[str]) -> None:
+    import vllm.logger
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -19,8 +20,6 @@ def main(argv: list[str]) -> None:
     parser = FlexibleArgumentParser(prog="lvgg serve")
     serve.subparser_init(parser.add_subparsers(dest="subparser"))
     args = parser.parse_args([serve.name, *argv])
-    import vllm.logger
-
     if hasattr(vllm.logger, "configure_logging_from_args"):  # vLLM 0.32 on: --log-level and friends
         vllm.logger.configure_logging_from_args(args)
     serve.validate(args)
