@@ -137,8 +137,9 @@ void pad_for_down(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t       rows = ggml_nrows(in), n = in->ne[0];
     for (int64_t r = rows * ith / nth; r < rows * (ith + 1) / nth; ++r) {
         float * to = (float *) ((char *) dst->data + r * dst->nb[1]);
-        std::fill(to, to + dst->ne[0], 0.0f);
+        std::fill(to, to + L.down_lead, 0.0f);
         std::memcpy(to + L.down_lead, (const char *) in->data + r * in->nb[1], n * sizeof(float));
+        std::fill(to + L.down_lead + n, to + dst->ne[0], 0.0f);
     }
 }
 
