@@ -141,7 +141,7 @@ def split_shares(n_tokens: int, top_k: int, n_experts: int, split_experts: int, 
     expected experts, with uniform random routing over ``n_experts``, fill the ``split_experts``
     the GPU fetches per call (past it the GPU's part stays the same), and at most top_k - 1.
     ``held``: the experts the split computes (an expert-parallel rank's; default all)."""
-    distinct = n_experts * (1 - (1 - top_k / n_experts) ** n_tokens) * (held or n_experts) / n_experts
+    distinct = (held or n_experts) * (1 - (1 - top_k / n_experts) ** n_tokens)
     return range(1, min(top_k - 1, math.ceil(split_experts * top_k / distinct)) + 1)
 
 
