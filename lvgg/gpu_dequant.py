@@ -152,12 +152,13 @@ def gated_activations(x: torch.Tensor, gate: StagedProjection, up: StagedProject
 
 
 def weighted_down(act: torch.Tensor, down: StagedProjection, weights: torch.Tensor, slot_expert: torch.Tensor,
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, lead: int = 0) -> torch.Tensor:
     """``out[t] = sum_j weights[t, j] * down_e(act[s])``, s = t * g + j, e = slot_expert[t, j],
     over the slots with an expert (weights: float32 [n, g]; act: ``gated_activations``' result;
-    down: hidden rows of intermediate columns, one staged expert per row of its data). Returns
-    [n, hidden] in ``dtype`` (float32 sums; a token without an expert gets 0), in the current
-    stream's order."""
+    down: hidden rows of intermediate columns, one staged expert per row of its data; act's
+    columns are down's from ``lead`` on, down's others multiply zeros: a share's rows within
+    whole blocks). Returns [n, hidden] in ``dtype`` (float32 sums; a token without an expert gets
+    0), in the current stream's order."""
     if weights.dim() != 2 or weights.dtype != torch.float32 or not weights.is_contiguous():
         raise ValueError(f"weights must be contiguous float32 [tokens, experts per token], found {weights.dtype} "
                          f"{list(weights.shape)}")
@@ -166,28 +167,33 @@ def weighted_down(act: torch.Tensor, down: StagedProjection, weights: torch.Tens
         raise ValueError(f"slot_expert must be [{n}, {g}] like the weights, found {list(slot_expert.shape)}")
     if act.dtype != torch.float32 or act.dim() != 2 or act.shape[0] != n * g or not act.is_contiguous():
         raise ValueError(f"act must be contiguous float32 [{n * g}, intermediate], found {act.dtype} {list(act.shape)}")
+    if not 0 <= lead <= down.cols - act.shape[1]:
+        raise ValueError(f"act's {act.shape[1]} columns from lead {lead} must lie within down's {down.cols}")
     staged = down.data.shape[0]
-    code, qk, block_bytes = down.check("down", down.rows, act.shape[1], 1, act.device)
+    code, qk, block_bytes = down.check("down", down.rows, down.cols, 1, act.device)
     out = torch.empty(n, down.rows, dtype=dtype, device=act.device)
     if n:
         _weighted_down[(n, triton.cdiv(down.rows, _ROWS_PER_PROGRAM))](
-            act, down.data, weights, slot_expert, out, g, staged, down.rows, down.cols, down.data.shape[1],
-            down.row_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK, TYPE=code, QK=qk, BB=block_bytes)
+            act, down.data, weights, slot_expert, out, g, staged, down.rows, down.cols, act.shape[1], lead,
+            down.data.shape[1], down.row_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK, TYPE=code, QK=qk, BB=block_bytes)
     return out
 
 
 def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tensor | None = None,
-                  most: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  most: int | None = None, held: range | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Share a step's distinct experts between the CPU and the GPU, on the device (capturable).
 
     topk_ids: [n, k] int32/int64 on the GPU (-1: a slot without an expert); real_rows: None, or
     a one-element int32 tensor on the GPU: rows from there on are padding, their slots left
-    without an expert (a value outside 0..n-1: every row is real). Of the d distinct
-    experts, in the order they first appear, the GPU takes the last m = round(d * gpu_slots / k)
-    (half up; one token's last ``gpu_slots``), each once however many tokens chose it, but no
-    more than ``most`` (default n * gpu_slots, which m never passes; the CPU keeps the rest).
+    without an expert (a value outside 0..n-1: every row is real); held: None, or the experts
+    [start, stop) this rank computes (an expert-parallel rank's), the others' slots left without
+    an expert. Of the d distinct experts, in the order they first appear, the GPU takes the last
+    m = round(d * gpu_slots / k) (half up; one token's last ``gpu_slots``), each once however many
+    tokens chose it, but no more than ``most`` (default n * gpu_slots, which m never passes; the
+    CPU keeps the rest).
     Returns int32 tensors on the device:
-      cpu_ids [n, k]: topk_ids with the GPU's experts replaced by -1 (the CPU engine's share);
+      cpu_ids [n, k]: topk_ids with the GPU's experts (and those not held) replaced by -1 (the
+        CPU engine's share);
       gpu_experts [min(most, n * gpu_slots)]: the GPU's experts, then -1;
       slot_expert [n, k]: each slot's index in gpu_experts, or -1 where the CPU has it.
     """
@@ -203,6 +209,9 @@ def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tenso
                          f"{list(real_rows.shape)} on {real_rows.device}")
     if most is not None and most < 1:
         raise ValueError(f"most must be at least 1 (the GPU's experts per call), found {most}")
+    if held is not None and (held.step != 1 or not 0 <= held.start < held.stop < 2**31):
+        raise ValueError(f"held must be a range of experts [start, stop), 0 <= start < stop, found {held}")
+    held = held or range(2**31 - 1)
     most = n * gpu_slots if most is None else min(most, n * gpu_slots)
     if triton is None:
         raise RuntimeError("splitting experts on the GPU needs Triton (it comes with CUDA builds of torch)")
@@ -211,7 +220,7 @@ def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tenso
     gpu_experts = torch.empty(most, dtype=torch.int32, device=topk_ids.device)
     if n:
         _split_routing[(1,)](topk_ids.contiguous(), topk_ids if real_rows is None else real_rows, cpu_ids, gpu_experts,
-                             slot_expert, n, k, gpu_slots, most, COUNTED=real_rows is not None,
+                             slot_expert, n, k, gpu_slots, most, held.start, held.stop, COUNTED=real_rows is not None,
                              SLOTS=triton.next_power_of_2(n * k), MOST=triton.next_power_of_2(most))
     return cpu_ids, gpu_experts, slot_expert
 
@@ -427,11 +436,11 @@ if triton is not None:
         tl.store(act + s * inter + rows, g / (1 + tl.exp(-g)) * u, mask=row_mask)
 
     @triton.jit
-    def _weighted_down(act, down, weights, slot_expert, out, slots_per_token, staged, hidden, inter, slot_bytes,
-                       row_bytes, R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr, QK: tl.constexpr,
-                       BB: tl.constexpr):
+    def _weighted_down(act, down, weights, slot_expert, out, slots_per_token, staged, hidden, inter, act_cols, lead,
+                       slot_bytes, row_bytes, R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr,
+                       QK: tl.constexpr, BB: tl.constexpr):
         # program (token t, rows block): out[t, rows] = sum over t's slots s with an expert e =
-        # slot_expert[s] >= 0 of weights[s] * down_e(act[s])
+        # slot_expert[s] >= 0 of weights[s] * down_e(act[s]), act[s] at down's columns lead...
         t = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * R + tl.arange(0, R)
         total = tl.zeros([R], dtype=tl.float32)
@@ -444,14 +453,14 @@ if triton is not None:
             part = tl.zeros([R], dtype=tl.float32)
             for col in range(0, inter * used.to(tl.int32), CHUNK):
                 cols = col + tl.arange(0, CHUNK)
-                a = tl.load(act + s * inter + cols, mask=cols < inter, other=0)
+                a = tl.load(act + s * act_cols + cols - lead, mask=(cols >= lead) & (cols < lead + act_cols), other=0)
                 part += _row_dots(down, row_at, row_mask, col, a, inter, R, CHUNK, TYPE, QK, BB)
             total += tl.where(used, tl.load(weights + s).to(tl.float32), 0.0) * part
         tl.store(out + t * hidden + rows, total.to(out.dtype.element_ty), mask=rows < hidden)
 
     @triton.jit
-    def _split_routing(ids, real_rows, cpu_ids, gpu_experts, slot_expert, n_rows, top_k, gpu_slots, most,
-                       COUNTED: tl.constexpr, SLOTS: tl.constexpr, MOST: tl.constexpr):
+    def _split_routing(ids, real_rows, cpu_ids, gpu_experts, slot_expert, n_rows, top_k, gpu_slots, most, held_start,
+                       held_stop, COUNTED: tl.constexpr, SLOTS: tl.constexpr, MOST: tl.constexpr):
         # one program over all n * k slots; [i, j] matrices compare slot i with slot j
         n_real = n_rows
         if COUNTED:
@@ -460,7 +469,7 @@ if triton is not None:
         i = tl.arange(0, SLOTS)
         in_range = i < n_rows * top_k
         v = tl.load(ids + i, mask=i < n_real * top_k, other=-1).to(tl.int32)
-        valid = in_range & (v >= 0)
+        valid = in_range & (v >= held_start) & (v < held_stop)
         same = (v[:, None] == v[None, :]) & valid[:, None] & valid[None, :]
         first_at = tl.min(tl.where(same, i[None, :], SLOTS), axis=1)  # the slot where i's expert first appears
         first = valid & (first_at == i)
@@ -471,7 +480,7 @@ if triton is not None:
         local = rank - (d - m)
         on_gpu = valid & (local >= 0)
         tl.store(slot_expert + i, tl.where(on_gpu, local, -1), mask=in_range)
-        tl.store(cpu_ids + i, tl.where(on_gpu, -1, v), mask=in_range)
+        tl.store(cpu_ids + i, tl.where(valid & ~on_gpu, v, -1), mask=in_range)
         j = tl.arange(0, MOST)
         hit = (first & on_gpu)[None, :] & (local[None, :] == j[:, None])  # [GPU expert j, slot]
         tl.store(gpu_experts + j, tl.max(tl.where(hit, v[None, :], -1), axis=1), mask=j < most)

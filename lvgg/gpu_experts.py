@@ -268,8 +268,7 @@ class GpuExperts:
                     zip(_gpu_layout(info), _host_views(self._host, *shares[layer][:3]))]
             for layer, info in self._info.items()}
         self.host_pinned = False
-        self._resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._resident_maps: dict[int, torch.Tensor | None] = {}
+        self._resident: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}  # w13, w2, map
         self._streamed: frozenset[int] = frozenset()
         if self.streamed_layers or self.split_layers:
             self._pin_host()
@@ -286,8 +285,8 @@ class GpuExperts:
             every = self._info[layer].held_experts
             staged = torch.empty(staged_bytes(self._info[layer]), dtype=torch.uint8, device=self.device)
             self._stage(layer, every, staged)
-            self._resident[layer] = self._dequantize(layer, every, staged, self._new_weights(self._info[layer]))
-            self._resident_maps[layer] = self._expert_map(self._info[layer], every)
+            w13, w2 = self._dequantize(layer, every, staged, self._new_weights(self._info[layer]))
+            self._resident[layer] = w13, w2, self._expert_map(self._info[layer], every)
         if self.resident_layers:
             torch.cuda.synchronize(self.device)
             log.info("lvgg: %d resident expert layers dequantized onto %s in %.1f s", len(self.resident_layers),
@@ -304,15 +303,15 @@ class GpuExperts:
         """Device memory held for experts (staging, streamed and resident weights, split layers' bytes)."""
         tensors = [*self._staging, *self._weights] if self.streamed_layers else []
         tensors += [self._fetch_staging] if self.split_layers else []
-        tensors += [t for pair in self._resident.values() for t in pair]
+        tensors += [t for w13, w2, _ in self._resident.values() for t in (w13, w2)]
         return sum(t.untyped_storage().nbytes() for t in tensors)  # a resident w2 is a view of its padded down
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         if layer in self._resident:
-            return self._fused_experts(x, *self._resident[layer], topk_weights, topk_ids,
-                                       global_num_experts=self._info[layer].routed_experts,
-                                       expert_map=self._resident_maps[layer])
+            w13, w2, expert_map = self._resident[layer]
+            return self._fused_experts(x, w13, w2, topk_weights, topk_ids,
+                                       global_num_experts=self._info[layer].routed_experts, expert_map=expert_map)
         if layer not in self._streamed:
             raise ValueError(f"layer {layer} is neither streamed nor resident on the GPU "
                              f"(streamed: {self.streamed_layers}, resident: {self.resident_layers})")
@@ -356,11 +355,9 @@ class GpuExperts:
             stream.wait_event(event)
         gate, up, down = staged
         act = gated_activations(x.contiguous(), gate, up, slot_expert)
-        if info.down_columns != info.intermediate_size:  # a share's down: whole blocks around its rows
-            lead = info.down_lead
-            act = torch.nn.functional.pad(act, (lead, info.down_columns - info.intermediate_size - lead))
         stream.wait_event(self._fetched_event[len(plan) - 1])
-        return weighted_down(act, down, topk_weights.float().contiguous(), slot_expert, x.dtype)
+        # a share's down: whole blocks of columns around its rows
+        return weighted_down(act, down, topk_weights.float().contiguous(), slot_expert, x.dtype, lead=info.down_lead)
 
     def close(self) -> None:
         """Unpin the experts file (pinned while layers stream); the device must be done with this

@@ -72,10 +72,8 @@ class SplitExperts:
     def route(self, topk_ids: torch.Tensor, real_rows: torch.Tensor | None = None):
         """How a call with these ids is shared out (``split_routing``'s cpu_ids, gpu_experts,
         slot_expert): the GPU's share for the call's token count, at most the experts it fetches."""
-        if self._held:
-            held = (topk_ids >= self._held.start) & (topk_ids < self._held.stop)
-            topk_ids = torch.where(held, topk_ids, -1)
-        return split_routing(topk_ids, self.gpu_slots(topk_ids.shape[0]), real_rows, most=self.gpu.split_experts)
+        return split_routing(topk_ids, self.gpu_slots(topk_ids.shape[0]), real_rows, most=self.gpu.split_experts,
+                             held=self._held)
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  real_rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,7 +29,9 @@ EXPERT_CASES = [("Q4_K", "Q6_K", 2, 3, 512, 256, False, torch.bfloat16),  # llam
                 ("Q8_0", "Q4_0", 1, 2, 544, 288, False, torch.float32),  # rows and columns past whole tiles
                 ("Q5_K", "Q5_0", 1, 1, 256, 256, True, torch.bfloat16),
                 ("BF16", "F16", 2, 1, 96, 64, False, torch.float32),
-                ("F32", "Q8_0", 1, 2, 64, 64, True, torch.float16)]
+                ("F32", "Q8_0", 1, 2, 64, 64, True, torch.float16),
+                # a tensor-parallel share's rows [40, 216) of down's whole Q6_K block of 256 columns
+                ("Q4_K", "Q6_K", 2, 2, 256, 256, False, torch.float32, 40, 176)]
 
 
 def random_blocks(rng: np.random.Generator, ggml_type: str, n_values: int) -> np.ndarray:
@@ -118,9 +120,11 @@ def quantized_experts(rng: np.random.Generator, ggml_type: str, n: int, rows: in
 def check_experts(device: str) -> None:
     """gated_activations + weighted_down (from the staged experts' bytes, slot [t, j] using staged
     expert slot_expert[t, j], repeats and -1 included) against the f64 reference of the
-    dequantized weights; a token whose slots are all -1 gets exactly 0."""
+    dequantized weights; a token whose slots are all -1 gets exactly 0. A share's case has gate
+    and up rows [lead, lead + width) of down's columns."""
     for case in EXPERT_CASES:
-        up_type, down_type, n, g, hidden, inter, fused, dtype = case
+        up_type, down_type, n, g, hidden, columns, fused, dtype, *share = case
+        lead, inter = share or (0, columns)
         rng = np.random.default_rng(hidden + inter)
         staged = n * g + 1
         if fused:
@@ -133,15 +137,16 @@ def check_experts(device: str) -> None:
             (raw_g, w_gate), (raw_u, w_up) = (quantized_experts(rng, up_type, staged, inter, hidden) for _ in "gu")
             gate = StagedProjection(torch.from_numpy(raw_g).to(device), up_type, inter, hidden)
             up = StagedProjection(torch.from_numpy(raw_u).to(device), up_type, inter, hidden)
-        raw_d, w_down = quantized_experts(rng, down_type, staged, hidden, inter)
-        down = StagedProjection(torch.from_numpy(raw_d).to(device), down_type, hidden, inter)
+        raw_d, w_down = quantized_experts(rng, down_type, staged, hidden, columns)
+        down = StagedProjection(torch.from_numpy(raw_d).to(device), down_type, hidden, columns)
+        w_down = w_down[:, :, lead:lead + inter]
         n += 1  # one more token, without an expert
         x = torch.from_numpy(rng.standard_normal((n, hidden)).astype(np.float32)).to(dtype)
         weights = torch.from_numpy(rng.uniform(0.1, 1.0, (n, g)).astype(np.float32))
         slot_expert = torch.from_numpy(rng.integers(-1, staged, (n, g)).astype(np.int32))
         slot_expert[0, 0], slot_expert[-1] = staged - 1, -1
         act = gated_activations(x.to(device), gate, up, slot_expert.to(device))
-        out = weighted_down(act, down, weights.to(device), slot_expert.to(device), dtype).double().cpu().numpy()
+        out = weighted_down(act, down, weights.to(device), slot_expert.to(device), dtype, lead).double().cpu().numpy()
         xd, want = x.double().numpy(), np.zeros((n, hidden))
         for t in range(n):
             for j, e in enumerate(slot_expert[t].tolist()):
@@ -157,24 +162,29 @@ def check_experts(device: str) -> None:
 def check_split(device: str) -> None:
     """split_routing against a plain-Python sharing of the same ids: the GPU takes the last
     round(d * g / k) of the d distinct experts (in order of first appearance), each once, at most
-    ``most``; with real_rows, the rows past it (padding) have no expert."""
+    ``most``; with real_rows, the rows past it (padding) have no expert; with held, neither have
+    the slots of experts outside it."""
     rng = np.random.default_rng(11)
-    for n, k, g, n_experts, real, most in [
-            (1, 8, 3, 128, None, None), (8, 8, 3, 128, None, None), (8, 8, 4, 16, 5, None), (3, 4, 1, 6, 3, None),
-            (5, 6, 5, 64, 0, None), (2, 8, 7, 8, -1, None), (4, 8, 2, 128, 9, None),
-            (16, 8, 5, 128, None, 32), (16, 8, 3, 128, 11, 32), (4, 8, 6, 128, None, 5)]:
+    for n, k, g, n_experts, real, most, held in [
+            (1, 8, 3, 128, None, None, None), (8, 8, 3, 128, None, None, None), (8, 8, 4, 16, 5, None, None),
+            (3, 4, 1, 6, 3, None, None), (5, 6, 5, 64, 0, None, None), (2, 8, 7, 8, -1, None, None),
+            (4, 8, 2, 128, 9, None, None), (16, 8, 5, 128, None, 32, None), (16, 8, 3, 128, 11, 32, None),
+            (4, 8, 6, 128, None, 5, None), (8, 8, 3, 128, None, None, range(64, 128)),
+            (16, 8, 3, 128, 11, 32, range(0, 32)), (4, 8, 2, 16, None, None, range(15, 16))]:
         ids = np.stack([rng.permutation(n_experts)[:k] for _ in range(n)])
         ids[rng.random(ids.shape) < 0.1] = -1  # slots without an expert
         real_rows = None if real is None else torch.tensor([real], dtype=torch.int32, device=device)
         cpu_ids, gpu_experts, slot_expert = (t.cpu().numpy() for t in
-                                             split_routing(torch.from_numpy(ids).to(device), g, real_rows, most))
+                                             split_routing(torch.from_numpy(ids).to(device), g, real_rows, most, held))
         if real is not None and 0 <= real < n:
             ids[real:] = -1
+        if held is not None:
+            ids[(ids < held.start) | (ids >= held.stop)] = -1
         distinct = list(dict.fromkeys(e for e in ids.reshape(-1).tolist() if e >= 0))
         length = min(most or n * g, n * g)
         m = min((2 * len(distinct) * g + k) // (2 * k), length)
         mine = distinct[len(distinct) - m:] if m else []
-        case = f"{n} tokens ({real} real), {g} of {k}, {len(distinct)} distinct, at most {most}"
+        case = f"{n} tokens ({real} real), {g} of {k}, {len(distinct)} distinct, at most {most}, held {held}"
         assert gpu_experts.tolist() == mine + [-1] * (length - m), case
         assert (cpu_ids == np.where(np.isin(ids, mine), -1, ids)).all(), case
         assert (slot_expert == [[mine.index(e) if e in mine else -1 for e in row] for row in ids.tolist()]).all(), case
@@ -264,8 +274,10 @@ def test_bad_expert_arguments_are_refused_before_any_kernel():
         weighted_down(act, down, torch.ones(2, 3), slot_expert, torch.float32)
     with pytest.raises(ValueError, match=r"act must be contiguous float32 \[6, intermediate\]"):
         weighted_down(act, down, torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.int32), torch.float32)
-    with pytest.raises(ValueError, match="down must be 256x64"):
+    with pytest.raises(ValueError, match="act's 64 columns from lead 0 must lie within down's 32"):
         weighted_down(act, StagedProjection(down.data, "Q8_0", 256, 32), torch.ones(2, 2), slot_expert, torch.float32)
+    with pytest.raises(ValueError, match="act's 64 columns from lead 8 must lie within down's 64"):
+        weighted_down(act, down, torch.ones(2, 2), slot_expert, torch.float32, lead=8)
     with pytest.raises(ValueError, match=r"topk_ids must be \[tokens, experts per token\] int32/int64"):
         split_routing(torch.zeros(8, dtype=torch.int32), 3)
     with pytest.raises(ValueError, match=r"gpu_slots must be 1..7 \(of 8 experts per token\), found 8"):
@@ -274,3 +286,6 @@ def test_bad_expert_arguments_are_refused_before_any_kernel():
         split_routing(torch.zeros(2, 8, dtype=torch.int32), 3, torch.tensor([1]))
     with pytest.raises(ValueError, match=r"most must be at least 1 \(the GPU's experts per call\), found 0"):
         split_routing(torch.zeros(2, 8, dtype=torch.int32), 3, most=0)
+    with pytest.raises(ValueError, match=r"held must be a range of experts \[start, stop\), 0 <= start < stop, "
+                                         r"found range\(8, 8\)"):
+        split_routing(torch.zeros(2, 8, dtype=torch.int32), 3, held=range(8, 8))
