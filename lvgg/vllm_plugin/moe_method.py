@@ -89,6 +89,12 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
     def supports_eplb(self) -> bool:
         return False
 
+    def maybe_make_prepare_finalize(self, *args, **kwargs):
+        # None: no all-to-all dispatch around the experts (vLLM asks on GPUs when the expert
+        # group has several ranks); each rank's engine computes its share in apply(), and vLLM's
+        # all-reduce sums them
+        return None
+
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):
         if self.moe.has_bias or not self.moe.is_act_and_mul:

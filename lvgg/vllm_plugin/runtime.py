@@ -47,7 +47,8 @@ _gpu_min_tokens: int | None = None
 _gpu_memory_utilization = 0.9
 # What the GPU's experts are read from: the whole file (mapped), this rank's part and how the ranks
 # split (ExpertStore.part's by; a tensor-parallel rank's engine holds a copy of its part only).
-_gpu_source: tuple[ExpertStore, tuple[int, int], str] | None = None
+# what the GPU experts read: the store, this rank's part and how it is cut, other pipeline stages' layers
+_gpu_source: tuple[ExpertStore, tuple[int, int], str, frozenset[int]] | None = None
 opened_at: float | None = None  # time.perf_counter() when this process opened the experts file (startup figures)
 
 
@@ -245,7 +246,8 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
             log.info("lvgg: pipeline-parallel rank %d of %d holds the experts of layers %s", pp_rank, pp_size,
                      topology.format_cpulist(layers))
         # The GPU reads the mapping: the rank's part, as its CPU engine holds it.
-        _gpu_source = (store, (tp_rank, tp_size), by) if _gpu_present() else None
+        elsewhere = frozenset(spec.layers) - frozenset(layers) if layers is not None else frozenset()
+        _gpu_source = (store, (tp_rank, tp_size), by, elsewhere) if _gpu_present() else None
         if tp_size > 1:  # without a GPU the whole file is unmapped when its store goes
             # A rank alone on several nodes splits its part again, over them: a plain copy, split, then repacked.
             store = store.part(tp_rank, tp_size, repack=not several_nodes, by=by)
@@ -312,14 +314,14 @@ def split_experts() -> SplitExperts | None:
     return _split
 
 
-def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], by: str, device,
+def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], by: str, elsewhere: frozenset[int], device,
                       dtype) -> tuple[GpuExperts | None, SplitExperts | None]:
     global _gpu_min_tokens
     wanted = GpuSettings.from_env()
     _gpu_min_tokens = wanted.prefill_min_tokens
     free, total = torch.cuda.mem_get_info(device)
     usable = max(0.0, _gpu_memory_utilization * total - (total - free))  # what vLLM may still take
-    plan = plan_gpu_layers(layer_infos(store, part, by), wanted, usable, dtype)
+    plan = plan_gpu_layers(layer_infos(store, part, by), wanted, usable, dtype, elsewhere)
     for note in plan.notes:
         log.warning("lvgg: %s", note)
     if not plan.streamed and not plan.resident and not plan.split:
@@ -365,9 +367,11 @@ class GpuPlan(NamedTuple):
     notes: list[str]  # warnings for the log
 
 
-def plan_gpu_layers(infos: dict[int, Any], wanted: GpuSettings, usable: float, dtype) -> GpuPlan:
+def plan_gpu_layers(infos: dict[int, Any], wanted: GpuSettings, usable: float, dtype,
+                    elsewhere: frozenset[int] = frozenset()) -> GpuPlan:
     """Which layers run on the GPU and how, for the settings, with ``usable`` bytes of VRAM left
-    to vLLM. Raises ValueError for resident layers that cannot be."""
+    to vLLM. Resident layers listed in ``elsewhere`` (other pipeline stages' MoE layers) are
+    theirs to hold. Raises ValueError for resident layers that cannot be."""
     from lvgg.gpu_experts import estimate_vram_bytes
 
     notes = []
@@ -394,7 +398,7 @@ def plan_gpu_layers(infos: dict[int, Any], wanted: GpuSettings, usable: float, d
         log.info("lvgg: %s=auto: %d of %d expert layers fit in %.1f GiB of VRAM", GPU_RESIDENT_ENV, len(resident),
                  len(runnable), budget / 2**30)
     else:
-        resident = list(wanted.resident)
+        resident = [layer for layer in wanted.resident if layer not in elsewhere]
         wrong = [layer for layer in resident if layer not in runnable]
         if wrong:
             raise ValueError(f"{GPU_RESIDENT_ENV}: layers {wrong} cannot be resident: "
