@@ -180,7 +180,8 @@ def weighted_down(act: torch.Tensor, down: StagedProjection, weights: torch.Tens
 
 
 def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tensor | None = None,
-                  most: int | None = None, held: range | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  most: int | None = None,
+                  held: range | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Share a step's distinct experts between the CPU and the GPU, on the device (capturable).
 
     topk_ids: [n, k] int32/int64 on the GPU (-1: a slot without an expert); real_rows: None, or

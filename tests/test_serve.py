@@ -23,6 +23,13 @@ PROMPTS = ["The experts of a mixture", "Each token picks a few", "Quantized weig
 # it next to the one-rank server.
 GPU_ARGS = ["--gpu-resident-layers", "0", "--gpu-memory-utilization", "0.2",
             "--kv-cache-memory-bytes", str(2**30)] if torch.cuda.is_available() else []
+# Every server's model settings. On a GPU, no decode split: it computes a step's experts partly on
+# the GPU (float activations) and partly on the CPU (activations quantized to Q8_0), chosen from
+# the whole batch, so near-ties of this random model would part a request's tokens by what else
+# is in the batch (38 of the concurrent test's 160 answers on the H200; none with the split off,
+# as with stock vLLM, or with F32 experts), and by which ranks split (each rank times its own)
+MODEL_ARGS = ["--cpu-threads", "1", "--dtype", "float32", "--max-model-len", "512", "--gpu-decode-split", "off",
+              *GPU_ARGS]
 
 
 def serve_or_fail(args, log, env=None):
@@ -41,14 +48,9 @@ def serve_or_fail(args, log, env=None):
 def server(tmp_path_factory):
     folder = make_tiny_model("qwen3_moe", tmp_path_factory.mktemp("serve"), seed=12, dtype="float32")
     convert_hf(str(folder), folder / "experts.gguf", {p: Q.Q8_0 for p in PROJECTIONS}, threads=2, quiet=True)
-    # --experts omitted: the one experts file in the model folder is found. On a GPU, no decode
-    # split: it computes a step's experts partly on the GPU (float activations) and partly on the
-    # CPU (activations quantized to Q8_0), chosen from the whole batch, so near-ties of this random
-    # model would part a request's tokens by what else is in the batch (38 of the concurrent test's
-    # 160 answers on the H200; none with the split off, as with stock vLLM, or with F32 experts)
-    base, proc = serve_or_fail([str(folder), "--cpu-threads", "1", "--api-key", "test-key", "--dtype", "float32",
-                                "--max-model-len", "512", "--max-num-seqs", "8", "--enforce-eager",
-                                "--gpu-decode-split", "off", *GPU_ARGS], folder.parent / "server.log")
+    # --experts omitted: the one experts file in the model folder is found
+    base, proc = serve_or_fail([str(folder), *MODEL_ARGS, "--api-key", "test-key", "--max-num-seqs", "8",
+                                "--enforce-eager"], folder.parent / "server.log")
     yield base, proc, str(folder)
     stop(proc)
 
@@ -123,8 +125,8 @@ def test_two_nodes_give_the_one_rank_tokens(server, tmp_path, parallel):
     shared GPU memory (custom, symmetric memory) are off. Layer 0's experts stay on the GPU of
     the ranks that hold it (GPU_ARGS)."""
     base, _, model = server
-    common = [model, "--cpu-threads", "1", "--dtype", "float32", "--max-model-len", "512", *PARALLEL[parallel],
-              "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *GPU_ARGS]
+    common = [model, *MODEL_ARGS, *PARALLEL[parallel], "--nnodes", "2", "--master-addr", "127.0.0.1",
+              "--master-port", str(free_port())]
     if GPU_ARGS:
         common.append("--disable-custom-all-reduce")
 
@@ -146,7 +148,8 @@ def test_two_nodes_give_the_one_rank_tokens(server, tmp_path, parallel):
         log = (tmp_path / f"node{node}.log").read_text()
         ranks = f"tensor-parallel 0 of 1, pipeline {node} of 2" if parallel == "pipeline" else \
             f"tensor-parallel {node} of 2, pipeline 0 of 1"
-        part = {"tensor": f" (part {node + 1} of 2)", "expert": f" (experts part {node + 1} of 2)", "pipeline": ","}[parallel]
+        part = {"tensor": f" (part {node + 1} of 2)", "expert": f" (experts part {node + 1} of 2)",
+                "pipeline": ","}[parallel]
         assert f"rank 0 of 1 on this machine ({ranks}) computes {model}/experts.gguf{part}" in log, log[-4000:]
         if GPU_ARGS and (parallel != "pipeline" or node == 0):
             assert ", 1 resident, " in log, log[-4000:]
