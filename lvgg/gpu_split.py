@@ -54,10 +54,9 @@ class SplitExperts:
             raise ValueError(f"calls of up to {self.max_tokens} tokens need a CudaExperts of as many rows; this one "
                              f"takes {cpu.max_tokens}")
         self._layers = frozenset(gpu.split_layers)
-        # An expert-parallel rank's GPU and CPU hold experts [first, end) whole: the other ranks'
-        # experts are left out of the routing, so that neither side computes them here.
-        info = gpu.layer_info(gpu.split_layers[0]) if gpu.split_layers else None
-        self._held = info.held_experts if info and info.n_experts < info.routed_experts else None
+        # The experts this rank's GPU and CPU hold (an expert-parallel rank's: [first, end), whole):
+        # the routing leaves the others out, so that neither side computes them here.
+        self._held = gpu.layer_info(gpu.split_layers[0]).held_experts if gpu.split_layers else None
         self._slots_of = [slots_for(slots, n) for n in range(self.max_tokens + 1)]  # by token count
         self._side = torch.cuda.Stream(gpu.device)
         self._inputs_ready, self._gpu_done = torch.cuda.Event(), torch.cuda.Event()
