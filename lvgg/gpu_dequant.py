@@ -441,7 +441,7 @@ if triton is not None:
                        slot_bytes, row_bytes, R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr,
                        QK: tl.constexpr, BB: tl.constexpr):
         # program (token t, rows block): out[t, rows] = sum over t's slots s with an expert e =
-        # slot_expert[s] >= 0 of weights[s] * down_e(act[s]), act[s] at down's columns lead...
+        # slot_expert[s] >= 0 of weights[s] * down_e(act[s]), act[s] at down's columns [lead, lead + act_cols)
         t = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * R + tl.arange(0, R)
         total = tl.zeros([R], dtype=tl.float32)

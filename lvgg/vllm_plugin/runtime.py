@@ -46,8 +46,8 @@ _gpu_made = False
 _gpu_min_tokens: int | None = None
 _gpu_memory_utilization = 0.9
 # What the GPU's experts are read from: the whole file (mapped), this rank's part and how the ranks
-# split (ExpertStore.part's by; a tensor-parallel rank's engine holds a copy of its part only).
-# what the GPU experts read: the store, this rank's part and how it is cut, other pipeline stages' layers
+# split (ExpertStore.part's by; a tensor-parallel rank's engine holds a copy of its part only), and
+# the MoE layers other pipeline stages hold.
 _gpu_source: tuple[ExpertStore, tuple[int, int], str, frozenset[int]] | None = None
 opened_at: float | None = None  # time.perf_counter() when this process opened the experts file (startup figures)
 
