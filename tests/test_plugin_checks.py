@@ -306,8 +306,9 @@ def test_ray_workers_get_lvgg_settings():
             "register()\n"
             "from vllm.ray.ray_env import get_env_vars_to_copy\n"
             "import os\n"
-            "print(os.environ['VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY'])\n"
-            "print(sorted(v for v in get_env_vars_to_copy() if v.startswith(('LVGG_', 'MY_'))))\n")
+            "names = sorted(v for v in get_env_vars_to_copy() if v.startswith(('LVGG_', 'MY_')))\n"
+            "print(os.environ['VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY'])\n"  # after vLLM's log lines
+            "print(names)\n")
     env = {**os.environ, "LVGG_EXPERTS": "experts.gguf", "LVGG_CPU_THREADS": "3", "MY_SETTING": "1",
            "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY": "MY_"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
