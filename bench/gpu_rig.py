@@ -18,7 +18,9 @@ them), `resident` (split, plus LVGG_GPU_RESIDENT_LAYERS=auto). A suffix `@GIB` b
 parallel, pipeline parallel, or expert parallel over the tensor-parallel ranks), side by side.
 Also printed: the time to read the experts file once (from the page cache when it is there),
 next to the startup times: init (vLLM's start to ready) and open_to_first_token (lvgg opening
-the experts file to the first token out).
+the experts file to the first token out), and with one GPU the host memory of the process
+after the first tokens (RssAnon: its own pages, lvgg's copies of the experts among them;
+RssFile: the mapped experts file, pinned for the GPU).
 Decode: time of N+1 output tokens minus time of 1, divided by N (greedy, ignore_eos).
 Prefill: one pass of a random prompt (max_num_batched_tokens fits the longest), first token
 included.
@@ -47,14 +49,22 @@ CONFIGS = {"cpu": {"LVGG_GPU_PREFILL_MIN_TOKENS": "off", "LVGG_GPU_DECODE_SPLIT"
 PARALLEL = {"1": (1, 1, False), "tp2": (2, 1, False), "pp2": (1, 2, False), "ep2": (2, 1, True)}
 
 
+# configuration suffixes: "+ggml" runs ggml's CPU kernels for every type, "+norepack" computes
+# from the file's own layout (no repacked copy)
+SUFFIXES = {"ggml": {"LVGG_CPU_KERNELS": "ggml"}, "norepack": {"LVGG_REPACK": "off"}}
+
+
 def config_env(name: str) -> dict[str, str]:
-    """The environment of a configuration: a name of CONFIGS, or split:N; "+ggml" runs ggml's CPU
-    kernels for every type (LVGG_CPU_KERNELS=ggml), e.g. stream+ggml; "@GIB" bounds lvgg's VRAM."""
+    """The environment of a configuration: a name of CONFIGS, or split:N; then SUFFIXES, e.g.
+    stream+ggml or split+norepack; "@GIB" bounds lvgg's VRAM."""
     name, _, gib = name.partition("@")
-    name, ggml, _ = name.partition("+ggml")
+    name, *suffixes = name.split("+")
     base, _, slots = name.partition(":")
-    return {**CONFIGS[base], **({"LVGG_GPU_DECODE_SPLIT": slots} if slots else {}),
-            **({"LVGG_CPU_KERNELS": "ggml"} if ggml else {}), **({"LVGG_GPU_EXPERTS_GB": gib} if gib else {})}
+    env = {**CONFIGS[base], **({"LVGG_GPU_DECODE_SPLIT": slots} if slots else {}),
+           **({"LVGG_GPU_EXPERTS_GB": gib} if gib else {})}
+    for suffix in suffixes:
+        env.update(SUFFIXES[suffix])
+    return env
 
 
 def read_once(path: Path, chunk: int = 64 << 20) -> float:
@@ -97,6 +107,9 @@ from lvgg.vllm_plugin import runtime
 result = {"init_s": init_s}
 if runtime.opened_at is not None:  # the engine is in this process (one GPU)
     result["open_to_first_token_s"] = time.perf_counter() - runtime.opened_at
+    status = dict(ln.split(":", 1) for ln in open("/proc/self/status").read().splitlines())
+    for key in ("RssAnon", "RssFile"):  # the process's own pages (vLLM's, lvgg's copies); mapped file pages
+        result[f"{key}_GiB"] = int(status[key].split()[0]) / 2**20
 run(1, 16, 8)
 one, many = min(run(1, 16, 1) for _ in range(2)), min(run(1, 16, 65) for _ in range(2))
 result["decode_tok_s"] = 64 / (many - one)

@@ -107,6 +107,9 @@ def serve(
     gpu_decode_split: str = typer.Option(None, help="decode: N, the GPU computes N/top_k of a step's experts "
                                          "(N of a token's) while the CPU does the rest: 'auto' (default: timed at "
                                          "startup), N or 'off'"),
+    repack: bool = typer.Option(None, "--repack/--no-repack", help="--no-repack: the CPU computes the experts from "
+                                "the file's own layout (ggml's kernels; slower decode, but next to a GPU one copy "
+                                "of the experts in RAM, not two)"),
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback unless told otherwise)"),
     port: int = typer.Option(8000),
 ) -> None:
@@ -115,7 +118,7 @@ def serve(
 
     try:
         path = configure_plugin(model, experts, cpu_threads or None, gpu_prefill_min_tokens, gpu_resident_layers,
-                                gpu_experts_gb, gpu_decode_split)
+                                gpu_experts_gb, gpu_decode_split, repack)
     except (ValueError, OSError) as e:
         _fail(e)
     os.execv(sys.executable, server_argv(model, path, host, port, ctx.args))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lvgg.vllm_plugin import (EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV,
-                               THREADS_ENV)
+                               REPACK_ENV, THREADS_ENV)
 
 
 def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> Path:
@@ -29,7 +29,8 @@ def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> Pat
 
 def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_threads: int | None,
                      gpu_prefill_min_tokens: int | str | None = None, gpu_resident_layers: str | None = None,
-                     gpu_experts_gb: float | None = None, gpu_decode_split: int | str | None = None) -> Path:
+                     gpu_experts_gb: float | None = None, gpu_decode_split: int | str | None = None,
+                     repack: bool | None = None) -> Path:
     """Point the plugin (in this process and the ones vLLM starts) at the experts file, with the
     given settings (None: the environment's, else the defaults; see lvgg.vllm_plugin)."""
     path = find_experts_file(model, experts)
@@ -40,9 +41,10 @@ def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_thr
     if not inspect_gguf(path).layers:
         raise ValueError(f"{path} holds no routed-expert tensors; is it an experts file (lvgg convert)?")
     env = {THREADS_ENV: cpu_threads or None, GPU_PREFILL_ENV: gpu_prefill_min_tokens,
-           GPU_RESIDENT_ENV: gpu_resident_layers, GPU_EXPERTS_GB_ENV: gpu_experts_gb, GPU_SPLIT_ENV: gpu_decode_split}
+           GPU_RESIDENT_ENV: gpu_resident_layers, GPU_EXPERTS_GB_ENV: gpu_experts_gb, GPU_SPLIT_ENV: gpu_decode_split,
+           REPACK_ENV: None if repack is None else "on" if repack else "off"}
     env = {k: str(v) if v is not None else os.environ.get(k, "") for k, v in env.items()}
-    from lvgg.vllm_plugin.settings import GpuSettings, check_decode_split
+    from lvgg.vllm_plugin.settings import GpuSettings, check_cpu_choices, check_decode_split
 
     wanted = GpuSettings.parse(env[GPU_PREFILL_ENV], env[GPU_RESIDENT_ENV], env[GPU_EXPERTS_GB_ENV],
                                env[GPU_SPLIT_ENV])  # before any change
@@ -50,6 +52,7 @@ def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_thr
     if top_k is not None:
         check_decode_split(wanted.decode_split, top_k)
     os.environ.update({k: v for k, v in env.items() if v})
+    check_cpu_choices()  # what the environment holds where no argument overrides it
     os.environ[EXPERTS_ENV] = str(path)
     return path
 
@@ -106,17 +109,19 @@ def compile_cache_config(experts: Path) -> dict[str, Any]:
 
 def LLM(model: str, experts: str | os.PathLike[str] | None = None, cpu_threads: int | None = None,
         gpu_prefill_min_tokens: int | str | None = None, gpu_resident_layers: str | None = None,
-        gpu_experts_gb: float | None = None, gpu_decode_split: int | str | None = None, **vllm_kwargs: Any):
+        gpu_experts_gb: float | None = None, gpu_decode_split: int | str | None = None, repack: bool | None = None,
+        **vllm_kwargs: Any):
     """A `vllm.LLM` whose routed experts come from `experts` and run on the CPU through ggml.
 
     On a GPU, passes of at least ``gpu_prefill_min_tokens`` tokens (default 64; "off") stream
     the experts to it instead; ``gpu_resident_layers`` ("0-5,40" or "auto") keeps those layers'
     experts there; ``gpu_experts_gb`` bounds the VRAM they take. Shorter passes (decode) give
     ``gpu_decode_split``/top_k of their distinct experts to the GPU ("auto", the default: timed
-    at startup; N, or "off").
+    at startup; N, or "off"). ``repack=False`` computes the experts from the file's own layout
+    (ggml's kernels; slower decode, but next to a GPU one copy of the experts in RAM, not two).
     """
     path = configure_plugin(model, experts, cpu_threads, gpu_prefill_min_tokens, gpu_resident_layers,
-                            gpu_experts_gb, gpu_decode_split)
+                            gpu_experts_gb, gpu_decode_split, repack)
     from lvgg.vllm_plugin import register
     import vllm
 

@@ -116,6 +116,21 @@ def test_serve_refuses_bad_gpu_settings_before_vllm(qwen3, monkeypatch, flag, va
     assert "LVGG_EXPERTS" not in os.environ  # refused before the plugin was configured
 
 
+def test_serve_refuses_a_bad_cpu_setting_before_vllm(qwen3, monkeypatch):
+    folder, _, experts = qwen3
+    monkeypatch.delenv("LVGG_EXPERTS", raising=False)
+    monkeypatch.setenv("LVGG_REPACK", "no")
+    r = CliRunner().invoke(app, ["serve", str(folder), "--experts", str(experts)])
+    assert r.exit_code == 2, r.output
+    assert "LVGG_REPACK must be 'on' or 'off', found 'no'" in " ".join(r.output.split())
+    assert "LVGG_EXPERTS" not in os.environ
+    from lvgg.llm import configure_plugin  # what `lvgg serve --no-repack` and lvgg.LLM(repack=False) call
+
+    monkeypatch.setenv("LVGG_EXPERTS", "")  # restored after the test
+    configure_plugin(str(folder), experts, None, repack=False)
+    assert os.environ["LVGG_REPACK"] == "off" and os.environ["LVGG_EXPERTS"] == str(experts.resolve())
+
+
 def test_cpu_settings_are_read_from_the_environment(monkeypatch):
     from lvgg.vllm_plugin import settings
 
@@ -144,6 +159,13 @@ def test_cpu_settings_are_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("LVGG_CPU_KERNELS", "amx")
     with pytest.raises(ValueError, match="LVGG_CPU_KERNELS must be 'lvgg' or 'ggml', found 'amx'"):
         settings.own_kernels()
+    monkeypatch.delenv("LVGG_REPACK", raising=False)
+    assert settings.repack()
+    monkeypatch.setenv("LVGG_REPACK", "Off")
+    assert not settings.repack()
+    monkeypatch.setenv("LVGG_REPACK", "no")
+    with pytest.raises(ValueError, match="LVGG_REPACK must be 'on' or 'off', found 'no'"):
+        settings.repack()
 
 
 def test_cuda_graphs_stay_below_the_streaming_threshold_unless_the_user_sets_capture_sizes(qwen3, monkeypatch):

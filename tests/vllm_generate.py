@@ -81,7 +81,8 @@ def main() -> None:
         "engine_expert_bytes": engine_bytes, "expert_parallel": expert_parallel,
         "counts_real_rows": ranks[0]["counts_real_rows"], "rss": [r["rss"] for r in ranks],
         "engine_cpus": [r["engine_cpus"] for r in ranks],
-        "engine_experts": [r["engine_experts"] for r in ranks]}), flush=True)
+        "engine_experts": [r["engine_experts"] for r in ranks],
+        "engine_repacked": [r["engine_repacked"] for r in ranks]}), flush=True)
     # vLLM's engine may not exit by itself, nor its engine process (pipeline stages) with this one
     for child in psutil.Process().children(recursive=True):
         child.kill()

@@ -7,12 +7,13 @@ import os
 def model_info(model) -> dict:
     """What a worker's model holds: routed-expert bytes, MoE and other quant methods, the nodes of
     lvgg's CPU engine in that process (1: one engine; 0: none), the CPUs its threads run on, the
-    experts [begin, end) it holds of its first layer, and the process's resident memory (bytes:
-    all, anonymous, file pages)."""
+    experts [begin, end) it holds of its first layer and the projections it holds repacked there,
+    and the process's resident memory (bytes: all, anonymous, file pages)."""
     from vllm.model_executor.layers.fused_moe import RoutedExperts
 
     experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
     engine_nodes, engine_bytes, engine_cpus, engine_experts, counts_real_rows = 0, 0, [], None, False
+    engine_repacked = []
     if os.environ.get("LVGG_EXPERTS"):
         from lvgg.vllm_plugin import moe_method, runtime
 
@@ -21,14 +22,15 @@ def model_info(model) -> dict:
             engine_nodes = max(1, len(runtime._engine.nodes))
             engine_bytes = runtime._engine.store.expert_bytes  # a tensor-parallel rank's: its share
             engine_cpus = runtime._engine.cpus
-            held = runtime._engine.store.layer_info(runtime._engine.store.layers[0]).held_experts
-            engine_experts = [held.start, held.stop]
+            first = runtime._engine.store.layer_info(runtime._engine.store.layers[0])
+            engine_experts = [first.held_experts.start, first.held_experts.stop]
+            engine_repacked = sorted(p for p, repacked in first.repacked.items() if repacked)
     return {"expert_bytes": sum(p.numel() * p.element_size() for m in experts for p in m.parameters()),
             "methods": sorted({type(m.quant_method).__name__ for m in experts}),
             "others": sorted({type(m.quant_method).__name__ for m in model.modules()
                               if getattr(m, "quant_method", None) is not None and not isinstance(m, RoutedExperts)}),
             "engine_nodes": engine_nodes, "engine_expert_bytes": engine_bytes, "engine_cpus": engine_cpus,
-            "engine_experts": engine_experts,
+            "engine_experts": engine_experts, "engine_repacked": engine_repacked,
             "expert_parallel": any(m.use_ep for m in experts), "counts_real_rows": counts_real_rows,
             "rss": resident_memory()}
 

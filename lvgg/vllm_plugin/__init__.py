@@ -16,6 +16,7 @@ GPU_PREFILL_ENV = "LVGG_GPU_PREFILL_MIN_TOKENS"  # passes of at least this many 
 GPU_RESIDENT_ENV = "LVGG_GPU_RESIDENT_LAYERS"  # layers whose experts live on the GPU: "0-5,40" or "auto"
 GPU_EXPERTS_GB_ENV = "LVGG_GPU_EXPERTS_GB"  # the most VRAM (GiB) lvgg's experts may take
 GPU_SPLIT_ENV = "LVGG_GPU_DECODE_SPLIT"  # decode steps: the GPU's share N (of top_k), "auto" or "off"
+REPACK_ENV = "LVGG_REPACK"  # "off": the CPU computes from the file's own layout (no second copy)
 
 # vLLM's Ray executor starts its workers with the Ray cluster's environment, not this process's,
 # and copies to them only the variables whose names start with vLLM's prefixes or these.

@@ -220,12 +220,14 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     several_nodes = count == 1 and len(topo.nodes) > 1  # this rank's engine splits over the machine's nodes
     split = tp_size > 1 or several_nodes
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
+    # Without repacking (LVGG_REPACK=off) a lone rank computes from the file's mapping, which its GPU reads too.
+    repack = settings.repack()
     layers = pp_layers(hf_config, pp_rank, pp_size)
     global opened_at, _gpu_source
     opened_at = time.perf_counter()
 
     def open_store() -> ExpertStore:
-        store = ExpertStore(os.environ[EXPERTS_ENV], repack=not split, layers=layers,
+        store = ExpertStore(os.environ[EXPERTS_ENV], repack=repack and not split, layers=layers,
                             own_kernels=settings.own_kernels())
         check_experts_file(store, hf_config, layers)
         log.info("lvgg: experts file %s opened and checked in %.1f s", store.path, time.perf_counter() - opened_at)
@@ -250,7 +252,7 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
         _gpu_source = (store, (tp_rank, tp_size), by, elsewhere) if _gpu_present() else None
         if tp_size > 1:  # without a GPU the whole file is unmapped when its store goes
             # A rank alone on several nodes splits its part again, over them: a plain copy, split, then repacked.
-            store = store.part(tp_rank, tp_size, repack=not several_nodes, by=by)
+            store = store.part(tp_rank, tp_size, repack=repack and not several_nodes, by=by)
     nodes = engine_nodes(topo, store.max_parts()) if several_nodes else None
     counts = None if nodes else settings.cpu_threads(1)  # the nodes' counts: engine_nodes
     if cpus:
@@ -258,7 +260,7 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
         node = f" (NUMA node {mem_node})" if mem_node is not None else ""
         where = f"on CPUs {topology.format_cpulist(cpus)}{node}"
     elif nodes:
-        moe = CpuMoE(store, nodes=nodes, **kwargs)
+        moe = CpuMoE(store, nodes=nodes, repack=repack, **kwargs)
         where = f"split over {len(nodes)} NUMA nodes ({'; '.join(topology.format_cpulist(n.cpus) for n in nodes)})"
     else:
         threads = counts[0] if counts else default_threads()
@@ -266,8 +268,9 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
         cpus = _bridge.physical_core_cpus()[-threads:] if kwargs["strict_cpu"] else None
         moe = CpuMoE(store, threads=threads, cpus=cpus, **kwargs)
         where = f"on CPUs {topology.format_cpulist(cpus)}" if cpus else "unbound"
-    log.info("lvgg: rank %d of %d on this machine (tensor-parallel %d of %d, pipeline %d of %d) computes %s, "
-             "%d threads %s", index, count, tp_rank, tp_size, pp_rank, pp_size, store.path, moe.threads, where)
+    log.info("lvgg: rank %d of %d on this machine (tensor-parallel %d of %d, pipeline %d of %d) computes %s%s, "
+             "%d threads %s", index, count, tp_rank, tp_size, pp_rank, pp_size, store.path,
+             "" if repack else " in the file's layout (LVGG_REPACK=off)", moe.threads, where)
     return moe
 
 

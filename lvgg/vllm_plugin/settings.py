@@ -5,6 +5,13 @@
                                  evenly) or one count per node ("7,8")
     LVGG_CPU_BINDING             "node" (default: a node's threads float over its CPUs) or
                                  "core" (one thread pinned per CPU)
+    LVGG_CPU_KERNELS             "lvgg" (default) or "ggml": whose CPU kernels run Q4_K, Q6_K,
+                                 Q8_0 and Q4_0 experts on AVX-512 VNNI CPUs
+    LVGG_REPACK                  "on" (default: the CPU runs from a re-laid-out copy of the
+                                 experts where its kernels are faster) or "off" (from the
+                                 file's own bytes with ggml's kernels: slower decode, but next
+                                 to a GPU, which reads the file, one copy of the experts in RAM
+                                 instead of two)
 
     LVGG_GPU_PREFILL_MIN_TOKENS  passes of at least this many tokens stream the experts to the
                                  GPU (default 64; 0 or "off": never)
@@ -24,7 +31,8 @@ import os
 from dataclasses import dataclass
 
 from lvgg.topology import parse_ranges
-from lvgg.vllm_plugin import GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, THREADS_ENV
+from lvgg.vllm_plugin import (GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, REPACK_ENV,
+                               THREADS_ENV)
 
 BINDING_ENV = "LVGG_CPU_BINDING"
 KERNELS_ENV = "LVGG_CPU_KERNELS"
@@ -127,18 +135,30 @@ def cpu_threads(n_nodes: int) -> list[int] | None:
     return counts
 
 
+def _choice(env: str, choices: tuple[str, ...]) -> str:
+    """The value of ``env`` in lower case, one of ``choices`` (unset or empty: the first)."""
+    text = os.environ.get(env, "").strip().lower() or choices[0]
+    if text not in choices:
+        raise ValueError(f"{env} must be {' or '.join(map(repr, choices))}, found {text!r}")
+    return text
+
+
 def strict_binding() -> bool:
-    """LVGG_CPU_BINDING: True for "core" (one thread pinned per CPU), False for "node"."""
-    text = os.environ.get(BINDING_ENV, "node").strip().lower() or "node"
-    if text not in ("node", "core"):
-        raise ValueError(f"{BINDING_ENV} must be 'node' or 'core', found {text!r}")
-    return text == "core"
+    """LVGG_CPU_BINDING: True for "core" (one thread pinned per CPU), False for "node" (default)."""
+    return _choice(BINDING_ENV, ("node", "core")) == "core"
 
 
 def own_kernels() -> bool:
     """LVGG_CPU_KERNELS: "lvgg" (default: lvgg's Q4_K/Q6_K/Q8_0/Q4_0 kernels where the CPU and
     build have AVX-512 VNNI) or "ggml" (ggml's kernels for every type)."""
-    text = os.environ.get(KERNELS_ENV, "lvgg").strip().lower() or "lvgg"
-    if text not in ("lvgg", "ggml"):
-        raise ValueError(f"{KERNELS_ENV} must be 'lvgg' or 'ggml', found {text!r}")
-    return text == "lvgg"
+    return _choice(KERNELS_ENV, ("lvgg", "ggml")) == "lvgg"
+
+
+def repack() -> bool:
+    """LVGG_REPACK: True for "on" (default), False for "off"."""
+    return _choice(REPACK_ENV, ("on", "off")) == "on"
+
+
+def check_cpu_choices() -> None:
+    """ValueError for a bad LVGG_CPU_BINDING, LVGG_CPU_KERNELS or LVGG_REPACK."""
+    strict_binding(), own_kernels(), repack()
