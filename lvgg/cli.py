@@ -109,7 +109,8 @@ def serve(
                                          "startup), N or 'off'"),
     repack: bool = typer.Option(None, "--repack/--no-repack", help="--no-repack: the CPU computes the experts from "
                                 "the file's own layout (ggml's kernels; slower decode, but next to a GPU one copy "
-                                "of the experts in RAM, not two)"),
+                                "of the experts in RAM, not two); default: a repacked copy unless the memory "
+                                "available cannot hold it beside the pinned file"),
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback unless told otherwise)"),
     port: int = typer.Option(8000),
 ) -> None:

@@ -58,15 +58,6 @@ def build_info() -> dict[str, Any]:
     return {"loaded": True, "error": None, "features": dict(_bridge.cpu_features())}
 
 
-def meminfo(proc_root: Path) -> dict[str, int | None]:
-    values: dict[str, int] = {}
-    for line in (_read(proc_root / "meminfo") or "").splitlines():
-        fields = line.split()
-        if len(fields) == 3 and fields[2] == "kB":
-            values[fields[0].rstrip(":")] = int(fields[1]) * 1024
-    return {"total": values.get("MemTotal"), "free": values.get("MemFree"), "available": values.get("MemAvailable")}
-
-
 def _bracketed(text: str | None) -> str | None:
     """The selected word of a sysfs choice file: ``always [madvise] never`` -> ``madvise``."""
     if text and "[" in text:
@@ -165,7 +156,7 @@ def collect(sys_root: str | os.PathLike[str] = "/sys", proc_root: str | os.PathL
                         "(pip install . without LVGG_PORTABLE) is faster")
 
     devices = gpus(sys_p)
-    facts: dict[str, Any] = {"cpu": cpu, "build": build, "memory": meminfo(proc_p), "hugepages": hugepages(sys_p),
+    facts: dict[str, Any] = {"cpu": cpu, "build": build, "memory": topology.meminfo(proc_p), "hugepages": hugepages(sys_p),
                              "memlock": memlock(), "gpus": devices,
                              "versions": {m: _version(m) for m in ("lvgg", "vllm", "torch", "gguf")}}
     machine, affinity = topology.read_machine(sys_p), os.sched_getaffinity(0)

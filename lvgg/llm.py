@@ -118,7 +118,8 @@ def LLM(model: str, experts: str | os.PathLike[str] | None = None, cpu_threads: 
     experts there; ``gpu_experts_gb`` bounds the VRAM they take. Shorter passes (decode) give
     ``gpu_decode_split``/top_k of their distinct experts to the GPU ("auto", the default: timed
     at startup; N, or "off"). ``repack=False`` computes the experts from the file's own layout
-    (ggml's kernels; slower decode, but next to a GPU one copy of the experts in RAM, not two).
+    (ggml's kernels; slower decode, but next to a GPU one copy of the experts in RAM, not two);
+    default: a repacked copy unless the memory available cannot hold it beside the pinned file.
     """
     path = configure_plugin(model, experts, cpu_threads, gpu_prefill_min_tokens, gpu_resident_layers,
                             gpu_experts_gb, gpu_decode_split, repack)

@@ -154,6 +154,20 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def meminfo(proc_root: Path = Path("/proc")) -> dict[str, int | None]:
+    """MemTotal, MemFree and MemAvailable of the machine in bytes (None where unknown)."""
+    values: dict[str, int] = {}
+    try:
+        text = (proc_root / "meminfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[2] == "kB":
+            values[fields[0].rstrip(":")] = int(fields[1]) * 1024
+    return {"total": values.get("MemTotal"), "free": values.get("MemFree"), "available": values.get("MemAvailable")}
+
+
 def _node_meminfo(path: Path) -> tuple[int | None, int | None]:
     """MemTotal and MemFree in bytes from a node's meminfo (``Node 0 MemTotal:  24684084 kB``)."""
     values: dict[str, int] = {}

@@ -122,7 +122,7 @@ def test_serve_refuses_a_bad_cpu_setting_before_vllm(qwen3, monkeypatch):
     monkeypatch.setenv("LVGG_REPACK", "no")
     r = CliRunner().invoke(app, ["serve", str(folder), "--experts", str(experts)])
     assert r.exit_code == 2, r.output
-    assert "LVGG_REPACK must be 'on' or 'off', found 'no'" in " ".join(r.output.split())
+    assert "LVGG_REPACK must be 'auto', 'on' or 'off', found 'no'" in " ".join(r.output.split())
     assert "LVGG_EXPERTS" not in os.environ
     from lvgg.llm import configure_plugin  # what `lvgg serve --no-repack` and lvgg.LLM(repack=False) call
 
@@ -160,12 +160,26 @@ def test_cpu_settings_are_read_from_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="LVGG_CPU_KERNELS must be 'lvgg' or 'ggml', found 'amx'"):
         settings.own_kernels()
     monkeypatch.delenv("LVGG_REPACK", raising=False)
-    assert settings.repack()
+    assert settings.repack() == "auto"
     monkeypatch.setenv("LVGG_REPACK", "Off")
-    assert not settings.repack()
+    assert settings.repack() == "off"
     monkeypatch.setenv("LVGG_REPACK", "no")
-    with pytest.raises(ValueError, match="LVGG_REPACK must be 'on' or 'off', found 'no'"):
+    with pytest.raises(ValueError, match="LVGG_REPACK must be 'auto', 'on' or 'off', found 'no'"):
         settings.repack()
+
+
+def test_repack_auto_keeps_one_copy_where_the_pinned_file_and_a_copy_do_not_fit(caplog):
+    from lvgg.vllm_plugin.runtime import REPACK_MARGIN_BYTES, choose_repack
+
+    gib = 2**30
+    need = 2 * 20 * gib + REPACK_MARGIN_BYTES  # a 20 GiB file pinned for the GPU, and a copy
+    assert choose_repack("auto", True, 20 * gib, need)
+    assert choose_repack("auto", False, 20 * gib, 21 * gib)  # no GPU: the copy replaces the file's pages
+    assert choose_repack("auto", True, 20 * gib, None)  # unknown: as asked by default
+    assert choose_repack("on", True, 20 * gib, 21 * gib) and not choose_repack("off", False, 20 * gib, None)
+    with caplog.at_level("WARNING", logger="vllm.lvgg"):
+        assert not choose_repack("auto", True, 20 * gib, need - 1)
+    assert "Set LVGG_REPACK=on to copy anyway" in caplog.text
 
 
 def test_cuda_graphs_stay_below_the_streaming_threshold_unless_the_user_sets_capture_sizes(qwen3, monkeypatch):

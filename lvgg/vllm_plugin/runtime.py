@@ -77,6 +77,27 @@ def _gpu_present() -> bool:
     return torch.cuda.is_available()
 
 
+# what the rest of the process and the OS take beside the experts, for LVGG_REPACK=auto
+REPACK_MARGIN_BYTES = 4 << 30
+
+
+def choose_repack(setting: str, file_pinned: bool, file_bytes: int, available_bytes: int | None) -> bool:
+    """Whether the CPU engine computes from repacked copies of the experts (LVGG_REPACK: "on",
+    "off" or "auto"). Without a GPU pinning the file the copies replace its pages in memory; with
+    one, the pinned file and the copies (this machine's ranks copy about the file's bytes between
+    them) are both resident: "auto" then repacks only where the memory available holds both."""
+    if setting != "auto":
+        return setting == "on"
+    need = 2 * file_bytes + REPACK_MARGIN_BYTES
+    if not file_pinned or available_bytes is None or available_bytes >= need:
+        return True
+    log.warning("lvgg: %.1f GiB of memory available; the experts file pinned for the GPU and a repacked copy of it "
+                "need %.1f GiB: the CPU computes the experts from the file's own layout instead (one copy in "
+                "RAM, slower decode). Set LVGG_REPACK=on to copy anyway, or off to silence this.",
+                available_bytes / 2**30, need / 2**30)
+    return False
+
+
 def default_threads() -> int:
     """One per physical core; next to a GPU one core stays free for vLLM's own thread (30B-A3B
     Q4_K_M decode on the 16-core GPU machine: 37.7 tok/s with 15 threads, 35.6 with 16, 32.8
@@ -220,8 +241,11 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     several_nodes = count == 1 and len(topo.nodes) > 1  # this rank's engine splits over the machine's nodes
     split = tp_size > 1 or several_nodes
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
-    # Without repacking (LVGG_REPACK=off) a lone rank computes from the file's mapping, which its GPU reads too.
-    repack = settings.repack()
+    # Without repacking (LVGG_REPACK) a lone rank computes from the file's mapping, which its GPU reads too.
+    gpu = GpuSettings.from_env()
+    file_pinned = _gpu_present() and (gpu.prefill_min_tokens is not None or gpu.decode_split is not None)
+    repack = choose_repack(settings.repack(), file_pinned, os.path.getsize(os.environ[EXPERTS_ENV]),
+                           topology.meminfo()["available"])
     layers = pp_layers(hf_config, pp_rank, pp_size)
     global opened_at, _gpu_source
     opened_at = time.perf_counter()

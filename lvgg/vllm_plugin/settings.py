@@ -7,11 +7,12 @@
                                  "core" (one thread pinned per CPU)
     LVGG_CPU_KERNELS             "lvgg" (default) or "ggml": whose CPU kernels run Q4_K, Q6_K,
                                  Q8_0 and Q4_0 experts on AVX-512 VNNI CPUs
-    LVGG_REPACK                  "on" (default: the CPU runs from a re-laid-out copy of the
-                                 experts where its kernels are faster) or "off" (from the
-                                 file's own bytes with ggml's kernels: slower decode, but next
-                                 to a GPU, which reads the file, one copy of the experts in RAM
-                                 instead of two)
+    LVGG_REPACK                  "on": the CPU runs from a re-laid-out copy of the experts
+                                 where its kernels are faster; "off": from the file's own bytes
+                                 with ggml's kernels (slower decode, but next to a GPU, which
+                                 reads the file, one copy of the experts in RAM instead of two);
+                                 "auto" (default): on, unless the GPU pins the file and the
+                                 memory available cannot hold the file and a copy
 
     LVGG_GPU_PREFILL_MIN_TOKENS  passes of at least this many tokens stream the experts to the
                                  GPU (default 64; 0 or "off": never)
@@ -139,7 +140,8 @@ def _choice(env: str, choices: tuple[str, ...]) -> str:
     """The value of ``env`` in lower case, one of ``choices`` (unset or empty: the first)."""
     text = os.environ.get(env, "").strip().lower() or choices[0]
     if text not in choices:
-        raise ValueError(f"{env} must be {' or '.join(map(repr, choices))}, found {text!r}")
+        names = [repr(c) for c in choices]
+        raise ValueError(f"{env} must be {', '.join(names[:-1])} or {names[-1]}, found {text!r}")
     return text
 
 
@@ -154,9 +156,9 @@ def own_kernels() -> bool:
     return _choice(KERNELS_ENV, ("lvgg", "ggml")) == "lvgg"
 
 
-def repack() -> bool:
-    """LVGG_REPACK: True for "on" (default), False for "off"."""
-    return _choice(REPACK_ENV, ("on", "off")) == "on"
+def repack() -> str:
+    """LVGG_REPACK: "auto" (default), "on" or "off"."""
+    return _choice(REPACK_ENV, ("auto", "on", "off"))
 
 
 def check_cpu_choices() -> None:
