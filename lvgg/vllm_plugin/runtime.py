@@ -81,15 +81,16 @@ def _gpu_present() -> bool:
 REPACK_MARGIN_BYTES = 4 << 30
 
 
-def choose_repack(setting: str, file_pinned: bool, file_bytes: int, available_bytes: int | None) -> bool:
+def choose_repack(setting: str, saves_a_copy: bool, file_bytes: int, available_bytes: int | None) -> bool:
     """Whether the CPU engine computes from repacked copies of the experts (LVGG_REPACK: "on",
-    "off" or "auto"). Without a GPU pinning the file the copies replace its pages in memory; with
-    one, the pinned file and the copies (this machine's ranks copy about the file's bytes between
-    them) are both resident: "auto" then repacks only where the memory available holds both."""
+    "off" or "auto"). ``saves_a_copy``: computing from the file instead keeps one copy of the
+    experts in RAM, not two (a lone rank whose GPU pins the file; without a GPU the copies replace
+    the file's pages, and ranks and NUMA nodes copy their parts either way). "auto" then repacks
+    only where the memory available holds the pinned file and a copy."""
     if setting != "auto":
         return setting == "on"
     need = 2 * file_bytes + REPACK_MARGIN_BYTES
-    if not file_pinned or available_bytes is None or available_bytes >= need:
+    if not saves_a_copy or available_bytes is None or available_bytes >= need:
         return True
     log.warning("lvgg: %.1f GiB of memory available; the experts file pinned for the GPU and a repacked copy of it "
                 "need %.1f GiB: the CPU computes the experts from the file's own layout instead (one copy in "
@@ -244,7 +245,7 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     # Without repacking (LVGG_REPACK) a lone rank computes from the file's mapping, which its GPU reads too.
     gpu = GpuSettings.from_env()
     file_pinned = _gpu_present() and (gpu.prefill_min_tokens is not None or gpu.decode_split is not None)
-    repack = choose_repack(settings.repack(), file_pinned, os.path.getsize(os.environ[EXPERTS_ENV]),
+    repack = choose_repack(settings.repack(), file_pinned and not split, os.path.getsize(os.environ[EXPERTS_ENV]),
                            topology.meminfo()["available"])
     layers = pp_layers(hf_config, pp_rank, pp_size)
     global opened_at, _gpu_source
