@@ -7,6 +7,7 @@ message naming the first difference.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -49,6 +50,7 @@ _gpu_memory_utilization = 0.9
 # split (ExpertStore.part's by; a tensor-parallel rank's engine holds a copy of its part only), and
 # the MoE layers other pipeline stages hold.
 _gpu_source: tuple[ExpertStore, tuple[int, int], str, frozenset[int]] | None = None
+_repacked = True  # the CPU engine computes from repacked copies (LVGG_REPACK)
 opened_at: float | None = None  # time.perf_counter() when this process opened the experts file (startup figures)
 
 
@@ -248,7 +250,8 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     repack = choose_repack(settings.repack(), file_pinned and not split, os.path.getsize(os.environ[EXPERTS_ENV]),
                            topology.meminfo()["available"])
     layers = pp_layers(hf_config, pp_rank, pp_size)
-    global opened_at, _gpu_source
+    global opened_at, _gpu_source, _repacked
+    _repacked = repack
     opened_at = time.perf_counter()
 
     def open_store() -> ExpertStore:
@@ -346,6 +349,10 @@ def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], by: str, elsewh
                       dtype) -> tuple[GpuExperts | None, SplitExperts | None]:
     global _gpu_min_tokens
     wanted = GpuSettings.from_env()
+    if wanted.decode_split == "auto" and not _repacked:
+        log.info("lvgg: %s=auto: no decode split, the CPU computing from the file's own layout (LVGG_REPACK off): "
+                 "there the GPU's fetches from the file slow the CPU more than they take off it", GPU_SPLIT_ENV)
+        wanted = dataclasses.replace(wanted, decode_split=None)
     _gpu_min_tokens = wanted.prefill_min_tokens
     free, total = torch.cuda.mem_get_info(device)
     usable = max(0.0, _gpu_memory_utilization * total - (total - free))  # what vLLM may still take
