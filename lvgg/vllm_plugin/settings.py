@@ -23,7 +23,8 @@
                                  of a step's distinct experts over the link (N of one token's,
                                  32 at most) and computes them while the CPU does the rest:
                                  "auto" (default: the fastest N per batch size, timed at
-                                 startup; none where no split wins), N, or "off";
+                                 startup; none where no split wins, and none with
+                                 LVGG_REPACK off), N, or "off";
                                  docs/gpu-experts.md has what it gains
 """
 from __future__ import annotations
