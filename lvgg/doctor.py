@@ -156,8 +156,8 @@ def collect(sys_root: str | os.PathLike[str] = "/sys", proc_root: str | os.PathL
                         "(pip install . without LVGG_PORTABLE) is faster")
 
     devices = gpus(sys_p)
-    facts: dict[str, Any] = {"cpu": cpu, "build": build, "memory": topology.meminfo(proc_p), "hugepages": hugepages(sys_p),
-                             "memlock": memlock(), "gpus": devices,
+    facts: dict[str, Any] = {"cpu": cpu, "build": build, "memory": topology.meminfo(proc_p),
+                             "hugepages": hugepages(sys_p), "memlock": memlock(), "gpus": devices,
                              "versions": {m: _version(m) for m in ("lvgg", "vllm", "torch", "gguf")}}
     machine, affinity = topology.read_machine(sys_p), os.sched_getaffinity(0)
     setting = os.environ.get(topology.NUMA_ENV, "")

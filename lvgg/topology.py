@@ -154,27 +154,27 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def meminfo(proc_root: Path = Path("/proc")) -> dict[str, int | None]:
-    """MemTotal, MemFree and MemAvailable of the machine in bytes (None where unknown)."""
+def _kb_fields(path: Path) -> dict[str, int]:
+    """The ``Name: N kB`` fields of a meminfo file in bytes (a node's lines start ``Node K``)."""
     values: dict[str, int] = {}
-    try:
-        text = (proc_root / "meminfo").read_text()
-    except OSError:
-        text = ""
-    for line in text.splitlines():
+    for line in (_read(path) or "").splitlines():
         fields = line.split()
+        if fields[:1] == ["Node"]:
+            fields = fields[2:]
         if len(fields) == 3 and fields[2] == "kB":
             values[fields[0].rstrip(":")] = int(fields[1]) * 1024
+    return values
+
+
+def meminfo(proc_root: Path = Path("/proc")) -> dict[str, int | None]:
+    """MemTotal, MemFree and MemAvailable of the machine in bytes (None where unknown)."""
+    values = _kb_fields(proc_root / "meminfo")
     return {"total": values.get("MemTotal"), "free": values.get("MemFree"), "available": values.get("MemAvailable")}
 
 
 def _node_meminfo(path: Path) -> tuple[int | None, int | None]:
     """MemTotal and MemFree in bytes from a node's meminfo (``Node 0 MemTotal:  24684084 kB``)."""
-    values: dict[str, int] = {}
-    for line in (_read(path) or "").splitlines():
-        fields = line.split()
-        if len(fields) == 5 and fields[0] == "Node" and fields[4] == "kB":
-            values[fields[2].rstrip(":")] = int(fields[3]) * 1024
+    values = _kb_fields(path)
     return values.get("MemTotal"), values.get("MemFree")
 
 

@@ -245,8 +245,8 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     split = tp_size > 1 or several_nodes
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
     # Without repacking (LVGG_REPACK) a lone rank computes from the file's mapping, which its GPU reads too.
-    gpu = GpuSettings.from_env()
-    file_pinned = _gpu_present() and (gpu.prefill_min_tokens is not None or gpu.decode_split is not None)
+    wanted = GpuSettings.from_env()
+    file_pinned = _gpu_present() and (wanted.prefill_min_tokens is not None or wanted.decode_split is not None)
     repack = choose_repack(settings.repack(), file_pinned and not split, os.path.getsize(os.environ[EXPERTS_ENV]),
                            topology.meminfo()["available"])
     layers = pp_layers(hf_config, pp_rank, pp_size)
