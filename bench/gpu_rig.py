@@ -107,9 +107,10 @@ from lvgg.vllm_plugin import runtime
 result = {"init_s": init_s}
 if runtime.opened_at is not None:  # the engine is in this process (one GPU)
     result["open_to_first_token_s"] = time.perf_counter() - runtime.opened_at
-    status = dict(ln.split(":", 1) for ln in open("/proc/self/status").read().splitlines())
+    from lvgg.testing.worker_info import resident_memory
+    memory = resident_memory()
     for key in ("RssAnon", "RssFile"):  # the process's own pages (vLLM's, lvgg's copies); mapped file pages
-        result[f"{key}_GiB"] = int(status[key].split()[0]) / 2**20
+        result[f"{key}_GiB"] = memory[key] / 2**30
 run(1, 16, 8)
 one, many = min(run(1, 16, 1) for _ in range(2)), min(run(1, 16, 65) for _ in range(2))
 result["decode_tok_s"] = 64 / (many - one)
