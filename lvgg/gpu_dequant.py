@@ -12,13 +12,17 @@ output may be a strided view with one stride per expert, e.g. the gate or up hal
 fused w13 buffer; rows and columns contiguous). The expert kernels, for decode steps of a few
 tokens, multiply 16 rows x 256 columns at a time as they decode them, so an expert costs a
 read of its bytes and no more. The layouts are ggml's (ggml-common.h); tests check every type
-against gguf-py's dequantization.
+against gguf-py's dequantization. Q4_0, Q8_0, Q4_K and Q6_K may also be in lvgg's packed CPU
+layout (``packed=True``: tiles of 16 rows x 256 columns, vnni_kquants.h), which the GPU then
+reads from the CPU engine's own copy; tests check it against the same values.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from lvgg import _bridge
 
 try:  # Triton comes with CUDA builds of torch; CPU-only installs run the experts on the CPU only
     import triton
@@ -31,6 +35,9 @@ FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 QUANT_BLOCKS = {"Q4_0": (32, 18), "Q5_0": (32, 22), "Q8_0": (32, 34),
                 "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 SUPPORTED_TYPES = frozenset(FLOAT_TYPES) | frozenset(QUANT_BLOCKS)
+# types with lvgg's packed CPU layout (ggml_bridge/src/vnni_kquants.h): groups of 16 rows
+PACKED_TYPES = frozenset({"Q4_0", "Q8_0", "Q4_K", "Q6_K"})
+PACKED_ROWS = 16
 # the kernels' block decoders (_blocks), by type
 _TYPE_CODES = {"Q4_0": 0, "Q5_0": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "F32": 6, "F16": 7, "BF16": 8}
 
@@ -44,12 +51,24 @@ def raw_nbytes(ggml_type: str, n_values: int) -> int:
     return n_values // qk * size
 
 
-def dequantize(raw: torch.Tensor, ggml_type: str, out: torch.Tensor) -> torch.Tensor:
-    """Write the values of ``raw`` (uint8, the GGUF bytes of an [E, rows, cols] tensor) into
-    ``out`` ([E, rows, cols], float32/float16/bfloat16, rows and columns contiguous)."""
+def packed_nbytes(ggml_type: str, rows: int, cols: int) -> int:
+    """Bytes of one [rows, cols] matrix in lvgg's packed layout (ValueError where it has none)."""
+    return _bridge.packed_size(_bridge.type_from_name(ggml_type.upper()), rows, cols)
+
+
+def matrix_nbytes(ggml_type: str, rows: int, cols: int, packed: bool = False) -> int:
+    """Bytes of one [rows, cols] matrix of ``ggml_type``, in the file's layout or lvgg's packed one."""
+    return packed_nbytes(ggml_type, rows, cols) if packed else raw_nbytes(ggml_type, rows * cols)
+
+
+def dequantize(raw: torch.Tensor, ggml_type: str, out: torch.Tensor, packed: bool = False) -> torch.Tensor:
+    """Write the values of ``raw`` (uint8, the GGUF bytes of an [E, rows, cols] tensor, or with
+    ``packed`` its E matrices in lvgg's packed layout) into ``out`` ([E, rows, cols],
+    float32/float16/bfloat16, rows and columns contiguous)."""
     ggml_type = ggml_type.upper()
-    if ggml_type not in SUPPORTED_TYPES:
-        raise ValueError(f"no GPU dequantization for {ggml_type}; supported: {sorted(SUPPORTED_TYPES)}")
+    if ggml_type not in (PACKED_TYPES if packed else SUPPORTED_TYPES):
+        raise ValueError(f"no GPU dequantization for {ggml_type}{' in the packed layout' if packed else ''}; "
+                         f"supported: {sorted(PACKED_TYPES if packed else SUPPORTED_TYPES)}")
     if out.dim() != 3 or out.stride(2) != 1 or out.stride(1) != out.shape[2]:
         raise ValueError(f"out must be [experts, rows, cols] with contiguous rows, found shape {list(out.shape)} "
                          f"strides {list(out.stride())}")
@@ -59,15 +78,22 @@ def dequantize(raw: torch.Tensor, ggml_type: str, out: torch.Tensor) -> torch.Te
     qk, block_bytes = QUANT_BLOCKS.get(ggml_type, (1, 0))
     if cols % qk:
         raise ValueError(f"{ggml_type} rows hold whole blocks of {qk} values; found {cols} columns")
-    expected = raw_nbytes(ggml_type, n_experts * rows * cols)
+    expected = n_experts * matrix_nbytes(ggml_type, rows, cols, packed)
     if raw.dtype != torch.uint8 or raw.dim() != 1 or raw.numel() != expected or raw.device != out.device:
-        raise ValueError(f"raw must be {expected} uint8 bytes on {out.device} ({ggml_type}, {n_experts}x{rows}x{cols}); "
-                         f"found {raw.numel()} {raw.dtype} on {raw.device}")
+        raise ValueError(f"raw must be {expected} uint8 bytes on {out.device} ({ggml_type}{', packed' if packed else ''}, "
+                         f"{n_experts}x{rows}x{cols}); found {raw.numel()} {raw.dtype} on {raw.device}")
     if ggml_type in FLOAT_TYPES:
         out.copy_(raw.view(FLOAT_TYPES[ggml_type]).view(n_experts, rows, cols))
         return out
     if triton is None:
         raise RuntimeError("GPU dequantization needs Triton (it comes with CUDA builds of torch)")
+    if packed:
+        groups = rows // PACKED_ROWS  # rows % 16 == 0: packed_nbytes checked the layout
+        if n_experts and groups:
+            _dequantize_packed[(n_experts * groups, triton.cdiv(cols, _CHUNK))](
+                raw, out, groups, cols, out.stride(0), expected // n_experts, expected // n_experts // groups,
+                TYPE=_TYPE_CODES[ggml_type])
+        return out
     n_blocks = n_experts * rows * cols // qk
     blocks_per_program = 4096 // qk
     grid = (triton.cdiv(n_blocks, blocks_per_program),)
@@ -80,12 +106,14 @@ def dequantize(raw: torch.Tensor, ggml_type: str, out: torch.Tensor) -> torch.Te
 class StagedProjection:
     """One projection (gate, up or down) of some experts as their GGUF bytes on the device:
     ``data[s]`` ([slots, bytes] uint8) holds slot s's expert, rows x cols values row-major from
-    byte ``at`` (e.g. the up half of a fused gate_up starts ``rows`` rows in)."""
+    byte ``at`` (e.g. the up half of a fused gate_up starts ``rows`` rows in), or with ``packed``
+    in lvgg's packed layout (groups of 16 rows)."""
     data: torch.Tensor
     ggml_type: str
     rows: int
     cols: int
     at: int = 0
+    packed: bool = False
 
     def geometry(self) -> tuple[int, int, int]:
         """(block decoder code, values per block, bytes per block); floats count as blocks of 32."""
@@ -95,7 +123,10 @@ class StagedProjection:
         qk, size = QUANT_BLOCKS[t] if t in QUANT_BLOCKS else (32, 32 * FLOAT_TYPES[t].itemsize)
         return _TYPE_CODES[t], qk, size
 
-    def row_bytes(self) -> int:
+    def line_bytes(self) -> int:
+        """Bytes of a row, or of a group of 16 rows when packed."""
+        if self.packed:
+            return packed_nbytes(self.ggml_type, PACKED_ROWS, self.cols)
         return raw_nbytes(self.ggml_type, self.cols)
 
     def check(self, name: str, rows: int, cols: int, slots: int, device: torch.device) -> tuple[int, int, int]:
@@ -106,7 +137,10 @@ class StagedProjection:
         if (self.rows, self.cols) != (rows, cols) or cols % qk:
             raise ValueError(f"{name} must be {rows}x{cols} ({self.ggml_type}: rows of whole blocks of {qk}), "
                              f"found {self.rows}x{self.cols}")
-        d, need = self.data, self.at + rows * self.row_bytes()
+        if self.packed and (self.ggml_type.upper() not in PACKED_TYPES or rows % PACKED_ROWS):
+            raise ValueError(f"{name} in the packed layout must be {sorted(PACKED_TYPES)} in groups of {PACKED_ROWS} "
+                             f"rows, found {self.ggml_type} with {rows} rows")
+        d, need = self.data, self.at + matrix_nbytes(self.ggml_type, rows, cols, self.packed)
         if d.dtype != torch.uint8 or d.dim() != 2 or not d.is_contiguous() or d.device != device \
                 or d.shape[0] < slots or d.shape[1] < need:
             raise ValueError(f"{name} bytes must be contiguous uint8 [>= {slots}, >= {need}] on {device}, found "
@@ -141,13 +175,15 @@ def gated_activations(x: torch.Tensor, gate: StagedProjection, up: StagedProject
     g = _check_slot_expert(slot_expert, n, x.device)
     tg, qg, bg = gate.check("gate", gate.rows, hidden, 1, x.device)
     tu, qu, bu = up.check("up", gate.rows, hidden, 1, x.device)
+    if gate.packed != up.packed:
+        raise ValueError("gate and up must be both packed or both in the file's layout")
     staged = min(gate.data.shape[0], up.data.shape[0])
     act = torch.empty(n * g, gate.rows, dtype=torch.float32, device=x.device)
     if n * g:
         _gated_activations[(n * g, triton.cdiv(gate.rows, _ROWS_PER_PROGRAM))](
             x, gate.data, up.data, act, slot_expert, g, staged, hidden, gate.rows, gate.data.shape[1],
-            up.data.shape[1], gate.at, up.at, gate.row_bytes(), up.row_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK,
-            TYPE_G=tg, QK_G=qg, BB_G=bg, TYPE_U=tu, QK_U=qu, BB_U=bu)
+            up.data.shape[1], gate.at, up.at, gate.line_bytes(), up.line_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK,
+            TYPE_G=tg, QK_G=qg, BB_G=bg, TYPE_U=tu, QK_U=qu, BB_U=bu, PACKED=gate.packed)
     return act
 
 
@@ -175,7 +211,8 @@ def weighted_down(act: torch.Tensor, down: StagedProjection, weights: torch.Tens
     if n:
         _weighted_down[(n, triton.cdiv(down.rows, _ROWS_PER_PROGRAM))](
             act, down.data, weights, slot_expert, out, g, staged, down.rows, down.cols, act.shape[1], lead,
-            down.data.shape[1], down.row_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK, TYPE=code, QK=qk, BB=block_bytes)
+            down.data.shape[1], down.line_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK, TYPE=code, QK=qk, BB=block_bytes,
+            PACKED=down.packed)
     return out
 
 
@@ -226,8 +263,8 @@ def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tenso
     return cpu_ids, gpu_experts, slot_expert
 
 
-# rows of a projection per program, and columns per step, of the expert kernels
-_ROWS_PER_PROGRAM, _CHUNK = 16, 256
+# rows of a projection per program, and columns per step, of the expert kernels: a packed tile's
+_ROWS_PER_PROGRAM, _CHUNK = PACKED_ROWS, 256
 
 
 def gather_rows(src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -400,6 +437,62 @@ if triton is not None:
         tl.store(dst + dst_at, values.to(dst.dtype.element_ty), mask=mask[:, None])
 
     @triton.jit
+    def _packed_tile(src, group, b, cols, row_mask, TYPE: tl.constexpr):
+        """Values [16 rows, 256 columns] of tile b (columns 256 b on) of the row group at byte
+        ``group`` of ``src``, in lvgg's packed layout of ``TYPE`` (vnni_kquants.h); columns past
+        ``cols`` and rows outside ``row_mask`` ([16]) read as 0."""
+        r = tl.arange(0, 16)[:, None]
+        c = tl.arange(0, 256)[None, :]
+        m = row_mask[:, None] & (256 * b + c < cols)
+        w = c % 32  # column within a 32-column block (a K-quant's sub-block, or a chunk of two)
+        hi = w >= 16  # high nibble
+        nib = ((w % 16) // 4 * 16 + r) * 4 + w % 4  # byte of w's nibble within the block's run: load, row, byte
+        if TYPE == 3:  # Q4_K: d[16], dmin[16], sc[8][16], m pairs[4][16][2], qs[8][256]
+            tile = group + b * 2368
+            d = _f16_at(src + tile + 2 * r, row_mask[:, None])
+            dmin = _f16_at(src + tile + 32 + 2 * r, row_mask[:, None])
+            j = c // 32
+            sc = _u8_at(src + tile + 64 + j * 16 + r, m).to(tl.float32)
+            mn = _u8_at(src + tile + 192 + ((j // 2) * 16 + r) * 2 + j % 2, m).to(tl.float32)
+            q = _u8_at(src + tile + 320 + j * 256 + nib, m)
+            q = tl.where(hi, q >> 4, q & 0xF)
+            return d * sc * q.to(tl.float32) - dmin * mn
+        elif TYPE == 5:  # Q6_K: runs of two 32-column chunks (scales of both, then qh, ql of each); d after the tiles
+            tile = group + b * 3328
+            h = c // 32
+            run = tile + (h // 2) * 832
+            sc = tl.load(src + run + 32 * (h % 2) + 2 * r + hi.to(tl.int32), mask=m, other=0).to(tl.int8, bitcast=True)
+            chunk = run + 64 + 384 * (h % 2)
+            low = _u8_at(src + chunk + 128 + nib, m)
+            low = tl.where(hi, low >> 4, low & 0xF)
+            i = (w % 16) // 4
+            high = (_u8_at(src + chunk + ((i // 2) * 16 + r) * 4 + w % 4, m) >> (4 * (i % 2) + 2 * hi.to(tl.int32))) & 3
+            d = _f16_at(src + group + (cols // 256) * 3328 + (b * 16 + r) * 2, row_mask[:, None])
+            return d * sc.to(tl.float32) * ((low | (high << 4)) - 32).to(tl.float32)
+        else:  # Q8_0, Q4_0: four pairs of 32-column blocks, d of both then the weights of each
+            k = c // 32
+            if TYPE == 2:
+                pair = group + b * 4352 + (k // 2) * 1088
+                q = _u8_at(src + pair + 64 + (k % 2) * 512 + (w // 4 * 16 + r) * 4 + w % 4, m) - 128
+            else:
+                pair = group + b * 2304 + (k // 2) * 576
+                q = _u8_at(src + pair + 64 + (k % 2) * 256 + nib, m)
+                q = tl.where(hi, q >> 4, q & 0xF) - 8
+            return _f16_at(src + pair + 32 * (k % 2) + 2 * r, m) * q.to(tl.float32)
+
+    @triton.jit
+    def _dequantize_packed(src, dst, groups, cols, dst_expert_stride, expert_bytes, group_bytes, TYPE: tl.constexpr):
+        # program (expert e's row group g, tile b): its 16 x 256 values
+        unit = tl.program_id(0).to(tl.int64)
+        e, g = unit // groups, unit % groups
+        b = tl.program_id(1)
+        values = _packed_tile(src, e * expert_bytes + g * group_bytes, b, cols, tl.full([16], 1, tl.int1), TYPE)
+        r = tl.arange(0, 16)[:, None]
+        c = 256 * b + tl.arange(0, 256)[None, :]
+        tl.store(dst + e * dst_expert_stride + (16 * g + r) * cols + c, values.to(dst.dtype.element_ty),
+                 mask=(c < cols) & (r >= 0))
+
+    @triton.jit
     def _row_dots(src, row_at, row_mask, col, x, cols, R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr,
                   QK: tl.constexpr, BLOCK_BYTES: tl.constexpr):
         """[R] dot products of ``x`` ([CHUNK] float32: columns col..col+CHUNK-1, zero past ``cols``)
@@ -412,10 +505,20 @@ if triton is not None:
         return tl.sum(tl.reshape(values, (R, CHUNK)) * x[None, :], axis=1)
 
     @triton.jit
+    def _dots(src, at, row_mask, col, x, cols, R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr,
+              QK: tl.constexpr, BB: tl.constexpr, PACKED: tl.constexpr):
+        """``_row_dots`` of R rows starting at byte ``at`` (their row group, R = 16 and CHUNK = 256,
+        when ``PACKED``; else each row's: ``at`` [R]) of ``src``."""
+        if PACKED:
+            return tl.sum(_packed_tile(src, at, col // CHUNK, cols, row_mask, TYPE) * x[None, :], axis=1)
+        else:
+            return _row_dots(src, at, row_mask, col, x, cols, R, CHUNK, TYPE, QK, BB)
+
+    @triton.jit
     def _gated_activations(x, gate, up, act, slot_expert, slots_per_token, staged, hidden, inter, gate_slot_bytes,
-                           up_slot_bytes, gate_first, up_first, gate_row_bytes, up_row_bytes, R: tl.constexpr,
+                           up_slot_bytes, gate_first, up_first, gate_line_bytes, up_line_bytes, R: tl.constexpr,
                            CHUNK: tl.constexpr, TYPE_G: tl.constexpr, QK_G: tl.constexpr, BB_G: tl.constexpr,
-                           TYPE_U: tl.constexpr, QK_U: tl.constexpr, BB_U: tl.constexpr):
+                           TYPE_U: tl.constexpr, QK_U: tl.constexpr, BB_U: tl.constexpr, PACKED: tl.constexpr):
         # program (slot s, rows block): act[s, rows] = silu(gate_e(x_t)) * up_e(x_t),
         # t = s // slots_per_token, e = slot_expert[s]; nothing where e < 0
         s = tl.program_id(0).to(tl.int64)
@@ -424,38 +527,40 @@ if triton is not None:
         rows = tl.program_id(1) * R + tl.arange(0, R)
         row_mask = (rows < inter) & (tl.broadcast_to(e, [R]) >= 0)  # (`& used`: a mask the interpreter rejects)
         e = tl.minimum(e, staged - 1).to(tl.int64)
-        gate_at = e * gate_slot_bytes + gate_first + rows.to(tl.int64) * gate_row_bytes
-        up_at = e * up_slot_bytes + up_first + rows.to(tl.int64) * up_row_bytes
+        lines = tl.program_id(1).to(tl.int64) if PACKED else rows.to(tl.int64)  # the rows' group, or each row
+        gate_at = e * gate_slot_bytes + gate_first + lines * gate_line_bytes
+        up_at = e * up_slot_bytes + up_first + lines * up_line_bytes
         xt = x + (s // slots_per_token) * hidden
         g = tl.zeros([R], dtype=tl.float32)
         u = tl.zeros([R], dtype=tl.float32)
         for col in range(0, hidden * used.to(tl.int32), CHUNK):
             cols = col + tl.arange(0, CHUNK)
             xv = tl.load(xt + cols, mask=cols < hidden, other=0).to(tl.float32)
-            g += _row_dots(gate, gate_at, row_mask, col, xv, hidden, R, CHUNK, TYPE_G, QK_G, BB_G)
-            u += _row_dots(up, up_at, row_mask, col, xv, hidden, R, CHUNK, TYPE_U, QK_U, BB_U)
+            g += _dots(gate, gate_at, row_mask, col, xv, hidden, R, CHUNK, TYPE_G, QK_G, BB_G, PACKED)
+            u += _dots(up, up_at, row_mask, col, xv, hidden, R, CHUNK, TYPE_U, QK_U, BB_U, PACKED)
         tl.store(act + s * inter + rows, g / (1 + tl.exp(-g)) * u, mask=row_mask)
 
     @triton.jit
     def _weighted_down(act, down, weights, slot_expert, out, slots_per_token, staged, hidden, inter, act_cols, lead,
-                       slot_bytes, row_bytes, R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr,
-                       QK: tl.constexpr, BB: tl.constexpr):
+                       slot_bytes, line_bytes, R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr,
+                       QK: tl.constexpr, BB: tl.constexpr, PACKED: tl.constexpr):
         # program (token t, rows block): out[t, rows] = sum over t's slots s with an expert e =
         # slot_expert[s] >= 0 of weights[s] * down_e(act[s]), act[s] at down's columns [lead, lead + act_cols)
         t = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * R + tl.arange(0, R)
+        lines = tl.program_id(1).to(tl.int64) if PACKED else rows.to(tl.int64)
         total = tl.zeros([R], dtype=tl.float32)
         for j in range(0, slots_per_token):
             s = t * slots_per_token + j
             e = tl.load(slot_expert + s)
             used = e >= 0
             row_mask = (rows < hidden) & (tl.broadcast_to(e, [R]) >= 0)
-            row_at = tl.minimum(e, staged - 1).to(tl.int64) * slot_bytes + rows.to(tl.int64) * row_bytes
+            row_at = tl.minimum(e, staged - 1).to(tl.int64) * slot_bytes + lines * line_bytes
             part = tl.zeros([R], dtype=tl.float32)
             for col in range(0, inter * used.to(tl.int32), CHUNK):
                 cols = col + tl.arange(0, CHUNK)
                 a = tl.load(act + s * act_cols + cols - lead, mask=(cols >= lead) & (cols < lead + act_cols), other=0)
-                part += _row_dots(down, row_at, row_mask, col, a, inter, R, CHUNK, TYPE, QK, BB)
+                part += _dots(down, row_at, row_mask, col, a, inter, R, CHUNK, TYPE, QK, BB, PACKED)
             total += tl.where(used, tl.load(weights + s).to(tl.float32), 0.0) * part
         tl.store(out + t * hidden + rows, total.to(out.dtype.element_ty), mask=rows < hidden)
 

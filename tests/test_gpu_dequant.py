@@ -15,14 +15,15 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
+from lvgg import _bridge
 from lvgg.gpu_dequant import (FLOAT_TYPES, QUANT_BLOCKS, StagedProjection, dequantize, gated_activations, gather_rows,
-                              raw_nbytes, split_routing, weighted_down)
+                              packed_nbytes, raw_nbytes, split_routing, weighted_down)
 from lvgg.quantize import quantize
 
 # Byte offsets of each block's float16 scales; every other byte may hold any value.
 SCALE_OFFSETS = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 TYPES = sorted(QUANT_BLOCKS) + sorted(FLOAT_TYPES)
-CHECKS = TYPES + ["gather", "experts", "split"]
+CHECKS = TYPES + ["packed", "gather", "experts", "split"]
 # expert kernel cases: (gate/up type, down type, tokens, experts per token, hidden, intermediate, gate+up fused,
 # x and output dtype)
 EXPERT_CASES = [("Q4_K", "Q6_K", 2, 3, 512, 256, False, torch.bfloat16),  # llama.cpp's Q4_K_M
@@ -32,6 +33,21 @@ EXPERT_CASES = [("Q4_K", "Q6_K", 2, 3, 512, 256, False, torch.bfloat16),  # llam
                 ("F32", "Q8_0", 1, 2, 64, 64, True, torch.float16),
                 # a tensor-parallel share's rows [40, 216) of down's whole Q6_K block of 256 columns
                 ("Q4_K", "Q6_K", 2, 2, 256, 256, False, torch.float32, 40, 176)]
+# the same kernels on lvgg's packed CPU layout (the CPU engine's copy): whole groups of 16 rows
+PACKED_EXPERT_CASES = [("Q4_K", "Q6_K", 2, 3, 512, 256, True, torch.bfloat16),
+                       ("Q8_0", "Q4_0", 1, 2, 544, 288, False, torch.float32),
+                       ("Q6_K", "Q8_0", 3, 2, 256, 160, True, torch.float32)]
+# packed dequantization cases: (type, experts, rows, columns); Q8_0 and Q4_0 rows ending inside a tile
+PACKED_CASES = [("Q4_K", 2, 32, 512), ("Q6_K", 2, 48, 768), ("Q8_0", 3, 16, 544), ("Q4_0", 2, 32, 608)]
+
+
+def pack(raw: np.ndarray, ggml_type: str, rows: int, cols: int) -> np.ndarray:
+    """[n, bytes] uint8: n [rows, cols] matrices of the file's bytes (``raw``) in lvgg's packed layout,
+    by the CPU engine's own packer."""
+    raw = np.ascontiguousarray(raw.reshape(-1, raw_nbytes(ggml_type, rows * cols)))
+    out = np.empty((raw.shape[0], packed_nbytes(ggml_type, rows, cols)), dtype=np.uint8)
+    _bridge.pack(_bridge.type_from_name(ggml_type), rows, cols, raw, out)
+    return out
 
 
 def random_blocks(rng: np.random.Generator, ggml_type: str, n_values: int) -> np.ndarray:
@@ -71,6 +87,24 @@ def check_type(ggml_type: str, device: str) -> None:
                 np.all(np.abs(got - expect) <= np.abs(expect) * 2.0**-7)
             assert ok, f"{ggml_type} {case} {dtype}: max diff {np.nanmax(np.abs(got - expect))}"
             assert torch.isnan(out[:, 0]).all() and torch.isnan(out[:, -1]).all(), f"{ggml_type}: wrote outside out"
+
+
+def check_packed(device: str) -> None:
+    """Dequantization of lvgg's packed layout gives the values of the file's bytes it was packed
+    from (random bit patterns and ggml-quantized data), exactly in float32."""
+    for ggml_type, experts, rows, cols in PACKED_CASES:
+        rng = np.random.default_rng(cols)
+        w = rng.standard_normal((experts * rows, cols)).astype(np.float32)
+        for case, raw in (("random bytes", random_blocks(rng, ggml_type, experts * rows * cols)),
+                          ("ggml-quantized", quantize(w, Q[ggml_type], 1).reshape(-1))):
+            want = gguf_dequantize(raw.reshape(experts * rows, -1), Q[ggml_type]).reshape(experts, rows, cols)
+            out = torch.full((experts, rows + 16, cols), float("nan"), device=device)
+            dequantize(torch.from_numpy(pack(raw, ggml_type, rows, cols).reshape(-1)).to(device), ggml_type,
+                       out[:, 8:rows + 8], packed=True)
+            got = out[:, 8:rows + 8].cpu().numpy()
+            assert np.array_equal(got, want.astype(np.float32)), \
+                f"{ggml_type} {case}: max diff {np.nanmax(np.abs(got - want))}"
+            assert torch.isnan(out[:, :8]).all() and torch.isnan(out[:, rows + 8:]).all(), f"{ggml_type}: wrote outside out"
 
 
 def check_gather(device: str) -> None:
@@ -122,23 +156,30 @@ def check_experts(device: str) -> None:
     expert slot_expert[t, j], repeats and -1 included) against the f64 reference of the
     dequantized weights; a token whose slots are all -1 gets exactly 0. A share's case has gate
     and up rows [lead, lead + width) of down's columns."""
-    for case in EXPERT_CASES:
+    for case, packed in [(c, False) for c in EXPERT_CASES] + [(c, True) for c in PACKED_EXPERT_CASES]:
         up_type, down_type, n, g, hidden, columns, fused, dtype, *share = case
         lead, inter = share or (0, columns)
         rng = np.random.default_rng(hidden + inter)
         staged = n * g + 1
+
+        def staged_bytes(raw: np.ndarray, ggml_type: str, rows: int, cols: int) -> torch.Tensor:
+            return torch.from_numpy(pack(raw, ggml_type, rows, cols) if packed else raw.copy()).to(device)
+
         if fused:
             raw, values = quantized_experts(rng, up_type, staged, 2 * inter, hidden)
-            data = torch.from_numpy(raw.copy()).to(device)
-            gate = StagedProjection(data, up_type, inter, hidden)
-            up = StagedProjection(data, up_type, inter, hidden, at=inter * raw_nbytes(up_type, hidden))
+            data = staged_bytes(raw, up_type, 2 * inter, hidden)
+            half = packed_nbytes(up_type, inter, hidden) if packed else inter * raw_nbytes(up_type, hidden)
+            gate = StagedProjection(data, up_type, inter, hidden, packed=packed)
+            up = StagedProjection(data, up_type, inter, hidden, at=half, packed=packed)
             w_gate, w_up = values[:, :inter], values[:, inter:]
         else:
             (raw_g, w_gate), (raw_u, w_up) = (quantized_experts(rng, up_type, staged, inter, hidden) for _ in "gu")
-            gate = StagedProjection(torch.from_numpy(raw_g).to(device), up_type, inter, hidden)
-            up = StagedProjection(torch.from_numpy(raw_u).to(device), up_type, inter, hidden)
+            gate = StagedProjection(staged_bytes(raw_g, up_type, inter, hidden), up_type, inter, hidden, packed=packed)
+            up = StagedProjection(staged_bytes(raw_u, up_type, inter, hidden), up_type, inter, hidden, packed=packed)
         raw_d, w_down = quantized_experts(rng, down_type, staged, hidden, columns)
-        down = StagedProjection(torch.from_numpy(raw_d).to(device), down_type, hidden, columns)
+        down = StagedProjection(staged_bytes(raw_d, down_type, hidden, columns), down_type, hidden, columns,
+                                packed=packed)
+        case = (*case, "packed") if packed else case
         w_down = w_down[:, :, lead:lead + inter]
         n += 1  # one more token, without an expert
         x = torch.from_numpy(rng.standard_normal((n, hidden)).astype(np.float32)).to(dtype)
@@ -212,6 +253,13 @@ def test_dequantize_matches_gguf_py(ggml_type, request):
         check_type(ggml_type, "cuda")
     else:
         assert request.getfixturevalue("interpreter_results")[ggml_type] == "ok"
+
+
+def test_dequantize_reads_the_cpu_engines_packed_layout(request):
+    if torch.cuda.is_available():
+        check_packed("cuda")
+    else:
+        assert request.getfixturevalue("interpreter_results")["packed"] == "ok"
 
 
 def test_gather_rows_copies_the_chosen_rows(request):

@@ -96,15 +96,19 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
     d["down_columns"] = L.down_cols();
     d["down_lead"]    = L.down_lead;
     d["form"]         = L.gate_up ? "gate_up+down" : L.gate ? "gate+up+down" : "up+down";
-    nb::dict types, repacked, packed, offsets;
+    nb::dict types, repacked, packed, offsets, twins;
     size_t   bytes = 0;
     const char * names[4] = { "gate", "up", "gate_up", "down" };
     ggml_tensor * ts[4]   = { L.gate, L.up, L.gate_up, L.down };
     for (int i = 0; i < 4; ++i) {
         if (ts[i]) {
             types[names[i]]    = ggml_type_name(ts[i]->type);
-            repacked[names[i]] = s.repacked(ts[i]) != nullptr;
-            packed[names[i]]   = s.packed(s.repacked(ts[i]));
+            const ggml_tensor * twin = s.repacked(ts[i]);
+            repacked[names[i]] = twin != nullptr;
+            packed[names[i]]   = s.packed(twin);
+            if (s.packed(twin)) {  // where the packed twin's bytes are (gate and up may share one: one address)
+                twins[names[i]] = (uintptr_t) twin->data;
+            }
             if (s.mapping()) {  // a part (ExpertStore.part) has copies, not offsets in a file
                 offsets[names[i]] = (size_t) ((const char *) ts[i]->data - (const char *) s.mapping());
             }
@@ -115,8 +119,17 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
     d["repacked"] = repacked;
     d["packed"]   = packed;
     d["offsets"]  = offsets;
+    d["twins"]    = twins;
     d["nbytes"]   = bytes;
     return d;
+}
+
+void check_packed_layout(int t, int64_t rows, int64_t cols) {
+    if (t < 0 || t >= GGML_TYPE_COUNT || !vnni::layout_fits((ggml_type) t, rows, cols)) {
+        fail(ErrorKind::Value, "no packed layout for " + std::to_string(rows) + "x" + std::to_string(cols) + " of type " +
+                                   std::to_string(t) + ": Q4_K/Q6_K (columns a multiple of 256) or Q8_0/Q4_0 (of 32), "
+                                   "rows a multiple of 16");
+    }
 }
 
 nb::object kv_value(const gguf_context * g, int64_t i) {
@@ -346,6 +359,27 @@ NB_MODULE(_bridge, m) {
               quantize_rows((ggml_type) type, src.data(), dst.data(), rows, n, threads);
           },
           "type"_a, "src"_a, "dst"_a, "threads"_a = 1);
+    // lvgg's packed layout (vnni_kquants.h), whatever this CPU runs: the GPU reads it too.
+    m.def("packed_size", [](int t, int64_t rows, int64_t cols) {
+        check_packed_layout(t, rows, cols);
+        return vnni::packed_size((ggml_type) t, rows, cols);
+    }, "type"_a, "rows"_a, "cols"_a);
+    m.def("pack",
+          [](int t, int64_t rows, int64_t cols, nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> src,
+             nb::ndarray<uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> dst) {
+              check_packed_layout(t, rows, cols);
+              const size_t file = quantized_row_size((ggml_type) t, cols) * rows;
+              const size_t packed = vnni::packed_size((ggml_type) t, rows, cols);
+              if (src.shape(1) != file || dst.shape(0) != src.shape(0) || dst.shape(1) != packed) {
+                  fail(ErrorKind::Value, "pack takes src [n, " + std::to_string(file) + "] and dst [n, " +
+                                             std::to_string(packed) + "] uint8, found [" + std::to_string(src.shape(0)) +
+                                             ", " + std::to_string(src.shape(1)) + "] and [" +
+                                             std::to_string(dst.shape(0)) + ", " + std::to_string(dst.shape(1)) + "]");
+              }
+              nb::gil_scoped_release release;
+              vnni::pack((ggml_type) t, src.data(), file, rows, cols, (int64_t) src.shape(0), dst.data(), packed, 1);
+          },
+          "type"_a, "rows"_a, "cols"_a, "src"_a, "dst"_a);
     m.def("read_bandwidth",
           [](size_t nbytes, int threads, std::vector<int> cpus, int repeats) {
               nb::gil_scoped_release release;

@@ -394,13 +394,14 @@ void multiply_tile(ggml_type type, const uint8_t * group, int64_t cols, const Ac
 
 bool available() { return LVGG_VNNI; }
 
-bool packable(ggml_type type, int64_t rows, int64_t cols) {
-    return available() &&
-           (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0) &&
+bool layout_fits(ggml_type type, int64_t rows, int64_t cols) {
+    return (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0) &&
            rows > 0 && rows % kRows == 0 && cols > 0 && cols % (has_32_blocks(type) ? 32 : kBlock) == 0 &&
            ggml_type_size(GGML_TYPE_Q4_K) == kQ4KBytes && ggml_type_size(GGML_TYPE_Q6_K) == kQ6KBytes &&
            ggml_type_size(GGML_TYPE_Q8_0) == kQ80Bytes && ggml_type_size(GGML_TYPE_Q4_0) == kQ40Bytes;
 }
+
+bool packable(ggml_type type, int64_t rows, int64_t cols) { return available() && layout_fits(type, rows, cols); }
 
 size_t group_offset(ggml_type type, int64_t cols, int64_t g) { return g * group_bytes(type, cols); }
 

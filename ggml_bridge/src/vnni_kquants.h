@@ -55,7 +55,10 @@ bool per_32_scales(ggml_type weight_type);
 
 // This build has the kernels (compiled for a CPU with AVX-512 F/BW/VL and VNNI).
 bool available();
-// A [rows, cols] matrix of `type` can be packed (and the kernels are built).
+// A [rows, cols] matrix of `type` has a packed layout (the packers run on any CPU: a GPU reads
+// the layout too).
+bool layout_fits(ggml_type type, int64_t rows, int64_t cols);
+// ... and the kernels are built.
 bool packable(ggml_type type, int64_t rows, int64_t cols);
 // Bytes of one packed matrix.
 size_t packed_size(ggml_type type, int64_t rows, int64_t cols);
