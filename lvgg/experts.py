@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from lvgg import _bridge
@@ -35,6 +35,9 @@ class ExpertLayerInfo:
     routed_experts: int  # experts the router picks from (a whole layer's n_experts)
     down_columns: int  # of down: intermediate_size, or a rows part's whole quant blocks around its rows
     down_lead: int  # down's columns start this many intermediate rows before the first held (a rows part's)
+    # projection -> (address, bytes of whole pages) of its packed copy, where ``packed`` (separate
+    # gate and up of one type share one: gate rows then up rows of each expert)
+    twins: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def held_experts(self) -> range:
@@ -147,7 +150,7 @@ class ExpertStore:
             intermediate_size=d["intermediate_size"], form=d["form"], types=dict(d["types"]),
             repacked=dict(d["repacked"]), packed=dict(d["packed"]), offsets=dict(d["offsets"]), nbytes=d["nbytes"],
             first_expert=d["first_expert"], routed_experts=d["routed_experts"], down_columns=d["down_columns"],
-            down_lead=d["down_lead"])
+            down_lead=d["down_lead"], twins={p: tuple(t) for p, t in d["twins"].items()})
 
     def mapped_bytes(self) -> memoryview:
         """The whole file as mapped (read-only; valid while this store lives).

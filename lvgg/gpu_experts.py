@@ -22,6 +22,7 @@ keep Python state about the staging slots, so they must not be captured in a CUD
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import threading
@@ -36,7 +37,7 @@ from lvgg import _bridge
 from lvgg.cuda_bridge import register_host, unregister_host
 from lvgg.experts import ExpertLayerInfo, ExpertStore
 from lvgg.gpu_dequant import (SUPPORTED_TYPES, StagedProjection, dequantize, gated_activations, gather_rows,
-                              raw_nbytes, weighted_down)
+                              matrix_nbytes, packed_nbytes, raw_nbytes, weighted_down)
 
 log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
 
@@ -48,14 +49,35 @@ _pin_users: dict[int, int] = {}
 _pin_lock = threading.Lock()
 
 
+def _unpin(address: int, device: torch.device) -> None:
+    """One user of a pinned range is done (under _pin_lock): the last unregisters it."""
+    _pin_users[address] -= 1
+    if not _pin_users[address]:
+        del _pin_users[address]
+        unregister_host(address, device)
+
+
 def _gpu_layout(info: ExpertLayerInfo) -> list[tuple[str, slice | None]]:
-    """(projection, the rows of vLLM's w13 it fills, or None for w2)."""
+    """(projection, the rows of vLLM's w13 it fills, or None for w2), as the GPU reads them: gate
+    and up as one where the file fuses them or the CPU engine packed them together."""
     f = info.intermediate_size
+    fused_twin = "gate" in info.twins and info.twins["gate"] == info.twins.get("up")
+    if info.form == "gate_up+down" or (info.form == "gate+up+down" and fused_twin):
+        return [("gate_up", slice(0, 2 * f)), ("down", None)]
     if info.form == "gate+up+down":
         return [("gate", slice(0, f)), ("up", slice(f, 2 * f)), ("down", None)]
-    if info.form == "gate_up+down":
-        return [("gate_up", slice(0, 2 * f)), ("down", None)]
     raise ValueError(f"layer {info.index} has {info.form} experts; the GPU runs gated (SwiGLU) experts only")
+
+
+def _type(info: ExpertLayerInfo, projection: str) -> str:
+    """A projection's ggml type (gate's for gate and up packed as one)."""
+    return info.types.get(projection) or info.types["gate"]
+
+
+def _twin(info: ExpertLayerInfo, projection: str) -> tuple[int, int] | None:
+    """(address, bytes) of the CPU engine's packed copy the GPU reads a projection from, or None
+    for the file."""
+    return info.twins.get(projection) or (info.twins.get("gate") if projection == "gate_up" else None)
 
 
 def gpu_unsupported(info: ExpertLayerInfo) -> str | None:
@@ -66,11 +88,30 @@ def gpu_unsupported(info: ExpertLayerInfo) -> str | None:
     return f"types {bad} (no GPU dequantization)" if bad else None
 
 
-def _nbytes(info: ExpertLayerInfo, projection: str) -> int:
+def _shape(info: ExpertLayerInfo, projection: str) -> tuple[int, int]:
+    """(rows, columns) of one expert's matrix of a projection."""
     rows = {"gate": info.intermediate_size, "up": info.intermediate_size,
             "gate_up": 2 * info.intermediate_size, "down": info.hidden_size}[projection]
-    cols = info.hidden_size if projection != "down" else info.down_columns
-    return raw_nbytes(info.types[projection], info.n_experts * rows * cols)
+    return rows, info.hidden_size if projection != "down" else info.down_columns
+
+
+def _nbytes(info: ExpertLayerInfo, projection: str) -> int:
+    """A projection's bytes where the GPU reads them (the file, or the CPU engine's packed copy)."""
+    return info.n_experts * matrix_nbytes(_type(info, projection), *_shape(info, projection),
+                                          _twin(info, projection) is not None)
+
+
+def packed_layout_fits(store: ExpertStore) -> bool:
+    """Every expert tensor of ``store`` has a packed layout: repacked by lvgg's kernels (on a CPU
+    that has them), the GPU reads the CPU engine's copy and the file's pages stay unread."""
+    for layer in store.layers:
+        info = store.layer_info(layer)
+        for projection, ggml_type in info.types.items():
+            try:
+                packed_nbytes(ggml_type, *_shape(info, projection))
+            except ValueError:
+                return False
+    return True
 
 
 def _pieces(info: ExpertLayerInfo, n_experts: int | None = None) -> list[tuple[str, int, int]]:
@@ -100,7 +141,9 @@ def _share_info(whole: ExpertLayerInfo, rows: tuple[int, int], columns: tuple[in
     share = dataclasses.replace(whole, n_experts=experts[1] - experts[0], first_expert=experts[0],
                                 intermediate_size=rows[1] - rows[0], down_columns=columns[1] - columns[0],
                                 down_lead=rows[0] - columns[0])
-    return dataclasses.replace(share, nbytes=sum(_nbytes(share, p) for p in share.types))
+    if share.n_experts != whole.n_experts or share.intermediate_size != whole.intermediate_size:
+        share = dataclasses.replace(share, twins={})  # a share is read from the file
+    return dataclasses.replace(share, nbytes=sum(_nbytes(share, p) for p, _ in _gpu_layout(share)))
 
 
 def _share_of(store: ExpertStore, layer: int, part: tuple[int, int],
@@ -116,16 +159,31 @@ def layer_infos(store: ExpertStore, part: tuple[int, int] = (0, 1), by: str = "r
     return {layer: _share_info(*_share_of(store, layer, part, by)) for layer in store.layers}
 
 
-def _host_views(host: torch.Tensor, whole: ExpertLayerInfo, rows: tuple[int, int],
+def _host_bytes(buffer) -> torch.Tensor:
+    """Host memory (a buffer: the file's mapping, a packed copy) as a uint8 CPU tensor that nothing
+    writes through (``_pin_host`` registers it with CUDA)."""
+    with warnings.catch_warnings():  # a read-only buffer (the mapping) makes a read-only array
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8))
+
+
+def _host_views(host: torch.Tensor | None, whole: ExpertLayerInfo, rows: tuple[int, int],
                 columns: tuple[int, int]) -> list[list[torch.Tensor]]:
-    """Per projection of a layer, the views of the mapped file (``host``) whose bytes, expert by
-    expert ([experts, lines, bytes] each) and end to end, are a share's (``_share_of``): rows
-    [a, b) of gate and up (of both halves of a fused gate_up), columns [c, d) of every row of down
-    (whole blocks). The whole layer's are one contiguous view per projection."""
+    """Per projection of a layer, the views of host memory whose bytes, expert by expert
+    ([experts, lines, bytes] each) and end to end, are a share's (``_share_of``): of the mapped
+    file (``host``), rows [a, b) of gate and up (of both halves of a fused gate_up), columns
+    [c, d) of every row of down (whole blocks). The whole layer's are one contiguous view per
+    projection: the CPU engine's packed copy where it has one, else the file's bytes."""
     a, b = rows
     d, f, n = whole.hidden_size, whole.intermediate_size, whole.n_experts
+    whole_layer = (a, b) == (0, f) and columns == (0, whole.down_columns)
     views = []
-    for projection, _ in _gpu_layout(whole):
+    for projection, _ in _gpu_layout(whole if whole_layer else dataclasses.replace(whole, twins={})):
+        twin = _twin(whole, projection) if whole_layer else None
+        if twin is not None:
+            copy = (ctypes.c_uint8 * _nbytes(whole, projection)).from_address(twin[0])
+            views.append([_host_bytes(copy).view(n, 1, -1)])
+            continue
         ggml_type, start = whole.types[projection], whole.offsets[projection]
         data = host[start:start + _nbytes(whole, projection)]
         if projection == "down":
@@ -173,15 +231,16 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // 256) * 256
 
 
-def _staged(info: ExpertLayerInfo, projection: str, ggml_type: str, data: torch.Tensor) -> list[StagedProjection]:
+def _staged(info: ExpertLayerInfo, projection: str, data: torch.Tensor) -> list[StagedProjection]:
     """A projection's fetched bytes for the expert kernels (gate_up: its gate and up halves)."""
     d, f = info.hidden_size, info.intermediate_size
+    ggml_type, packed = _type(info, projection), _twin(info, projection) is not None
     if projection == "down":
-        return [StagedProjection(data, ggml_type, d, info.down_columns)]
+        return [StagedProjection(data, ggml_type, d, info.down_columns, packed=packed)]
     if projection == "gate_up":
-        return [StagedProjection(data, ggml_type, f, d),
-                StagedProjection(data, ggml_type, f, d, at=f * raw_nbytes(ggml_type, d))]
-    return [StagedProjection(data, ggml_type, f, d)]
+        return [StagedProjection(data, ggml_type, f, d, packed=packed),
+                StagedProjection(data, ggml_type, f, d, at=matrix_nbytes(ggml_type, f, d, packed), packed=packed)]
+    return [StagedProjection(data, ggml_type, f, d, packed=packed)]
 
 
 def stream_groups(n_experts: int, most: int | None) -> list[range]:
@@ -260,14 +319,20 @@ class GpuExperts:
             if why:
                 raise ValueError(f"layer {layer} of {store.path} cannot run on the GPU: {why}")
             self._info[layer] = _share_info(*shares[layer])
-        self._host = self._host_bytes() if self._info else None
-        # per layer and projection: (ggml type, the share's bytes in the file as _host_views gives them,
-        # rows of w13 it fills or None for w2)
+        reads_file = any(_twin(info, p) is None for info in self._info.values() for p, _ in _gpu_layout(info))
+        self._host = _host_bytes(store.mapped_bytes()) if reads_file else None
+        # per layer and projection: (projection, the share's bytes in host memory as _host_views gives
+        # them, rows of w13 it fills or None for w2)
         self._plan: dict[int, list[tuple[str, list[torch.Tensor], slice | None]]] = {
-            layer: [(info.types[p], views, rows) for (p, rows), views in
+            layer: [(p, views, rows) for (p, rows), views in
                     zip(_gpu_layout(info), _host_views(self._host, *shares[layer][:3]))]
             for layer, info in self._info.items()}
+        # what the GPU reads over the link: the mapped file and the CPU engine's packed copies it reads
+        self._host_ranges = sorted({_twin(info, p) for info in self._info.values() for p, _ in _gpu_layout(info)}
+                                   - {None} | ({(self._host.data_ptr(), self._host.numel())} if reads_file else set()))
         self.host_pinned = False
+        # lvgg's packed CPU layout, read from the CPU engine's own copy (the file's pages then stay unread)
+        self.reads_packed_copy = any(_twin(info, p) for info in self._info.values() for p, _ in _gpu_layout(info))
         self._resident: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}  # w13, w2, map
         self._streamed: frozenset[int] = frozenset()
         if self.streamed_layers or self.split_layers:
@@ -345,12 +410,12 @@ class GpuExperts:
         self._link_stream.wait_stream(stream)
         staged = []
         plan = self._plan[layer]
-        for i, ((ggml_type, views, _), (projection, nbytes, at)) in enumerate(zip(plan, _pieces(info, n_fetched))):
+        for i, ((projection, views, _), (_, nbytes, at)) in enumerate(zip(plan, _pieces(info, n_fetched))):
             data = self._fetch_staging[at:at + nbytes].view(n_fetched, -1)
             with torch.cuda.stream(self._link_stream):
                 _gather(views, experts, data)
                 self._fetched_event[i].record(self._link_stream)
-            staged += _staged(info, projection, ggml_type, data)
+            staged += _staged(info, projection, data)
         for event in self._fetched_event[:len(plan) - 1]:
             stream.wait_event(event)
         gate, up, down = staged
@@ -360,41 +425,39 @@ class GpuExperts:
         return weighted_down(act, down, topk_weights.float().contiguous(), slot_expert, x.dtype, lead=info.down_lead)
 
     def close(self) -> None:
-        """Unpin the experts file (pinned while layers stream); the device must be done with this
-        object's work (synchronize first). The store must outlive this object until then."""
+        """Unpin what the GPU reads (pinned while layers stream or split); the device must be done
+        with this object's work (synchronize first). The store must outlive this object until then."""
         if self.host_pinned:
-            address = self._host.data_ptr()
             with _pin_lock:
-                _pin_users[address] -= 1
-                if not _pin_users[address]:
-                    del _pin_users[address]
-                    unregister_host(address, self.device)
+                for address, _ in self._host_ranges:
+                    _unpin(address, self.device)
             self.host_pinned = False
 
     # -- streaming ------------------------------------------------------------------------------------
 
-    def _host_bytes(self) -> torch.Tensor:
-        """The mapped file as a uint8 CPU tensor (``_pin_host`` registers it with CUDA)."""
-        with warnings.catch_warnings():  # read-only mapping: nothing writes through this tensor
-            warnings.simplefilter("ignore", UserWarning)
-            host = torch.from_numpy(np.frombuffer(self.store.mapped_bytes(), dtype=np.uint8))
-        return host
-
     def _pin_host(self) -> None:
-        address = self._host.data_ptr()
+        """Register what the GPU reads (the file, the CPU engine's packed copies) with CUDA, as
+        one mapped, read-only range each (each GpuExperts of a range counts: CUDA refuses to
+        register it twice); on failure nothing stays pinned and copies run from pageable memory."""
+        t0, done = time.perf_counter(), []
         with _pin_lock:
-            if address not in _pin_users:
-                t0 = time.perf_counter()
-                try:
-                    register_host(address, self._host.numel(), _HOST_REGISTER_FLAGS, self.device)
-                except RuntimeError as e:
-                    log.warning("lvgg: could not pin the experts file for GPU streaming (%s; check free RAM and "
-                                "`ulimit -l`): copies will run at a fraction of the link's speed", e)
-                    return
-                log.info("lvgg: %.1f GiB of experts file pinned for GPU streaming in %.1f s",
-                         self._host.numel() / 2**30, time.perf_counter() - t0)
-                _pin_users[address] = 0
-            _pin_users[address] += 1
+            for address, nbytes in self._host_ranges:
+                if address not in _pin_users:
+                    try:
+                        register_host(address, nbytes, _HOST_REGISTER_FLAGS, self.device)
+                    except RuntimeError as e:
+                        for pinned in done:
+                            _unpin(pinned, self.device)
+                        log.warning("lvgg: could not pin the experts for the GPU (%s; check free RAM and `ulimit -l`): "
+                                    "copies will run at a fraction of the link's speed", e)
+                        return
+                    _pin_users[address] = 0
+                _pin_users[address] += 1
+                done.append(address)
+        what = "the CPU engine's packed copy" if self._host is None else "experts file" if len(done) == 1 else \
+            "experts file and the CPU engine's packed copy"
+        log.info("lvgg: %.1f GiB of %s pinned for the GPU in %.1f s", sum(n for _, n in self._host_ranges) / 2**30,
+                 what, time.perf_counter() - t0)
         self.host_pinned = True
 
     def _stage(self, layer: int, experts: range, staging: torch.Tensor) -> None:
@@ -499,6 +562,7 @@ class GpuExperts:
         w13, w2 = out
         # streamed layers share a w2 as wide as their widest down (a share's down blocks differ by type)
         w2 = w2.view(-1)[:n * info.hidden_size * info.down_columns].view(n, info.hidden_size, info.down_columns)
-        for (ggml_type, _, rows), (_, nbytes, at) in zip(self._plan[layer], _pieces(info, n)):
-            dequantize(staged[at:at + nbytes], ggml_type, w13[:n, rows] if rows is not None else w2)
+        for (projection, _, rows), (_, nbytes, at) in zip(self._plan[layer], _pieces(info, n)):
+            dequantize(staged[at:at + nbytes], _type(info, projection), w13[:n, rows] if rows is not None else w2,
+                       packed=_twin(info, projection) is not None)
         return w13[:n], w2[:, :, info.down_lead:info.down_lead + info.intermediate_size]

@@ -9,7 +9,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import lvgg
-from lvgg import gpu_experts
+from lvgg import _bridge, gpu_experts
+from lvgg.gpu_dequant import packed_nbytes, raw_nbytes
 from lvgg.gpu_experts import GpuExperts, _host_views, estimate_vram_bytes, gpu_unsupported, layer_infos, stream_groups
 from lvgg.testing.expert_files import ReferenceLayer, random_experts, read_reference, write_experts_file
 
@@ -56,12 +57,19 @@ def rel_error(got: torch.Tensor, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
+def packs() -> bool:
+    """This machine's CPU engine keeps lvgg's packed copies (AVX-512 VNNI), which its GPU then reads."""
+    return _bridge.cpu_features()["lvgg_vnni_kernels"]
+
+
 @needs_cuda
 @pytest.mark.parametrize("stream_group", [None, 6])  # whole layers; groups of 6, 6 and 4 experts
-def test_streamed_and_resident_layers_match_the_reference(experts_file, stream_group):
-    store = lvgg.ExpertStore(experts_file)
+@pytest.mark.parametrize("repack", [False, True])  # the GPU reads the file, or the CPU engine's packed copy
+def test_streamed_and_resident_layers_match_the_reference(experts_file, stream_group, repack):
+    store = lvgg.ExpertStore(experts_file, repack=repack)
     gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[1, 2, 5], resident_layers=[3],
                      stream_group=stream_group)
+    assert gpu.reads_packed_copy == (repack and packs())
     refs = {layer: read_reference(experts_file, layer) for layer in (1, 2, 3, 5)}
     # in order, repeated, out of order, the same layer twice: every slot/prefetch path
     for step, layer in enumerate([1, 2, 3, 5, 1, 2, 5, 5, 2, 1, 3, 1]):
@@ -118,14 +126,48 @@ def test_layers_the_gpu_cannot_run_are_refused_before_any_gpu_work(tmp_path):
         GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[1], resident_layers=[1])
 
 
-def test_vram_estimate_counts_two_staging_slots_one_streamed_layer_and_each_resident_one(experts_file):
-    store = lvgg.ExpertStore(experts_file)
+@pytest.mark.parametrize("repack", [False, True])
+def test_vram_estimate_counts_two_staging_slots_one_streamed_layer_and_each_resident_one(experts_file, repack):
+    store = lvgg.ExpertStore(experts_file, repack=repack)
     infos = {n: store.layer_info(n) for n in store.layers}
     weights = 3 * E * D * F * 2  # bf16
-    staged = 2 * (E * F * D // 256 * 144) + E * D * F // 256 * 210  # Q4_K gate, up; Q6_K down
+    # the GPU reads the CPU engine's packed copy where it has one (lvgg's kernels, AVX-512 VNNI), else the file
+    if repack and packs():
+        assert all(info.packed and all(info.packed.values()) for info in infos.values())
+        staged = E * (packed_nbytes("Q4_K", 2 * F, D) + packed_nbytes("Q6_K", D, F))
+    else:
+        assert not any(info.twins for info in infos.values())
+        staged = 2 * (E * F * D // 256 * 144) + E * D * F // 256 * 210  # Q4_K gate, up; Q6_K down
     assert estimate_vram_bytes(infos, [], [1, 2], torch.bfloat16) == 2 * weights
     assert estimate_vram_bytes(infos, [1, 2], [3], torch.bfloat16) == 2 * weights + 2 * staged
     assert estimate_vram_bytes(infos, [1], [], torch.float32) == 2 * weights + 2 * staged
+
+
+def test_the_gpu_reads_the_cpu_engines_packed_copy_where_it_has_one(experts_file):
+    """What the GPU reads of a repacked store is the CPU engine's packed copy (gate and up of a layer
+    as one, like a fused file's): the packer's output of the file's bytes; a share reads the file."""
+    store = lvgg.ExpertStore(experts_file)
+    whole = np.fromfile(experts_file, dtype=np.uint8)
+    for layer in (1, 5):
+        info = layer_infos(store)[layer]
+        if not packs():
+            assert not info.twins and layer_infos(store)[layer].nbytes == store.layer_info(layer).nbytes
+            continue
+        views = _host_views(None, store.layer_info(layer), (0, F), (0, F))
+        assert [p for p, _ in gpu_experts._gpu_layout(info)] == ["gate_up", "down"] and len(views) == 2
+        file_bytes = {p: whole[o:o + n].reshape(E, -1) for p, o, n in
+                      ((p, o, E * raw_nbytes(info.types[p], (D if p == "down" else (2 if p == "gate_up" else 1) * F)
+                                             * (F if p == "down" else D))) for p, o in info.offsets.items())}
+        gate_up = file_bytes["gate_up"] if "gate_up" in file_bytes else \
+            np.concatenate([file_bytes["gate"], file_bytes["up"]], axis=1)  # per expert: gate rows, then up rows
+        for (rows, cols, raw, qtype), (view,) in zip(((2 * F, D, gate_up, "Q4_K"), (D, F, file_bytes["down"], "Q6_K")),
+                                                     views):
+            packed = np.empty((E, packed_nbytes(qtype, rows, cols)), dtype=np.uint8)
+            _bridge.pack(_bridge.type_from_name(qtype), rows, cols, np.ascontiguousarray(raw), packed)
+            assert np.array_equal(view.reshape(E, -1).numpy(), packed), (layer, qtype)
+        assert info.nbytes == sum(view.numel() for view, in views)
+    # a tensor-parallel share reads its rows from the file
+    assert not layer_infos(store, (0, 2))[1].twins
 
 
 def test_streamed_groups_are_as_even_as_whole_experts_allow():
@@ -218,13 +260,15 @@ def test_split_shares_stop_where_the_gpu_fetches_its_most():
     assert split_shares(16, 8, 128, 32, held=64) == range(1, 8)
 
 
-@pytest.fixture(scope="module")
-def split(experts_file):
+@pytest.fixture(scope="module", params=[False, True], ids=["file", "repacked"])
+def split(experts_file, request):
+    """A decode split whose GPU reads the file, or the CPU engine's packed copy where it has one."""
     from lvgg.gpu_split import SplitExperts
 
-    store = lvgg.ExpertStore(experts_file)
+    store = lvgg.ExpertStore(experts_file, repack=request.param)
     gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, resident_layers=[3], split_layers=[1, 2, 5],
                      split_experts=8)  # 3 of 4 of 8 tokens' ~14 distinct experts is more: the CPU keeps the rest
+    assert gpu.reads_packed_copy == (request.param and packs())
     moe = lvgg.CpuMoE(store, threads=2, max_top_k=K)
     cpu = lvgg.CudaExperts(moe, hidden_size=D, top_k=K, max_tokens=8, dtype=torch.bfloat16)
     split = SplitExperts(gpu, cpu, slots={2: 1, 8: 3})

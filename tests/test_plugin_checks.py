@@ -182,6 +182,28 @@ def test_repack_auto_keeps_one_copy_where_the_pinned_file_and_a_copy_do_not_fit(
     assert "Set LVGG_REPACK=on to copy anyway" in caplog.text
 
 
+@pytest.mark.parametrize("kernels", ["lvgg", "ggml"])
+def test_repack_auto_repacks_where_the_gpu_reads_the_packed_copy(qwen3, monkeypatch, caplog, kernels):
+    """Next to a GPU, with too little memory for the file and a copy: where the CPU engine packs the
+    experts in lvgg's layout (its kernels, AVX-512 VNNI) the GPU reads that copy, so repacking keeps
+    one copy and goes ahead; otherwise the engine computes from the file, which the GPU pins."""
+    from lvgg import _bridge
+    from lvgg.vllm_plugin import runtime
+
+    _, config, experts = qwen3
+    monkeypatch.setenv("LVGG_EXPERTS", str(experts))
+    monkeypatch.setenv("LVGG_NUMA", "off")
+    monkeypatch.setenv("LVGG_CPU_KERNELS", kernels)
+    monkeypatch.setattr(runtime, "_gpu_present", lambda: True)
+    monkeypatch.setattr(runtime.topology, "meminfo", lambda: {"available": 1 << 30})
+    packs = kernels == "lvgg" and _bridge.cpu_features()["lvgg_vnni_kernels"]
+    with caplog.at_level("WARNING", logger="vllm.lvgg"):
+        engine = runtime._make_engine(config, 64, 0, 1, 0, 1)
+    info = engine.store.layer_info(engine.store.layers[0])
+    assert runtime._repacked == packs and all(info.packed.values()) == packs and bool(info.twins) == packs
+    assert ("Set LVGG_REPACK=on to copy anyway" in caplog.text) != packs
+
+
 def test_cuda_graphs_stay_below_the_streaming_threshold_unless_the_user_sets_capture_sizes(qwen3, monkeypatch):
     from lvgg.llm import server_argv
 

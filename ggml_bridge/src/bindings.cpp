@@ -106,8 +106,8 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
             const ggml_tensor * twin = s.repacked(ts[i]);
             repacked[names[i]] = twin != nullptr;
             packed[names[i]]   = s.packed(twin);
-            if (s.packed(twin)) {  // where the packed twin's bytes are (gate and up may share one: one address)
-                twins[names[i]] = (uintptr_t) twin->data;
+            if (s.packed(twin)) {  // the packed twin's pages (gate and up may share one: one address)
+                twins[names[i]] = nb::make_tuple((uintptr_t) twin->data, ExpertStore::twin_pages(twin));
             }
             if (s.mapping()) {  // a part (ExpertStore.part) has copies, not offsets in a file
                 offsets[names[i]] = (size_t) ((const char *) ts[i]->data - (const char *) s.mapping());

@@ -428,20 +428,31 @@ ggml_tensor * ExpertStore::add_repacked(ggml_tensor * t, const void * src) {
 }
 
 // A twin in lvgg's packed layout (vnni_kquants.h): a tensor ggml never computes with, whose
-// bytes the engine's own kernels read; 64-byte aligned, not yet written.
+// bytes the engine's own kernels read (and a GPU: lvgg.gpu_experts); not yet written. It starts
+// on a page of its own and its last page holds nothing else, so that it can be pinned for the GPU
+// on its own (twin_pages).
 ggml_tensor * ExpertStore::new_packed_twin(ggml_type type, const int64_t ne[3], const std::string & name) {
+    const size_t          page  = twin_page();
     const size_t          bytes = vnni::packed_size(type, ne[1], ne[0]) * ne[2];
-    ggml_backend_buffer_t buf   = ggml_backend_buft_alloc_buffer(ggml_backend_cpu_buffer_type(), bytes + 64);
+    ggml_backend_buffer_t buf   = ggml_backend_buft_alloc_buffer(ggml_backend_cpu_buffer_type(),
+                                                                 (bytes + page - 1) / page * page + page);
     if (!buf) {
         fail(ErrorKind::Runtime, "out of memory packing '" + name + "' (" + std::to_string(bytes >> 20) + " MiB)");
     }
     repack_bufs_.push_back(buf);
     ggml_tensor * twin = ggml_new_tensor_3d(repacked_ctx_, type, ne[0], ne[1], ne[2]);
     ggml_set_name(twin, name.c_str());
-    const uintptr_t base = ((uintptr_t) ggml_backend_buffer_get_base(buf) + 63) & ~uintptr_t(63);
+    const uintptr_t base = ((uintptr_t) ggml_backend_buffer_get_base(buf) + page - 1) & ~uintptr_t(page - 1);
     ggml_backend_tensor_alloc(buf, twin, (void *) base);  // packed bytes >= ggml's bytes of the shape
     packed_.insert(twin);
     return twin;
+}
+
+size_t ExpertStore::twin_page() { return (size_t) sysconf(_SC_PAGESIZE); }
+
+size_t ExpertStore::twin_pages(const ggml_tensor * twin) {
+    const size_t page = twin_page();
+    return (vnni::packed_size(twin->type, twin->ne[1], twin->ne[0]) * twin->ne[2] + page - 1) / page * page;
 }
 
 // Packing runs on the CPUs this thread may use (a NUMA part's: its node's), one thread each.

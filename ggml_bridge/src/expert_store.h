@@ -105,6 +105,8 @@ class ExpertStore {
     ggml_tensor *                      repacked(const ggml_tensor * t) const;
     // The twin is in lvgg's packed layout (vnni_kquants.h): only the engine's own kernels read it.
     bool                               packed(const ggml_tensor * twin) const;
+    // Bytes of whole pages from a packed twin's start that hold its bytes and nothing else's.
+    static size_t                      twin_pages(const ggml_tensor * twin);
     bool                               keeps_mapped() const { return keep_mapped_; }
     size_t                             file_size() const { return file_size_; }
     // Start of the read-only mapping of the whole file (nullptr when the file has no experts).
@@ -122,6 +124,7 @@ class ExpertStore {
     bool          add_fused_gate_up(const ExpertLayer & L, std::vector<char> & staging);  // false: not possible
     ggml_tensor * new_packed_twin(ggml_type type, const int64_t ne[3], const std::string & name);
     static int    pack_threads();
+    static size_t twin_page();
     void release();
 
     std::string                        path_;

@@ -20,7 +20,7 @@ import torch
 from lvgg import _bridge, topology
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, EngineNode, ExpertStore
-from lvgg.gpu_experts import GpuExperts, gpu_unsupported, layer_infos
+from lvgg.gpu_experts import GpuExperts, gpu_unsupported, layer_infos, packed_layout_fits
 from lvgg.gpu_split import MOST_TOKENS, SplitExperts, best_slots, calibrate
 from lvgg.models import arch_for
 from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, settings
@@ -86,9 +86,10 @@ REPACK_MARGIN_BYTES = 4 << 30
 def choose_repack(setting: str, saves_a_copy: bool, file_bytes: int, available_bytes: int | None) -> bool:
     """Whether the CPU engine computes from repacked copies of the experts (LVGG_REPACK: "on",
     "off" or "auto"). ``saves_a_copy``: computing from the file instead keeps one copy of the
-    experts in RAM, not two (a lone rank whose GPU pins the file; without a GPU the copies replace
-    the file's pages, and ranks and NUMA nodes copy their parts either way). "auto" then repacks
-    only where the memory available holds the pinned file and a copy."""
+    experts in RAM, not two (a lone rank whose GPU pins the file because it cannot read the
+    copies: not lvgg's packed layout; without a GPU the copies replace the file's pages, and ranks
+    and NUMA nodes copy their parts either way). "auto" then repacks only where the memory
+    available holds the pinned file and a copy."""
     if setting != "auto":
         return setting == "on"
     need = 2 * file_bytes + REPACK_MARGIN_BYTES
@@ -244,12 +245,17 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     several_nodes = count == 1 and len(topo.nodes) > 1  # this rank's engine splits over the machine's nodes
     split = tp_size > 1 or several_nodes
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
-    # Without repacking (LVGG_REPACK) a lone rank computes from the file's mapping, which its GPU reads too.
-    wanted = GpuSettings.from_env()
-    file_pinned = _gpu_present() and (wanted.prefill_min_tokens is not None or wanted.decode_split is not None)
-    repack = choose_repack(settings.repack(), file_pinned and not split, os.path.getsize(os.environ[EXPERTS_ENV]),
-                           topology.meminfo()["available"])
+    # Without repacking (LVGG_REPACK) a lone rank computes from the file's mapping, which its GPU reads too;
+    # repacked, its GPU reads the CPU engine's copy where it is in lvgg's packed layout, else the file.
     layers = pp_layers(hf_config, pp_rank, pp_size)
+    wanted = GpuSettings.from_env()
+    saves_a_copy = _gpu_present() and not split and \
+        (wanted.prefill_min_tokens is not None or wanted.decode_split is not None)
+    if saves_a_copy and settings.repack() == "auto":
+        saves_a_copy = not (settings.own_kernels() and _bridge.cpu_features()["lvgg_vnni_kernels"] and
+                            packed_layout_fits(ExpertStore(os.environ[EXPERTS_ENV], repack=False, layers=layers)))
+    repack = choose_repack(settings.repack(), saves_a_copy, os.path.getsize(os.environ[EXPERTS_ENV]),
+                           topology.meminfo()["available"])
     global opened_at, _gpu_source, _repacked
     _repacked = repack
     opened_at = time.perf_counter()

@@ -8,11 +8,12 @@
     LVGG_CPU_KERNELS             "lvgg" (default) or "ggml": whose CPU kernels run Q4_K, Q6_K,
                                  Q8_0 and Q4_0 experts on AVX-512 VNNI CPUs
     LVGG_REPACK                  "on": the CPU runs from a re-laid-out copy of the experts
-                                 where its kernels are faster; "off": from the file's own bytes
-                                 with ggml's kernels (slower decode, but next to a GPU, which
-                                 reads the file, one copy of the experts in RAM instead of two);
-                                 "auto" (default): on, unless the GPU pins the file and the
-                                 memory available cannot hold the file and a copy
+                                 where its kernels are faster (a GPU next to it reads lvgg's
+                                 packed copies too, else the file); "off": from the file's own
+                                 bytes with ggml's kernels (slower decode; next to a GPU, which
+                                 then reads the file, one copy of the experts in RAM); "auto"
+                                 (default): on, unless the GPU would pin the file beside the
+                                 copies and the memory available cannot hold both
 
     LVGG_GPU_PREFILL_MIN_TOKENS  passes of at least this many tokens stream the experts to the
                                  GPU (default 64; 0 or "off": never)
