@@ -20,7 +20,7 @@ Also printed: the time to read the experts file once (from the page cache when i
 next to the startup times: init (vLLM's start to ready) and open_to_first_token (lvgg opening
 the experts file to the first token out), and with one GPU the host memory of the process
 after the first tokens (RssAnon: its own pages, lvgg's copies of the experts among them;
-RssFile: the mapped experts file, pinned for the GPU).
+RssFile: pages of the mapped experts file, which a GPU reading it pins).
 Decode: time of N+1 output tokens minus time of 1, divided by N (greedy, ignore_eos).
 Prefill: one pass of a random prompt (max_num_batched_tokens fits the longest), first token
 included.

@@ -19,7 +19,7 @@ import torch
 
 import lvgg
 from lvgg.gpu_dequant import gated_activations, weighted_down
-from lvgg.gpu_experts import GpuExperts, _gather, _gpu_layout, _staged
+from lvgg.gpu_experts import GpuExperts, _gather, _staged
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.gpu_split import RandomRoutes, SplitExperts, graphs_seconds, split_shares, timed_layers
 from lvgg.vllm_plugin.runtime import SPLIT_EXPERTS
@@ -36,18 +36,17 @@ def main() -> None:
     moe = lvgg.CpuMoE(store, threads=a.threads)
     t = time.perf_counter()
     gpu = GpuExperts(store, device="cuda", dtype=dtype, split_layers=store.layers, split_experts=SPLIT_EXPERTS)
-    print(f"experts file pinned and GPU buffers made in {time.perf_counter() - t:.1f} s "
+    print(f"experts pinned and GPU buffers made in {time.perf_counter() - t:.1f} s "
           f"({gpu.vram_bytes / 2**30:.2f} GiB of VRAM)")
     top_k, layer = moe.max_top_k, store.layers[len(store.layers) // 2]
     info = store.layer_info(layer)
-    plan = gpu._plan[layer]  # per projection: (ggml type, views of its bytes in the file, rows of w13)
+    plan = gpu._plan[layer]  # per projection: (name, views of its bytes in host memory, rows of w13)
     per_expert = [sum(view[0].numel() for view in views) for _, views, _ in plan]
     ids = torch.randperm(info.n_experts)[:top_k].to(torch.int32).cuda()
     fetched = [torch.empty(top_k, n, dtype=torch.uint8, device="cuda") for n in per_expert]
     x = torch.randn(1, info.hidden_size, dtype=dtype, device="cuda")
     w = torch.full((1, top_k), 1 / top_k, device="cuda")
-    staged = [p for (ggml_type, _, _), (name, _), data in zip(plan, _gpu_layout(info), fetched)
-              for p in _staged(info, name, ggml_type, data)]
+    staged = [p for (name, _, _), data in zip(plan, fetched) for p in _staged(gpu.layer_info(layer), name, data)]
     slot_expert = torch.arange(top_k, dtype=torch.int32, device="cuda").view(1, top_k)
     fetch, multiply, whole = graphs_seconds([
         lambda: [_gather(views, ids, out) for (_, views, _), out in zip(plan, fetched)],
