@@ -1,19 +1,23 @@
-"""Routed experts computed on the GPU from the experts file: streamed for long prefills,
-resident for chosen layers, or fetched a few at a time for decode steps split with the CPU.
+"""Routed experts computed on the GPU from host memory: streamed for long prefills, resident
+for chosen layers, or fetched a few at a time for decode steps split with the CPU.
 
     from lvgg.gpu_experts import GpuExperts      # streamed/resident layers need vLLM's CUDA build
     gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[2, 3], resident_layers=[0, 1])
     out = gpu(layer, x, topk_ids, topk_weights)          # CUDA tensors, any number of tokens
 
-Streamed layers: the file's bytes of each layer are copied to the GPU on a side stream into
-one of two staging slots while the previous layer computes (the file's mapping is registered
-with CUDA, so the copies run at the PCIe link's speed), dequantized by lvgg's Triton kernels
+The GPU reads each projection where the CPU engine keeps it: its copy in lvgg's packed layout
+(a repacked store on an AVX-512 VNNI CPU; then the file's pages are never read), else the
+experts file's mapping. Either is registered with CUDA (pinned), so copies run at the PCIe
+link's speed and kernels read it over the link.
+
+Streamed layers: the bytes of each layer are copied to the GPU on a side stream into
+one of two staging slots while the previous layer computes, dequantized by lvgg's Triton kernels
 into one shared pair of weight buffers in vLLM's layout (w13 = [gate; up], w2 = down), and
 multiplied by vLLM's fused MoE kernel. After the last layer the first one is fetched for the
 next pass. A layer too big for the VRAM given to streaming goes in groups of experts
 (``stream_group``), each multiplied with the others' ids masked out. Resident layers are
 dequantized once at creation and stay on the GPU. Split layers (`fetched`): a kernel reads the
-chosen experts' bytes straight from the pinned file (ids on the device, so CUDA graphs capture
+chosen experts' bytes straight from pinned host memory (ids on the device, so CUDA graphs capture
 it) and lvgg's expert kernels multiply them from those bytes (lvgg.gpu_split).
 
 Nothing here synchronizes the device; calls are ordered by the current stream. Streamed calls
@@ -286,8 +290,9 @@ class GpuExperts:
     ``part`` = (index, count) and ``by``: compute what ``store.part(index, count, by=by)`` holds,
     intermediate rows of every expert (by rows or blocks: a tensor-parallel rank's) or whole
     experts (an expert-parallel rank's: slots routed to others add nothing); the parts' outputs
-    sum to the layer's. Its bytes are read from the whole file (``store``, mapped), only they
-    cross the link.
+    sum to the layer's. A share's bytes are read from the whole file (``store``, mapped), only
+    they cross the link; the whole layer's from the store's packed copy where it has one
+    (``reads_packed_copy``).
     """
 
     def __init__(self, store: ExpertStore, *, device: torch.device | str, dtype: torch.dtype,
@@ -341,7 +346,7 @@ class GpuExperts:
             self._setup_streaming(stream_group)
         if self.split_layers and not self.host_pinned:
             log.warning("lvgg: decode steps run the experts on the CPU alone: splitting them with the GPU needs the "
-                        "experts file pinned (see above)")
+                        "experts pinned (see above)")
             self.split_layers, self.split_experts = [], 0
         if self.split_layers:
             self._setup_split()
