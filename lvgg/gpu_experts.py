@@ -144,17 +144,34 @@ def _share_info(whole: ExpertLayerInfo, rows: tuple[int, int], columns: tuple[in
     stay the whole projections' in the file)."""
     share = dataclasses.replace(whole, n_experts=experts[1] - experts[0], first_expert=experts[0],
                                 intermediate_size=rows[1] - rows[0], down_columns=columns[1] - columns[0],
-                                down_lead=rows[0] - columns[0])
-    if share.n_experts != whole.n_experts or share.intermediate_size != whole.intermediate_size:
-        share = dataclasses.replace(share, twins={})  # a share is read from the file
+                                down_lead=rows[0] - columns[0], twins=_twins_of(whole, rows, columns))
     return dataclasses.replace(share, nbytes=sum(_nbytes(share, p) for p, _ in _gpu_layout(share)))
+
+
+def _twins_of(whole: ExpertLayerInfo, rows: tuple[int, int], columns: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """The packed copies a share reads (``ExpertLayerInfo.twins``): the store's where the share has
+    all its rows and columns and the store numbers its experts as the router does (its copies hold
+    whole matrices, expert 0 first); none for a tensor-parallel share of them, which reads the file."""
+    whole_matrices = rows[1] - rows[0] == whole.intermediate_size and columns[1] - columns[0] == whole.down_columns
+    return whole.twins if whole_matrices and whole.first_expert == 0 else {}
 
 
 def _share_of(store: ExpertStore, layer: int, part: tuple[int, int],
               by: str) -> tuple[ExpertLayerInfo, tuple, tuple, tuple]:
     """(the whole layer, the intermediate rows, the columns of down and the experts, as the router
-    numbers them) that ``store.part(*part, by=by)`` holds of the layer."""
-    return store.layer_info(layer), *store.part_shape(layer, *part, by)
+    numbers them) that ``store.part(*part, by=by)`` holds of the layer; for part (0, 1) all the
+    store holds (a part's store: its own share, its down's lead included)."""
+    whole = store.layer_info(layer)
+    if tuple(part) == (0, 1):
+        f, lead, first = whole.intermediate_size, whole.down_lead, whole.first_expert
+        return whole, (0, f), (-lead, whole.down_columns - lead), (first, first + whole.n_experts)
+    return whole, *store.part_shape(layer, *part, by)
+
+
+def reads_packed(info: ExpertLayerInfo) -> bool:
+    """The GPU reads every projection of this layer (a share's ``layer_infos``) from the CPU engine's
+    packed copy, none from the file."""
+    return all(_twin(info, p) for p, _ in _gpu_layout(info))
 
 
 def layer_infos(store: ExpertStore, part: tuple[int, int] = (0, 1), by: str = "rows") -> dict[int, ExpertLayerInfo]:
@@ -176,14 +193,14 @@ def _host_views(host: torch.Tensor | None, whole: ExpertLayerInfo, rows: tuple[i
     """Per projection of a layer, the views of host memory whose bytes, expert by expert
     ([experts, lines, bytes] each) and end to end, are a share's (``_share_of``): of the mapped
     file (``host``), rows [a, b) of gate and up (of both halves of a fused gate_up), columns
-    [c, d) of every row of down (whole blocks). The whole layer's are one contiguous view per
-    projection: the CPU engine's packed copy where it has one, else the file's bytes."""
+    [c, d) of every row of down (whole blocks). A share of whole matrices (``_twins_of``) has one
+    contiguous view per projection: the CPU engine's packed copy where it has one, else the file's."""
     a, b = rows
     d, f, n = whole.hidden_size, whole.intermediate_size, whole.n_experts
-    whole_layer = (a, b) == (0, f) and columns == (0, whole.down_columns)
+    read = dataclasses.replace(whole, twins=_twins_of(whole, rows, columns))
     views = []
-    for projection, _ in _gpu_layout(whole if whole_layer else dataclasses.replace(whole, twins={})):
-        twin = _twin(whole, projection) if whole_layer else None
+    for projection, _ in _gpu_layout(read):
+        twin = _twin(read, projection)
         if twin is not None:
             copy = (ctypes.c_uint8 * _nbytes(whole, projection)).from_address(twin[0])
             views.append([_host_bytes(copy).view(n, 1, -1)])

@@ -10,8 +10,9 @@ from gguf import GGMLQuantizationType as Q
 
 import lvgg
 from lvgg import _bridge, gpu_experts
-from lvgg.gpu_dequant import packed_nbytes, raw_nbytes
-from lvgg.gpu_experts import GpuExperts, _host_views, estimate_vram_bytes, gpu_unsupported, layer_infos, stream_groups
+from lvgg.gpu_dequant import packed_nbytes
+from lvgg.gpu_experts import (GpuExperts, _host_views, estimate_vram_bytes, gpu_unsupported, layer_infos, reads_packed,
+                              stream_groups)
 from lvgg.testing.expert_files import ReferenceLayer, random_experts, read_reference, write_experts_file
 
 E, D, F, K = 16, 256, 512, 4
@@ -143,31 +144,37 @@ def test_vram_estimate_counts_two_staging_slots_one_streamed_layer_and_each_resi
     assert estimate_vram_bytes(infos, [1], [], torch.float32) == 2 * weights + 2 * staged
 
 
-def test_the_gpu_reads_the_cpu_engines_packed_copy_where_it_has_one(experts_file):
-    """What the GPU reads of a repacked store is the CPU engine's packed copy (gate and up of a layer
-    as one, like a fused file's): the packer's output of the file's bytes; a share reads the file."""
-    store = lvgg.ExpertStore(experts_file)
-    whole = np.fromfile(experts_file, dtype=np.uint8)
-    for layer in (1, 5):
-        info = layer_infos(store)[layer]
-        if not packs():
-            assert not info.twins and layer_infos(store)[layer].nbytes == store.layer_info(layer).nbytes
-            continue
-        views = _host_views(None, store.layer_info(layer), (0, F), (0, F))
-        assert [p for p, _ in gpu_experts._gpu_layout(info)] == ["gate_up", "down"] and len(views) == 2
-        file_bytes = {p: whole[o:o + n].reshape(E, -1) for p, o, n in
-                      ((p, o, E * raw_nbytes(info.types[p], (D if p == "down" else (2 if p == "gate_up" else 1) * F)
-                                             * (F if p == "down" else D))) for p, o in info.offsets.items())}
-        gate_up = file_bytes["gate_up"] if "gate_up" in file_bytes else \
-            np.concatenate([file_bytes["gate"], file_bytes["up"]], axis=1)  # per expert: gate rows, then up rows
-        for (rows, cols, raw, qtype), (view,) in zip(((2 * F, D, gate_up, "Q4_K"), (D, F, file_bytes["down"], "Q6_K")),
-                                                     views):
-            packed = np.empty((E, packed_nbytes(qtype, rows, cols)), dtype=np.uint8)
-            _bridge.pack(_bridge.type_from_name(qtype), rows, cols, np.ascontiguousarray(raw), packed)
-            assert np.array_equal(view.reshape(E, -1).numpy(), packed), (layer, qtype)
-        assert info.nbytes == sum(view.numel() for view, in views)
-    # a tensor-parallel share reads its rows from the file
-    assert not layer_infos(store, (0, 2))[1].twins
+@pytest.mark.parametrize("n_parts", [1, 3])
+def test_the_gpu_reads_the_cpu_engines_packed_copy_where_it_has_one(experts_file, n_parts):
+    """What the GPU reads of a repacked store, or of a tensor-parallel rank's part (3 parts: rows
+    [160, 320) of 512 have down's lead of 160 in its 2 whole Q6_K blocks), is the CPU engine's
+    packed copy (gate and up as one): the packer's output of the file's bytes of the same share.
+    A share of a whole store reads the file."""
+    plain = lvgg.ExpertStore(experts_file, repack=False)
+    host = torch.from_numpy(np.fromfile(experts_file, dtype=np.uint8))
+    for part in range(n_parts):
+        store = lvgg.ExpertStore(experts_file) if n_parts == 1 else plain.part(part, n_parts)
+        for layer in (1, 5):
+            info = layer_infos(store)[layer]
+            assert reads_packed(info) == packs() == bool(info.twins), (part, layer)
+            if not packs():
+                continue
+            rows, columns = plain.part_shape(layer, part, n_parts)[:2]
+            assert (info.intermediate_size, info.down_columns, info.down_lead) == \
+                (rows[1] - rows[0], columns[1] - columns[0], rows[0] - columns[0])
+            # the file's bytes of the share, expert by expert: gate rows then up rows, and down's columns
+            in_file = [torch.cat([v.reshape(E, -1) for v in views], dim=1).numpy()
+                       for views in _host_views(host, plain.layer_info(layer), rows, columns)]
+            in_file = [np.concatenate(in_file[:-1], axis=1), in_file[-1]]
+            views = _host_views(None, store.layer_info(layer), *gpu_experts._share_of(store, layer, (0, 1), "rows")[1:3])
+            assert [p for p, _ in gpu_experts._gpu_layout(info)] == ["gate_up", "down"] and len(views) == 2
+            shapes = ((2 * info.intermediate_size, D, "Q4_K"), (D, info.down_columns, "Q6_K"))
+            for (rows_, cols, qtype), raw, (view,) in zip(shapes, in_file, views):
+                packed = np.empty((E, packed_nbytes(qtype, rows_, cols)), dtype=np.uint8)
+                _bridge.pack(_bridge.type_from_name(qtype), rows_, cols, np.ascontiguousarray(raw), packed)
+                assert np.array_equal(view.reshape(E, -1).numpy(), packed), (part, layer, qtype)
+            assert info.nbytes == sum(view.numel() for view, in views)
+    assert not layer_infos(lvgg.ExpertStore(experts_file), (0, 2))[1].twins
 
 
 def test_streamed_groups_are_as_even_as_whole_experts_allow():

@@ -137,6 +137,7 @@ void pack_group_q6_K(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t 
     uint8_t  q[kRows][256];
     int8_t   sc[kRows][16];
     uint8_t * d = dst + nb * kQ6KTile;
+    std::memset(d + nb * kRows * 2, 0, round64(nb * kRows * 2) - nb * kRows * 2);  // the padding: no stale bytes
     for (int64_t b = 0; b < nb; ++b, dst += kQ6KTile) {
         for (int r = 0; r < kRows; ++r) {
             const uint8_t * blk = src + r * row_bytes + b * kQ6KBytes;

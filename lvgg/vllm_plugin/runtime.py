@@ -20,7 +20,7 @@ import torch
 from lvgg import _bridge, topology
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, EngineNode, ExpertStore
-from lvgg.gpu_experts import GpuExperts, gpu_unsupported, layer_infos, packed_layout_fits
+from lvgg.gpu_experts import GpuExperts, gpu_unsupported, layer_infos, packed_layout_fits, reads_packed
 from lvgg.gpu_split import MOST_TOKENS, SplitExperts, best_slots, calibrate
 from lvgg.models import arch_for
 from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, settings
@@ -46,9 +46,9 @@ _split: SplitExperts | None = None
 _gpu_made = False
 _gpu_min_tokens: int | None = None
 _gpu_memory_utilization = 0.9
-# What the GPU's experts are read from: the whole file (mapped), this rank's part and how the ranks
-# split (ExpertStore.part's by; a tensor-parallel rank's engine holds a copy of its part only), and
-# the MoE layers other pipeline stages hold.
+# What the GPU's experts are read from: a store (the whole file, mapped; or a tensor-parallel rank's
+# part, packed, which its engine computes from), the part of it this rank computes and how the ranks
+# split (ExpertStore.part's by), and the MoE layers other pipeline stages hold.
 _gpu_source: tuple[ExpertStore, tuple[int, int], str, frozenset[int]] | None = None
 _repacked = True  # the CPU engine computes from repacked copies (LVGG_REPACK)
 opened_at: float | None = None  # time.perf_counter() when this process opened the experts file (startup figures)
@@ -281,12 +281,16 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
         if layers is not None:
             log.info("lvgg: pipeline-parallel rank %d of %d holds the experts of layers %s", pp_rank, pp_size,
                      topology.format_cpulist(layers))
-        # The GPU reads the mapping: the rank's part, as its CPU engine holds it.
+        # The GPU reads the rank's part, as its CPU engine holds it: from the file's mapping, or from
+        # the engine's own copy where that is in lvgg's packed layout (then the whole file is unmapped
+        # when its store goes, as without a GPU).
         elsewhere = frozenset(spec.layers) - frozenset(layers) if layers is not None else frozenset()
         _gpu_source = (store, (tp_rank, tp_size), by, elsewhere) if _gpu_present() else None
-        if tp_size > 1:  # without a GPU the whole file is unmapped when its store goes
+        if tp_size > 1:
             # A rank alone on several nodes splits its part again, over them: a plain copy, split, then repacked.
             store = store.part(tp_rank, tp_size, repack=repack and not several_nodes, by=by)
+            if _gpu_source and all(map(reads_packed, layer_infos(store).values())):
+                _gpu_source = (store, (0, 1), by, elsewhere)
     nodes = engine_nodes(topo, store.max_parts()) if several_nodes else None
     counts = None if nodes else settings.cpu_threads(1)  # the nodes' counts: engine_nodes
     if cpus:
