@@ -20,6 +20,11 @@ Q4_K_M = {"gate": Q.Q4_K, "up": Q.Q4_K, "gate_up": Q.Q4_K, "down": Q.Q6_K}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run on the GPU machine)")
 
 
+def packs() -> bool:
+    """This machine's CPU engine keeps lvgg's packed copies (AVX-512 VNNI), which its GPU then reads."""
+    return _bridge.cpu_features()["lvgg_vnni_kernels"]
+
+
 @pytest.fixture(scope="module")
 def experts_file(tmp_path_factory):
     """Layers 1-3 gate+up+down, layer 5 fused gate_up, all Q4_K/Q6_K."""
@@ -56,11 +61,6 @@ def routing(T, seed):
 def rel_error(got: torch.Tensor, want: np.ndarray) -> float:
     got = got.double().cpu().numpy()
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
-def packs() -> bool:
-    """This machine's CPU engine keeps lvgg's packed copies (AVX-512 VNNI), which its GPU then reads."""
-    return _bridge.cpu_features()["lvgg_vnni_kernels"]
 
 
 @needs_cuda
@@ -407,11 +407,14 @@ def test_an_expert_parallel_share_is_its_whole_experts(experts_file):
 
 
 @needs_cuda
-@pytest.mark.parametrize("kind,n_parts,by", SHARES)
-def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_file, q8_file, kind, n_parts, by):
+@pytest.mark.parametrize("kind,n_parts,by,source", [(*share, "file") for share in SHARES] +
+                         [(*share, "copy") for share in SHARES if share[2] == "rows" and packs()])
+def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_file, q8_file, kind, n_parts, by,
+                                                                       source):
     """A rank's GpuExperts (streamed whole and in groups, resident, and split with the rank's CPU
     part in decode steps) computes the share its CPU part holds, rows of every expert or whole
-    experts (expert parallel); the ranks' outputs sum to the layer."""
+    experts (expert parallel), read from the whole file or ("copy") from the CPU part's packed
+    copy where it has one; the ranks' outputs sum to the layer."""
     from lvgg.gpu_split import SplitExperts
 
     path = experts_file if kind == "k" else q8_file
@@ -422,15 +425,18 @@ def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_
     sums: dict[str, dict[int, torch.Tensor]] = {"prefill": {}, "decode": {}}
     for part in range(n_parts):
         share = (part, n_parts)
-        moe = lvgg.CpuMoE(store.part(part, n_parts, by=by), threads=2, max_top_k=K)
+        cpu_part = store.part(part, n_parts, by=by)
+        moe = lvgg.CpuMoE(cpu_part, threads=2, max_top_k=K)
         cpu = lvgg.CudaExperts(moe, hidden_size=D, top_k=K, max_tokens=8, dtype=torch.bfloat16)
-        gpus = [GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[1], resident_layers=[5],
-                           stream_group=group, part=share, by=by) for group in (None, 6)]
-        split_gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, split_layers=[1, 5], split_experts=8,
-                               part=share, by=by)
+        read, read_part = (store, share) if source == "file" else (cpu_part, (0, 1))
+        gpus = [GpuExperts(read, device="cuda", dtype=torch.bfloat16, streamed_layers=[1], resident_layers=[5],
+                           stream_group=group, part=read_part, by=by) for group in (None, 6)]
+        split_gpu = GpuExperts(read, device="cuda", dtype=torch.bfloat16, split_layers=[1, 5], split_experts=8,
+                               part=read_part, by=by)
         split = SplitExperts(split_gpu, cpu, slots={8: 2})
-        assert all(gpu.host_pinned for gpu in (*gpus, split_gpu)), "three readers of one pinned file"
-        assert gpus[0].vram_bytes == estimate_vram_bytes(layer_infos(store, share, by), [1], [5], torch.bfloat16)
+        assert all(gpu.host_pinned and gpu.reads_packed_copy == (source == "copy" and packs())
+                   for gpu in (*gpus, split_gpu)), "three readers of the same pinned memory"
+        assert gpus[0].vram_bytes == estimate_vram_bytes(layer_infos(read, read_part, by), [1], [5], torch.bfloat16)
         for layer in (1, 5):
             want = share_output(path, store, layer, share, by, xb.double().numpy(), ids.numpy(), w.double().numpy())
             for gpu in gpus:
@@ -444,11 +450,11 @@ def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_
             sums["decode"][layer] = sums["decode"].get(layer, 0) + out.double().cpu()
         torch.cuda.synchronize()
         cpu.close()
-        address = split_gpu._host.data_ptr()
+        address = split_gpu._host_ranges[0][0]
         for gpu in (*gpus, split_gpu):
             assert address in gpu_experts._pin_users, "pinned while a reader is open"
             gpu.close()
-        assert address not in gpu_experts._pin_users, "the file is unpinned with its last reader"
+        assert address not in gpu_experts._pin_users, "unpinned with the last reader"
     for layer in (1, 5):
         ref = read_reference(path, layer)
         assert rel_error(sums["prefill"][layer], ref.forward(xb.double().numpy(), ids.numpy(),
