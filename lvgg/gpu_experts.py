@@ -341,20 +341,21 @@ class GpuExperts:
             if why:
                 raise ValueError(f"layer {layer} of {store.path} cannot run on the GPU: {why}")
             self._info[layer] = _share_info(*shares[layer])
-        reads_file = any(_twin(info, p) is None for info in self._info.values() for p, _ in _gpu_layout(info))
-        self._host = _host_bytes(store.mapped_bytes()) if reads_file else None
+        # where each projection is read: a packed copy's (address, bytes), or None for the file
+        sources = {_twin(info, p) for info in self._info.values() for p, _ in _gpu_layout(info)}
+        self._host = _host_bytes(store.mapped_bytes()) if None in sources else None
         # per layer and projection: (projection, the share's bytes in host memory as _host_views gives
         # them, rows of w13 it fills or None for w2)
         self._plan: dict[int, list[tuple[str, list[torch.Tensor], slice | None]]] = {
             layer: [(p, views, rows) for (p, rows), views in
                     zip(_gpu_layout(info), _host_views(self._host, *shares[layer][:3]))]
             for layer, info in self._info.items()}
-        # what the GPU reads over the link: the mapped file and the CPU engine's packed copies it reads
-        self._host_ranges = sorted({_twin(info, p) for info in self._info.values() for p, _ in _gpu_layout(info)}
-                                   - {None} | ({(self._host.data_ptr(), self._host.numel())} if reads_file else set()))
-        self.host_pinned = False
         # lvgg's packed CPU layout, read from the CPU engine's own copy (the file's pages then stay unread)
-        self.reads_packed_copy = any(_twin(info, p) for info in self._info.values() for p, _ in _gpu_layout(info))
+        self.reads_packed_copy = bool(sources - {None})
+        # what the GPU reads over the link, pinned: the CPU engine's packed copies, the mapped file
+        self._host_ranges = sorted(sources - {None}) + \
+            ([(self._host.data_ptr(), self._host.numel())] if self._host is not None else [])
+        self.host_pinned = False
         self._resident: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}  # w13, w2, map
         self._streamed: frozenset[int] = frozenset()
         if self.streamed_layers or self.split_layers:
@@ -476,8 +477,8 @@ class GpuExperts:
                     _pin_users[address] = 0
                 _pin_users[address] += 1
                 done.append(address)
-        what = "the CPU engine's packed copy" if self._host is None else "experts file" if len(done) == 1 else \
-            "experts file and the CPU engine's packed copy"
+        what = " and ".join(name for name, reads in (("the CPU engine's packed copy", self.reads_packed_copy),
+                                                      ("the experts file", self._host is not None)) if reads)
         log.info("lvgg: %.1f GiB of %s pinned for the GPU in %.1f s", sum(n for _, n in self._host_ranges) / 2**30,
                  what, time.perf_counter() - t0)
         self.host_pinned = True
