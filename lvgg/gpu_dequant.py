@@ -80,8 +80,9 @@ def dequantize(raw: torch.Tensor, ggml_type: str, out: torch.Tensor, packed: boo
         raise ValueError(f"{ggml_type} rows hold whole blocks of {qk} values; found {cols} columns")
     expected = n_experts * matrix_nbytes(ggml_type, rows, cols, packed)
     if raw.dtype != torch.uint8 or raw.dim() != 1 or raw.numel() != expected or raw.device != out.device:
-        raise ValueError(f"raw must be {expected} uint8 bytes on {out.device} ({ggml_type}{', packed' if packed else ''}, "
-                         f"{n_experts}x{rows}x{cols}); found {raw.numel()} {raw.dtype} on {raw.device}")
+        layout = f"{ggml_type}, packed" if packed else ggml_type
+        raise ValueError(f"raw must be {expected} uint8 bytes on {out.device} ({layout}, {n_experts}x{rows}x{cols}); "
+                         f"found {raw.numel()} {raw.dtype} on {raw.device}")
     if ggml_type in FLOAT_TYPES:
         out.copy_(raw.view(FLOAT_TYPES[ggml_type]).view(n_experts, rows, cols))
         return out

@@ -104,7 +104,8 @@ def check_packed(device: str) -> None:
             got = out[:, 8:rows + 8].cpu().numpy()
             assert np.array_equal(got, want.astype(np.float32)), \
                 f"{ggml_type} {case}: max diff {np.nanmax(np.abs(got - want))}"
-            assert torch.isnan(out[:, :8]).all() and torch.isnan(out[:, rows + 8:]).all(), f"{ggml_type}: wrote outside out"
+            assert torch.isnan(out[:, :8]).all() and torch.isnan(out[:, rows + 8:]).all(), \
+                f"{ggml_type}: wrote outside out"
 
 
 def check_gather(device: str) -> None:
@@ -296,6 +297,15 @@ def test_bad_arguments_are_refused_before_any_kernel():
         dequantize(raw, "Q4_K", out.to(torch.int32))
     with pytest.raises(ValueError, match="whole blocks of 256"):
         dequantize(torch.zeros(raw_nbytes("Q8_0", 2 * 4 * 96), dtype=torch.uint8), "Q4_K", torch.empty(2, 4, 96))
+    # lvgg's packed layout: its four types, in groups of 16 rows
+    with pytest.raises(ValueError, match=r"no GPU dequantization for Q5_K in the packed layout; supported: \['Q4_0'"):
+        dequantize(raw, "Q5_K", out, packed=True)
+    with pytest.raises(ValueError, match=r"no packed layout for a 4x256 q4_K matrix: .* rows a multiple of 16"):
+        dequantize(raw, "Q4_K", out, packed=True)
+    packed = torch.zeros(2 * packed_nbytes("Q6_K", 16, 512), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"raw must be 13440 uint8 bytes on cpu \(Q6_K, packed, 2x16x512\); "
+                                         r"found 13439"):
+        dequantize(packed[:-1], "Q6_K", torch.empty(2, 16, 512), packed=True)
 
 
 def test_bad_expert_arguments_are_refused_before_any_kernel():
@@ -309,6 +319,12 @@ def test_bad_expert_arguments_are_refused_before_any_kernel():
         gated_activations(x, gate, StagedProjection(gate.data, "Q4_K", 32, 256), slot_expert)
     with pytest.raises(ValueError, match="no GPU kernels for IQ4_XS"):
         gated_activations(x, gate, StagedProjection(gate.data, "IQ4_XS", 64, 256), slot_expert)
+    with pytest.raises(ValueError, match=r"up in the packed layout must be \['Q4_0', 'Q4_K', 'Q6_K', 'Q8_0'\] "
+                                         r"in groups of 16 rows, found Q5_K with 64 rows"):
+        gated_activations(x, gate, StagedProjection(gate.data, "Q5_K", 64, 256, packed=True), slot_expert)
+    with pytest.raises(ValueError, match="gate and up must be both packed or both in the file's layout"):
+        packed_up = torch.zeros(4, packed_nbytes("Q4_K", 64, 256), dtype=torch.uint8)
+        gated_activations(x, gate, StagedProjection(packed_up, "Q4_K", 64, 256, packed=True), slot_expert)
     with pytest.raises(ValueError, match="x must be a contiguous float"):
         gated_activations(x.t(), gate, gate, slot_expert)
     with pytest.raises(ValueError, match=r"slot_expert must be contiguous int32 \[2, experts per token\] on cpu, "

@@ -166,7 +166,8 @@ def test_the_gpu_reads_the_cpu_engines_packed_copy_where_it_has_one(experts_file
             in_file = [torch.cat([v.reshape(E, -1) for v in views], dim=1).numpy()
                        for views in _host_views(host, plain.layer_info(layer), rows, columns)]
             in_file = [np.concatenate(in_file[:-1], axis=1), in_file[-1]]
-            views = _host_views(None, store.layer_info(layer), *gpu_experts._share_of(store, layer, (0, 1), "rows")[1:3])
+            rows_and_columns = gpu_experts._share_of(store, layer, (0, 1), "rows")[1:3]
+            views = _host_views(None, store.layer_info(layer), *rows_and_columns)
             assert [p for p, _ in gpu_experts._gpu_layout(info)] == ["gate_up", "down"] and len(views) == 2
             shapes = ((2 * info.intermediate_size, D, "Q4_K"), (D, info.down_columns, "Q6_K"))
             for (rows_, cols, qtype), raw, (view,) in zip(shapes, in_file, views):

@@ -126,8 +126,9 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
 
 void check_packed_layout(int t, int64_t rows, int64_t cols) {
     if (t < 0 || t >= GGML_TYPE_COUNT || !vnni::layout_fits((ggml_type) t, rows, cols)) {
-        fail(ErrorKind::Value, "no packed layout for " + std::to_string(rows) + "x" + std::to_string(cols) + " of type " +
-                                   std::to_string(t) + ": Q4_K/Q6_K (columns a multiple of 256) or Q8_0/Q4_0 (of 32), "
+        const std::string type = t < 0 || t >= GGML_TYPE_COUNT ? std::to_string(t) : ggml_type_name((ggml_type) t);
+        fail(ErrorKind::Value, "no packed layout for a " + std::to_string(rows) + "x" + std::to_string(cols) + " " +
+                                   type + " matrix: Q4_K/Q6_K (columns a multiple of 256) or Q8_0/Q4_0 (of 32), "
                                    "rows a multiple of 16");
     }
 }
@@ -365,16 +366,19 @@ NB_MODULE(_bridge, m) {
         return vnni::packed_size((ggml_type) t, rows, cols);
     }, "type"_a, "rows"_a, "cols"_a);
     m.def("pack",
-          [](int t, int64_t rows, int64_t cols, nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> src,
+          [](int t, int64_t rows, int64_t cols,
+             nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> src,
              nb::ndarray<uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> dst) {
               check_packed_layout(t, rows, cols);
-              const size_t file = quantized_row_size((ggml_type) t, cols) * rows;
+              const size_t file   = quantized_row_size((ggml_type) t, cols) * rows;
               const size_t packed = vnni::packed_size((ggml_type) t, rows, cols);
               if (src.shape(1) != file || dst.shape(0) != src.shape(0) || dst.shape(1) != packed) {
+                  auto shape = [](auto & a) {
+                      return "[" + std::to_string(a.shape(0)) + ", " + std::to_string(a.shape(1)) + "]";
+                  };
                   fail(ErrorKind::Value, "pack takes src [n, " + std::to_string(file) + "] and dst [n, " +
-                                             std::to_string(packed) + "] uint8, found [" + std::to_string(src.shape(0)) +
-                                             ", " + std::to_string(src.shape(1)) + "] and [" +
-                                             std::to_string(dst.shape(0)) + ", " + std::to_string(dst.shape(1)) + "]");
+                                             std::to_string(packed) + "] uint8, found " + shape(src) + " and " +
+                                             shape(dst));
               }
               nb::gil_scoped_release release;
               vnni::pack((ggml_type) t, src.data(), file, rows, cols, (int64_t) src.shape(0), dst.data(), packed, 1);
