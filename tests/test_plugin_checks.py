@@ -173,12 +173,15 @@ def test_repack_auto_keeps_one_copy_where_the_pinned_file_and_a_copy_do_not_fit(
 
     gib = 2**30
     need = 2 * 20 * gib + REPACK_MARGIN_BYTES  # a 20 GiB file pinned for the GPU, and a copy
-    assert choose_repack("auto", True, 20 * gib, need)
-    assert choose_repack("auto", False, 20 * gib, 21 * gib)  # no GPU pinning the file, or parts copied anyway
-    assert choose_repack("auto", True, 20 * gib, None)  # unknown: as asked by default
-    assert choose_repack("on", True, 20 * gib, 21 * gib) and not choose_repack("off", False, 20 * gib, None)
+    def unasked() -> bool:  # whether the file saves a copy is asked only where memory is short
+        raise AssertionError("asked")
+
+    assert choose_repack("auto", unasked, 20 * gib, need)
+    assert choose_repack("auto", lambda: False, 20 * gib, 21 * gib)  # no GPU pinning the file, or parts copied anyway
+    assert choose_repack("auto", unasked, 20 * gib, None)  # unknown: as asked by default
+    assert choose_repack("on", unasked, 20 * gib, 21 * gib) and not choose_repack("off", unasked, 20 * gib, None)
     with caplog.at_level("WARNING", logger="vllm.lvgg"):
-        assert not choose_repack("auto", True, 20 * gib, need - 1)
+        assert not choose_repack("auto", lambda: True, 20 * gib, need - 1)
     assert "Set LVGG_REPACK=on to copy anyway" in caplog.text
 
 

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -83,17 +83,18 @@ def _gpu_present() -> bool:
 REPACK_MARGIN_BYTES = 4 << 30
 
 
-def choose_repack(setting: str, saves_a_copy: bool, file_bytes: int, available_bytes: int | None) -> bool:
+def choose_repack(setting: str, saves_a_copy: Callable[[], bool], file_bytes: int,
+                  available_bytes: int | None) -> bool:
     """Whether the CPU engine computes from repacked copies of the experts (LVGG_REPACK: "on",
-    "off" or "auto"). ``saves_a_copy``: computing from the file instead keeps one copy of the
-    experts in RAM, not two (a lone rank whose GPU pins the file because it cannot read the
-    copies: not lvgg's packed layout; without a GPU the copies replace the file's pages, and ranks
-    and NUMA nodes copy their parts either way). "auto" then repacks only where the memory
-    available holds the pinned file and a copy."""
+    "off" or "auto"). ``saves_a_copy()``, asked only where the memory is short: computing from
+    the file instead keeps one copy of the experts in RAM, not two (a lone rank whose GPU pins
+    the file because it cannot read the copies: not lvgg's packed layout; without a GPU the
+    copies replace the file's pages, and ranks and NUMA nodes copy their parts either way).
+    "auto" then repacks only where the memory available holds the pinned file and a copy."""
     if setting != "auto":
         return setting == "on"
     need = 2 * file_bytes + REPACK_MARGIN_BYTES
-    if not saves_a_copy or available_bytes is None or available_bytes >= need:
+    if available_bytes is None or available_bytes >= need or not saves_a_copy():
         return True
     log.warning("lvgg: %.1f GiB of memory available; the experts file pinned for the GPU and a repacked copy of it "
                 "need %.1f GiB: the CPU computes the experts from the file's own layout instead (one copy in "
@@ -249,11 +250,13 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     # repacked, its GPU reads the CPU engine's copy where it is in lvgg's packed layout, else the file.
     layers = pp_layers(hf_config, pp_rank, pp_size)
     wanted = GpuSettings.from_env()
-    saves_a_copy = _gpu_present() and not split and \
-        (wanted.prefill_min_tokens is not None or wanted.decode_split is not None)
-    if saves_a_copy and settings.repack() == "auto":
-        saves_a_copy = not (settings.own_kernels() and _bridge.cpu_features()["lvgg_vnni_kernels"] and
-                            packed_layout_fits(ExpertStore(os.environ[EXPERTS_ENV], repack=False, layers=layers)))
+
+    def saves_a_copy() -> bool:  # the GPU would pin the file beside the copies
+        if split or not _gpu_present() or (wanted.prefill_min_tokens is None and wanted.decode_split is None):
+            return False
+        return not (settings.own_kernels() and _bridge.cpu_features()["lvgg_vnni_kernels"] and
+                    packed_layout_fits(ExpertStore(os.environ[EXPERTS_ENV], repack=False, layers=layers)))
+
     repack = choose_repack(settings.repack(), saves_a_copy, os.path.getsize(os.environ[EXPERTS_ENV]),
                            topology.meminfo()["available"])
     global opened_at, _gpu_source, _repacked
