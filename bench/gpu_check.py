@@ -17,10 +17,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
+
+from lvgg.bench import scratch_dir
 
 GENERATE = Path(__file__).resolve().parent.parent / "tests" / "vllm_generate.py"
 
@@ -65,7 +66,7 @@ def main() -> None:
     from lvgg.testing.tiny_models import make_tiny_model
 
     qtype = Q.F32 if a.dtype == "float32" else Q.BF16
-    with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+    with scratch_dir(a.workdir) as tmp:
         model = make_tiny_model("qwen3_moe", Path(tmp) / "model", seed=11, dtype=a.dtype)
         experts = convert_hf(str(model), Path(tmp) / "experts.gguf", {p: qtype for p in PROJECTIONS}, threads=4,
                              quiet=True)

@@ -32,11 +32,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
+
+from lvgg.bench import scratch_dir
 
 CONFIGS = {"cpu": {"LVGG_GPU_PREFILL_MIN_TOKENS": "off", "LVGG_GPU_DECODE_SPLIT": "off"},
            "stream": {"LVGG_GPU_PREFILL_MIN_TOKENS": "64", "LVGG_GPU_DECODE_SPLIT": "off"},
@@ -150,7 +151,7 @@ def main() -> None:
     from lvgg.bench import SHAPE_30B_A3B as S
     from lvgg.bench import synthetic_experts_file
 
-    with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+    with scratch_dir(a.workdir) as tmp:
         model = write_config(Path(tmp) / "model", a.layers)
         experts = Path(a.experts) if a.experts else None
         if experts is None:

@@ -15,9 +15,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from lvgg.bench import scratch_dir
 
 _RUN = r"""
 import json, os, sys, time
@@ -66,7 +67,7 @@ def main() -> None:
 
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "VLLM_CPU_KVCACHE_SPACE": "1",
            "LVGG_CPU_THREADS": str(a.threads)}
-    with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+    with scratch_dir(a.workdir) as tmp:
         model = make_30b_a3b_shaped_model(Path(tmp) / "model", a.layers)
         rows = [("stock vLLM (bf16 experts, its CPU MoE kernel)", run(model, "-", a.tokens, env))]
         for name in a.types.split(","):

@@ -22,8 +22,9 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from lvgg.bench import scratch_dir
 
 _RUN = r"""
 import json, os, sys, time
@@ -81,7 +82,7 @@ def main() -> None:
 
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "VLLM_CPU_KVCACHE_SPACE": "1",
            "LVGG_CPU_THREADS": str(a.threads)}
-    with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+    with scratch_dir(a.workdir) as tmp:
         model = make_30b_a3b_shaped_model(Path(tmp) / "model", a.layers)
         experts = Path(tmp) / f"experts-{a.type}.gguf"
         convert_hf(str(model), experts, projection_types(a.type, None), threads=a.threads, quiet=True)

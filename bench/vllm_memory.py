@@ -19,8 +19,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from lvgg.bench import scratch_dir
 
 GENERATE = Path(__file__).resolve().parents[1] / "tests" / "vllm_generate.py"
 
@@ -47,7 +48,7 @@ def main() -> None:
     from lvgg.testing.tiny_models import make_30b_a3b_shaped_model
 
     threads = len(os.sched_getaffinity(0))
-    with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+    with scratch_dir(a.workdir) as tmp:
         model = make_30b_a3b_shaped_model(Path(tmp) / "model", a.layers)
         experts = Path(tmp) / f"experts-{a.type}.gguf"
         convert_hf(str(model), experts, projection_types(a.type, None), threads=threads, quiet=True)

@@ -171,6 +171,14 @@ def bench_ranks(types: list[str], tokens: list[int], threads: int, ranks: int, n
     return _bench(types, tokens, n_layers, min_seconds, workdir, engines, shape)
 
 
+def scratch_dir(parent: str | None) -> tempfile.TemporaryDirectory:
+    """A temporary folder for a benchmark's files (removed after its ``with``), inside ``parent``
+    (made if missing; e.g. a disk with room for full-size experts files) or the system's."""
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=parent)
+
+
 def _bench(types: list[str], tokens: list[int], n_layers: int, min_seconds: float, workdir: str | None,
            engines, shape: dict) -> list[MoeResult]:
     """Time every engine ``engines(path, top_k)`` yields (label, store, moe) on a synthetic file per type."""
@@ -178,7 +186,7 @@ def _bench(types: list[str], tokens: list[int], n_layers: int, min_seconds: floa
     E, D, F, K = shape["n_experts"], shape["hidden"], shape["intermediate"], shape["top_k"]
     rng = np.random.default_rng(0)
     results = []
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with scratch_dir(workdir) as tmp:
         for name in types:
             qtype = MIXES.get(name.upper()) or gguf.GGMLQuantizationType[name.upper()]
             path = synthetic_experts_file(Path(tmp) / f"{name}.gguf", qtype, n_layers, E, D, F)

@@ -18,13 +18,13 @@ def test_info_lists_cpu_features_and_cores():
 def test_bench_moe_prints_bandwidth_floor_and_every_config(tmp_path):
     result = runner.invoke(app, ["bench", "moe", "--types", "Q4_K", "--tokens", "1,9", "--threads", "1",
                                  "--layers", "2", "--seconds", "0.01", "--hidden", "256", "--intermediate", "256",
-                                 "--experts", "4", "--top-k", "2", "--workdir", str(tmp_path)],
+                                 "--experts", "4", "--top-k", "2", "--workdir", str(tmp_path / "new" / "dir")],
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "read bandwidth, 1 threads" in result.output
     for config in ("ggml mul_mat_id", "repacked", "per-expert", "auto, both layouts"):
         assert config in result.output
-    assert list(tmp_path.iterdir()) == []  # synthetic files are removed
+    assert list((tmp_path / "new" / "dir").iterdir()) == []  # made where missing; synthetic files are removed
 
 
 def test_bench_rejects_unknown_type(tmp_path):
