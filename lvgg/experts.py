@@ -45,6 +45,25 @@ class ExpertLayerInfo:
         return range(self.first_expert, self.first_expert + self.n_experts)
 
 
+def packs_every_expert(path: str | os.PathLike[str], layers: Sequence[int] | None = None,
+                       own_kernels: bool = True) -> bool:
+    """A repacking ExpertStore of this file (``layers``: those only) holds every expert tensor in
+    lvgg's packed layout on this machine (the kernels built for its CPU, ``own_kernels`` on; the
+    same test the store makes per tensor), read from the file's header alone."""
+    from lvgg.inspect_gguf import inspect_gguf
+
+    if not own_kernels:
+        return False
+    for s in inspect_gguf(path).layers:
+        if layers is not None and s.layer not in layers:
+            continue
+        d, f = s.hidden_size, s.intermediate_size
+        shapes = {"gate": (f, d), "up": (f, d), "gate_up": (2 * f, d), "down": (d, f)}
+        if not all(_bridge.packable(_bridge.type_from_name(t), *shapes[p]) for p, t in s.types.items()):
+            return False
+    return True
+
+
 class ExpertStore:
     """A GGUF file's routed experts (``blk.N.ffn_{gate,up,down}_exps.weight``), memory-mapped.
 

@@ -41,7 +41,7 @@ from lvgg import _bridge
 from lvgg.cuda_bridge import register_host, unregister_host
 from lvgg.experts import ExpertLayerInfo, ExpertStore
 from lvgg.gpu_dequant import (SUPPORTED_TYPES, StagedProjection, dequantize, gated_activations, gather_rows,
-                              matrix_nbytes, packed_nbytes, raw_nbytes, weighted_down)
+                              matrix_nbytes, raw_nbytes, weighted_down)
 
 log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
 
@@ -103,19 +103,6 @@ def _nbytes(info: ExpertLayerInfo, projection: str) -> int:
     """A projection's bytes where the GPU reads them (the file, or the CPU engine's packed copy)."""
     return info.n_experts * matrix_nbytes(_type(info, projection), *_shape(info, projection),
                                           _twin(info, projection) is not None)
-
-
-def packed_layout_fits(store: ExpertStore) -> bool:
-    """Every expert tensor of ``store`` has a packed layout: repacked by lvgg's kernels (on a CPU
-    that has them), the GPU reads the CPU engine's copy and the file's pages stay unread."""
-    for layer in store.layers:
-        info = store.layer_info(layer)
-        for projection, ggml_type in info.types.items():
-            try:
-                packed_nbytes(ggml_type, *_shape(info, projection))
-            except ValueError:
-                return False
-    return True
 
 
 def _pieces(info: ExpertLayerInfo, n_experts: int | None = None) -> list[tuple[str, int, int]]:

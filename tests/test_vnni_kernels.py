@@ -37,6 +37,9 @@ def test_a_build_for_vnni_packs_k_quants(tmp_path, rng):
     assert _bridge.cpu_features()["lvgg_vnni_kernels"] == _bridge.cpu_features()["avx512_vnni"]
     path = write_experts_file(tmp_path / "p.gguf", {0: random_experts(rng, E, 256, 256)}, Q.Q4_K)
     packed = lvgg.ExpertStore(path).layer_info(0).packed
+    # what the file's header predicts (runtime.choose_repack asks it) is what the store does
+    assert lvgg.experts.packs_every_expert(path) == all(packed.values())
+    assert not lvgg.experts.packs_every_expert(path, own_kernels=False)
     if not _bridge.cpu_features()["lvgg_vnni_kernels"]:
         assert not any(packed.values())
         return
@@ -98,6 +101,7 @@ def test_mixed_layer_packed_and_ggml_projections(tmp_path, form, rng):
     store = lvgg.ExpertStore(path)
     if _bridge.cpu_features()["lvgg_vnni_kernels"]:
         assert store.layer_info(0).packed["down"] is False and store.layer_info(0).packed[form.split("+")[0]]
+    assert not lvgg.experts.packs_every_expert(path)  # the header says as much (Q5_K has no packed layout)
     x = torch.randn(6, 256)
     ids, w = routing(rng, 6, 4, repeats=True)
     out = run(lvgg.CpuMoE(store, threads=2), x, ids, w)

@@ -360,6 +360,10 @@ NB_MODULE(_bridge, m) {
               quantize_rows((ggml_type) type, src.data(), dst.data(), rows, n, threads);
           },
           "type"_a, "src"_a, "dst"_a, "threads"_a = 1);
+    // What a repacking store puts in lvgg's packed layout on this machine (its kernels are built).
+    m.def("packable", [](int t, int64_t rows, int64_t cols) {
+        return t >= 0 && t < GGML_TYPE_COUNT && vnni::packable((ggml_type) t, rows, cols);
+    }, "type"_a, "rows"_a, "cols"_a);
     // lvgg's packed layout (vnni_kquants.h), whatever this CPU runs: the GPU reads it too.
     m.def("packed_size", [](int t, int64_t rows, int64_t cols) {
         check_packed_layout(t, rows, cols);

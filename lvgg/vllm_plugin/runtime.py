@@ -19,8 +19,8 @@ import torch
 
 from lvgg import _bridge, topology
 from lvgg.cuda_bridge import CudaExperts
-from lvgg.experts import CpuMoE, EngineNode, ExpertStore
-from lvgg.gpu_experts import GpuExperts, gpu_unsupported, layer_infos, packed_layout_fits, reads_packed
+from lvgg.experts import CpuMoE, EngineNode, ExpertStore, packs_every_expert
+from lvgg.gpu_experts import GpuExperts, gpu_unsupported, layer_infos, reads_packed
 from lvgg.gpu_split import MOST_TOKENS, SplitExperts, best_slots, calibrate
 from lvgg.models import arch_for
 from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, settings
@@ -251,11 +251,10 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     layers = pp_layers(hf_config, pp_rank, pp_size)
     wanted = GpuSettings.from_env()
 
-    def saves_a_copy() -> bool:  # the GPU would pin the file beside the copies
+    def saves_a_copy() -> bool:  # the GPU would pin the file beside the copies: it cannot read them
         if split or not _gpu_present() or (wanted.prefill_min_tokens is None and wanted.decode_split is None):
             return False
-        return not (settings.own_kernels() and _bridge.cpu_features()["lvgg_vnni_kernels"] and
-                    packed_layout_fits(ExpertStore(os.environ[EXPERTS_ENV], repack=False, layers=layers)))
+        return not packs_every_expert(os.environ[EXPERTS_ENV], layers, settings.own_kernels())
 
     repack = choose_repack(settings.repack(), saves_a_copy, os.path.getsize(os.environ[EXPERTS_ENV]),
                            topology.meminfo()["available"])
