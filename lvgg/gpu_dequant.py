@@ -268,16 +268,17 @@ def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tenso
 _ROWS_PER_PROGRAM, _CHUNK = PACKED_ROWS, 256
 
 
-def gather_rows(src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out[j] = src[ids[j]]`` by a kernel on ``out``'s device, in the current stream's order.
+def gather_rows(src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """``out[j] = src[ids[j] - first]`` by a kernel on ``out``'s device, in the current stream's order.
 
     src: [rows, n] or [rows, lines, n] uint8, its last dimension contiguous, any other strides:
     e.g. one projection's bytes with a row per expert, or a tensor-parallel rank's share of them
     (some lines of each expert's, or some bytes of each of its lines). It may be host memory
     registered with CUDA (the GPU then reads it over the link: no host code runs, so a CUDA graph
-    can capture the call). ids: [m] int32/int64 on ``out``'s device, read by the kernel: negative
-    ones are skipped (their rows of out are left as they are), ones past the last row read the
-    last row (they are never checked on the host, which would synchronize).
+    can capture the call). ids: [m] int32/int64 on ``out``'s device, read by the kernel: ones below
+    ``first`` are skipped (their rows of out are left as they are), ones past the last row read the
+    last row (they are never checked on the host, which would synchronize). ``first``: the id of
+    src's row 0 (an expert-parallel part's first expert, as the router numbers it; >= 0).
     out: [m, *src.shape[1:]] uint8, its last dimension contiguous.
     """
     if src.dtype != torch.uint8 or src.dim() not in (2, 3) or src.stride(-1) != 1:
@@ -290,6 +291,8 @@ def gather_rows(src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torc
     if out.dtype != torch.uint8 or tuple(out.shape) != (m, *src.shape[1:]) or out.stride(-1) != 1:
         raise ValueError(f"out must be [{m}, {', '.join(map(str, src.shape[1:]))}] uint8 with contiguous bytes, "
                          f"found {out.dtype} {list(out.shape)} strides {list(out.stride())}")
+    if first < 0:
+        raise ValueError(f"first is the id of src's row 0, at least 0; found {first}")
     if triton is None:
         raise RuntimeError("gathering expert bytes needs Triton (it comes with CUDA builds of torch)")
     if m == 0 or src.shape[1:].numel() == 0:
@@ -298,8 +301,8 @@ def gather_rows(src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torc
     if all(v % 4 == 0 for v in (s.shape[2], *s.stride()[:2], *o.stride()[:2], s.data_ptr(), o.data_ptr())):
         s, o = s.view(torch.int32), o.view(torch.int32)  # whole 4-byte words
     chunk, size = 2048, s.shape[1] * s.shape[2]
-    _gather_rows[(m, triton.cdiv(size, chunk))](s, ids, o, s.shape[0], s.stride(0), s.stride(1), o.stride(0),
-                                                o.stride(1), size, s.shape[2], CHUNK=chunk)
+    _gather_rows[(m, triton.cdiv(size, chunk))](s, ids, o, first, s.shape[0], s.stride(0), s.stride(1),
+                                                o.stride(0), o.stride(1), size, s.shape[2], CHUNK=chunk)
     return out
 
 
@@ -593,9 +596,10 @@ if triton is not None:
         tl.store(gpu_experts + j, tl.max(tl.where(hit, v[None, :], -1), axis=1), mask=j < most)
 
     @triton.jit
-    def _gather_rows(src, ids, dst, n_rows, src_row, src_line, dst_row, dst_line, size, line, CHUNK: tl.constexpr):
+    def _gather_rows(src, ids, dst, first, n_rows, src_row, src_line, dst_row, dst_line, size, line,
+                     CHUNK: tl.constexpr):
         j = tl.program_id(0)
-        row = tl.minimum(tl.load(ids + j).to(tl.int64), n_rows - 1)
+        row = tl.minimum(tl.load(ids + j).to(tl.int64) - first, n_rows - 1)
         at = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)  # in the row's lines, end to end
         mask = (at < size) & (tl.broadcast_to(row, [CHUNK]) >= 0)
         i, k = at // line, at % line

@@ -137,10 +137,10 @@ def _share_info(whole: ExpertLayerInfo, rows: tuple[int, int], columns: tuple[in
 
 def _twins_of(whole: ExpertLayerInfo, rows: tuple[int, int], columns: tuple[int, int]) -> dict[str, tuple[int, int]]:
     """The packed copies a share reads (``ExpertLayerInfo.twins``): the store's where the share has
-    all its rows and columns and the store numbers its experts as the router does (its copies hold
-    whole matrices, expert 0 first); none for a tensor-parallel share of them, which reads the file."""
+    all its rows and columns (its copies hold whole matrices); none for a tensor-parallel share of
+    them, which reads the file."""
     whole_matrices = rows[1] - rows[0] == whole.intermediate_size and columns[1] - columns[0] == whole.down_columns
-    return whole.twins if whole_matrices and whole.first_expert == 0 else {}
+    return whole.twins if whole_matrices else {}
 
 
 def _share_of(store: ExpertStore, layer: int, part: tuple[int, int],
@@ -181,7 +181,8 @@ def _host_views(host: torch.Tensor | None, whole: ExpertLayerInfo, rows: tuple[i
     ([experts, lines, bytes] each) and end to end, are a share's (``_share_of``): of the mapped
     file (``host``), rows [a, b) of gate and up (of both halves of a fused gate_up), columns
     [c, d) of every row of down (whole blocks). A share of whole matrices (``_twins_of``) has one
-    contiguous view per projection: the CPU engine's packed copy where it has one, else the file's."""
+    contiguous view per projection: the CPU engine's packed copy where it has one, else the file's.
+    Each view's first expert is the store's (``whole.first_expert``, as the router numbers it)."""
     a, b = rows
     d, f, n = whole.hidden_size, whole.intermediate_size, whole.n_experts
     read = dataclasses.replace(whole, twins=_twins_of(whole, rows, columns))
@@ -206,13 +207,13 @@ def _host_views(host: torch.Tensor | None, whole: ExpertLayerInfo, rows: tuple[i
     return views
 
 
-def _gather(views: list[torch.Tensor], ids: torch.Tensor, out: torch.Tensor) -> None:
+def _gather(views: list[torch.Tensor], first: int, ids: torch.Tensor, out: torch.Tensor) -> None:
     """``out[j]`` ([m, bytes] uint8 on the device) = expert ``ids[j]``'s bytes of ``views``
-    (_host_views'), end to end; on the current stream."""
+    (_host_views', their experts numbered from ``first``), end to end; on the current stream."""
     at = 0
     for view in views:
         nbytes = view[0].numel()
-        gather_rows(view, ids, out[:, at:at + nbytes].view(out.shape[0], *view.shape[1:]))
+        gather_rows(view, ids, out[:, at:at + nbytes].view(out.shape[0], *view.shape[1:]), first)
         at += nbytes
 
 
@@ -337,6 +338,8 @@ class GpuExperts:
             layer: [(p, views, rows) for (p, rows), views in
                     zip(_gpu_layout(info), _host_views(self._host, *shares[layer][:3]))]
             for layer, info in self._info.items()}
+        # per layer: the router's id of the first expert in its host views (a part's store: the part's)
+        self._views_first = {layer: shares[layer][0].first_expert for layer in self._info}
         # lvgg's packed CPU layout, read from the CPU engine's own copy (the file's pages then stay unread)
         self.reads_packed_copy = bool(sources - {None})
         # what the GPU reads over the link, pinned: the CPU engine's packed copies, the mapped file
@@ -423,7 +426,7 @@ class GpuExperts:
         for i, ((projection, views, _), (_, nbytes, at)) in enumerate(zip(plan, _pieces(info, n_fetched))):
             data = self._fetch_staging[at:at + nbytes].view(n_fetched, -1)
             with torch.cuda.stream(self._link_stream):
-                _gather(views, experts, data)
+                _gather(views, self._views_first[layer], experts, data)
                 self._fetched_event[i].record(self._link_stream)
             staged += _staged(info, projection, data)
         for event in self._fetched_event[:len(plan) - 1]:
@@ -474,10 +477,10 @@ class GpuExperts:
         """Copy the bytes of a layer's ``experts`` (this share's) into ``staging`` on the current
         stream, by the copy engine: asynchronous once the file is pinned (a share's as 2-d copies),
         else (resident layers only) a share's gathered on the host first."""
-        n = len(experts)
+        n, first = len(experts), experts.start - self._views_first[layer]
         for (_, views, _), (_, nbytes, at) in zip(self._plan[layer], _pieces(self._info[layer], n)):
             data = staging[at:at + nbytes]
-            mine = [view[experts.start:experts.stop] for view in views]
+            mine = [view[first:first + n] for view in views]
             if len(mine) == 1 and mine[0].is_contiguous():  # a whole projection's
                 data.copy_(mine[0].view(-1), non_blocking=True)
             elif self.host_pinned:

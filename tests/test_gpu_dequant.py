@@ -110,7 +110,7 @@ def check_packed(device: str) -> None:
 
 def check_gather(device: str) -> None:
     """gather_rows copies whole rows in the ids' order (repeats too), words and odd byte counts,
-    skips negative ids, reads the last row for ids past it, and writes nothing else."""
+    skips negative ids (below ``first``), reads the last row for ids past it, and writes nothing else."""
     rng = np.random.default_rng(5)
     for row_bytes in (884_736 // 64, 4 * 2048 + 4, 210 * 3 + 1):  # 4-byte words over chunks; bytes
         src = torch.from_numpy(rng.integers(0, 256, size=(9, row_bytes), dtype=np.uint8))
@@ -123,6 +123,11 @@ def check_gather(device: str) -> None:
         gather_rows(src.to(device), torch.tensor([-3, 99, -1], device=device), out)
         assert (out[0] == 7).all() and (out[2] == 7).all(), "rows of negative ids are left as they are"
         assert torch.equal(out[1].cpu(), src[8]), "ids past the rows read the last one"
+        # rows numbered from 5 (an expert-parallel part's experts, as the router numbers them)
+        out = torch.full((4, row_bytes), 7, dtype=torch.uint8, device=device)
+        gather_rows(src.to(device), torch.tensor([9, 4, 5, -1], device=device), out, first=5)
+        assert torch.equal(out[0].cpu(), src[4]) and torch.equal(out[2].cpu(), src[0]), "row = id - first"
+        assert (out[1] == 7).all() and (out[3] == 7).all(), "ids below first are left as they are"
     # A share of each row (some of its lines, some bytes of each line: a tensor-parallel rank's) into
     # a strided out: 4-byte words (Q4_K rows), bytes (Q8_0 rows of 5 blocks), a 2-d share of each row.
     for lines, line, cut in ((6, 144 * 3, slice(144, 432)), (5, 34 * 5, slice(34, 102)), (1, 600, slice(8, 200))):
@@ -293,6 +298,9 @@ def test_bad_arguments_are_refused_before_any_kernel():
         dequantize(raw[:-1], "Q4_K", out)
     with pytest.raises(ValueError, match="contiguous rows"):
         dequantize(raw, "Q4_K", out.transpose(1, 2))
+    with pytest.raises(ValueError, match="first is the id of src's row 0, at least 0; found -1"):
+        gather_rows(torch.zeros(2, 8, dtype=torch.uint8), torch.zeros(1, dtype=torch.int32),
+                    torch.zeros(1, 8, dtype=torch.uint8), first=-1)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         dequantize(raw, "Q4_K", out.to(torch.int32))
     with pytest.raises(ValueError, match="whole blocks of 256"):

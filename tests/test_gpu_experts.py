@@ -144,36 +144,38 @@ def test_vram_estimate_counts_two_staging_slots_one_streamed_layer_and_each_resi
     assert estimate_vram_bytes(infos, [1], [], torch.float32) == 2 * weights + 2 * staged
 
 
-@pytest.mark.parametrize("n_parts", [1, 3])
-def test_the_gpu_reads_the_cpu_engines_packed_copy_where_it_has_one(experts_file, n_parts):
+@pytest.mark.parametrize("n_parts,by", [(1, "rows"), (3, "rows"), (2, "experts")])
+def test_the_gpu_reads_the_cpu_engines_packed_copy_where_it_has_one(experts_file, n_parts, by):
     """What the GPU reads of a repacked store, or of a tensor-parallel rank's part (3 parts: rows
-    [160, 320) of 512 have down's lead of 160 in its 2 whole Q6_K blocks), is the CPU engine's
-    packed copy (gate and up as one): the packer's output of the file's bytes of the same share.
-    A share of a whole store reads the file."""
+    [160, 320) of 512 have down's lead of 160 in its 2 whole Q6_K blocks; 2 parts by experts: an
+    expert-parallel rank's, the second numbered from expert E/2), is the CPU engine's packed copy
+    (gate and up as one): the packer's output of the file's bytes of the same share. A share of a
+    whole store reads the file."""
     plain = lvgg.ExpertStore(experts_file, repack=False)
     host = torch.from_numpy(np.fromfile(experts_file, dtype=np.uint8))
     for part in range(n_parts):
-        store = lvgg.ExpertStore(experts_file) if n_parts == 1 else plain.part(part, n_parts)
+        store = lvgg.ExpertStore(experts_file) if n_parts == 1 else plain.part(part, n_parts, by=by)
         for layer in (1, 5):
             info = layer_infos(store)[layer]
             assert reads_packed(info) == packs() == bool(info.twins), (part, layer)
             if not packs():
                 continue
-            rows, columns = plain.part_shape(layer, part, n_parts)[:2]
+            rows, columns, (lo, hi) = plain.part_shape(layer, part, n_parts, by)
             assert (info.intermediate_size, info.down_columns, info.down_lead) == \
                 (rows[1] - rows[0], columns[1] - columns[0], rows[0] - columns[0])
+            assert (info.first_expert, info.n_experts) == (lo, hi - lo)
             # the file's bytes of the share, expert by expert: gate rows then up rows, and down's columns
-            in_file = [torch.cat([v.reshape(E, -1) for v in views], dim=1).numpy()
+            in_file = [torch.cat([v.reshape(E, -1) for v in views], dim=1)[lo:hi].numpy()
                        for views in _host_views(host, plain.layer_info(layer), rows, columns)]
             in_file = [np.concatenate(in_file[:-1], axis=1), in_file[-1]]
-            rows_and_columns = gpu_experts._share_of(store, layer, (0, 1), "rows")[1:3]
+            rows_and_columns = gpu_experts._share_of(store, layer, (0, 1), by)[1:3]
             views = _host_views(None, store.layer_info(layer), *rows_and_columns)
             assert [p for p, _ in gpu_experts._gpu_layout(info)] == ["gate_up", "down"] and len(views) == 2
             shapes = ((2 * info.intermediate_size, D, "Q4_K"), (D, info.down_columns, "Q6_K"))
             for (rows_, cols, qtype), raw, (view,) in zip(shapes, in_file, views):
-                packed = np.empty((E, packed_nbytes(qtype, rows_, cols)), dtype=np.uint8)
+                packed = np.empty((hi - lo, packed_nbytes(qtype, rows_, cols)), dtype=np.uint8)
                 _bridge.pack(_bridge.type_from_name(qtype), rows_, cols, np.ascontiguousarray(raw), packed)
-                assert np.array_equal(view.reshape(E, -1).numpy(), packed), (part, layer, qtype)
+                assert np.array_equal(view.reshape(hi - lo, -1).numpy(), packed), (part, layer, qtype)
             assert info.nbytes == sum(view.numel() for view, in views)
     assert not layer_infos(lvgg.ExpertStore(experts_file), (0, 2))[1].twins
 
@@ -409,7 +411,7 @@ def test_an_expert_parallel_share_is_its_whole_experts(experts_file):
 
 @needs_cuda
 @pytest.mark.parametrize("kind,n_parts,by,source", [(*share, "file") for share in SHARES] +
-                         [(*share, "copy") for share in SHARES if share[2] == "rows" and packs()])
+                         [(*share, "copy") for share in SHARES if packs()])
 def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_file, q8_file, kind, n_parts, by,
                                                                        source):
     """A rank's GpuExperts (streamed whole and in groups, resident, and split with the rank's CPU

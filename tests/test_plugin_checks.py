@@ -297,9 +297,9 @@ def test_auto_decode_split_that_cannot_be_timed_leaves_decode_on_the_cpu(monkeyp
 def test_a_tensor_parallel_rank_runs_its_share_of_every_expert_on_the_gpu(qwen3, monkeypatch, expert_parallel):
     """Each rank's runtime (rank 0 and 1 of 2, in turn in this process) makes GPU experts for its
     share: streamed for a long pass, split with its CPU engine's share in a decode step. Where its
-    CPU engine packs its part in lvgg's layout the GPU reads that copy, else its share of the file
-    (an expert-parallel rank's part numbered from expert 0 only: its copy's first expert). An
-    expert-parallel rank's GPU and CPU hold its whole experts. The ranks' outputs sum to the
+    CPU engine packs its part in lvgg's layout the GPU reads that copy (an expert-parallel rank's
+    too, its experts numbered from its first), else its share of the file. An expert-parallel
+    rank's GPU and CPU hold its whole experts. The ranks' outputs sum to the
     layer's, as vLLM's all-reduce sums them."""
     from lvgg import _bridge
     from lvgg.models import arch_for
@@ -325,7 +325,7 @@ def test_a_tensor_parallel_rank_runs_its_share_of_every_expert_on_the_gpu(qwen3,
         engine = runtime.engine(config, 64, 0.5, rank, 2, expert_parallel=expert_parallel)
         gpu = runtime.gpu_experts(torch.device("cuda"), torch.bfloat16)
         split = runtime.split_experts()
-        reads_part = _bridge.cpu_features()["lvgg_vnni_kernels"] and (rank == 0 or not expert_parallel)
+        reads_part = _bridge.cpu_features()["lvgg_vnni_kernels"]
         assert gpu.reads_packed_copy == reads_part and gpu.part == ((0, 1) if reads_part else (rank, 2))
         assert layer in gpu.streamed_layers and runtime.runs_on_gpu(gpu, layer, 32)
         assert split.takes(layer, 4)
