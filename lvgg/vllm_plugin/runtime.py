@@ -377,9 +377,10 @@ def _make_gpu_experts(store: ExpertStore, part: tuple[int, int], by: str, elsewh
                      split_layers=plan.split, split_experts=SPLIT_EXPERTS, stream_group=plan.stream_group, part=part,
                      by=by)
     log.info("lvgg: experts on %s%s: %d layers streamed for passes of >= %s tokens, %d resident, %d split with the "
-             "CPU in decode steps; %.2f GiB of VRAM", device,
+             "CPU in decode steps; %.2f GiB of VRAM; read from %s", device,
              f" (part {part[0] + 1} of {part[1]} by {by})" if part[1] > 1 else "", len(plan.streamed),
-             wanted.prefill_min_tokens, len(plan.resident), len(gpu.split_layers), gpu.vram_bytes / 2**30)
+             wanted.prefill_min_tokens, len(plan.resident), len(gpu.split_layers), gpu.vram_bytes / 2**30,
+             "the CPU engine's packed copy" if gpu.reads_packed_copy else "the experts file")
     return gpu, _make_split(gpu, cuda_experts(dtype), wanted.decode_split) if gpu.split_layers else None
 
 
