@@ -477,10 +477,10 @@ class GpuExperts:
         """Copy the bytes of a layer's ``experts`` (this share's) into ``staging`` on the current
         stream, by the copy engine: asynchronous once the file is pinned (a share's as 2-d copies),
         else (resident layers only) a share's gathered on the host first."""
-        n, first = len(experts), experts.start - self._views_first[layer]
+        n, begin = len(experts), experts.start - self._views_first[layer]  # the views' index of experts[0]
         for (_, views, _), (_, nbytes, at) in zip(self._plan[layer], _pieces(self._info[layer], n)):
             data = staging[at:at + nbytes]
-            mine = [view[first:first + n] for view in views]
+            mine = [view[begin:begin + n] for view in views]
             if len(mine) == 1 and mine[0].is_contiguous():  # a whole projection's
                 data.copy_(mine[0].view(-1), non_blocking=True)
             elif self.host_pinned:
