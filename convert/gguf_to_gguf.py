@@ -3,7 +3,6 @@ byte, or requantized when output types are given."""
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
 import gguf
@@ -11,36 +10,19 @@ import numpy as np
 
 from .experts_writer import CONVERTER_VERSION, PlannedTensor, layer_types_metadata, write_experts_gguf
 from .output_types import check_row_length
+from lvgg.gguf_files import resolve
 from lvgg.models import GGUF_EXPERT_TENSOR
 from lvgg.quantize import quantize
 
-SPLIT = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 _SHAPE_KEYS = ("block_count", "embedding_length", "expert_count", "expert_used_count",
                "expert_feed_forward_length", "expert_shared_count", "leading_dense_block_count")
 
 
-def split_set(first: Path) -> list[Path]:
-    """All shards of a split GGUF given its first shard; [first] for a single file."""
-    m = SPLIT.match(first.name)
-    if not m:
-        return [first]
-    if int(m["i"]) != 1:
-        raise ValueError(f"{first.name} is shard {int(m['i'])} of a split GGUF; pass the first one (-00001-of-...)")
-    n = int(m["n"])
-    shards = [first.with_name(f"{m['stem']}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
-    missing = [s.name for s in shards if not s.exists()]
-    if missing:
-        raise FileNotFoundError(f"split GGUF {first.name} is missing shards: {', '.join(missing)}")
-    return shards
-
-
 def convert_gguf(src: Path, out: Path, types: dict[str, gguf.GGMLQuantizationType] | None, threads: int,
                  quiet: bool = False) -> Path:
-    src = Path(src)
-    if not src.exists():
-        raise FileNotFoundError(f"{src}: no such GGUF file")
+    files = resolve(src)
     readers = []
-    for shard in split_set(src):
+    for shard in files:
         try:
             readers.append(gguf.GGUFReader(shard))
         except Exception as e:  # gguf-py raises ValueError/struct errors on damaged files
@@ -69,11 +51,11 @@ def convert_gguf(src: Path, out: Path, types: dict[str, gguf.GGMLQuantizationTyp
         planned.append(PlannedTensor(t.name, qtype, shape, produce, nbytes))
 
     head = hashlib.sha256()
-    with open(src, "rb") as f:
+    with open(files[0], "rb") as f:
         head.update(f.read(1 << 20))
     metadata: dict[str, object] = {
-        "general.name": src.name,
-        "lvgg.source_model": src.name,
+        "general.name": files[0].name,
+        "lvgg.source_model": files[0].name,
         "lvgg.source_revision": "sha256-first-MiB:" + head.hexdigest()[:16],
         "lvgg.source_format": "gguf",
         "lvgg.architecture": gguf_arch,

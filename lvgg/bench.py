@@ -48,7 +48,9 @@ def synthetic_experts_file(path: Path, qtype: gguf.GGMLQuantizationType | dict[s
         for proj, (rows, cols) in (("gate", (intermediate, hidden)), ("up", (intermediate, hidden)),
                                    ("down", (hidden, intermediate))):
             qt = qtype[proj] if isinstance(qtype, dict) else qtype
-            one = quantize((rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), qt)
+            # a flat importance matrix: IQ1_S, IQ2_XXS and IQ2_XS need one; speed does not depend on it
+            one = quantize((rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), qt,
+                           imatrix=np.ones(cols, np.float32))
             data = np.ascontiguousarray(np.broadcast_to(one, (n_experts, *one.shape)))
             add_quantized_tensor(writer, tensor_name(layer, proj), data, qt)
     write_all(writer)

@@ -98,7 +98,9 @@ def convert(
 def serve(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="HF model folder or id (its dense weights run in vLLM)"),
-    experts: Path = typer.Option(None, help="experts file (default: the one .gguf in the model folder)"),
+    experts: str = typer.Option(None, help="experts file: made by `lvgg convert`, or a llama.cpp GGUF as it is (a "
+                                "split one: its first part), or a Hub quant org/repo:QUANT (default: the one .gguf "
+                                "in the model folder)"),
     cpu_threads: int = typer.Option(0, help="threads of the CPU MoE engine (0: one per physical core)"),
     gpu_prefill_min_tokens: str = typer.Option(None, help="passes of at least this many tokens stream the experts "
                                                "to the GPU (default 64; 'off')"),
@@ -126,7 +128,8 @@ def serve(
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="any GGUF file")) -> None:
+def inspect(path: str = typer.Argument(..., help="any GGUF file, the first part of a split one, or org/repo:QUANT")
+            ) -> None:
     """Layers, expert types and sizes, and source of a GGUF file."""
     from lvgg.inspect_gguf import inspect_gguf
 
@@ -135,7 +138,8 @@ def inspect(path: Path = typer.Argument(..., help="any GGUF file")) -> None:
     except (ValueError, OSError) as e:
         _fail(e)
     console = Console(width=None if sys.stdout.isatty() else 132)
-    console.print(f"[bold]{s.path.name}[/]: architecture {s.architecture or '?'}, {len(s.layers)} MoE layers, "
+    console.print(f"[bold]{s.path.name}[/]{f' (and {s.parts - 1} more parts)' if s.parts > 1 else ''}: "
+                  f"architecture {s.architecture or '?'}, {len(s.layers)} MoE layers, "
                   f"{s.other_tensors} other tensors ({s.other_bytes / 2**20:.1f} MiB)")
     for key, value in s.metadata.items():
         if key != "general.architecture":

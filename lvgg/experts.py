@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from lvgg import _bridge
+from lvgg.gguf_files import resolve
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ def packs_every_expert(path: str | os.PathLike[str], layers: Sequence[int] | Non
 class ExpertStore:
     """A GGUF file's routed experts (``blk.N.ffn_{gate,up,down}_exps.weight``), memory-mapped.
 
+    ``path``: an experts file made by ``lvgg convert`` or any llama.cpp GGUF as it is (its other
+    tensors are never read), the first part of a split GGUF (all parts are mapped end to end), or
+    a Hub quant ``org/repo:QUANT`` (lvgg.gguf_files.resolve).
+
     ``repack=True`` copies the types ggml has interleaved CPU kernels for (Q4_0, Q4_K,
     Q5_K, Q6_K, IQ4_NL, ... depending on the CPU) into that layout; the others are used in
     place from the mapping; separate gate and up of one type are repacked together, as one
@@ -87,14 +92,14 @@ class ExpertStore:
 
     def __init__(self, path: str | os.PathLike[str], *, repack: bool = True, keep_mapped: bool = False,
                  layers: Sequence[int] | None = None, own_kernels: bool = True) -> None:
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"experts file not found: {path}")
-        if not os.access(path, os.R_OK):
-            raise PermissionError(f"experts file is not readable: {path}")
+        files = resolve(path)
+        for f in files:
+            if not os.access(f, os.R_OK):
+                raise PermissionError(f"experts file is not readable: {f}")
         if layers is not None and not layers:
             raise ValueError("layers must name at least one MoE layer (None: all of them)")
-        self._store = _bridge.ExpertStore(path, repack, keep_mapped, list(layers or []), own_kernels)
+        self._store = _bridge.ExpertStore([os.fspath(f) for f in files], repack, keep_mapped, list(layers or []),
+                                          own_kernels)
 
     def part(self, part: int, n_parts: int, repack: bool = True, by: str = "rows") -> ExpertStore:
         """Part ``part`` of ``n_parts`` of every layer, as a store of its own, copied into memory

@@ -11,16 +11,20 @@ and its bits, all from L1), shared by both uses. Dequantization writes the value
 output may be a strided view with one stride per expert, e.g. the gate or up half of vLLM's
 fused w13 buffer; rows and columns contiguous). The expert kernels, for decode steps of a few
 tokens, multiply 16 rows x 256 columns at a time as they decode them, so an expert costs a
-read of its bytes and no more. The layouts are ggml's (ggml-common.h); tests check every type
-against gguf-py's dequantization. Q4_0, Q8_0, Q4_K and Q6_K may also be in lvgg's packed CPU
-layout (``packed=True``: tiles of 16 rows x 256 columns, vnni_kquants.h), which the GPU then
-reads from the CPU engine's own copy; tests check it against the same values.
+read of its bytes and no more. The layouts are ggml's (ggml-common.h), with the lookup tables
+(the IQ types' grids, the values of IQ4_NL's and MXFP4's 4-bit codes) taken from gguf-py into one
+small tensor per device; tests check every type against gguf-py's dequantization. Q4_0, Q8_0,
+Q4_K and Q6_K may also be in lvgg's packed CPU layout (``packed=True``: tiles of 16 rows x 256
+columns, vnni_kquants.h), which the GPU then reads from the CPU engine's own copy; tests check it
+against the same values.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from gguf import quants as gguf_quants
 
 from lvgg import _bridge
 
@@ -31,15 +35,27 @@ except ImportError:  # pragma: no cover - exercised on CPU-only machines
     triton = None
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-# type -> (values per block, bytes per block)
-QUANT_BLOCKS = {"Q4_0": (32, 18), "Q5_0": (32, 22), "Q8_0": (32, 34),
-                "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+# type -> (values per block, bytes per block); every block size divides the expert kernels' 256 columns a step
+QUANT_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+                "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+                "IQ4_NL": (32, 18), "IQ4_XS": (256, 136), "MXFP4": (32, 17),
+                "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74), "IQ2_S": (256, 82), "IQ3_XXS": (256, 98),
+                "IQ3_S": (256, 110), "IQ1_S": (256, 50), "IQ1_M": (256, 56)}
 SUPPORTED_TYPES = frozenset(FLOAT_TYPES) | frozenset(QUANT_BLOCKS)
 # types with lvgg's packed CPU layout (ggml_bridge/src/vnni_kquants.h): groups of 16 rows
 PACKED_TYPES = frozenset({"Q4_0", "Q8_0", "Q4_K", "Q6_K"})
 PACKED_ROWS = 16
 # the kernels' block decoders (_blocks), by type
-_TYPE_CODES = {"Q4_0": 0, "Q5_0": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "F32": 6, "F16": 7, "BF16": 8}
+_TYPE_CODES = {"Q4_0": 0, "Q5_0": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "F32": 6, "F16": 7, "BF16": 8,
+               "Q4_1": 9, "Q5_1": 10, "Q2_K": 11, "Q3_K": 12, "IQ4_NL": 13, "IQ4_XS": 14, "MXFP4": 15,
+               "IQ2_XXS": 16, "IQ2_XS": 17, "IQ2_S": 18, "IQ3_XXS": 19, "IQ3_S": 20, "IQ1_S": 21, "IQ1_M": 22}
+# The decoders' lookup tables, end to end in one int8 tensor per device (_lookup_tables): the grids
+# of the IQ types and the values of 4-bit codes (IQ4_NL's, also IQ4_XS's; MXFP4's e2m1, doubled),
+# as gguf-py's classes carry ggml's: (class, its table's entries), each table's offset below.
+_TABLE_PARTS = (("IQ2_XXS", 256 * 8), ("IQ2_XS", 512 * 8), ("IQ2_S", 1024 * 8), ("IQ3_XXS", 256 * 4),
+                ("IQ3_S", 512 * 4), ("IQ1_S", 2048 * 8), ("IQ4_NL", 16), ("MXFP4", 16))
+_TABLE_AT = [sum(size for _, size in _TABLE_PARTS[:i]) for i in range(len(_TABLE_PARTS))]
+_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def raw_nbytes(ggml_type: str, n_values: int) -> int:
@@ -59,6 +75,24 @@ def packed_nbytes(ggml_type: str, rows: int, cols: int) -> int:
 def matrix_nbytes(ggml_type: str, rows: int, cols: int, packed: bool = False) -> int:
     """Bytes of one [rows, cols] matrix of ``ggml_type``, in the file's layout or lvgg's packed one."""
     return packed_nbytes(ggml_type, rows, cols) if packed else raw_nbytes(ggml_type, rows * cols)
+
+
+def _lookup_tables(device: torch.device) -> torch.Tensor:
+    """The block decoders' lookup tables (_TABLE_PARTS) on ``device``, made there on first use;
+    later calls neither allocate nor copy (CUDA graphs can capture them)."""
+    tables = _TABLES.get(device)
+    if tables is None:
+        parts = []
+        for name, size in _TABLE_PARTS:
+            cls = getattr(gguf_quants, name)
+            if cls.grid_hex is not None:
+                cls.init_grid()
+            values = np.asarray(cls.kvalues if cls.grid_hex is None else cls.grid, dtype=np.int8).reshape(-1)
+            if values.size != size:
+                raise RuntimeError(f"gguf-py's {name} table has {values.size} entries; the kernels read {size}")
+            parts.append(values)
+        tables = _TABLES[device] = torch.from_numpy(np.concatenate(parts)).to(device)
+    return tables
 
 
 def dequantize(raw: torch.Tensor, ggml_type: str, out: torch.Tensor, packed: bool = False) -> torch.Tensor:
@@ -98,8 +132,8 @@ def dequantize(raw: torch.Tensor, ggml_type: str, out: torch.Tensor, packed: boo
     n_blocks = n_experts * rows * cols // qk
     blocks_per_program = 4096 // qk
     grid = (triton.cdiv(n_blocks, blocks_per_program),)
-    _dequantize[grid](raw, out, n_blocks, rows * cols, out.stride(0), BLOCKS=blocks_per_program, QK=qk,
-                      BLOCK_BYTES=block_bytes, TYPE=_TYPE_CODES[ggml_type])
+    _dequantize[grid](raw, _lookup_tables(out.device), out, n_blocks, rows * cols, out.stride(0),
+                      BLOCKS=blocks_per_program, QK=qk, BLOCK_BYTES=block_bytes, TYPE=_TYPE_CODES[ggml_type])
     return out
 
 
@@ -182,9 +216,10 @@ def gated_activations(x: torch.Tensor, gate: StagedProjection, up: StagedProject
     act = torch.empty(n * g, gate.rows, dtype=torch.float32, device=x.device)
     if n * g:
         _gated_activations[(n * g, triton.cdiv(gate.rows, _ROWS_PER_PROGRAM))](
-            x, gate.data, up.data, act, slot_expert, g, staged, hidden, gate.rows, gate.data.shape[1],
-            up.data.shape[1], gate.at, up.at, gate.line_bytes(), up.line_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK,
-            TYPE_G=tg, QK_G=qg, BB_G=bg, TYPE_U=tu, QK_U=qu, BB_U=bu, PACKED=gate.packed)
+            x, gate.data, up.data, _lookup_tables(x.device), act, slot_expert, g, staged, hidden, gate.rows,
+            gate.data.shape[1], up.data.shape[1], gate.at, up.at, gate.line_bytes(), up.line_bytes(),
+            R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK, TYPE_G=tg, QK_G=qg, BB_G=bg, TYPE_U=tu, QK_U=qu, BB_U=bu,
+            PACKED=gate.packed)
     return act
 
 
@@ -211,9 +246,9 @@ def weighted_down(act: torch.Tensor, down: StagedProjection, weights: torch.Tens
     out = torch.empty(n, down.rows, dtype=dtype, device=act.device)
     if n:
         _weighted_down[(n, triton.cdiv(down.rows, _ROWS_PER_PROGRAM))](
-            act, down.data, weights, slot_expert, out, g, staged, down.rows, down.cols, act.shape[1], lead,
-            down.data.shape[1], down.line_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK, TYPE=code, QK=qk, BB=block_bytes,
-            PACKED=down.packed)
+            act, down.data, _lookup_tables(act.device), weights, slot_expert, out, g, staged, down.rows, down.cols,
+            act.shape[1], lead, down.data.shape[1], down.line_bytes(), R=_ROWS_PER_PROGRAM, CHUNK=_CHUNK, TYPE=code,
+            QK=qk, BB=block_bytes, PACKED=down.packed)
     return out
 
 
@@ -320,6 +355,16 @@ if triton is not None:
         return tl.load(p, mask=mask, other=0).to(tl.int32)
 
     @triton.jit
+    def _u16_at(p, mask):
+        """The little-endian uint16 at byte pointer p, as int32."""
+        return _u8_at(p, mask) | (_u8_at(p + 1, mask) << 8)
+
+    @triton.jit
+    def _u32_at(p, mask):
+        """The little-endian uint32 at byte pointer p, as int32 (bit 31 the sign: shift, then mask)."""
+        return _u16_at(p, mask) | (_u16_at(p + 2, mask) << 16)
+
+    @triton.jit
     def _k_scale_min(scales, j, mask):
         """Sub-block j's 6-bit scale and min from a K-quant block's 12 packed bytes."""
         low = j < 4
@@ -330,28 +375,65 @@ if triton is not None:
         m = tl.where(low, a & 63, (a >> 4) | ((c >> 6) << 4))
         return sc.to(tl.float32), m.to(tl.float32)
 
+    # the lookup tables' offsets in _lookup_tables' tensor
+    (_IQ2_XXS_GRID, _IQ2_XS_GRID, _IQ2_S_GRID, _IQ3_XXS_GRID, _IQ3_S_GRID, _IQ1_S_GRID, _IQ4_NL_VALUES,
+     _MXFP4_VALUES) = map(tl.constexpr, _TABLE_AT)
+
+    @triton.jit
+    def _nibbles(p, i, mask):
+        """Code i (0..31) of a run of 32 4-bit codes in the 16 bytes at p: low nibbles first, then high."""
+        q = _u8_at(p + i % 16, mask)
+        return tl.where(i < 16, q & 0xF, q >> 4)
+
+    @triton.jit
+    def _ksign(k, b):
+        """Whether sign b (0..7) of ggml's ksigns_iq2xs entry k (7 bits) is minus: bit b of k, the
+        8th making the count of minus signs even."""
+        parity = k ^ (k >> 4)
+        parity ^= parity >> 2
+        parity ^= parity >> 1
+        return (((k | ((parity & 1) << 7)) >> b) & 1) == 1
+
+    @triton.jit
+    def _xxs_values(grid, word, i, d, STEP: tl.constexpr):
+        """IQ2_XXS/IQ3_XXS: the grid values of sub-blocks of 32 ([N, 8, 32], value i) signed and scaled
+        by their 32-bit words: four 7-bit ksigns entries (8 values each), then a 4-bit scale s in the top
+        bits, d * (s + 1/2) * STEP."""
+        db = d * (0.5 + ((word >> 28) & 15).to(tl.float32)) * STEP
+        return db * tl.where(_ksign((word >> (7 * (i // 8))) & 127, i % 8), -grid, grid)
+
+    @triton.jit
+    def _iq2_scales(p, i, mask, d):
+        """IQ2_XS/IQ2_S: value i's (0..31) scale from its sub-block's byte at p, a 4-bit s for each 16
+        values (low nibble first): d * (s + 1/2) / 4."""
+        s = (_u8_at(p, mask) >> (4 * (i // 16))) & 0xF
+        return d * (0.5 + s.to(tl.float32)) * 0.25
+
+    @triton.jit
+    def _iq1_values(tables, index, i, minus):
+        """IQ1_S/IQ1_M: value i % 8 of iq1s_grid's entry ``index`` (-1, 0 or 1) plus delta, 1/8 (-1/8
+        where ``minus``)."""
+        return tl.load(tables + _IQ1_S_GRID + 8 * index + i % 8).to(tl.float32) + tl.where(minus, -0.125, 0.125)
+
     # Block decoders: the values of the blocks starting at byte offsets ``base`` ([N] int64) of
-    # ``src``, as float32 [N, values per block] (K-quants: [N, sub-blocks, values per sub-block]);
-    # blocks where ``mask`` ([N]) is false read as 0.
-    # The layouts are ggml's (ggml-common.h).
+    # ``src``, as float32 [N, values per block] (256-value blocks: [N, sub-blocks, values per
+    # sub-block]); blocks where ``mask`` ([N]) is false read as 0. ``tables``: the lookup tables
+    # (_lookup_tables). The layouts are ggml's (ggml-common.h); the grid types' sub-blocks hold 32
+    # values.
 
     @triton.jit
-    def _q4_0_blocks(src, base, mask):
+    def _q4_0_blocks(src, base, mask, MIN: tl.constexpr, FIFTH_BITS: tl.constexpr):
+        # d (f16), (Q4_1, Q5_1: min m, f16), (Q5_0, Q5_1: 32 fifth bits, bit i of 4 bytes for value i),
+        # 16 bytes of nibbles (_nibbles): d * q + m, or d * (q - 8), d * (q - 16) with fifth bits
         i = tl.arange(0, 32)[None, :]
+        at, m = src + base[:, None], mask[:, None]
         d = _f16_at(src + base, mask)[:, None]
-        q = _u8_at(src + base[:, None] + 2 + i % 16, mask[:, None])
-        q = tl.where(i < 16, q & 0xF, q >> 4) - 8
-        return d * q.to(tl.float32)
-
-    @triton.jit
-    def _q5_0_blocks(src, base, mask):
-        i = tl.arange(0, 32)[None, :]
-        m = mask[:, None]
-        d = _f16_at(src + base, mask)[:, None]
-        high = (_u8_at(src + base[:, None] + 2 + i // 8, m) >> (i % 8)) & 1
-        q = _u8_at(src + base[:, None] + 6 + i % 16, m)
-        q = (tl.where(i < 16, q & 0xF, q >> 4) | (high << 4)) - 16
-        return d * q.to(tl.float32)
+        q = _nibbles(at + 2 + 2 * MIN + 4 * FIFTH_BITS, i, m)
+        if FIFTH_BITS:
+            q = q | (((_u8_at(at + 2 + 2 * MIN + i // 8, m) >> (i % 8)) & 1) << 4)
+        if MIN:
+            return d * q.to(tl.float32) + _f16_at(src + base + 2, mask)[:, None]
+        return d * (q - 8 - 8 * FIFTH_BITS).to(tl.float32)
 
     @triton.jit
     def _q8_0_blocks(src, base, mask):
@@ -359,6 +441,52 @@ if triton is not None:
         d = _f16_at(src + base, mask)[:, None]
         q = tl.load(src + base[:, None] + 2 + i, mask=mask[:, None], other=0).to(tl.int8, bitcast=True)
         return d * q.to(tl.float32)
+
+    @triton.jit
+    def _iq4_nl_blocks(src, base, mask, tables):
+        # d (f16), 16 bytes of nibbles (_nibbles) choosing one of IQ4_NL's 16 values v: d * v
+        q = _nibbles(src + base[:, None] + 2, tl.arange(0, 32)[None, :], mask[:, None])
+        return _f16_at(src + base, mask)[:, None] * tl.load(tables + _IQ4_NL_VALUES + q).to(tl.float32)
+
+    @triton.jit
+    def _mxfp4_blocks(src, base, mask, tables):
+        # an e8m0 exponent e, 16 bytes of e2m1 nibbles (_nibbles; MXFP4's table holds their values
+        # doubled): v * 2^(e - 128), ggml's ggml_e8m0_to_fp32_half (subnormal for e < 2)
+        e = _u8_at(src + base, mask)[:, None]
+        d = tl.where(e < 2, 0x200000 << e, (e - 1) << 23).to(tl.float32, bitcast=True)
+        q = _nibbles(src + base[:, None] + 1, tl.arange(0, 32)[None, :], mask[:, None])
+        return tl.load(tables + _MXFP4_VALUES + q).to(tl.float32) * d
+
+    @triton.jit
+    def _q2_k_blocks(src, base, mask):
+        # 16 scale bytes (sub-block s of 16 values: scale in the low nibble, min in the high one),
+        # 64 bytes of 2-bit codes, d, dmin (f16). Sub-block s's codes are 2-bit field (s % 8) // 2
+        # of bytes 32 * (s // 8) + lane, lane = 16 * (s % 2) + u.
+        s = tl.arange(0, 16)[None, :, None]
+        lane = 16 * (s % 2) + tl.arange(0, 16)[None, None, :]
+        b3, m3 = base[:, None, None], mask[:, None, None]
+        q = (_u8_at(src + b3 + 16 + 32 * (s // 8) + lane, m3) >> (2 * ((s % 8) // 2))) & 3
+        sc = _u8_at(src + b3 + s, m3)
+        d = _f16_at(src + base + 80, mask)[:, None, None]
+        dmin = _f16_at(src + base + 82, mask)[:, None, None]
+        return d * (sc & 0xF).to(tl.float32) * q.to(tl.float32) - dmin * (sc >> 4).to(tl.float32)
+
+    @triton.jit
+    def _q3_k_blocks(src, base, mask):
+        # 32 bytes of high bits, 64 bytes of 2-bit codes (as Q2_K's), 12 bytes of 6-bit scales, d
+        # (f16). Sub-block s of 16 values (lanes as Q2_K's): high bits, bit 4 * (s // 8) + (s % 8) // 2
+        # of bytes lane; scale sc: low 4 bits nibble s // 8 of byte s % 8, high 2 bits field s // 4 of
+        # byte 8 + s % 4. Values d * (sc - 32) * (code, less 4 where the high bit is clear).
+        s = tl.arange(0, 16)[None, :, None]
+        lane = 16 * (s % 2) + tl.arange(0, 16)[None, None, :]
+        field = (s % 8) // 2
+        b3, m3 = base[:, None, None], mask[:, None, None]
+        q = (_u8_at(src + b3 + 32 + 32 * (s // 8) + lane, m3) >> (2 * field)) & 3
+        high = (_u8_at(src + b3 + lane, m3) >> (4 * (s // 8) + field)) & 1
+        sc = (_u8_at(src + b3 + 96 + s % 8, m3) >> (4 * (s // 8))) & 0xF
+        sc |= ((_u8_at(src + b3 + 104 + s % 4, m3) >> (2 * (s // 4))) & 3) << 4
+        d = _f16_at(src + base + 108, mask)[:, None, None]
+        return d * (sc - 32).to(tl.float32) * (q - 4 + 4 * high).to(tl.float32)
 
     @triton.jit
     def _q4_k_blocks(src, base, mask, FIFTH_BITS: tl.constexpr):
@@ -408,12 +536,121 @@ if triton is not None:
         return _f16_at(at, m)
 
     @triton.jit
-    def _blocks(src, base, mask, TYPE: tl.constexpr):
+    def _iq4_xs_blocks(src, base, mask, tables):
+        # d (f16), the 6-bit scales' high 2 bits (a 16-bit word, field j for sub-block j of 32 values)
+        # and low 4 bits (nibble j % 2 of byte j // 2 of 4), 16 bytes of nibbles per sub-block (as
+        # IQ4_NL's): d * (scale - 32) * v
+        j = tl.arange(0, 8)[None, :, None]
+        b3, m3 = base[:, None, None], mask[:, None, None]
+        sc = (_u8_at(src + b3 + 4 + j // 2, m3) >> (4 * (j % 2))) & 0xF
+        sc |= ((_u16_at(src + b3 + 2, m3) >> (2 * j)) & 3) << 4
+        q = _nibbles(src + b3 + 8 + 16 * j, tl.arange(0, 32)[None, None, :], m3)
+        d = _f16_at(src + base, mask)[:, None, None]
+        return d * (sc - 32).to(tl.float32) * tl.load(tables + _IQ4_NL_VALUES + q).to(tl.float32)
+
+    @triton.jit
+    def _iq2_xxs_blocks(src, base, mask, tables):
+        # d (f16), then 8 bytes per sub-block: 4 indices of iq2xxs_grid (8 values each), a 32-bit word
+        # of signs and scale (_xxs_values)
+        j = tl.arange(0, 8)[None, :, None]
+        i = tl.arange(0, 32)[None, None, :]
+        at, m3 = src + base[:, None, None] + 2 + 8 * j, mask[:, None, None]
+        grid = tl.load(tables + _IQ2_XXS_GRID + 8 * _u8_at(at + i // 8, m3) + i % 8).to(tl.float32)
+        return _xxs_values(grid, _u32_at(at + 4, m3), i, _f16_at(src + base, mask)[:, None, None], 0.25)
+
+    @triton.jit
+    def _iq3_xxs_blocks(src, base, mask, tables):
+        # d (f16), 64 indices of iq3xxs_grid (4 values each, 8 per sub-block), then a 32-bit word of
+        # signs and scale per sub-block (_xxs_values)
+        j = tl.arange(0, 8)[None, :, None]
+        i = tl.arange(0, 32)[None, None, :]
+        at, m3 = src + base[:, None, None], mask[:, None, None]
+        grid = tl.load(tables + _IQ3_XXS_GRID + 4 * _u8_at(at + 2 + 8 * j + i // 4, m3) + i % 4).to(tl.float32)
+        return _xxs_values(grid, _u32_at(at + 66 + 4 * j, m3), i, _f16_at(src + base, mask)[:, None, None], 0.5)
+
+    @triton.jit
+    def _iq2_xs_blocks(src, base, mask, tables):
+        # d (f16), 4 16-bit words per sub-block (a 9-bit index of iq2xs_grid, 8 values, and a 7-bit
+        # ksigns entry above it), 8 bytes of scales (_iq2_scales)
+        j = tl.arange(0, 8)[None, :, None]
+        i = tl.arange(0, 32)[None, None, :]
+        at, m3 = src + base[:, None, None], mask[:, None, None]
+        q = _u16_at(at + 2 + 8 * j + 2 * (i // 8), m3)
+        grid = tl.load(tables + _IQ2_XS_GRID + 8 * (q & 511) + i % 8).to(tl.float32)
+        d = _f16_at(src + base, mask)[:, None, None]
+        return _iq2_scales(at + 66 + j, i, m3, d) * tl.where(_ksign(q >> 9, i % 8), -grid, grid)
+
+    @triton.jit
+    def _iq2_s_blocks(src, base, mask, tables):
+        # d (f16), the low 8 bits of 32 indices of iq2s_grid (4 per sub-block, 8 values each), 32 sign
+        # bytes (a bit per value), 8 bytes of the indices' high 2 bits (field l for a sub-block's index
+        # l), 8 bytes of scales (_iq2_scales)
+        j = tl.arange(0, 8)[None, :, None]
+        i = tl.arange(0, 32)[None, None, :]
+        l = i // 8
+        at, m3 = src + base[:, None, None], mask[:, None, None]
+        index = _u8_at(at + 2 + 4 * j + l, m3) | (((_u8_at(at + 66 + j, m3) >> (2 * l)) & 3) << 8)
+        grid = tl.load(tables + _IQ2_S_GRID + 8 * index + i % 8).to(tl.float32)
+        minus = ((_u8_at(at + 34 + 4 * j + l, m3) >> (i % 8)) & 1) == 1
+        d = _f16_at(src + base, mask)[:, None, None]
+        return _iq2_scales(at + 74 + j, i, m3, d) * tl.where(minus, -grid, grid)
+
+    @triton.jit
+    def _iq3_s_blocks(src, base, mask, tables):
+        # d (f16), the low 8 bits of 64 indices of iq3s_grid (8 per sub-block, 4 values each), 8 bytes
+        # of their 9th bits (bit k for a sub-block's index k), 32 sign bytes (a bit per value), 4 bytes
+        # of 4-bit scales s (nibble j % 2 of byte j // 2): d * (1 + 2 s)
+        j = tl.arange(0, 8)[None, :, None]
+        i = tl.arange(0, 32)[None, None, :]
+        k = i // 4
+        at, m3 = src + base[:, None, None], mask[:, None, None]
+        index = _u8_at(at + 2 + 8 * j + k, m3) | (((_u8_at(at + 66 + j, m3) >> k) & 1) << 8)
+        grid = tl.load(tables + _IQ3_S_GRID + 4 * index + i % 4).to(tl.float32)
+        minus = ((_u8_at(at + 74 + 4 * j + i // 8, m3) >> (i % 8)) & 1) == 1
+        s = (_u8_at(at + 106 + j // 2, m3) >> (4 * (j % 2))) & 0xF
+        d = _f16_at(src + base, mask)[:, None, None]
+        return d * (1 + 2 * s).to(tl.float32) * tl.where(minus, -grid, grid)
+
+    @triton.jit
+    def _iq1_s_blocks(src, base, mask, tables):
+        # d (f16), the low 8 bits of 32 indices of iq1s_grid (4 per sub-block, 8 values each), a 16-bit
+        # word per sub-block: the indices' high 3 bits (field l for index l), a 3-bit scale s (bits
+        # 12..14: d * (2 s + 1)), delta's sign (bit 15; _iq1_values)
+        j = tl.arange(0, 8)[None, :, None]
+        i = tl.arange(0, 32)[None, None, :]
+        l = i // 8
+        at, m3 = src + base[:, None, None], mask[:, None, None]
+        qh = _u16_at(at + 34 + 2 * j, m3)
+        index = _u8_at(at + 2 + 4 * j + l, m3) | (((qh >> (3 * l)) & 7) << 8)
+        d = _f16_at(src + base, mask)[:, None, None]
+        return d * (2 * ((qh >> 12) & 7) + 1).to(tl.float32) * _iq1_values(tables, index, i, qh >= 0x8000)
+
+    @triton.jit
+    def _iq1_m_blocks(src, base, mask, tables):
+        # The low 8 bits of 32 indices of iq1s_grid (4 per sub-block, 8 values each), 16 bytes of a
+        # nibble per index (its high 3 bits, then delta's sign: _iq1_values), four 16-bit words of
+        # 3-bit scales s (field 2 (j % 2) + h of word j // 2 for half h of sub-block j: d * (2 s + 1)),
+        # their top nibbles d's bits (f16, low nibble first).
+        j = tl.arange(0, 8)[None, :, None]
+        i = tl.arange(0, 32)[None, None, :]
+        l = i // 8
+        at, m3 = src + base[:, None, None], mask[:, None, None]
+        h = (_u8_at(at + 32 + 2 * j + l // 2, m3) >> (4 * (l % 2))) & 0xF
+        index = _u8_at(at + 4 * j + l, m3) | ((h & 7) << 8)
+        s = (_u16_at(at + 48 + 2 * (j // 2), m3) >> (6 * (j % 2) + 3 * (i // 16))) & 7
+        top = src + base + 49
+        d = (_u8_at(top, mask) >> 4) | (_u8_at(top + 2, mask) & 0xF0) | ((_u8_at(top + 4, mask) & 0xF0) << 4) \
+            | ((_u8_at(top + 6, mask) & 0xF0) << 8)
+        d = d.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)[:, None, None]
+        return d * (2 * s + 1).to(tl.float32) * _iq1_values(tables, index, i, h >= 8)
+
+    @triton.jit
+    def _blocks(src, base, mask, tables, TYPE: tl.constexpr):
         """The values of blocks of ggml type ``TYPE`` (a code of _TYPE_CODES)."""
         if TYPE == 0:
-            return _q4_0_blocks(src, base, mask)
+            return _q4_0_blocks(src, base, mask, False, False)
         elif TYPE == 1:
-            return _q5_0_blocks(src, base, mask)
+            return _q4_0_blocks(src, base, mask, False, True)
         elif TYPE == 2:
             return _q8_0_blocks(src, base, mask)
         elif TYPE == 3:
@@ -426,15 +663,43 @@ if triton is not None:
             return _float_blocks(src, base, mask, 4, False)
         elif TYPE == 7:
             return _float_blocks(src, base, mask, 2, False)
-        else:
+        elif TYPE == 8:
             return _float_blocks(src, base, mask, 2, True)
+        elif TYPE == 9:
+            return _q4_0_blocks(src, base, mask, True, False)
+        elif TYPE == 10:
+            return _q4_0_blocks(src, base, mask, True, True)
+        elif TYPE == 11:
+            return _q2_k_blocks(src, base, mask)
+        elif TYPE == 12:
+            return _q3_k_blocks(src, base, mask)
+        elif TYPE == 13:
+            return _iq4_nl_blocks(src, base, mask, tables)
+        elif TYPE == 14:
+            return _iq4_xs_blocks(src, base, mask, tables)
+        elif TYPE == 15:
+            return _mxfp4_blocks(src, base, mask, tables)
+        elif TYPE == 16:
+            return _iq2_xxs_blocks(src, base, mask, tables)
+        elif TYPE == 17:
+            return _iq2_xs_blocks(src, base, mask, tables)
+        elif TYPE == 18:
+            return _iq2_s_blocks(src, base, mask, tables)
+        elif TYPE == 19:
+            return _iq3_xxs_blocks(src, base, mask, tables)
+        elif TYPE == 20:
+            return _iq3_s_blocks(src, base, mask, tables)
+        elif TYPE == 21:
+            return _iq1_s_blocks(src, base, mask, tables)
+        else:
+            return _iq1_m_blocks(src, base, mask, tables)
 
     @triton.jit
-    def _dequantize(src, dst, n_blocks, expert_elems, dst_expert_stride, BLOCKS: tl.constexpr, QK: tl.constexpr,
-                    BLOCK_BYTES: tl.constexpr, TYPE: tl.constexpr):
+    def _dequantize(src, tables, dst, n_blocks, expert_elems, dst_expert_stride, BLOCKS: tl.constexpr,
+                    QK: tl.constexpr, BLOCK_BYTES: tl.constexpr, TYPE: tl.constexpr):
         block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
         mask = block < n_blocks
-        values = tl.reshape(_blocks(src, block * BLOCK_BYTES, mask, TYPE), (BLOCKS, QK))
+        values = tl.reshape(_blocks(src, block * BLOCK_BYTES, mask, tables, TYPE), (BLOCKS, QK))
         flat = block[:, None] * QK + tl.arange(0, QK)[None, :]
         expert = flat // expert_elems
         dst_at = expert * dst_expert_stride + (flat - expert * expert_elems)
@@ -497,32 +762,33 @@ if triton is not None:
                  mask=(c < cols) & (r >= 0))
 
     @triton.jit
-    def _row_dots(src, row_at, row_mask, col, x, cols, R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr,
-                  QK: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    def _row_dots(src, tables, row_at, row_mask, col, x, cols, R: tl.constexpr, CHUNK: tl.constexpr,
+                  TYPE: tl.constexpr, QK: tl.constexpr, BLOCK_BYTES: tl.constexpr):
         """[R] dot products of ``x`` ([CHUNK] float32: columns col..col+CHUNK-1, zero past ``cols``)
         with the same columns of R rows, whose bytes start at ``row_at`` ([R] int64) in ``src``."""
         b = tl.arange(0, CHUNK // QK)
         base = row_at[:, None] + (col // QK + b)[None, :] * BLOCK_BYTES
         mask = row_mask[:, None] & (col + b * QK < cols)[None, :]
         n: tl.constexpr = R * (CHUNK // QK)
-        values = _blocks(src, tl.reshape(base, (n,)), tl.reshape(mask, (n,)), TYPE)
+        values = _blocks(src, tl.reshape(base, (n,)), tl.reshape(mask, (n,)), tables, TYPE)
         return tl.sum(tl.reshape(values, (R, CHUNK)) * x[None, :], axis=1)
 
     @triton.jit
-    def _dots(src, at, row_mask, col, x, cols, R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr,
+    def _dots(src, tables, at, row_mask, col, x, cols, R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr,
               QK: tl.constexpr, BB: tl.constexpr, PACKED: tl.constexpr):
         """``_row_dots`` of R rows starting at byte ``at`` (their row group, R = 16 and CHUNK = 256,
         when ``PACKED``; else each row's: ``at`` [R]) of ``src``."""
         if PACKED:
             return tl.sum(_packed_tile(src, at, col // CHUNK, cols, row_mask, TYPE) * x[None, :], axis=1)
         else:
-            return _row_dots(src, at, row_mask, col, x, cols, R, CHUNK, TYPE, QK, BB)
+            return _row_dots(src, tables, at, row_mask, col, x, cols, R, CHUNK, TYPE, QK, BB)
 
     @triton.jit
-    def _gated_activations(x, gate, up, act, slot_expert, slots_per_token, staged, hidden, inter, gate_slot_bytes,
-                           up_slot_bytes, gate_first, up_first, gate_line_bytes, up_line_bytes, R: tl.constexpr,
-                           CHUNK: tl.constexpr, TYPE_G: tl.constexpr, QK_G: tl.constexpr, BB_G: tl.constexpr,
-                           TYPE_U: tl.constexpr, QK_U: tl.constexpr, BB_U: tl.constexpr, PACKED: tl.constexpr):
+    def _gated_activations(x, gate, up, tables, act, slot_expert, slots_per_token, staged, hidden, inter,
+                           gate_slot_bytes, up_slot_bytes, gate_first, up_first, gate_line_bytes, up_line_bytes,
+                           R: tl.constexpr, CHUNK: tl.constexpr, TYPE_G: tl.constexpr, QK_G: tl.constexpr,
+                           BB_G: tl.constexpr, TYPE_U: tl.constexpr, QK_U: tl.constexpr, BB_U: tl.constexpr,
+                           PACKED: tl.constexpr):
         # program (slot s, rows block): act[s, rows] = silu(gate_e(x_t)) * up_e(x_t),
         # t = s // slots_per_token, e = slot_expert[s]; nothing where e < 0
         s = tl.program_id(0).to(tl.int64)
@@ -540,14 +806,14 @@ if triton is not None:
         for col in range(0, hidden * used.to(tl.int32), CHUNK):
             cols = col + tl.arange(0, CHUNK)
             xv = tl.load(xt + cols, mask=cols < hidden, other=0).to(tl.float32)
-            g += _dots(gate, gate_at, row_mask, col, xv, hidden, R, CHUNK, TYPE_G, QK_G, BB_G, PACKED)
-            u += _dots(up, up_at, row_mask, col, xv, hidden, R, CHUNK, TYPE_U, QK_U, BB_U, PACKED)
+            g += _dots(gate, tables, gate_at, row_mask, col, xv, hidden, R, CHUNK, TYPE_G, QK_G, BB_G, PACKED)
+            u += _dots(up, tables, up_at, row_mask, col, xv, hidden, R, CHUNK, TYPE_U, QK_U, BB_U, PACKED)
         tl.store(act + s * inter + rows, g / (1 + tl.exp(-g)) * u, mask=row_mask)
 
     @triton.jit
-    def _weighted_down(act, down, weights, slot_expert, out, slots_per_token, staged, hidden, inter, act_cols, lead,
-                       slot_bytes, line_bytes, R: tl.constexpr, CHUNK: tl.constexpr, TYPE: tl.constexpr,
-                       QK: tl.constexpr, BB: tl.constexpr, PACKED: tl.constexpr):
+    def _weighted_down(act, down, tables, weights, slot_expert, out, slots_per_token, staged, hidden, inter,
+                       act_cols, lead, slot_bytes, line_bytes, R: tl.constexpr, CHUNK: tl.constexpr,
+                       TYPE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr, PACKED: tl.constexpr):
         # program (token t, rows block): out[t, rows] = sum over t's slots s with an expert e =
         # slot_expert[s] >= 0 of weights[s] * down_e(act[s]), act[s] at down's columns [lead, lead + act_cols)
         t = tl.program_id(0).to(tl.int64)
@@ -564,7 +830,7 @@ if triton is not None:
             for col in range(0, inter * used.to(tl.int32), CHUNK):
                 cols = col + tl.arange(0, CHUNK)
                 a = tl.load(act + s * act_cols + cols - lead, mask=(cols >= lead) & (cols < lead + act_cols), other=0)
-                part += _dots(down, row_at, row_mask, col, a, inter, R, CHUNK, TYPE, QK, BB, PACKED)
+                part += _dots(down, tables, row_at, row_mask, col, a, inter, R, CHUNK, TYPE, QK, BB, PACKED)
             total += tl.where(used, tl.load(weights + s).to(tl.float32), 0.0) * part
         tl.store(out + t * hidden + rows, total.to(out.dtype.element_ty), mask=rows < hidden)
 

@@ -1,4 +1,4 @@
-"""What any GGUF file holds: architecture, lvgg metadata, and its routed experts per layer."""
+"""What any GGUF file (or split set) holds: architecture, lvgg metadata, and its routed experts per layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import gguf
 
+from lvgg.gguf_files import resolve
 from lvgg.models import GGUF_EXPERT_TENSOR
-
 
 
 @dataclass
@@ -28,23 +28,26 @@ class FileSummary:
     layers: list[LayerSummary]
     other_tensors: int
     other_bytes: int
+    parts: int = 1  # files of a split GGUF
 
 
-def inspect_gguf(path: str | Path) -> FileSummary:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
+def inspect_gguf(spec: str | Path) -> FileSummary:
+    """Headers only: a GGUF file, a split one's parts (named by the first) or a Hub quant
+    (org/repo:QUANT, lvgg.gguf_files.resolve)."""
+    files = resolve(spec)
+    readers = []
+    for part in files:
+        try:
+            readers.append(gguf.GGUFReader(part))
+        except Exception as e:
+            raise ValueError(f"{part} is not a readable GGUF file: {e}") from e
     meta: dict[str, object] = {}
-    for name, field in reader.fields.items():
+    for name, field in readers[0].fields.items():
         if name.startswith(("lvgg.", "general.name", "general.architecture")) or ".expert_" in name:
             meta[name] = field.contents()
     layers: dict[int, LayerSummary] = {}
     other_tensors = other_bytes = 0
-    for t in reader.tensors:
+    for t in (t for r in readers for t in r.tensors):
         m = GGUF_EXPERT_TENSOR.fullmatch(t.name)
         if not m:
             other_tensors += 1
@@ -57,5 +60,5 @@ def inspect_gguf(path: str | Path) -> FileSummary:
             s.intermediate_size, s.hidden_size = ne[0], ne[1]
         s.types[proj] = gguf.GGMLQuantizationType(t.tensor_type).name
         s.nbytes += int(t.n_bytes)
-    return FileSummary(path, str(meta.get("general.architecture", "")), meta, [layers[k] for k in sorted(layers)],
-                       other_tensors, other_bytes)
+    return FileSummary(files[0], str(meta.get("general.architecture", "")), meta, [layers[k] for k in sorted(layers)],
+                       other_tensors, other_bytes, len(files))

@@ -6,25 +6,43 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lvgg.gguf_files import SPLIT_NAME, resolve
 from lvgg.vllm_plugin import (EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV,
                                REPACK_ENV, THREADS_ENV)
 
 
-def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> Path:
-    """The experts file to use: the one given, or the single .gguf beside a model folder's weights."""
+def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> list[Path]:
+    """The experts file to use, as its local files (a split GGUF's parts): the one given (a path,
+    or a Hub quant org/repo:QUANT), or the single GGUF beside a model folder's weights."""
     if experts is not None:
-        path = Path(experts)
-        if not path.is_file():
-            raise FileNotFoundError(f"experts file not found: {path}")
-        return path.resolve()
+        return [p.resolve() for p in resolve(experts)]
     folder = Path(model)
-    candidates = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    candidates = [p for p in sorted(folder.glob("*.gguf")) if (m := SPLIT_NAME.match(p.name)) is None
+                  or m["i"] == "00001"] if folder.is_dir() else []
     if len(candidates) != 1:
         raise FileNotFoundError(
             f"no experts file given and {model} " + ("is not a folder" if not folder.is_dir() else
                                                     f"has {len(candidates)} .gguf files") +
-            "; pass experts=... (lvgg convert writes one)")
-    return candidates[0].resolve()
+            "; pass experts=... (a llama.cpp GGUF, or one lvgg convert writes)")
+    return [p.resolve() for p in resolve(candidates[0])]
+
+
+def check_before_start(model: str, files: list[Path]) -> None:
+    """What can be checked before vLLM loads anything, from the headers alone (the engine maps the
+    data later, in vLLM's process): the files are readable GGUFs, hold routed experts, and (where
+    the model is a local folder) match the model's architecture, MoE layers and sizes."""
+    from lvgg.inspect_gguf import inspect_gguf
+    from lvgg.models import check_experts_match
+
+    summary = inspect_gguf(files[0])
+    dims = {s.layer: (s.n_experts, s.hidden_size, s.intermediate_size) for s in summary.layers}
+    config = _model_config(model)
+    if config is None:
+        if not dims:
+            raise ValueError(f"{files[0]} holds no routed-expert tensors (blk.N.ffn_{{gate,up,down}}_exps.weight): "
+                             "give a MoE model's GGUF or an experts file made by `lvgg convert`")
+        return
+    check_experts_match(str(files[0]), summary.metadata, dims, config)
 
 
 def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_threads: int | None,
@@ -33,13 +51,8 @@ def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_thr
                      repack: bool | None = None) -> Path:
     """Point the plugin (in this process and the ones vLLM starts) at the experts file, with the
     given settings (None: the environment's, else the defaults; see lvgg.vllm_plugin)."""
-    path = find_experts_file(model, experts)
-    from lvgg.inspect_gguf import inspect_gguf
-
-    # Headers only (the engine maps the data later, in vLLM's process): a damaged file fails
-    # here, before vLLM loads anything, without reading the experts twice at startup.
-    if not inspect_gguf(path).layers:
-        raise ValueError(f"{path} holds no routed-expert tensors; is it an experts file (lvgg convert)?")
+    files = find_experts_file(model, experts)
+    check_before_start(model, files)
     env = {THREADS_ENV: cpu_threads or None, GPU_PREFILL_ENV: gpu_prefill_min_tokens,
            GPU_RESIDENT_ENV: gpu_resident_layers, GPU_EXPERTS_GB_ENV: gpu_experts_gb, GPU_SPLIT_ENV: gpu_decode_split,
            REPACK_ENV: None if repack is None else "on" if repack else "off"}
@@ -53,20 +66,29 @@ def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_thr
         check_decode_split(wanted.decode_split, top_k)
     os.environ.update({k: v for k, v in env.items() if v})
     check_cpu_choices()  # what the environment holds where no argument overrides it
-    os.environ[EXPERTS_ENV] = str(path)
-    return path
+    os.environ[EXPERTS_ENV] = str(files[0])
+    return files[0]
+
+
+def _model_config(model: str) -> dict[str, Any] | None:
+    """config.json of a local model folder (its text model's), or None (a Hub id: vLLM reads it)."""
+    from lvgg.convert.hf_source import read_config
+
+    try:
+        return read_config(Path(model)) if Path(model).is_dir() else None
+    except (OSError, ValueError):
+        return None  # a folder vLLM will say what is wrong with
 
 
 def _model_top_k(model: str) -> int | None:
     """Experts per token of a local model folder (None: not a folder lvgg can read)."""
-    from lvgg.convert.hf_source import read_config
     from lvgg.models import arch_for
 
+    config = _model_config(model)
     try:
-        config = read_config(Path(model))
-        return arch_for(config["model_type"]).spec(config).top_k
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # a hub id, or a folder vLLM will say what is wrong with
+        return arch_for(config["model_type"]).spec(config).top_k if config else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def capture_size_limit() -> int | None:

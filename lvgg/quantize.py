@@ -7,13 +7,20 @@ import numpy as np
 from lvgg import _bridge
 
 
-def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, threads: int = 1) -> np.ndarray:
-    """float32 [..., n] -> the raw bytes of `qtype` with the same leading shape, [..., row_bytes]."""
+def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, threads: int = 1,
+             imatrix: np.ndarray | None = None) -> np.ndarray:
+    """float32 [..., n] -> the raw bytes of `qtype` with the same leading shape, [..., row_bytes].
+
+    ``imatrix``: n importance weights (one per column, as a llama.cpp importance matrix holds for
+    the weight's input dimension), which IQ1_S, IQ2_XXS and IQ2_XS require and other types use
+    where ggml's quantizer takes them."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     if qtype == gguf.GGMLQuantizationType.F32:
         return values.view(np.uint8).reshape(*values.shape[:-1], values.shape[-1] * 4)
     rows = values.reshape(-1, values.shape[-1])
     row_bytes = _bridge.quantized_row_size(int(qtype), rows.shape[1])
     out = np.empty((rows.shape[0], row_bytes), dtype=np.uint8)
-    _bridge.quantize(int(qtype), rows, out, threads)
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+    _bridge.quantize(int(qtype), rows, out, threads, imatrix)
     return out.reshape(*values.shape[:-1], row_bytes)

@@ -54,7 +54,7 @@ def test_empty_file_is_not_gguf(tmp_path):
 
 
 def test_directory_is_refused(tmp_path):
-    with pytest.raises(OSError, match="not a regular file"):
+    with pytest.raises(OSError, match="is a directory, not a GGUF file"):
         lvgg.ExpertStore(tmp_path)
 
 

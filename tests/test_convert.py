@@ -165,7 +165,7 @@ def test_split_set_needs_every_shard(tmp_path):
     rng = np.random.default_rng(1)
     write_llamacpp_gguf(tmp_path / "model.gguf", rng, split_max_tensors=3)
     (tmp_path / "model-00002-of-00003.gguf").unlink()
-    with pytest.raises(FileNotFoundError, match="missing shards: model-00002-of-00003.gguf"):
+    with pytest.raises(FileNotFoundError, match="missing 1 of its 3 parts: model-00002-of-00003.gguf"):
         convert_gguf(tmp_path / "model-00001-of-00003.gguf", tmp_path / "e.gguf", None, 1, True)
 
 

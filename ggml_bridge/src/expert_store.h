@@ -1,6 +1,8 @@
 // ExpertStore: the routed experts of every MoE layer of one GGUF file, ready for ggml.
 //
-// The file is memory-mapped; each layer's expert tensors (blk.N.ffn_{gate,up,down}_exps,
+// The file (or every part of a split GGUF, end to end in one mapping) is memory-mapped and only
+// its expert tensors' pages are read: a llama.cpp GGUF serves as it is, its other tensors
+// untouched. Each layer's expert tensors (blk.N.ffn_{gate,up,down}_exps,
 // or the fused blk.N.ffn_gate_up_exps) are found, checked for shape and type, and either
 // used in place or also copied into ggml's CPU "repack" buffers (interleaved layouts whose
 // kernels are faster for few tokens) where ggml has such a layout for the type. With
@@ -69,8 +71,10 @@ class ExpertStore {
     // others are checked in the header but their bytes are never touched.
     // `own_kernels`: Q4_K/Q6_K/Q8_0/Q4_0 experts go into lvgg's packed layout (vnni_kquants.h) rather than
     // ggml's repacked one where this build has the kernels (repack must be on).
-    ExpertStore(const std::string & path, bool repack, bool keep_mapped, const std::vector<int> & only_layers = {},
-                bool own_kernels = true);
+    // `paths`: one GGUF file, or every part of a split one in order (llama.cpp's split.* keys are
+    // checked: count, numbering, tensors in all, no tensor twice).
+    ExpertStore(const std::vector<std::string> & paths, bool repack, bool keep_mapped,
+                const std::vector<int> & only_layers = {}, bool own_kernels = true);
     // Part `part` of `n_parts` of another store's experts, for one NUMA node or rank: what
     // part_shape() names of every layer (of both halves of a fused gate_up). Copied into memory
     // this thread touches first (call it from a thread bound to the node), repacked where ggml has
@@ -108,16 +112,29 @@ class ExpertStore {
     // Bytes of whole pages from a packed twin's start that hold its bytes and nothing else's.
     static size_t                      twin_pages(const ggml_tensor * twin);
     bool                               keeps_mapped() const { return keep_mapped_; }
+    // Bytes of the mapping: the file's, or a split file's parts end to end, each from a page boundary.
     size_t                             file_size() const { return file_size_; }
     // Start of the read-only mapping of the whole file (nullptr when the file has no experts).
     const void *                       mapping() const { return map_; }
     int64_t                            n_tensors() const;
-    const gguf_context *               gguf() const { return gguf_; }
+    // The (first) file's header: its metadata.
+    const gguf_context *               gguf() const { return shards_.empty() ? nullptr : shards_[0].gguf; }
 
   private:
-    void open_and_validate();
+    // One file of the store's (a split GGUF's part): its header, and where its bytes start in the mapping.
+    struct Shard {
+        std::string    path;
+        size_t         size = 0;
+        size_t         base = 0;
+        gguf_context * gguf = nullptr;
+        ggml_context * meta = nullptr;
+    };
+
+    void open_and_validate(const std::vector<std::string> & paths);
+    void check_split_set() const;
     void collect_layers();
     void keep_only(const std::vector<int> & layers);
+    void map_files();
     void place_weights(bool repack, bool populate);
     void slice_from(const ExpertStore & whole, int part, int n_parts, bool repack, Split by);
     ggml_tensor * add_repacked(ggml_tensor * t, const void * src);  // nullptr: no layout for the type
@@ -127,11 +144,12 @@ class ExpertStore {
     static size_t twin_page();
     void release();
 
-    std::string                        path_;
+    std::string                        path_;  // the (first) file's, as messages name the store
     std::string                        architecture_;
     size_t                             file_size_ = 0;
-    gguf_context *                     gguf_      = nullptr;
-    ggml_context *                     meta_      = nullptr;
+    std::vector<Shard>                 shards_;  // a part (ExpertStore::part) has none
+    std::map<const ggml_tensor *, size_t> file_at_;  // expert tensor -> offset of its bytes in the mapping
+    ggml_context *                     meta_      = nullptr;  // a part's tensors
     void *                             map_       = nullptr;
     ggml_backend_buffer_t              map_buf_   = nullptr;
     bool                               keep_mapped_ = true;

@@ -43,20 +43,21 @@ size_t quantized_row_size(ggml_type type, int64_t n_per_row) {
                                    ggml_type_name(type) + ": the row length must be a positive multiple of its block size " +
                                    std::to_string(blk));
     }
-    if (ggml_quantize_requires_imatrix(type)) {
-        fail(ErrorKind::Value, std::string(ggml_type_name(type)) +
-                                   " needs an importance matrix to quantize; pick another type (e.g. Q4_K)");
-    }
     return ggml_row_size(type, n_per_row);
 }
 
-void quantize_rows(ggml_type type, const float * src, void * dst, int64_t n_rows, int64_t n_per_row, int n_threads) {
+void quantize_rows(ggml_type type, const float * src, void * dst, int64_t n_rows, int64_t n_per_row, int n_threads,
+                   const float * imatrix) {
     quantized_row_size(type, n_per_row);  // validates type and row length
+    if (!imatrix && ggml_quantize_requires_imatrix(type)) {
+        fail(ErrorKind::Value, std::string(ggml_type_name(type)) +
+                                   " needs an importance matrix to quantize; pass one or pick another type (e.g. Q4_K)");
+    }
     ggml_quantize_init(type);
     n_threads = std::max<int64_t>(1, std::min<int64_t>(n_threads, n_rows));
     auto work = [&](int64_t r0, int64_t r1) {
         if (r1 > r0) {
-            ggml_quantize_chunk(type, src, dst, r0 * n_per_row, r1 - r0, n_per_row, nullptr);
+            ggml_quantize_chunk(type, src, dst, r0 * n_per_row, r1 - r0, n_per_row, imatrix);
         }
     };
     if (n_threads == 1) {

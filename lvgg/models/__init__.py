@@ -106,9 +106,60 @@ ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
 ]}
 
 
+def gguf_arch_of(name: str) -> str:
+    """llama.cpp's architecture name (GGUF's general.architecture) of a family named either way:
+    by its Hugging Face model_type or by llama.cpp's name (several HF families may share one)."""
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name].gguf_arch
+    if name in {a.gguf_arch for a in ARCHITECTURES.values()}:
+        return name
+    raise ValueError(f"unsupported architecture {name!r}: lvgg knows the MoE families "
+                     + ", ".join(f"{a.model_type} ({a.gguf_arch})" for a in ARCHITECTURES.values()))
+
+
+def same_family(name: str, model_type: str) -> bool:
+    """An experts file whose architecture is ``name`` (either naming) suits a ``model_type`` model."""
+    try:
+        return gguf_arch_of(name) == gguf_arch_of(model_type)
+    except ValueError:
+        return False
+
+
 def arch_for(model_type: str) -> MoEArch:
     try:
         return ARCHITECTURES[model_type]
     except KeyError:
         raise ValueError(f"unsupported architecture {model_type!r}: lvgg knows the MoE families "
                          f"{', '.join(sorted(ARCHITECTURES))}") from None
+
+
+def check_experts_match(path: str, metadata: dict[str, Any], layer_dims: dict[int, tuple[int, int, int]],
+                        hf_config: dict[str, Any], layers: list[int] | None = None) -> None:
+    """Raise ValueError naming the first difference between an experts file and a model: the
+    file's ``metadata`` (its architecture, either naming), its MoE layers and their
+    ``layer_dims`` (routed experts, hidden size, expert intermediate size), against the model's
+    config.json (its MoE ``layers`` only, e.g. a pipeline-parallel rank's; default: all)."""
+    model_type = hf_config.get("model_type", "?")
+    arch = arch_for(model_type)
+    spec = arch.spec(hf_config)
+    for key in ("general.architecture", "lvgg.architecture"):  # llama.cpp's name, and lvgg convert's source
+        file_arch = metadata.get(key)
+        if file_arch is not None and not same_family(str(file_arch), model_type):
+            raise ValueError(f"experts file {path} holds a {file_arch} model's experts ({key}); this model is "
+                             f"{model_type} ({arch.gguf_arch} in llama.cpp's names)")
+    if not layer_dims:
+        raise ValueError(f"{path} holds no routed-expert tensors (blk.N.ffn_{{gate,up,down}}_exps.weight): "
+                         "give a MoE model's GGUF or an experts file made by `lvgg convert`")
+    want = spec.layers if layers is None else layers
+    have = sorted(layer_dims)
+    if not set(want) <= set(have) or (layers is None and have != want):
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        raise ValueError(f"experts file {path} has MoE layers {have}, the model has {want}"
+                         + (f" (missing {missing})" if missing else "") + (f" (extra {extra})" if extra else ""))
+    expected = (spec.n_experts, spec.hidden_size, spec.intermediate_size)
+    for layer in want:
+        for name, found, wanted in zip(("n_experts", "hidden_size", "intermediate_size"), layer_dims[layer], expected):
+            if found != wanted:
+                raise ValueError(f"{path}: layer {layer} has {name}={found}, the model expects {wanted}; "
+                                 "this experts file was made for another model")

@@ -20,9 +20,10 @@ import torch
 from lvgg import _bridge, topology
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, EngineNode, ExpertStore, packs_every_expert
+from lvgg.gguf_files import resolve
 from lvgg.gpu_experts import GpuExperts, gpu_unsupported, layer_infos, reads_packed
 from lvgg.gpu_split import MOST_TOKENS, SplitExperts, best_slots, calibrate
-from lvgg.models import arch_for
+from lvgg.models import arch_for, check_experts_match
 from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, settings
 from lvgg.vllm_plugin.settings import GpuSettings
 
@@ -56,23 +57,12 @@ opened_at: float | None = None  # time.perf_counter() when this process opened t
 
 def check_experts_file(store: ExpertStore, hf_config: dict[str, Any], layers: list[int] | None = None) -> None:
     """Raise ValueError naming the first difference between the experts file and the model
-    (its MoE ``layers`` only, e.g. a pipeline-parallel rank's; default: all)."""
-    model_type = hf_config.get("model_type", "?")
-    spec = arch_for(model_type).spec(hf_config)
-    file_arch = store.metadata().get("lvgg.architecture")
-    if file_arch is not None and file_arch != model_type and arch_for(str(file_arch)).gguf_arch != \
-            arch_for(model_type).gguf_arch:
-        raise ValueError(f"experts file {store.path} was converted from a {file_arch} model; this model is "
-                         f"{model_type}")
-    want = spec.layers if layers is None else layers
-    if store.layers != want:
-        missing = sorted(set(want) - set(store.layers))
-        extra = sorted(set(store.layers) - set(want))
-        raise ValueError(f"experts file {store.path} has MoE layers {store.layers}, the model has {want}"
-                         + (f" (missing {missing})" if missing else "") + (f" (extra {extra})" if extra else ""))
-    for layer in want:
-        store.check_layer(layer, n_experts=spec.n_experts, hidden_size=spec.hidden_size,
-                          intermediate_size=spec.intermediate_size)
+    (its MoE ``layers`` only, e.g. a pipeline-parallel rank's, whose store holds those only)."""
+    dims = {}
+    for layer in store.layers:
+        info = store.layer_info(layer)
+        dims[layer] = (info.routed_experts, info.hidden_size, info.intermediate_size)
+    check_experts_match(store.path, store.metadata(), dims, hf_config, layers)
 
 
 def _gpu_present() -> bool:
@@ -256,7 +246,7 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
             return False
         return not packs_every_expert(os.environ[EXPERTS_ENV], layers, settings.own_kernels())
 
-    repack = choose_repack(settings.repack(), saves_a_copy, os.path.getsize(os.environ[EXPERTS_ENV]),
+    repack = choose_repack(settings.repack(), saves_a_copy, sum(os.path.getsize(f) for f in resolve(os.environ[EXPERTS_ENV])),
                            topology.meminfo()["available"])
     global opened_at, _gpu_source, _repacked
     _repacked = repack

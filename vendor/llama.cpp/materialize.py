@@ -3,7 +3,9 @@
 The tree is a build input, never committed: it is taken from the llama-cpp-python sdist
 named in PIN, fetched with pip and checked against PIN's sha256. Only the folders the build
 needs are extracted (ggml/ by default; --parts adds more, e.g. for the llama.cpp anchors).
-A second run with the same pin and parts does nothing.
+A second run with the same pin and parts does nothing; parts already there are kept (the
+tree holds the union of every run's parts, so the build's ggml/ and the test tools' parts do
+not replace each other), and missing parts are added without touching the others.
 
     python vendor/llama.cpp/materialize.py [--sdist FILE] [--parts ggml src ...]
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -49,8 +52,12 @@ def sha256_of(path: Path) -> str:
 
 
 def fetch_sdist(pin: dict[str, str], into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--no-build-isolation", "-d", str(into), f"{pin['package']}=={pin['version']}"]
+    # pip prepares the sdist's metadata with its build backend: inside lvgg's own build (pip's
+    # isolated environment) scikit-build-core is importable, so no second isolated environment
+    # is needed; outside it (tests run materialize.py too) pip builds one.
+    isolation = [] if importlib.util.find_spec("scikit_build_core") is None else ["--no-build-isolation"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", *isolation,
+           "-d", str(into), f"{pin['package']}=={pin['version']}"]
     print("materialize: fetching", f"{pin['package']}=={pin['version']}", "with pip", flush=True)
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     found = sorted(into.glob("*.tar.gz"))
@@ -78,10 +85,23 @@ def extract(sdist: Path, parts: list[str], dest: Path) -> None:
         tar.extractall(dest, members=wanted, filter="data")
 
 
+def stamp(pin: dict[str, str], parts: set[str]) -> str:
+    return f"{pin['package']}=={pin['version']} sha256={pin['sha256']} parts={' '.join(sorted(parts))}"
+
+
+def materialized_parts(pin: dict[str, str]) -> set[str]:
+    """The parts already in the tree from this pin (none when absent or from another pin)."""
+    if not STAMP.exists():
+        return set()
+    head, sep, listed = STAMP.read_text().strip().partition(" parts=")
+    return set(listed.split()) if sep and head == stamp(pin, set()).partition(" parts=")[0] else set()
+
+
 def materialize(parts: list[str], sdist: Path | None) -> Path:
     pin = read_pin()
-    want = f"{pin['package']}=={pin['version']} sha256={pin['sha256']} parts={' '.join(sorted(parts))}"
-    if STAMP.exists() and STAMP.read_text().strip() == want:
+    have = materialized_parts(pin)
+    missing = set(parts) - have
+    if not missing:
         return TREE
     with tempfile.TemporaryDirectory(dir=HERE) as tmp:
         tmp = Path(tmp)
@@ -91,12 +111,22 @@ def materialize(parts: list[str], sdist: Path | None) -> Path:
             raise SystemExit(f"materialize: {src.name} has sha256 {got}, PIN expects {pin['sha256']}; "
                              "refusing to build from an unverified tree")
         staged = tmp / "tree"
-        extract(src, parts, staged)
-        (staged / ".materialized").write_text(want + "\n")
-        if TREE.exists():
-            shutil.rmtree(TREE)
-        os.replace(staged, TREE)
-    print("materialize: upstream tree ready:", ", ".join(parts), flush=True)
+        if have:  # add the missing parts beside the ones there (a build may be reading them)
+            extract(src, sorted(missing), staged)
+            for entry in staged.iterdir():
+                target = TREE / entry.name
+                if target.is_dir() and entry.is_dir():  # e.g. models/ when one file of it is there
+                    shutil.copytree(entry, target, dirs_exist_ok=True)
+                else:
+                    os.replace(entry, target)
+            STAMP.write_text(stamp(pin, have | missing) + "\n")
+        else:
+            extract(src, parts, staged)
+            (staged / ".materialized").write_text(stamp(pin, set(parts)) + "\n")
+            if TREE.exists():
+                shutil.rmtree(TREE)
+            os.replace(staged, TREE)
+    print("materialize: upstream tree ready:", ", ".join(sorted(have | missing)), flush=True)
     return TREE
 
 
