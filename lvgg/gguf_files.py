@@ -70,14 +70,13 @@ def _quant_files(names: list[str], quant: str) -> list[str]:
 
 
 def _from_hub(spec: str) -> list[Path]:
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
-    from huggingface_hub.utils import is_offline_mode
 
     m = HUB_SPEC.match(spec)
     repo, quant = m["repo"], m["quant"]
     try:
-        if is_offline_mode():  # what the cache holds of the repo's current revision
+        if constants.HF_HUB_OFFLINE:  # what the cache holds of the repo's current revision
             root = Path(snapshot_download(repo, local_files_only=True))
             names = [p.relative_to(root).as_posix() for p in root.rglob("*.gguf")]
         else:

@@ -21,6 +21,7 @@ from lvgg.convert.output_types import projection_types
 from lvgg.cli import app
 from lvgg.models import ARCHITECTURES, PROJECTIONS, arch_for, gguf_expert_name
 from lvgg.quantize import quantize
+from lvgg.testing.expert_files import write_llamacpp_gguf
 from lvgg.testing.tiny_models import FAMILY_CONFIGS, make_tiny_model
 
 # Against transformers' block on the original weights: weight quantization (Q4_K ~7% on
@@ -112,20 +113,6 @@ def test_metadata_names_source_architecture_and_types(family_model, tmp_path):
 
 
 # --- --from-gguf ---------------------------------------------------------------------------
-
-def write_llamacpp_gguf(path, rng, split_max_tensors=0):
-    """A llama.cpp-style model file: attention tensors plus Q4_K/Q6_K experts for 2 layers."""
-    w = gguf.GGUFWriter(str(path), "qwen3moe", split_max_tensors=split_max_tensors)
-    w.add_uint32("qwen3moe.expert_count", 8)
-    w.add_uint32("qwen3moe.block_count", 2)
-    for layer in range(2):
-        w.add_tensor(f"blk.{layer}.attn_q.weight", rng.standard_normal((256, 256)).astype(np.float32))
-        for proj, qtype, shape in (("gate", Q.Q4_K, (8, 256, 256)), ("up", Q.Q4_K, (8, 256, 256)),
-                                   ("down", Q.Q6_K, (8, 256, 256))):
-            data = quantize(rng.standard_normal(shape).astype(np.float32) / 16, qtype)
-            w.add_tensor(gguf_expert_name(layer, proj), data, raw_shape=data.shape, raw_dtype=qtype)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-
 
 def expert_bytes(paths):
     found = {}

@@ -106,3 +106,22 @@ def read_reference(path: str | os.PathLike[str], layer: int) -> ReferenceLayer:
         f = found["gate_up"].shape[1] // 2
         return ReferenceLayer(found["gate_up"][:, :f], found["gate_up"][:, f:], found["down"])
     return ReferenceLayer(found.get("gate"), found["up"], found["down"])
+
+
+def write_llamacpp_gguf(path: str | os.PathLike[str], rng: np.random.Generator, split_max_tensors: int = 0,
+                        n_layers: int = 2) -> Path:
+    """A llama.cpp-style model file (gguf-py's writer, llama.cpp's split.* keys when split): an
+    attention tensor and Q4_K/Q4_K/Q6_K experts (8 x 256 x 256) per layer. With
+    ``split_max_tensors``, parts <stem>-0000i-of-0000n.gguf of that many tensors each."""
+    w = gguf.GGUFWriter(str(path), "qwen3moe", split_max_tensors=split_max_tensors)
+    w.add_uint32("qwen3moe.expert_count", 8)
+    w.add_uint32("qwen3moe.block_count", n_layers)
+    for layer in range(n_layers):
+        w.add_tensor(f"blk.{layer}.attn_q.weight", rng.standard_normal((256, 256)).astype(np.float32))
+        for proj, qtype, shape in (("gate", gguf.GGMLQuantizationType.Q4_K, (8, 256, 256)),
+                                   ("up", gguf.GGMLQuantizationType.Q4_K, (8, 256, 256)),
+                                   ("down", gguf.GGMLQuantizationType.Q6_K, (8, 256, 256))):
+            add_quantized_tensor(w, tensor_name(layer, proj),
+                                 quantize(rng.standard_normal(shape).astype(np.float32) / 16, qtype), qtype)
+    write_all(w)
+    return Path(path)

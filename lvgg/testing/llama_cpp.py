@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,35 @@ def greedy_runs(files: Sequence[str | os.PathLike[str]], prompts: Sequence[Seque
         raise RuntimeError(f"llama.cpp's greedy run failed (rc={done.returncode}):\n{done.stdout[-2000:]}\n"
                            f"{done.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+@dataclass
+class Divergence:
+    """Where one prompt's greedy tokens of two runs part, and how close the runs were."""
+
+    prompt: int
+    position: int | None  # the first generated position whose tokens differ; None: all equal
+    compared: int  # generated positions with equal tokens (all of them when position is None)
+    max_logprob_diff: float  # the largest |log-probability difference| of the equal tokens
+    margins: tuple[float, float] | None  # each run's top-2 log-probability margin at `position`
+
+
+def divergences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[Divergence]:
+    """Compare two greedy runs of the same prompts (the JSON of tests/vllm_generate.py, or one
+    of greedy_runs()'s results): one Divergence per prompt."""
+    if len(a["tokens"]) != len(b["tokens"]):
+        raise ValueError(f"{len(a['tokens'])} prompts against {len(b['tokens'])}")
+    found = []
+    for i, (ta, tb, la, lb, ga, gb) in enumerate(zip(a["tokens"], b["tokens"], a["logprobs"], b["logprobs"],
+                                                     a["gaps"], b["gaps"])):
+        if len(ta) != len(tb):
+            raise ValueError(f"prompt {i}: {len(ta)} generated tokens against {len(tb)}")
+        position = next((j for j, (x, y) in enumerate(zip(ta, tb)) if x != y), None)
+        same = len(ta) if position is None else position
+        diff = max((abs(x - y) for x, y in zip(la[:same], lb[:same])), default=0.0)
+        found.append(Divergence(i, position, same, float(diff),
+                                None if position is None else (float(ga[position]), float(gb[position]))))
+    return found
 
 
 def _greedy_in_this_process(files: Sequence[str], prompts: Sequence[Sequence[int]], tokens: int,
