@@ -15,8 +15,11 @@ one of two staging slots while the previous layer computes, dequantized by lvgg'
 into one shared pair of weight buffers in vLLM's layout (w13 = [gate; up], w2 = down), and
 multiplied by vLLM's fused MoE kernel. After the last layer the first one is fetched for the
 next pass. A layer too big for the VRAM given to streaming goes in groups of experts
-(``stream_group``), each multiplied with the others' ids masked out. Resident layers are
-dequantized once at creation and stay on the GPU. Split layers (`fetched`): a kernel reads the
+(``stream_group``), each multiplied with the others' ids masked out. Resident layers are copied
+once at creation and stay on the GPU as their quantized bytes: passes of up to
+RESIDENT_BYTES_MOST_TOKENS tokens (decode) multiply the experts straight from those bytes
+(lvgg's expert kernels), longer ones dequantize the layer into one shared pair of weights for
+vLLM's fused MoE (``quantized_resident=False``: each layer dequantized once, ~3.5x the VRAM of Q4_K). Split layers (`fetched`): a kernel reads the
 chosen experts' bytes straight from pinned host memory (ids on the device, so CUDA graphs capture
 it) and lvgg's expert kernels multiply them from those bytes (lvgg.gpu_split).
 
@@ -44,6 +47,10 @@ from lvgg.gpu_dequant import (SUPPORTED_TYPES, StagedProjection, dequantize, gat
                               matrix_nbytes, raw_nbytes, weighted_down)
 
 log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
+
+# Quantized resident layers: passes of at most this many tokens multiply the bytes (every slot
+# reads its expert's bytes; longer passes dequantize the layer once and share the weights).
+RESIDENT_BYTES_MOST_TOKENS = 16
 
 # CU_MEMHOSTREGISTER_DEVICEMAP | CU_MEMHOSTREGISTER_READ_ONLY: kernels read the file, which is mapped read-only
 _HOST_REGISTER_FLAGS = 0x02 | 0x08
@@ -252,6 +259,19 @@ def _staged(info: ExpertLayerInfo, projection: str, data: torch.Tensor) -> list[
     return [StagedProjection(data, ggml_type, f, d, packed=packed)]
 
 
+def _multiply_staged(info: ExpertLayerInfo, x: torch.Tensor, staged: list[StagedProjection],
+                     slot_expert: torch.Tensor, topk_weights: torch.Tensor, before_down=None) -> torch.Tensor:
+    """The MoE of ``x`` with the staged experts (gate, up, down: ``_staged``'s, one expert per row
+    of their data) of each slot's ``slot_expert`` (-1: none), multiplied from their bytes;
+    ``before_down()`` runs between the two kernels (e.g. a wait for down's bytes)."""
+    gate, up, down = staged
+    act = gated_activations(x.contiguous(), gate, up, slot_expert)
+    if before_down is not None:
+        before_down()
+    # a share's down: whole blocks of columns around its rows
+    return weighted_down(act, down, topk_weights.float().contiguous(), slot_expert, x.dtype, lead=info.down_lead)
+
+
 def stream_groups(n_experts: int, most: int | None) -> list[range]:
     """The experts of a layer in the fewest groups of at most ``most`` (None: one group), as even
     as whole experts allow: what each streamed copy holds."""
@@ -262,15 +282,33 @@ def stream_groups(n_experts: int, most: int | None) -> list[range]:
     return [range(e, min(n_experts, e + size)) for e in range(0, n_experts, size)]
 
 
+def _shares_streamed_weights(infos: dict[int, ExpertLayerInfo], streamed: Sequence[int], resident: Sequence[int],
+                             stream_group: int | None) -> bool:
+    """Quantized resident layers dequantize longer passes into the streamed layers' weights, where
+    those hold whole layers of the same shape at least as wide."""
+    if not streamed or len(stream_groups(infos[streamed[0]].n_experts, stream_group)) > 1:
+        return False
+    shape = {(infos[n].n_experts, infos[n].hidden_size, infos[n].intermediate_size) for n in [*streamed, *resident]}
+    return len(shape) == 1 and max(infos[n].down_columns for n in resident) <= \
+        max(infos[n].down_columns for n in streamed)
+
+
 def estimate_vram_bytes(infos: dict[int, ExpertLayerInfo], streamed: Sequence[int], resident: Sequence[int],
                         dtype: torch.dtype, split: Sequence[int] = (), split_experts: int = 0,
-                        stream_group: int | None = None) -> int:
+                        stream_group: int | None = None, quantized_resident: bool = True) -> int:
     """What GpuExperts(streamed_layers=..., resident_layers=..., split_layers=..., split_experts=...,
-    stream_group=...) will hold on the device."""
-    def weights(info: ExpertLayerInfo, n_experts: int) -> int:
-        return n_experts * info.hidden_size * (2 * info.intermediate_size + info.down_columns) * dtype.itemsize
+    stream_group=..., quantized_resident=...) will hold on the device."""
+    def weights(info: ExpertLayerInfo, n_experts: int, down_columns: int | None = None) -> int:
+        return n_experts * info.hidden_size * (2 * info.intermediate_size + (down_columns or info.down_columns)) \
+            * dtype.itemsize
 
-    total = sum(weights(infos[layer], infos[layer].n_experts) for layer in resident)
+    if quantized_resident:
+        total = sum(staged_bytes(infos[layer]) for layer in resident)
+        if resident and not _shares_streamed_weights(infos, streamed, resident, stream_group):
+            first = infos[resident[0]]
+            total += weights(first, first.n_experts, max(infos[layer].down_columns for layer in resident))
+    else:
+        total = sum(weights(infos[layer], infos[layer].n_experts) for layer in resident)
     if streamed:
         group = len(stream_groups(infos[streamed[0]].n_experts, stream_group)[0])
         total += max(weights(infos[layer], group) for layer in streamed)
@@ -282,7 +320,8 @@ def estimate_vram_bytes(infos: dict[int, ExpertLayerInfo], streamed: Sequence[in
 
 class GpuExperts:
     """The experts of ``store`` on one CUDA device: ``streamed_layers`` fetched per call,
-    ``resident_layers`` dequantized once.
+    ``resident_layers`` copied once (kept as their bytes, or with ``quantized_resident=False``
+    dequantized once).
 
     dtype: of the hidden states and of the dequantized weights (vLLM's model dtype).
     ``split_layers`` may fetch up to ``split_experts`` experts per call (``fetched``).
@@ -290,8 +329,9 @@ class GpuExperts:
     the whole layer); a layer in several groups is multiplied group by group, so the VRAM streaming
     takes is bounded by the group, not the layer.
     VRAM: two staging slots of a group's file bytes, one group of weights in ``dtype`` for the
-    streamed layers, every resident layer's weights, and the bytes of ``split_experts`` experts
-    for the split layers (``vram_bytes``).
+    streamed layers, every resident layer's bytes and one layer of weights they share (or every
+    resident layer's weights), and the bytes of ``split_experts`` experts for the split layers
+    (``vram_bytes``).
     ``part`` = (index, count) and ``by``: compute what ``store.part(index, count, by=by)`` holds,
     intermediate rows of every expert (by rows or blocks: a tensor-parallel rank's) or whole
     experts (an expert-parallel rank's: slots routed to others add nothing); the parts' outputs
@@ -303,8 +343,10 @@ class GpuExperts:
     def __init__(self, store: ExpertStore, *, device: torch.device | str, dtype: torch.dtype,
                  streamed_layers: Sequence[int] = (), resident_layers: Sequence[int] = (),
                  split_layers: Sequence[int] = (), split_experts: int = 0,
-                 stream_group: int | None = None, part: tuple[int, int] = (0, 1), by: str = "rows") -> None:
+                 stream_group: int | None = None, part: tuple[int, int] = (0, 1), by: str = "rows",
+                 quantized_resident: bool = True) -> None:
         self.store, self.device, self.dtype, self.part = store, torch.device(device), dtype, tuple(part)
+        self.quantized_resident = quantized_resident
         if len(self.part) != 2 or not 0 <= self.part[0] < self.part[1]:
             raise ValueError(f"part must be (index, count) with 0 <= index < count, found {part}")
         overlap = sorted(set(streamed_layers) & set(resident_layers))
@@ -347,6 +389,7 @@ class GpuExperts:
             ([(self._host.data_ptr(), self._host.numel())] if self._host is not None else [])
         self.host_pinned = False
         self._resident: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}  # w13, w2, map
+        self._resident_bytes: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # staged bytes, map
         self._streamed: frozenset[int] = frozenset()
         if self.streamed_layers or self.split_layers:
             self._pin_host()
@@ -363,12 +406,23 @@ class GpuExperts:
             every = self._info[layer].held_experts
             staged = torch.empty(staged_bytes(self._info[layer]), dtype=torch.uint8, device=self.device)
             self._stage(layer, every, staged)
-            w13, w2 = self._dequantize(layer, every, staged, self._new_weights(self._info[layer]))
-            self._resident[layer] = w13, w2, self._expert_map(self._info[layer], every)
+            if quantized_resident:
+                self._resident_bytes[layer] = staged, self._expert_map(self._info[layer], every)
+            else:
+                w13, w2 = self._dequantize(layer, every, staged, self._new_weights(self._info[layer]))
+                self._resident[layer] = w13, w2, self._expert_map(self._info[layer], every)
+        if self._resident_bytes:  # the weights longer passes dequantize a resident layer into
+            info = self._one_shape(self.resident_layers, "resident")
+            if _shares_streamed_weights(self._info, self.streamed_layers, self.resident_layers, stream_group):
+                self._resident_weights = self._weights
+            else:
+                self._resident_weights = self._new_weights(info, None, max(self._info[n].down_columns
+                                                                           for n in self.resident_layers))
         if self.resident_layers:
             torch.cuda.synchronize(self.device)
-            log.info("lvgg: %d resident expert layers dequantized onto %s in %.1f s", len(self.resident_layers),
-                     self.device, time.perf_counter() - t0)
+            log.info("lvgg: %d resident expert layers %s onto %s in %.1f s", len(self.resident_layers),
+                     "copied as their quantized bytes" if quantized_resident else "dequantized", self.device,
+                     time.perf_counter() - t0)
 
     # -- public ---------------------------------------------------------------------------------------
 
@@ -382,6 +436,9 @@ class GpuExperts:
         tensors = [*self._staging, *self._weights] if self.streamed_layers else []
         tensors += [self._fetch_staging] if self.split_layers else []
         tensors += [t for w13, w2, _ in self._resident.values() for t in (w13, w2)]
+        tensors += [staged for staged, _ in self._resident_bytes.values()]
+        if self._resident_bytes and self._resident_weights is not getattr(self, "_weights", None):
+            tensors += [*self._resident_weights]
         return sum(t.untyped_storage().nbytes() for t in tensors)  # a resident w2 is a view of its padded down
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
@@ -390,6 +447,19 @@ class GpuExperts:
             w13, w2, expert_map = self._resident[layer]
             return self._fused_experts(x, w13, w2, topk_weights, topk_ids,
                                        global_num_experts=self._info[layer].routed_experts, expert_map=expert_map)
+        if layer in self._resident_bytes:
+            staged, expert_map = self._resident_bytes[layer]
+            info = self._info[layer]
+            if x.shape[0] <= RESIDENT_BYTES_MOST_TOKENS:  # each slot's expert, read from its bytes
+                held = info.held_experts
+                slot_expert = torch.where((topk_ids >= held.start) & (topk_ids < held.stop), topk_ids - held.start,
+                                          -1).to(torch.int32)
+                staged_projections = [_staged(info, projection, staged[at:at + nbytes].view(info.n_experts, -1))
+                                      for (projection, _, _), (_, nbytes, at) in zip(self._plan[layer], _pieces(info))]
+                return _multiply_staged(info, x, sum(staged_projections, []), slot_expert, topk_weights)
+            w13, w2 = self._dequantize(layer, info.held_experts, staged, self._resident_weights)
+            return self._fused_experts(x, w13, w2, topk_weights, topk_ids, global_num_experts=info.routed_experts,
+                                       expert_map=expert_map)
         if layer not in self._streamed:
             raise ValueError(f"layer {layer} is neither streamed nor resident on the GPU "
                              f"(streamed: {self.streamed_layers}, resident: {self.resident_layers})")
@@ -431,11 +501,8 @@ class GpuExperts:
             staged += _staged(info, projection, data)
         for event in self._fetched_event[:len(plan) - 1]:
             stream.wait_event(event)
-        gate, up, down = staged
-        act = gated_activations(x.contiguous(), gate, up, slot_expert)
-        stream.wait_event(self._fetched_event[len(plan) - 1])
-        # a share's down: whole blocks of columns around its rows
-        return weighted_down(act, down, topk_weights.float().contiguous(), slot_expert, x.dtype, lead=info.down_lead)
+        return _multiply_staged(info, x, staged, slot_expert, topk_weights,
+                                before_down=lambda: stream.wait_event(self._fetched_event[len(plan) - 1]))
 
     def close(self) -> None:
         """Unpin what the GPU reads (pinned while layers stream or split); the device must be done

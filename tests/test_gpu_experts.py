@@ -12,7 +12,7 @@ import lvgg
 from lvgg import _bridge, gpu_experts
 from lvgg.gpu_dequant import packed_nbytes
 from lvgg.gpu_experts import (GpuExperts, _host_views, estimate_vram_bytes, gpu_unsupported, layer_infos, reads_packed,
-                              stream_groups)
+                              staged_bytes, stream_groups)
 from lvgg.testing.expert_files import ReferenceLayer, random_experts, read_reference, write_experts_file
 
 E, D, F, K = 16, 256, 512, 4
@@ -89,9 +89,30 @@ def test_streamed_and_resident_layers_match_the_reference(experts_file, stream_g
 
 
 @needs_cuda
-def test_resident_layers_replay_in_a_cuda_graph(experts_file):
+@pytest.mark.parametrize("quantized", [True, False])  # kept as the file's bytes, or dequantized once
+@pytest.mark.parametrize("repack", [False, True])
+def test_resident_layers_match_the_reference(experts_file, quantized, repack):
+    store = lvgg.ExpertStore(experts_file, repack=repack)
+    gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, resident_layers=[1, 5], quantized_resident=quantized)
+    # up to RESIDENT_BYTES_MOST_TOKENS tokens multiply the bytes; more dequantize into shared weights
+    for step, (layer, T) in enumerate([(1, 1), (5, 7), (1, 16), (5, 17), (1, 300), (5, 2)]):
+        x, ids, w = routing(T, step)
+        out = gpu(layer, x.to("cuda", torch.bfloat16), ids.cuda(), w.cuda())
+        want = read_reference(experts_file, layer).forward(x.to(torch.bfloat16).double().numpy(), ids.numpy(),
+                                                           w.double().numpy())
+        assert rel_error(out, want) < 0.02, f"layer {layer}, {T} tokens"
+    infos = {n: store.layer_info(n) for n in (1, 5)}
+    assert gpu.vram_bytes == estimate_vram_bytes(infos, [], [1, 5], torch.bfloat16, quantized_resident=quantized)
+    dequantized = estimate_vram_bytes(infos, [], [1, 5], torch.bfloat16, quantized_resident=False)
+    if quantized:  # two Q4_K_M layers' bytes and one layer of bf16 weights, against two of weights
+        assert gpu.vram_bytes < 0.7 * dequantized
+
+
+@needs_cuda
+@pytest.mark.parametrize("T", [16, 40])  # from the bytes; dequantized into the shared weights
+def test_resident_layers_replay_in_a_cuda_graph(experts_file, T):
     gpu = GpuExperts(lvgg.ExpertStore(experts_file), device="cuda", dtype=torch.bfloat16, resident_layers=[2])
-    x, ids, w = (t.cuda() for t in routing(16, 1))
+    x, ids, w = (t.cuda() for t in routing(T, 1))
     x = x.to(torch.bfloat16)
     eager = gpu(2, x, ids, w)
     graph = torch.cuda.CUDAGraph()
@@ -117,11 +138,11 @@ def test_layers_the_gpu_cannot_run_are_refused_before_any_gpu_work(tmp_path):
     rng = np.random.default_rng(3)
     path = write_experts_file(tmp_path / "mixed.gguf", {0: random_experts(rng, 4, 256, 256),
                                                         1: random_experts(rng, 4, 256, 256, form="up+down")},
-                              {"gate": Q.IQ4_XS, "up": Q.Q8_0, "down": Q.Q8_0})
+                              {"gate": Q.TQ1_0, "up": Q.Q8_0, "down": Q.Q8_0})  # ternary: no GPU kernel
     store = lvgg.ExpertStore(path)
-    assert "IQ4_XS" in gpu_unsupported(store.layer_info(0))
+    assert "TQ1_0" in gpu_unsupported(store.layer_info(0))
     assert "up+down" in gpu_unsupported(store.layer_info(1))
-    with pytest.raises(ValueError, match=r"layer 0 of .* cannot run on the GPU: types \['IQ4_XS'\]"):
+    with pytest.raises(ValueError, match=r"layer 0 of .* cannot run on the GPU: types \['TQ1_0'\]"):
         GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[0])
     with pytest.raises(ValueError, match="layers \\[1\\] are both streamed and resident"):
         GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[1], resident_layers=[1])
@@ -139,9 +160,17 @@ def test_vram_estimate_counts_two_staging_slots_one_streamed_layer_and_each_resi
     else:
         assert not any(info.twins for info in infos.values())
         staged = 2 * (E * F * D // 256 * 144) + E * D * F // 256 * 210  # Q4_K gate, up; Q6_K down
-    assert estimate_vram_bytes(infos, [], [1, 2], torch.bfloat16) == 2 * weights
-    assert estimate_vram_bytes(infos, [1, 2], [3], torch.bfloat16) == 2 * weights + 2 * staged
+    assert estimate_vram_bytes(infos, [], [1, 2], torch.bfloat16, quantized_resident=False) == 2 * weights
+    assert estimate_vram_bytes(infos, [1, 2], [3], torch.bfloat16, quantized_resident=False) == 2 * weights + 2 * staged
     assert estimate_vram_bytes(infos, [1], [], torch.float32) == 2 * weights + 2 * staged
+    # quantized resident layers: their bytes, and one layer of weights for longer passes (the
+    # streamed layers' where they hold whole layers, else one of their own)
+    aligned = staged_bytes(infos[1])
+    assert staged <= aligned < staged + 1024
+    assert estimate_vram_bytes(infos, [], [1, 2], torch.bfloat16) == 2 * aligned + weights
+    assert estimate_vram_bytes(infos, [1, 2], [3], torch.bfloat16) == weights + 2 * staged + aligned
+    assert estimate_vram_bytes(infos, [1, 2], [3], torch.bfloat16, stream_group=6) == \
+        weights * 6 // E + 2 * staged_bytes(infos[1], 6) + aligned + weights
 
 
 @pytest.mark.parametrize("n_parts,by", [(1, "rows"), (3, "rows"), (2, "experts")])
@@ -210,12 +239,18 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
     assert plan == (list(range(48)), [], list(range(48)), None, [])
     streamed, resident, split, _, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, "auto"), 80 * 2**30,
                                                       torch.bfloat16)
+    assert resident == list(range(48)) and streamed == split == []  # bf16 weights: 31 layers
+    # half of a 20 GiB GPU: about 3x the layers their bf16 weights would fill
+    streamed, resident, split, _, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, "auto"), 20 * 2**30,
+                                                      torch.bfloat16)
     stream = estimate_vram_bytes(a3b, [0], [], torch.bfloat16, [0], SPLIT_EXPERTS)
-    assert len(resident) == (40 * 2**30 - stream) // layer and resident == list(range(len(resident)))
+    assert len(resident) >= 2.8 * ((10 * 2**30 - stream) // layer) and resident == list(range(len(resident)))
     assert streamed == split == list(range(len(resident), 48))
+    one_more = resident + streamed[:1]
+    assert estimate_vram_bytes(a3b, streamed[1:], one_more, torch.bfloat16, streamed[1:], SPLIT_EXPERTS) > 10 * 2**30
     plan = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, None), 80 * 2**30, torch.bfloat16)
     assert plan.split == [] and len(plan.resident) >= len(resident)
-    with pytest.raises(ValueError, match="3 resident expert layers need 3.4 GiB of VRAM; LVGG_GPU_EXPERTS_GB allows 2.0"):
+    with pytest.raises(ValueError, match="3 resident expert layers need 2.2 GiB of VRAM; LVGG_GPU_EXPERTS_GB allows 2.0"):
         plan_gpu_layers(a3b, GpuSettings(None, (0, 1, 2), 2 * 2**30, None), 80 * 2**30, torch.bfloat16)
     # DeepSeek-V3-sized layers: streaming a whole one needs ~37 GiB; on a 40 GiB GPU (10 GiB for
     # streaming) prefill streams them in 4 groups of 64 experts, and splitting decode steps (the
@@ -231,11 +266,11 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
     plan = plan_gpu_layers(v3, GpuSettings(64, (), 2**27, "auto"), 40 * 2**30, torch.bfloat16)  # not one expert
     assert plan.streamed == plan.split == [] and "even one expert at a time" in plan.notes[0]
     assert "decode runs the experts on the CPU" in plan.notes[1]
-    iq = model_layer_infos(2, 8, 256, 256, {"gate": "iq4_xs", "up": "iq4_xs", "down": "q8_0"})
-    plan = plan_gpu_layers(iq, GpuSettings(64, (), None, 3), 80 * 2**30, torch.bfloat16)
+    ternary = model_layer_infos(2, 8, 256, 256, {"gate": "tq1_0", "up": "tq1_0", "down": "q8_0"})
+    plan = plan_gpu_layers(ternary, GpuSettings(64, (), None, 3), 80 * 2**30, torch.bfloat16)
     assert plan.streamed == plan.split == [] and "run on the CPU only" in plan.notes[0]
-    with pytest.raises(ValueError, match=r"layers \[1\] cannot be resident: layer 1: types \['IQ4_XS'\]"):
-        plan_gpu_layers(iq, GpuSettings(64, (1,), None), 80 * 2**30, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"layers \[1\] cannot be resident: layer 1: types \['TQ1_0'\]"):
+        plan_gpu_layers(ternary, GpuSettings(64, (1,), None), 80 * 2**30, torch.bfloat16)
     # a pipeline stage holding layers 24-47 keeps those of the listed layers it holds
     second = {i: info for i, info in a3b.items() if i >= 24}
     plan = plan_gpu_layers(second, GpuSettings(None, (0, 1, 30), None, None), 80 * 2**30, torch.bfloat16,
