@@ -90,14 +90,30 @@ def time_layer(moe: CpuMoE, layers: list[int], tokens: int, top_k: int, n_expert
 
 
 def bench_moe(types: list[str], tokens: list[int], threads: int, n_layers: int, min_seconds: float,
-              workdir: str | None = None, configs: tuple[str, ...] = tuple(CONFIGS), **shape) -> list[MoeResult]:
+              workdir: str | None = None, configs: tuple[str, ...] = tuple(CONFIGS), experts_file: str | None = None,
+              **shape) -> list[MoeResult]:
+    """Every engine configuration on a synthetic file per type, or on the layers of
+    ``experts_file`` (any GGUF lvgg reads: a llama.cpp one, split, or org/repo:QUANT)."""
     def engines(path: Path, K: int):
         for config in configs:
             store_args, schedule = CONFIGS[config]
             store = ExpertStore(path, **store_args)
             yield config, store, CpuMoE(store, threads=threads, max_tokens=max(tokens), max_top_k=K, schedule=schedule)
 
+    if experts_file is not None:
+        return _time_engines(experts_file, file_label(experts_file), tokens, min_seconds, engines,
+                             {**SHAPE_30B_A3B, **shape})
     return _bench(types, tokens, n_layers, min_seconds, workdir, engines, shape)
+
+
+def file_label(path: str) -> str:
+    """The expert types of a file, as a row label: one type, or gate/up/down's (e.g. Q4_K/Q4_K/Q6_K)."""
+    store = ExpertStore(path, repack=False)
+    per_layer = {"/".join(store.layer_info(layer).types.values()).upper() for layer in store.layers}
+    if len(per_layer) > 1:
+        return "mixed"
+    (types,) = per_layer
+    return types.split("/")[0] if len(set(types.split("/"))) == 1 else types
 
 
 def bench_nodes(types: list[str], tokens: list[int], threads: int, node_counts: list[int], n_layers: int,
@@ -185,21 +201,29 @@ def _bench(types: list[str], tokens: list[int], n_layers: int, min_seconds: floa
            engines, shape: dict) -> list[MoeResult]:
     """Time every engine ``engines(path, top_k)`` yields (label, store, moe) on a synthetic file per type."""
     shape = {**SHAPE_30B_A3B, **shape}
-    E, D, F, K = shape["n_experts"], shape["hidden"], shape["intermediate"], shape["top_k"]
-    rng = np.random.default_rng(0)
+    E, D, F = shape["n_experts"], shape["hidden"], shape["intermediate"]
     results = []
     with scratch_dir(workdir) as tmp:
         for name in types:
             qtype = MIXES.get(name.upper()) or gguf.GGMLQuantizationType[name.upper()]
             path = synthetic_experts_file(Path(tmp) / f"{name}.gguf", qtype, n_layers, E, D, F)
-            for label, store, moe in engines(path, K):
-                bytes_per_expert = store.layer_info(0).nbytes // E
-                for t in tokens:
-                    sec, active = time_layer(moe, store.layers, t, K, E, D, bytes_per_expert, min_seconds, rng)
-                    results.append(MoeResult(name.upper(), label, t, sec * 1e3, t / (sec * shape["model_layers"]),
-                                             active / 1e9))
-                del moe, store
+            results += _time_engines(path, name.upper(), tokens, min_seconds, engines, shape)
             os.unlink(path)
+    return results
+
+
+def _time_engines(path, name: str, tokens: list[int], min_seconds: float, engines, shape: dict) -> list[MoeResult]:
+    """Time every engine ``engines(path, top_k)`` yields on the file's layers (its own sizes)."""
+    rng = np.random.default_rng(0)
+    results = []
+    for label, store, moe in engines(path, shape["top_k"]):
+        info = store.layer_info(store.layers[0])
+        E, D = info.n_experts, info.hidden_size
+        bytes_per_expert = info.nbytes // E
+        for t in tokens:
+            sec, active = time_layer(moe, store.layers, t, shape["top_k"], E, D, bytes_per_expert, min_seconds, rng)
+            results.append(MoeResult(name, label, t, sec * 1e3, t / (sec * shape["model_layers"]), active / 1e9))
+        del moe, store
     return results
 
 

@@ -167,6 +167,9 @@ def bench_moe(
     workdir: str = typer.Option(None, help="folder for the synthetic experts files (default: temp)"),
     configs: str = typer.Option(None, help="engine configurations to compare, ';' separated (default: all of "
                                 "'ggml mul_mat_id;repacked;ggml repacked;per-expert;auto, both layouts')"),
+    file: str = typer.Option(None, help="time this file's expert layers instead of synthetic ones: an experts file, "
+                             "a llama.cpp GGUF (split: its first part) or org/repo:QUANT (--top-k: its experts per "
+                             "token)"),
 ) -> None:
     """CPU MoE layer (30B-A3B shapes by default): ms per layer, tokens/s and bandwidth use."""
     from lvgg import _bridge, bench
@@ -177,11 +180,14 @@ def bench_moe(
     threads = threads or len(_bridge.physical_core_cpus())
     bw = bench.read_bandwidth_gb_per_s(threads)
     console.print(f"read bandwidth, {threads} threads: [bold]{bw:.1f} GB/s[/] (the floor at 1 token)")
-    results = bench.bench_moe(_csv(types), _csv(tokens, int), threads, layers, seconds, workdir,
-                              tuple(c.strip() for c in configs.split(";") if c.strip()),
-                              n_experts=experts, hidden=hidden, intermediate=intermediate, top_k=top_k)
-    print_moe_table(console, results, bw, f"MoE layer D={hidden} F={intermediate} E={experts} top-{top_k}, "
-                    f"{threads} threads")
+    try:
+        results = bench.bench_moe(_csv(types), _csv(tokens, int), threads, layers, seconds, workdir,
+                                  tuple(c.strip() for c in configs.split(";") if c.strip()), file,
+                                  n_experts=experts, hidden=hidden, intermediate=intermediate, top_k=top_k)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    shape = f"layers of {file}" if file else f"MoE layer D={hidden} F={intermediate} E={experts}"
+    print_moe_table(console, results, bw, f"{shape} top-{top_k}, {threads} threads")
 
 
 class Kernels(str, Enum):

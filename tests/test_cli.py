@@ -27,6 +27,21 @@ def test_bench_moe_prints_bandwidth_floor_and_every_config(tmp_path):
     assert list((tmp_path / "new" / "dir").iterdir()) == []  # made where missing; synthetic files are removed
 
 
+def test_bench_moe_times_a_split_llamacpp_gguf(tmp_path):
+    import numpy as np
+
+    from lvgg.testing.expert_files import write_llamacpp_gguf
+
+    write_llamacpp_gguf(tmp_path / "m.gguf", np.random.default_rng(0), split_max_tensors=3)
+    result = runner.invoke(app, ["bench", "moe", "--file", str(tmp_path / "m-00001-of-00003.gguf"), "--tokens", "1,4",
+                                 "--threads", "1", "--seconds", "0.01", "--top-k", "2", "--configs", "repacked"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "layers of" in result.output and "Q4_K/Q4_K/Q6_K" in result.output
+    result = runner.invoke(app, ["bench", "moe", "--file", str(tmp_path / "m-00002-of-00003.gguf")])
+    assert result.exit_code == 2 and "name the first part" in result.output
+
+
 def test_bench_rejects_unknown_type(tmp_path):
     result = runner.invoke(app, ["bench", "moe", "--types", "Q9_Z", "--tokens", "1", "--workdir", str(tmp_path)])
     assert result.exit_code != 0
