@@ -33,6 +33,16 @@ def test_matching_file_passes(qwen3):
     check_experts_file(lvgg.ExpertStore(experts), config)
 
 
+def test_file_with_llamacpps_architecture_name_passes(qwen3, tmp_path):
+    """`lvgg convert --from-gguf` keeps llama.cpp's name (qwen3moe) in lvgg.architecture too."""
+    from lvgg.convert.gguf_to_gguf import convert_gguf
+
+    _, config, experts = qwen3
+    copy = convert_gguf(experts, tmp_path / "copy.gguf", None, 1, True)
+    assert lvgg.ExpertStore(copy).metadata()["lvgg.architecture"] == "qwen3moe"
+    check_experts_file(lvgg.ExpertStore(copy), config)
+
+
 def test_file_of_another_architecture_is_refused(qwen3, tmp_path):
     _, config, _ = qwen3
     mixtral = make_tiny_model("mixtral", tmp_path / "mx", seed=2)
