@@ -29,11 +29,14 @@ def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> lis
 
 def check_before_start(model: str, files: list[Path]) -> None:
     """What can be checked before vLLM loads anything, from the headers alone (the engine maps the
-    data later, in vLLM's process): the files are readable GGUFs, hold routed experts, and (where
-    the model is a local folder) match the model's architecture, MoE layers and sizes."""
+    data later, in vLLM's process): the files are readable GGUFs (a split set: all its parts, each
+    once), their expert tensors ones the CPU can multiply, and (where the model is a local folder)
+    they match the model's architecture, MoE layers and sizes."""
+    from lvgg import _bridge
     from lvgg.inspect_gguf import inspect_gguf
     from lvgg.models import check_experts_match
 
+    _bridge.ExpertStore.check_files([str(f) for f in files])  # the store's own checks
     summary = inspect_gguf(files[0])
     dims = {s.layer: (s.n_experts, s.hidden_size, s.intermediate_size) for s in summary.layers}
     config = _model_config(model)

@@ -92,6 +92,15 @@ def test_a_part_of_another_model_is_refused(model_files, tmp_path):
         lvgg.ExpertStore(parts[0])
 
 
+def test_split_sets_are_checked_before_vllm_starts(model_files, tmp_path):
+    parts = copy_parts(model_files, tmp_path)
+    shutil.copy(parts[0], parts[1])
+    folder = make_tiny_model("qwen3_moe", tmp_path / "m", seed=3)
+    r = CliRunner().invoke(app, ["serve", str(folder), "--experts", str(parts[0])])
+    assert r.exit_code == 2
+    assert "should be part 2 of 3, its header says part 1 of 3" in r.output
+
+
 def test_one_part_renamed_as_a_whole_file_is_refused(model_files, tmp_path):
     parts = copy_parts(model_files, tmp_path)
     alone = tmp_path / "model.gguf"

@@ -73,7 +73,7 @@ def test_serve_refuses_an_unreadable_file_before_vllm(qwen3, tmp_path):
     bad.write_bytes(b"GGUF" + b"\xff" * 64)
     r = CliRunner().invoke(app, ["serve", str(folder), "--experts", str(bad)])
     assert r.exit_code == 2
-    assert "is not a readable GGUF file" in r.output
+    assert "is a corrupt or truncated GGUF file" in r.output
 
 
 def test_llm_needs_an_experts_file(qwen3, tmp_path):

@@ -193,6 +193,12 @@ NB_MODULE(_bridge, m) {
              },
              "paths"_a, "repack"_a = true, "keep_mapped"_a = false, "only_layers"_a = std::vector<int>{},
              "own_kernels"_a = true)
+        .def_static("check_files",
+                    [](std::vector<std::string> paths) {
+                        nb::gil_scoped_release release;
+                        ExpertStore::check_files(paths);
+                    },
+                    "paths"_a)
         .def_prop_ro("keeps_mapped", &ExpertStore::keeps_mapped)
         .def_prop_ro("path", &ExpertStore::path)
         .def_prop_ro("architecture", &ExpertStore::architecture)

@@ -93,6 +93,21 @@ ExpertStore::ExpertStore(const std::vector<std::string> & paths, bool repack, bo
     }
 }
 
+void ExpertStore::check_files(const std::vector<std::string> & paths) {
+    if (paths.empty()) {
+        fail(ErrorKind::Value, "no GGUF file given");
+    }
+    ExpertStore headers;
+    headers.path_ = paths[0];
+    headers.open_and_validate(paths);
+    headers.collect_layers();
+    for (const auto & kv : headers.layers_) {
+        for (const ggml_tensor * t : kv.second.tensors()) {
+            headers.check_cpu_type(t);
+        }
+    }
+}
+
 ExpertStore::ExpertStore(const ExpertStore & whole, int part, int n_parts, bool repack, Split by) :
     path_(whole.path_ + (by == Split::Experts ? " (experts part " : " (part ") + std::to_string(part + 1) + " of " +
           std::to_string(n_parts) + ")"),
@@ -390,6 +405,14 @@ void ExpertStore::keep_only(const std::vector<int> & layers) {
 #define MADV_POPULATE_READ 22  // Linux 5.14
 #endif
 
+void ExpertStore::check_cpu_type(const ggml_tensor * t) const {
+    if (!cpu_supports_experts_of_type(t->type, t->ne, ggml_backend_cpu_buffer_type())) {
+        fail(ErrorKind::Value, std::string("tensor '") + t->name + "' of " + path_ + " has type " +
+                                   ggml_type_name(t->type) + ", which ggml's CPU backend cannot multiply; "
+                                   "requantize the experts (lvgg convert --type Q4_K)");
+    }
+}
+
 // Maps every file end to end, each from a page boundary: one range the GPU can pin and read.
 void ExpertStore::map_files() {
     void * span = mmap(nullptr, file_size_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -423,16 +446,11 @@ void ExpertStore::place_weights(bool repack, bool populate) {
 
     repack_                             = repack;
     repacked_ctx_                       = tensor_context(count_expert_tensors(layers_));
-    ggml_backend_buffer_type_t cpu_buft = ggml_backend_cpu_buffer_type();
     std::vector<char> staging;  // a layer's gate and up rows, interleaved per expert, for the fused copy
     for (auto & kv : layers_) {
         ExpertLayer & L = kv.second;
         for (ggml_tensor * t : L.tensors()) {
-            if (!cpu_supports_experts_of_type(t->type, t->ne, cpu_buft)) {
-                fail(ErrorKind::Value, std::string("tensor '") + t->name + "' has type " + ggml_type_name(t->type) +
-                                           ", which ggml's CPU backend cannot multiply; requantize the experts "
-                                           "(lvgg convert --type Q4_K)");
-            }
+            check_cpu_type(t);
             char * src = (char *) map_ + file_at_.at(t);
             ggml_backend_tensor_alloc(map_buf_, t, src);
             if (populate) {

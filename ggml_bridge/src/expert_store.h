@@ -75,6 +75,9 @@ class ExpertStore {
     // checked: count, numbering, tensors in all, no tensor twice).
     ExpertStore(const std::vector<std::string> & paths, bool repack, bool keep_mapped,
                 const std::vector<int> & only_layers = {}, bool own_kernels = true);
+    // Every check the constructor makes of the files' headers (a split set's keys, tensors within
+    // the files, expert shapes and types), without mapping or reading any tensor; throws as it does.
+    static void check_files(const std::vector<std::string> & paths);
     // Part `part` of `n_parts` of another store's experts, for one NUMA node or rank: what
     // part_shape() names of every layer (of both halves of a fused gate_up). Copied into memory
     // this thread touches first (call it from a thread bound to the node), repacked where ggml has
@@ -121,6 +124,7 @@ class ExpertStore {
     const gguf_context *               gguf() const { return shards_.empty() ? nullptr : shards_[0].gguf; }
 
   private:
+    ExpertStore() = default;
     // One file of the store's (a split GGUF's part): its header, and where its bytes start in the mapping.
     struct Shard {
         std::string    path;
@@ -135,6 +139,7 @@ class ExpertStore {
     void collect_layers();
     void keep_only(const std::vector<int> & layers);
     void map_files();
+    void check_cpu_type(const ggml_tensor * t) const;  // throws where ggml's CPU cannot multiply it
     void place_weights(bool repack, bool populate);
     void slice_from(const ExpertStore & whole, int part, int n_parts, bool repack, Split by);
     ggml_tensor * add_repacked(ggml_tensor * t, const void * src);  // nullptr: no layout for the type
