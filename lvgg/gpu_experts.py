@@ -19,8 +19,8 @@ next pass. A layer too big for the VRAM given to streaming goes in groups of exp
 once at creation and stay on the GPU as their quantized bytes: passes of up to
 RESIDENT_BYTES_MOST_TOKENS tokens (decode) multiply the experts straight from those bytes
 (lvgg's expert kernels), longer ones dequantize the layer into one shared pair of weights for
-vLLM's fused MoE (``quantized_resident=False``: each layer dequantized once, ~3.5x the VRAM of Q4_K). Split layers (`fetched`): a kernel reads the
-chosen experts' bytes straight from pinned host memory (ids on the device, so CUDA graphs capture
+vLLM's fused MoE (``quantized_resident=False``: each layer dequantized once, ~3.5x the VRAM of
+Q4_K). Split layers (`fetched`): a kernel reads the chosen experts' bytes straight from pinned host memory (ids on the device, so CUDA graphs capture
 it) and lvgg's expert kernels multiply them from those bytes (lvgg.gpu_split).
 
 Nothing here synchronizes the device; calls are ordered by the current stream. Streamed calls

@@ -228,8 +228,8 @@ void ExpertStore::open_and_validate(const std::vector<std::string> & paths) {
         const size_t got = std::fread(magic, 1, 4, fp);
         std::fclose(fp);
         if (got < 4 || std::memcmp(magic, "GGUF", 4) != 0) {
-            fail(ErrorKind::Value, path + " is not a GGUF file: expected the magic 'GGUF' in its first 4 bytes, found " +
-                                       (got < 4 ? std::string("only ") + std::to_string(got) + " bytes"
+            fail(ErrorKind::Value, path + " is not a GGUF file: expected the magic 'GGUF' in its first 4 bytes, "
+                                       "found " + (got < 4 ? std::string("only ") + std::to_string(got) + " bytes"
                                                 : "'" + std::string(magic, 4) + "'") +
                                        "; convert the model with `lvgg convert` or pass a llama.cpp GGUF");
         }
@@ -293,9 +293,9 @@ static int64_t int_key(const gguf_context * g, const char * key, int64_t otherwi
 void ExpertStore::check_split_set() const {
     const int64_t count = int_key(shards_[0].gguf, "split.count", 1);
     if (count != (int64_t) shards_.size()) {
-        fail(ErrorKind::Value, shards_[0].path + " says it is one of " + std::to_string(count) + " parts of a split GGUF, " +
-                                   std::to_string(shards_.size()) + " given; name its first part "
-                                   "(-00001-of-...gguf) with every part beside it");
+        fail(ErrorKind::Value, shards_[0].path + " says it is one of " + std::to_string(count) +
+                                   " parts of a split GGUF, " + std::to_string(shards_.size()) +
+                                   " given; name its first part (-00001-of-...gguf) with every part beside it");
     }
     std::map<std::string, std::string> seen;  // tensor name -> its file
     int64_t                            tensors = 0;
@@ -303,8 +303,8 @@ void ExpertStore::check_split_set() const {
         const Shard & f  = shards_[i];
         const int64_t no = int_key(f.gguf, "split.no", 0);
         if (no != (int64_t) i || int_key(f.gguf, "split.count", 1) != count) {
-            fail(ErrorKind::Value, f.path + " should be part " + std::to_string(i + 1) + " of " + std::to_string(count) +
-                                       ", its header says part " + std::to_string(no + 1) + " of " +
+            fail(ErrorKind::Value, f.path + " should be part " + std::to_string(i + 1) + " of " +
+                                       std::to_string(count) + ", its header says part " + std::to_string(no + 1) + " of " +
                                        std::to_string(int_key(f.gguf, "split.count", 1)) +
                                        ": a part is duplicated, renamed or from another download");
         }
@@ -342,7 +342,8 @@ void ExpertStore::collect_layers() {
             ExpertLayer & L     = layers_[index];
             L.index             = index;
             const std::string proj = m[2].str();
-            ggml_tensor *&    slot = proj == "gate" ? L.gate : proj == "up" ? L.up : proj == "down" ? L.down : L.gate_up;
+            ggml_tensor *&    slot = proj == "gate" ? L.gate : proj == "up" ? L.up : proj == "down" ? L.down
+                                                                                                : L.gate_up;
             slot                   = t;
         }
     }

@@ -246,8 +246,8 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
             return False
         return not packs_every_expert(os.environ[EXPERTS_ENV], layers, settings.own_kernels())
 
-    repack = choose_repack(settings.repack(), saves_a_copy, sum(os.path.getsize(f) for f in resolve(os.environ[EXPERTS_ENV])),
-                           topology.meminfo()["available"])
+    file_bytes = sum(os.path.getsize(f) for f in resolve(os.environ[EXPERTS_ENV]))  # every part of a split file
+    repack = choose_repack(settings.repack(), saves_a_copy, file_bytes, topology.meminfo()["available"])
     global opened_at, _gpu_source, _repacked
     _repacked = repack
     opened_at = time.perf_counter()
