@@ -395,31 +395,32 @@ if triton is not None:
         return (((k | ((parity & 1) << 7)) >> b) & 1) == 1
 
     @triton.jit
-    def _xxs_values(grid, word, i, d, STEP: tl.constexpr):
-        """IQ2_XXS/IQ3_XXS: the grid values of sub-blocks of 32 ([N, 8, 32], value i) signed and scaled
-        by their 32-bit words: four 7-bit ksigns entries (8 values each), then a 4-bit scale s in the top
+    def _xxs_values(grid, word, field, b, d, STEP: tl.constexpr):
+        """IQ2_XXS/IQ3_XXS: grid values signed and scaled by their sub-block's 32-bit word: four 7-bit
+        ksigns entries (``field``, 8 values each; sign ``b`` of it), then a 4-bit scale s in the top
         bits, d * (s + 1/2) * STEP."""
         db = d * (0.5 + ((word >> 28) & 15).to(tl.float32)) * STEP
-        return db * tl.where(_ksign((word >> (7 * (i // 8))) & 127, i % 8), -grid, grid)
+        return db * tl.where(_ksign((word >> (7 * field)) & 127, b), -grid, grid)
 
     @triton.jit
-    def _iq2_scales(p, i, mask, d):
-        """IQ2_XS/IQ2_S: value i's (0..31) scale from its sub-block's byte at p, a 4-bit s for each 16
-        values (low nibble first): d * (s + 1/2) / 4."""
-        s = (_u8_at(p, mask) >> (4 * (i // 16))) & 0xF
+    def _iq2_scales(p, h, mask, d):
+        """IQ2_XS/IQ2_S: the scale of half h of a sub-block from its byte at p, a 4-bit s for each
+        half (low nibble first): d * (s + 1/2) / 4."""
+        s = (_u8_at(p, mask) >> (4 * h)) & 0xF
         return d * (0.5 + s.to(tl.float32)) * 0.25
 
     @triton.jit
-    def _iq1_values(tables, index, i, minus):
-        """IQ1_S/IQ1_M: value i % 8 of iq1s_grid's entry ``index`` (-1, 0 or 1) plus delta, 1/8 (-1/8
+    def _iq1_values(tables, index, v, minus):
+        """IQ1_S/IQ1_M: value v of iq1s_grid's entry ``index`` (-1, 0 or 1) plus delta, 1/8 (-1/8
         where ``minus``)."""
-        return tl.load(tables + _IQ1_S_GRID + 8 * index + i % 8).to(tl.float32) + tl.where(minus, -0.125, 0.125)
+        return tl.load(tables + _IQ1_S_GRID + 8 * index + v).to(tl.float32) + tl.where(minus, -0.125, 0.125)
 
     # Block decoders: the values of the blocks starting at byte offsets ``base`` ([N] int64) of
     # ``src``, as float32 [N, values per block] (256-value blocks: [N, sub-blocks, values per
     # sub-block]); blocks where ``mask`` ([N]) is false read as 0. ``tables``: the lookup tables
-    # (_lookup_tables). The layouts are ggml's (ggml-common.h); the grid types' sub-blocks hold 32
-    # values.
+    # (_lookup_tables). The layouts are ggml's (ggml-common.h). The grid types' sub-blocks hold 32
+    # values, their grid entries 8 (IQ2, IQ1) or 4 (IQ3): decoded as [N, entries, values], every
+    # entry's index and signs read once.
 
     @triton.jit
     def _q4_0_blocks(src, base, mask, MIN: tl.constexpr, FIFTH_BITS: tl.constexpr):
@@ -551,98 +552,100 @@ if triton is not None:
     @triton.jit
     def _iq2_xxs_blocks(src, base, mask, tables):
         # d (f16), then 8 bytes per sub-block: 4 indices of iq2xxs_grid (8 values each), a 32-bit word
-        # of signs and scale (_xxs_values)
-        j = tl.arange(0, 8)[None, :, None]
-        i = tl.arange(0, 32)[None, None, :]
-        at, m3 = src + base[:, None, None] + 2 + 8 * j, mask[:, None, None]
-        grid = tl.load(tables + _IQ2_XXS_GRID + 8 * _u8_at(at + i // 8, m3) + i % 8).to(tl.float32)
-        return _xxs_values(grid, _u32_at(at + 4, m3), i, _f16_at(src + base, mask)[:, None, None], 0.25)
+        # of signs and scale (_xxs_values). Entry e: sub-block e // 4, its entry e % 4.
+        e = tl.arange(0, 32)[None, :, None]
+        v = tl.arange(0, 8)[None, None, :]
+        at, m3 = src + base[:, None, None] + 2 + 8 * (e // 4), mask[:, None, None]
+        grid = tl.load(tables + _IQ2_XXS_GRID + 8 * _u8_at(at + e % 4, m3) + v).to(tl.float32)
+        return _xxs_values(grid, _u32_at(at + 4, m3), e % 4, v, _f16_at(src + base, mask)[:, None, None], 0.25)
 
     @triton.jit
     def _iq3_xxs_blocks(src, base, mask, tables):
         # d (f16), 64 indices of iq3xxs_grid (4 values each, 8 per sub-block), then a 32-bit word of
-        # signs and scale per sub-block (_xxs_values)
-        j = tl.arange(0, 8)[None, :, None]
-        i = tl.arange(0, 32)[None, None, :]
+        # signs and scale per sub-block (_xxs_values). Entry e: sub-block e // 8, its values
+        # 4 (e % 8) + v, signs from field (e % 8) // 2.
+        e = tl.arange(0, 64)[None, :, None]
+        v = tl.arange(0, 4)[None, None, :]
         at, m3 = src + base[:, None, None], mask[:, None, None]
-        grid = tl.load(tables + _IQ3_XXS_GRID + 4 * _u8_at(at + 2 + 8 * j + i // 4, m3) + i % 4).to(tl.float32)
-        return _xxs_values(grid, _u32_at(at + 66 + 4 * j, m3), i, _f16_at(src + base, mask)[:, None, None], 0.5)
+        grid = tl.load(tables + _IQ3_XXS_GRID + 4 * _u8_at(at + 2 + e, m3) + v).to(tl.float32)
+        d = _f16_at(src + base, mask)[:, None, None]
+        return _xxs_values(grid, _u32_at(at + 66 + 4 * (e // 8), m3), (e % 8) // 2, 4 * (e % 2) + v, d, 0.5)
 
     @triton.jit
     def _iq2_xs_blocks(src, base, mask, tables):
-        # d (f16), 4 16-bit words per sub-block (a 9-bit index of iq2xs_grid, 8 values, and a 7-bit
-        # ksigns entry above it), 8 bytes of scales (_iq2_scales)
-        j = tl.arange(0, 8)[None, :, None]
-        i = tl.arange(0, 32)[None, None, :]
+        # d (f16), a 16-bit word per entry of 8 values (4 per sub-block: a 9-bit index of iq2xs_grid,
+        # a 7-bit ksigns entry above it), 8 bytes of scales (_iq2_scales; half (e % 4) // 2 of
+        # sub-block e // 4 for entry e)
+        e = tl.arange(0, 32)[None, :, None]
+        v = tl.arange(0, 8)[None, None, :]
         at, m3 = src + base[:, None, None], mask[:, None, None]
-        q = _u16_at(at + 2 + 8 * j + 2 * (i // 8), m3)
-        grid = tl.load(tables + _IQ2_XS_GRID + 8 * (q & 511) + i % 8).to(tl.float32)
+        q = _u16_at(at + 2 + 2 * e, m3)
+        grid = tl.load(tables + _IQ2_XS_GRID + 8 * (q & 511) + v).to(tl.float32)
         d = _f16_at(src + base, mask)[:, None, None]
-        return _iq2_scales(at + 66 + j, i, m3, d) * tl.where(_ksign(q >> 9, i % 8), -grid, grid)
+        return _iq2_scales(at + 66 + e // 4, (e % 4) // 2, m3, d) * tl.where(_ksign(q >> 9, v), -grid, grid)
 
     @triton.jit
     def _iq2_s_blocks(src, base, mask, tables):
-        # d (f16), the low 8 bits of 32 indices of iq2s_grid (4 per sub-block, 8 values each), 32 sign
-        # bytes (a bit per value), 8 bytes of the indices' high 2 bits (field l for a sub-block's index
-        # l), 8 bytes of scales (_iq2_scales)
-        j = tl.arange(0, 8)[None, :, None]
-        i = tl.arange(0, 32)[None, None, :]
-        l = i // 8
+        # d (f16), the low 8 bits of 32 indices of iq2s_grid (an entry of 8 values each, 4 per
+        # sub-block), 32 sign bytes (one per entry), 8 bytes of the indices' high 2 bits (field e % 4
+        # of byte e // 4 for entry e), 8 bytes of scales (_iq2_scales, as IQ2_XS's)
+        e = tl.arange(0, 32)[None, :, None]
+        v = tl.arange(0, 8)[None, None, :]
         at, m3 = src + base[:, None, None], mask[:, None, None]
-        index = _u8_at(at + 2 + 4 * j + l, m3) | (((_u8_at(at + 66 + j, m3) >> (2 * l)) & 3) << 8)
-        grid = tl.load(tables + _IQ2_S_GRID + 8 * index + i % 8).to(tl.float32)
-        minus = ((_u8_at(at + 34 + 4 * j + l, m3) >> (i % 8)) & 1) == 1
+        index = _u8_at(at + 2 + e, m3) | (((_u8_at(at + 66 + e // 4, m3) >> (2 * (e % 4))) & 3) << 8)
+        grid = tl.load(tables + _IQ2_S_GRID + 8 * index + v).to(tl.float32)
+        minus = ((_u8_at(at + 34 + e, m3) >> v) & 1) == 1
         d = _f16_at(src + base, mask)[:, None, None]
-        return _iq2_scales(at + 74 + j, i, m3, d) * tl.where(minus, -grid, grid)
+        return _iq2_scales(at + 74 + e // 4, (e % 4) // 2, m3, d) * tl.where(minus, -grid, grid)
 
     @triton.jit
     def _iq3_s_blocks(src, base, mask, tables):
-        # d (f16), the low 8 bits of 64 indices of iq3s_grid (8 per sub-block, 4 values each), 8 bytes
-        # of their 9th bits (bit k for a sub-block's index k), 32 sign bytes (a bit per value), 4 bytes
-        # of 4-bit scales s (nibble j % 2 of byte j // 2): d * (1 + 2 s)
-        j = tl.arange(0, 8)[None, :, None]
-        i = tl.arange(0, 32)[None, None, :]
-        k = i // 4
+        # d (f16), the low 8 bits of 64 indices of iq3s_grid (an entry of 4 values each, 8 per
+        # sub-block), 8 bytes of their 9th bits (bit e % 8 of byte e // 8 for entry e), 32 sign bytes
+        # (nibble e % 2 of byte e // 2), 4 bytes of 4-bit scales s (nibble j % 2 of byte j // 2 for
+        # sub-block j): d * (1 + 2 s)
+        e = tl.arange(0, 64)[None, :, None]
+        v = tl.arange(0, 4)[None, None, :]
+        j = e // 8
         at, m3 = src + base[:, None, None], mask[:, None, None]
-        index = _u8_at(at + 2 + 8 * j + k, m3) | (((_u8_at(at + 66 + j, m3) >> k) & 1) << 8)
-        grid = tl.load(tables + _IQ3_S_GRID + 4 * index + i % 4).to(tl.float32)
-        minus = ((_u8_at(at + 74 + 4 * j + i // 8, m3) >> (i % 8)) & 1) == 1
+        index = _u8_at(at + 2 + e, m3) | (((_u8_at(at + 66 + j, m3) >> (e % 8)) & 1) << 8)
+        grid = tl.load(tables + _IQ3_S_GRID + 4 * index + v).to(tl.float32)
+        minus = ((_u8_at(at + 74 + e // 2, m3) >> (4 * (e % 2) + v)) & 1) == 1
         s = (_u8_at(at + 106 + j // 2, m3) >> (4 * (j % 2))) & 0xF
         d = _f16_at(src + base, mask)[:, None, None]
         return d * (1 + 2 * s).to(tl.float32) * tl.where(minus, -grid, grid)
 
     @triton.jit
     def _iq1_s_blocks(src, base, mask, tables):
-        # d (f16), the low 8 bits of 32 indices of iq1s_grid (4 per sub-block, 8 values each), a 16-bit
-        # word per sub-block: the indices' high 3 bits (field l for index l), a 3-bit scale s (bits
-        # 12..14: d * (2 s + 1)), delta's sign (bit 15; _iq1_values)
-        j = tl.arange(0, 8)[None, :, None]
-        i = tl.arange(0, 32)[None, None, :]
-        l = i // 8
+        # d (f16), the low 8 bits of 32 indices of iq1s_grid (an entry of 8 values each, 4 per
+        # sub-block), a 16-bit word per sub-block: the indices' high 3 bits (field e % 4 for entry e),
+        # a 3-bit scale s (bits 12..14: d * (2 s + 1)), delta's sign (bit 15; _iq1_values)
+        e = tl.arange(0, 32)[None, :, None]
         at, m3 = src + base[:, None, None], mask[:, None, None]
-        qh = _u16_at(at + 34 + 2 * j, m3)
-        index = _u8_at(at + 2 + 4 * j + l, m3) | (((qh >> (3 * l)) & 7) << 8)
+        qh = _u16_at(at + 34 + 2 * (e // 4), m3)
+        index = _u8_at(at + 2 + e, m3) | (((qh >> (3 * (e % 4))) & 7) << 8)
         d = _f16_at(src + base, mask)[:, None, None]
-        return d * (2 * ((qh >> 12) & 7) + 1).to(tl.float32) * _iq1_values(tables, index, i, qh >= 0x8000)
+        v = tl.arange(0, 8)[None, None, :]
+        return d * (2 * ((qh >> 12) & 7) + 1).to(tl.float32) * _iq1_values(tables, index, v, qh >= 0x8000)
 
     @triton.jit
     def _iq1_m_blocks(src, base, mask, tables):
-        # The low 8 bits of 32 indices of iq1s_grid (4 per sub-block, 8 values each), 16 bytes of a
-        # nibble per index (its high 3 bits, then delta's sign: _iq1_values), four 16-bit words of
-        # 3-bit scales s (field 2 (j % 2) + h of word j // 2 for half h of sub-block j: d * (2 s + 1)),
-        # their top nibbles d's bits (f16, low nibble first).
-        j = tl.arange(0, 8)[None, :, None]
-        i = tl.arange(0, 32)[None, None, :]
-        l = i // 8
+        # The low 8 bits of 32 indices of iq1s_grid (an entry of 8 values each, 4 per sub-block), 16
+        # bytes of a nibble per entry (e % 2 of byte e // 2: the index's high 3 bits, then delta's
+        # sign: _iq1_values), four 16-bit words of 3-bit scales s (field 2 (j % 2) + h of word j // 2
+        # for half h of sub-block j: d * (2 s + 1)), their top nibbles d's bits (f16, low first).
+        e = tl.arange(0, 32)[None, :, None]
+        j = e // 4
         at, m3 = src + base[:, None, None], mask[:, None, None]
-        h = (_u8_at(at + 32 + 2 * j + l // 2, m3) >> (4 * (l % 2))) & 0xF
-        index = _u8_at(at + 4 * j + l, m3) | ((h & 7) << 8)
-        s = (_u16_at(at + 48 + 2 * (j // 2), m3) >> (6 * (j % 2) + 3 * (i // 16))) & 7
+        h = (_u8_at(at + 32 + e // 2, m3) >> (4 * (e % 2))) & 0xF
+        index = _u8_at(at + e, m3) | ((h & 7) << 8)
+        s = (_u16_at(at + 48 + 2 * (j // 2), m3) >> (6 * (j % 2) + 3 * ((e % 4) // 2))) & 7
         top = src + base + 49
         d = (_u8_at(top, mask) >> 4) | (_u8_at(top + 2, mask) & 0xF0) | ((_u8_at(top + 4, mask) & 0xF0) << 4) \
             | ((_u8_at(top + 6, mask) & 0xF0) << 8)
         d = d.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)[:, None, None]
-        return d * (2 * s + 1).to(tl.float32) * _iq1_values(tables, index, i, h >= 8)
+        v = tl.arange(0, 8)[None, None, :]
+        return d * (2 * s + 1).to(tl.float32) * _iq1_values(tables, index, v, h >= 8)
 
     @triton.jit
     def _blocks(src, base, mask, tables, TYPE: tl.constexpr):

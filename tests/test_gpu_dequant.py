@@ -28,8 +28,10 @@ SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0
                  "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0],
                  "MXFP4": [], "IQ2_XXS": [0], "IQ2_XS": [0], "IQ2_S": [0], "IQ3_XXS": [0], "IQ3_S": [0],
                  "IQ1_S": [0], "IQ1_M": []}
-# types whose ggml quantizer needs an importance matrix (ggml_quantize_requires_imatrix)
-IMATRIX_TYPES = {"IQ2_XXS", "IQ2_XS", "IQ1_S"}
+# types whose ggml quantizer needs an importance matrix (ggml_quantize_requires_imatrix; IQ1_S too)
+IMATRIX_TYPES = {"IQ2_XXS", "IQ2_XS"}
+# types checked on random blocks only: ggml's IQ1 quantizer first builds a search table (13 s on 2 cores)
+RANDOM_ONLY = {"IQ1_S", "IQ1_M"}
 TYPES = sorted(QUANT_BLOCKS) + sorted(FLOAT_TYPES)
 CHECKS = TYPES + ["packed", "gather", "experts", "split"]
 # expert kernel cases: (gate/up type, down type, tokens, experts per token, hidden, intermediate, gate+up fused,
@@ -99,7 +101,7 @@ def check_type(ggml_type: str, device: str) -> None:
     experts, rows, cols = 3, 5, 2 * qk
     raw = random_blocks(rng, ggml_type, experts * rows * cols)
     cases = [("random bytes", raw)]
-    if ggml_type in QUANT_BLOCKS:  # and what ggml's quantizer writes
+    if ggml_type in QUANT_BLOCKS and ggml_type not in RANDOM_ONLY:  # and what ggml's quantizer writes
         w = rng.standard_normal((experts * rows, cols)).astype(np.float32)
         cases.append(("ggml-quantized", ggml_quantized(w, ggml_type).reshape(-1)))
     for case, raw in cases:
@@ -174,12 +176,15 @@ def check_gather(device: str) -> None:
 
 
 def quantized_experts(rng: np.random.Generator, ggml_type: str, n: int, rows: int, cols: int):
-    """(bytes [n, bytes of one], f64 values [n, rows, cols]) of n experts' ggml-quantized weights."""
+    """(bytes [n, bytes of one], f64 values [n, rows, cols]) of n experts' ggml-quantized weights
+    (RANDOM_ONLY types: random blocks)."""
     w = (rng.standard_normal((n * rows, cols)) / np.sqrt(cols)).astype(np.float32)
     if ggml_type == "BF16":
         raw = (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
     elif ggml_type in FLOAT_TYPES:
         raw = w.astype(np.float16 if ggml_type == "F16" else np.float32).view(np.uint8)
+    elif ggml_type in RANDOM_ONLY:
+        raw = random_blocks(rng, ggml_type, n * rows * cols)
     else:
         raw = ggml_quantized(w, ggml_type)
     values = gguf_dequantize(raw.reshape(n * rows, -1), Q[ggml_type]).reshape(n, rows, cols)
