@@ -24,8 +24,8 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,11 @@ GPT2_VOCAB = "models/ggml-vocab-gpt-2.gguf"
 EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 # The tiny model: every layer MoE (llama.cpp's qwen3moe has no dense-MLP layers), sizes that are
 # multiples of 256 (the block of K- and IQ-quants) and differ (a transposed projection cannot
-# pass for the right one), 3 layers of 8 experts, top-2.
+# pass for the right one), 3 layers of 8 experts, top-2 (override num_experts_per_tok to change);
+# the output projection tied to the embedding (GPT-2's 50257 x 256 floats once, not twice).
 TINY_QWEN3_MOE = dict(hidden_size=256, moe_intermediate_size=512, intermediate_size=512, num_hidden_layers=3,
-                      num_experts=8, num_experts_per_tok=2, mlp_only_layers=[], decoder_sparse_step=1)
+                      num_experts=8, num_experts_per_tok=2, mlp_only_layers=[], decoder_sparse_step=1,
+                      tie_word_embeddings=True)
 # The types llama.cpp's quantizer refuses without an importance matrix, or quantizes badly
 # (llama-quantize asks for one for all of these).
 NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S")
@@ -142,14 +144,12 @@ def convert_hf(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], t
     return out
 
 
-def test_imatrix(layer: int, projection: str, columns: int, seed: int = 0) -> np.ndarray:
+def stand_in_imatrix(layer: int, projection: str, columns: int, seed: int = 0) -> np.ndarray:
     """A stand-in importance matrix for one expert tensor: one value per column (the weight's
     input dimension), uniform in [0.5, 2], deterministic per (seed, layer, projection)."""
     rng = np.random.default_rng([seed, layer, ("gate", "up", "down").index(projection)])
     return rng.uniform(0.5, 2.0, columns).astype(np.float32)
 
-
-test_imatrix.__test__ = False  # a helper, not a pytest test
 
 
 Types = Any  # a GGMLQuantizationType, {(layer, projection): type}, or a function of (layer, projection)
@@ -170,7 +170,7 @@ def requantize_experts(src: str | os.PathLike[str], outputs: Mapping[str | os.Pa
     routed-expert tensors (blk.N.ffn_{gate,up,down}_exps.weight) quantized by ggml's quantizer
     (lvgg.quantize) to that output's `types`; every other tensor as it is (a float32 conversion
     keeps the dense part exact). The source is read once (its 50k-token vocabulary takes seconds).
-    `imatrix`: True gives every quantized expert tensor test_imatrix()'s matrix, as files made
+    `imatrix`: True gives every quantized expert tensor stand_in_imatrix()'s matrix, as files made
     with an importance matrix have; a list of type names gives it to those types only."""
     import gguf
 
@@ -201,19 +201,65 @@ def requantize_experts(src: str | os.PathLike[str], outputs: Mapping[str | os.Pa
             values = np.asarray(tensor.data, dtype=np.float32)  # [experts, rows, columns]
             weights = None
             if imatrix is True or (imatrix and qtype.name in imatrix):
-                weights = test_imatrix(int(match[1]), match[2], values.shape[-1])
+                weights = stand_in_imatrix(int(match[1]), match[2], values.shape[-1])
             add_quantized_tensor(writer, tensor.name, quantize(values, qtype, threads, imatrix=weights), qtype)
         write_all(writer)
         written.append(Path(out))
     return written
 
 
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> size
+
+
+def tensor_types(path: str | os.PathLike[str]) -> dict[str, int]:
+    """{tensor name: ggml type} from a GGUF's header, read straight (gguf-py's reader parses every
+    KV value into arrays first: seconds for a 50k-token vocabulary)."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        n_tensors, n_kv = struct.unpack_from("<QQ", mm, 8)
+        off = 24
+
+        def skip_string(off: int) -> int:
+            return off + 8 + struct.unpack_from("<Q", mm, off)[0]
+
+        def skip_value(off: int, vtype: int) -> int:
+            if vtype == 8:  # string
+                return skip_string(off)
+            if vtype == 9:  # array: item type, count, items
+                item, count = struct.unpack_from("<IQ", mm, off)
+                off += 12
+                if item in _SCALAR_BYTES:
+                    return off + count * _SCALAR_BYTES[item]
+                for _ in range(count):
+                    off = skip_value(off, item)
+                return off
+            return off + _SCALAR_BYTES[vtype]
+
+        for _ in range(n_kv):
+            off = skip_string(off)
+            off = skip_value(off + 4, struct.unpack_from("<I", mm, off)[0])
+        types = {}
+        for _ in range(n_tensors):
+            length = struct.unpack_from("<Q", mm, off)[0]
+            name = mm[off + 8:off + 8 + length].decode()
+            off += 8 + length
+            n_dims = struct.unpack_from("<I", mm, off)[0]
+            off += 4 + 8 * n_dims
+            types[name] = struct.unpack_from("<I", mm, off)[0]
+            off += 12  # type, data offset
+        return types
+
+
 def expert_types_of(path: str | os.PathLike[str]) -> dict[tuple[int, str], str]:
     """{(layer, projection): type name} of a GGUF's routed-expert tensors."""
     import gguf
 
-    return {(int(m[1]), m[2]): t.tensor_type.name for t in gguf.GGUFReader(path).tensors
-            if (m := EXPERT_TENSOR.match(t.name))}
+    return {(int(m[1]), m[2]): gguf.GGMLQuantizationType(t).name for name, t in tensor_types(path).items()
+            if (m := EXPERT_TENSOR.match(name))}
 
 
 def greedy_runs(files: Sequence[str | os.PathLike[str]], prompts: Sequence[Sequence[int]], tokens: int,
