@@ -18,23 +18,12 @@ import gguf
 import numpy as np
 import torch
 
+from lvgg.bench import cuda_ms
 from lvgg.gpu_dequant import QUANT_BLOCKS, dequantize
 from lvgg.quantize import quantize
 
 E, D, F = 128, 2048, 768
 
-
-def cuda_ms(fn, repeat: int = 5) -> float:
-    """Best time of fn() in ms, by CUDA events."""
-    best = float("inf")
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end))
-    return best
 
 
 def main() -> None:

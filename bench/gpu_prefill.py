@@ -22,20 +22,9 @@ import argparse
 import torch
 
 import lvgg
+from lvgg.bench import cuda_ms
 from lvgg.gpu_experts import GpuExperts, layer_infos, staged_bytes
 
-
-def cuda_ms(fn, repeat: int = 3) -> float:
-    """Best time of fn() in ms, by CUDA events on the current stream."""
-    best = float("inf")
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end))
-    return best
 
 
 def main() -> None:

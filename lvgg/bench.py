@@ -227,6 +227,21 @@ def _time_engines(path, name: str, tokens: list[int], min_seconds: float, engine
     return results
 
 
+def cuda_ms(fn, repeat: int = 3) -> float:
+    """Best time of fn() in ms over ``repeat`` runs, by CUDA events on the current stream."""
+    import torch
+
+    best = float("inf")
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
 def read_bandwidth_gb_per_s(threads: int, nbytes: int = 2 << 30) -> float:
     cpus = _bridge.physical_core_cpus()
     return _bridge.read_bandwidth(nbytes, threads, cpus[:threads]) / 1e9

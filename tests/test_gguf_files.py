@@ -13,7 +13,7 @@ import lvgg
 from lvgg.cli import app
 from lvgg.gguf_files import resolve
 from lvgg.models import gguf_expert_name
-from lvgg.testing.expert_files import write_llamacpp_gguf
+from lvgg.testing.expert_files import write_all, write_llamacpp_gguf
 from lvgg.testing.tiny_models import make_tiny_model
 
 
@@ -109,21 +109,19 @@ def test_one_part_renamed_as_a_whole_file_is_refused(model_files, tmp_path):
         lvgg.ExpertStore(alone)
 
 
-def test_a_gguf_without_experts_is_refused_before_vllm_starts(tmp_path):
+@pytest.mark.parametrize("architecture, message", [
+    ("qwen3", "holds a qwen3 model's experts (general.architecture); this model is qwen3_moe"),
+    ("qwen3moe", "holds no routed-expert tensors (blk.N.ffn_{gate,up,down}_exps.weight)"),
+])
+def test_a_dense_gguf_is_refused_before_vllm_starts(tmp_path, architecture, message):
     folder = make_tiny_model("qwen3_moe", tmp_path / "m", seed=3)
     dense = tmp_path / "dense.gguf"
-    w = gguf.GGUFWriter(str(dense), "qwen3")
+    w = gguf.GGUFWriter(str(dense), architecture)
     w.add_tensor("blk.0.attn_q.weight", np.zeros((256, 256), np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    write_all(w)
     r = CliRunner().invoke(app, ["serve", str(folder), "--experts", str(dense)])
     assert r.exit_code == 2
-    assert "holds a qwen3 model's experts (general.architecture); this model is qwen3_moe" in r.output
-    w = gguf.GGUFWriter(str(dense), "qwen3moe")
-    w.add_tensor("blk.0.attn_q.weight", np.zeros((256, 256), np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    r = CliRunner().invoke(app, ["serve", str(folder), "--experts", str(dense)])
-    assert r.exit_code == 2
-    assert "holds no routed-expert tensors (blk.N.ffn_{gate,up,down}_exps.weight)" in r.output
+    assert message in r.output
 
 
 # --- the Hub form: org/repo:QUANT, from a cache laid out as huggingface_hub lays it out ---------
