@@ -72,7 +72,6 @@ def main() -> None:
             pass_ms = cuda_ms(one_pass, repeat=3)
             torch.cuda.synchronize()
             gpu.close()
-            del gpu
             resident = {}
             for quantized in (True, False):
                 gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, resident_layers=[layers[0]],
