@@ -61,17 +61,17 @@ def main() -> None:
             store = lvgg.ExpertStore(path, repack=False)  # the GPU reads the file's bytes
             layers = store.layers
             layer_bytes = staged_bytes(layer_infos(store)[layers[0]])
-            gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=layers)
-            copy_ms = cuda_ms(lambda: gpu._stage(layers[1], gpu._groups[0], gpu._staging[0]))
+            streamed = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=layers)
+            copy_ms = cuda_ms(lambda: streamed._stage(layers[1], streamed._groups[0], streamed._staging[0]))
             x, ids, w = routing(a.tokens, e, d, k)
 
             def one_pass():
                 h = x
                 for layer in layers:
-                    h = gpu(layer, h, ids, w) * 0.5 + x * 0.5  # keep values finite, like a residual stream
+                    h = streamed(layer, h, ids, w) * 0.5 + x * 0.5  # keep values finite, like a residual stream
             pass_ms = cuda_ms(one_pass, repeat=3)
             torch.cuda.synchronize()
-            gpu.close()
+            streamed.close()
             resident = {}
             for quantized in (True, False):
                 gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, resident_layers=[layers[0]],
