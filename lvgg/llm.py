@@ -33,19 +33,16 @@ def check_before_start(model: str, files: list[Path]) -> None:
     once), their expert tensors ones the CPU can multiply, and (where the model is a local folder)
     they match the model's architecture, MoE layers and sizes."""
     from lvgg import _bridge
-    from lvgg.inspect_gguf import inspect_gguf
     from lvgg.models import check_experts_match
 
-    _bridge.ExpertStore.check_files([str(f) for f in files])  # the store's own checks
-    summary = inspect_gguf(files[0])
-    dims = {s.layer: (s.n_experts, s.hidden_size, s.intermediate_size) for s in summary.layers}
+    # the store's own checks, in one read of the headers (not the vocabulary's arrays)
+    architecture, dims = _bridge.ExpertStore.check_files([str(f) for f in files])
     config = _model_config(model)
-    if config is None:
-        if not dims:
-            raise ValueError(f"{files[0]} holds no routed-expert tensors (blk.N.ffn_{{gate,up,down}}_exps.weight): "
-                             "give a MoE model's GGUF or an experts file made by `lvgg convert`")
-        return
-    check_experts_match(str(files[0]), summary.metadata, dims, config)
+    if config is not None:
+        check_experts_match(str(files[0]), architecture, dims, config)
+    elif not dims:
+        raise ValueError(f"{files[0]} holds no routed-expert tensors (blk.N.ffn_{{gate,up,down}}_exps.weight): "
+                         "give a MoE model's GGUF or an experts file made by `lvgg convert`")
 
 
 def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_threads: int | None,

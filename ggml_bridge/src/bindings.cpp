@@ -13,6 +13,7 @@
 #include <ggml-cpu.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/pair.h>
@@ -195,8 +196,16 @@ NB_MODULE(_bridge, m) {
              "own_kernels"_a = true)
         .def_static("check_files",
                     [](std::vector<std::string> paths) {
-                        nb::gil_scoped_release release;
-                        ExpertStore::check_files(paths);
+                        ExpertStore::Headers h;
+                        {
+                            nb::gil_scoped_release release;
+                            h = ExpertStore::check_files(paths);
+                        }
+                        nb::dict layers;
+                        for (const auto & [index, dims] : h.layers) {
+                            layers[nb::int_(index)] = nb::make_tuple(dims[0], dims[1], dims[2]);
+                        }
+                        return nb::make_tuple(h.architecture, layers);
                     },
                     "paths"_a)
         .def_prop_ro("keeps_mapped", &ExpertStore::keeps_mapped)

@@ -93,7 +93,7 @@ ExpertStore::ExpertStore(const std::vector<std::string> & paths, bool repack, bo
     }
 }
 
-void ExpertStore::check_files(const std::vector<std::string> & paths) {
+ExpertStore::Headers ExpertStore::check_files(const std::vector<std::string> & paths) {
     if (paths.empty()) {
         fail(ErrorKind::Value, "no GGUF file given");
     }
@@ -101,11 +101,20 @@ void ExpertStore::check_files(const std::vector<std::string> & paths) {
     headers.path_ = paths[0];
     headers.open_and_validate(paths);
     headers.collect_layers();
+    Headers out;
     for (const auto & kv : headers.layers_) {
         for (const ggml_tensor * t : kv.second.tensors()) {
             headers.check_cpu_type(t);
         }
+        out.layers[kv.first] = { kv.second.routed_experts, kv.second.n_embd, kv.second.n_ff };
     }
+    for (const char * key : { "general.architecture", "lvgg.architecture" }) {
+        const int64_t i = gguf_find_key(headers.gguf(), key);
+        if (i >= 0 && gguf_get_kv_type(headers.gguf(), i) == GGUF_TYPE_STRING) {
+            out.architecture[key] = gguf_get_val_str(headers.gguf(), i);
+        }
+    }
+    return out;
 }
 
 ExpertStore::ExpertStore(const ExpertStore & whole, int part, int n_parts, bool repack, Split by) :

@@ -15,6 +15,7 @@
 #include <ggml.h>
 #include <gguf.h>
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <set>
@@ -77,7 +78,13 @@ class ExpertStore {
                 const std::vector<int> & only_layers = {}, bool own_kernels = true);
     // Every check the constructor makes of the files' headers (a split set's keys, tensors within
     // the files, expert shapes and types), without mapping or reading any tensor; throws as it does.
-    static void check_files(const std::vector<std::string> & paths);
+    // Returns the first file's architecture keys (general.architecture, lvgg.architecture; absent
+    // ones left out) and, per MoE layer, {routed experts, hidden size, expert intermediate size}.
+    struct Headers {
+        std::map<std::string, std::string>         architecture;
+        std::map<int, std::array<int64_t, 3>>      layers;
+    };
+    static Headers check_files(const std::vector<std::string> & paths);
     // Part `part` of `n_parts` of another store's experts, for one NUMA node or rank: what
     // part_shape() names of every layer (of both halves of a fused gate_up). Copied into memory
     // this thread touches first (call it from a thread bound to the node), repacked where ggml has
