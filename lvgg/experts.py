@@ -27,6 +27,7 @@ class ExpertLayerInfo:
     hidden_size: int
     intermediate_size: int
     form: str  # "gate+up+down", "gate_up+down" (fused, gate rows first) or "up+down"
+    biased: bool  # per-expert biases on every projection (gpt-oss)
     types: dict[str, str]  # projection -> ggml type name
     repacked: dict[str, bool]  # projection -> held in an interleaved CPU layout (ggml's or lvgg's)
     packed: dict[str, bool]  # projection -> in lvgg's own layout, run by its AVX-512 VNNI kernels
@@ -171,7 +172,7 @@ class ExpertStore:
         d = self._store.layer_info(layer)
         return ExpertLayerInfo(
             index=d["index"], n_experts=d["n_expert"], hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"], form=d["form"], types=dict(d["types"]),
+            intermediate_size=d["intermediate_size"], form=d["form"], biased=d["biased"], types=dict(d["types"]),
             repacked=dict(d["repacked"]), packed=dict(d["packed"]), offsets=dict(d["offsets"]), nbytes=d["nbytes"],
             first_expert=d["first_expert"], routed_experts=d["routed_experts"], down_columns=d["down_columns"],
             down_lead=d["down_lead"], twins={p: tuple(t) for p, t in d["twins"].items()})
@@ -257,7 +258,8 @@ class CpuMoE:
         mapped weights, so repack=False or keep_mapped=True) or "auto": per-expert for chunks of
         >= 256 tokens of Q4_0/Q8_0 and >= 512 of F16/BF16 when the mapped weights are there,
         MUL_MAT_ID otherwise (measured on a 16-core AVX-512 Xeon).
-    activation: "silu" (SwiGLU), "gelu" (GeGLU, tanh form) or "relu2" for up/down-only experts.
+    activation: "silu" (SwiGLU), "gelu" (GeGLU, tanh form), "swigluoai" (gpt-oss's clamped SwiGLU,
+        alpha 1.702, limit 7) or "relu2" for up/down-only experts.
     """
 
     def __init__(self, store: ExpertStore, *, threads: int | None = None, cpus: Sequence[int] | None = None,

@@ -222,7 +222,7 @@ def model_layer_infos(n_layers, E, D, F, types):
     """ExpertLayerInfo of a model's layers, as a store reports them (offsets as one file would)."""
     from lvgg.experts import ExpertLayerInfo
 
-    return {i: ExpertLayerInfo(index=i, n_experts=E, hidden_size=D, intermediate_size=F, form="gate+up+down",
+    return {i: ExpertLayerInfo(index=i, n_experts=E, hidden_size=D, intermediate_size=F, form="gate+up+down", biased=False,
                                types=types, repacked={}, packed={}, offsets={"gate": 0, "up": 0, "down": 0},
                                nbytes=0, first_expert=0, routed_experts=E, down_columns=F, down_lead=0)
             for i in range(n_layers)}

@@ -113,17 +113,17 @@ def test_numpy_inputs_are_accepted_zero_copy(typed_file, rng):
     d_blocks=st.integers(1, 3), f_blocks=st.integers(1, 3),
     top_k=st.integers(1, 8), tokens=st.integers(1, 40),
     form=st.sampled_from(["gate+up+down", "gate_up+down", "up+down"]),
-    activation=st.sampled_from(["silu", "gelu"]),
+    activation=st.sampled_from(["silu", "gelu", "swigluoai"]), biased=st.booleans(),
     chunk=st.sampled_from([1, 16, 512]),
     schedule=st.sampled_from(["mul_mat_id", "per_expert"]),
     seed=st.integers(0, 2**31),
 )
 def test_random_shapes_forms_and_chunks(tmp_path, qtype, d_blocks, f_blocks, top_k, tokens, form, activation,
-                                        chunk, schedule, seed):
+                                        biased, chunk, schedule, seed):
     rng = np.random.default_rng(seed)
     block = 256 if qtype == Q.Q4_K else 32
     D, F = d_blocks * block, f_blocks * block
-    path = write_experts_file(tmp_path / f"{seed}.gguf", {0: random_experts(rng, E, D, F, form)}, qtype)
+    path = write_experts_file(tmp_path / f"{seed}.gguf", {0: random_experts(rng, E, D, F, form, biased)}, qtype)
     act = "relu2" if form == "up+down" else activation
     moe = lvgg.CpuMoE(lvgg.ExpertStore(path, keep_mapped=True), threads=2, chunk=chunk, activation=act,
                       schedule=schedule)
@@ -183,3 +183,32 @@ def test_separate_gate_and_up_run_as_one_fused_tensor(tmp_path, qtype, rng):
     both = lvgg.CpuMoE(lvgg.ExpertStore(paths[0], keep_mapped=True), threads=2, repack_max_tokens=0)
     assert rel_err(both(0, x, ids, w), read_reference(paths[0], 0).forward(
         x.numpy(), ids.numpy(), w.numpy())) < TOLERANCE[qtype]
+
+
+@pytest.mark.parametrize("form", ["gate+up+down", "gate_up+down", "up+down"])
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q4_0, Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+def test_biased_experts_on_every_path(tmp_path, qtype, form, rng):
+    """gpt-oss's experts: a bias on every projection, its clamped SwiGLU. Every layout and schedule
+    (repacked by lvgg or ggml, mapped, per expert) and every split (rows and experts parts, whose
+    outputs sum, and NUMA nodes) against the reference; slots without an expert add nothing."""
+    path = write_experts_file(tmp_path / "b.gguf", {0: random_experts(rng, E, 256, 512, form, biased=True)}, qtype)
+    act = "relu2" if form == "up+down" else "swigluoai"
+    x = rng.standard_normal((9, 256)).astype(np.float32)
+    ids = np.stack([rng.choice(E, 4, replace=False) for _ in range(9)]).astype(np.int32)
+    ids[0, 1] = -1
+    w = rng.random((9, 4)).astype(np.float32)
+    expected = read_reference(path, 0).forward(x, ids, w, act)
+    mapped = lvgg.ExpertStore(path, repack=False)
+    assert mapped.layer_info(0).biased
+    outs = {"repacked": lvgg.CpuMoE(lvgg.ExpertStore(path), threads=2, activation=act)(0, x, ids, w),
+            "ggml repacked": lvgg.CpuMoE(lvgg.ExpertStore(path, own_kernels=False), threads=2,
+                                         activation=act)(0, x, ids, w),
+            "mapped": lvgg.CpuMoE(mapped, threads=2, activation=act)(0, x, ids, w),
+            "per expert": lvgg.CpuMoE(mapped, threads=2, activation=act, schedule="per_expert")(0, x, ids, w),
+            "nodes": lvgg.CpuMoE(mapped, nodes=[lvgg.EngineNode([0]), lvgg.EngineNode([1])],
+                                 activation=act)(0, x, ids, w)}
+    for by in ("rows", "experts"):
+        outs[f"{by} parts"] = sum(lvgg.CpuMoE(mapped.part(i, 2, by=by), threads=1, activation=act)(0, x, ids, w)
+                                  for i in range(2))
+    errors = {name: rel_err(out, expected) for name, out in outs.items()}
+    assert max(errors.values()) < TOLERANCE[qtype], errors

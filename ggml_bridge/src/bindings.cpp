@@ -97,6 +97,7 @@ nb::dict layer_info(const ExpertStore & s, const ExpertLayer & L) {
     d["down_columns"] = L.down_cols();
     d["down_lead"]    = L.down_lead;
     d["form"]         = L.gate_up ? "gate_up+down" : L.gate ? "gate+up+down" : "up+down";
+    d["biased"]       = L.in_bias != nullptr;
     nb::dict types, repacked, packed, offsets, twins;
     size_t   bytes = 0;
     const char * names[4] = { "gate", "up", "gate_up", "down" };

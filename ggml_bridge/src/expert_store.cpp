@@ -170,6 +170,7 @@ void ExpertStore::release() {
     }
     shards_.clear();
     file_at_.clear();
+    file_biases_.clear();
 }
 
 const ExpertLayer & ExpertStore::layer(int index) const {
@@ -335,7 +336,7 @@ void ExpertStore::check_split_set() const {
 }
 
 void ExpertStore::collect_layers() {
-    static const std::regex pat(R"(blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight)");
+    static const std::regex pat(R"(blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.(weight|bias))");
     for (const Shard & f : shards_) {
         for (ggml_tensor * t = ggml_get_first_tensor(f.meta); t; t = ggml_get_next_tensor(f.meta, t)) {
             std::cmatch m;
@@ -348,9 +349,13 @@ void ExpertStore::collect_layers() {
                 fail(ErrorKind::Value, std::string("tensor '") + t->name + "' has an absurd layer number");
             }
             const int     index = std::stoi(m[1].str());
+            const std::string proj = m[2].str();
+            if (m[3].str() == "bias") {
+                file_biases_[index][proj] = t;
+                continue;
+            }
             ExpertLayer & L     = layers_[index];
             L.index             = index;
-            const std::string proj = m[2].str();
             ggml_tensor *&    slot = proj == "gate" ? L.gate : proj == "up" ? L.up : proj == "down" ? L.down
                                                                                                 : L.gate_up;
             slot                   = t;
@@ -391,6 +396,46 @@ void ExpertStore::collect_layers() {
         expect(L.gate, L.n_ff);
         expect(L.up, L.n_ff);
         expect(L.gate_up, 2 * L.n_ff);
+        check_biases(L);
+    }
+    for (const auto & kv : file_biases_) {
+        if (!layers_.count(kv.first)) {
+            fail(ErrorKind::Value, path_ + ": '" + kv.second.begin()->second->name + "' is a bias of layer " +
+                                       std::to_string(kv.first) + ", which has no expert weights");
+        }
+    }
+}
+
+// A layer's biases are all there or all absent: gate and up (a gated layer's; up alone an ungated
+// one's) and down, f32, one row per expert.
+void ExpertStore::check_biases(const ExpertLayer & L) const {
+    auto it = file_biases_.find(L.index);
+    if (it == file_biases_.end()) {
+        return;
+    }
+    const std::string blk = "blk." + std::to_string(L.index) + ".ffn_";
+    if (it->second.count("gate_up")) {
+        fail(ErrorKind::Value, path_ + ": '" + blk + "gate_up_exps.bias' is not a bias lvgg reads: it takes '" + blk +
+                                   "gate_exps.bias' and '" + blk + "up_exps.bias' (llama.cpp's names)");
+    }
+    for (const char * proj : { "gate", "up", "down" }) {
+        if (std::string(proj) == "gate" && !L.gated()) {
+            continue;
+        }
+        const auto b = it->second.find(proj);
+        if (b == it->second.end()) {
+            fail(ErrorKind::Value, path_ + ": layer " + std::to_string(L.index) + " has expert biases but no '" + blk +
+                                       proj + "_exps.bias'; a file's experts have every bias or none");
+        }
+        const int64_t want[4] = { std::string(proj) == "down" ? L.n_embd : L.n_ff, L.n_expert, 1, 1 };
+        if (b->second->type != GGML_TYPE_F32 || std::memcmp(b->second->ne, want, sizeof(want)) != 0) {
+            fail(ErrorKind::Value, std::string("tensor '") + b->second->name + "' is " + ggml_type_name(b->second->type) +
+                                       " " + shape_str(b->second->ne, 4) + ", expected f32 " + shape_str(want, 4) +
+                                       " (one row per expert)");
+        }
+    }
+    if (!L.gated() && it->second.count("gate")) {
+        fail(ErrorKind::Value, path_ + ": '" + blk + "gate_exps.bias' belongs to no gate tensor");
     }
 }
 
@@ -455,7 +500,7 @@ void ExpertStore::place_weights(bool repack, bool populate) {
     map_buf_ = ggml_backend_cpu_buffer_from_ptr(map_, file_size_);
 
     repack_                             = repack;
-    repacked_ctx_                       = tensor_context(count_expert_tensors(layers_));
+    repacked_ctx_                       = tensor_context(count_expert_tensors(layers_) + 2 * layers_.size());
     std::vector<char> staging;  // a layer's gate and up rows, interleaved per expert, for the fused copy
     for (auto & kv : layers_) {
         ExpertLayer & L = kv.second;
@@ -471,6 +516,7 @@ void ExpertStore::place_weights(bool repack, bool populate) {
                 }
             }
         }
+        place_biases(L);
         const bool fused = add_fused_gate_up(L, staging);
         for (ggml_tensor * t : L.tensors()) {
             const bool in_fused = fused && (t == L.gate || t == L.up);
@@ -484,6 +530,43 @@ void ExpertStore::place_weights(bool repack, bool populate) {
                 }
             }
         }
+    }
+}
+
+ggml_tensor * ExpertStore::new_bias(int64_t rows, int64_t experts, const std::string & name) {
+    ggml_tensor * t = ggml_new_tensor_2d(repacked_ctx_, GGML_TYPE_F32, rows, experts);
+    ggml_set_name(t, name.c_str());
+    ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(ggml_backend_cpu_buffer_type(), ggml_nbytes(t));
+    if (!buf) {
+        fail(ErrorKind::Runtime, "out of memory for '" + name + "'");
+    }
+    slice_bufs_.push_back(buf);
+    ggml_backend_tensor_alloc(buf, t, ggml_backend_buffer_get_base(buf));
+    std::memset(t->data, 0, ggml_nbytes(t));
+    return t;
+}
+
+// The file's gate and up biases of a layer as one in_bias (each expert's gate row, then its up row,
+// like a fused gate_up's output), its down bias as out_bias.
+void ExpertStore::place_biases(ExpertLayer & L) {
+    auto it = file_biases_.find(L.index);
+    if (it == file_biases_.end()) {
+        return;
+    }
+    const std::string blk = "blk." + std::to_string(L.index) + ".";
+    auto              row = [&](const char * proj, int64_t e) {
+        return (const float *) ((const char *) map_ + file_at_.at(it->second.at(proj))) + e * (proj[0] == 'd' ? L.n_embd
+                                                                                                           : L.n_ff);
+    };
+    L.in_bias  = new_bias(L.in_rows(), L.n_expert, blk + "ffn_gate_up_exps.bias");
+    L.out_bias = new_bias(L.n_embd, L.n_expert, blk + "ffn_down_exps.bias");
+    for (int64_t e = 0; e < L.n_expert; ++e) {
+        float * in = (float *) L.in_bias->data + e * L.in_rows();
+        if (L.gated()) {
+            std::memcpy(in, row("gate", e), L.n_ff * sizeof(float));
+        }
+        std::memcpy(in + (L.gated() ? L.n_ff : 0), row("up", e), L.n_ff * sizeof(float));
+        std::memcpy((float *) L.out_bias->data + e * L.n_embd, row("down", e), L.n_embd * sizeof(float));
     }
 }
 
@@ -680,7 +763,7 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
     }
     repack_       = repack;
     meta_         = tensor_context(count_expert_tensors(whole.layers_));
-    repacked_ctx_ = tensor_context(count_expert_tensors(whole.layers_));
+    repacked_ctx_ = tensor_context(count_expert_tensors(whole.layers_) + 2 * whole.layers_.size());
     ggml_backend_buffer_type_t cpu_buft = ggml_backend_cpu_buffer_type();
     for (const auto & kv : whole.layers_) {
         const ExpertLayer & W = kv.second;
@@ -696,6 +779,21 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
         L.n_embd              = W.n_embd;
         L.n_ff                = b - a;
         L.down_lead           = a + W.down_lead - c0;
+        if (W.in_bias) {  // rows [a, b) of each half, the part's experts; down's bias in one part only
+            const int64_t in_rows = (W.gated() ? 2 : 1) * L.n_ff;
+            L.in_bias = new_bias(in_rows, L.n_expert, W.in_bias->name);
+            for (int64_t e = 0; e < L.n_expert; ++e) {
+                for (int64_t half = 0; half < (W.gated() ? 2 : 1); ++half) {
+                    std::memcpy((float *) L.in_bias->data + e * in_rows + half * L.n_ff,
+                                (const float *) W.in_bias->data + (e0 + e) * W.in_rows() + half * W.n_ff + a,
+                                L.n_ff * sizeof(float));
+                }
+            }
+        }
+        if (W.out_bias && (by == Split::Experts || a == 0)) {
+            L.out_bias = new_bias(L.n_embd, L.n_expert, W.out_bias->name);
+            std::memcpy(L.out_bias->data, (const float *) W.out_bias->data + e0 * W.n_embd, ggml_nbytes(L.out_bias));
+        }
         // Separate gate and up of one type become one gate_up part (gate rows, then up rows of each
         // expert): one MUL_MAT_ID instead of two, x quantized once.
         const bool fuse = W.gate && W.up && W.gate->type == W.up->type;

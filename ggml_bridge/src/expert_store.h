@@ -26,7 +26,8 @@
 namespace lvgg {
 
 // One MoE layer's experts, as stored in the file. Forms: gate+up+down (gated), gate_up+down (gated, fused, gate
-// rows first), up+down (ungated, e.g. ReLU^2 models).
+// rows first), up+down (ungated, e.g. ReLU^2 models); each with or without per-expert biases (gpt-oss:
+// blk.N.ffn_{gate,up,down}_exps.bias).
 struct ExpertLayer {
     int           index    = -1;
     int64_t       n_expert = 0;  // experts held
@@ -42,8 +43,14 @@ struct ExpertLayer {
     ggml_tensor * up       = nullptr;
     ggml_tensor * gate_up  = nullptr;
     ggml_tensor * down     = nullptr;
+    // Biases, f32 in the store's own memory: in_bias [rows of gate_up (each expert's gate bias, then
+    // its up bias; an ungated layer's up bias), experts], out_bias [D, experts]. nullptr where the file
+    // has none; of a rows part's, only the first part's has out_bias (the parts' outputs sum).
+    ggml_tensor * in_bias  = nullptr;
+    ggml_tensor * out_bias = nullptr;
 
     bool                       gated() const { return gate || gate_up; }
+    int64_t                    in_rows() const { return gated() ? 2 * n_ff : n_ff; }
     int64_t                    down_cols() const { return down->ne[0]; }  // n_ff, or a rows part's padded width
     // A part of whole experts (expert parallel): the slots routed to other parts' experts are left out.
     bool                       holds_some_experts() const { return n_expert < routed_experts; }
@@ -152,6 +159,9 @@ class ExpertStore {
     ggml_tensor * add_repacked(ggml_tensor * t, const void * src);  // nullptr: no layout for the type
     bool          add_fused_gate_up(const ExpertLayer & L, std::vector<char> & staging);  // false: not possible
     ggml_tensor * new_packed_twin(ggml_type type, const int64_t ne[3], const std::string & name);
+    ggml_tensor * new_bias(int64_t rows, int64_t experts, const std::string & name);  // f32, zeroed
+    void          check_biases(const ExpertLayer & L) const;
+    void          place_biases(ExpertLayer & L);
     static int    pack_threads();
     static size_t twin_page();
     void release();
@@ -161,6 +171,7 @@ class ExpertStore {
     size_t                             file_size_ = 0;
     std::vector<Shard>                 shards_;  // a part (ExpertStore::part) has none
     std::map<const ggml_tensor *, size_t> file_at_;  // expert tensor -> offset of its bytes in the mapping
+    std::map<int, std::map<std::string, ggml_tensor *>> file_biases_;  // layer -> gate/up/down -> the file's bias
     ggml_context *                     meta_      = nullptr;  // a part's tensors
     void *                             map_       = nullptr;
     ggml_backend_buffer_t              map_buf_   = nullptr;

@@ -17,6 +17,23 @@ constexpr int64_t kCombineCols = 256;  // columns per work unit of the weighted 
 
 std::string type_str(ggml_type t) { return ggml_type_name(t); }
 
+// dst = src[0] + the row of src[2] (a view of a layer's bias, [rows, experts]) of each row's expert
+// (src[1]: one id per row of src[0], -1 where the row has none: copied as it is).
+void add_expert_bias(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * a    = dst->src[0];
+    const int32_t *     ids  = (const int32_t *) dst->src[1]->data;
+    const ggml_tensor * bias = dst->src[2];
+    const int64_t       n    = a->ne[0], rows = ggml_nrows(a);
+    for (int64_t r = rows * ith / nth; r < rows * (ith + 1) / nth; ++r) {
+        const float * in  = (const float *) ((const char *) a->data + r * a->nb[1]);
+        float *       out = (float *) ((char *) dst->data + r * dst->nb[1]);
+        const float * b   = ids[r] >= 0 ? (const float *) ((const char *) bias->data + ids[r] * bias->nb[1]) : nullptr;
+        for (int64_t i = 0; i < n; ++i) {
+            out[i] = b ? in[i] + b[i] : in[i];
+        }
+    }
+}
+
 // out[:, t] = sum_k w[k, t] * rows[:, r(t, k)] with r(t, k) = t*K + k (the [D, K, T] output of
 // MUL_MAT_ID) or pos[k, t] (rows sorted by expert), over the slots of nonzero weight. Work is
 // split in (token, column block) units so a single token still uses every thread. Writes f32,
@@ -173,10 +190,13 @@ Activation parse_activation(const std::string & name) {
     if (name == "gelu" || name == "geglu") {
         return Activation::GELU;
     }
+    if (name == "swigluoai" || name == "swiglu_oai") {
+        return Activation::SwiGLU_OAI;
+    }
     if (name == "relu2" || name == "relu_squared") {
         return Activation::ReLU2;
     }
-    fail(ErrorKind::Value, "unknown activation '" + name + "': expected 'silu', 'gelu' or 'relu2'");
+    fail(ErrorKind::Value, "unknown activation '" + name + "': expected 'silu', 'gelu', 'swigluoai' or 'relu2'");
 }
 
 const char * activation_name(Activation act) {
@@ -185,6 +205,8 @@ const char * activation_name(Activation act) {
             return "silu";
         case Activation::GELU:
             return "gelu";
+        case Activation::SwiGLU_OAI:
+            return "swigluoai";
         default:
             return "relu2";
     }
@@ -208,7 +230,7 @@ MoeEngine::MoeEngine(std::shared_ptr<ExpertStore> store, const EngineConfig & cf
     for (const auto & kv : store_->layers()) {
         max_experts = std::max(max_experts, kv.second.n_expert);
     }
-    max_nodes_ = 10 * max_experts + 32;  // per expert: 4 views, 4 ops, a copy and its view
+    max_nodes_ = 16 * max_experts + 40;  // per expert: 4 views, 4 ops, a copy and its view, 3 biases' views and adds
     arena_.resize(ggml_tensor_overhead() * (max_nodes_ + 16) + ggml_graph_overhead_custom(max_nodes_, false));
     ctx_ = ggml_init({ arena_.size(), arena_.data(), /*no_alloc=*/true });
     ids_i32_.resize(cfg_.chunk * cfg_.max_top_k);
@@ -385,17 +407,12 @@ MoeEngine::Graph MoeEngine::build_mul_mat_id(const ExpertLayer & L, int64_t n, i
 
     ggml_tensor * h;
     if (gate_up) {
-        ggml_tensor * gu = mul_mat_id(gate_up, x, ids);
-        h = cfg_.activation == Activation::SiLU ? ggml_swiglu(ctx, gu) : ggml_geglu(ctx, gu);
-    } else if (gate) {
-        ggml_tensor * gt = mul_mat_id(gate, x, ids);
-        ggml_tensor * up = mul_mat_id(up_w, x, ids);
-        h = cfg_.activation == Activation::SiLU ? ggml_swiglu_split(ctx, gt, up) : ggml_geglu_split(ctx, gt, up);
+        h = activate(nullptr, nullptr, with_bias(mul_mat_id(gate_up, x, ids), L.in_bias, 0, ids));
     } else {
-        ggml_tensor * up = mul_mat_id(up_w, x, ids);
-        h = ggml_sqr(ctx, ggml_relu(ctx, up));
+        ggml_tensor * up = with_bias(mul_mat_id(up_w, x, ids), L.in_bias, gate ? L.n_ff : 0, ids);
+        h = activate(gate ? with_bias(mul_mat_id(gate, x, ids), L.in_bias, 0, ids) : nullptr, up, nullptr);
     }
-    ggml_tensor * down = mul_mat_id(down_w, padded_for_down(L, h), ids);
+    ggml_tensor * down = with_bias(mul_mat_id(down_w, padded_for_down(L, h), ids), L.out_bias, 0, ids);
     if (compact) {
         ggml_tensor * args[3] = { ggml_reshape_2d(ctx, down, L.n_embd, pairs), g.weights, g.pos };
         finish_graph(g, ggml_custom_4d(ctx, out_type, L.n_embd, n, 1, 1, args, 3, combine, GGML_N_TASKS_MAX, nullptr));
@@ -404,6 +421,33 @@ MoeEngine::Graph MoeEngine::build_mul_mat_id(const ExpertLayer & L, int64_t n, i
         finish_graph(g, ggml_custom_4d(ctx, out_type, L.n_embd, n, 1, 1, args, 2, combine, GGML_N_TASKS_MAX, nullptr));
     }
     return g;
+}
+
+// The activation of gate and up outputs (ReLU2: of up alone), or of a fused gate_up's (gate rows first).
+ggml_tensor * MoeEngine::activate(ggml_tensor * gate, ggml_tensor * up, ggml_tensor * gate_up) {
+    switch (cfg_.activation) {
+        case Activation::SiLU:
+            return gate_up ? ggml_swiglu(ctx_, gate_up) : ggml_swiglu_split(ctx_, gate, up);
+        case Activation::GELU:
+            return gate_up ? ggml_geglu(ctx_, gate_up) : ggml_geglu_split(ctx_, gate, up);
+        case Activation::SwiGLU_OAI:  // gpt-oss's constants, as vLLM and llama.cpp fix them
+            return ggml_swiglu_oai(ctx_, gate_up ? gate_up : gate, gate_up ? nullptr : up, 1.702f, 7.0f);
+        default:
+            return ggml_sqr(ctx_, ggml_relu(ctx_, up));
+    }
+}
+
+// a [rows, slots, tokens] (or [rows, 1, pairs]) plus, per (token, slot), the bias of its expert
+// ids[slot, token]: rows [first_row, first_row + rows) of that expert's row of `bias` [*, experts].
+// Slots without an expert (-1) are left as they are (their weight is 0).
+ggml_tensor * MoeEngine::with_bias(ggml_tensor * a, ggml_tensor * bias, int64_t first_row, ggml_tensor * ids) {
+    if (!bias) {
+        return a;
+    }
+    ggml_tensor * args[3] = { a, ids, ggml_view_2d(ctx_, bias, a->ne[0], bias->ne[1], bias->nb[1],
+                                                   first_row * sizeof(float)) };
+    return ggml_custom_4d(ctx_, GGML_TYPE_F32, a->ne[0], a->ne[1], a->ne[2], 1, args, 3, add_expert_bias,
+                          GGML_N_TASKS_MAX, nullptr);
 }
 
 // The activations `h` ([F, ...] f32) as L's down takes them: zero-padded to its whole blocks in a
@@ -520,19 +564,21 @@ MoeEngine::Graph MoeEngine::build_per_expert(const ExpertLayer & L, int64_t n, i
         if (c == 0) {
             continue;
         }
+        // w's product with the expert's rows, plus rows [first, ...) of its bias (where there is one)
+        auto product = [&](ggml_tensor * w, ggml_tensor * in, ggml_tensor * bias, int64_t first) {
+            ggml_tensor * y = ggml_mul_mat(ctx, expert(w, e), in);
+            return bias ? ggml_add(ctx, y, ggml_view_1d(ctx, bias, y->ne[0], e * bias->nb[1] + first * sizeof(float)))
+                        : y;
+        };
         ggml_tensor * xe = ggml_view_2d(ctx, xs, D, c, xs->nb[1], r0 * xs->nb[1]);
         ggml_tensor * h;
         if (L.gate_up) {
-            ggml_tensor * gu = ggml_mul_mat(ctx, expert(L.gate_up, e), xe);
-            h = cfg_.activation == Activation::SiLU ? ggml_swiglu(ctx, gu) : ggml_geglu(ctx, gu);
-        } else if (L.gate) {
-            ggml_tensor * gt = ggml_mul_mat(ctx, expert(L.gate, e), xe);
-            ggml_tensor * up = ggml_mul_mat(ctx, expert(L.up, e), xe);
-            h = cfg_.activation == Activation::SiLU ? ggml_swiglu_split(ctx, gt, up) : ggml_geglu_split(ctx, gt, up);
+            h = activate(nullptr, nullptr, product(L.gate_up, xe, L.in_bias, 0));
         } else {
-            h = ggml_sqr(ctx, ggml_relu(ctx, ggml_mul_mat(ctx, expert(L.up, e), xe)));
+            ggml_tensor * up = product(L.up, xe, L.in_bias, L.gate ? L.n_ff : 0);
+            h = activate(L.gate ? product(L.gate, xe, L.in_bias, 0) : nullptr, up, nullptr);
         }
-        ggml_tensor * de = ggml_mul_mat(ctx, expert(L.down, e), padded_for_down(L, h));
+        ggml_tensor * de = product(L.down, padded_for_down(L, h), L.out_bias, 0);
         ggml_build_forward_expand(g.graph, ggml_cpy(ctx, de, ggml_view_2d(ctx, ys, D, c, ys->nb[1], r0 * ys->nb[1])));
     }
     ggml_tensor * args[3] = { ys, g.weights, g.pos };
