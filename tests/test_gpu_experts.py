@@ -103,9 +103,11 @@ def test_resident_layers_match_the_reference(experts_file, quantized, repack):
         assert rel_error(out, want) < 0.02, f"layer {layer}, {T} tokens"
     infos = {n: store.layer_info(n) for n in (1, 5)}
     assert gpu.vram_bytes == estimate_vram_bytes(infos, [], [1, 5], torch.bfloat16, quantized_resident=quantized)
-    dequantized = estimate_vram_bytes(infos, [], [1, 5], torch.bfloat16, quantized_resident=False)
-    if quantized:  # two Q4_K_M layers' bytes and one layer of bf16 weights, against two of weights
-        assert gpu.vram_bytes < 0.7 * dequantized
+    if quantized:  # a further resident layer adds its Q4_K_M bytes (the bf16 weights of longer passes are shared)
+        def added(as_bytes):
+            return (estimate_vram_bytes(infos, [], [1, 5], torch.bfloat16, quantized_resident=as_bytes)
+                    - estimate_vram_bytes({1: infos[1]}, [], [1], torch.bfloat16, quantized_resident=as_bytes))
+        assert added(True) < 0.35 * added(False)  # about 5.2 bits a weight against 16
 
 
 @needs_cuda
@@ -222,9 +224,10 @@ def model_layer_infos(n_layers, E, D, F, types):
     """ExpertLayerInfo of a model's layers, as a store reports them (offsets as one file would)."""
     from lvgg.experts import ExpertLayerInfo
 
-    return {i: ExpertLayerInfo(index=i, n_experts=E, hidden_size=D, intermediate_size=F, form="gate+up+down", biased=False,
-                               types=types, repacked={}, packed={}, offsets={"gate": 0, "up": 0, "down": 0},
-                               nbytes=0, first_expert=0, routed_experts=E, down_columns=F, down_lead=0)
+    return {i: ExpertLayerInfo(index=i, n_experts=E, hidden_size=D, intermediate_size=F, form="gate+up+down",
+                               biased=False, types=types, repacked={}, packed={},
+                               offsets={"gate": 0, "up": 0, "down": 0}, nbytes=0, first_expert=0, routed_experts=E,
+                               down_columns=F, down_lead=0)
             for i in range(n_layers)}
 
 
