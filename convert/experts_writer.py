@@ -99,6 +99,8 @@ def layer_types_metadata(tensors: list[PlannedTensor]) -> list[str]:
     """One 'blk.N: gate=Q4_K up=Q4_K down=Q6_K' line per layer, for lvgg.layer_types."""
     by_layer: dict[int, list[str]] = {}
     for t in tensors:
+        if not t.name.endswith(".weight"):
+            continue  # biases: f32
         layer = int(t.name.split(".")[1])
         proj = t.name.split(".")[2][len("ffn_"):-len("_exps")]
         by_layer.setdefault(layer, []).append(f"{proj}={t.qtype.name}")

@@ -11,7 +11,7 @@ import numpy as np
 from .experts_writer import CONVERTER_VERSION, PlannedTensor, layer_types_metadata, write_experts_gguf
 from .output_types import check_row_length
 from lvgg.gguf_files import resolve
-from lvgg.models import GGUF_EXPERT_TENSOR
+from lvgg.models import GGUF_EXPERT_BIAS, GGUF_EXPERT_TENSOR
 from lvgg.quantize import quantize
 
 _SHAPE_KEYS = ("block_count", "embedding_length", "expert_count", "expert_used_count",
@@ -49,6 +49,10 @@ def convert_gguf(src: Path, out: Path, types: dict[str, gguf.GGMLQuantizationTyp
             produce = (lambda t=t, shape=shape, qtype=qtype:
                        quantize(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape), qtype, threads))
         planned.append(PlannedTensor(t.name, qtype, shape, produce, nbytes))
+    for t in (t for r in readers for t in r.tensors if GGUF_EXPERT_BIAS.fullmatch(t.name)):  # f32, as they are
+        planned.append(PlannedTensor(t.name, gguf.GGMLQuantizationType(t.tensor_type),
+                                     tuple(int(n) for n in reversed(t.shape.tolist())),
+                                     lambda t=t: np.asarray(t.data).view(np.uint8), int(t.n_bytes)))
 
     head = hashlib.sha256()
     with open(files[0], "rb") as f:

@@ -153,6 +153,10 @@ class Checkpoint:
             return (t.float() * scale).numpy()
         return t.float().numpy()
 
+    def load_raw(self, name: str) -> np.ndarray:
+        """A tensor as stored (e.g. MXFP4 blocks' and scales' bytes)."""
+        return self._get(name).numpy()
+
     def _load_awq(self, base: str) -> np.ndarray:
         q = _unpack_int4(self._get(base + ".qweight").numpy(), _AWQ_ORDER)  # [in, out]
         z = _unpack_int4(self._get(base + ".qzeros").numpy(), _AWQ_ORDER)  # [in/g, out]

@@ -8,7 +8,7 @@ from lvgg.models import PROJECTIONS
 
 # What `--type` accepts: every ggml type ggml can quantize without an importance matrix.
 QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q5_1", "Q4_K", "Q4_0", "Q4_1",
-               "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")
+               "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "MXFP4")
 
 
 def parse_qtype(name: str) -> gguf.GGMLQuantizationType:

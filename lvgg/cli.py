@@ -63,7 +63,8 @@ def _fail(e: Exception) -> None:
 def convert(
     src: str = typer.Argument(None, help="HF model folder or model id (org/name); omit with --from-gguf"),
     out: Path = typer.Option(..., "-o", "--out", help="experts file to write (.gguf)"),
-    qtype: str = typer.Option("Q4_K", "--type", help="output type of every projection"),
+    qtype: str = typer.Option(None, "--type", help="output type of every projection (default Q4_K; MXFP4 experts, "
+                              "as gpt-oss ships them, stay MXFP4; --from-gguf: the file's types, copied)"),
     types: str = typer.Option(None, "--types", help="per projection, e.g. gate=Q4_K,up=Q4_K,down=Q6_K"),
     from_gguf: Path = typer.Option(None, "--from-gguf", help="copy the experts of a llama.cpp GGUF (first shard "
                                    "of a split set); with --type/--types they are requantized"),
@@ -75,19 +76,21 @@ def convert(
 
     threads = threads or len(_bridge.physical_core_cpus())
     try:
+        from lvgg.convert.hf_to_gguf import DEFAULT_TYPE
         from lvgg.convert.output_types import projection_types
 
+        # None: the converter's choice (a GGUF's types, or per checkpoint)
+        chosen = None if qtype is None and types is None else projection_types(qtype or DEFAULT_TYPE.name, types)
         if from_gguf is not None:
             from lvgg.convert.gguf_to_gguf import convert_gguf
 
-            explicit = types is not None or "--type" in sys.argv
-            written = convert_gguf(from_gguf, out, projection_types(qtype, types) if explicit else None, threads, quiet)
+            written = convert_gguf(from_gguf, out, chosen, threads, quiet)
         elif src is None:
             raise ValueError("give a model folder or id, or --from-gguf FILE")
         else:
             from lvgg.convert.hf_to_gguf import convert_hf
 
-            written = convert_hf(src, out, projection_types(qtype, types), threads, quiet)
+            written = convert_hf(src, out, chosen, threads, quiet)
     except (ValueError, OSError, TypeError) as e:
         _fail(e)
     if not quiet:

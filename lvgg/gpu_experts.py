@@ -95,6 +95,8 @@ def gpu_unsupported(info: ExpertLayerInfo) -> str | None:
     """Why this layer's experts cannot run on the GPU, or None when they can."""
     if info.form not in ("gate+up+down", "gate_up+down"):
         return f"{info.form} experts (the GPU runs gated SwiGLU experts)"
+    if info.biased:
+        return "experts with biases (gpt-oss; the GPU runs bias-free SwiGLU experts)"
     bad = sorted({t.upper() for t in info.types.values() if t.upper() not in SUPPORTED_TYPES})
     return f"types {bad} (no GPU dequantization)" if bad else None
 

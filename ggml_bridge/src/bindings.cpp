@@ -204,7 +204,7 @@ NB_MODULE(_bridge, m) {
                         }
                         nb::dict layers;
                         for (const auto & [index, dims] : h.layers) {
-                            layers[nb::int_(index)] = nb::make_tuple(dims[0], dims[1], dims[2]);
+                            layers[nb::int_(index)] = nb::make_tuple(dims[0], dims[1], dims[2], dims[3] != 0);
                         }
                         return nb::make_tuple(h.architecture, layers);
                     },

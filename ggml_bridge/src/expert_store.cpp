@@ -106,7 +106,8 @@ ExpertStore::Headers ExpertStore::check_files(const std::vector<std::string> & p
         for (const ggml_tensor * t : kv.second.tensors()) {
             headers.check_cpu_type(t);
         }
-        out.layers[kv.first] = { kv.second.routed_experts, kv.second.n_embd, kv.second.n_ff };
+        out.layers[kv.first] = { kv.second.routed_experts, kv.second.n_embd, kv.second.n_ff,
+                                 (int64_t) headers.file_biases_.count(kv.first) };
     }
     for (const char * key : { "general.architecture", "lvgg.architecture" }) {
         const int64_t i = gguf_find_key(headers.gguf(), key);

@@ -86,10 +86,11 @@ class ExpertStore {
     // Every check the constructor makes of the files' headers (a split set's keys, tensors within
     // the files, expert shapes and types), without mapping or reading any tensor; throws as it does.
     // Returns the first file's architecture keys (general.architecture, lvgg.architecture; absent
-    // ones left out) and, per MoE layer, {routed experts, hidden size, expert intermediate size}.
+    // ones left out) and, per MoE layer, {routed experts, hidden size, expert intermediate size,
+    // 1 where the experts have biases}.
     struct Headers {
         std::map<std::string, std::string>         architecture;
-        std::map<int, std::array<int64_t, 3>>      layers;
+        std::map<int, std::array<int64_t, 4>>      layers;
     };
     static Headers check_files(const std::vector<std::string> & paths);
     // Part `part` of `n_parts` of another store's experts, for one NUMA node or rank: what

@@ -13,6 +13,8 @@ from typing import Any, Callable
 PROJECTIONS = ("gate", "up", "down")
 # Routed-expert tensors in a GGUF file: layer number, projection (gate_up when fused).
 GGUF_EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight")
+# Their biases (gpt-oss), f32.
+GGUF_EXPERT_BIAS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.bias")
 
 
 def gguf_expert_name(layer: int, proj: str) -> str:
@@ -48,10 +50,21 @@ class MoEArch:
     shared_expert: str | None = None  # module name of shared experts (kept on the GPU)
     top_k_key: str = "num_experts_per_tok"
     grouped_routing: bool = False  # DeepSeek-style group-limited top-k (done by vLLM)
+    # Every projection of every expert has a bias (gpt-oss), kept in the experts file beside the weights.
+    biased: bool = False
+    # The checkpoint holds each layer's experts as one tensor per projection (gpt-oss: gate_up_proj
+    # [E, in, 2F], gate and up columns interleaved, and down_proj [E, F, in], or their MXFP4 blocks),
+    # not one per expert (hf_expert_name).
+    fused_checkpoint: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def hf_expert_name(self, layer: int, expert: int, proj: str) -> str:
         return f"model.layers.{layer}.{self.moe_block}.experts.{expert}.{self.hf_proj[proj]}.weight"
+
+    def hf_fused_name(self, layer: int, proj: str) -> str:
+        """A fused checkpoint's tensor of a layer: proj is gate_up or down, with a suffix where
+        it has one (_bias, _blocks, _scales)."""
+        return f"model.layers.{layer}.{self.moe_block}.experts.{proj}_proj"
 
     def spec(self, cfg: dict[str, Any]) -> "ExpertSpec":
         n_experts = next((cfg[k] for k in self.n_experts_keys if cfg.get(k) is not None), None)
@@ -103,6 +116,8 @@ ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
             _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
     MoEArch("glm4_moe", "glm4moe", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "moe_intermediate_size",
             _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
+    MoEArch("gpt_oss", "gpt-oss", "mlp", {}, ("num_local_experts",), "intermediate_size", _all_layers, biased=True,
+            fused_checkpoint=True),
 ]}
 
 
@@ -133,12 +148,12 @@ def arch_for(model_type: str) -> MoEArch:
                          f"{', '.join(sorted(ARCHITECTURES))}") from None
 
 
-def check_experts_match(path: str, metadata: dict[str, Any], layer_dims: dict[int, tuple[int, int, int]],
+def check_experts_match(path: str, metadata: dict[str, Any], layer_dims: dict[int, tuple[int, int, int, bool]],
                         hf_config: dict[str, Any], layers: list[int] | None = None) -> None:
     """Raise ValueError naming the first difference between an experts file and a model: the
     file's ``metadata`` (its architecture, either naming), its MoE layers and their
-    ``layer_dims`` (routed experts, hidden size, expert intermediate size), against the model's
-    config.json (its MoE ``layers`` only, e.g. a pipeline-parallel rank's; default: all)."""
+    ``layer_dims`` (routed experts, hidden size, expert intermediate size, biases or not), against
+    the model's config.json (its MoE ``layers`` only, e.g. a pipeline-parallel rank's; default: all)."""
     model_type = hf_config.get("model_type", "?")
     arch = arch_for(model_type)
     spec = arch.spec(hf_config)
@@ -163,3 +178,7 @@ def check_experts_match(path: str, metadata: dict[str, Any], layer_dims: dict[in
             if found != wanted:
                 raise ValueError(f"{path}: layer {layer} has {name}={found}, the model expects {wanted}; "
                                  "this experts file was made for another model")
+        if bool(layer_dims[layer][3]) != arch.biased:
+            raise ValueError(f"{path}: layer {layer}'s experts have {'biases' if layer_dims[layer][3] else 'no biases'}"
+                             f", a {model_type} model's have {'biases' if arch.biased else 'none'} "
+                             "(blk.N.ffn_{gate,up,down}_exps.bias); this experts file was made for another model")

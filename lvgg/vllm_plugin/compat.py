@@ -31,5 +31,16 @@ from vllm.model_executor.model_loader import DefaultModelLoader  # noqa: F401
 from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER as model_loaders  # noqa: F401
 from vllm.model_executor.models.utils import extract_layer_index  # noqa: F401
 
+
+
+def routed_experts_subclasses() -> list[type]:
+    """Models' own RoutedExperts subclasses (gpt-oss's, vLLM 0.32 on; absent before)."""
+    try:
+        from vllm.model_executor.models.gpt_oss import GptOssRoutedExperts
+    except ImportError:
+        return []
+    return [GptOssRoutedExperts]
+
+
 # False where DefaultModelLoader cannot skip expert tensors before reading them.
 HAS_EXPERT_WEIGHT_FILTER = hasattr(DefaultModelLoader, "_init_ep_weight_filter")

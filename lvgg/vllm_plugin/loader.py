@@ -14,8 +14,9 @@ from lvgg.vllm_plugin import compat
 from lvgg.vllm_plugin.moe_method import LvggMoEMethod
 
 # A routed expert's tensor in a checkpoint of every family lvgg supports (shared experts
-# are named `shared_expert(s).<proj>`, without an id).
-_ROUTED_EXPERT = re.compile(r"\.experts\.\d+\.")
+# are named `shared_expert(s).<proj>`, without an id), or a layer's experts as one tensor per
+# projection (gpt-oss: experts.gate_up_proj, its _bias, _blocks and _scales, and down's).
+_ROUTED_EXPERT = re.compile(r"\.experts\.(\d+\.|(gate_up|down)_proj(_bias|_blocks|_scales)?$)")
 
 
 class LvggModelLoader(compat.DefaultModelLoader):

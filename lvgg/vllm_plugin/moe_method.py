@@ -18,6 +18,11 @@ log = compat.init_logger("vllm.lvgg")
 # Set once real_rows() has found vLLM's count of real rows (its log says so).
 counts_real_rows = False
 
+# vLLM's gated MoE activations (MoEActivation values; plain strings in older vLLMs) that the CPU
+# engine computes, by the engine's names.
+ENGINE_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu", "swigluoai": "swigluoai",
+                      "swigluoai_uninterleave": "swigluoai"}
+
 
 def real_rows() -> torch.Tensor | None:
     """How many rows of the current pass are real tokens (vLLM pads a batch to the size its CUDA
@@ -97,8 +102,14 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):
-        if self.moe.has_bias or not self.moe.is_act_and_mul:
-            raise ValueError(f"{layer.layer_name}: lvgg runs gated, bias-free experts only")
+        activation = str(getattr(self.moe.activation, "value", self.moe.activation)).lower()
+        if activation not in ENGINE_ACTIVATIONS or not self.moe.is_act_and_mul:
+            raise ValueError(f"{layer.layer_name}: the experts' activation is {activation}; lvgg runs gated experts "
+                             f"with {', '.join(ENGINE_ACTIVATIONS)}")
+        constants = {k: getattr(layer, f"swiglu_{k}", None) for k in ("alpha", "limit", "beta")}
+        if {k: v for k, v in constants.items() if v is not None} not in ({}, {"alpha": 1.702, "limit": 7.0}):
+            raise ValueError(f"{layer.layer_name}: the experts' SwiGLU has {constants}; lvgg's engine computes "
+                             "gpt-oss's (alpha 1.702, limit 7) only")
         if self.moe.dp_size > 1:
             raise ValueError(f"{layer.layer_name}: data parallelism ({self.moe.dp_size} ranks) is not supported by "
                              "lvgg yet; run with data_parallel_size=1 (tensor parallelism works)")
@@ -114,13 +125,20 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
         engine = runtime.engine(vllm_config.model_config.hf_config.to_dict(),
                                 vllm_config.scheduler_config.max_num_batched_tokens,
                                 vllm_config.cache_config.gpu_memory_utilization, rank, ranks,
-                                pp.rank_in_group, pp.world_size, expert_parallel=self.moe.use_ep)
+                                pp.rank_in_group, pp.world_size, expert_parallel=self.moe.use_ep,
+                                activation=ENGINE_ACTIVATIONS[activation])
+        if engine.store.layer_info(self.layer_index).biased != bool(self.moe.has_bias):
+            raise ValueError(f"{layer.layer_name}: vLLM's layer {'has' if self.moe.has_bias else 'has no'} expert "
+                             f"biases, the experts file's {'has none' if self.moe.has_bias else 'has them'}; "
+                             "this experts file was made for another model")
         engine.store.check_layer(self.layer_index, n_experts=self.moe.num_experts, hidden_size=hidden_size,
                                  intermediate_size=intermediate_size_per_partition if ranks == 1
                                  else None)  # a rank's share: the whole file was checked against the model
         attrs = {**extra_weight_attrs, "weight_loader": self._drop_expert_weight}
+        # empty: vLLM's quant config takes the biases' tensors, its kernels never run
+        biases = (("w13_bias", (num_experts, 0)), ("w2_bias", (num_experts, 0))) if self.moe.has_bias else ()
         for name, shape in (("w13_weight", (num_experts, 0, hidden_size)),
-                            ("w2_weight", (num_experts, hidden_size, 0))):
+                            ("w2_weight", (num_experts, hidden_size, 0)), *biases):
             param = torch.nn.Parameter(torch.empty(shape, dtype=params_dtype), requires_grad=False)
             layer.register_parameter(name, param)
             for key, value in attrs.items():
@@ -147,6 +165,11 @@ class LvggRoutedExperts(compat.RoutedExperts):
 
 
 def register_moe_method() -> None:
-    # PluggableLayer looks out-of-tree replacements up by the in-tree class's name.
-    if compat.RoutedExperts.__name__ not in compat.op_registry_oot:
-        compat.RoutedExperts.register_oot(LvggRoutedExperts)
+    # PluggableLayer looks a layer's out-of-tree replacement up by its in-tree class's name: the
+    # base class's, or a model's own subclass's (a replacement must subclass it, or Python skips
+    # its __init__).
+    for in_tree in (compat.RoutedExperts, *compat.routed_experts_subclasses()):
+        if in_tree.__name__ not in compat.op_registry_oot:
+            replacement = LvggRoutedExperts if in_tree is compat.RoutedExperts else \
+                type(f"Lvgg{in_tree.__name__}", (LvggRoutedExperts, in_tree), {})
+            compat.RoutedExperts.register_oot(replacement, name=in_tree.__name__)

@@ -61,7 +61,7 @@ def check_experts_file(store: ExpertStore, hf_config: dict[str, Any], layers: li
     dims = {}
     for layer in store.layers:
         info = store.layer_info(layer)
-        dims[layer] = (info.routed_experts, info.hidden_size, info.intermediate_size)
+        dims[layer] = (info.routed_experts, info.hidden_size, info.intermediate_size, info.biased)
     check_experts_match(store.path, store.metadata(), dims, hf_config, layers)
 
 
@@ -185,8 +185,10 @@ def rank_gpu_nodes(count: int) -> list[int | None]:
 
 
 def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: float = 0.9, tp_rank: int = 0,
-           tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1, expert_parallel: bool = False) -> CpuMoE:
-    """The engine of this process, created (and the file checked) on first use. A tensor-parallel
+           tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1, expert_parallel: bool = False,
+           activation: str = "silu") -> CpuMoE:
+    """The engine of this process (its experts' ``activation``: CpuMoE's), created (and the file
+    checked) on first use. A tensor-parallel
     rank (tp_rank of tp_size) computes its share of every expert, an expert-parallel one
     (``expert_parallel``, over the same ranks) the whole experts it holds (vLLM's all-reduce sums
     the ranks' outputs either way); a pipeline-parallel rank holds its own layers' experts only."""
@@ -194,7 +196,8 @@ def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: f
     with _lock:
         _gpu_memory_utilization = gpu_memory_utilization
         if _engine is None:
-            _engine = _make_engine(hf_config, max_tokens, tp_rank, tp_size, pp_rank, pp_size, expert_parallel)
+            _engine = _make_engine(hf_config, max_tokens, tp_rank, tp_size, pp_rank, pp_size, expert_parallel,
+                                   activation=activation)
         return _engine
 
 
@@ -227,9 +230,10 @@ def pp_layers(hf_config: dict[str, Any], pp_rank: int, pp_size: int) -> list[int
 
 
 def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_size: int, pp_rank: int,
-                 pp_size: int, expert_parallel: bool = False, local: tuple[int, int] | None = None) -> CpuMoE:
+                 pp_size: int, expert_parallel: bool = False, local: tuple[int, int] | None = None,
+                 activation: str = "silu") -> CpuMoE:
     spec = arch_for(hf_config["model_type"]).spec(hf_config)
-    kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation="silu",
+    kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation=activation,
                   strict_cpu=settings.strict_binding())
     topo = topology.current()
     index, count = local or local_rank()
