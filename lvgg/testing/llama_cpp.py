@@ -42,6 +42,8 @@ EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 TINY_QWEN3_MOE = dict(hidden_size=256, moe_intermediate_size=512, intermediate_size=512, num_hidden_layers=3,
                       num_experts=8, num_experts_per_tok=2, mlp_only_layers=[], decoder_sparse_step=1,
                       tie_word_embeddings=True)
+# Per family, what its tiny model for llama.cpp changes of lvgg.testing.tiny_models' (every MoE layer).
+TINY_FOR_LLAMA_CPP = {"qwen3_moe": TINY_QWEN3_MOE, "gpt_oss": {}}
 # The types llama.cpp's quantizer refuses without an importance matrix, or quantizes badly
 # (llama-quantize asks for one for all of these).
 NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S")
@@ -103,15 +105,15 @@ def gpt2_tokenizer(tree: Path) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos)
 
 
-def make_tiny_gpt2_vocab_model(out_dir: str | os.PathLike[str], tree: Path, seed: int = 0,
+def make_tiny_gpt2_vocab_model(out_dir: str | os.PathLike[str], tree: Path, seed: int = 0, family: str = "qwen3_moe",
                                **overrides: Any) -> Path:
-    """A tiny random float32 Qwen3-MoE checkpoint with GPT-2's tokenizer (vocab 50257) that
-    llama.cpp's converter accepts; weights as lvgg.testing.tiny_models makes them."""
+    """A tiny random float32 checkpoint of a family (TINY_FOR_LLAMA_CPP) with GPT-2's tokenizer
+    (vocab 50257) that llama.cpp's converter accepts; weights as lvgg.testing.tiny_models makes them."""
     from lvgg.testing.tiny_models import make_tiny_model
 
     tokenizer = gpt2_tokenizer(tree)
-    out = make_tiny_model("qwen3_moe", out_dir, seed=seed, dtype="float32",
-                          **{**TINY_QWEN3_MOE, "vocab_size": len(tokenizer), **overrides})
+    out = make_tiny_model(family, out_dir, seed=seed, dtype="float32",
+                          **{**TINY_FOR_LLAMA_CPP[family], "vocab_size": len(tokenizer), **overrides})
     for name in _TOKENIZER_FILES:  # tiny_models' own tokenizer, replaced by GPT-2's
         (out / name).unlink(missing_ok=True)
     tokenizer.save_pretrained(out)
