@@ -41,6 +41,18 @@ def family_model(request, tmp_path_factory):
     return request.param, folder
 
 
+# The experts' activation by family, as vLLM's MoE layer names it to the plugin (default: silu).
+ACTIVATION = {"gpt_oss": "swigluoai"}
+
+
+def checkpoint_experts(f, arch, layer, proj):
+    """[experts, rows, cols] of one projection of a layer, from either checkpoint layout."""
+    if arch.fused_checkpoint:  # gate_up [E, D, 2F], gate and up columns interleaved; down [E, F, D]
+        fused = f.get_tensor(arch.hf_fused_name(layer, "down" if proj == "down" else "gate_up")).numpy()
+        return (fused if proj == "down" else fused[..., {"gate": 0, "up": 1}[proj]::2]).transpose(0, 2, 1)
+    return np.stack([f.get_tensor(arch.hf_expert_name(layer, e, proj)).numpy() for e in range(8)])
+
+
 def test_table_names_every_expert_tensor_of_the_checkpoint(family_model):
     family, folder = family_model
     config = json.loads((folder / "config.json").read_text())
@@ -49,8 +61,12 @@ def test_table_names_every_expert_tensor_of_the_checkpoint(family_model):
     with safe_open(folder / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     expert_keys = {k for k in keys if ".experts." in k}
-    wanted = {arch.hf_expert_name(layer, e, p) for layer in spec.layers for e in range(spec.n_experts)
-              for p in PROJECTIONS}
+    if arch.fused_checkpoint:
+        wanted = {arch.hf_fused_name(layer, p) + suffix for layer in spec.layers for p in ("gate_up", "down")
+                  for suffix in ("", "_bias")}
+    else:
+        wanted = {arch.hf_expert_name(layer, e, p) for layer in spec.layers for e in range(spec.n_experts)
+                  for p in PROJECTIONS}
     assert wanted == expert_keys
     assert spec.n_experts == 8 and spec.top_k == 2
     if arch.shared_expert:
@@ -64,7 +80,7 @@ def test_round_trip_matches_transformers_moe_block(family_model, qtype, tmp_path
     family, folder = family_model
     out = convert_hf(str(folder), tmp_path / "experts.gguf", all_types(qtype), threads=2, quiet=True)
     store = lvgg.ExpertStore(out)
-    moe = lvgg.CpuMoE(store, threads=2)
+    moe = lvgg.CpuMoE(store, threads=2, activation=ACTIVATION.get(family, "silu"))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     blocks = {int(n.split(".")[2]): m for n, m in model.named_modules() if n.endswith(".experts")}
     assert sorted(blocks) == store.layers
@@ -91,7 +107,7 @@ def test_converted_weights_match_the_checkpoint(family_model, qtype, tmp_path):
             for proj in PROJECTIONS:
                 t = tensors[gguf_expert_name(layer, proj)]
                 got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(8, *t.data.shape[1:2], -1)
-                want = np.stack([f.get_tensor(arch.hf_expert_name(layer, e, proj)).numpy() for e in range(8)])
+                want = checkpoint_experts(f, arch, layer, proj)
                 assert got.shape == want.shape
                 err = np.linalg.norm(got - want) / np.linalg.norm(want)
                 assert err <= WEIGHT_ERROR[qtype], (layer, proj, err)

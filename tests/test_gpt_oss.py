@@ -140,7 +140,7 @@ def test_mxfp4_checkpoint_experts_are_copied_block_for_block(tmp_path):
 
 def test_an_experts_file_without_the_models_biases_is_refused_before_vllm_starts(tmp_path, rng):
     folder = make_tiny_model("gpt_oss", tmp_path / "m", seed=3, dtype="float32")
-    layers = {n: random_experts(rng, 8, 256, 128) for n in range(3)}
+    layers = {n: random_experts(rng, 8, 256, 512) for n in range(3)}
     unbiased = write_experts_file(tmp_path / "unbiased.gguf", layers, Q.F32, architecture="gpt-oss")
     with pytest.raises(ValueError, match="layer 0's experts have no biases, a gpt_oss model's have biases"):
         check_before_start(str(folder), [unbiased])

@@ -35,7 +35,7 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "glm4_moe": dict(intermediate_size=512, moe_intermediate_size=256, n_routed_experts=8, n_shared_experts=1,
                      first_k_dense_replace=1, n_group=1, topk_group=1),
     # experts with biases and the clamped SwiGLU, attention sinks, sliding and full attention layers
-    "gpt_oss": dict(intermediate_size=128, num_local_experts=8, sliding_window=16,
+    "gpt_oss": dict(intermediate_size=512, num_local_experts=8, sliding_window=16,
                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
 
