@@ -6,7 +6,10 @@ is ever left under the final name unless the whole file was written.
 """
 from __future__ import annotations
 
+import errno
 import os
+import resource
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -86,13 +89,24 @@ def write_experts_gguf(out: Path, gguf_arch: str, metadata: dict[str, Any], tens
         os.replace(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if e.errno == 28:  # ENOSPC
-            raise OSError(e.errno, f"disk full while writing {out}; nothing was left under that name") from e
+        # numpy's tofile reports a short write as "N requested and M written", without an errno
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or (e.errno is None and "requested and" in str(e)):
+            raise OSError(f"could not write {out} (disk full or file-size limit): {_space_left(out)}; nothing was "
+                          "left under that name") from e
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _space_left(out: Path) -> str:
+    """What limits a file there: the filesystem's free space and the process's file-size limit."""
+    free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    size_limit = "" if limit == resource.RLIM_INFINITY else f", and this process may write files of {limit >> 20} MiB " \
+        "at most (ulimit -f)"
+    return f"{free >> 20} MiB free on its filesystem{size_limit}"
 
 
 def layer_types_metadata(tensors: list[PlannedTensor]) -> list[str]:

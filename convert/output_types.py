@@ -1,10 +1,15 @@
-"""Output types of converted experts: one for all projections, or one per projection."""
+"""Output types of converted experts: one for all projections, or one per projection.
+
+gguf is imported where used: the command line imports this module for its help text.
+"""
 from __future__ import annotations
 
-import gguf
+from typing import TYPE_CHECKING
 
-from lvgg import _bridge
 from lvgg.models import PROJECTIONS
+
+if TYPE_CHECKING:
+    import gguf
 
 # What `--type` accepts: every ggml type ggml can quantize without an importance matrix.
 QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q5_1", "Q4_K", "Q4_0", "Q4_1",
@@ -14,7 +19,9 @@ QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q5_1", "Q4
 def parse_qtype(name: str) -> gguf.GGMLQuantizationType:
     if name.upper() not in QUANTIZABLE:
         raise ValueError(f"unsupported output type {name!r}; choose one of {', '.join(QUANTIZABLE)}")
-    return gguf.GGMLQuantizationType(_bridge.type_from_name(name))
+    import gguf
+
+    return gguf.GGMLQuantizationType[name.upper()]
 
 
 def projection_types(default: str, per_projection: str | None) -> dict[str, gguf.GGMLQuantizationType]:
@@ -32,6 +39,8 @@ def projection_types(default: str, per_projection: str | None) -> dict[str, gguf
 
 
 def check_row_length(qtype: gguf.GGMLQuantizationType, row_length: int, what: str) -> None:
+    import gguf
+
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if row_length % block:
         raise ValueError(f"{what}: rows of {row_length} values cannot be stored as {qtype.name} (block size "

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lvgg.convert.output_types import QUANTIZABLE
+
 
 app = typer.Typer(help="Run Mixture-of-Experts LLMs with the routed experts on the CPU through ggml.",
                   no_args_is_help=True)
@@ -63,8 +65,9 @@ def _fail(e: Exception) -> None:
 def convert(
     src: str = typer.Argument(None, help="HF model folder or model id (org/name); omit with --from-gguf"),
     out: Path = typer.Option(..., "-o", "--out", help="experts file to write (.gguf)"),
-    qtype: str = typer.Option(None, "--type", help="output type of every projection (default Q4_K; MXFP4 experts, "
-                              "as gpt-oss ships them, stay MXFP4; --from-gguf: the file's types, copied)"),
+    qtype: str = typer.Option(None, "--type", help="output type of every projection: " + ", ".join(QUANTIZABLE) +
+                              " (default Q4_K; MXFP4 experts, as gpt-oss ships them, stay MXFP4; --from-gguf: the "
+                              "file's types, copied)"),
     types: str = typer.Option(None, "--types", help="per projection, e.g. gate=Q4_K,up=Q4_K,down=Q6_K"),
     from_gguf: Path = typer.Option(None, "--from-gguf", help="copy the experts of a llama.cpp GGUF (first shard "
                                    "of a split set); with --type/--types they are requantized"),
@@ -117,7 +120,7 @@ def serve(
                                 "of the experts in RAM, not two); default: a repacked copy unless the memory "
                                 "available cannot hold it beside the pinned file"),
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback unless told otherwise)"),
-    port: int = typer.Option(8000),
+    port: int = typer.Option(8000, help="port to listen on"),
 ) -> None:
     """vLLM's OpenAI-compatible server with the routed experts on the CPU. Other flags go to vLLM."""
     from lvgg.llm import configure_plugin, server_argv
@@ -165,8 +168,10 @@ def bench_moe(
     threads: int = typer.Option(0, help="engine threads (0: one per physical core)"),
     layers: int = typer.Option(3, help="distinct layers in the synthetic file (more: colder caches)"),
     seconds: float = typer.Option(1.0, help="minimum timed seconds per figure"),
-    hidden: int = typer.Option(2048), intermediate: int = typer.Option(768),
-    experts: int = typer.Option(128), top_k: int = typer.Option(8),
+    hidden: int = typer.Option(2048, help="hidden size of the synthetic layer"),
+    intermediate: int = typer.Option(768, help="expert intermediate size of the synthetic layer"),
+    experts: int = typer.Option(128, help="routed experts of the synthetic layer"),
+    top_k: int = typer.Option(8, help="experts per token"),
     workdir: str = typer.Option(None, help="folder for the synthetic experts files (default: temp)"),
     configs: str = typer.Option(None, help="engine configurations to compare, ';' separated (default: all of "
                                 "'ggml mul_mat_id;repacked;ggml repacked;per-expert;auto, both layouts')"),
@@ -236,8 +241,10 @@ def bench_ranks(
     threads: int = typer.Option(0, help="cores used in all (0: every physical core)"),
     layers: int = typer.Option(3, help="distinct layers in the synthetic file"),
     seconds: float = typer.Option(1.0, help="minimum timed seconds per figure"),
-    hidden: int = typer.Option(2048), intermediate: int = typer.Option(768),
-    experts: int = typer.Option(128), top_k: int = typer.Option(8),
+    hidden: int = typer.Option(2048, help="hidden size of the synthetic layer"),
+    intermediate: int = typer.Option(768, help="expert intermediate size of the synthetic layer"),
+    experts: int = typer.Option(128, help="routed experts of the synthetic layer"),
+    top_k: int = typer.Option(8, help="experts per token"),
     workdir: str = typer.Option(None, help="folder for the synthetic experts files (default: temp)"),
     kernels: Kernels = typer.Option(Kernels.lvgg, help="lvgg: its own kernels where the CPU has AVX-512 VNNI; ggml: "
                                     "ggml's for every type"),

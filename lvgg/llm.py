@@ -11,6 +11,16 @@ from lvgg.vllm_plugin import (EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, 
                                REPACK_ENV, THREADS_ENV)
 
 
+def check_model_path(model: str) -> None:
+    """A model written as a local path (from /, ./, ../, ~, or inside a folder that exists) must
+    exist: vLLM would take it for a Hub id and fail after its start-up."""
+    path = Path(model).expanduser()
+    if not path.exists() and (model.startswith(("/", "./", "../", "~")) or
+                              (path.parent != Path(".") and path.parent.is_dir())):
+        raise FileNotFoundError(f"model folder {model} not found; give a model folder or a Hugging Face id "
+                                "(org/name)")
+
+
 def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> list[Path]:
     """The experts file to use, as its local files (a split GGUF's parts): the one given (a path,
     or a Hub quant org/repo:QUANT), or the single GGUF beside a model folder's weights."""
@@ -51,6 +61,7 @@ def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_thr
                      repack: bool | None = None) -> Path:
     """Point the plugin (in this process and the ones vLLM starts) at the experts file, with the
     given settings (None: the environment's, else the defaults; see lvgg.vllm_plugin)."""
+    check_model_path(model)
     files = find_experts_file(model, experts)
     check_before_start(model, files)
     env = {THREADS_ENV: cpu_threads or None, GPU_PREFILL_ENV: gpu_prefill_min_tokens,

@@ -219,7 +219,7 @@ def test_interrupted_conversion_leaves_no_file(qwen3, tmp_path, monkeypatch, fai
         return real(self, tensor, *a, **k)
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", failing)
-    with pytest.raises(type(failure), match="disk full while writing" if isinstance(failure, OSError) else None):
+    with pytest.raises(type(failure), match="disk full or file-size limit" if isinstance(failure, OSError) else None):
         convert_hf(str(qwen3), tmp_path / "e.gguf", all_types(Q.Q8_0), threads=1, quiet=True)
     assert list(tmp_path.iterdir()) == []
 
@@ -390,3 +390,16 @@ def test_int4_checkpoints_are_dequantized(tmp_path, layout):
         hf = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{ARCHITECTURES['mixtral'].hf_proj[proj]}.weight"
         np.testing.assert_allclose(reader[gguf_expert_name(layer, proj)].data[e], dequantized[hf], rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_a_file_size_limit_stops_the_conversion_with_one_line_and_no_file(qwen3, tmp_path):
+    """A real short write (ulimit -f: EFBIG, which numpy reports without an errno), as a full disk gives."""
+    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY)); "
+              "from lvgg.cli import app; sys.argv[0] = 'lvgg'; app()")
+    done = subprocess.run([sys.executable, "-c", script, "convert", str(qwen3), "-o", str(tmp_path / "e.gguf"),
+                           "--type", "F32", "--quiet"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "(disk full or file-size limit)" in done.stderr and "at most (ulimit -f)" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

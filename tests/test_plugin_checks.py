@@ -390,3 +390,11 @@ def test_ray_workers_get_lvgg_settings():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.splitlines()[-2:] == ["MY_,LVGG_", "['LVGG_CPU_THREADS', 'LVGG_EXPERTS', 'MY_SETTING']"]
+
+
+@pytest.mark.parametrize("model", ["./no-such-model", "/no/such/model", "~/no-such-model"])
+def test_a_mistyped_model_folder_is_named_before_vllm_starts(model, tmp_path):
+    from lvgg.llm import configure_plugin
+
+    with pytest.raises(FileNotFoundError, match=f"model folder {model} not found"):
+        configure_plugin(model, tmp_path / "experts.gguf", None)
