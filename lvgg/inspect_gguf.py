@@ -40,6 +40,12 @@ def inspect_gguf(spec: str | Path) -> FileSummary:
         try:
             readers.append(gguf.GGUFReader(part))
         except Exception as e:
+            from lvgg import _bridge
+
+            try:  # the store's header checks say what is wrong (truncated, not GGUF, ...) where gguf-py cannot
+                _bridge.ExpertStore.check_files([str(p) for p in files])
+            except ValueError as why:
+                raise ValueError(str(why)) from e
             raise ValueError(f"{part} is not a readable GGUF file: {e}") from e
     meta: dict[str, object] = {}
     for name, field in readers[0].fields.items():

@@ -332,6 +332,10 @@ def test_cli_convert_then_inspect(qwen3, tmp_path):
     assert r.exit_code == 0, r.output
     assert "architecture qwen3moe, 2 MoE layers" in r.output
     assert "gate=Q4_K up=Q4_K down=Q6_K" in r.output
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
+    r = runner.invoke(app, ["inspect", str(truncated)])
+    assert r.exit_code == 2 and "is truncated: tensor 'blk." in r.output and "did not finish" in r.output, r.output
 
 
 def test_cli_convert_reports_errors_without_traceback(tmp_path):
