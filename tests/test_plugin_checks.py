@@ -59,6 +59,17 @@ def test_file_with_fewer_layers_is_refused(qwen3, tmp_path):
         check_experts_file(lvgg.ExpertStore(fewer), config)
 
 
+def test_a_files_next_token_prediction_layer_is_left_alone(qwen3, tmp_path):
+    """llama.cpp's GGUFs of GLM-4.5/4.7 and DeepSeek-V3 carry the MTP (nextn) layer as blk.<layers>."""
+    _, config, _ = qwen3
+    deeper = make_tiny_model("qwen3_moe", tmp_path / "d", seed=2, num_hidden_layers=4, mlp_only_layers=[1])
+    with_nextn = convert_hf(str(deeper), tmp_path / "d.gguf", Q8, 2, True)  # layers 0, 2 and 3 (3: "nextn")
+    check_experts_file(lvgg.ExpertStore(with_nextn), config)
+    inside = make_tiny_model("qwen3_moe", tmp_path / "i", seed=2, mlp_only_layers=[])
+    with pytest.raises(ValueError, match=r"has MoE layers \[0, 1, 2\], the model has \[0, 2\] \(extra \[1\]\)"):
+        check_experts_file(lvgg.ExpertStore(convert_hf(str(inside), tmp_path / "i.gguf", Q8, 2, True)), config)
+
+
 def test_file_with_other_expert_count_is_refused(qwen3, tmp_path):
     _, config, _ = qwen3
     wide = make_tiny_model("qwen3_moe", tmp_path / "w", seed=2, num_experts=16)

@@ -34,6 +34,17 @@ def _first_k_dense_layers(cfg: dict[str, Any]) -> list[int]:
     return [i for i in range(cfg["num_hidden_layers"]) if i >= k and i % freq == 0]
 
 
+def _ernie_moe_layers(cfg: dict[str, Any]) -> list[int]:
+    n = cfg["num_hidden_layers"]
+    if cfg.get("use_moe") is False:
+        return []
+    start = cfg.get("moe_layer_start_index", 0) or 0
+    end = cfg.get("moe_layer_end_index", -1)
+    end = n - 1 if end is None or end < 0 else end  # -1 or absent: the last layer
+    step = cfg.get("moe_layer_interval", 1) or 1
+    return [i for i in range(n) if start <= i <= end and (i + 1) % step == 0]
+
+
 def _all_layers(cfg: dict[str, Any]) -> list[int]:
     return list(range(cfg["num_hidden_layers"]))
 
@@ -116,6 +127,10 @@ ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
             _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
     MoEArch("glm4_moe", "glm4moe", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "moe_intermediate_size",
             _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
+    MoEArch("glm4_moe_lite", "deepseek2", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "moe_intermediate_size",
+            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),  # GLM-4.7-Flash
+    MoEArch("ernie4_5_moe", "ernie4_5-moe", "mlp", _GATE_UP_DOWN, ("moe_num_experts",), "moe_intermediate_size",
+            _ernie_moe_layers, shared_expert="shared_experts", top_k_key="moe_k"),
     MoEArch("gpt_oss", "gpt-oss", "mlp", {}, ("num_local_experts",), "intermediate_size", _all_layers, biased=True,
             fused_checkpoint=True),
 ]}
@@ -166,7 +181,9 @@ def check_experts_match(path: str, metadata: dict[str, Any], layer_dims: dict[in
         raise ValueError(f"{path} holds no routed-expert tensors (blk.N.ffn_{{gate,up,down}}_exps.weight): "
                          "give a MoE model's GGUF or an experts file made by `lvgg convert`")
     want = spec.layers if layers is None else layers
-    have = sorted(layer_dims)
+    # blk.N past the model's layers: the multi-token-prediction (nextn) layers llama.cpp's GGUFs of
+    # GLM and DeepSeek models carry, which vLLM runs only as a draft model
+    have = sorted(n for n in layer_dims if n < int(hf_config["num_hidden_layers"]))
     if not set(want) <= set(have) or (layers is None and have != want):
         missing = sorted(set(want) - set(have))
         extra = sorted(set(have) - set(want))

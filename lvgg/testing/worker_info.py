@@ -25,7 +25,10 @@ def model_info(model) -> dict:
             first = runtime._engine.store.layer_info(runtime._engine.store.layers[0])
             engine_experts = [first.held_experts.start, first.held_experts.stop]
             engine_repacked = sorted(p for p, repacked in first.repacked.items() if repacked)
-    return {"expert_bytes": sum(p.numel() * p.element_size() for m in experts for p in m.parameters()),
+    # vLLM names routed-expert weights w13_* and w2_* (their scales and biases too); a layer's router
+    # correction bias (e_score_correction_bias, GLM and ERNIE) is not an expert's
+    return {"expert_bytes": sum(p.numel() * p.element_size() for m in experts for name, p in m.named_parameters()
+                                if name.split(".")[-1].startswith(("w13", "w2"))),
             "methods": sorted({type(m.quant_method).__name__ for m in experts}),
             "others": sorted({type(m.quant_method).__name__ for m in model.modules()
                               if getattr(m, "quant_method", None) is not None and not isinstance(m, RoutedExperts)}),
