@@ -19,16 +19,17 @@ from lvgg.convert.hf_to_gguf import convert_hf
 from lvgg.models import PROJECTIONS, arch_for
 from lvgg.testing.greedy import agreement
 from lvgg.testing.quantized_checkpoints import write_w4a16, write_w8a8
-from lvgg.testing.tiny_models import make_tiny_model
+from lvgg.testing.tiny_models import make_tiny_bailing, make_tiny_model
 
 SCRIPT = Path(__file__).with_name("vllm_generate.py")
 
 
 def generate(model, experts=None, eager=True, expect_failure=False, dtype="float32", tp=1, env=None, ep=False, pp=1,
-             speculative=None):
+             speculative=None, trust_remote_code=False):
     cmd = [sys.executable, str(SCRIPT), str(model), "--dtype", dtype, "--tp", str(tp), "--pp", str(pp)] + \
         (["--experts", str(experts)] if experts else []) + (["--eager"] if eager else []) + (["--ep"] if ep else []) + \
-        (["--speculative", json.dumps(speculative)] if speculative else [])
+        (["--speculative", json.dumps(speculative)] if speculative else []) + \
+        (["--trust-remote-code"] if trust_remote_code else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
     if expect_failure:
         assert done.returncode != 0
@@ -162,6 +163,18 @@ def test_other_families_match_stock_vllm(family, tmp_path):
     hybrid = generate(folder, experts)
     assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
     assert hybrid["tokens"] == generate(folder)["tokens"]
+
+
+@pytest.mark.parametrize("version", [1, 2], ids=["bailing_moe", "bailing_moe_v2"])
+def test_ling_models_with_remote_config_code_match_stock_vllm(version, tmp_path):
+    # Ling/Ring (inclusionAI): no transformers classes, the config is the checkpoint's own code.
+    # v2 (Ling-2.0): grouped sigmoid routing with a router bias, a shared expert, QK norm.
+    folder = make_tiny_bailing(tmp_path / "ling", version=version, seed=13)
+    experts = convert_hf(str(folder), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,
+                         quiet=True)
+    hybrid = generate(folder, experts, trust_remote_code=True)
+    assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
+    assert hybrid["tokens"] == generate(folder, trust_remote_code=True)["tokens"]
 
 
 def test_deepseek_v2_bf16_stays_close_to_stock_vllm(tmp_path):

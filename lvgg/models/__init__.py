@@ -131,6 +131,11 @@ ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
             _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),  # GLM-4.7-Flash
     MoEArch("ernie4_5_moe", "ernie4_5-moe", "mlp", _GATE_UP_DOWN, ("moe_num_experts",), "moe_intermediate_size",
             _ernie_moe_layers, shared_expert="shared_experts", top_k_key="moe_k"),
+    # Ling/Ring (inclusionAI): checkpoints with remote code (vLLM needs trust_remote_code)
+    MoEArch("bailing_moe", "bailingmoe", "mlp", _GATE_UP_DOWN, ("num_experts",), "moe_intermediate_size",
+            _first_k_dense_layers, shared_expert="shared_experts"),
+    MoEArch("bailing_moe_v2", "bailingmoe2", "mlp", _GATE_UP_DOWN, ("num_experts",), "moe_intermediate_size",
+            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
     MoEArch("gpt_oss", "gpt-oss", "mlp", {}, ("num_local_experts",), "intermediate_size", _all_layers, biased=True,
             fused_checkpoint=True),
 ]}

@@ -6,6 +6,7 @@ on a built-in text. Loadable by transformers and by vLLM. Deterministic for a se
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,81 @@ def make_30b_a3b_shaped_model(out_dir: str | Path, layers: int, seed: int = 0) -
                            moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, num_hidden_layers=layers,
                            mlp_only_layers=[], intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4,
                            head_dim=128)
+
+
+# Families transformers has no classes for: their checkpoints ship the config class as remote code
+# (auto_map), which this stands in for, and vLLM runs them with trust_remote_code.
+_REMOTE_CONFIG = """from transformers import PretrainedConfig
+
+
+class {name}(PretrainedConfig):
+    model_type = "{model_type}"
+"""
+
+
+def make_tiny_bailing(out_dir: str | Path, version: int = 2, seed: int = 0, dtype: str = "float32") -> Path:
+    """A tiny random Ling/Bailing-MoE checkpoint (v2: Ling-2.0's grouped sigmoid routing with a
+    router bias, QK norm, partial rotary; v1: Ling-lite's softmax routing), tensors named as
+    inclusionAI's modeling code saves them, written one by one; 8 experts, top-2, a shared expert,
+    layer 0 dense."""
+    import torch
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(_BASE["vocab_size"])
+    D, F, dense_f, E, heads, kv_heads, head_dim, vocab = 256, 256, 512, 8, 4, 2, 64, _BASE["vocab_size"]
+    model_type, config_class = ("bailing_moe_v2", "BailingMoeV2Config") if version == 2 else \
+        ("bailing_moe", "BailingMoeConfig")
+    config = dict(architectures=["BailingMoeV2ForCausalLM" if version == 2 else "BailingMoeForCausalLM"],
+                  model_type=model_type, auto_map={"AutoConfig": f"configuration_{model_type}.{config_class}"},
+                  hidden_size=D, intermediate_size=dense_f, num_hidden_layers=3, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, max_position_embeddings=2048,
+                  rms_norm_eps=1e-6, hidden_act="silu", num_experts=E, num_shared_experts=1, num_experts_per_tok=2,
+                  moe_intermediate_size=F, first_k_dense_replace=1, norm_topk_prob=True, use_rmsnorm=True,
+                  use_bias=False, use_qkv_bias=False, rope_theta=10000.0, embedding_dropout=0.0,
+                  tie_word_embeddings=False, torch_dtype=dtype, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if version == 2:
+        config.update(moe_shared_expert_intermediate_size=F, n_group=2, topk_group=1, score_function="sigmoid",
+                      moe_router_enable_expert_bias=True, routed_scaling_factor=2.5, router_dtype="fp32",
+                      use_qk_norm=True, partial_rotary_factor=0.5, num_nextn_predict_layers=0)
+    else:
+        config.update(moe_router_enable_expert_bias=False, use_qk_norm=False, norm_head=True)
+    generator = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+
+    def w(*shape, as_type=dt):  # trained-model scale, as make_tiny_model's
+        return (torch.randn(*shape, generator=generator) / shape[-1] ** 0.5).to(as_type)
+
+    ones = lambda n: torch.ones(n, dtype=dt)  # noqa: E731
+    tensors = {"model.word_embeddings.weight": w(vocab, D), "model.norm.weight": ones(D), "lm_head.weight": w(vocab, D)}
+    shared = F * config["num_shared_experts"]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors.update({p + "input_layernorm.weight": ones(D), p + "post_attention_layernorm.weight": ones(D),
+                        p + "attention.query_key_value.weight": w((heads + 2 * kv_heads) * head_dim, D),
+                        p + "attention.dense.weight": w(D, heads * head_dim)})
+        if version == 2:
+            tensors.update({p + "attention.query_layernorm.weight": ones(head_dim),
+                            p + "attention.key_layernorm.weight": ones(head_dim)})
+        if i < config["first_k_dense_replace"]:
+            tensors.update({p + "mlp.gate_proj.weight": w(dense_f, D), p + "mlp.up_proj.weight": w(dense_f, D),
+                            p + "mlp.down_proj.weight": w(D, dense_f)})
+            continue
+        tensors[p + "mlp.gate.weight"] = w(E, D, as_type=torch.float32)
+        if version == 2:  # the router's correction bias (not an expert's)
+            tensors[p + "mlp.gate.expert_bias"] = 0.01 * torch.randn(E, generator=generator)
+        for e in range(E):
+            q = f"{p}mlp.experts.{e}."
+            tensors.update({q + "gate_proj.weight": w(F, D), q + "up_proj.weight": w(F, D),
+                            q + "down_proj.weight": w(D, F)})
+        tensors.update({p + "mlp.shared_experts.gate_proj.weight": w(shared, D),
+                        p + "mlp.shared_experts.up_proj.weight": w(shared, D),
+                        p + "mlp.shared_experts.down_proj.weight": w(D, shared)})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "model.safetensors", metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / f"configuration_{model_type}.py").write_text(
+        _REMOTE_CONFIG.format(name=config_class, model_type=model_type))
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
