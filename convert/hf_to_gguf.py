@@ -9,11 +9,14 @@ import numpy as np
 from .experts_writer import CONVERTER_VERSION, PlannedTensor, layer_types_metadata, write_experts_gguf
 from .hf_source import Checkpoint, read_config, resolve_source
 from .output_types import check_row_length
-from lvgg.models import PROJECTIONS, ExpertSpec, MoEArch, arch_for, gguf_expert_name
+from lvgg.models import PROJECTIONS, ExpertSpec, MoEArch, arch_for, gguf_expert_bias_name, gguf_expert_name
 from lvgg.quantize import quantize
 
 Q = gguf.GGMLQuantizationType
 DEFAULT_TYPE = Q.Q4_K  # of every projection, where the command names none (MXFP4 experts stay MXFP4)
+# A fused checkpoint's projections: (projection, its fused tensor, its rows there: gate and up interleaved)
+_FUSED_PARTS = (("gate", "gate_up", slice(0, None, 2)), ("up", "gate_up", slice(1, None, 2)),
+                ("down", "down", slice(None)))
 
 
 def expert_hyperparameters(gguf_arch: str, spec: ExpertSpec, n_layers: int) -> dict[str, int]:
@@ -107,8 +110,7 @@ def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: 
             ckpt.release()
         return loaded[name][:, half]
 
-    for proj, name, half in (("gate", "gate_up", slice(0, None, 2)), ("up", "gate_up", slice(1, None, 2)),
-                             ("down", "down", slice(None))):
+    for proj, name, half in _FUSED_PARTS:
         rows, cols = (D, F) if proj == "down" else (F, D)
         qtype = types[proj]
         check_row_length(qtype, cols, f"{proj} projection of layer {layer}")
@@ -123,14 +125,13 @@ def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: 
 
         planned.append(PlannedTensor(gguf_expert_name(layer, proj), qtype, (E, rows, cols), produce,
                                      read[name] // (2 if name == "gate_up" else 1)))
-    for proj, name, half in (("gate", "gate_up", slice(0, None, 2)), ("up", "gate_up", slice(1, None, 2)),
-                             ("down", "down", slice(None))):
+    for proj, name, half in _FUSED_PARTS:
         width = D if proj == "down" else F
 
         def bias(name=name, half=half) -> np.ndarray:
             return np.ascontiguousarray(ckpt.load_f32(arch.hf_fused_name(layer, name) + "_bias")[:, half])
 
-        planned.append(PlannedTensor(f"blk.{layer}.ffn_{proj}_exps.bias", Q.F32, (E, width), bias, E * width * 4))
+        planned.append(PlannedTensor(gguf_expert_bias_name(layer, proj), Q.F32, (E, width), bias, E * width * 4))
     return planned
 
 

@@ -22,6 +22,11 @@ def gguf_expert_name(layer: int, proj: str) -> str:
     return f"blk.{layer}.ffn_{proj}_exps.weight"
 
 
+def gguf_expert_bias_name(layer: int, proj: str) -> str:
+    """blk.N.ffn_{gate,up,down}_exps.bias, as llama.cpp names routed experts' biases (gpt-oss)."""
+    return f"blk.{layer}.ffn_{proj}_exps.bias"
+
+
 def _qwen_moe_layers(cfg: dict[str, Any]) -> list[int]:
     step = cfg.get("decoder_sparse_step", 1) or 1
     dense = set(cfg.get("mlp_only_layers") or [])

@@ -13,15 +13,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from lvgg.models import gguf_expert_name as tensor_name
+from lvgg.models import gguf_expert_bias_name, gguf_expert_name as tensor_name
 from lvgg.quantize import quantize
 
 PROJECTIONS = ("gate", "up", "gate_up", "down")
 BIASES = ("gate", "up", "down")  # llama.cpp's blk.N.ffn_{gate,up,down}_exps.bias (gpt-oss)
-
-
-def bias_name(layer: int, proj: str) -> str:
-    return f"blk.{layer}.ffn_{proj}_exps.bias"
 
 
 def add_quantized_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray,
@@ -51,7 +47,8 @@ def write_experts_file(path: str | os.PathLike[str], layers: dict[int, dict[str,
                 add_quantized_tensor(writer, tensor_name(layer, proj), quantize(tensors[proj], qtype, threads), qtype)
         for proj in BIASES:
             if f"{proj}_bias" in tensors:
-                writer.add_tensor(bias_name(layer, proj), np.ascontiguousarray(tensors[f"{proj}_bias"], np.float32))
+                bias = np.ascontiguousarray(tensors[f"{proj}_bias"], np.float32)
+                writer.add_tensor(gguf_expert_bias_name(layer, proj), bias)
     write_all(writer)
     return path
 
@@ -123,7 +120,7 @@ def read_reference(path: str | os.PathLike[str], layer: int) -> ReferenceLayer:
         for proj in PROJECTIONS:
             if t.name == tensor_name(layer, proj):
                 found[proj] = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float64)
-            if t.name == bias_name(layer, proj):
+            if t.name == gguf_expert_bias_name(layer, proj):
                 biases[proj] = np.asarray(t.data, np.float64).reshape(shape)
     if "gate_up" in found:
         f = found["gate_up"].shape[1] // 2
