@@ -19,17 +19,22 @@ from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import load_file, save_file
 
 import lvgg
+from lvgg.convert.gguf_to_gguf import convert_gguf
 from lvgg.convert.hf_to_gguf import convert_hf
 from lvgg.llm import check_before_start
 from lvgg.models import PROJECTIONS
 from lvgg.quantize import quantize
 from lvgg.testing import llama_cpp
-from lvgg.testing.expert_files import random_experts, write_experts_file
+from lvgg.testing.expert_files import random_experts, read_reference, write_experts_file
 from lvgg.testing.tiny_models import make_tiny_model
 from test_community_gguf import NOISE, TEXTS, TOKENS
 
 SCRIPT = Path(__file__).with_name("vllm_generate.py")
 ALL_EXPERTS = 8  # every token to every expert: routing near-ties cannot tell llama.cpp's run from lvgg's
+# The engine against the f64 reference of each file's own weights: test_numerics' bounds by the
+# file's expert type (activations quantized to Q8_0 for MXFP4 and Q8_0).
+NUMERICS_TOLERANCE = {"llama.cpp F32": 1e-5, "lvgg convert F32": 1e-5, "copied": 1e-5, "as Q8_0": 2.5e-2,
+                      "llama.cpp MXFP4": 3e-2}
 
 
 def generate(folder, prompts, experts=None):
@@ -59,15 +64,30 @@ def gpt_oss(tmp_path_factory):
     return folder, files, prompts, generate(folder, prompts)
 
 
-def test_llama_cpps_file_holds_the_biases_lvgg_reads(gpt_oss):
+def test_llama_cpps_file_holds_the_biases_lvgg_reads(gpt_oss, tmp_path):
     _, files, _, _ = gpt_oss
     reader = gguf.GGUFReader(files["llama.cpp F32"])
     assert reader.fields["general.architecture"].contents() == "gpt-oss"
     names = {t.name for t in reader.tensors}
     assert {f"blk.0.ffn_{p}_exps.bias" for p in ("gate", "up", "down")} <= names
-    for path in files.values():
+    # --from-gguf copies the biases with the weights, requantized or not
+    files = {**files, "copied": convert_gguf(files["llama.cpp F32"], tmp_path / "copied.gguf", None, threads=2,
+                                             quiet=True),
+             "as Q8_0": convert_gguf(files["llama.cpp F32"], tmp_path / "q8.gguf", {p: Q.Q8_0 for p in PROJECTIONS},
+                                     threads=2, quiet=True)}
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 256)).astype(np.float32)
+    ids = np.stack([rng.choice(8, 4, replace=False) for _ in range(5)]).astype(np.int32)
+    w = rng.random((5, 4)).astype(np.float32)
+    f32 = read_reference(files["llama.cpp F32"], 1)
+    for name, path in files.items():
         store = lvgg.ExpertStore(path)
-        assert [store.layer_info(n).biased for n in store.layers] == [True, True, True]
+        assert [store.layer_info(n).biased for n in store.layers] == [True, True, True], name
+        out = lvgg.CpuMoE(store, threads=2, activation="swigluoai")(1, x, ids, w)
+        want = read_reference(path, 1).forward(x, ids, w, "swigluoai")  # f64, from gguf-py's dequantization
+        assert np.linalg.norm(out - want) / np.linalg.norm(want) < NUMERICS_TOLERANCE[name], name
+        if name in ("llama.cpp F32", "copied"):
+            assert np.allclose(read_reference(path, 1).biases["down"], f32.biases["down"])
 
 
 @pytest.mark.parametrize("source", ["lvgg convert F32", "llama.cpp F32"])
