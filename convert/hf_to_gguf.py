@@ -14,9 +14,12 @@ from lvgg.quantize import quantize
 
 Q = gguf.GGMLQuantizationType
 DEFAULT_TYPE = Q.Q4_K  # of every projection, where the command names none (MXFP4 experts stay MXFP4)
-# A fused checkpoint's projections: (projection, its fused tensor, its rows there: gate and up interleaved)
-_FUSED_PARTS = (("gate", "gate_up", slice(0, None, 2)), ("up", "gate_up", slice(1, None, 2)),
-                ("down", "down", slice(None)))
+
+
+def _fused_parts(layout: str, F: int) -> tuple[tuple[str, str, slice], ...]:
+    """A fused checkpoint's projections: (projection, its fused tensor, its rows there)."""
+    gate, up = (slice(0, None, 2), slice(1, None, 2)) if layout == "interleaved" else (slice(0, F), slice(F, 2 * F))
+    return ("gate", "gate_up", gate), ("up", "gate_up", up), ("down", "down", slice(None))
 
 
 def expert_hyperparameters(gguf_arch: str, spec: ExpertSpec, n_layers: int) -> dict[str, int]:
@@ -79,10 +82,11 @@ def _mxfp4(ckpt: Checkpoint, arch: MoEArch, layer: int) -> bool:
 
 def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: int,
                       types: dict[str, gguf.GGMLQuantizationType] | None, threads: int) -> list[PlannedTensor]:
-    """A layer whose experts the checkpoint holds as one tensor per projection (gpt-oss): gate_up
-    [E, D, 2F] with gate and up columns interleaved (gate first) and down [E, F, D], applied as
-    x @ W, or, MXFP4, their _blocks [E, out, in/32, 16] and _scales [E, out, in/32] (rows
-    interleaved the same way), each with a _bias. MXFP4 kept as MXFP4 is copied block by block."""
+    """A layer whose experts the checkpoint holds as one tensor per projection (gpt-oss, Llama-4):
+    gate_up [E, D, 2F] (gate and up columns as arch.fused_checkpoint says) and down [E, F, D],
+    applied as x @ W, or, MXFP4, their _blocks [E, out, in/32, 16] and _scales [E, out, in/32]
+    (rows as the columns), each with a _bias where arch.biased. MXFP4 kept as MXFP4 is copied
+    block by block."""
     E, D, F = spec.n_experts, spec.hidden_size, spec.intermediate_size
     mxfp4 = _mxfp4(ckpt, arch, layer)
     types = types or {p: Q.MXFP4 if mxfp4 else DEFAULT_TYPE for p in PROJECTIONS}
@@ -96,7 +100,8 @@ def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: 
             read[name] = _check_mxfp4(ckpt, base, (E, out, cols))
         else:
             read[name] = ckpt.check(base, hf_shape)
-        ckpt.check(base + "_bias", (E, out))
+        if arch.biased:
+            ckpt.check(base + "_bias", (E, out))
 
     def rows_of(name: str, half: slice) -> np.ndarray:
         """One projection's rows from the layer's fused tensor ([E, rows, cols] float, or MXFP4 bytes)."""
@@ -110,7 +115,8 @@ def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: 
             ckpt.release()
         return loaded[name][:, half]
 
-    for proj, name, half in _FUSED_PARTS:
+    parts = _fused_parts(arch.fused_checkpoint, F)
+    for proj, name, half in parts:
         rows, cols = (D, F) if proj == "down" else (F, D)
         qtype = types[proj]
         check_row_length(qtype, cols, f"{proj} projection of layer {layer}")
@@ -125,7 +131,7 @@ def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: 
 
         planned.append(PlannedTensor(gguf_expert_name(layer, proj), qtype, (E, rows, cols), produce,
                                      read[name] // (2 if name == "gate_up" else 1)))
-    for proj, name, half in _FUSED_PARTS:
+    for proj, name, half in parts if arch.biased else ():
         width = D if proj == "down" else F
 
         def bias(name=name, half=half) -> np.ndarray:

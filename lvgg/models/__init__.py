@@ -50,6 +50,12 @@ def _ernie_moe_layers(cfg: dict[str, Any]) -> list[int]:
     return [i for i in range(n) if start <= i <= end and (i + 1) % step == 0]
 
 
+def _interleaved_moe_layers(cfg: dict[str, Any]) -> list[int]:
+    """Llama-4: every interleave_moe_layer_step-th layer (vLLM's rule)."""
+    step = cfg.get("interleave_moe_layer_step", 1) or 1
+    return [i for i in range(cfg["num_hidden_layers"]) if (i + 1) % step == 0]
+
+
 def _all_layers(cfg: dict[str, Any]) -> list[int]:
     return list(range(cfg["num_hidden_layers"]))
 
@@ -68,10 +74,10 @@ class MoEArch:
     grouped_routing: bool = False  # DeepSeek-style group-limited top-k (done by vLLM)
     # Every projection of every expert has a bias (gpt-oss), kept in the experts file beside the weights.
     biased: bool = False
-    # The checkpoint holds each layer's experts as one tensor per projection (gpt-oss: gate_up_proj
-    # [E, in, 2F], gate and up columns interleaved, and down_proj [E, F, in], or their MXFP4 blocks),
-    # not one per expert (hf_expert_name).
-    fused_checkpoint: bool = False
+    # The checkpoint holds each layer's experts as one tensor per projection, gate_up_proj [E, in, 2F]
+    # and down_proj [E, F, in] (or their MXFP4 blocks), not one per expert (hf_expert_name): gate
+    # and up columns "interleaved" (gpt-oss) or as "halves" (Llama-4: gate's first); None: per expert.
+    fused_checkpoint: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def hf_expert_name(self, layer: int, expert: int, proj: str) -> str:
@@ -142,7 +148,10 @@ ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
     MoEArch("bailing_moe_v2", "bailingmoe2", "mlp", _GATE_UP_DOWN, ("num_experts",), "moe_intermediate_size",
             _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
     MoEArch("gpt_oss", "gpt-oss", "mlp", {}, ("num_local_experts",), "intermediate_size", _all_layers, biased=True,
-            fused_checkpoint=True),
+            fused_checkpoint="interleaved"),
+    # Llama-4's text model (vLLM applies its top-1 router weight to the input)
+    MoEArch("llama4_text", "llama4", "feed_forward", {}, ("num_local_experts",), "intermediate_size",
+            _interleaved_moe_layers, shared_expert="shared_expert", fused_checkpoint="halves"),
 ]}
 
 

@@ -41,6 +41,9 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
                           qk_nope_head_dim=64, v_head_dim=64, n_group=1, topk_group=1, num_key_value_heads=4),
     "ernie4_5_moe": dict(intermediate_size=512, moe_intermediate_size=256, moe_num_experts=8, moe_num_shared_experts=1,
                          moe_layer_start_index=1, moe_layer_interval=1),
+    # fused experts (gate and up as halves), top-1 with the router weight on the input, a shared expert
+    "llama4_text": dict(intermediate_size=256, intermediate_size_mlp=512, num_local_experts=8, num_experts_per_tok=1,
+                        interleave_moe_layer_step=1, no_rope_layers=[1, 1, 0]),
     # experts with biases and the clamped SwiGLU, attention sinks, sliding and full attention layers
     "gpt_oss": dict(intermediate_size=512, num_local_experts=8, sliding_window=16,
                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),

@@ -113,8 +113,11 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
         if self.moe.dp_size > 1:
             raise ValueError(f"{layer.layer_name}: data parallelism ({self.moe.dp_size} ranks) is not supported by "
                              "lvgg yet; run with data_parallel_size=1 (tensor parallelism works)")
-        if getattr(layer, "apply_router_weight_on_input", False):
-            raise ValueError(f"{layer.layer_name}: router weights applied on the input are not supported")
+        # Llama-4: the input scaled by the (one) router weight, the expert's output weighted 1
+        self.weight_on_input = bool(getattr(layer, "apply_router_weight_on_input", False))
+        if self.weight_on_input and self.moe.experts_per_token != 1:
+            raise ValueError(f"{layer.layer_name}: router weights applied on the input need one expert per token, "
+                             f"the layer routes to {self.moe.experts_per_token}")
         vllm_config = compat.get_current_vllm_config()
         self.layer_index = compat.extract_layer_index(layer.layer_name)
         # Opens and checks the experts file at the first layer: a mismatch stops startup here.
@@ -153,6 +156,8 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
         pass  # nothing of vLLM's kernels to prepare
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        if self.weight_on_input:
+            x, topk_weights = x * topk_weights.to(x.dtype), torch.ones_like(topk_weights)
         return torch.ops.lvgg.routed_experts(x, topk_weights, topk_ids, self.layer_index)
 
 
