@@ -139,11 +139,13 @@ def test_streamed_layers_refuse_graph_capture(experts_file):
 def test_layers_the_gpu_cannot_run_are_refused_before_any_gpu_work(tmp_path):
     rng = np.random.default_rng(3)
     path = write_experts_file(tmp_path / "mixed.gguf", {0: random_experts(rng, 4, 256, 256),
-                                                        1: random_experts(rng, 4, 256, 256, form="up+down")},
+                                                        1: random_experts(rng, 4, 256, 256, form="up+down"),
+                                                        2: random_experts(rng, 4, 256, 256, biased=True)},
                               {"gate": Q.TQ1_0, "up": Q.Q8_0, "down": Q.Q8_0})  # ternary: no GPU kernel
     store = lvgg.ExpertStore(path)
     assert "TQ1_0" in gpu_unsupported(store.layer_info(0))
     assert "up+down" in gpu_unsupported(store.layer_info(1))
+    assert "experts with biases (gpt-oss" in gpu_unsupported(store.layer_info(2))  # they stay on the CPU
     with pytest.raises(ValueError, match=r"layer 0 of .* cannot run on the GPU: types \['TQ1_0'\]"):
         GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[0])
     with pytest.raises(ValueError, match="layers \\[1\\] are both streamed and resident"):
