@@ -32,7 +32,6 @@ from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER as mod
 from vllm.model_executor.models.utils import extract_layer_index  # noqa: F401
 
 
-
 def routed_experts_subclasses() -> list[type]:
     """Models' own RoutedExperts subclasses (gpt-oss's, vLLM 0.32 on; absent before)."""
     try:

@@ -188,10 +188,10 @@ def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: f
            tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1, expert_parallel: bool = False,
            activation: str = "silu") -> CpuMoE:
     """The engine of this process (its experts' ``activation``: CpuMoE's), created (and the file
-    checked) on first use. A tensor-parallel
-    rank (tp_rank of tp_size) computes its share of every expert, an expert-parallel one
-    (``expert_parallel``, over the same ranks) the whole experts it holds (vLLM's all-reduce sums
-    the ranks' outputs either way); a pipeline-parallel rank holds its own layers' experts only."""
+    checked) on first use. A tensor-parallel rank (tp_rank of tp_size) computes its share of every
+    expert, an expert-parallel one (``expert_parallel``, over the same ranks) the whole experts it
+    holds (vLLM's all-reduce sums the ranks' outputs either way); a pipeline-parallel rank holds
+    its own layers' experts only."""
     global _engine, _gpu_memory_utilization
     with _lock:
         _gpu_memory_utilization = gpu_memory_utilization
