@@ -267,6 +267,7 @@ class CpuMoE:
                  max_tokens: int = 8192, max_top_k: int = 8, chunk: int = 512, repack_max_tokens: int | None = None,
                  schedule: str = "auto", activation: str = "silu") -> None:
         self.store = store
+        self.activation = activation
         settings = dict(max_tokens=max_tokens, max_top_k=max_top_k, chunk=chunk,
                         repack_max_tokens=-1 if repack_max_tokens is None else repack_max_tokens,
                         schedule=schedule, activation=activation)

@@ -555,19 +555,19 @@ void ExpertStore::place_biases(ExpertLayer & L) {
         return;
     }
     const std::string blk = "blk." + std::to_string(L.index) + ".";
-    auto              row = [&](const char * proj, int64_t e) {
-        return (const float *) ((const char *) map_ + file_at_.at(it->second.at(proj))) + e * (proj[0] == 'd' ? L.n_embd
-                                                                                                           : L.n_ff);
+    // expert e's row of the file's bias of `proj`, `width` values long (check_biases checked the shape)
+    auto row = [&](const char * proj, int64_t e, int64_t width) {
+        return (const float *) ((const char *) map_ + file_at_.at(it->second.at(proj))) + e * width;
     };
     L.in_bias  = new_bias(L.in_rows(), L.n_expert, blk + "ffn_gate_up_exps.bias");
     L.out_bias = new_bias(L.n_embd, L.n_expert, blk + "ffn_down_exps.bias");
     for (int64_t e = 0; e < L.n_expert; ++e) {
         float * in = (float *) L.in_bias->data + e * L.in_rows();
         if (L.gated()) {
-            std::memcpy(in, row("gate", e), L.n_ff * sizeof(float));
+            std::memcpy(in, row("gate", e, L.n_ff), L.n_ff * sizeof(float));
         }
-        std::memcpy(in + (L.gated() ? L.n_ff : 0), row("up", e), L.n_ff * sizeof(float));
-        std::memcpy((float *) L.out_bias->data + e * L.n_embd, row("down", e), L.n_embd * sizeof(float));
+        std::memcpy(in + (L.gated() ? L.n_ff : 0), row("up", e, L.n_ff), L.n_ff * sizeof(float));
+        std::memcpy((float *) L.out_bias->data + e * L.n_embd, row("down", e, L.n_embd), L.n_embd * sizeof(float));
     }
 }
 

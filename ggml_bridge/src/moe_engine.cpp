@@ -18,7 +18,8 @@ constexpr int64_t kCombineCols = 256;  // columns per work unit of the weighted 
 std::string type_str(ggml_type t) { return ggml_type_name(t); }
 
 // dst = src[0] + the row of src[2] (a view of a layer's bias, [rows, experts]) of each row's expert
-// (src[1]: one id per row of src[0], -1 where the row has none: copied as it is).
+// (src[1]: one id per row of src[0], -1 where the row has none: copied as it is). Not ggml's ADD_ID:
+// it reads a bias row for every id, and lvgg's packed kernels leave the slots without an expert -1.
 void add_expert_bias(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * a    = dst->src[0];
     const int32_t *     ids  = (const int32_t *) dst->src[1]->data;

@@ -2,7 +2,7 @@
 //
 //   out[t] = sum_k w[t,k] * down_e( act(gate_e(x_t)) * up_e(x_t) ),  e = ids[t,k]
 //
-// (with the experts' biases, where the file has them, added to each projection's output).
+// with the experts' biases, where the file has them, added to each projection's output.
 // The engine owns its thread pool, a scratch buffer for intermediate tensors, the ggml
 // work buffer and an arena for graph metadata, all sized at creation for the largest token
 // chunk and top-k it accepts; forward() only builds a graph in that arena and computes it.
@@ -149,7 +149,8 @@ class MoeEngine : public Experts {
     ggml_tensor * weights_for(ggml_tensor * t, int64_t n_tokens, Layout layout) const;
     ggml_tensor * mul_mat_id(ggml_tensor * w, ggml_tensor * in, ggml_tensor * ids);
     ggml_tensor * padded_for_down(const ExpertLayer & L, ggml_tensor * h);
-    ggml_tensor * activate(ggml_tensor * gate, ggml_tensor * up, ggml_tensor * gate_up);  // one given: the rest null
+    // gate and up's outputs, or a fused gate_up's (the others null); ReLU2: up's alone
+    ggml_tensor * activate(ggml_tensor * gate, ggml_tensor * up, ggml_tensor * gate_up);
     ggml_tensor * with_bias(ggml_tensor * a, ggml_tensor * bias, int64_t first_row, ggml_tensor * ids);
     size_t intermediate_bytes(const Graph & g) const;
     void   stage_routing(const ExpertLayer & L, const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n,

@@ -130,6 +130,9 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
                                 vllm_config.cache_config.gpu_memory_utilization, rank, ranks,
                                 pp.rank_in_group, pp.world_size, expert_parallel=self.moe.use_ep,
                                 activation=ENGINE_ACTIVATIONS[activation])
+        if engine.activation != ENGINE_ACTIVATIONS[activation]:  # one engine for every layer
+            raise ValueError(f"{layer.layer_name}: the experts' activation is {activation}, another layer's was "
+                             f"{engine.activation}; lvgg's engine computes one activation for every layer")
         if engine.store.layer_info(self.layer_index).biased != bool(self.moe.has_bias):
             raise ValueError(f"{layer.layer_name}: vLLM's layer {'has' if self.moe.has_bias else 'has no'} expert "
                              f"biases, the experts file's {'has none' if self.moe.has_bias else 'has them'}; "
