@@ -91,9 +91,11 @@ def community(tmp_path_factory):
     return folder, files, prompts, {name: runs[str(files[name])] for name in NAMES}
 
 
-def vllm_with_lvgg(folder, experts, prompts):
-    cmd = [sys.executable, str(SCRIPT), str(folder), "--experts", str(experts), "--eager", "--dtype", "float32",
-           "--tokens", str(TOKENS), "--prompt-ids", json.dumps(prompts)]
+def vllm_greedy(folder, prompts, experts=None):
+    """vLLM's greedy run of the prompts' ids (float32, eager), with lvgg's experts from `experts`
+    or (None) stock."""
+    cmd = [sys.executable, str(SCRIPT), str(folder), "--eager", "--dtype", "float32", "--tokens", str(TOKENS),
+           "--prompt-ids", json.dumps(prompts)] + (["--experts", str(experts)] if experts else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     assert done.returncode == 0 and lines, f"{' '.join(cmd)}\nrc={done.returncode}\n{done.stderr[-4000:]}"
@@ -119,7 +121,7 @@ def test_files_are_llama_cpps_with_the_experts_of_each_type(community):
 @pytest.mark.parametrize("name", NAMES)
 def test_lvgg_gives_llama_cpps_greedy_tokens(community, name):
     folder, files, prompts, llama = community
-    ours = vllm_with_lvgg(folder, files[name], prompts)
+    ours = vllm_greedy(folder, prompts, files[name])
     assert ours["moe_methods"] == ["LvggMoEMethod"] and ours["expert_param_bytes"] == 0
     assert ours["prompt_tokens"] == prompts  # the same ids on both sides
     noise = noise_of(name)

@@ -8,9 +8,6 @@ stock vLLM's, token for token. MXFP4 (the type gpt-oss ships in): lvgg on llama.
 the experts requantized must give llama.cpp's tokens within the type's noise (test_community_gguf).
 """
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -27,23 +24,13 @@ from lvgg.quantize import quantize
 from lvgg.testing import llama_cpp
 from lvgg.testing.expert_files import random_experts, read_reference, write_experts_file
 from lvgg.testing.tiny_models import make_tiny_model
-from test_community_gguf import NOISE, TEXTS, TOKENS
+from test_community_gguf import NOISE, TEXTS, TOKENS, vllm_greedy
 
-SCRIPT = Path(__file__).with_name("vllm_generate.py")
 ALL_EXPERTS = 8  # every token to every expert: routing near-ties cannot tell llama.cpp's run from lvgg's
 # The engine against the f64 reference of each file's own weights: test_numerics' bounds by the
 # file's expert type (activations quantized to Q8_0 for MXFP4 and Q8_0).
 NUMERICS_TOLERANCE = {"llama.cpp F32": 1e-5, "lvgg convert F32": 1e-5, "copied": 1e-5, "as Q8_0": 2.5e-2,
                       "llama.cpp MXFP4": 3e-2}
-
-
-def generate(folder, prompts, experts=None):
-    cmd = [sys.executable, str(SCRIPT), str(folder), "--eager", "--dtype", "float32", "--tokens", str(TOKENS),
-           "--prompt-ids", json.dumps(prompts)] + (["--experts", str(experts)] if experts else [])
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, f"{' '.join(cmd)}\nrc={done.returncode}\n{done.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +48,7 @@ def gpt_oss(tmp_path_factory):
                                                              {tmp / "tiny-gpt-oss-MXFP4.gguf": Q.MXFP4}, threads=2)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompts = [tokenizer(text).input_ids for text in TEXTS]
-    return folder, files, prompts, generate(folder, prompts)
+    return folder, files, prompts, vllm_greedy(folder, prompts)
 
 
 def test_llama_cpps_file_holds_the_biases_lvgg_reads(gpt_oss, tmp_path):
@@ -93,7 +80,7 @@ def test_llama_cpps_file_holds_the_biases_lvgg_reads(gpt_oss, tmp_path):
 @pytest.mark.parametrize("source", ["lvgg convert F32", "llama.cpp F32"])
 def test_f32_experts_give_stock_vllms_greedy_tokens(gpt_oss, source):
     folder, files, prompts, stock = gpt_oss
-    ours = generate(folder, prompts, files[source])
+    ours = vllm_greedy(folder, prompts, files[source])
     assert ours["moe_methods"] == ["LvggMoEMethod"] and ours["expert_param_bytes"] == 0
     assert ours["tokens"] == stock["tokens"]
     assert max(abs(a - b) for x, y in zip(ours["logprobs"], stock["logprobs"]) for a, b in zip(x, y)) < 1e-3
@@ -101,7 +88,7 @@ def test_f32_experts_give_stock_vllms_greedy_tokens(gpt_oss, source):
 
 def test_mxfp4_experts_give_llama_cpps_greedy_tokens(gpt_oss):
     folder, files, prompts, _ = gpt_oss
-    ours = generate(folder, prompts, files["llama.cpp MXFP4"])
+    ours = vllm_greedy(folder, prompts, files["llama.cpp MXFP4"])
     llama = llama_cpp.greedy_runs([files["llama.cpp MXFP4"]], prompts, TOKENS, threads=1)
     found = llama_cpp.divergences(ours, llama[str(files["llama.cpp MXFP4"])])
     for d in found:
