@@ -58,8 +58,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    cfg = json.loads(path.read_text())
-    return cfg.get("text_config", cfg) if "model_type" not in cfg else cfg
+    return json.loads(path.read_text())
 
 
 @dataclass

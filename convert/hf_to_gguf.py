@@ -1,6 +1,7 @@
 """Hugging Face checkpoint -> experts file: every routed expert, quantized with ggml's quantizer."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -9,7 +10,7 @@ import numpy as np
 from .experts_writer import CONVERTER_VERSION, PlannedTensor, layer_types_metadata, write_experts_gguf
 from .hf_source import Checkpoint, read_config, resolve_source
 from .output_types import check_row_length
-from lvgg.models import PROJECTIONS, ExpertSpec, MoEArch, arch_for, gguf_expert_bias_name, gguf_expert_name
+from lvgg.models import (PROJECTIONS, ExpertSpec, MoEArch, gguf_expert_bias_name, gguf_expert_name, model_spec)
 from lvgg.quantize import quantize
 
 Q = gguf.GGMLQuantizationType
@@ -34,36 +35,88 @@ def convert_hf(src: str, out: Path, types: dict[str, gguf.GGMLQuantizationType] 
     """``types``: per projection; None: DEFAULT_TYPE, or MXFP4 for a checkpoint whose experts are MXFP4."""
     folder, revision = resolve_source(src)
     config = read_config(folder)
-    arch = arch_for(config.get("model_type", "?"))
-    spec = arch.spec(config)
+    spec = model_spec(config)
+    arch = spec.arch
     ckpt = Checkpoint(folder, config)
-    if arch.fused_checkpoint:
-        planned = [t for layer in spec.layers for t in _plan_fused_layer(ckpt, arch, spec, layer, types, threads)]
-        source_format = "mxfp4" if _mxfp4(ckpt, arch, spec.layers[0]) else \
-            ckpt.format_of(arch.hf_fused_name(spec.layers[0], "down"))
-    else:
-        planned = [_plan_projection(ckpt, arch, spec, layer, proj, (types or {}).get(proj, DEFAULT_TYPE), threads)
-                   for layer in spec.layers for proj in PROJECTIONS]
-        source_format = ckpt.format_of(arch.hf_expert_name(spec.layers[0], 0, "up")) if spec.layers else "none"
+    prefix = _layers_prefix(ckpt, arch, spec)
+    layouts = {layer: Layout.of(ckpt, arch, spec, layer, prefix) for layer in spec.layers}
+    planned = []
+    for layer, layout in layouts.items():
+        if layout.fused:
+            planned += _plan_fused_layer(ckpt, arch, spec, layer, layout, types, threads)
+        else:
+            planned += [_plan_projection(ckpt, arch, spec, layer, layout.prefix, proj,
+                                         (types or {}).get(proj, DEFAULT_TYPE), threads) for proj in arch.projections]
     metadata = {
         "general.name": folder.name if Path(src).is_dir() else src,
         "lvgg.source_model": src,
         "lvgg.source_revision": revision,
-        "lvgg.source_format": f"safetensors-{source_format}",
+        "lvgg.source_format": f"safetensors-{layouts[spec.layers[0]].source_format(ckpt, arch, spec.layers[0])}"
+        if spec.layers else "safetensors-none",
         "lvgg.architecture": arch.model_type,
         "lvgg.converter_version": CONVERTER_VERSION,
         "lvgg.layer_types": layer_types_metadata(planned),
-        **expert_hyperparameters(arch.gguf_arch, spec, int(config["num_hidden_layers"])),
+        **expert_hyperparameters(arch.gguf_arch, spec, spec.n_layers),
     }
     return write_experts_gguf(out, arch.gguf_arch, metadata, planned, quiet)
 
 
-def _plan_projection(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: int, proj: str,
+@dataclass(frozen=True)
+class Layout:
+    """How a checkpoint holds one layer's experts."""
+
+    prefix: str  # of its layers' names: "model." for a causal LM; a multimodal checkpoint's text model's own
+    fused: bool  # one tensor per projection, gate_up_proj and down_proj, rather than one per expert
+    mxfp4: bool  # fused, as MXFP4 _blocks and _scales (gpt-oss)
+    in_major: bool  # fused float tensors as [E, in, out], applied as x @ W (gpt-oss, Llama-4, Hub Qwen3-VL),
+    # rather than [E, out, in] (gemma-4, Qwen3.5)
+
+    @staticmethod
+    def of(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: int, prefix: str) -> "Layout":
+        down = arch.hf_fused_name(layer, "down", prefix)
+        mxfp4 = down + "_blocks" in ckpt.tensors
+        if not mxfp4 and down not in ckpt.tensors:
+            return Layout(prefix, False, False, False)
+        D, F = spec.hidden_size, spec.intermediate_size
+        in_major = False
+        if not mxfp4:  # which way round, from the shapes (gate_up's tells unless 2F == D; down's then)
+            gate_up = ckpt.tensors.get(arch.hf_fused_name(layer, "gate_up", prefix))
+            shapes = {True: ((D, 2 * F), (F, D)), False: ((2 * F, D), (D, F))}
+            found = (gate_up.shape[1:] if gate_up else None, ckpt.tensors[down].shape[1:])
+            fits = [major for major, want in shapes.items() if found[0] == want[0] and found[1] == want[1]]
+            if not fits:
+                raise ValueError(f"{down} and gate_up_proj have shapes {[list(s) if s else None for s in found]}; "
+                                 f"expected per expert [{D}, {2 * F}] and [{F}, {D}] (or both transposed) from "
+                                 "config.json")
+            in_major = fits[0]
+        return Layout(prefix, True, mxfp4, in_major)
+
+    def source_format(self, ckpt: Checkpoint, arch: MoEArch, layer: int) -> str:
+        if self.mxfp4:
+            return "mxfp4"
+        return ckpt.format_of(arch.hf_fused_name(layer, "down", self.prefix) if self.fused
+                              else arch.hf_expert_name(layer, 0, "up", self.prefix))
+
+
+def _layers_prefix(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec) -> str:
+    """What precedes ``layers.N.`` in the names of the experts' tensors: the family's own prefix
+    where the checkpoint uses it, else the one it has (a multimodal checkpoint's text model:
+    model.language_model., language_model.model.). Looked up at the last MoE layer, which a
+    next-token-prediction module's layers (mtp.layers.0) do not reach."""
+    if not spec.layers:
+        return arch.hf_prefix
+    marker = arch.experts_marker(spec.layers[-1]) + "."
+    found = {name[: name.index(marker)] for name in ckpt.tensors if marker in name}
+    found = {p for p in found if p == "" or p.endswith(".")}
+    return arch.hf_prefix if arch.hf_prefix in found or not found else min(found, key=len)
+
+
+def _plan_projection(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: int, prefix: str, proj: str,
                      qtype: gguf.GGMLQuantizationType, threads: int) -> PlannedTensor:
     """One projection of a layer whose experts the checkpoint holds one tensor each."""
     rows, cols = spec.hf_shape(proj)
     check_row_length(qtype, cols, f"{proj} projection of layer {layer}")
-    names = [arch.hf_expert_name(layer, e, proj) for e in range(spec.n_experts)]
+    names = [arch.hf_expert_name(layer, e, proj, prefix) for e in range(spec.n_experts)]
     read = sum(ckpt.check(n, (rows, cols)) for n in names)
 
     def produce() -> np.ndarray:
@@ -76,30 +129,24 @@ def _plan_projection(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: i
     return PlannedTensor(gguf_expert_name(layer, proj), qtype, (spec.n_experts, rows, cols), produce, read)
 
 
-def _mxfp4(ckpt: Checkpoint, arch: MoEArch, layer: int) -> bool:
-    return arch.hf_fused_name(layer, "down") + "_blocks" in ckpt.tensors
-
-
-def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: int,
+def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: int, layout: Layout,
                       types: dict[str, gguf.GGMLQuantizationType] | None, threads: int) -> list[PlannedTensor]:
-    """A layer whose experts the checkpoint holds as one tensor per projection (gpt-oss, Llama-4):
-    gate_up [E, D, 2F] (gate and up columns as arch.fused_checkpoint says) and down [E, F, D],
-    applied as x @ W, or, MXFP4, their _blocks [E, out, in/32, 16] and _scales [E, out, in/32]
-    (rows as the columns), each with a _bias where arch.biased. MXFP4 kept as MXFP4 is copied
-    block by block."""
+    """A layer whose experts the checkpoint holds as one tensor per projection: gate_up (gate's and
+    up's rows as arch.fused_gate_up says) and down, float ([E, out, in], or [E, in, out] where
+    layout.in_major) or MXFP4 (_blocks [E, out, in/32, 16] and _scales [E, out, in/32]), each with a
+    _bias where arch.biased. MXFP4 kept as MXFP4 is copied block by block."""
     E, D, F = spec.n_experts, spec.hidden_size, spec.intermediate_size
-    mxfp4 = _mxfp4(ckpt, arch, layer)
-    types = types or {p: Q.MXFP4 if mxfp4 else DEFAULT_TYPE for p in PROJECTIONS}
-    # per fused tensor: (HF shape of its float form, [out, in] of one expert's rows)
-    fused = {"gate_up": ((E, D, 2 * F), (2 * F, D)), "down": ((E, F, D), (D, F))}
+    types = types or {p: Q.MXFP4 if layout.mxfp4 else DEFAULT_TYPE for p in PROJECTIONS}
+    # per fused tensor: [out, in] of one expert's rows
+    fused = {"gate_up": (2 * F, D), "down": (D, F)}
     loaded: dict[str, np.ndarray] = {}  # one fused tensor of the layer at a time, as float or MXFP4 bytes
     planned, read = [], {}
-    for name, (hf_shape, (out, cols)) in fused.items():
-        base = arch.hf_fused_name(layer, name)
-        if mxfp4:
+    for name, (out, cols) in fused.items():
+        base = arch.hf_fused_name(layer, name, layout.prefix)
+        if layout.mxfp4:
             read[name] = _check_mxfp4(ckpt, base, (E, out, cols))
         else:
-            read[name] = ckpt.check(base, hf_shape)
+            read[name] = ckpt.check(base, (E, cols, out) if layout.in_major else (E, out, cols))
         if arch.biased:
             ckpt.check(base + "_bias", (E, out))
 
@@ -107,15 +154,16 @@ def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: 
         """One projection's rows from the layer's fused tensor ([E, rows, cols] float, or MXFP4 bytes)."""
         if name not in loaded:
             loaded.clear()
-            base = arch.hf_fused_name(layer, name)
-            if mxfp4:
+            base = arch.hf_fused_name(layer, name, layout.prefix)
+            if layout.mxfp4:
                 loaded[name] = _ggml_mxfp4(ckpt.load_raw(base + "_blocks"), ckpt.load_raw(base + "_scales"))
             else:
-                loaded[name] = ckpt.load_f32(base).transpose(0, 2, 1)  # [E, out, in]
+                w = ckpt.load_f32(base)
+                loaded[name] = w.transpose(0, 2, 1) if layout.in_major else w  # [E, out, in]
             ckpt.release()
         return loaded[name][:, half]
 
-    parts = _fused_parts(arch.fused_checkpoint, F)
+    parts = _fused_parts(arch.fused_gate_up, F)
     for proj, name, half in parts:
         rows, cols = (D, F) if proj == "down" else (F, D)
         qtype = types[proj]
@@ -123,9 +171,9 @@ def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: 
 
         def produce(name=name, half=half, qtype=qtype, rows=rows, cols=cols) -> np.ndarray:
             w = rows_of(name, half)
-            if mxfp4 and qtype == Q.MXFP4:
+            if layout.mxfp4 and qtype == Q.MXFP4:
                 return np.ascontiguousarray(w)  # the checkpoint's blocks, as ggml lays them out
-            if mxfp4:
+            if layout.mxfp4:
                 w = gguf.quants.dequantize(np.ascontiguousarray(w), Q.MXFP4).reshape(E, rows, cols)
             return quantize(np.ascontiguousarray(w, dtype=np.float32), qtype, threads)
 
@@ -135,7 +183,7 @@ def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: 
         width = D if proj == "down" else F
 
         def bias(name=name, half=half) -> np.ndarray:
-            return np.ascontiguousarray(ckpt.load_f32(arch.hf_fused_name(layer, name) + "_bias")[:, half])
+            return np.ascontiguousarray(ckpt.load_f32(arch.hf_fused_name(layer, name, layout.prefix) + "_bias")[:, half])
 
         planned.append(PlannedTensor(gguf_expert_bias_name(layer, proj), Q.F32, (E, width), bias, E * width * 4))
     return planned

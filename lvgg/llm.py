@@ -82,7 +82,7 @@ def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_thr
 
 
 def _model_config(model: str) -> dict[str, Any] | None:
-    """config.json of a local model folder (its text model's), or None (a Hub id: vLLM reads it)."""
+    """config.json of a local model folder, or None (a Hub id: vLLM reads it)."""
     from lvgg.convert.hf_source import read_config
 
     try:
@@ -93,11 +93,11 @@ def _model_config(model: str) -> dict[str, Any] | None:
 
 def _model_top_k(model: str) -> int | None:
     """Experts per token of a local model folder (None: not a folder lvgg can read)."""
-    from lvgg.models import arch_for
+    from lvgg.models import model_spec
 
     config = _model_config(model)
     try:
-        return arch_for(config["model_type"]).spec(config).top_k if config else None
+        return model_spec(config).top_k if config else None
     except (ValueError, KeyError, TypeError):
         return None
 

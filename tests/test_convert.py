@@ -2,6 +2,8 @@
 import errno
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -22,7 +24,8 @@ from lvgg.cli import app
 from lvgg.models import ARCHITECTURES, PROJECTIONS, arch_for, gguf_expert_name
 from lvgg.quantize import quantize
 from lvgg.testing.expert_files import write_llamacpp_gguf
-from lvgg.testing.tiny_models import FAMILY_CONFIGS, make_tiny_model
+from lvgg.llm import check_before_start
+from lvgg.testing.tiny_models import FAMILY_CONFIGS, MULTIMODAL_TEXT, make_tiny_model, make_tiny_multimodal
 
 # Against transformers' block on the original weights: weight quantization (Q4_K ~7% on
 # Gaussian weights) plus ggml's activation quantization.
@@ -41,20 +44,29 @@ def family_model(request, tmp_path_factory):
     return request.param, folder
 
 
-# The experts' activation by family, as vLLM's MoE layer names it to the plugin (default: silu).
-ACTIVATION = {"gpt_oss": "swigluoai"}
+# The experts' activation by family, as the engine names it (default: silu).
+ACTIVATION = {"gpt_oss": "swigluoai", "gemma4_text": "gelu", "nemotron_h": "relu2"}
+# ggml's CPU GELU rounds its input to fp16 and reads a table (llama.cpp's numerics too): ~3e-4
+# of relative error where the weights add none.
+GELU_TOLERANCE = 2e-3
 
 
-def checkpoint_experts(f, arch, layer, proj):
-    """[experts, rows, cols] of one projection of a layer, from either checkpoint layout."""
-    if arch.fused_checkpoint:  # gate_up [E, D, 2F], gate and up columns interleaved or halves; down [E, F, D]
-        fused = f.get_tensor(arch.hf_fused_name(layer, "down" if proj == "down" else "gate_up")).numpy()
-        if proj != "down":
-            half = fused.shape[-1] // 2
-            fused = fused[..., {"gate": 0, "up": 1}[proj]::2] if arch.fused_checkpoint == "interleaved" else \
-                fused[..., :half] if proj == "gate" else fused[..., half:]
-        return fused.transpose(0, 2, 1)
-    return np.stack([f.get_tensor(arch.hf_expert_name(layer, e, proj)).numpy() for e in range(8)])
+def checkpoint_experts(f, arch, layer, proj, prefix=None, hidden=256):
+    """[experts, rows, cols] of one projection of a layer, from any checkpoint layout: one tensor
+    per expert, or fused gate_up and down ([E, out, in], or [E, in, out] where gate_up's second
+    dimension is the hidden size)."""
+    fused_name = arch.hf_fused_name(layer, "down" if proj == "down" else "gate_up", prefix)
+    if fused_name not in f.keys():
+        return np.stack([f.get_tensor(arch.hf_expert_name(layer, e, proj, prefix)).numpy() for e in range(8)])
+    gate_up = f.get_slice(arch.hf_fused_name(layer, "gate_up", prefix)).get_shape()
+    fused = f.get_tensor(fused_name).numpy()
+    if gate_up[1] == hidden:  # [E, in, out]
+        fused = fused.transpose(0, 2, 1)
+    if proj != "down":
+        half = fused.shape[1] // 2
+        fused = fused[:, {"gate": 0, "up": 1}[proj]::2] if arch.fused_gate_up == "interleaved" else \
+            fused[:, :half] if proj == "gate" else fused[:, half:]
+    return fused
 
 
 def test_table_names_every_expert_tensor_of_the_checkpoint(family_model):
@@ -65,16 +77,44 @@ def test_table_names_every_expert_tensor_of_the_checkpoint(family_model):
     with safe_open(folder / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     expert_keys = {k for k in keys if ".experts." in k}
-    if arch.fused_checkpoint:
+    if arch.hf_fused_name(spec.layers[0], "down") in keys:
         wanted = {arch.hf_fused_name(layer, p) + suffix for layer in spec.layers for p in ("gate_up", "down")
                   for suffix in (("", "_bias") if arch.biased else ("",))}
     else:
         wanted = {arch.hf_expert_name(layer, e, p) for layer in spec.layers for e in range(spec.n_experts)
-                  for p in PROJECTIONS}
+                  for p in arch.projections}
     assert wanted == expert_keys
-    assert spec.n_experts == 8 and spec.top_k == FAMILY_CONFIGS[family].get("num_experts_per_tok", 2)
+    top_k = FAMILY_CONFIGS[family].get("num_experts_per_tok", FAMILY_CONFIGS[family].get("top_k_experts", 2))
+    assert spec.n_experts == 8 and spec.top_k == top_k
     if arch.shared_expert:
         assert any(f".{arch.shared_expert}." in k for k in keys)
+
+
+def expected_experts_output(family, experts, x, ids, w):
+    """transformers' experts module of a layer on tokens x routed to ids with weights w."""
+    with torch.no_grad():
+        if family == "llama4_text":  # its experts module takes every expert's rows, [E * rows, D]
+            n = x.shape[0]
+            each = experts(x.repeat(8, 1)).view(8, n, x.shape[1])  # each expert on every token
+            return sum(w[:, k, None] * each[ids[:, k], torch.arange(n)] for k in range(ids.shape[1])).double().numpy()
+        return experts(x, ids, w).double().numpy()
+
+
+def check_against_transformers(family, model, store, activation, tolerance):
+    """The experts file's layers, computed by lvgg's engine, against the model's experts modules."""
+    moe = lvgg.CpuMoE(store, threads=2, activation=activation)
+    tolerance = max(tolerance, GELU_TOLERANCE) if activation == "gelu" else tolerance
+    blocks = {int(m.group(1)): module for name, module in model.named_modules()
+              if (m := re.search(r"layers\.(\d+)\.(?:\w+\.)?experts$", name))}
+    assert sorted(blocks) == store.layers
+    rng = np.random.default_rng(0)
+    for layer, experts in blocks.items():
+        x = torch.from_numpy(rng.standard_normal((9, 256)).astype(np.float32))
+        ids = torch.from_numpy(np.stack([rng.choice(8, 2, replace=False) for _ in range(9)]))
+        w = torch.from_numpy(rng.random((9, 2)).astype(np.float32))
+        expected = expected_experts_output(family, experts, x, ids, w)
+        got = moe(layer, x, ids, w).double().numpy()
+        assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < tolerance, (family, layer)
 
 
 @pytest.mark.parametrize("qtype", list(TOLERANCE), ids=lambda q: q.name)
@@ -83,24 +123,8 @@ def test_round_trip_matches_transformers_moe_block(family_model, qtype, tmp_path
 
     family, folder = family_model
     out = convert_hf(str(folder), tmp_path / "experts.gguf", all_types(qtype), threads=2, quiet=True)
-    store = lvgg.ExpertStore(out)
-    moe = lvgg.CpuMoE(store, threads=2, activation=ACTIVATION.get(family, "silu"))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    blocks = {int(n.split(".")[2]): m for n, m in model.named_modules() if n.endswith(".experts")}
-    assert sorted(blocks) == store.layers
-    rng = np.random.default_rng(0)
-    for layer, experts in blocks.items():
-        x = torch.from_numpy(rng.standard_normal((9, 256)).astype(np.float32))
-        ids = torch.from_numpy(np.stack([rng.choice(8, 2, replace=False) for _ in range(9)]))
-        w = torch.from_numpy(rng.random((9, 2)).astype(np.float32))
-        with torch.no_grad():
-            if family == "llama4_text":  # its experts module takes every expert's rows, [E * rows, D]
-                each = experts(x.repeat(8, 1)).view(8, 9, 256)  # each expert on every token
-                expected = sum(w[:, k, None] * each[ids[:, k], torch.arange(9)] for k in range(2)).double().numpy()
-            else:
-                expected = experts(x, ids, w).double().numpy()
-        got = moe(layer, x, ids, w).double().numpy()
-        assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < TOLERANCE[qtype], (family, layer)
+    check_against_transformers(family, model, lvgg.ExpertStore(out), ACTIVATION.get(family, "silu"), TOLERANCE[qtype])
 
 
 @pytest.mark.parametrize("qtype", list(TOLERANCE), ids=lambda q: q.name)
@@ -112,7 +136,7 @@ def test_converted_weights_match_the_checkpoint(family_model, qtype, tmp_path):
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
     with safe_open(folder / "model.safetensors", "pt") as f:
         for layer in arch.spec(config).layers:
-            for proj in PROJECTIONS:
+            for proj in arch.projections:
                 t = tensors[gguf_expert_name(layer, proj)]
                 got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(8, *t.data.shape[1:2], -1)
                 want = checkpoint_experts(f, arch, layer, proj)
@@ -133,7 +157,62 @@ def test_metadata_names_source_architecture_and_types(family_model, tmp_path):
     assert meta["lvgg.source_revision"].startswith("sha256:")
     assert meta[f"{arch.gguf_arch}.expert_count"] == 8
     info = lvgg.ExpertStore(out).layer_info(lvgg.ExpertStore(out).layers[0])
-    assert info.types == {"gate": "q4_K", "up": "q4_K", "down": "q6_K"}
+    assert info.types == {p: "q6_K" if p == "down" else "q4_K" for p in arch.projections}
+
+
+# --- multimodal checkpoints: the experts of their text model ------------------------------
+
+def as_the_hub_ships_it(folder, model_type):
+    """Rewrite a checkpoint's experts as the Hub's files hold them where transformers saves them
+    otherwise: Qwen3.5's as one gate_up [E, 2F, D] and one down [E, D, F] per layer (transformers
+    saves a tensor per expert), Qwen3-VL's fused tensors as [E, in, out] (transformers: [E, out, in])."""
+    path = folder / "model.safetensors"
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if model_type == "qwen3_5_moe":
+        per_expert = re.compile(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+        layers = {}
+        for name in list(tensors):
+            if m := per_expert.match(name):
+                layers.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = tensors.pop(name)
+        for base, projections in layers.items():
+            stacked = {p: torch.stack([w[e] for e in sorted(w)]) for p, w in projections.items()}
+            tensors[base + ".gate_up_proj"] = torch.cat([stacked["gate"], stacked["up"]], dim=1)
+            tensors[base + ".down_proj"] = stacked["down"]
+    else:
+        for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            tensors[name] = tensors[name].transpose(1, 2).contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def multimodal_models(tmp_path_factory):
+    made = {}
+
+    def model(model_type):
+        if model_type not in made:
+            made[model_type] = make_tiny_multimodal(model_type, tmp_path_factory.mktemp(model_type), seed=5)
+        return made[model_type]
+    return model
+
+
+@pytest.mark.parametrize("model_type,hub", [("gemma4", False), ("llama4", False), ("qwen3_5_moe", False),
+                                            ("qwen3_5_moe", True), ("qwen3_vl_moe", False), ("qwen3_vl_moe", True)],
+                         ids=lambda v: {False: "as-saved", True: "as-the-Hub-ships-it"}.get(v, v))
+def test_multimodal_checkpoint_gives_its_text_models_experts(multimodal_models, model_type, hub, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    folder = shutil.copytree(multimodal_models(model_type), tmp_path / model_type)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    if hub:
+        as_the_hub_ships_it(folder, model_type)
+    out = convert_hf(str(folder), tmp_path / "e.gguf", all_types(Q.F32), threads=2, quiet=True)
+    store = lvgg.ExpertStore(out)
+    text = MULTIMODAL_TEXT[model_type]
+    assert store.metadata()["lvgg.architecture"] == text
+    assert store.metadata()["general.architecture"] == ARCHITECTURES[text].gguf_arch
+    check_before_start(str(folder), [out])  # what serve checks: the text model's config against the file
+    check_against_transformers(text, model, store, ACTIVATION.get(text, "silu"), TOLERANCE[Q.F32])
 
 
 # --- --from-gguf ---------------------------------------------------------------------------

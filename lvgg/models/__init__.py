@@ -60,42 +60,91 @@ def _all_layers(cfg: dict[str, Any]) -> list[int]:
     return list(range(cfg["num_hidden_layers"]))
 
 
+def _gemma4_moe_layers(cfg: dict[str, Any]) -> list[int]:
+    """gemma-4: every layer has a MoE block beside its dense MLP, or none has."""
+    return _all_layers(cfg) if cfg.get("enable_moe_block") else []
+
+
+def _nemotron_h_moe_layers(cfg: dict[str, Any]) -> list[int]:
+    """Nemotron-H: the layers whose block is MoE ("E" in hybrid_override_pattern, as the Hub's
+    configs say; "moe" in layers_block_type, as transformers saves them)."""
+    return [i for i, kind in enumerate(_layer_kinds(cfg)) if kind in ("E", "moe")]
+
+
+def _layer_kinds(cfg: dict[str, Any]) -> list[str]:
+    """A hybrid model's block kind per layer (Nemotron-H's pattern)."""
+    return list(cfg.get("hybrid_override_pattern") or cfg.get("layers_block_type") or [])
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's part of a config.json: the config itself, or the ``text_config`` of a
+    multimodal checkpoint (Qwen3.5, Qwen3-VL, Llama-4, gemma-4, Kimi-K2.5), whose experts sit in
+    its text model."""
+    text = config.get("text_config")
+    return text if isinstance(text, dict) and text.get("model_type") else config
+
+
 @dataclass(frozen=True)
 class MoEArch:
     model_type: str  # config.json "model_type"
     gguf_arch: str  # general.architecture as llama.cpp names it
-    moe_block: str  # module holding the experts: model.layers.N.<moe_block>.experts.E.<proj>.weight
-    hf_proj: dict[str, str]  # gate/up/down -> HF projection name
+    moe_block: str  # module holding the experts: model.layers.N.<moe_block>.experts.E.<proj>.weight ("": none)
+    hf_proj: dict[str, str]  # gate/up/down (up/down where not gated) -> HF projection name
     n_experts_keys: tuple[str, ...]  # config keys naming the routed expert count (first present wins)
     moe_ff_key: str  # expert intermediate size
     moe_layers: Callable[[dict[str, Any]], list[int]]
     shared_expert: str | None = None  # module name of shared experts (kept on the GPU)
     top_k_key: str = "num_experts_per_tok"
+    # config keys naming the width the experts take and give (first present wins): Nemotron-3-Super's
+    # latent MoE runs its experts in a latent space narrower than the hidden size
+    expert_dim_keys: tuple[str, ...] = ("hidden_size",)
     grouped_routing: bool = False  # DeepSeek-style group-limited top-k (done by vLLM)
     # Every projection of every expert has a bias (gpt-oss), kept in the experts file beside the weights.
     biased: bool = False
-    # The checkpoint holds each layer's experts as one tensor per projection, gate_up_proj [E, in, 2F]
-    # and down_proj [E, F, in] (or their MXFP4 blocks), not one per expert (hf_expert_name): gate
-    # and up columns "interleaved" (gpt-oss) or as "halves" (Llama-4: gate's first); None: per expert.
-    fused_checkpoint: str | None = None
+    # Experts with gate, up and down; False: up and down only, relu² between (Nemotron-H).
+    gated: bool = True
+    # Where a checkpoint holds each layer's experts as one tensor per projection (gate_up_proj and
+    # down_proj, or their MXFP4 blocks) rather than one per expert: gate's and up's rows
+    # "interleaved" (gpt-oss) or as "halves" (gate's first: Llama-4, gemma-4, Qwen3.5, Qwen3-VL).
+    fused_gate_up: str = "halves"
+    # Where the checkpoint's layers are: model.layers.N (a causal LM's); a multimodal checkpoint's
+    # text model has its own (found in the checkpoint by the converter).
+    hf_prefix: str = "model."
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def hf_expert_name(self, layer: int, expert: int, proj: str) -> str:
-        return f"model.layers.{layer}.{self.moe_block}.experts.{expert}.{self.hf_proj[proj]}.weight"
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return PROJECTIONS if self.gated else ("up", "down")
 
-    def hf_fused_name(self, layer: int, proj: str) -> str:
+    def _experts(self, layer: int, prefix: str | None) -> str:
+        block = f"{self.moe_block}." if self.moe_block else ""
+        return f"{self.hf_prefix if prefix is None else prefix}layers.{layer}.{block}experts"
+
+    def hf_expert_name(self, layer: int, expert: int, proj: str, prefix: str | None = None) -> str:
+        return f"{self._experts(layer, prefix)}.{expert}.{self.hf_proj[proj]}.weight"
+
+    def hf_fused_name(self, layer: int, proj: str, prefix: str | None = None) -> str:
         """A fused checkpoint's tensor of a layer: proj is gate_up or down, with a suffix where
         it has one (_bias, _blocks, _scales)."""
-        return f"model.layers.{layer}.{self.moe_block}.experts.{proj}_proj"
+        return f"{self._experts(layer, prefix)}.{proj}_proj"
+
+    def experts_marker(self, layer: int) -> str:
+        """What follows the prefix in the names of a layer's expert tensors."""
+        return self._experts(layer, "")
 
     def spec(self, cfg: dict[str, Any]) -> "ExpertSpec":
         n_experts = next((cfg[k] for k in self.n_experts_keys if cfg.get(k) is not None), None)
-        missing = [k for k in (self.moe_ff_key, self.top_k_key, "hidden_size", "num_hidden_layers")
-                   if cfg.get(k) is None] + ([" or ".join(self.n_experts_keys)] if n_experts is None else [])
+        if cfg.get("num_hidden_layers") is None and _layer_kinds(cfg):  # transformers' Nemotron-H has its pattern only
+            cfg = {**cfg, "num_hidden_layers": len(_layer_kinds(cfg))}
+        dim = next((cfg[k] for k in self.expert_dim_keys if cfg.get(k) is not None), None)
+        missing = [k for k in (self.moe_ff_key, self.top_k_key, "num_hidden_layers") if cfg.get(k) is None] + \
+            [" or ".join(keys) for keys, found in ((self.n_experts_keys, n_experts), (self.expert_dim_keys, dim))
+             if found is None]
         if missing:
             raise ValueError(f"config.json of a {self.model_type} model lacks {missing}")
-        return ExpertSpec(arch=self, layers=self.moe_layers(cfg), n_experts=int(n_experts),
-                          hidden_size=int(cfg["hidden_size"]), intermediate_size=int(cfg[self.moe_ff_key]),
+        return ExpertSpec(arch=self, n_layers=int(cfg["num_hidden_layers"]), layers=self.moe_layers(cfg),
+                          n_experts=int(n_experts),
+                          hidden_size=int(dim), intermediate_size=int(cfg[self.moe_ff_key]),
                           top_k=int(cfg[self.top_k_key]), activation=cfg.get("hidden_act", "silu"))
 
 
@@ -104,7 +153,8 @@ class ExpertSpec:
     """The routed experts one model has: what an experts file for it must hold."""
 
     arch: MoEArch
-    layers: list[int]
+    n_layers: int  # of the model, MoE or not
+    layers: list[int]  # the MoE ones
     n_experts: int
     hidden_size: int
     intermediate_size: int
@@ -148,10 +198,22 @@ ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
     MoEArch("bailing_moe_v2", "bailingmoe2", "mlp", _GATE_UP_DOWN, ("num_experts",), "moe_intermediate_size",
             _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
     MoEArch("gpt_oss", "gpt-oss", "mlp", {}, ("num_local_experts",), "intermediate_size", _all_layers, biased=True,
-            fused_checkpoint="interleaved"),
+            fused_gate_up="interleaved"),
     # Llama-4's text model (vLLM applies its top-1 router weight to the input)
     MoEArch("llama4_text", "llama4", "feed_forward", {}, ("num_local_experts",), "intermediate_size",
-            _interleaved_moe_layers, shared_expert="shared_expert", fused_checkpoint="halves"),
+            _interleaved_moe_layers, shared_expert="shared_expert"),
+    # The text models of multimodal checkpoints (config.json's text_config)
+    MoEArch("qwen3_5_moe_text", "qwen35moe", "mlp", _GATE_UP_DOWN, _QWEN_EXPERTS, "moe_intermediate_size",
+            _qwen_moe_layers, shared_expert="shared_expert"),  # Qwen3.5 / Qwen3.6
+    MoEArch("qwen3_vl_moe_text", "qwen3vlmoe", "mlp", _GATE_UP_DOWN, _QWEN_EXPERTS, "moe_intermediate_size",
+            _qwen_moe_layers),
+    # gemma-4: the experts sit in the layer beside its dense MLP (layers.N.experts), GELU (tanh)
+    MoEArch("gemma4_text", "gemma4", "", _GATE_UP_DOWN, ("num_experts",), "moe_intermediate_size",
+            _gemma4_moe_layers, top_k_key="top_k_experts"),
+    # Nemotron-3 (hybrid Mamba-2): experts of up and down with relu² between
+    MoEArch("nemotron_h", "nemotron_h_moe", "mixer", {"up": "up_proj", "down": "down_proj"}, ("n_routed_experts",),
+            "moe_intermediate_size", _nemotron_h_moe_layers, shared_expert="shared_experts", grouped_routing=True,
+            expert_dim_keys=("moe_latent_size", "hidden_size"), gated=False, hf_prefix="backbone."),
 ]}
 
 
@@ -182,12 +244,19 @@ def arch_for(model_type: str) -> MoEArch:
                          f"{', '.join(sorted(ARCHITECTURES))}") from None
 
 
+def model_spec(config: dict[str, Any]) -> ExpertSpec:
+    """The routed experts of a model, from its config.json (a multimodal one's text model's)."""
+    text = text_config(config)
+    return arch_for(text.get("model_type", "?")).spec(text)
+
+
 def check_experts_match(path: str, metadata: dict[str, Any], layer_dims: dict[int, tuple[int, int, int, bool]],
                         hf_config: dict[str, Any], layers: list[int] | None = None) -> None:
     """Raise ValueError naming the first difference between an experts file and a model: the
     file's ``metadata`` (its architecture, either naming), its MoE layers and their
     ``layer_dims`` (routed experts, hidden size, expert intermediate size, biases or not), against
     the model's config.json (its MoE ``layers`` only, e.g. a pipeline-parallel rank's; default: all)."""
+    hf_config = text_config(hf_config)
     model_type = hf_config.get("model_type", "?")
     arch = arch_for(model_type)
     spec = arch.spec(hf_config)
@@ -202,7 +271,7 @@ def check_experts_match(path: str, metadata: dict[str, Any], layer_dims: dict[in
     want = spec.layers if layers is None else layers
     # blk.N past the model's layers: the multi-token-prediction (nextn) layers llama.cpp's GGUFs of
     # GLM and DeepSeek models carry, which vLLM runs only as a draft model
-    have = sorted(n for n in layer_dims if n < int(hf_config["num_hidden_layers"]))
+    have = sorted(n for n in layer_dims if n < spec.n_layers)
     if not set(want) <= set(have) or (layers is None and have != want):
         missing = sorted(set(want) - set(have))
         extra = sorted(set(have) - set(want))

@@ -47,6 +47,24 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     # experts with biases and the clamped SwiGLU, attention sinks, sliding and full attention layers
     "gpt_oss": dict(intermediate_size=512, num_local_experts=8, sliding_window=16,
                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # a MoE block beside each layer's dense MLP, GELU (tanh) experts, a per-expert output scale
+    "gemma4_text": dict(intermediate_size=512, enable_moe_block=True, num_experts=8, top_k_experts=2,
+                        moe_intermediate_size=256, sliding_window=16,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    # Mamba-2, MoE and attention layers; experts of up and down with relu² between
+    "nemotron_h": dict(num_hidden_layers=4, hybrid_override_pattern="ME*E", intermediate_size=512,
+                       n_routed_experts=8, moe_intermediate_size=256, n_shared_experts=1,
+                       moe_shared_expert_intermediate_size=256, mamba_num_heads=8, mamba_head_dim=32,
+                       ssm_state_size=16, n_groups=1),
+}
+
+# Multimodal checkpoints whose text model (config.json's text_config) is one of the families.
+MULTIMODAL_TEXT: dict[str, str] = {"gemma4": "gemma4_text", "qwen3_5_moe": "qwen3_5_moe_text",
+                                   "qwen3_vl_moe": "qwen3_vl_moe_text", "llama4": "llama4_text"}
+_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen3_5_moe_text": dict(moe_intermediate_size=256, num_experts=8, shared_expert_intermediate_size=256,
+                             layer_types=["linear_attention", "linear_attention", "full_attention"]),
+    "qwen3_vl_moe_text": dict(intermediate_size=512, moe_intermediate_size=256, num_experts=8),
 }
 
 _CORPUS = (
@@ -97,6 +115,26 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: str 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def make_tiny_multimodal(model_type: str, out_dir: str | Path, seed: int = 0, dtype: str = "float32") -> Path:
+    """A tiny random multimodal checkpoint (a MULTIMODAL_TEXT model type) as transformers saves it:
+    its text model of the family MULTIMODAL_TEXT names, with the default vision tower."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    text_type = MULTIMODAL_TEXT[model_type]
+    text = {**_BASE, **(FAMILY_CONFIGS.get(text_type) or _TEXT_CONFIGS[text_type])}
+    config = CONFIG_MAPPING[model_type](text_config=text)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
+    model.save_pretrained(Path(out_dir))
+    return Path(out_dir)
 
 
 def make_30b_a3b_shaped_model(out_dir: str | Path, layers: int, seed: int = 0) -> Path:

@@ -18,10 +18,11 @@ log = compat.init_logger("vllm.lvgg")
 # Set once real_rows() has found vLLM's count of real rows (its log says so).
 counts_real_rows = False
 
-# vLLM's gated MoE activations (MoEActivation values; plain strings in older vLLMs) that the CPU
-# engine computes, by the engine's names.
+# vLLM's MoE activations (MoEActivation values; plain strings in older vLLMs) that the CPU engine
+# computes, by the engine's names: gated ones (gate, up and down), and relu² of up-only experts.
 ENGINE_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu", "swigluoai": "swigluoai",
-                      "swigluoai_uninterleave": "swigluoai"}
+                      "swigluoai_uninterleave": "swigluoai", "relu2_no_mul": "relu2"}
+UNGATED_ACTIVATIONS = {"relu2_no_mul"}
 
 
 def real_rows() -> torch.Tensor | None:
@@ -103,9 +104,11 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):
         activation = str(getattr(self.moe.activation, "value", self.moe.activation)).lower()
-        if activation not in ENGINE_ACTIVATIONS or not self.moe.is_act_and_mul:
-            raise ValueError(f"{layer.layer_name}: the experts' activation is {activation}; lvgg runs gated experts "
-                             f"with {', '.join(ENGINE_ACTIVATIONS)}")
+        if activation not in ENGINE_ACTIVATIONS or self.moe.is_act_and_mul == (activation in UNGATED_ACTIVATIONS):
+            raise ValueError(f"{layer.layer_name}: the experts' activation is {activation} ("
+                             f"{'gated' if self.moe.is_act_and_mul else 'not gated'}); lvgg runs gated experts with "
+                             f"{', '.join(sorted(set(ENGINE_ACTIVATIONS) - UNGATED_ACTIVATIONS))} and up/down experts "
+                             f"with {', '.join(sorted(UNGATED_ACTIVATIONS))}")
         constants = {k: getattr(layer, f"swiglu_{k}", None) for k in ("alpha", "limit", "beta")}
         if {k: v for k, v in constants.items() if v is not None} not in ({}, {"alpha": 1.702, "limit": 7.0}):
             raise ValueError(f"{layer.layer_name}: the experts' SwiGLU has {constants}; lvgg's engine computes "
@@ -137,6 +140,10 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
             raise ValueError(f"{layer.layer_name}: vLLM's layer {'has' if self.moe.has_bias else 'has no'} expert "
                              f"biases, the experts file's {'has none' if self.moe.has_bias else 'has them'}; "
                              "this experts file was made for another model")
+        form = engine.store.layer_info(self.layer_index).form
+        if (form != "up+down") != bool(self.moe.is_act_and_mul):
+            raise ValueError(f"{layer.layer_name}: vLLM's experts are {'gated' if self.moe.is_act_and_mul else 'up/down'}"
+                             f", the experts file's are {form}; this experts file was made for another model")
         engine.store.check_layer(self.layer_index, n_experts=self.moe.num_experts, hidden_size=hidden_size,
                                  intermediate_size=intermediate_size_per_partition if ranks == 1
                                  else None)  # a rank's share: the whole file was checked against the model

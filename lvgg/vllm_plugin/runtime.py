@@ -23,7 +23,7 @@ from lvgg.experts import CpuMoE, EngineNode, ExpertStore, packs_every_expert
 from lvgg.gguf_files import resolve
 from lvgg.gpu_experts import GpuExperts, gpu_unsupported, layer_infos, reads_packed
 from lvgg.gpu_split import MOST_TOKENS, SplitExperts, best_slots, calibrate
-from lvgg.models import arch_for, check_experts_match
+from lvgg.models import check_experts_match, model_spec
 from lvgg.vllm_plugin import EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, settings
 from lvgg.vllm_plugin.settings import GpuSettings
 
@@ -225,14 +225,15 @@ def pp_layers(hf_config: dict[str, Any], pp_rank: int, pp_size: int) -> list[int
         return None
     from lvgg.vllm_plugin import compat
 
-    start, end = compat.get_pp_indices(hf_config["num_hidden_layers"], pp_rank, pp_size)
-    return [layer for layer in arch_for(hf_config["model_type"]).spec(hf_config).layers if start <= layer < end]
+    spec = model_spec(hf_config)
+    start, end = compat.get_pp_indices(spec.n_layers, pp_rank, pp_size)
+    return [layer for layer in spec.layers if start <= layer < end]
 
 
 def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_size: int, pp_rank: int,
                  pp_size: int, expert_parallel: bool = False, local: tuple[int, int] | None = None,
                  activation: str = "silu") -> CpuMoE:
-    spec = arch_for(hf_config["model_type"]).spec(hf_config)
+    spec = model_spec(hf_config)
     kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation=activation,
                   strict_cpu=settings.strict_binding())
     topo = topology.current()
