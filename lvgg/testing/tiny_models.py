@@ -117,15 +117,22 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: str 
     return out_dir
 
 
-def make_tiny_multimodal(model_type: str, out_dir: str | Path, seed: int = 0, dtype: str = "float32") -> Path:
+def make_tiny_multimodal(model_type: str, out_dir: str | Path, seed: int = 0, dtype: str = "float32",
+                         tokenizer: Any = None) -> Path:
     """A tiny random multimodal checkpoint (a MULTIMODAL_TEXT model type) as transformers saves it:
-    its text model of the family MULTIMODAL_TEXT names, with the default vision tower."""
+    its text model of the family MULTIMODAL_TEXT names, with the default vision tower, and the
+    tokenizer (no image processor: for vLLM's language_model_only): ``tokenizer``, or one trained
+    here."""
     import torch
     from transformers import AutoModelForImageTextToText
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     text_type = MULTIMODAL_TEXT[model_type]
-    text = {**_BASE, **(FAMILY_CONFIGS.get(text_type) or _TEXT_CONFIGS[text_type])}
+    tokenizer = tokenizer or train_tokenizer(_BASE["vocab_size"])
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                   vocab_size=len(tokenizer))
+    text = {**_BASE, **(FAMILY_CONFIGS.get(text_type) or _TEXT_CONFIGS[text_type]), **special}
     config = CONFIG_MAPPING[model_type](text_config=text)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
@@ -134,6 +141,7 @@ def make_tiny_multimodal(model_type: str, out_dir: str | Path, seed: int = 0, dt
             if p.dim() >= 2:
                 p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
     model.save_pretrained(Path(out_dir))
+    tokenizer.save_pretrained(Path(out_dir))
     return Path(out_dir)
 
 

