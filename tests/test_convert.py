@@ -216,6 +216,24 @@ def test_multimodal_checkpoint_gives_its_text_models_experts(multimodal_models, 
     check_against_transformers(text, model, store, ACTIVATION.get(text, "silu"), TOLERANCE[Q.F32])
 
 
+def test_kimi_k25_checkpoint_gives_its_deepseek_text_models_experts(tmp_path):
+    """Kimi-K2.5 as the Hub ships it: config.json's text_config is a kimi_k2 (DeepSeek-V3) model,
+    whose tensors are under language_model.model.layers (transformers has no Kimi-K2.5 model class
+    to save one: the DeepSeek-V3 checkpoint is rewritten so)."""
+    folder = make_tiny_model("deepseek_v3", tmp_path / "deepseek_v3", seed=6, dtype="float32")
+    text = json.loads((folder / "config.json").read_text())
+    plain = convert_hf(str(folder), tmp_path / "plain.gguf", all_types(Q.Q8_0), threads=2, quiet=True)
+    kimi = shutil.copytree(folder, tmp_path / "kimi_k25")
+    (kimi / "config.json").write_text(json.dumps({"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
+                                                   "text_config": {**text, "model_type": "kimi_k2"}}))
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        save_file({"language_model." + k: f.get_tensor(k) for k in f.keys()}, str(kimi / "model.safetensors"))
+    out = convert_hf(str(kimi), tmp_path / "kimi.gguf", all_types(Q.Q8_0), threads=2, quiet=True)
+    assert expert_bytes([out]) == expert_bytes([plain])
+    assert lvgg.ExpertStore(out).metadata()["lvgg.architecture"] == "kimi_k2"
+    check_before_start(str(kimi), [out])
+
+
 @pytest.mark.parametrize("model_type", ["qwen3_vl_moe", "llama4"])
 def test_llama_cpps_gguf_of_a_multimodal_checkpoint_holds_the_experts_lvgg_converts(model_type, tmp_path):
     """llama.cpp's own converter on the checkpoint as the Hub ships it (Qwen3-VL's fused tensors
