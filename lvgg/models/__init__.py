@@ -98,6 +98,7 @@ class MoEArch:
     # config keys naming the width the experts take and give (first present wins): Nemotron-3-Super's
     # latent MoE runs its experts in a latent space narrower than the hidden size
     expert_dim_keys: tuple[str, ...] = ("hidden_size",)
+    n_layers_key: str = "num_hidden_layers"  # the model's layer count
     grouped_routing: bool = False  # DeepSeek-style group-limited top-k (done by vLLM)
     # Every projection of every expert has a bias (gpt-oss), kept in the experts file beside the weights.
     biased: bool = False
@@ -134,10 +135,13 @@ class MoEArch:
 
     def spec(self, cfg: dict[str, Any]) -> "ExpertSpec":
         n_experts = next((cfg[k] for k in self.n_experts_keys if cfg.get(k) is not None), None)
-        if cfg.get("num_hidden_layers") is None and _layer_kinds(cfg):  # transformers' Nemotron-H has its pattern only
-            cfg = {**cfg, "num_hidden_layers": len(_layer_kinds(cfg))}
+        n_layers = cfg.get(self.n_layers_key)
+        if n_layers is None and _layer_kinds(cfg):  # transformers saves Nemotron-H's pattern alone
+            n_layers = len(_layer_kinds(cfg))
+        cfg = {**cfg, "num_hidden_layers": n_layers}
         dim = next((cfg[k] for k in self.expert_dim_keys if cfg.get(k) is not None), None)
-        missing = [k for k in (self.moe_ff_key, self.top_k_key, "num_hidden_layers") if cfg.get(k) is None] + \
+        missing = [k for k in (self.moe_ff_key, self.top_k_key) if cfg.get(k) is None] + \
+            ([self.n_layers_key] if n_layers is None else []) + \
             [" or ".join(keys) for keys, found in ((self.n_experts_keys, n_experts), (self.expert_dim_keys, dim))
              if found is None]
         if missing:
@@ -214,6 +218,10 @@ ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
     MoEArch("nemotron_h", "nemotron_h_moe", "mixer", {"up": "up_proj", "down": "down_proj"}, ("n_routed_experts",),
             "moe_intermediate_size", _nemotron_h_moe_layers, shared_expert="shared_experts", grouped_routing=True,
             expert_dim_keys=("moe_latent_size", "hidden_size"), gated=False, hf_prefix="backbone."),
+    # LongCat-Flash: zero-computation (identity) experts beside the routed ones, which vLLM's router
+    # computes and hands over as expert 0 with weight 0
+    MoEArch("longcat_flash", "longcat-flash", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "expert_ffn_hidden_size",
+            _all_layers, top_k_key="moe_topk", n_layers_key="num_layers"),
 ]}
 
 

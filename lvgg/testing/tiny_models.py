@@ -56,6 +56,11 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
                        n_routed_experts=8, moe_intermediate_size=256, n_shared_experts=1,
                        moe_shared_expert_intermediate_size=256, mamba_num_heads=8, mamba_head_dim=32,
                        ssm_state_size=16, n_groups=1),
+    # MLA attention, two dense MLPs and one MoE per layer, 4 zero-computation (identity) experts
+    "longcat_flash": dict(num_layers=2, ffn_hidden_size=512, n_routed_experts=8, zero_expert_num=4,
+                          zero_expert_type="identity", moe_topk=2, expert_ffn_hidden_size=256, kv_lora_rank=64,
+                          q_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64,
+                          num_key_value_heads=4),
 }
 
 # Multimodal checkpoints whose text model (config.json's text_config) is one of the families.
