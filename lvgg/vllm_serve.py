@@ -12,7 +12,10 @@ import sys
 def main(argv: list[str]) -> None:
     import vllm.logger
     from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    try:  # vLLM 0.34 on
+        from vllm.entrypoints.common.startup import cli_env_setup
+    except ImportError:
+        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     cli_env_setup()

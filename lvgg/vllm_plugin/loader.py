@@ -22,7 +22,7 @@ _ROUTED_EXPERT = re.compile(r"\.experts\.(\d+\.|(gate_up|down)_proj(_bias|_block
 class LvggModelLoader(compat.DefaultModelLoader):
     """vLLM's default loader, minus the routed experts (they come from lvgg's experts file)."""
 
-    def _init_ep_weight_filter(self, model_config) -> None:
+    def _init_ep_weight_filter(self, *args, **kwargs) -> None:  # (model_config), or (model, model_config) in 0.34
         self.local_expert_ids = set()
 
     def get_all_weights(self, model_config, model):

@@ -130,7 +130,7 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
         rank, ranks = (self.moe.ep_rank, self.moe.ep_size) if self.moe.use_ep else (self.moe.tp_rank, self.moe.tp_size)
         engine = runtime.engine(vllm_config.model_config.hf_config.to_dict(),
                                 vllm_config.scheduler_config.max_num_batched_tokens,
-                                vllm_config.cache_config.gpu_memory_utilization, rank, ranks,
+                                compat.gpu_memory_utilization(vllm_config.cache_config), rank, ranks,
                                 pp.rank_in_group, pp.world_size, expert_parallel=self.moe.use_ep,
                                 activation=ENGINE_ACTIVATIONS[activation])
         if engine.activation != ENGINE_ACTIVATIONS[activation]:  # one engine for every layer
