@@ -39,7 +39,10 @@ def convert_hf(src: str, out: Path, types: dict[str, gguf.GGMLQuantizationType] 
     arch = spec.arch
     ckpt = Checkpoint(folder, config)
     prefix = _layers_prefix(ckpt, arch, spec)
-    layouts = {layer: Layout.of(ckpt, arch, spec, layer, prefix) for layer in spec.layers}
+    # next-token-prediction layers (vLLM's MTP draft): written where the checkpoint has their experts
+    mtp = [layer for layer in spec.mtp_layers
+           if any(name.startswith(prefix + arch.experts_marker(layer) + ".") for name in ckpt.tensors)]
+    layouts = {layer: Layout.of(ckpt, arch, spec, layer, prefix) for layer in spec.layers + mtp}
     planned = []
     for layer, layout in layouts.items():
         if layout.fused:
@@ -57,6 +60,7 @@ def convert_hf(src: str, out: Path, types: dict[str, gguf.GGMLQuantizationType] 
         "lvgg.converter_version": CONVERTER_VERSION,
         "lvgg.layer_types": layer_types_metadata(planned),
         **expert_hyperparameters(arch.gguf_arch, spec, spec.n_layers),
+        **({f"{arch.gguf_arch}.nextn_predict_layers": len(mtp)} if mtp else {}),  # llama.cpp's key
     }
     return write_experts_gguf(out, arch.gguf_arch, metadata, planned, quiet)
 
@@ -183,7 +187,8 @@ def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: 
         width = D if proj == "down" else F
 
         def bias(name=name, half=half) -> np.ndarray:
-            return np.ascontiguousarray(ckpt.load_f32(arch.hf_fused_name(layer, name, layout.prefix) + "_bias")[:, half])
+            bias_name = arch.hf_fused_name(layer, name, layout.prefix) + "_bias"
+            return np.ascontiguousarray(ckpt.load_f32(bias_name)[:, half])
 
         planned.append(PlannedTensor(gguf_expert_bias_name(layer, proj), Q.F32, (E, width), bias, E * width * 4))
     return planned

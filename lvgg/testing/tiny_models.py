@@ -96,9 +96,10 @@ def train_tokenizer(vocab_size: int) -> Any:
                                    pad_token="<|endoftext|>", chat_template=chat)
 
 
-def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16",
+def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16", nextn: int = 0,
                     **overrides: Any) -> Path:
-    """Write a tiny random checkpoint of `family` (config.json, model.safetensors, tokenizer)."""
+    """Write a tiny random checkpoint of `family` (config.json, model.safetensors, tokenizer), with
+    `nextn` next-token-prediction (MTP) layers after its own, as DeepSeek-V3 and GLM ship them."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -108,6 +109,7 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: str 
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(_BASE["vocab_size"])
     kw = {**_BASE, **FAMILY_CONFIGS[family], **overrides}
+    kw["num_hidden_layers"] += nextn  # made as layers of the model, then turned into MTP layers
     kw.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
               pad_token_id=tokenizer.pad_token_id)
     config = CONFIG_MAPPING[family](**kw)
@@ -119,7 +121,34 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: str 
                 p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if nextn:
+        _into_mtp_layers(out_dir, nextn, seed)
     return out_dir
+
+
+def _into_mtp_layers(folder: Path, nextn: int, seed: int) -> None:
+    """Make a checkpoint's last `nextn` layers its next-token-prediction layers: config.json's
+    num_nextn_predict_layers, and each layer's input norms, projection of [embedding, hidden] and
+    output head (model.layers.N.{enorm,hnorm,eh_proj,shared_head})."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((folder / "config.json").read_text())
+    n = config["num_hidden_layers"] - nextn
+    config.update(num_hidden_layers=n, num_nextn_predict_layers=nextn)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = load_file(folder / "model.safetensors")
+    d, head = config["hidden_size"], tensors["lm_head.weight"]
+    generator = torch.Generator().manual_seed(seed)
+    for layer in range(n, n + nextn):
+        p = f"model.layers.{layer}."
+        eh_proj = torch.randn(d, 2 * d, generator=generator) / (2 * d) ** 0.5
+        tensors.update({p + "enorm.weight": torch.ones(d, dtype=head.dtype),
+                        p + "hnorm.weight": torch.ones(d, dtype=head.dtype),
+                        p + "eh_proj.weight": eh_proj.to(head.dtype),
+                        p + "shared_head.norm.weight": torch.ones(d, dtype=head.dtype),
+                        p + "shared_head.head.weight": head.clone()})
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def make_tiny_multimodal(model_type: str, out_dir: str | Path, seed: int = 0, dtype: str = "float32",
@@ -134,8 +163,8 @@ def make_tiny_multimodal(model_type: str, out_dir: str | Path, seed: int = 0, dt
 
     text_type = MULTIMODAL_TEXT[model_type]
     tokenizer = tokenizer or train_tokenizer(_BASE["vocab_size"])
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
                    vocab_size=len(tokenizer))
     text = {**_BASE, **(FAMILY_CONFIGS.get(text_type) or _TEXT_CONFIGS[text_type]), **special}
     config = CONFIG_MAPPING[model_type](text_config=text)

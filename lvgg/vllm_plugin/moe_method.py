@@ -142,8 +142,9 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
                              "this experts file was made for another model")
         form = engine.store.layer_info(self.layer_index).form
         if (form != "up+down") != bool(self.moe.is_act_and_mul):
-            raise ValueError(f"{layer.layer_name}: vLLM's experts are {'gated' if self.moe.is_act_and_mul else 'up/down'}"
-                             f", the experts file's are {form}; this experts file was made for another model")
+            vllm_form = "gated" if self.moe.is_act_and_mul else "up/down"
+            raise ValueError(f"{layer.layer_name}: vLLM's experts are {vllm_form}, the experts file's are {form}; "
+                             "this experts file was made for another model")
         engine.store.check_layer(self.layer_index, n_experts=self.moe.num_experts, hidden_size=hidden_size,
                                  intermediate_size=intermediate_size_per_partition if ranks == 1
                                  else None)  # a rank's share: the whole file was checked against the model
