@@ -39,22 +39,26 @@ def convert_hf(src: str, out: Path, types: dict[str, gguf.GGMLQuantizationType] 
     arch = spec.arch
     ckpt = Checkpoint(folder, config)
     prefix = _layers_prefix(ckpt, arch, spec)
-    # next-token-prediction layers (vLLM's MTP draft): written where the checkpoint has their experts
-    mtp = [layer for layer in spec.mtp_layers
-           if any(name.startswith(prefix + arch.experts_marker(layer) + ".") for name in ckpt.tensors)]
-    layouts = {layer: Layout.of(ckpt, arch, spec, layer, prefix) for layer in spec.layers + mtp}
+    layouts = {layer: Layout.of(ckpt, arch, spec, prefix, layer) for layer in spec.layers}
+    # next-token-prediction layers (vLLM's MTP draft): written where the checkpoint has their experts,
+    # after the model's layers (blk.<n_layers + k>, as llama.cpp numbers them)
+    for layer in spec.mtp_layers:
+        where = (arch.mtp_prefix, layer - spec.n_layers) if arch.mtp_prefix else (prefix, layer)
+        if any(name.startswith(where[0] + arch.experts_marker(where[1]) + ".") for name in ckpt.tensors):
+            layouts[layer] = Layout.of(ckpt, arch, spec, *where)
     planned = []
     for layer, layout in layouts.items():
         if layout.fused:
             planned += _plan_fused_layer(ckpt, arch, spec, layer, layout, types, threads)
         else:
-            planned += [_plan_projection(ckpt, arch, spec, layer, layout.prefix, proj,
-                                         (types or {}).get(proj, DEFAULT_TYPE), threads) for proj in arch.projections]
+            planned += [_plan_projection(ckpt, arch, spec, layer, layout, proj, (types or {}).get(proj, DEFAULT_TYPE),
+                                         threads) for proj in arch.projections]
+    mtp = [layer for layer in layouts if layer >= spec.n_layers]
     metadata = {
         "general.name": folder.name if Path(src).is_dir() else src,
         "lvgg.source_model": src,
         "lvgg.source_revision": revision,
-        "lvgg.source_format": f"safetensors-{layouts[spec.layers[0]].source_format(ckpt, arch, spec.layers[0])}"
+        "lvgg.source_format": f"safetensors-{layouts[spec.layers[0]].source_format(ckpt, arch)}"
         if spec.layers else "safetensors-none",
         "lvgg.architecture": arch.model_type,
         "lvgg.converter_version": CONVERTER_VERSION,
@@ -70,21 +74,22 @@ class Layout:
     """How a checkpoint holds one layer's experts."""
 
     prefix: str  # of its layers' names: "model." for a causal LM; a multimodal checkpoint's text model's own
+    hf_layer: int  # the layer's number in those names (an MTP module's own: mtp.layers.0)
     fused: bool  # one tensor per projection, gate_up_proj and down_proj, rather than one per expert
     mxfp4: bool  # fused, as MXFP4 _blocks and _scales (gpt-oss)
     in_major: bool  # fused float tensors as [E, in, out], applied as x @ W (gpt-oss, Llama-4, Hub Qwen3-VL),
     # rather than [E, out, in] (gemma-4, Qwen3.5)
 
     @staticmethod
-    def of(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: int, prefix: str) -> "Layout":
-        down = arch.hf_fused_name(layer, "down", prefix)
+    def of(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, prefix: str, hf_layer: int) -> "Layout":
+        down = arch.hf_fused_name(hf_layer, "down", prefix)
         mxfp4 = down + "_blocks" in ckpt.tensors
         if not mxfp4 and down not in ckpt.tensors:
-            return Layout(prefix, False, False, False)
+            return Layout(prefix, hf_layer, False, False, False)
         D, F = spec.hidden_size, spec.intermediate_size
         in_major = False
         if not mxfp4:  # which way round, from the shapes (gate_up's tells unless 2F == D; down's then)
-            gate_up = ckpt.tensors.get(arch.hf_fused_name(layer, "gate_up", prefix))
+            gate_up = ckpt.tensors.get(arch.hf_fused_name(hf_layer, "gate_up", prefix))
             shapes = {True: ((D, 2 * F), (F, D)), False: ((2 * F, D), (D, F))}
             found = (gate_up.shape[1:] if gate_up else None, ckpt.tensors[down].shape[1:])
             fits = [major for major, want in shapes.items() if found[0] == want[0] and found[1] == want[1]]
@@ -93,13 +98,18 @@ class Layout:
                                  f"expected per expert [{D}, {2 * F}] and [{F}, {D}] (or both transposed) from "
                                  "config.json")
             in_major = fits[0]
-        return Layout(prefix, True, mxfp4, in_major)
+        return Layout(prefix, hf_layer, True, mxfp4, in_major)
 
-    def source_format(self, ckpt: Checkpoint, arch: MoEArch, layer: int) -> str:
+    def expert_name(self, arch: MoEArch, expert: int, proj: str) -> str:
+        return arch.hf_expert_name(self.hf_layer, expert, proj, self.prefix)
+
+    def fused_name(self, arch: MoEArch, proj: str) -> str:
+        return arch.hf_fused_name(self.hf_layer, proj, self.prefix)
+
+    def source_format(self, ckpt: Checkpoint, arch: MoEArch) -> str:
         if self.mxfp4:
             return "mxfp4"
-        return ckpt.format_of(arch.hf_fused_name(layer, "down", self.prefix) if self.fused
-                              else arch.hf_expert_name(layer, 0, "up", self.prefix))
+        return ckpt.format_of(self.fused_name(arch, "down") if self.fused else self.expert_name(arch, 0, "up"))
 
 
 def _layers_prefix(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec) -> str:
@@ -115,12 +125,12 @@ def _layers_prefix(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec) -> str:
     return arch.hf_prefix if arch.hf_prefix in found or not found else min(found, key=len)
 
 
-def _plan_projection(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: int, prefix: str, proj: str,
+def _plan_projection(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: int, layout: Layout, proj: str,
                      qtype: gguf.GGMLQuantizationType, threads: int) -> PlannedTensor:
     """One projection of a layer whose experts the checkpoint holds one tensor each."""
     rows, cols = spec.hf_shape(proj)
     check_row_length(qtype, cols, f"{proj} projection of layer {layer}")
-    names = [arch.hf_expert_name(layer, e, proj, prefix) for e in range(spec.n_experts)]
+    names = [layout.expert_name(arch, e, proj) for e in range(spec.n_experts)]
     read = sum(ckpt.check(n, (rows, cols)) for n in names)
 
     def produce() -> np.ndarray:
@@ -146,7 +156,7 @@ def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: 
     loaded: dict[str, np.ndarray] = {}  # one fused tensor of the layer at a time, as float or MXFP4 bytes
     planned, read = [], {}
     for name, (out, cols) in fused.items():
-        base = arch.hf_fused_name(layer, name, layout.prefix)
+        base = layout.fused_name(arch, name)
         if layout.mxfp4:
             read[name] = _check_mxfp4(ckpt, base, (E, out, cols))
         else:
@@ -158,7 +168,7 @@ def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: 
         """One projection's rows from the layer's fused tensor ([E, rows, cols] float, or MXFP4 bytes)."""
         if name not in loaded:
             loaded.clear()
-            base = arch.hf_fused_name(layer, name, layout.prefix)
+            base = layout.fused_name(arch, name)
             if layout.mxfp4:
                 loaded[name] = _ggml_mxfp4(ckpt.load_raw(base + "_blocks"), ckpt.load_raw(base + "_scales"))
             else:
@@ -187,8 +197,7 @@ def _plan_fused_layer(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: 
         width = D if proj == "down" else F
 
         def bias(name=name, half=half) -> np.ndarray:
-            bias_name = arch.hf_fused_name(layer, name, layout.prefix) + "_bias"
-            return np.ascontiguousarray(ckpt.load_f32(bias_name)[:, half])
+            return np.ascontiguousarray(ckpt.load_f32(layout.fused_name(arch, name) + "_bias")[:, half])
 
         planned.append(PlannedTensor(gguf_expert_bias_name(layer, proj), Q.F32, (E, width), bias, E * width * 4))
     return planned

@@ -218,6 +218,28 @@ def test_multimodal_checkpoint_gives_its_text_models_experts(multimodal_models, 
     check_against_transformers(text, model, store, ACTIVATION.get(text, "silu"), TOLERANCE[Q.F32])
 
 
+@pytest.mark.parametrize("family,names", [("glm4_moe_lite", "model.layers.3"), ("qwen3_next", "mtp.layers.0")])
+def test_next_token_prediction_layers_experts_are_written_after_the_models_layers(family, names, tmp_path):
+    """The checkpoint's MTP layer (DeepSeek-V3/GLM: model.layers.<n>; Qwen3-Next/Qwen3.5: a module of
+    its own, mtp.layers.0) becomes the file's blk.<n>, as llama.cpp numbers it; a checkpoint without
+    its experts gives a file without that layer."""
+    folder = make_tiny_model(family, tmp_path / family, seed=7, dtype="float32", nextn=1)
+    arch = ARCHITECTURES[family]
+    out = convert_hf(str(folder), tmp_path / "e.gguf", all_types(Q.F32), threads=2, quiet=True)
+    store = lvgg.ExpertStore(out)
+    assert store.layers[-1] == 3 and store.metadata()[f"{arch.gguf_arch}.nextn_predict_layers"] == 1
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        for proj in arch.projections:
+            want = np.stack([f.get_tensor(f"{names}.mlp.experts.{e}.{proj}_proj.weight").numpy() for e in range(8)])
+            np.testing.assert_array_equal(tensors[f"blk.3.ffn_{proj}_exps.weight"], want)
+        kept = {k: f.get_tensor(k) for k in f.keys() if f"{names}.mlp.experts." not in k}
+    save_file(kept, str(folder / "model.safetensors"))
+    without = convert_hf(str(folder), tmp_path / "without.gguf", all_types(Q.F32), threads=2, quiet=True)
+    assert 3 not in lvgg.ExpertStore(without).layers
+    assert "nextn_predict_layers" not in str(lvgg.ExpertStore(without).metadata())
+
+
 def test_kimi_k25_checkpoint_gives_its_deepseek_text_models_experts(tmp_path):
     """Kimi-K2.5 as the Hub ships it: config.json's text_config is a kimi_k2 (DeepSeek-V3) model,
     whose tensors are under language_model.model.layers (transformers has no Kimi-K2.5 model class

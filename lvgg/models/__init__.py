@@ -102,6 +102,9 @@ class MoEArch:
     # config key of the count of next-token-prediction (MTP) layers, numbered after the model's own
     # (model.layers.<n_layers + k>, as DeepSeek-V3 and GLM ship them; llama.cpp's blk.<n_layers + k>)
     mtp_key: str | None = None
+    # where the MTP layers are a module of their own: <mtp_prefix>layers.<k> (Qwen3-Next, Qwen3.5),
+    # one of them where config.json does not say (vLLM's default)
+    mtp_prefix: str | None = None
     grouped_routing: bool = False  # DeepSeek-style group-limited top-k (done by vLLM)
     # Every projection of every expert has a bias (gpt-oss), kept in the experts file beside the weights.
     biased: bool = False
@@ -149,7 +152,7 @@ class MoEArch:
              if found is None]
         if missing:
             raise ValueError(f"config.json of a {self.model_type} model lacks {missing}")
-        n_mtp = int(cfg.get(self.mtp_key) or 0) if self.mtp_key else 0
+        n_mtp = int(cfg.get(self.mtp_key, 1 if self.mtp_prefix else 0) or 0) if self.mtp_key else 0
         return ExpertSpec(arch=self, n_layers=int(n_layers), layers=self.moe_layers(cfg),
                           mtp_layers=list(range(int(n_layers), int(n_layers) + n_mtp)),
                           n_experts=int(n_experts),
@@ -187,7 +190,7 @@ ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
     MoEArch("qwen2_moe", "qwen2moe", "mlp", _GATE_UP_DOWN, _QWEN_EXPERTS, "moe_intermediate_size", _qwen_moe_layers,
             shared_expert="shared_expert"),
     MoEArch("qwen3_next", "qwen3next", "mlp", _GATE_UP_DOWN, _QWEN_EXPERTS, "moe_intermediate_size",
-            _qwen_moe_layers, shared_expert="shared_expert"),
+            _qwen_moe_layers, shared_expert="shared_expert", mtp_key=_NEXTN, mtp_prefix="mtp."),
     MoEArch("mixtral", "llama", "block_sparse_moe", _W1_W3_W2, ("num_local_experts",), "intermediate_size", _all_layers),
     MoEArch("minimax_m2", "minimax-m2", "block_sparse_moe", _W1_W3_W2, ("num_local_experts",), "intermediate_size",
             _all_layers),
@@ -216,7 +219,8 @@ ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
             _interleaved_moe_layers, shared_expert="shared_expert"),
     # The text models of multimodal checkpoints (config.json's text_config)
     MoEArch("qwen3_5_moe_text", "qwen35moe", "mlp", _GATE_UP_DOWN, _QWEN_EXPERTS, "moe_intermediate_size",
-            _qwen_moe_layers, shared_expert="shared_expert"),  # Qwen3.5 / Qwen3.6
+            _qwen_moe_layers, shared_expert="shared_expert", mtp_key="mtp_num_hidden_layers",
+            mtp_prefix="mtp."),  # Qwen3.5 / Qwen3.6
     MoEArch("qwen3_vl_moe_text", "qwen3vlmoe", "mlp", _GATE_UP_DOWN, _QWEN_EXPERTS, "moe_intermediate_size",
             _qwen_moe_layers),
     # gemma-4: the experts sit in the layer beside its dense MLP (layers.N.experts), GELU (tanh)

@@ -99,7 +99,8 @@ def train_tokenizer(vocab_size: int) -> Any:
 def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16", nextn: int = 0,
                     **overrides: Any) -> Path:
     """Write a tiny random checkpoint of `family` (config.json, model.safetensors, tokenizer), with
-    `nextn` next-token-prediction (MTP) layers after its own, as DeepSeek-V3 and GLM ship them."""
+    `nextn` next-token-prediction (MTP) layers after its own, as the family ships them (DeepSeek-V3
+    and GLM: model.layers.<n + k>; Qwen3-Next: mtp.layers.<k>)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -110,6 +111,8 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: str 
     tokenizer = train_tokenizer(_BASE["vocab_size"])
     kw = {**_BASE, **FAMILY_CONFIGS[family], **overrides}
     kw["num_hidden_layers"] += nextn  # made as layers of the model, then turned into MTP layers
+    if nextn and "layer_types" in kw:  # MTP layers attend fully
+        kw["layer_types"] = kw["layer_types"] + ["full_attention"] * nextn
     kw.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
               pad_token_id=tokenizer.pad_token_id)
     config = CONFIG_MAPPING[family](**kw)
@@ -122,32 +125,49 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: str 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if nextn:
-        _into_mtp_layers(out_dir, nextn, seed)
+        _into_mtp_layers(out_dir, family, nextn, seed)
     return out_dir
 
 
-def _into_mtp_layers(folder: Path, nextn: int, seed: int) -> None:
-    """Make a checkpoint's last `nextn` layers its next-token-prediction layers: config.json's
-    num_nextn_predict_layers, and each layer's input norms, projection of [embedding, hidden] and
-    output head (model.layers.N.{enorm,hnorm,eh_proj,shared_head})."""
+def _into_mtp_layers(folder: Path, family: str, nextn: int, seed: int) -> None:
+    """Make a checkpoint's last `nextn` layers its next-token-prediction layers (config.json's
+    num_nextn_predict_layers), with the input norms, projection of [embedding, hidden] and output
+    norm and head each family's MTP module has: DeepSeek-V3's and GLM's in each layer
+    (model.layers.N.{enorm,hnorm,eh_proj,shared_head}), Qwen3-Next's in a module of its own
+    (mtp.{pre_fc_norm_embedding,pre_fc_norm_hidden,fc,norm}, its layers mtp.layers.k)."""
     import torch
     from safetensors.torch import load_file, save_file
+
+    from lvgg.models import ARCHITECTURES
 
     config = json.loads((folder / "config.json").read_text())
     n = config["num_hidden_layers"] - nextn
     config.update(num_hidden_layers=n, num_nextn_predict_layers=nextn)
+    if "layer_types" in config:
+        config["layer_types"] = config["layer_types"][:n]
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tensors = load_file(folder / "model.safetensors")
-    d, head = config["hidden_size"], tensors["lm_head.weight"]
-    generator = torch.Generator().manual_seed(seed)
-    for layer in range(n, n + nextn):
+    head = tensors["lm_head.weight"]
+    d, generator = config["hidden_size"], torch.Generator().manual_seed(seed)
+
+    def ones() -> Any:
+        return torch.ones(d, dtype=head.dtype)
+
+    def projection() -> Any:  # [embedding, hidden] -> hidden
+        return (torch.randn(d, 2 * d, generator=generator) / (2 * d) ** 0.5).to(head.dtype)
+
+    prefix = ARCHITECTURES[family].mtp_prefix
+    if prefix:
+        for k in range(nextn):
+            old = f"model.layers.{n + k}."
+            for name in [name for name in tensors if name.startswith(old)]:
+                tensors[f"{prefix}layers.{k}." + name[len(old):]] = tensors.pop(name)
+        tensors.update({prefix + "pre_fc_norm_embedding.weight": ones(), prefix + "pre_fc_norm_hidden.weight": ones(),
+                        prefix + "fc.weight": projection(), prefix + "norm.weight": ones()})
+    for layer in range(n, n + nextn) if not prefix else ():
         p = f"model.layers.{layer}."
-        eh_proj = torch.randn(d, 2 * d, generator=generator) / (2 * d) ** 0.5
-        tensors.update({p + "enorm.weight": torch.ones(d, dtype=head.dtype),
-                        p + "hnorm.weight": torch.ones(d, dtype=head.dtype),
-                        p + "eh_proj.weight": eh_proj.to(head.dtype),
-                        p + "shared_head.norm.weight": torch.ones(d, dtype=head.dtype),
-                        p + "shared_head.head.weight": head.clone()})
+        tensors.update({p + "enorm.weight": ones(), p + "hnorm.weight": ones(), p + "eh_proj.weight": projection(),
+                        p + "shared_head.norm.weight": ones(), p + "shared_head.head.weight": head.clone()})
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from lvgg.models import text_config
 from lvgg.vllm_plugin import compat, runtime
 
 log = compat.init_logger("vllm.lvgg")
@@ -123,6 +124,9 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
                              f"the layer routes to {self.moe.experts_per_token}")
         vllm_config = compat.get_current_vllm_config()
         self.layer_index = compat.extract_layer_index(layer.layer_name)
+        if ".mtp.layers." in f".{layer.layer_name}":  # an MTP module's own layer k (Qwen3-Next, Qwen3.5)
+            hf_config = vllm_config.model_config.hf_config
+            self.layer_index += text_config(hf_config.to_dict())["num_hidden_layers"]  # the file's numbering
         # Opens and checks the experts file at the first layer: a mismatch stops startup here.
         pp = compat.get_pp_group()
         # With expert parallelism (over the tensor-parallel ranks: no DP) a rank computes the whole
