@@ -51,6 +51,11 @@ def check_before_start(model: str, files: list[Path], mtp: bool = False) -> None
     config = _model_config(model)
     if config is not None:
         check_experts_match(str(files[0]), architecture, dims, config)
+        arch = model_spec(config).arch
+        import torch
+
+        if arch.gpu_only and not torch.cuda.is_available():
+            raise ValueError(f"{model} is a {arch.model_type} model, which needs a GPU here: {arch.gpu_only}")
         missing = [layer for layer in model_spec(config).mtp_layers if layer not in dims] if mtp else []
         if missing:
             raise ValueError(f"{files[0]} has no experts of the model's next-token-prediction layer {missing[0]}, "

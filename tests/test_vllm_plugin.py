@@ -10,6 +10,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as Q
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -121,6 +122,16 @@ def test_mtp_with_a_file_without_its_layer_is_refused_before_vllm_starts(glm_wit
     assert "has no experts of the model's next-token-prediction layer 3" in output
     assert "Initializing a V1 LLM engine" not in output  # before vLLM starts
     assert generate(folder, experts)["moe_methods"] == ["LvggMoEMethod"]  # without MTP it serves
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU-only machine says")
+@pytest.mark.parametrize("family", ["nemotron_h", "longcat_flash"])
+def test_a_family_vllm_runs_on_gpus_only_is_refused_before_vllm_starts(family, tmp_path):
+    folder = make_tiny_model(family, tmp_path / family, seed=13, dtype="float32")
+    experts = convert_hf(str(folder), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,
+                         quiet=True)
+    with pytest.raises(ValueError, match=f"is a {family} model, which needs a GPU here: vLLM"):
+        lvgg.LLM(str(folder), experts=experts)
 
 
 def test_serve_reads_the_speculative_config_among_vllm_flags():

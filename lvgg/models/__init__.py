@@ -105,6 +105,8 @@ class MoEArch:
     # where the MTP layers are a module of their own: <mtp_prefix>layers.<k> (Qwen3-Next, Qwen3.5),
     # one of them where config.json does not say (vLLM's default)
     mtp_prefix: str | None = None
+    # why vLLM runs this family on GPUs only (its CPU build refuses or lacks a kernel), if it does
+    gpu_only: str | None = None
     grouped_routing: bool = False  # DeepSeek-style group-limited top-k (done by vLLM)
     # Every projection of every expert has a bias (gpt-oss), kept in the experts file beside the weights.
     biased: bool = False
@@ -229,11 +231,13 @@ ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
     # Nemotron-3 (hybrid Mamba-2): experts of up and down with relu² between
     MoEArch("nemotron_h", "nemotron_h_moe", "mixer", {"up": "up_proj", "down": "down_proj"}, ("n_routed_experts",),
             "moe_intermediate_size", _nemotron_h_moe_layers, shared_expert="shared_experts", grouped_routing=True,
-            expert_dim_keys=("moe_latent_size", "hidden_size"), gated=False, hf_prefix="backbone."),
+            expert_dim_keys=("moe_latent_size", "hidden_size"), gated=False, hf_prefix="backbone.",
+            gpu_only="vLLM runs experts without a gate (is_act_and_mul=False) in its CUDA, ROCm and XPU builds only"),
     # LongCat-Flash: zero-computation (identity) experts beside the routed ones, which vLLM's router
     # computes and hands over as expert 0 with weight 0
     MoEArch("longcat_flash", "longcat-flash", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "expert_ffn_hidden_size",
-            _all_layers, top_k_key="moe_topk", n_layers_key="num_layers"),
+            _all_layers, top_k_key="moe_topk", n_layers_key="num_layers",
+            gpu_only="vLLM's router computes its zero-computation experts with a Triton kernel (GPU builds only)"),
 ]}
 
 
