@@ -218,6 +218,27 @@ def test_multimodal_checkpoint_gives_its_text_models_experts(multimodal_models, 
     check_against_transformers(text, model, store, ACTIVATION.get(text, "silu"), TOLERANCE[Q.F32])
 
 
+def test_latent_moe_experts_take_the_latent_width(tmp_path):
+    """Nemotron-3-Super's latent MoE: its experts run in moe_latent_size (projections into and out
+    of it stay with vLLM's dense weights); the file's experts are that wide."""
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_model("nemotron_h", tmp_path / "latent", seed=8, dtype="float32", moe_latent_size=512)
+    out = convert_hf(str(folder), tmp_path / "e.gguf", all_types(Q.F32), threads=2, quiet=True)
+    store = lvgg.ExpertStore(out)
+    assert [(info.hidden_size, info.intermediate_size) for info in map(store.layer_info, store.layers)] == \
+        [(512, 256)] * 2
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    moe = lvgg.CpuMoE(store, threads=2, activation="relu2")
+    experts = dict(model.named_modules())["model.layers.1.mixer.experts"]  # (saved as backbone.layers)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((5, 512)).astype(np.float32))
+    ids = torch.from_numpy(np.stack([rng.choice(8, 2, replace=False) for _ in range(5)]))
+    w = torch.from_numpy(rng.random((5, 2)).astype(np.float32))
+    expected = expected_experts_output("nemotron_h", experts, x, ids, w)
+    assert np.linalg.norm(moe(1, x, ids, w).double().numpy() - expected) / np.linalg.norm(expected) < 1e-5
+
+
 @pytest.mark.parametrize("family,names", [("glm4_moe_lite", "model.layers.3"), ("qwen3_next", "mtp.layers.0")])
 def test_next_token_prediction_layers_experts_are_written_after_the_models_layers(family, names, tmp_path):
     """The checkpoint's MTP layer (DeepSeek-V3/GLM: model.layers.<n>; Qwen3-Next/Qwen3.5: a module of
