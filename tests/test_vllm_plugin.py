@@ -31,7 +31,8 @@ def generate(model, experts=None, eager=True, expect_failure=False, dtype="float
     cmd = [sys.executable, str(SCRIPT), str(model), "--dtype", dtype, "--tp", str(tp), "--pp", str(pp)] + \
         (["--experts", str(experts)] if experts else []) + (["--eager"] if eager else []) + (["--ep"] if ep else []) + \
         (["--speculative", json.dumps(speculative)] if speculative else []) + \
-        (["--trust-remote-code"] if trust_remote_code else []) + (["--language-model-only"] if language_model_only else [])
+        (["--trust-remote-code"] if trust_remote_code else []) + \
+        (["--language-model-only"] if language_model_only else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
     if expect_failure:
         assert done.returncode != 0
