@@ -43,6 +43,8 @@ def check_before_start(model: str, files: list[Path], mtp: bool = False) -> None
     once), their expert tensors ones the CPU can multiply, and (where the model is a local folder)
     they match the model's architecture, MoE layers and sizes, and hold its next-token-prediction
     layers' experts where ``mtp`` (speculative decoding with them as the draft) is on."""
+    import torch
+
     from lvgg import _bridge
     from lvgg.models import check_experts_match, model_spec
 
@@ -51,12 +53,10 @@ def check_before_start(model: str, files: list[Path], mtp: bool = False) -> None
     config = _model_config(model)
     if config is not None:
         check_experts_match(str(files[0]), architecture, dims, config)
-        arch = model_spec(config).arch
-        import torch
-
-        if arch.gpu_only and not torch.cuda.is_available():
-            raise ValueError(f"{model} is a {arch.model_type} model, which needs a GPU here: {arch.gpu_only}")
-        missing = [layer for layer in model_spec(config).mtp_layers if layer not in dims] if mtp else []
+        spec = model_spec(config)
+        if spec.arch.gpu_only and not torch.cuda.is_available():
+            raise ValueError(f"{model} is a {spec.arch.model_type} model, which needs a GPU here: {spec.arch.gpu_only}")
+        missing = [layer for layer in spec.mtp_layers if layer not in dims] if mtp else []
         if missing:
             raise ValueError(f"{files[0]} has no experts of the model's next-token-prediction layer {missing[0]}, "
                              "which speculative decoding with MTP runs as its draft; convert a checkpoint that "
