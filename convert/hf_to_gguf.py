@@ -10,7 +10,7 @@ import numpy as np
 from .experts_writer import CONVERTER_VERSION, PlannedTensor, layer_types_metadata, write_experts_gguf
 from .hf_source import Checkpoint, read_config, resolve_source
 from .output_types import check_row_length
-from lvgg.models import (PROJECTIONS, ExpertSpec, MoEArch, gguf_expert_bias_name, gguf_expert_name, model_spec)
+from lvgg.models import PROJECTIONS, ExpertSpec, MoEArch, gguf_expert_bias_name, gguf_expert_name, model_spec
 from lvgg.quantize import quantize
 
 Q = gguf.GGMLQuantizationType
