@@ -22,7 +22,6 @@ from lvgg.convert.hf_to_gguf import convert_hf
 from lvgg.convert.output_types import projection_types
 from lvgg.cli import app
 from lvgg.models import ARCHITECTURES, PROJECTIONS, arch_for, gguf_expert_name
-from lvgg.quantize import quantize
 from lvgg.testing import llama_cpp
 from lvgg.testing.expert_files import write_llamacpp_gguf
 from lvgg.llm import check_before_start
