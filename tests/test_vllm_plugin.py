@@ -21,7 +21,8 @@ from lvgg.convert.hf_to_gguf import convert_hf
 from lvgg.models import PROJECTIONS, arch_for
 from lvgg.testing.greedy import agreement
 from lvgg.testing.quantized_checkpoints import write_w4a16, write_w8a8
-from lvgg.testing.tiny_models import make_tiny_bailing, make_tiny_model
+from lvgg.testing import llama_cpp
+from lvgg.testing.tiny_models import make_tiny_bailing, make_tiny_model, train_byte_fallback_tokenizer
 
 SCRIPT = Path(__file__).with_name("vllm_generate.py")
 
@@ -233,6 +234,21 @@ def test_other_families_match_stock_vllm(family, tmp_path):
     experts = convert_hf(str(folder), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,
                          quiet=True)
     hybrid = generate(folder, experts)
+    assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
+    assert hybrid["tokens"] == generate(folder)["tokens"]
+
+
+def test_llama_cpps_gemma4_gguf_read_as_it_is_gives_stock_vllms_tokens(tmp_path):
+    """llama.cpp's converter on a tiny gemma-4 (its SentencePiece-style vocabulary): gate and up
+    fused in one tensor, the per-expert output scale beside them (vLLM applies the checkpoint's
+    own, so lvgg leaves it unread); --experts that GGUF gives stock vLLM's tokens."""
+    tree = llama_cpp.upstream_tools()
+    folder = make_tiny_model("gemma4_text", tmp_path / "gemma4", seed=13, dtype="float32",
+                             tokenizer=train_byte_fallback_tokenizer(600))
+    theirs = llama_cpp.convert_hf(folder, tmp_path / "gemma4-F32.gguf", tree)
+    assert {t.name for t in gguf.GGUFReader(theirs).tensors} >= {"blk.0.ffn_gate_up_exps.weight",
+                                                                  "blk.0.ffn_down_exps.scale"}
+    hybrid = generate(folder, theirs)
     assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
     assert hybrid["tokens"] == generate(folder)["tokens"]
 

@@ -96,11 +96,28 @@ def train_tokenizer(vocab_size: int) -> Any:
                                    pad_token="<|endoftext|>", chat_template=chat)
 
 
+def train_byte_fallback_tokenizer(vocab_size: int) -> Any:
+    """A SentencePiece-style BPE tokenizer (spaces as ▁, unknown bytes as <0xNN> tokens), as Llama's
+    and gemma's are, trained on the built-in text: the kind llama.cpp's converter reads for gemma-4."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    special = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
+    tok.train_from_iterator([_CORPUS.replace(" ", "▁")], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
 def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16", nextn: int = 0,
-                    **overrides: Any) -> Path:
+                    tokenizer: Any = None, **overrides: Any) -> Path:
     """Write a tiny random checkpoint of `family` (config.json, model.safetensors, tokenizer), with
     `nextn` next-token-prediction (MTP) layers after its own, as the family ships them (DeepSeek-V3
-    and GLM: model.layers.<n + k>; Qwen3-Next: mtp.layers.<k>)."""
+    and GLM: model.layers.<n + k>; Qwen3-Next: mtp.layers.<k>). The tokenizer: `tokenizer`, or one
+    trained here."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -108,8 +125,9 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, dtype: str 
     if family not in FAMILY_CONFIGS:
         raise ValueError(f"no tiny config for {family!r}; known: {', '.join(sorted(FAMILY_CONFIGS))}")
     out_dir = Path(out_dir)
-    tokenizer = train_tokenizer(_BASE["vocab_size"])
-    kw = {**_BASE, **FAMILY_CONFIGS[family], **overrides}
+    vocab = {"vocab_size": len(tokenizer)} if tokenizer is not None else {}
+    tokenizer = tokenizer or train_tokenizer(_BASE["vocab_size"])
+    kw = {**_BASE, **FAMILY_CONFIGS[family], **vocab, **overrides}
     kw["num_hidden_layers"] += nextn  # made as layers of the model, then turned into MTP layers
     if nextn and "layer_types" in kw:  # MTP layers attend fully
         kw["layer_types"] = kw["layer_types"] + ["full_attention"] * nextn
