@@ -244,7 +244,7 @@ def test_llama_cpps_gemma4_gguf_read_as_it_is_gives_stock_vllms_tokens(tmp_path)
     own, so lvgg leaves it unread); --experts that GGUF gives stock vLLM's tokens."""
     tree = llama_cpp.upstream_tools()
     folder = make_tiny_model("gemma4_text", tmp_path / "gemma4", seed=13, dtype="float32",
-                             tokenizer=train_byte_fallback_tokenizer(600))
+                             tokenizer=train_byte_fallback_tokenizer(600), vocab_size_per_layer_input=600)
     theirs = llama_cpp.convert_hf(folder, tmp_path / "gemma4-F32.gguf", tree)
     assert {t.name for t in gguf.GGUFReader(theirs).tensors} >= {"blk.0.ffn_gate_up_exps.weight",
                                                                   "blk.0.ffn_down_exps.scale"}

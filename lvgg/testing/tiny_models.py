@@ -49,7 +49,8 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     # a MoE block beside each layer's dense MLP, GELU (tanh) experts, a per-expert output scale
     "gemma4_text": dict(intermediate_size=512, enable_moe_block=True, num_experts=8, top_k_experts=2,
-                        moe_intermediate_size=256, sliding_window=16,
+                        moe_intermediate_size=256, sliding_window=16, vocab_size_per_layer_input=512,
+                        hidden_size_per_layer_input=16,
                         layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
     # Mamba-2, MoE and attention layers; experts of up and down with relu² between
     "nemotron_h": dict(num_hidden_layers=4, hybrid_override_pattern="ME*E", intermediate_size=512,
@@ -66,6 +67,14 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
 # Multimodal checkpoints whose text model (config.json's text_config) is one of the families.
 MULTIMODAL_TEXT: dict[str, str] = {"gemma4": "gemma4_text", "qwen3_5_moe": "qwen3_5_moe_text",
                                    "qwen3_vl_moe": "qwen3_vl_moe_text", "llama4": "llama4_text"}
+# Their vision towers, tiny (the defaults are full-size: gigabytes of float32).
+_QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=_BASE["hidden_size"],
+                    num_position_embeddings=64, deepstack_visual_indexes=[0])
+_VISION_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen3_5_moe": _QWEN_VISION, "qwen3_vl_moe": _QWEN_VISION,
+    "llama4": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                   vision_output_dim=64, projector_input_dim=64, projector_output_dim=64, image_size=56),
+}
 _TEXT_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3_5_moe_text": dict(moe_intermediate_size=256, num_experts=8, shared_expert_intermediate_size=256,
                              layer_types=["linear_attention", "linear_attention", "full_attention"]),
@@ -205,7 +214,8 @@ def make_tiny_multimodal(model_type: str, out_dir: str | Path, seed: int = 0, dt
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
                    vocab_size=len(tokenizer))
     text = {**_BASE, **(FAMILY_CONFIGS.get(text_type) or _TEXT_CONFIGS[text_type]), **special}
-    config = CONFIG_MAPPING[model_type](text_config=text)
+    vision = {"vision_config": _VISION_CONFIGS[model_type]} if model_type in _VISION_CONFIGS else {}
+    config = CONFIG_MAPPING[model_type](text_config=text, **vision)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
     with torch.no_grad():
