@@ -6,6 +6,7 @@ engine's configurations (CONFIGS): weight layout x schedule.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -25,6 +26,7 @@ from lvgg.testing.expert_files import add_quantized_tensor, write_all
 CONFIGS = {
     "ggml mul_mat_id": (dict(repack=False), "mul_mat_id"),  # ggml's plain graph on the mapped file
     "repacked": (dict(repack=True, keep_mapped=False), "mul_mat_id"),  # the memory-lean default
+    "repacked, AVX2 kernels": (dict(repack=True, keep_mapped=False), "mul_mat_id"),  # lvgg's AVX2 set (kernels_for)
     "ggml repacked": (dict(repack=True, own_kernels=False), "mul_mat_id"),  # ggml's interleaved kernels only
     "per-expert": (dict(repack=False), "per_expert"),
     "auto, both layouts": (dict(repack=True, keep_mapped=True), "auto"),
@@ -97,13 +99,36 @@ def bench_moe(types: list[str], tokens: list[int], threads: int, n_layers: int, 
     def engines(path: Path, K: int):
         for config in configs:
             store_args, schedule = CONFIGS[config]
-            store = ExpertStore(path, **store_args)
-            yield config, store, CpuMoE(store, threads=threads, max_tokens=max(tokens), max_top_k=K, schedule=schedule)
+            with kernels_for(config):
+                store = ExpertStore(path, **store_args)
+                yield config, store, CpuMoE(store, threads=threads, max_tokens=max(tokens), max_top_k=K,
+                                            schedule=schedule)
 
     if experts_file is not None:
         return _time_engines(experts_file, file_label(experts_file), tokens, min_seconds, engines,
                              {**SHAPE_30B_A3B, **shape})
     return _bench(types, tokens, n_layers, min_seconds, workdir, engines, shape)
+
+
+def default_configs() -> list[str]:
+    """Every configuration, the AVX2 kernels only where they are not the default ones already."""
+    features = _bridge.cpu_features()
+    avx2_too = "avx2" in features["lvgg_kernel_sets"] and features["lvgg_kernels"] != "avx2"
+    return [c for c in CONFIGS if avx2_too or not c.endswith("AVX2 kernels")]
+
+
+@contextlib.contextmanager
+def kernels_for(config: str):
+    """lvgg's kernel set a configuration names ("..., AVX2 kernels"), in use while it is measured."""
+    if not config.endswith("AVX2 kernels"):
+        yield
+        return
+    before = _bridge.cpu_features()["lvgg_kernels"]
+    _bridge.use_kernels("avx2")  # ValueError where the build has no AVX2 kernels
+    try:
+        yield
+    finally:
+        _bridge.use_kernels(before)
 
 
 def file_label(path: str) -> str:

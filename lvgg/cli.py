@@ -174,7 +174,8 @@ def bench_moe(
     top_k: int = typer.Option(8, help="experts per token"),
     workdir: str = typer.Option(None, help="folder for the synthetic experts files (default: temp)"),
     configs: str = typer.Option(None, help="engine configurations to compare, ';' separated (default: all of "
-                                "'ggml mul_mat_id;repacked;ggml repacked;per-expert;auto, both layouts')"),
+                                "'ggml mul_mat_id;repacked;ggml repacked;per-expert;auto, both layouts', and "
+                                "'repacked, AVX2 kernels' where the build has AVX-512 VNNI kernels too)"),
     file: str = typer.Option(None, help="time this file's expert layers instead of synthetic ones: an experts file, "
                              "a llama.cpp GGUF (split: its first part) or org/repo:QUANT (--top-k: its experts per "
                              "token)"),
@@ -182,7 +183,7 @@ def bench_moe(
     """CPU MoE layer (30B-A3B shapes by default): ms per layer, tokens/s and bandwidth use."""
     from lvgg import _bridge, bench
 
-    configs = configs or ";".join(bench.CONFIGS)
+    configs = configs or ";".join(bench.default_configs())
 
     console = Console(width=None if sys.stdout.isatty() else 132)  # whole table in logs
     threads = threads or len(_bridge.physical_core_cpus())

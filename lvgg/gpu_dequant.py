@@ -13,10 +13,10 @@ fused w13 buffer; rows and columns contiguous). The expert kernels, for decode s
 tokens, multiply 16 rows x 256 columns at a time as they decode them, so an expert costs a
 read of its bytes and no more. The layouts are ggml's (ggml-common.h), with the lookup tables
 (the IQ types' grids, the values of IQ4_NL's and MXFP4's 4-bit codes) taken from gguf-py into one
-small tensor per device; tests check every type against gguf-py's dequantization. Q4_0, Q8_0,
-Q4_K and Q6_K may also be in lvgg's packed CPU layout (``packed=True``: tiles of 16 rows x 256
-columns, vnni_kquants.h), which the GPU then reads from the CPU engine's own copy; tests check it
-against the same values.
+small tensor per device; tests check every type against gguf-py's dequantization. The types lvgg's
+CPU kernels run (PACKED_TYPES) may also be in lvgg's packed CPU layout (``packed=True``: tiles of
+16 rows x 256 columns, vnni_kquants.h), which the GPU then reads from the CPU engine's own copy;
+tests check it against the same values.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ QUANT_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (3
                 "IQ3_S": (256, 110), "IQ1_S": (256, 50), "IQ1_M": (256, 56)}
 SUPPORTED_TYPES = frozenset(FLOAT_TYPES) | frozenset(QUANT_BLOCKS)
 # types with lvgg's packed CPU layout (ggml_bridge/src/vnni_kquants.h): groups of 16 rows
-PACKED_TYPES = frozenset({"Q4_0", "Q8_0", "Q4_K", "Q6_K"})
+PACKED_TYPES = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q4_0", "Q8_0", "IQ4_NL", "MXFP4"})
 PACKED_ROWS = 16
 # the kernels' block decoders (_blocks), by type
 _TYPE_CODES = {"Q4_0": 0, "Q5_0": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "F32": 6, "F16": 7, "BF16": 8,
@@ -126,7 +126,8 @@ def dequantize(raw: torch.Tensor, ggml_type: str, out: torch.Tensor, packed: boo
         groups = rows // PACKED_ROWS  # rows % 16 == 0: packed_nbytes checked the layout
         if n_experts and groups:
             _dequantize_packed[(n_experts * groups, triton.cdiv(cols, _CHUNK))](
-                raw, out, groups, cols, out.stride(0), expected // n_experts, expected // n_experts // groups,
+                raw, _lookup_tables(out.device), out, groups, cols, out.stride(0), expected // n_experts,
+                expected // n_experts // groups,
                 TYPE=_TYPE_CODES[ggml_type])
         return out
     n_blocks = n_experts * rows * cols // qk
@@ -709,56 +710,93 @@ if triton is not None:
         tl.store(dst + dst_at, values.to(dst.dtype.element_ty), mask=mask[:, None])
 
     @triton.jit
-    def _packed_tile(src, group, b, cols, row_mask, TYPE: tl.constexpr):
+    def _packed_tile(src, tables, group, b, cols, row_mask, TYPE: tl.constexpr):
         """Values [16 rows, 256 columns] of tile b (columns 256 b on) of the row group at byte
         ``group`` of ``src``, in lvgg's packed layout of ``TYPE`` (vnni_kquants.h); columns past
-        ``cols`` and rows outside ``row_mask`` ([16]) read as 0."""
+        ``cols`` and rows outside ``row_mask`` ([16]) read as 0. ``tables``: _lookup_tables."""
         r = tl.arange(0, 16)[:, None]
         c = tl.arange(0, 256)[None, :]
         m = row_mask[:, None] & (256 * b + c < cols)
-        w = c % 32  # column within a 32-column block (a K-quant's sub-block, or a chunk of two)
-        hi = w >= 16  # high nibble
-        nib = ((w % 16) // 4 * 16 + r) * 4 + w % 4  # byte of w's nibble within the block's run: load, row, byte
-        if TYPE == 3:  # Q4_K: d[16], dmin[16], sc[8][16], m pairs[4][16][2], qs[8][256]
-            tile = group + b * 2368
+        w = c % 32  # column within a 32-column chunk (a K-quant's sub-block, or two)
+        hi = w >= 16  # high nibble; the second 16-value sub-block of a chunk
+        k = w // 4  # the kernels' register holding the column
+        nib = ((w % 16) // 4 * 16 + r) * 4 + w % 4  # byte of w's nibble within the chunk's nibbles: load, row, byte
+        plane = r * 4 + w % 4  # byte of w's bit within a bit plane (bit k)
+        crumb = (k // 4) * 64 + plane  # byte of w's low 2 bits within the crumbs (bits 2 (k % 4))
+        j = c // 32  # the chunk
+        # Q6_K's, Q3_K's and IQ4_XS's d: [16] per tile, after the group's tiles
+        d_after = group + (cols // 256) * (1792 if TYPE == 12 else (2176 if TYPE == 14 else 3328)) + (b * 16 + r) * 2
+        if TYPE == 3 or TYPE == 4:  # Q4_K, Q5_K: d[16], dmin[16], sc[8][16], m pairs[4][16][2], then per chunk
+            tile = group + b * (2368 if TYPE == 3 else 2880)  # its nibbles (Q5_K: and the plane of fifth bits)
             d = _f16_at(src + tile + 2 * r, row_mask[:, None])
             dmin = _f16_at(src + tile + 32 + 2 * r, row_mask[:, None])
-            j = c // 32
             sc = _u8_at(src + tile + 64 + j * 16 + r, m).to(tl.float32)
             mn = _u8_at(src + tile + 192 + ((j // 2) * 16 + r) * 2 + j % 2, m).to(tl.float32)
-            q = _u8_at(src + tile + 320 + j * 256 + nib, m)
+            chunk = tile + 320 + j * (256 if TYPE == 3 else 320)
+            q = _u8_at(src + chunk + nib, m)
             q = tl.where(hi, q >> 4, q & 0xF)
+            if TYPE == 4:
+                q = q | (((_u8_at(src + chunk + 256 + plane, m) >> k) & 1) << 4)
             return d * sc * q.to(tl.float32) - dmin * mn
         elif TYPE == 5:  # Q6_K: runs of two 32-column chunks (scales of both, then qh, ql of each); d after the tiles
             tile = group + b * 3328
-            h = c // 32
-            run = tile + (h // 2) * 832
-            sc = tl.load(src + run + 32 * (h % 2) + 2 * r + hi.to(tl.int32), mask=m, other=0).to(tl.int8, bitcast=True)
-            chunk = run + 64 + 384 * (h % 2)
+            run = tile + (j // 2) * 832
+            sc = tl.load(src + run + 32 * (j % 2) + 2 * r + hi.to(tl.int32), mask=m, other=0).to(tl.int8, bitcast=True)
+            chunk = run + 64 + 384 * (j % 2)
             low = _u8_at(src + chunk + 128 + nib, m)
             low = tl.where(hi, low >> 4, low & 0xF)
             i = (w % 16) // 4
             high = (_u8_at(src + chunk + ((i // 2) * 16 + r) * 4 + w % 4, m) >> (4 * (i % 2) + 2 * hi.to(tl.int32))) & 3
-            d = _f16_at(src + group + (cols // 256) * 3328 + (b * 16 + r) * 2, row_mask[:, None])
+            d = _f16_at(src + d_after, row_mask[:, None])
             return d * sc.to(tl.float32) * ((low | (high << 4)) - 32).to(tl.float32)
-        else:  # Q8_0, Q4_0: four pairs of 32-column blocks, d of both then the weights of each
-            k = c // 32
+        elif TYPE == 11:  # Q2_K: d[16], dmin[16], per chunk [16][2] scale | min << 4, then per chunk the crumbs
+            tile = group + b * 1344
+            sm = _u8_at(src + tile + 64 + j * 32 + 2 * r + hi.to(tl.int32), m)
+            q = (_u8_at(src + tile + 320 + j * 128 + crumb, m) >> (2 * (k % 4))) & 3
+            d = _f16_at(src + tile + 2 * r, row_mask[:, None])
+            dmin = _f16_at(src + tile + 32 + 2 * r, row_mask[:, None])
+            return d * (sm & 0xF).to(tl.float32) * q.to(tl.float32) - dmin * (sm >> 4).to(tl.float32)
+        elif TYPE == 12:  # Q3_K: per chunk int8 scale pairs [16][2], then per chunk crumbs and third bits; d after
+            tile = group + b * 1792
+            sc = tl.load(src + tile + j * 32 + 2 * r + hi.to(tl.int32), mask=m, other=0).to(tl.int8, bitcast=True)
+            chunk = tile + 256 + j * 192
+            q = ((_u8_at(src + chunk + crumb, m) >> (2 * (k % 4))) & 3) | (((_u8_at(src + chunk + 128 + plane, m) >> k) & 1) << 2)
+            d = _f16_at(src + d_after, row_mask[:, None])
+            return d * sc.to(tl.float32) * (q - 4).to(tl.float32)
+        elif TYPE == 14:  # IQ4_XS: sc[8][16] (int8), then per chunk the nibbles of its codes; d after the tiles
+            tile = group + b * 2176
+            sc = tl.load(src + tile + j * 16 + r, mask=m, other=0).to(tl.int8, bitcast=True)
+            q = _u8_at(src + tile + 128 + j * 256 + nib, m)
+            q = tl.where(hi, q >> 4, q & 0xF)
+            d = _f16_at(src + d_after, row_mask[:, None])
+            return d * sc.to(tl.float32) * tl.load(tables + _IQ4_NL_VALUES + q).to(tl.float32)
+        else:  # Q8_0, Q4_0, IQ4_NL (pairs of blocks), MXFP4 (fours): the blocks' scales, then the weights of each
+            units = j // 4 if TYPE == 15 else j // 2
+            u = j % 4 if TYPE == 15 else j % 2
+            unit = group + b * (4352 if TYPE == 2 else (2176 if TYPE == 15 else 2304)) + units * (
+                1088 if TYPE == 2 or TYPE == 15 else 576)
             if TYPE == 2:
-                pair = group + b * 4352 + (k // 2) * 1088
-                q = _u8_at(src + pair + 64 + (k % 2) * 512 + (w // 4 * 16 + r) * 4 + w % 4, m) - 128
-            else:
-                pair = group + b * 2304 + (k // 2) * 576
-                q = _u8_at(src + pair + 64 + (k % 2) * 256 + nib, m)
-                q = tl.where(hi, q >> 4, q & 0xF) - 8
-            return _f16_at(src + pair + 32 * (k % 2) + 2 * r, m) * q.to(tl.float32)
+                q = _u8_at(src + unit + 64 + u * 512 + (w // 4 * 16 + r) * 4 + w % 4, m) - 128
+                return _f16_at(src + unit + 32 * u + 2 * r, m) * q.to(tl.float32)
+            q = _u8_at(src + unit + 64 + u * 256 + nib, m)
+            q = tl.where(hi, q >> 4, q & 0xF)
+            if TYPE == 15:  # e8m0, as _mxfp4_blocks
+                e = _u8_at(src + unit + 16 * u + r, m)
+                scale = tl.where(e < 2, 0x200000 << e, (e - 1) << 23).to(tl.float32, bitcast=True)
+                return scale * tl.load(tables + _MXFP4_VALUES + q).to(tl.float32)
+            d = _f16_at(src + unit + 32 * u + 2 * r, m)
+            if TYPE == 13:
+                return d * tl.load(tables + _IQ4_NL_VALUES + q).to(tl.float32)
+            return d * (q - 8).to(tl.float32)
 
     @triton.jit
-    def _dequantize_packed(src, dst, groups, cols, dst_expert_stride, expert_bytes, group_bytes, TYPE: tl.constexpr):
+    def _dequantize_packed(src, tables, dst, groups, cols, dst_expert_stride, expert_bytes, group_bytes,
+                           TYPE: tl.constexpr):
         # program (expert e's row group g, tile b): its 16 x 256 values
         unit = tl.program_id(0).to(tl.int64)
         e, g = unit // groups, unit % groups
         b = tl.program_id(1)
-        values = _packed_tile(src, e * expert_bytes + g * group_bytes, b, cols, tl.full([16], 1, tl.int1), TYPE)
+        values = _packed_tile(src, tables, e * expert_bytes + g * group_bytes, b, cols, tl.full([16], 1, tl.int1), TYPE)
         r = tl.arange(0, 16)[:, None]
         c = 256 * b + tl.arange(0, 256)[None, :]
         tl.store(dst + e * dst_expert_stride + (16 * g + r) * cols + c, values.to(dst.dtype.element_ty),
@@ -782,7 +820,7 @@ if triton is not None:
         """``_row_dots`` of R rows starting at byte ``at`` (their row group, R = 16 and CHUNK = 256,
         when ``PACKED``; else each row's: ``at`` [R]) of ``src``."""
         if PACKED:
-            return tl.sum(_packed_tile(src, at, col // CHUNK, cols, row_mask, TYPE) * x[None, :], axis=1)
+            return tl.sum(_packed_tile(src, tables, at, col // CHUNK, cols, row_mask, TYPE) * x[None, :], axis=1)
         else:
             return _row_dots(src, tables, at, row_mask, col, x, cols, R, CHUNK, TYPE, QK, BB)
 

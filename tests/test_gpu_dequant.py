@@ -54,9 +54,14 @@ EXPERT_CASES = [("Q4_K", "Q6_K", 2, 3, 512, 256, False, torch.bfloat16),  # llam
 # the same kernels on lvgg's packed CPU layout (the CPU engine's copy): whole groups of 16 rows
 PACKED_EXPERT_CASES = [("Q4_K", "Q6_K", 2, 3, 512, 256, True, torch.bfloat16),
                        ("Q8_0", "Q4_0", 1, 2, 544, 288, False, torch.float32),
-                       ("Q6_K", "Q8_0", 3, 2, 256, 160, True, torch.float32)]
-# packed dequantization cases: (type, experts, rows, columns); Q8_0 and Q4_0 rows ending inside a tile
-PACKED_CASES = [("Q4_K", 2, 32, 512), ("Q6_K", 2, 48, 768), ("Q8_0", 3, 16, 544), ("Q4_0", 2, 32, 608)]
+                       ("Q6_K", "Q8_0", 3, 2, 256, 160, True, torch.float32),
+                       ("IQ4_XS", "Q5_K", 2, 2, 512, 256, False, torch.bfloat16),
+                       ("Q3_K", "MXFP4", 1, 2, 256, 352, True, torch.float32),  # MXFP4 rows end inside a tile
+                       ("Q2_K", "IQ4_NL", 2, 1, 256, 160, False, torch.float32)]
+# packed dequantization cases: (type, experts, rows, columns); rows of 32-value blocks ending inside a tile
+PACKED_CASES = [("Q4_K", 2, 32, 512), ("Q6_K", 2, 48, 768), ("Q8_0", 3, 16, 544), ("Q4_0", 2, 32, 608),
+                ("Q5_K", 2, 32, 512), ("Q3_K", 2, 16, 768), ("Q2_K", 2, 32, 512), ("IQ4_XS", 2, 16, 768),
+                ("IQ4_NL", 2, 32, 608), ("MXFP4", 2, 16, 2880), ("MXFP4", 1, 16, 352)]
 
 
 def pack(raw: np.ndarray, ggml_type: str, rows: int, cols: int) -> np.ndarray:
@@ -349,9 +354,9 @@ def test_bad_arguments_are_refused_before_any_kernel():
         dequantize(raw, "Q4_K", out.to(torch.int32))
     with pytest.raises(ValueError, match="whole blocks of 256"):
         dequantize(torch.zeros(raw_nbytes("Q8_0", 2 * 4 * 96), dtype=torch.uint8), "Q4_K", torch.empty(2, 4, 96))
-    # lvgg's packed layout: its four types, in groups of 16 rows
-    with pytest.raises(ValueError, match=r"no GPU dequantization for Q5_K in the packed layout; supported: \['Q4_0'"):
-        dequantize(raw, "Q5_K", out, packed=True)
+    # lvgg's packed layout: its types, in groups of 16 rows
+    with pytest.raises(ValueError, match=r"no GPU dequantization for Q5_0 in the packed layout; supported: \['IQ4_NL'"):
+        dequantize(raw, "Q5_0", out, packed=True)
     with pytest.raises(ValueError, match=r"no packed layout for a 4x256 q4_K matrix: .* rows a multiple of 16"):
         dequantize(raw, "Q4_K", out, packed=True)
     packed = torch.zeros(2 * packed_nbytes("Q6_K", 16, 512), dtype=torch.uint8)
@@ -371,9 +376,9 @@ def test_bad_expert_arguments_are_refused_before_any_kernel():
         gated_activations(x, gate, StagedProjection(gate.data, "Q4_K", 32, 256), slot_expert)
     with pytest.raises(ValueError, match="no GPU kernels for TQ2_0"):
         gated_activations(x, gate, StagedProjection(gate.data, "TQ2_0", 64, 256), slot_expert)
-    with pytest.raises(ValueError, match=r"up in the packed layout must be \['Q4_0', 'Q4_K', 'Q6_K', 'Q8_0'\] "
-                                         r"in groups of 16 rows, found Q5_K with 64 rows"):
-        gated_activations(x, gate, StagedProjection(gate.data, "Q5_K", 64, 256, packed=True), slot_expert)
+    with pytest.raises(ValueError, match=r"up in the packed layout must be \['IQ4_NL', .*, 'Q8_0'\] "
+                                         r"in groups of 16 rows, found Q5_0 with 64 rows"):
+        gated_activations(x, gate, StagedProjection(gate.data, "Q5_0", 64, 256, packed=True), slot_expert)
     with pytest.raises(ValueError, match="gate and up must be both packed or both in the file's layout"):
         packed_up = torch.zeros(4, packed_nbytes("Q4_K", 64, 256), dtype=torch.uint8)
         gated_activations(x, gate, StagedProjection(packed_up, "Q4_K", 64, 256, packed=True), slot_expert)

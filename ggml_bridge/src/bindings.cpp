@@ -130,7 +130,7 @@ void check_packed_layout(int t, int64_t rows, int64_t cols) {
     if (t < 0 || t >= GGML_TYPE_COUNT || !vnni::layout_fits((ggml_type) t, rows, cols)) {
         const std::string type = t < 0 || t >= GGML_TYPE_COUNT ? std::to_string(t) : ggml_type_name((ggml_type) t);
         fail(ErrorKind::Value, "no packed layout for a " + std::to_string(rows) + "x" + std::to_string(cols) + " " +
-                                   type + " matrix: Q4_K/Q6_K (columns a multiple of 256) or Q8_0/Q4_0 (of 32), "
+                                   type + " matrix: Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS (columns a multiple of 256) or Q8_0/Q4_0/IQ4_NL/MXFP4 (of 32), "
                                    "rows a multiple of 16");
     }
 }
@@ -428,7 +428,18 @@ NB_MODULE(_bridge, m) {
         d["avx512_vnni"] = (bool) ggml_cpu_has_avx512_vnni();
         d["amx_int8"]    = (bool) ggml_cpu_has_amx_int8();
         d["llamafile"]   = (bool) ggml_cpu_has_llamafile();
-        d["lvgg_vnni_kernels"] = vnni::available();  // lvgg's own Q4_K/Q6_K/Q8_0/Q4_0 kernels (vnni_kquants.h)
+        d["lvgg_kernels"]      = vnni::kernels_in_use();  // lvgg's own kernels (vnni_kquants.h): the set in use
+        d["lvgg_kernel_sets"]  = vnni::kernel_sets();     // ... and every set this build has
         return d;
     });
+    // Runs another of lvgg's kernel sets from now on (tests and benchmarks compare them).
+    m.def("use_kernels", [](const std::string & name) {
+        if (!vnni::use_kernels(name)) {
+            std::string sets;
+            for (const std::string & s : vnni::kernel_sets()) {
+                sets += (sets.empty() ? "" : ", ") + s;
+            }
+            fail(ErrorKind::Value, "no kernel set '" + name + "' in this build; it has: " + (sets.empty() ? "none" : sets));
+        }
+    }, "name"_a);
 }

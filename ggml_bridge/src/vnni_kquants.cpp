@@ -1,19 +1,30 @@
 #include "vnni_kquants.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstring>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #    define LVGG_VNNI 1
+#else
+#    define LVGG_VNNI 0
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#    define LVGG_AVX2 1
+#else
+#    define LVGG_AVX2 0
+#endif
+#define LVGG_KERNELS (LVGG_VNNI || LVGG_AVX2)
+#if LVGG_KERNELS
 #    include <immintrin.h>
 // The kernels keep their per-token accumulators and unpacked weights in registers only when
 // every small loop is unrolled (GCC -O3 left them on the stack otherwise: a 30B-A3B Q4_K layer
 // took 1.5x as long at 8 tokens and 1.6x at 512).
 #    define LVGG_UNROLL _Pragma("GCC unroll 8")
-#else
-#    define LVGG_VNNI 0
 #endif
 
 namespace lvgg::vnni {
@@ -23,26 +34,59 @@ namespace {
 constexpr int64_t kBlock = 256;
 
 // ggml's block layouts (ggml-common.h), by offset.
-constexpr size_t kQ4KBytes = 144;  // d, dmin (fp16), scales[12] (6-bit sc and m), qs[128]
-constexpr size_t kQ6KBytes = 210;  // ql[128], qh[64], scales[16] (int8), d (fp16)
-constexpr size_t kQ80Bytes = 34;   // d (fp16), qs[32] (int8)
-constexpr size_t kQ40Bytes = 18;   // d (fp16), qs[16] (4-bit: columns l and l + 16 of byte l)
+constexpr size_t kQ2KBytes   = 84;   // sm[16] (4-bit scale | 4-bit min << 4 per 16 values), qs[64] (2-bit), d, dmin
+constexpr size_t kQ3KBytes   = 110;  // hmask[32], qs[64] (2-bit), scales[12] (6-bit, minus 32), d (fp16)
+constexpr size_t kQ4KBytes   = 144;  // d, dmin (fp16), scales[12] (6-bit sc and m), qs[128]
+constexpr size_t kQ5KBytes   = 176;  // d, dmin (fp16), scales[12] (as Q4_K's), qh[32], qs[128]
+constexpr size_t kQ6KBytes   = 210;  // ql[128], qh[64], scales[16] (int8), d (fp16)
+constexpr size_t kIQ4XSBytes = 136;  // d (fp16), scales_h (2 high bits each), scales_l[4] (4 low bits), qs[128]
+
+// The values of IQ4_NL's (and IQ4_XS's) and MXFP4's (e2m1, doubled) 4-bit codes (ggml-common.h).
+constexpr int8_t kIQ4NLValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+constexpr int8_t kMXFP4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+// The kernels look IQ4 codes up as value + 128 (unsigned, for VPDPBUSD) and take 128 * sum(x) back;
+// MXFP4's as value + 12 (0..24: within what AVX2's VPMADDUBSW multiplies exactly, kAvx2Max).
+constexpr int32_t kLookupOffset = 128;
+constexpr int     kAvx2Max      = 128;
 
 // Packed tile sizes and offsets (see the header).
 constexpr size_t kQ4KTile = 2368, kQ4KSc = 64, kQ4KM = 192, kQ4KQs = 320;
+constexpr size_t kQ5KTile = 2880;  // Q4_K's with each sub-block's qs followed by its fifth bits (64 bytes)
+constexpr size_t kQ2KTile = 1344, kQ2KSm = 64, kQ2KQs = 320;  // qs: 128 bytes per 32-column chunk
+constexpr size_t kQ3KTile = 1792, kQ3KQs = 256;               // qs: 192 bytes per 32-column chunk
+constexpr size_t kIQ4XSTile = 2176, kIQ4XSQs = 128;
 // Q6_K: runs of two 32-column chunks: sc pairs of both (64 bytes), then per chunk qh (128), ql (256).
 constexpr size_t kQ6KTile = 3328, kQ6KRun = 832;
-// Q8_0: per 256 columns, four pairs of 32-column blocks: d of both (64 bytes), then qs of each (512).
-constexpr size_t kQ80Tile = 4352, kQ80Pair = 1088;
-// Q4_0: per 256 columns, four pairs of 32-column blocks: d of both (64 bytes), then qs of each (256).
-constexpr size_t kQ40Tile = 2304, kQ40Pair = 576;
+
+// Types of 32-value blocks with one scale each (Q8_0, Q4_0, IQ4_NL, MXFP4): per 256 columns, units
+// of `blocks` blocks: the 16 rows' scales of each block (64 bytes in all), then each block's weights.
+struct Format32 {
+    int            blocks;       // per unit
+    size_t         scale_bytes;  // per row and block: fp16 d, or MXFP4's e8m0 exponent
+    int            bits;         // per weight: 8 (Q8_0) or 4
+    int32_t        offset;       // the packed (unsigned) weight minus this is the code's value
+    const int8_t * values;       // 4-bit codes' values (looked up), or none
+    size_t         qs_bytes() const { return bits == 8 ? 512 : 256; }
+    size_t         unit_bytes() const { return 64 + blocks * qs_bytes(); }
+    size_t         tile_bytes() const { return (8 / blocks) * unit_bytes(); }
+    size_t         block_bytes() const { return scale_bytes + 4 * bits; }  // in the file
+};
+
+constexpr Format32 format32(ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_Q8_0: return {2, 2, 8, 128, nullptr};
+        case GGML_TYPE_Q4_0: return {2, 2, 4, 8, nullptr};
+        case GGML_TYPE_IQ4_NL: return {2, 2, 4, kLookupOffset, kIQ4NLValues};
+        default: return {4, 1, 4, 12, kMXFP4Values};  // MXFP4
+    }
+}
 
 // Software prefetch distances (bytes ahead of the weights being read). Measured on the reference
 // Xeon (16 threads, 30B-A3B Q4_K layer at 1 token): 0.351 ms without, 0.257 with 1024, 0.247
 // with 2048 (ggml's kernels 0.569 / 0.358 / 0.333 in the same runs); Q6_K about the same with 0
 // or 2048 and with 1024. On the 2-core EPYC one core streamed Q6_K from cold memory at 13.8 GB/s
-// without, 16.0 with 1024 (means of 4 runs); Q4_K there was within noise either way. Q8_0 and
-// Q4_0 use Q4_K's distance (not measured on their own).
+// without, 16.0 with 1024 (means of 4 runs); Q4_K there was within noise either way. The other
+// types use Q4_K's distance (not measured on their own).
 constexpr size_t kQ4KPrefetch = 2048;
 constexpr size_t kQ6KPrefetch = 1024;
 
@@ -51,24 +95,61 @@ const uint8_t * q6_K_qh(const uint8_t * tile, int h) { return tile + (h / 2) * k
 
 size_t round64(size_t n) { return (n + 63) & ~size_t(63); }
 
-bool has_32_blocks(ggml_type type) { return type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0; }
+bool has_32_blocks(ggml_type type) {
+    return type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0 || type == GGML_TYPE_IQ4_NL || type == GGML_TYPE_MXFP4;
+}
 
-// Q8_0 and Q4_0 rows may end inside a tile: the last tile keeps only the pairs it uses (an odd
-// last block's pair partner has d = 0 and is never read by the kernel).
-size_t group_bytes(ggml_type type, int64_t cols) {
-    const size_t nb = cols / kBlock, tail_pairs = (cols % kBlock / 32 + 1) / 2;
+// The largest packed (unsigned) weight of a type, as the kernels multiply it.
+constexpr int max_weight(ggml_type type) {
     switch (type) {
-        case GGML_TYPE_Q4_K: return nb * kQ4KTile;
-        case GGML_TYPE_Q6_K: return nb * kQ6KTile + round64(nb * kRows * 2);
-        case GGML_TYPE_Q4_0: return nb * kQ40Tile + tail_pairs * kQ40Pair;
-        default: return nb * kQ80Tile + tail_pairs * kQ80Pair;
+        case GGML_TYPE_Q2_K: return 3;
+        case GGML_TYPE_Q3_K: return 7;
+        case GGML_TYPE_Q4_K: return 15;
+        case GGML_TYPE_Q5_K: return 31;
+        case GGML_TYPE_Q6_K: return 63;
+        case GGML_TYPE_IQ4_XS: return kIQ4NLValues[15] + kLookupOffset;
+        case GGML_TYPE_Q8_0: return 255;
+        default: {
+            const Format32 f = format32(type);
+            int            m = (1 << f.bits) - 1;
+            for (int i = 0; f.values && i < 16; ++i) {
+                m = i == 0 || f.values[i] + f.offset > m ? f.values[i] + f.offset : m;
+            }
+            return m;
+        }
     }
 }
 
-// One Q4_K block: 4-bit weights, 6-bit scales and mins.
-void decode_q4_K(const uint8_t * blk, uint8_t q[256], uint8_t sc[8], uint8_t m[8]) {
-    const uint8_t * s  = blk + 4;
-    const uint8_t * qs = blk + 16;
+// Types whose row groups keep the tiles' d (fp16 [16] per 256 columns) after the tiles.
+bool d_after_tiles(ggml_type type) {
+    return type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q3_K || type == GGML_TYPE_IQ4_XS;
+}
+
+size_t tile_bytes(ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_Q2_K: return kQ2KTile;
+        case GGML_TYPE_Q3_K: return kQ3KTile;
+        case GGML_TYPE_Q4_K: return kQ4KTile;
+        case GGML_TYPE_Q5_K: return kQ5KTile;
+        case GGML_TYPE_Q6_K: return kQ6KTile;
+        case GGML_TYPE_IQ4_XS: return kIQ4XSTile;
+        default: return format32(type).tile_bytes();
+    }
+}
+
+// Rows of 32-value blocks may end inside a tile: the last tile keeps only the units it uses (the
+// blocks after the row's last in its unit have scale 0 and are never read by the kernel).
+size_t group_bytes(ggml_type type, int64_t cols) {
+    const size_t nb = cols / kBlock;
+    if (has_32_blocks(type)) {
+        const Format32 f = format32(type);
+        return nb * f.tile_bytes() + (cols % kBlock / 32 + f.blocks - 1) / f.blocks * f.unit_bytes();
+    }
+    return nb * tile_bytes(type) + (d_after_tiles(type) ? round64(nb * kRows * 2) : 0);
+}
+
+// Q4_K's and Q5_K's 6-bit scales and mins of the 8 sub-blocks, from the block's 12 bytes.
+void decode_k_scales(const uint8_t * s, uint8_t sc[8], uint8_t m[8]) {
     for (int j = 0; j < 8; ++j) {
         if (j < 4) {
             sc[j] = s[j] & 63;
@@ -78,10 +159,19 @@ void decode_q4_K(const uint8_t * blk, uint8_t q[256], uint8_t sc[8], uint8_t m[8
             m[j]  = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
         }
     }
+}
+
+// One Q4_K block: 4-bit weights, 6-bit scales and mins. Q5_K (qh): each weight's fifth bit, for
+// weight 64c + l (l < 32) bit 2c of byte l, for 64c + 32 + l bit 2c + 1.
+void decode_q45_K(const uint8_t * qs, const uint8_t * qh, uint8_t q[256]) {
     for (int c = 0; c < 4; ++c) {  // 64 weights per 32 bytes: low nibbles first
         for (int l = 0; l < 32; ++l) {
             q[64 * c + l]      = qs[32 * c + l] & 0xF;
             q[64 * c + 32 + l] = qs[32 * c + l] >> 4;
+            if (qh) {
+                q[64 * c + l] |= ((qh[l] >> (2 * c)) & 1) << 4;
+                q[64 * c + 32 + l] |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
+            }
         }
     }
 }
@@ -102,24 +192,103 @@ void decode_q6_K(const uint8_t * blk, uint8_t q[256], int8_t sc[16]) {
     }
 }
 
+// Q2_K and Q3_K: 2-bit codes, weight 128h + 32j + l (l < 32) in bits 2j of byte 32h + l of qs.
+// Q3_K (hmask): a third bit, bit 4h + j of hmask[l] (the file's code is q - 4 where it is clear;
+// here q | 4 where it is set: value = scale * (q - 4)).
+void decode_q23_K(const uint8_t * qs, const uint8_t * hmask, uint8_t q[256]) {
+    for (int h = 0; h < 2; ++h) {
+        for (int j = 0; j < 4; ++j) {
+            for (int l = 0; l < 32; ++l) {
+                uint8_t v = (qs[32 * h + l] >> (2 * j)) & 3;
+                if (hmask) {
+                    v |= ((hmask[l] >> (4 * h + j)) & 1) << 2;
+                }
+                q[128 * h + 32 * j + l] = v;
+            }
+        }
+    }
+}
+
+// Q3_K's 16 6-bit scales (minus 32) from its 12 bytes: the low 4 bits of scale i in byte i % 8
+// (high nibble for i >= 8), the high 2 in bits 2 (i / 4) of byte 8 + i % 4.
+void decode_q3_K_scales(const uint8_t * s, int8_t sc[16]) {
+    for (int i = 0; i < 16; ++i) {
+        const int low = (i < 8 ? s[i] : s[i - 8] >> 4) & 0xF, high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+        sc[i]         = (int8_t) ((low | (high << 4)) - 32);
+    }
+}
+
+// IQ4_XS: codes laid out like IQ4_NL's per 32 (16 bytes: low nibbles first), 6-bit scales minus 32:
+// sub-block j's low 4 bits in scales_l[j / 2] (low nibble first), high 2 in bits 2j of scales_h.
+void decode_iq4_xs(const uint8_t * blk, uint8_t q[256], int8_t sc[8]) {
+    const int scales_h = blk[2] | (blk[3] << 8);
+    for (int j = 0; j < 8; ++j) {
+        const int low = (blk[4 + j / 2] >> (4 * (j % 2))) & 0xF;
+        sc[j]         = (int8_t) ((low | (((scales_h >> (2 * j)) & 3) << 4)) - 32);
+        for (int l = 0; l < 16; ++l) {
+            q[32 * j + l]      = blk[8 + 16 * j + l] & 0xF;
+            q[32 * j + 16 + l] = blk[8 + 16 * j + l] >> 4;
+        }
+    }
+}
+
+// The column of the weight in byte p of the kernels' register k (k < 8; unpack_nibbles' order) of a
+// 32-column chunk: k < 4 holds columns 4k..4k+3, k >= 4 columns 16 + 4(k - 4)...
+int chunk_column(int k, int p) { return k < 4 ? 4 * k + p : 16 + 4 * (k - 4) + p; }
+
 // Weights of columns c0 + 4i + p (low nibble) and c0 + 16 + 4i + p (high nibble), i < 4, of 16
 // rows: 4 loads of 64 bytes (the qs / ql part of a tile for one 32-column sub-block).
 void pack_nibbles(uint8_t q[kRows][256], int c0, uint8_t * dst) {
     for (int i = 0; i < 4; ++i) {
         for (int r = 0; r < kRows; ++r) {
             for (int p = 0; p < 4; ++p) {
-                dst[(i * kRows + r) * 4 + p] = (q[r][c0 + 4 * i + p] & 0xF) | ((q[r][c0 + 16 + 4 * i + p] & 0xF) << 4);
+                dst[(i * kRows + r) * 4 + p] = (q[r][c0 + chunk_column(i, p)] & 0xF) |
+                                               ((q[r][c0 + chunk_column(4 + i, p)] & 0xF) << 4);
             }
         }
     }
 }
 
-void pack_group_q4_K(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
-    uint8_t q[kRows][256], sc[kRows][8], m[kRows][8];
-    for (int64_t b = 0; b < nb; ++b, dst += kQ4KTile) {
+// Bit `bit` of the weights of a 32-column chunk, of 16 rows (64 bytes): bit k of byte 4r + p is
+// that of register k's weight (chunk_column).
+void pack_bit(uint8_t q[kRows][256], int c0, int bit, uint8_t * dst) {
+    for (int r = 0; r < kRows; ++r) {
+        for (int p = 0; p < 4; ++p) {
+            uint8_t v = 0;
+            for (int k = 0; k < 8; ++k) {
+                v |= ((q[r][c0 + chunk_column(k, p)] >> bit) & 1) << k;
+            }
+            dst[r * 4 + p] = v;
+        }
+    }
+}
+
+// The low 2 bits of the weights of a 32-column chunk, of 16 rows (128 bytes): bits 2k of byte
+// 64s + 4r + p are those of register 4s + k's weight.
+void pack_crumbs(uint8_t q[kRows][256], int c0, uint8_t * dst) {
+    for (int s = 0; s < 2; ++s) {
         for (int r = 0; r < kRows; ++r) {
-            const uint8_t * blk = src + r * row_bytes + b * kQ4KBytes;
-            decode_q4_K(blk, q[r], sc[r], m[r]);
+            for (int p = 0; p < 4; ++p) {
+                uint8_t v = 0;
+                for (int k = 0; k < 4; ++k) {
+                    v |= (q[r][c0 + chunk_column(4 * s + k, p)] & 3) << (2 * k);
+                }
+                dst[64 * s + r * 4 + p] = v;
+            }
+        }
+    }
+}
+
+// Q4_K and Q5_K (Q5: each sub-block's qs followed by its fifth bits).
+template <bool Q5> void pack_group_q45_K(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
+    constexpr size_t kTile = Q5 ? kQ5KTile : kQ4KTile, kSub = Q5 ? 320 : 256;
+    constexpr size_t kBytes = Q5 ? kQ5KBytes : kQ4KBytes;
+    uint8_t          q[kRows][256], sc[kRows][8], m[kRows][8];
+    for (int64_t b = 0; b < nb; ++b, dst += kTile) {
+        for (int r = 0; r < kRows; ++r) {
+            const uint8_t * blk = src + r * row_bytes + b * kBytes;
+            decode_k_scales(blk + 4, sc[r], m[r]);
+            decode_q45_K(blk + (Q5 ? 48 : 16), Q5 ? blk + 16 : nullptr, q[r]);
             std::memcpy(dst + 2 * r, blk, 2);            // d
             std::memcpy(dst + 32 + 2 * r, blk + 2, 2);   // dmin
         }
@@ -128,21 +297,33 @@ void pack_group_q4_K(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t 
                 dst[kQ4KSc + j * kRows + r]                   = sc[r][j];
                 dst[kQ4KM + ((j / 2) * kRows + r) * 2 + j % 2] = m[r][j];
             }
-            pack_nibbles(q, 32 * j, dst + kQ4KQs + j * 256);
+            pack_nibbles(q, 32 * j, dst + kQ4KQs + j * kSub);
+            if (Q5) {
+                pack_bit(q, 32 * j, 4, dst + kQ4KQs + j * kSub + 256);
+            }
+        }
+    }
+}
+
+// The fp16 d of 16 rows' blocks b of types that keep them after the tiles (d_after_tiles), at
+// `d_at` in each row's block; the padding after them is zeroed (no stale bytes).
+void pack_trailing_d(const uint8_t * src, size_t row_bytes, size_t block_bytes, size_t d_at, int64_t nb,
+                     uint8_t * d) {
+    std::memset(d + nb * kRows * 2, 0, round64(nb * kRows * 2) - nb * kRows * 2);
+    for (int64_t b = 0; b < nb; ++b) {
+        for (int r = 0; r < kRows; ++r) {
+            std::memcpy(d + (b * kRows + r) * 2, src + r * row_bytes + b * block_bytes + d_at, 2);
         }
     }
 }
 
 void pack_group_q6_K(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
-    uint8_t  q[kRows][256];
-    int8_t   sc[kRows][16];
-    uint8_t * d = dst + nb * kQ6KTile;
-    std::memset(d + nb * kRows * 2, 0, round64(nb * kRows * 2) - nb * kRows * 2);  // the padding: no stale bytes
+    uint8_t q[kRows][256];
+    int8_t  sc[kRows][16];
+    pack_trailing_d(src, row_bytes, kQ6KBytes, 208, nb, dst + nb * kQ6KTile);
     for (int64_t b = 0; b < nb; ++b, dst += kQ6KTile) {
         for (int r = 0; r < kRows; ++r) {
-            const uint8_t * blk = src + r * row_bytes + b * kQ6KBytes;
-            decode_q6_K(blk, q[r], sc[r]);
-            std::memcpy(d + (b * kRows + r) * 2, blk + 208, 2);
+            decode_q6_K(src + r * row_bytes + b * kQ6KBytes, q[r], sc[r]);
         }
         for (int h = 0; h < 8; ++h) {  // 32-column chunks: sub-blocks 2h, 2h + 1
             uint8_t * scales = (uint8_t *) q6_K_scales(dst, h);
@@ -166,57 +347,226 @@ void pack_group_q6_K(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t 
     }
 }
 
-// Q8_0 and Q4_0 (multiply_32's layout): per 32-column block j, the rows' d into its pair, and
-// the weights as unsigned bytes (Q8_0: w + 128, for VPDPBUSD; the kernel takes 128 * sum(x) back)
-// or nibbles (Q4_0's q, laid out by pack_nibbles).
-// n32: the row's 32-column blocks; an odd last one's pair partner gets d = 0 and zero weights.
-template <bool Q4> void pack_group_32(const uint8_t * src, size_t row_bytes, int64_t n32, uint8_t * dst) {
-    constexpr size_t kTile = Q4 ? kQ40Tile : kQ80Tile, kPair = Q4 ? kQ40Pair : kQ80Pair, kQs = Q4 ? 256 : 512;
-    constexpr size_t kBytes = Q4 ? kQ40Bytes : kQ80Bytes;
-    uint8_t          q[kRows][256];
-    uint8_t          zero[kBytes] = {};
-    if (Q4) {
-        std::memset(zero + 2, 0x88, 16);  // q = 8: weight 0
+// Q2_K (d, dmin, then the scale|min bytes of both sub-blocks of each chunk, then the chunks' 2-bit
+// weights) and Q3_K (the int8 scale pairs, then per chunk the low 2 bits and the third; d after
+// the tiles).
+template <bool Q3> void pack_group_q23_K(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
+    constexpr size_t kTile = Q3 ? kQ3KTile : kQ2KTile, kBytes = Q3 ? kQ3KBytes : kQ2KBytes;
+    constexpr size_t kScales = Q3 ? 0 : kQ2KSm, kQs = Q3 ? kQ3KQs : kQ2KQs, kChunk = Q3 ? 192 : 128;
+    uint8_t          q[kRows][256], sc[kRows][16];
+    if (Q3) {
+        pack_trailing_d(src, row_bytes, kQ3KBytes, 108, nb, dst + nb * kQ3KTile);
     }
-    for (int64_t b = 0; b < (n32 + 7) / 8; ++b, dst += kTile) {
-        const int blocks = (int) std::min<int64_t>(8, n32 - b * 8);
-        for (int j = 0; j < blocks + blocks % 2; ++j) {  // an odd last block's pair partner too
-            uint8_t * pair = dst + (j / 2) * kPair;
-            uint8_t * qs   = pair + 64 + (j % 2) * kQs;
+    for (int64_t b = 0; b < nb; ++b, dst += kTile) {
+        for (int r = 0; r < kRows; ++r) {
+            const uint8_t * blk = src + r * row_bytes + b * kBytes;
+            if (Q3) {
+                decode_q23_K(blk + 32, blk, q[r]);
+                decode_q3_K_scales(blk + 96, (int8_t *) sc[r]);
+            } else {
+                decode_q23_K(blk + 16, nullptr, q[r]);
+                std::memcpy(sc[r], blk, 16);
+                std::memcpy(dst + 2 * r, blk + 80, 2);       // d
+                std::memcpy(dst + 32 + 2 * r, blk + 82, 2);  // dmin
+            }
+        }
+        for (int h = 0; h < 8; ++h) {
             for (int r = 0; r < kRows; ++r) {
-                const uint8_t * blk = b * 8 + j < n32 ? src + r * row_bytes + (b * 8 + j) * kBytes : zero;
-                std::memcpy(pair + 32 * (j % 2) + 2 * r, blk, 2);
-                for (int l = 0; l < (Q4 ? 16 : 32); ++l) {
-                    if (Q4) {
-                        q[r][32 * j + l]      = blk[2 + l] & 0xF;
-                        q[r][32 * j + 16 + l] = blk[2 + l] >> 4;
+                dst[kScales + (h * kRows + r) * 2]     = sc[r][2 * h];
+                dst[kScales + (h * kRows + r) * 2 + 1] = sc[r][2 * h + 1];
+            }
+            pack_crumbs(q, 32 * h, dst + kQs + h * kChunk);
+            if (Q3) {
+                pack_bit(q, 32 * h, 2, dst + kQs + h * kChunk + 128);
+            }
+        }
+    }
+}
+
+void pack_group_iq4_xs(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
+    uint8_t q[kRows][256];
+    int8_t  sc[kRows][8];
+    pack_trailing_d(src, row_bytes, kIQ4XSBytes, 0, nb, dst + nb * kIQ4XSTile);
+    for (int64_t b = 0; b < nb; ++b, dst += kIQ4XSTile) {
+        for (int r = 0; r < kRows; ++r) {
+            decode_iq4_xs(src + r * row_bytes + b * kIQ4XSBytes, q[r], sc[r]);
+        }
+        for (int j = 0; j < 8; ++j) {
+            for (int r = 0; r < kRows; ++r) {
+                dst[j * kRows + r] = (uint8_t) sc[r][j];
+            }
+            pack_nibbles(q, 32 * j, dst + kIQ4XSQs + j * 256);
+        }
+    }
+}
+
+// Types of 32-value blocks (Format32): per block j, the rows' scales into its unit, and the weights
+// as unsigned bytes (Q8_0: w + 128, for VPDPBUSD; the kernel takes 128 * sum(x) back) or 4-bit
+// codes (laid out by pack_nibbles). n32: the row's 32-column blocks; the blocks after the last in
+// its unit get scale 0 and zero weights.
+template <ggml_type T> void pack_group_32(const uint8_t * src, size_t row_bytes, int64_t n32, uint8_t * dst) {
+    constexpr Format32 F = format32(T);
+    uint8_t            q[kRows][256];
+    const uint8_t      zero[34] = {};
+    for (int64_t b = 0; b < (n32 + 7) / 8; ++b, dst += F.tile_bytes()) {
+        const int blocks = (int) std::min<int64_t>(8, n32 - b * 8);
+        for (int j = 0; j < (blocks + F.blocks - 1) / F.blocks * F.blocks; ++j) {
+            uint8_t * unit = dst + (j / F.blocks) * F.unit_bytes();
+            uint8_t * qs   = unit + 64 + (j % F.blocks) * F.qs_bytes();
+            for (int r = 0; r < kRows; ++r) {
+                const uint8_t * blk = j < blocks ? src + r * row_bytes + (b * 8 + j) * F.block_bytes() : zero;
+                std::memcpy(unit + (j % F.blocks) * kRows * F.scale_bytes + r * F.scale_bytes, blk, F.scale_bytes);
+                for (int l = 0; l < 4 * F.bits; ++l) {
+                    const uint8_t v = blk[F.scale_bytes + l];
+                    if (F.bits == 4) {
+                        q[r][32 * j + l]      = v & 0xF;
+                        q[r][32 * j + 16 + l] = v >> 4;
                     } else {  // load l / 4, row r, byte l % 4
-                        qs[((l / 4) * kRows + r) * 4 + l % 4] = blk[2 + l] ^ 0x80;
+                        qs[((l / 4) * kRows + r) * 4 + l % 4] = v ^ 0x80;
                     }
                 }
             }
-            if (Q4) {
+            if (F.bits == 4) {
                 pack_nibbles(q, 32 * j, qs);
             }
         }
     }
 }
 
-#if LVGG_VNNI
-
-inline __m512i bcast32(const int8_t * p) {
-    int32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm512_set1_epi32(v);
-}
-
-inline __m512i bcast32(const int16_t * p) {
-    int32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm512_set1_epi32(v);
-}
+#if LVGG_KERNELS
 
 #    define LVGG_INLINE inline __attribute__((always_inline))
+
+// The vector operations the kernels use, per instruction set, on the rows of a group one register
+// holds (a 32-bit lane per row): AVX-512 all 16, AVX2 8 (the kernels then run once per half, r0 = 0
+// and 8). Per-row arrays in a tile (B bytes per row) are read from their row r0 on, the weights'
+// 64-byte registers (4 bytes per row) from byte 4 r0.
+#    if LVGG_VNNI
+struct Vnni {
+    using I                      = __m512i;
+    using F                      = __m512;
+    static constexpr int kLanes  = 16;
+    static I             zero() { return _mm512_setzero_si512(); }
+    static I             load(const uint8_t * p) { return _mm512_load_si512((const __m512i *) p); }
+    static I             set8(int v) { return _mm512_set1_epi8((char) v); }
+    static I             set16(int v) { return _mm512_set1_epi16((short) v); }
+    static I             set32(int v) { return _mm512_set1_epi32(v); }
+    static I             table16(const uint8_t * t) { return _mm512_broadcast_i32x4(_mm_load_si128((const __m128i *) t)); }
+    // per-row bytes to the rows' lanes (unsigned, signed), per-row byte pairs to int16 pairs
+    static I u8_32(const uint8_t * p) { return _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *) p)); }
+    static I s8_32(const uint8_t * p) { return _mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *) p)); }
+    static I u8_16(const uint8_t * p) { return _mm512_cvtepu8_epi16(_mm256_load_si256((const __m256i *) p)); }
+    static I s8_16(const uint8_t * p) { return _mm512_cvtepi8_epi16(_mm256_load_si256((const __m256i *) p)); }
+    static F f16(const uint8_t * p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) p)); }
+    static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+    static I and_or(I a, I b, I c) { return _mm512_ternarylogic_epi32(a, b, c, 0xEA); }  // (a & b) | c
+    template <int N> static I srli16(I a) { return _mm512_srli_epi16(a, N); }
+    template <int N> static I slli16(I a) { return _mm512_slli_epi16(a, N); }
+    template <int N> static I slli32(I a) { return _mm512_slli_epi32(a, N); }
+    template <int N> static I srai32(I a) { return _mm512_srai_epi32(a, N); }
+    static I shuffle8(I table, I idx) { return _mm512_shuffle_epi8(table, idx); }
+    static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+    static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
+    static I mul(I a, I b) { return _mm512_mullo_epi32(a, b); }
+    static I dpwssd(I acc, I a, I b) { return _mm512_dpwssd_epi32(acc, a, b); }
+    // The rows' dot products with 16 activations (4 broadcast to each lane per register): w[i] holds
+    // columns 4i..4i+3, unsigned up to MaxW.
+    template <int MaxW> static I dot16(const I * w, const int8_t * xq) {
+        I d = zero();
+        LVGG_UNROLL
+        for (int i = 0; i < 4; ++i) {
+            d = _mm512_dpbusd_epi32(d, w[i], bcast32(xq + 4 * i));
+        }
+        return d;
+    }
+    static I bcast32(const void * p) {
+        int32_t v;
+        std::memcpy(&v, p, 4);
+        return set32(v);
+    }
+    // 2^(e - 128) from each row's e8m0 byte (ggml's ggml_e8m0_to_fp32_half: subnormal for e < 2)
+    static F e8m0_half(const uint8_t * p) {
+        const I e = u8_32(p);
+        const I normal = _mm512_slli_epi32(_mm512_sub_epi32(e, set32(1)), 23);
+        const I small  = _mm512_sllv_epi32(set32(0x00200000), e);
+        return _mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmplt_epu32_mask(e, set32(2)), normal, small));
+    }
+    static F fset(float v) { return _mm512_set1_ps(v); }
+    static F fzero() { return _mm512_setzero_ps(); }
+    static F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+    static F fmul(F a, F b) { return _mm512_mul_ps(a, b); }
+    static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+    static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+    static void store(float * p, F v) { _mm512_storeu_ps(p, v); }
+};
+#    endif
+
+#    if LVGG_AVX2
+struct Avx2 {
+    using I                      = __m256i;
+    using F                      = __m256;
+    static constexpr int kLanes  = 8;
+    static I             zero() { return _mm256_setzero_si256(); }
+    static I             load(const uint8_t * p) { return _mm256_load_si256((const __m256i *) p); }
+    static I             set8(int v) { return _mm256_set1_epi8((char) v); }
+    static I             set16(int v) { return _mm256_set1_epi16((short) v); }
+    static I             set32(int v) { return _mm256_set1_epi32(v); }
+    static I table16(const uint8_t * t) { return _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *) t)); }
+    static I u8_32(const uint8_t * p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) p)); }
+    static I s8_32(const uint8_t * p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) p)); }
+    static I u8_16(const uint8_t * p) { return _mm256_cvtepu8_epi16(_mm_load_si128((const __m128i *) p)); }
+    static I s8_16(const uint8_t * p) { return _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *) p)); }
+    static F f16(const uint8_t * p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) p)); }
+    static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+    static I and_or(I a, I b, I c) { return _mm256_or_si256(_mm256_and_si256(a, b), c); }
+    template <int N> static I srli16(I a) { return _mm256_srli_epi16(a, N); }
+    template <int N> static I slli16(I a) { return _mm256_slli_epi16(a, N); }
+    template <int N> static I slli32(I a) { return _mm256_slli_epi32(a, N); }
+    template <int N> static I srai32(I a) { return _mm256_srai_epi32(a, N); }
+    static I shuffle8(I table, I idx) { return _mm256_shuffle_epi8(table, idx); }
+    static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+    static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
+    static I mul(I a, I b) { return _mm256_mullo_epi32(a, b); }
+    static I dpwssd(I acc, I a, I b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+    // VPMADDUBSW adds two u8 x s8 products in int16 with saturation: exact for u8 <= 128 (kAvx2Max).
+    // Its int16 sums are added up further in int16 as far as MaxW allows (|x| <= 127).
+    template <int MaxW> static I dot16(const I * w, const int8_t * xq) {
+        const I ones = set16(1);
+        I       p[4];
+        LVGG_UNROLL
+        for (int i = 0; i < 4; ++i) {
+            p[i] = _mm256_maddubs_epi16(w[i], bcast32(xq + 4 * i));
+        }
+        if constexpr (MaxW * 127 * 8 <= 32767) {
+            return _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])), ones);
+        } else if constexpr (MaxW * 127 * 4 <= 32767) {
+            return _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(p[0], p[1]), ones),
+                                    _mm256_madd_epi16(_mm256_add_epi16(p[2], p[3]), ones));
+        } else {
+            return _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(p[0], ones), _mm256_madd_epi16(p[1], ones)),
+                                    _mm256_add_epi32(_mm256_madd_epi16(p[2], ones), _mm256_madd_epi16(p[3], ones)));
+        }
+    }
+    static I bcast32(const void * p) {
+        int32_t v;
+        std::memcpy(&v, p, 4);
+        return set32(v);
+    }
+    static F e8m0_half(const uint8_t * p) {
+        const I e      = u8_32(p);
+        const I normal = _mm256_slli_epi32(_mm256_sub_epi32(e, set32(1)), 23);
+        const I small  = _mm256_sllv_epi32(set32(0x00200000), e);
+        return _mm256_castsi256_ps(_mm256_blendv_epi8(normal, small, _mm256_cmpgt_epi32(set32(2), e)));
+    }
+    static F fset(float v) { return _mm256_set1_ps(v); }
+    static F fzero() { return _mm256_setzero_ps(); }
+    static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+    static F fmul(F a, F b) { return _mm256_mul_ps(a, b); }
+    static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+    static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+    static void store(float * p, F v) { _mm256_storeu_ps(p, v); }
+};
+#    endif
 
 LVGG_INLINE void prefetch(const uint8_t * p, int lines) {
     LVGG_UNROLL
@@ -225,184 +575,364 @@ LVGG_INLINE void prefetch(const uint8_t * p, int lines) {
     }
 }
 
-// Four 64-byte loads of packed nibbles (pack_nibbles): w[i] = the low nibbles, columns 4i..4i+3 of
-// 16 rows; w[4 + i] = the high ones, columns 16 + 4i...
-LVGG_INLINE void unpack_nibbles(const uint8_t * qs, __m512i w[8]) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
+// The nibbles of four 64-byte registers (pack_nibbles; qs at the rows' first byte): w[i] = the low
+// nibbles, columns 4i..4i+3 of each row; w[4 + i] = the high ones, columns 16 + 4i...
+template <class V> LVGG_INLINE void unpack_nibbles(const uint8_t * qs, typename V::I w[8]) {
+    const typename V::I low4 = V::set8(0x0F);
     LVGG_UNROLL
     for (int i = 0; i < 4; ++i) {
-        const __m512i v = _mm512_load_si512((const __m512i *) (qs + 64 * i));
-        w[i]            = _mm512_and_si512(v, low4);
-        w[i + 4]        = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        const typename V::I v = V::load(qs + 64 * i);
+        w[i]                  = V::and_(v, low4);
+        w[i + 4]              = V::and_(V::template srli16<4>(v), low4);
     }
 }
 
-// 16 rows times 16 activations: w[i] holds columns 4i..4i+3 of each row.
-LVGG_INLINE __m512i dot16(const __m512i * w, const int8_t * xq) {
-    __m512i d = _mm512_setzero_si512();
-    LVGG_UNROLL
-    for (int i = 0; i < 4; ++i) {
-        d = _mm512_dpbusd_epi32(d, w[i], bcast32(xq + 4 * i));
+// Bit `From` of each byte moved to bit `To` (bits that cross into the other byte of a 16-bit lane
+// are masked off by the callers: From and To are < 8).
+template <class V, int From, int To> LVGG_INLINE typename V::I bit_at(const typename V::I bits) {
+    if constexpr (From < To) {
+        return V::template slli16<To - From>(bits);
+    } else if constexpr (From > To) {
+        return V::template srli16<From - To>(bits);
+    } else {
+        return bits;
     }
-    return d;
+}
+
+// Q5_K's fifth bits (pack_bit: bit k of a byte is register k's) into w[k] as bit 4.
+template <class V, int... K>
+LVGG_INLINE void add_fifth_bits(const typename V::I hb, typename V::I w[8], std::integer_sequence<int, K...>) {
+    const typename V::I bit4 = V::set8(0x10);
+    ((w[K] = V::and_or(bit_at<V, K, 4>(hb), bit4, w[K])), ...);
+}
+
+// Q2_K's and Q3_K's weights of a 32-column chunk (pack_crumbs' two registers, then pack_bit's third
+// bits with Q3): w[k] = the 2-bit field k % 4 of register k / 4 (| the third bit as bit 2).
+template <class V, bool Q3, int... K>
+LVGG_INLINE void unpack_crumbs(const uint8_t * qs, typename V::I w[8], std::integer_sequence<int, K...>) {
+    const typename V::I low2 = V::set8(3), bit2 = V::set8(4);
+    const typename V::I lo[2] = {V::load(qs), V::load(qs + 64)};
+    if constexpr (Q3) {
+        const typename V::I hb = V::load(qs + 128);
+        ((w[K] = V::and_or(bit_at<V, 2 * (K % 4), 0>(lo[K / 4]), low2, V::and_(bit_at<V, K, 2>(hb), bit2))), ...);
+    } else {
+        ((w[K] = V::and_(bit_at<V, 2 * (K % 4), 0>(lo[K / 4]), low2)), ...);
+    }
+}
+
+// The lookup table of a type's 4-bit codes (value + offset, unsigned), 16 per 128-bit lane.
+template <class V> LVGG_INLINE typename V::I lookup_table(const int8_t values[16], int32_t offset) {
+    alignas(16) uint8_t t[16];
+    for (int i = 0; i < 16; ++i) {
+        t[i] = (uint8_t) (values[i] + offset);
+    }
+    return V::table16(t);
+}
+
+template <class V> LVGG_INLINE void look_up(const typename V::I table, typename V::I w[8]) {
+    LVGG_UNROLL
+    for (int k = 0; k < 8; ++k) {
+        w[k] = V::shuffle8(table, w[k]);
+    }
 }
 
 // 32 columns, as two independent chains.
-LVGG_INLINE __m512i dot32(const __m512i * w, const int8_t * xq) {
-    return _mm512_add_epi32(dot16(w, xq), dot16(w + 4, xq + 16));
+template <class V, int MaxW> LVGG_INLINE typename V::I dot32(const typename V::I * w, const int8_t * xq) {
+    return V::add(V::template dot16<MaxW>(w, xq), V::template dot16<MaxW>(w + 4, xq + 16));
 }
 
-template <int NT> LVGG_INLINE void store_rows(float * const * out, const __m512 * res) {
+template <class V, int NT> LVGG_INLINE void store_rows(float * const * out, int r0, const typename V::F * res) {
     LVGG_UNROLL
     for (int n = 0; n < NT; ++n) {
-        _mm512_storeu_ps(out[n], res[n]);
+        V::store(out[n] + r0, res[n]);
     }
 }
 
-template <int NT>
-void multiply_q4_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x, float * const * out) {
-    __m512 res[NT] = {};
-    for (int64_t b = 0; b < nb; ++b, tile += kQ4KTile) {
-        __m512i acc[NT] = {}, mins[NT] = {};
+// Q4_K and Q5_K (Q5: each sub-block's nibbles followed by its fifth bits).
+template <class V, int NT, bool Q5>
+void multiply_q45_K(const uint8_t * tile, int64_t nb, int r0, const ActBlock * const * x, float * const * out) {
+    using I = typename V::I;
+    using F = typename V::F;
+    constexpr size_t kTile = Q5 ? kQ5KTile : kQ4KTile, kSub = Q5 ? 320 : 256;
+    F                res[NT];
+    std::fill(res, res + NT, V::fzero());
+    for (int64_t b = 0; b < nb; ++b, tile += kTile) {
+        I acc[NT], mins[NT];
+        std::fill(acc, acc + NT, V::zero());
+        std::fill(mins, mins + NT, V::zero());
         LVGG_UNROLL
         for (int p = 0; p < 4; ++p) {
-            const __m512i mv = _mm512_cvtepu8_epi16(_mm256_load_si256((const __m256i *) (tile + kQ4KM + 32 * p)));
+            const I mv = V::u8_16(tile + kQ4KM + 32 * p + 2 * r0);
             LVGG_UNROLL
             for (int n = 0; n < NT; ++n) {
-                mins[n] = _mm512_dpwssd_epi32(mins[n], mv, bcast32(x[n][b].bsum32 + 2 * p));
+                mins[n] = V::dpwssd(mins[n], mv, V::bcast32(x[n][b].bsum32 + 2 * p));
             }
         }
         for (int j = 0; j < 8; ++j) {
-            const uint8_t * qs = tile + kQ4KQs + j * 256;
-            prefetch(qs + kQ4KPrefetch, 4);
-            __m512i w[8];
-            unpack_nibbles(qs, w);
-            const __m512i scv = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *) (tile + kQ4KSc + 16 * j)));
+            const uint8_t * qs = tile + kQ4KQs + j * kSub;
+            prefetch(qs + kQ4KPrefetch, kSub / 64);
+            I w[8];
+            unpack_nibbles<V>(qs + 4 * r0, w);
+            if constexpr (Q5) {
+                add_fifth_bits<V>(V::load(qs + 256 + 4 * r0), w, std::make_integer_sequence<int, 8>());
+            }
+            const I scv = V::u8_32(tile + kQ4KSc + 16 * j + r0);
             LVGG_UNROLL
             for (int n = 0; n < NT; ++n) {
-                acc[n] = _mm512_add_epi32(acc[n], _mm512_mullo_epi32(dot32(w, x[n][b].qs + 32 * j), scv));
+                acc[n] = V::add(acc[n], V::mul(dot32<V, max_weight(Q5 ? GGML_TYPE_Q5_K : GGML_TYPE_Q4_K)>(w, x[n][b].qs + 32 * j), scv));
             }
         }
-        const __m512 d    = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *) tile));
-        const __m512 dmin = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *) (tile + 32)));
+        const F d = V::f16(tile + 2 * r0), dmin = V::f16(tile + 32 + 2 * r0);
         LVGG_UNROLL
         for (int n = 0; n < NT; ++n) {
-            const __m512 dx = _mm512_set1_ps(x[n][b].d);
-            res[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[n]), _mm512_mul_ps(d, dx), res[n]);
-            res[n] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins[n]), _mm512_mul_ps(dmin, dx), res[n]);
+            const F dx = V::fset(x[n][b].d);
+            res[n]     = V::fmadd(V::cvt(acc[n]), V::fmul(d, dx), res[n]);
+            res[n]     = V::fnmadd(V::cvt(mins[n]), V::fmul(dmin, dx), res[n]);
         }
     }
-    store_rows<NT>(out, res);
+    store_rows<V, NT>(out, r0, res);
 }
 
-template <int NT>
-void multiply_q6_K(const uint8_t * tile, int64_t nb, const ActBlock * const * x, float * const * out) {
-    const __m512i   low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
-    const uint8_t * dgroup = tile + nb * kQ6KTile;
-    __m512          res[NT] = {};
-    for (int64_t b = 0; b < nb; ++b, tile += kQ6KTile) {
-        __m512i acc[NT] = {}, offs[NT] = {};
+// K-quants with a scale per 16 values: Q6_K (d * sc * (q - 32), int8 scales), Q3_K (d * sc * (q - 4),
+// int8 scales) and Q2_K (d * sc * q - dmin * m, 4-bit scale and min): the scales of each 32-column
+// chunk's sub-blocks 2h, 2h + 1 as int16 pairs per row.
+template <class V, int NT, ggml_type T>
+void multiply_k16(const uint8_t * tile, int64_t nb, int r0, const ActBlock * const * x, float * const * out) {
+    using I = typename V::I;
+    using F = typename V::F;
+    constexpr bool   Q2 = T == GGML_TYPE_Q2_K, Q3 = T == GGML_TYPE_Q3_K, Q6 = T == GGML_TYPE_Q6_K;
+    constexpr size_t kTile = Q6 ? kQ6KTile : (Q3 ? kQ3KTile : kQ2KTile);
+    constexpr int    kOffsetShift = Q6 ? 5 : 2;  // the weights are q - 32 (Q6_K), q - 4 (Q3_K)
+    const uint8_t *  dgroup = tile + nb * kTile;  // Q6_K's and Q3_K's d
+    F                res[NT];
+    std::fill(res, res + NT, V::fzero());
+    for (int64_t b = 0; b < nb; ++b, tile += kTile) {
+        I acc[NT], offs[NT];  // offs: the sums of sc * x (Q6_K, Q3_K) or m * x (Q2_K)
+        std::fill(acc, acc + NT, V::zero());
+        std::fill(offs, offs + NT, V::zero());
         for (int h = 0; h < 8; ++h) {
-            const __m512i   scw     = _mm512_cvtepi8_epi16(_mm256_load_si256((const __m256i *) q6_K_scales(tile, h)));
-            const __m512i   sc_odd  = _mm512_srai_epi32(scw, 16);
-            const __m512i   sc_even = _mm512_srai_epi32(_mm512_slli_epi32(scw, 16), 16);
-            const uint8_t * qh      = q6_K_qh(tile, h);
-            const uint8_t * ql      = qh + 128;
-            prefetch(qh + kQ6KPrefetch, 6);
-            __m512i w[8];  // as unpack_nibbles, with the high 2 bits merged in
-            LVGG_UNROLL
-            for (int s = 0; s < 2; ++s) {
-                const __m512i hb = _mm512_load_si512((const __m512i *) (qh + 64 * s));
-                const __m512i h0 = _mm512_and_si512(_mm512_slli_epi16(hb, 4), bits45);  // load 2s, low nibble
-                const __m512i h1 = _mm512_and_si512(_mm512_slli_epi16(hb, 2), bits45);  // load 2s, high nibble
-                const __m512i h2 = _mm512_and_si512(hb, bits45);                         // load 2s+1, low
-                const __m512i h3 = _mm512_and_si512(_mm512_srli_epi16(hb, 2), bits45);  // load 2s+1, high
-                const __m512i w0 = _mm512_load_si512((const __m512i *) (ql + 128 * s));
-                const __m512i w1 = _mm512_load_si512((const __m512i *) (ql + 128 * s + 64));
-                // (w & 0x0F) | h: ternary logic 0xEA = (a & b) | c
-                w[2 * s]         = _mm512_ternarylogic_epi32(w0, low4, h0, 0xEA);
-                w[2 * s + 4]     = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w0, 4), low4, h1, 0xEA);
-                w[2 * s + 1]     = _mm512_ternarylogic_epi32(w1, low4, h2, 0xEA);
-                w[2 * s + 5]     = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w1, 4), low4, h3, 0xEA);
+            I               scw, offw, w[8];
+            const uint8_t * qs;
+            if constexpr (Q6) {
+                scw = offw = V::s8_16(q6_K_scales(tile, h) + 2 * r0);
+                qs         = q6_K_qh(tile, h);
+                prefetch(qs + kQ6KPrefetch, 6);
+                const I low4 = V::set8(0x0F), bits45 = V::set8(0x30);
+                LVGG_UNROLL
+                for (int s = 0; s < 2; ++s) {  // as unpack_nibbles, with the high 2 bits merged in
+                    const I hb = V::load(qs + 64 * s + 4 * r0);
+                    const I w0 = V::load(qs + 128 + 128 * s + 4 * r0);
+                    const I w1 = V::load(qs + 128 + 128 * s + 64 + 4 * r0);
+                    w[2 * s]     = V::and_or(w0, low4, V::and_(V::template slli16<4>(hb), bits45));  // load 2s, low
+                    w[2 * s + 4] = V::and_or(V::template srli16<4>(w0), low4,
+                                             V::and_(V::template slli16<2>(hb), bits45));  // load 2s, high
+                    w[2 * s + 1] = V::and_or(w1, low4, V::and_(hb, bits45));           // load 2s + 1, low
+                    w[2 * s + 5] = V::and_or(V::template srli16<4>(w1), low4,
+                                             V::and_(V::template srli16<2>(hb), bits45));  // load 2s + 1, high
+                }
+            } else {
+                if constexpr (Q3) {
+                    scw = offw = V::s8_16(tile + 32 * h + 2 * r0);
+                } else {
+                    const I sm = V::u8_16(tile + kQ2KSm + 32 * h + 2 * r0);
+                    scw        = V::and_(sm, V::set16(0x0F));
+                    offw       = V::template srli16<4>(sm);
+                }
+                qs = tile + (Q3 ? kQ3KQs + h * 192 : kQ2KQs + h * 128);
+                prefetch(qs + kQ4KPrefetch, Q3 ? 3 : 2);
+                unpack_crumbs<V, Q3>(qs + 4 * r0, w, std::make_integer_sequence<int, 8>());
             }
+            const I sc_odd = V::template srai32<16>(scw), sc_even = V::template srai32<16>(V::template slli32<16>(scw));
             LVGG_UNROLL
             for (int n = 0; n < NT; ++n) {  // sub-block 2h: columns 0..15 of the chunk, 2h + 1: 16..31
                 const int8_t * xq = x[n][b].qs + 32 * h;
-                acc[n]  = _mm512_add_epi32(acc[n], _mm512_add_epi32(_mm512_mullo_epi32(dot16(w, xq), sc_even),
-                                                                    _mm512_mullo_epi32(dot16(w + 4, xq + 16), sc_odd)));
-                offs[n] = _mm512_dpwssd_epi32(offs[n], scw, bcast32(x[n][b].bsum16 + 2 * h));
+                acc[n]  = V::add(acc[n], V::add(V::mul(V::template dot16<max_weight(T)>(w, xq), sc_even),
+                                                V::mul(V::template dot16<max_weight(T)>(w + 4, xq + 16), sc_odd)));
+                offs[n] = V::dpwssd(offs[n], offw, V::bcast32(x[n][b].bsum16 + 2 * h));
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (dgroup + b * kRows * 2)));
         LVGG_UNROLL
         for (int n = 0; n < NT; ++n) {
-            const __m512i q = _mm512_sub_epi32(acc[n], _mm512_slli_epi32(offs[n], 5));  // weights are q - 32
-            res[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(d, _mm512_set1_ps(x[n][b].d)), res[n]);
+            const F dx = V::fset(x[n][b].d);
+            if constexpr (Q2) {
+                res[n] = V::fmadd(V::cvt(acc[n]), V::fmul(V::f16(tile + 2 * r0), dx), res[n]);
+                res[n] = V::fnmadd(V::cvt(offs[n]), V::fmul(V::f16(tile + 32 + 2 * r0), dx), res[n]);
+            } else {
+                const I q = V::sub(acc[n], V::template slli32<kOffsetShift>(offs[n]));
+                res[n]    = V::fmadd(V::cvt(q), V::fmul(V::f16(dgroup + b * kRows * 2 + 2 * r0), dx), res[n]);
+            }
         }
     }
-    store_rows<NT>(out, res);
+    store_rows<V, NT>(out, r0, res);
 }
 
-// Q8_0 and Q4_0: 32-column blocks with one scale per row; w[k] holds columns 4k..4k+3 of a block
-// (unsigned: Q8_0's weight + 128, Q4_0's 4-bit q; the weights are those minus kOffset).
-template <int NT, bool Q4>
-void multiply_32(const uint8_t * tile, int64_t n32, const ActBlock * const * x, float * const * out) {
-    constexpr size_t  kTile = Q4 ? kQ40Tile : kQ80Tile, kPair = Q4 ? kQ40Pair : kQ80Pair, kQs = Q4 ? 256 : 512;
-    constexpr int32_t kOffset = Q4 ? 8 : 128;
-    __m512            res[NT] = {};
-    for (int64_t b = 0; b < (n32 + 7) / 8; ++b, tile += kTile) {
+// IQ4_XS: 4-bit codes looked up, a 6-bit scale (minus 32) per 32 values, d after the tiles.
+template <class V, int NT>
+void multiply_iq4_xs(const uint8_t * tile, int64_t nb, int r0, const ActBlock * const * x, float * const * out) {
+    using I = typename V::I;
+    using F = typename V::F;
+    const I         table  = lookup_table<V>(kIQ4NLValues, kLookupOffset);
+    const uint8_t * dgroup = tile + nb * kIQ4XSTile;
+    F               res[NT];
+    std::fill(res, res + NT, V::fzero());
+    for (int64_t b = 0; b < nb; ++b, tile += kIQ4XSTile) {
+        I acc[NT];
+        std::fill(acc, acc + NT, V::zero());
+        for (int j = 0; j < 8; ++j) {
+            const uint8_t * qs = tile + kIQ4XSQs + j * 256;
+            prefetch(qs + kQ4KPrefetch, 4);
+            I w[8];
+            unpack_nibbles<V>(qs + 4 * r0, w);
+            look_up<V>(table, w);
+            const I scv = V::s8_32(tile + 16 * j + r0);
+            LVGG_UNROLL
+            for (int n = 0; n < NT; ++n) {
+                const I q = V::sub(dot32<V, max_weight(GGML_TYPE_IQ4_XS)>(w, x[n][b].qs + 32 * j),
+                                  V::set32(kLookupOffset * x[n][b].bsum32[j]));
+                acc[n]    = V::add(acc[n], V::mul(q, scv));
+            }
+        }
+        const F d = V::f16(dgroup + b * kRows * 2 + 2 * r0);
+        LVGG_UNROLL
+        for (int n = 0; n < NT; ++n) {
+            res[n] = V::fmadd(V::cvt(acc[n]), V::fmul(d, V::fset(x[n][b].d)), res[n]);
+        }
+    }
+    store_rows<V, NT>(out, r0, res);
+}
+
+// Types of 32-value blocks with one scale each (Format32); w[k] holds columns 4k..4k+3 of a block
+// (unsigned: Q8_0's weight + 128, Q4_0's 4-bit q, the others' values + their offset; the weights
+// are those minus the format's offset).
+template <class V, int NT, ggml_type T>
+void multiply_32(const uint8_t * tile, int64_t n32, int r0, const ActBlock * const * x, float * const * out) {
+    using I              = typename V::I;
+    using F              = typename V::F;
+    constexpr Format32 f = format32(T);
+    I                  table = V::zero();
+    if constexpr (f.values != nullptr) {
+        table = lookup_table<V>(f.values, f.offset);
+    }
+    F res[NT];
+    std::fill(res, res + NT, V::fzero());
+    for (int64_t b = 0; b < (n32 + 7) / 8; ++b, tile += f.tile_bytes()) {
         const int blocks = (int) std::min<int64_t>(8, n32 - b * 8);
         for (int j = 0; j < blocks; ++j) {
-            const uint8_t * pair = tile + (j / 2) * kPair;
-            const uint8_t * qs   = pair + 64 + (j % 2) * kQs;
-            prefetch(qs + kQ4KPrefetch, kQs / 64);
-            __m512i w[8];
-            if (Q4) {
-                unpack_nibbles(qs, w);
+            const uint8_t * unit = tile + (j / f.blocks) * f.unit_bytes();
+            const uint8_t * qs   = unit + 64 + (j % f.blocks) * f.qs_bytes();
+            prefetch(qs + kQ4KPrefetch, (int) (f.qs_bytes() / 64));
+            I w[8];
+            if constexpr (f.bits == 4) {
+                unpack_nibbles<V>(qs + 4 * r0, w);
+                if constexpr (f.values != nullptr) {
+                    look_up<V>(table, w);
+                }
             } else {
                 LVGG_UNROLL
                 for (int k = 0; k < 8; ++k) {
-                    w[k] = _mm512_load_si512((const __m512i *) (qs + 64 * k));
+                    w[k] = V::load(qs + 64 * k + 4 * r0);
                 }
             }
-            const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *) (pair + 32 * (j % 2))));
+            const uint8_t * scales = unit + (j % f.blocks) * kRows * f.scale_bytes + f.scale_bytes * r0;
+            const F         d      = f.scale_bytes == 2 ? V::f16(scales) : V::e8m0_half(scales);
             LVGG_UNROLL
             for (int n = 0; n < NT; ++n) {
-                const __m512i q  = _mm512_sub_epi32(dot32(w, x[n][b].qs + 32 * j),
-                                                    _mm512_set1_epi32(kOffset * x[n][b].bsum32[j]));
-                const __m512  dx = _mm512_set1_ps(x[n][b].d32[j]);
-                res[n]           = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(d, dx), res[n]);
+                const I q = V::sub(dot32<V, max_weight(T)>(w, x[n][b].qs + 32 * j), V::set32(f.offset * x[n][b].bsum32[j]));
+                res[n]    = V::fmadd(V::cvt(q), V::fmul(d, V::fset(x[n][b].d32[j])), res[n]);
             }
         }
     }
-    store_rows<NT>(out, res);
+    store_rows<V, NT>(out, r0, res);
 }
 
-template <int NT>
-void multiply_tile(ggml_type type, const uint8_t * group, int64_t cols, const ActBlock * const * x,
+template <class V, int NT>
+void multiply_rows(ggml_type type, const uint8_t * group, int64_t cols, int r0, const ActBlock * const * x,
                    float * const * out) {
+    const int64_t nb = cols / kBlock, n32 = cols / 32;
     switch (type) {
-        case GGML_TYPE_Q4_K: multiply_q4_K<NT>(group, cols / kBlock, x, out); break;
-        case GGML_TYPE_Q6_K: multiply_q6_K<NT>(group, cols / kBlock, x, out); break;
-        case GGML_TYPE_Q4_0: multiply_32<NT, true>(group, cols / 32, x, out); break;
-        default: multiply_32<NT, false>(group, cols / 32, x, out); break;
+        case GGML_TYPE_Q2_K: multiply_k16<V, NT, GGML_TYPE_Q2_K>(group, nb, r0, x, out); break;
+        case GGML_TYPE_Q3_K: multiply_k16<V, NT, GGML_TYPE_Q3_K>(group, nb, r0, x, out); break;
+        case GGML_TYPE_Q4_K: multiply_q45_K<V, NT, false>(group, nb, r0, x, out); break;
+        case GGML_TYPE_Q5_K: multiply_q45_K<V, NT, true>(group, nb, r0, x, out); break;
+        case GGML_TYPE_Q6_K: multiply_k16<V, NT, GGML_TYPE_Q6_K>(group, nb, r0, x, out); break;
+        case GGML_TYPE_IQ4_XS: multiply_iq4_xs<V, NT>(group, nb, r0, x, out); break;
+        case GGML_TYPE_Q4_0: multiply_32<V, NT, GGML_TYPE_Q4_0>(group, n32, r0, x, out); break;
+        case GGML_TYPE_IQ4_NL: multiply_32<V, NT, GGML_TYPE_IQ4_NL>(group, n32, r0, x, out); break;
+        case GGML_TYPE_MXFP4: multiply_32<V, NT, GGML_TYPE_MXFP4>(group, n32, r0, x, out); break;
+        default: multiply_32<V, NT, GGML_TYPE_Q8_0>(group, n32, r0, x, out); break;
     }
 }
 
-#endif  // LVGG_VNNI
+// One row group, on all its rows (AVX-512) or on each half (AVX2).
+template <class V, int NT>
+void multiply_tile(ggml_type type, const uint8_t * group, int64_t cols, const ActBlock * const * x,
+                   float * const * out) {
+    for (int r0 = 0; r0 < kRows; r0 += V::kLanes) {
+        multiply_rows<V, NT>(type, group, cols, r0, x, out);
+    }
+}
+
+#endif  // LVGG_KERNELS
 
 }  // namespace
 
-bool available() { return LVGG_VNNI; }
+enum Kernels { kNone, kAvx2, kVnni };
 
-bool layout_fits(ggml_type type, int64_t rows, int64_t cols) {
-    return (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0) &&
-           rows > 0 && rows % kRows == 0 && cols > 0 && cols % (has_32_blocks(type) ? 32 : kBlock) == 0 &&
-           ggml_type_size(GGML_TYPE_Q4_K) == kQ4KBytes && ggml_type_size(GGML_TYPE_Q6_K) == kQ6KBytes &&
-           ggml_type_size(GGML_TYPE_Q8_0) == kQ80Bytes && ggml_type_size(GGML_TYPE_Q4_0) == kQ40Bytes;
+std::atomic<int> g_kernels{LVGG_VNNI ? kVnni : (LVGG_AVX2 ? kAvx2 : kNone)};
+
+std::vector<std::string> kernel_sets() {
+    std::vector<std::string> sets;
+    if (LVGG_VNNI) {
+        sets.push_back("avx512_vnni");
+    }
+    if (LVGG_AVX2) {
+        sets.push_back("avx2");
+    }
+    return sets;
 }
 
-bool packable(ggml_type type, int64_t rows, int64_t cols) { return available() && layout_fits(type, rows, cols); }
+bool use_kernels(const std::string & name) {
+    for (const std::string & set : kernel_sets()) {
+        if (set == name) {
+            g_kernels = name == "avx2" ? kAvx2 : kVnni;
+            return true;
+        }
+    }
+    return false;
+}
+
+std::string kernels_in_use() {
+    switch (g_kernels.load()) {
+        case kVnni: return "avx512_vnni";
+        case kAvx2: return "avx2";
+        default: return "";
+    }
+}
+
+bool available() { return g_kernels != kNone; }
+
+bool layout_fits(ggml_type type, int64_t rows, int64_t cols) {
+    static const bool sizes_match = ggml_type_size(GGML_TYPE_Q2_K) == kQ2KBytes &&
+                                    ggml_type_size(GGML_TYPE_Q3_K) == kQ3KBytes &&
+                                    ggml_type_size(GGML_TYPE_Q4_K) == kQ4KBytes &&
+                                    ggml_type_size(GGML_TYPE_Q5_K) == kQ5KBytes &&
+                                    ggml_type_size(GGML_TYPE_Q6_K) == kQ6KBytes &&
+                                    ggml_type_size(GGML_TYPE_IQ4_XS) == kIQ4XSBytes &&
+                                    ggml_type_size(GGML_TYPE_Q8_0) == format32(GGML_TYPE_Q8_0).block_bytes() &&
+                                    ggml_type_size(GGML_TYPE_Q4_0) == format32(GGML_TYPE_Q4_0).block_bytes() &&
+                                    ggml_type_size(GGML_TYPE_IQ4_NL) == format32(GGML_TYPE_IQ4_NL).block_bytes() &&
+                                    ggml_type_size(GGML_TYPE_MXFP4) == format32(GGML_TYPE_MXFP4).block_bytes();
+    const bool known = has_32_blocks(type) || type == GGML_TYPE_Q2_K || type == GGML_TYPE_Q3_K ||
+                       type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q5_K || type == GGML_TYPE_Q6_K ||
+                       type == GGML_TYPE_IQ4_XS;
+    return known && sizes_match && rows > 0 && rows % kRows == 0 && cols > 0 &&
+           cols % (has_32_blocks(type) ? 32 : kBlock) == 0;
+}
+
+bool packable(ggml_type type, int64_t rows, int64_t cols) {
+    const int k = g_kernels;
+    return layout_fits(type, rows, cols) && (k == kVnni || (k == kAvx2 && max_weight(type) <= kAvx2Max));
+}
 
 size_t group_offset(ggml_type type, int64_t cols, int64_t g) { return g * group_bytes(type, cols); }
 
@@ -418,10 +948,16 @@ void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int
             const uint8_t * s = (const uint8_t *) src + e * src_stride + g * kRows * row_bytes;
             uint8_t *       d = (uint8_t *) dst + e * dst_stride + group_offset(type, cols, g);
             switch (type) {
-                case GGML_TYPE_Q4_K: pack_group_q4_K(s, row_bytes, nb, d); break;
+                case GGML_TYPE_Q2_K: pack_group_q23_K<false>(s, row_bytes, nb, d); break;
+                case GGML_TYPE_Q3_K: pack_group_q23_K<true>(s, row_bytes, nb, d); break;
+                case GGML_TYPE_Q4_K: pack_group_q45_K<false>(s, row_bytes, nb, d); break;
+                case GGML_TYPE_Q5_K: pack_group_q45_K<true>(s, row_bytes, nb, d); break;
                 case GGML_TYPE_Q6_K: pack_group_q6_K(s, row_bytes, nb, d); break;
-                case GGML_TYPE_Q4_0: pack_group_32<true>(s, row_bytes, n32, d); break;
-                default: pack_group_32<false>(s, row_bytes, n32, d); break;
+                case GGML_TYPE_IQ4_XS: pack_group_iq4_xs(s, row_bytes, nb, d); break;
+                case GGML_TYPE_Q4_0: pack_group_32<GGML_TYPE_Q4_0>(s, row_bytes, n32, d); break;
+                case GGML_TYPE_IQ4_NL: pack_group_32<GGML_TYPE_IQ4_NL>(s, row_bytes, n32, d); break;
+                case GGML_TYPE_MXFP4: pack_group_32<GGML_TYPE_MXFP4>(s, row_bytes, n32, d); break;
+                default: pack_group_32<GGML_TYPE_Q8_0>(s, row_bytes, n32, d); break;
             }
         }
     };
@@ -440,8 +976,41 @@ bool per_32_scales(ggml_type weight_type) { return has_32_blocks(weight_type); }
 
 int64_t act_blocks(int64_t cols) { return (cols + kBlock - 1) / kBlock; }
 
-void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out, bool per_32) {
+namespace {
+
+// The largest |value| of 32.
+float abs_max32(const float * v) {
 #if LVGG_VNNI
+    return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(v)), _mm512_abs_ps(_mm512_loadu_ps(v + 16))));
+#else
+    float m = 0.0f;
+    for (int i = 0; i < 32; ++i) {
+        m = std::max(m, std::fabs(v[i]));
+    }
+    return m;
+#endif
+}
+
+// 16 values times `scale`, rounded to nearest even into q (|v * scale| <= 127: never leaves int8);
+// returns their sum.
+int16_t quantize16(const float * v, float scale, int8_t * q) {
+#if LVGG_VNNI
+    const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v), _mm512_set1_ps(scale)));
+    _mm_storeu_si128((__m128i *) q, _mm512_cvtsepi32_epi8(r));
+    return (int16_t) _mm512_reduce_add_epi32(r);
+#else
+    int sum = 0;
+    for (int i = 0; i < 16; ++i) {
+        q[i] = (int8_t) std::clamp((int) std::nearbyint(v[i] * scale), -128, 127);
+        sum += q[i];
+    }
+    return (int16_t) sum;
+#endif
+}
+
+}  // namespace
+
+void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out, bool per_32) {
     float buf[kBlock];
     for (int64_t b = 0; b < act_blocks(cols); ++b) {
         const int64_t n = std::min(kBlock, cols - b * kBlock);  // a last block of fewer values: zeros after
@@ -457,43 +1026,51 @@ void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out
             ggml_bf16_to_fp32_row((const ggml_bf16_t *) x + b * kBlock, buf, n);
         }
         ActBlock & o = out[b];
-        __m512     amax[8];  // per 32 values
+        float      whole = 0.0f, m32[8];
         for (int j = 0; j < 8; ++j) {
-            amax[j] = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(v + 32 * j)),
-                                    _mm512_abs_ps(_mm512_loadu_ps(v + 32 * j + 16)));
-        }
-        float whole = 0.0f, m32[8];
-        for (int j = 0; j < 8; ++j) {
-            m32[j]   = _mm512_reduce_max_ps(amax[j]);
+            m32[j]   = abs_max32(v + 32 * j);
             o.d32[j] = m32[j] / 127.0f;
             whole    = std::max(whole, m32[j]);
         }
         o.d = whole / 127.0f;
-        for (int s = 0; s < 16; ++s) {  // |v * scale| <= 127: rounding (to nearest even) never leaves int8
-            const float   m     = per_32 ? m32[s / 2] : whole;
-            const __m512  scale = _mm512_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
-            const __m512i q     = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + 16 * s), scale));
-            _mm_storeu_si128((__m128i *) (o.qs + 16 * s), _mm512_cvtsepi32_epi8(q));
-            o.bsum16[s] = (int16_t) _mm512_reduce_add_epi32(q);
+        for (int s = 0; s < 16; ++s) {
+            const float m = per_32 ? m32[s / 2] : whole;
+            o.bsum16[s]   = quantize16(v + 16 * s, m > 0.0f ? 127.0f / m : 0.0f, o.qs + 16 * s);
         }
         for (int j = 0; j < 8; ++j) {
             o.bsum32[j] = (int16_t) (o.bsum16[2 * j] + o.bsum16[2 * j + 1]);
         }
     }
-#else
-    (void) x, (void) x_type, (void) cols, (void) out, (void) per_32;
-#endif
 }
+
+#if LVGG_KERNELS
+namespace {
+
+template <class V>
+void multiply_group_with(ggml_type type, const uint8_t * group, int64_t cols, const ActBlock * const * x, int n_tokens,
+                         float * const * out) {
+    switch (n_tokens) {
+        case 1: multiply_tile<V, 1>(type, group, cols, x, out); break;
+        case 2: multiply_tile<V, 2>(type, group, cols, x, out); break;
+        case 3: multiply_tile<V, 3>(type, group, cols, x, out); break;
+        default: multiply_tile<V, 4>(type, group, cols, x, out); break;
+    }
+}
+
+}  // namespace
+#endif
 
 void multiply_group(ggml_type type, const uint8_t * group, int64_t cols, const ActBlock * const * x, int n_tokens,
                     float * const * out) {
 #if LVGG_VNNI
-    switch (n_tokens) {
-        case 1: multiply_tile<1>(type, group, cols, x, out); break;
-        case 2: multiply_tile<2>(type, group, cols, x, out); break;
-        case 3: multiply_tile<3>(type, group, cols, x, out); break;
-        default: multiply_tile<4>(type, group, cols, x, out); break;
+    // the layout is the same for both: a type packed for AVX-512 VNNI runs there whatever is in use now
+    if (g_kernels == kVnni || max_weight(type) > kAvx2Max) {
+        multiply_group_with<Vnni>(type, group, cols, x, n_tokens, out);
+        return;
     }
+#endif
+#if LVGG_AVX2
+    multiply_group_with<Avx2>(type, group, cols, x, n_tokens, out);
 #else
     (void) type, (void) group, (void) cols, (void) x, (void) n_tokens, (void) out;
 #endif

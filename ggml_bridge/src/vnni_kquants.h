@@ -1,38 +1,57 @@
-// lvgg's own CPU kernels for Q4_K, Q6_K, Q8_0 and Q4_0 experts on AVX-512 VNNI CPUs.
+// lvgg's own CPU kernels for quantized experts on AVX-512 VNNI CPUs: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+// IQ4_XS (256-value blocks) and Q8_0, Q4_0, IQ4_NL, MXFP4 (32-value blocks).
 //
 // Why: on the reference Xeon ggml's Q4_K kernels (AVX2, 8x8 interleave) reach ~60% of the read
-// bandwidth at one token; BF16, with almost no arithmetic per byte, reaches 97%. The work per
-// byte is the limit, so these kernels cut it: weights are re-laid out once at load ("packed")
-// so that one VPDPBUSD multiplies 4 weights of each of 16 rows by 4 activations broadcast to
-// every lane, with no horizontal sums and no scale decoding at run time.
+// bandwidth at one token, its IQ4_XS, Q3_K, Q2_K and MXFP4 ones 26-34%; BF16, with almost no
+// arithmetic per byte, reaches 97%. The work per byte is the limit, so these kernels cut it:
+// weights are re-laid out once at load ("packed") so that one VPDPBUSD multiplies 4 weights of each
+// of 16 rows by 4 activations broadcast to every lane, with no horizontal sums and no scale decoding
+// at run time.
 //
 // Packed layout of one expert matrix [rows, cols] (rows a multiple of 16, cols of 256; of 32 for
-// Q8_0 and Q4_0, whose last tile then keeps only the pairs it uses): row groups of 16 rows, each
-// a run of tiles, one tile per 256-column block:
-//   Q4_K tile (2368 bytes, 2304 in the file's layout): d[16], dmin[16] (fp16); sc[8][16];
-//     m pairs[4][16][2] (the 6-bit scales and mins of sub-blocks 2p, 2p+1 of each row);
-//     qs[8][4][16][4]: sub-block j, load i, row r, byte p holds the 4-bit weights of columns
-//     32j + 4i + p (low nibble) and 32j + 16 + 4i + p (high nibble).
-//   Q6_K tile (3328 bytes) plus d[16] (fp16) per block kept after the group's tiles (together
+// the 32-value block types, whose last tile then keeps only the units it uses): row groups of 16
+// rows, each a run of tiles, one tile per 256-column block. Within a 32-column chunk the kernels
+// hold the weights in 8 registers of 64 bytes (byte 4r + p of register k: row r, column 4k + p for
+// k < 4, 16 + 4(k - 4) + p for k >= 4); the tiles store them as:
+//   nibbles (64 bytes per register pair k, k + 4): register k's 4 bits in the low nibble, k + 4's
+//     in the high one;
+//   a bit plane (64 bytes): bit k of byte 4r + p is register k's;
+//   crumbs (128 bytes): bits 2k, 2k + 1 of byte 64s + 4r + p are register 4s + k's low 2 bits.
+// Tiles:
+//   Q4_K (2368 bytes, 2304 in the file's layout): d[16], dmin[16] (fp16); sc[8][16];
+//     m pairs[4][16][2] (the 6-bit scales and mins of sub-blocks 2p, 2p+1 of each row); then per
+//     32-column sub-block its nibbles (256 bytes).
+//   Q5_K (2880 bytes, 2816): as Q4_K, each sub-block's nibbles followed by the plane of its fifth bits.
+//   Q6_K (3328 bytes) plus d[16] (fp16) per block kept after the group's tiles (together
 //     exactly the file's size, up to 64-byte padding per group): four runs of two 32-column
 //     chunks h, h+1, each run read front to back: the int8 scale pairs [16][2] of chunk h, then
-//     of h+1, then per chunk qh[2][16][4], ql[4][16][4]. ql is laid out like Q4_K's qs (low 4
+//     of h+1, then per chunk qh[2][16][4], ql[4][16][4]. ql is laid out as nibbles (low 4
 //     bits); in qh, bits 0-1/2-3 are the high 2 bits of ql load 2s's low/high nibble, bits
 //     4-5/6-7 those of load 2s+1.
-//   Q8_0 tile (4352 bytes, the file's size): four pairs of 32-column blocks, each d[2][16]
-//     (fp16) then qs[2][8][16][4]: block k, load i, row r, byte p holds weight + 128 (unsigned,
-//     for VPDPBUSD) of column 32k + 4i + p.
-//   Q4_0 tile (2304 bytes, the file's size): like Q8_0's, with qs[2][4][16][4] of 4-bit weights
-//     laid out like Q4_K's qs (the kernel takes the -8 offset back with the 32-value sums).
-// Activations are quantized per 256 values to int8 with one float scale and the sums of each
-// 16 and 32 values (ActBlock), which fold the Q4_K mins, Q6_K's -32 and Q8_0's +128 offsets into
-// a few integer operations per row and block.
+//   Q2_K (1344 bytes, the file's size): d[16], dmin[16] (fp16); per chunk the [16][2] bytes of its
+//     sub-blocks' 4-bit scale | 4-bit min << 4; then per chunk the crumbs of its 2-bit weights.
+//   Q3_K (1792 bytes, 1760) plus d[16] per block after the group's tiles: per chunk the int8 scale
+//     pairs [16][2] (the file's 6-bit scales minus 32); then per chunk the crumbs of the 3-bit
+//     weights (q + 4, 0..7: the weight is q - 4) and the plane of their third bits.
+//   IQ4_XS (2176 bytes, the file's size) plus d[16] per block after the group's tiles: sc[8][16]
+//     (int8: the 6-bit scales minus 32), then per sub-block the nibbles of its 4-bit codes.
+//   32-value block types: units of blocks (Q8_0, Q4_0, IQ4_NL: pairs; MXFP4: fours): the 16 rows'
+//     scales of each block of the unit (64 bytes: fp16 d, or MXFP4's e8m0 exponent), then the
+//     weights of each block: Q8_0's as bytes (weight + 128, unsigned for VPDPBUSD: 512 bytes),
+//     the others' 4-bit codes as nibbles (256 bytes). Each tile is the file's size (Q8_0 4352,
+//     Q4_0 and IQ4_NL 2304, MXFP4 2176 bytes).
+// Activations are quantized per 256 values to int8 with one float scale (per 32 values for the
+// 32-value block types) and the sums of each 16 and 32 values (ActBlock), which fold the K-quants'
+// mins, Q6_K's -32, Q3_K's -4 and the offsets of unsigned weights (Q8_0's +128, Q4_0's +8, the
+// looked-up values' +128) into a few integer operations per row and block.
 #pragma once
 
 #include <ggml.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace lvgg::vnni {
 
@@ -53,12 +72,21 @@ static_assert(sizeof(ActBlock) == 384, "ActBlock layout");
 // Q4_0, as ggml's own kernels do: outliers in a 256-value block then cost less precision).
 bool per_32_scales(ggml_type weight_type);
 
-// This build has the kernels (compiled for a CPU with AVX-512 F/BW/VL and VNNI).
+// The kernel sets this build has, best first: "avx512_vnni" (every packed type; a build for a CPU
+// with AVX-512 F/BW/VL and VNNI) and "avx2" (with FMA and F16C: the types whose packed weights fit
+// VPMADDUBSW's exact range, 0..128: the K-quants, Q4_0 and MXFP4).
+std::vector<std::string> kernel_sets();
+// Runs the kernel set `name` (one of kernel_sets(), else false) from now on: tests and benchmarks
+// compare them. Matrices packed before run as before (the layout is the same for every set).
+bool use_kernels(const std::string & name);
+// The kernel set in use ("" when the build has none).
+std::string kernels_in_use();
+// Some kernel set is in use.
 bool available();
 // A [rows, cols] matrix of `type` has a packed layout (the packers run on any CPU: a GPU reads
 // the layout too).
 bool layout_fits(ggml_type type, int64_t rows, int64_t cols);
-// ... and the kernels are built.
+// ... and the kernel set in use runs it.
 bool packable(ggml_type type, int64_t rows, int64_t cols);
 // Bytes of one packed matrix.
 size_t packed_size(ggml_type type, int64_t rows, int64_t cols);
