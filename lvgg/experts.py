@@ -84,9 +84,10 @@ class ExpertStore:
     for each batch size. ``layers`` keeps those MoE layers only (a pipeline-parallel rank's):
     the others are checked in the header, never read.
 
-    On CPUs with AVX-512 VNNI (and a build for them), ``repack=True`` puts Q4_K, Q6_K, Q8_0 and
-    Q4_0 experts (rows a multiple of 16) into lvgg's own packed layout instead of ggml's, run by
-    lvgg's kernels (about the file's size; ``layer_info(n).packed`` says which). They beat both
+    ``repack=True`` puts the types lvgg's own kernels run (rows a multiple of 16) into lvgg's packed
+    layout instead of ggml's (about the file's size; ``layer_info(n).packed`` says which): Q2_K-Q6_K,
+    IQ4_XS, IQ4_NL, MXFP4, Q8_0 and Q4_0, on CPUs with AVX-512 VNNI or AVX2
+    (ggml_bridge/src/vnni_kquants.h). They beat both
     ggml layouts at every batch size measured, so the engine runs them for every batch (with
     ``keep_mapped=True`` too); ``own_kernels=False`` keeps ggml's.
     """

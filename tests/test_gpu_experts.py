@@ -21,8 +21,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an 
 
 
 def packs() -> bool:
-    """This machine's CPU engine keeps lvgg's packed copies (AVX-512 VNNI), which its GPU then reads."""
-    return _bridge.cpu_features()["lvgg_vnni_kernels"]
+    """This machine's CPU engine keeps lvgg's packed copies of Q4_K and Q6_K, which its GPU then reads."""
+    return _bridge.packable(int(Q.Q4_K), 16, 256) and _bridge.packable(int(Q.Q6_K), 16, 256)
 
 
 @pytest.fixture(scope="module")

@@ -220,7 +220,7 @@ def test_repack_auto_repacks_where_the_gpu_reads_the_packed_copy(qwen3, monkeypa
     monkeypatch.setenv("LVGG_CPU_KERNELS", kernels)
     monkeypatch.setattr(runtime, "_gpu_present", lambda: True)
     monkeypatch.setattr(runtime.topology, "meminfo", lambda: {"available": 1 << 30})
-    packs = kernels == "lvgg" and _bridge.cpu_features()["lvgg_vnni_kernels"]
+    packs = kernels == "lvgg" and _bridge.packable(int(Q.Q8_0), 16, 256)
     with caplog.at_level("WARNING", logger="vllm.lvgg"):
         engine = runtime._make_engine(config, 64, 0, 1, 0, 1)
     info = engine.store.layer_info(engine.store.layers[0])
@@ -346,7 +346,7 @@ def test_a_tensor_parallel_rank_runs_its_share_of_every_expert_on_the_gpu(qwen3,
         engine = runtime.engine(config, 64, 0.5, rank, 2, expert_parallel=expert_parallel)
         gpu = runtime.gpu_experts(torch.device("cuda"), torch.bfloat16)
         split = runtime.split_experts()
-        reads_part = _bridge.cpu_features()["lvgg_vnni_kernels"]
+        reads_part = _bridge.packable(int(Q.Q8_0), 16, 256)
         assert gpu.reads_packed_copy == reads_part and gpu.part == ((0, 1) if reads_part else (rank, 2))
         assert layer in gpu.streamed_layers and runtime.runs_on_gpu(gpu, layer, 32)
         assert split.takes(layer, 4)

@@ -151,7 +151,7 @@ def test_two_nodes_give_the_one_rank_tokens(server, tmp_path, parallel):
         assert f"rank 0 of 1 on this machine ({ranks}) computes {model}/experts.gguf{part}" in log, log[-4000:]
         if GPU_ARGS and (parallel != "pipeline" or node == 0):
             # each rank's GPU reads what its CPU engine holds: its part's packed copy where the CPU packs
-            packs = _bridge.cpu_features()["lvgg_vnni_kernels"]
+            packs = _bridge.packable(int(Q.Q8_0), 16, 256)
             source = "the CPU engine's packed copy" if packs else "the experts file"
             assert ", 1 resident, " in log and f"of VRAM; read from {source}" in log, log[-4000:]
 

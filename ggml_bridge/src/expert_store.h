@@ -77,8 +77,8 @@ class ExpertStore {
   public:
     // `only_layers` (when not empty): keep these MoE layers only (a pipeline-parallel rank's); the
     // others are checked in the header but their bytes are never touched.
-    // `own_kernels`: Q4_K/Q6_K/Q8_0/Q4_0 experts go into lvgg's packed layout (vnni_kquants.h) rather than
-    // ggml's repacked one where this build has the kernels (repack must be on).
+    // `own_kernels`: the types lvgg's kernel set in use runs go into lvgg's packed layout (vnni_kquants.h)
+    // rather than ggml's repacked one (repack must be on).
     // `paths`: one GGUF file, or every part of a split one in order (llama.cpp's split.* keys are
     // checked: count, numbering, tensors in all, no tensor twice).
     ExpertStore(const std::vector<std::string> & paths, bool repack, bool keep_mapped,

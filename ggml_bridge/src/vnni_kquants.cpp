@@ -45,7 +45,8 @@ constexpr size_t kIQ4XSBytes = 136;  // d (fp16), scales_h (2 high bits each), s
 constexpr int8_t kIQ4NLValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 constexpr int8_t kMXFP4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 // The kernels look IQ4 codes up as value + 128 (unsigned, for VPDPBUSD) and take 128 * sum(x) back;
-// MXFP4's as value + 12 (0..24: within what AVX2's VPMADDUBSW multiplies exactly, kAvx2Max).
+// MXFP4's as value + 12 (0..24: AVX2's VPMADDUBSW multiplies them exactly without the sign trick
+// weights above kAvx2Max need, and sums four products in int16).
 constexpr int32_t kLookupOffset = 128;
 constexpr int     kAvx2Max      = 128;
 
@@ -528,8 +529,22 @@ struct Avx2 {
     static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
     static I mul(I a, I b) { return _mm256_mullo_epi32(a, b); }
     static I dpwssd(I acc, I a, I b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+    // The rows' dot products of 16 activations with w - 128 (w unsigned, 0..255): the weights as
+    // int8 (w ^ 0x80), their signs moved onto x (VPSIGNB) so VPMADDUBSW multiplies |w - 128| <= 128.
+    static I dot16_offset128(const I * w, const int8_t * xq) {
+        const I ones = set16(1), top = set8(0x80);
+        I       d    = zero();
+        LVGG_UNROLL
+        for (int i = 0; i < 4; ++i) {
+            const I v = _mm256_xor_si256(w[i], top);
+            const I p = _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(bcast32(xq + 4 * i), v));
+            d         = _mm256_add_epi32(d, _mm256_madd_epi16(p, ones));
+        }
+        return d;
+    }
     // VPMADDUBSW adds two u8 x s8 products in int16 with saturation: exact for u8 <= 128 (kAvx2Max).
-    // Its int16 sums are added up further in int16 as far as MaxW allows (|x| <= 127).
+    // Its int16 sums are added up further in int16 as far as MaxW allows (|x| <= 127). Weights up
+    // to 255 take dot16_offset128.
     template <int MaxW> static I dot16(const I * w, const int8_t * xq) {
         const I ones = set16(1);
         I       p[4];
@@ -636,9 +651,21 @@ template <class V> LVGG_INLINE void look_up(const typename V::I table, typename 
     }
 }
 
-// 32 columns, as two independent chains.
-template <class V, int MaxW> LVGG_INLINE typename V::I dot32(const typename V::I * w, const int8_t * xq) {
-    return V::add(V::template dot16<MaxW>(w, xq), V::template dot16<MaxW>(w + 4, xq + 16));
+// The rows' dot products of 32 activations (xsum: their sum) with w - Offset (w unsigned, up to
+// MaxW), as two independent chains.
+template <class V, int MaxW, int Offset>
+LVGG_INLINE typename V::I dot32(const typename V::I * w, const int8_t * xq, int xsum) {
+    if constexpr (V::kLanes == 8 && MaxW > kAvx2Max) {  // AVX2: VPMADDUBSW would saturate
+        static_assert(Offset == 128, "weights above 128 are stored as value + 128");
+        return V::add(V::dot16_offset128(w, xq), V::dot16_offset128(w + 4, xq + 16));
+    } else {
+        const typename V::I d = V::add(V::template dot16<MaxW>(w, xq), V::template dot16<MaxW>(w + 4, xq + 16));
+        if constexpr (Offset == 0) {
+            return d;
+        } else {
+            return V::sub(d, V::set32(Offset * xsum));
+        }
+    }
 }
 
 template <class V, int NT> LVGG_INLINE void store_rows(float * const * out, int r0, const typename V::F * res) {
@@ -679,7 +706,8 @@ void multiply_q45_K(const uint8_t * tile, int64_t nb, int r0, const ActBlock * c
             const I scv = V::u8_32(tile + kQ4KSc + 16 * j + r0);
             LVGG_UNROLL
             for (int n = 0; n < NT; ++n) {
-                acc[n] = V::add(acc[n], V::mul(dot32<V, max_weight(Q5 ? GGML_TYPE_Q5_K : GGML_TYPE_Q4_K)>(w, x[n][b].qs + 32 * j), scv));
+                acc[n] = V::add(acc[n], V::mul(dot32<V, max_weight(Q5 ? GGML_TYPE_Q5_K : GGML_TYPE_Q4_K), 0>(
+                                                   w, x[n][b].qs + 32 * j, 0), scv));
             }
         }
         const F d = V::f16(tile + 2 * r0), dmin = V::f16(tile + 32 + 2 * r0);
@@ -787,8 +815,8 @@ void multiply_iq4_xs(const uint8_t * tile, int64_t nb, int r0, const ActBlock * 
             const I scv = V::s8_32(tile + 16 * j + r0);
             LVGG_UNROLL
             for (int n = 0; n < NT; ++n) {
-                const I q = V::sub(dot32<V, max_weight(GGML_TYPE_IQ4_XS)>(w, x[n][b].qs + 32 * j),
-                                  V::set32(kLookupOffset * x[n][b].bsum32[j]));
+                const I q = dot32<V, max_weight(GGML_TYPE_IQ4_XS), kLookupOffset>(w, x[n][b].qs + 32 * j,
+                                                                                   x[n][b].bsum32[j]);
                 acc[n]    = V::add(acc[n], V::mul(q, scv));
             }
         }
@@ -837,7 +865,7 @@ void multiply_32(const uint8_t * tile, int64_t n32, int r0, const ActBlock * con
             const F         d      = f.scale_bytes == 2 ? V::f16(scales) : V::e8m0_half(scales);
             LVGG_UNROLL
             for (int n = 0; n < NT; ++n) {
-                const I q = V::sub(dot32<V, max_weight(T)>(w, x[n][b].qs + 32 * j), V::set32(f.offset * x[n][b].bsum32[j]));
+                const I q = dot32<V, max_weight(T), f.offset>(w, x[n][b].qs + 32 * j, x[n][b].bsum32[j]);
                 res[n]    = V::fmadd(V::cvt(q), V::fmul(d, V::fset(x[n][b].d32[j])), res[n]);
             }
         }
@@ -930,8 +958,7 @@ bool layout_fits(ggml_type type, int64_t rows, int64_t cols) {
 }
 
 bool packable(ggml_type type, int64_t rows, int64_t cols) {
-    const int k = g_kernels;
-    return layout_fits(type, rows, cols) && (k == kVnni || (k == kAvx2 && max_weight(type) <= kAvx2Max));
+    return layout_fits(type, rows, cols) && available();
 }
 
 size_t group_offset(ggml_type type, int64_t cols, int64_t g) { return g * group_bytes(type, cols); }
@@ -1063,8 +1090,7 @@ void multiply_group_with(ggml_type type, const uint8_t * group, int64_t cols, co
 void multiply_group(ggml_type type, const uint8_t * group, int64_t cols, const ActBlock * const * x, int n_tokens,
                     float * const * out) {
 #if LVGG_VNNI
-    // the layout is the same for both: a type packed for AVX-512 VNNI runs there whatever is in use now
-    if (g_kernels == kVnni || max_weight(type) > kAvx2Max) {
+    if (g_kernels == kVnni) {
         multiply_group_with<Vnni>(type, group, cols, x, n_tokens, out);
         return;
     }

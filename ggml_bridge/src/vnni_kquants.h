@@ -1,12 +1,14 @@
-// lvgg's own CPU kernels for quantized experts on AVX-512 VNNI CPUs: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
-// IQ4_XS (256-value blocks) and Q8_0, Q4_0, IQ4_NL, MXFP4 (32-value blocks).
+// lvgg's own CPU kernels for quantized experts, on AVX-512 VNNI and on AVX2 CPUs: Q2_K, Q3_K, Q4_K,
+// Q5_K, Q6_K, IQ4_XS (256-value blocks) and Q8_0, Q4_0, IQ4_NL, MXFP4 (32-value blocks).
 //
 // Why: on the reference Xeon ggml's Q4_K kernels (AVX2, 8x8 interleave) reach ~60% of the read
 // bandwidth at one token, its IQ4_XS, Q3_K, Q2_K and MXFP4 ones 26-34%; BF16, with almost no
 // arithmetic per byte, reaches 97%. The work per byte is the limit, so these kernels cut it:
 // weights are re-laid out once at load ("packed") so that one VPDPBUSD multiplies 4 weights of each
 // of 16 rows by 4 activations broadcast to every lane, with no horizontal sums and no scale decoding
-// at run time.
+// at run time. AVX2 reads the same layout, 8 rows per register (each half of a group in turn),
+// with VPMADDUBSW (and its products summed in int16 while they cannot overflow; weights above 128,
+// Q8_0's and IQ4's, through VPSIGNB as ggml does).
 //
 // Packed layout of one expert matrix [rows, cols] (rows a multiple of 16, cols of 256; of 32 for
 // the 32-value block types, whose last tile then keeps only the units it uses): row groups of 16
@@ -72,9 +74,8 @@ static_assert(sizeof(ActBlock) == 384, "ActBlock layout");
 // Q4_0, as ggml's own kernels do: outliers in a 256-value block then cost less precision).
 bool per_32_scales(ggml_type weight_type);
 
-// The kernel sets this build has, best first: "avx512_vnni" (every packed type; a build for a CPU
-// with AVX-512 F/BW/VL and VNNI) and "avx2" (with FMA and F16C: the types whose packed weights fit
-// VPMADDUBSW's exact range, 0..128: the K-quants, Q4_0 and MXFP4).
+// The kernel sets this build has, best first: "avx512_vnni" (a build for a CPU with AVX-512 F/BW/VL
+// and VNNI) and "avx2" (with FMA and F16C). Both run every packed type.
 std::vector<std::string> kernel_sets();
 // Runs the kernel set `name` (one of kernel_sets(), else false) from now on: tests and benchmarks
 // compare them. Matrices packed before run as before (the layout is the same for every set).

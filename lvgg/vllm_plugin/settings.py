@@ -5,8 +5,8 @@
                                  evenly) or one count per node ("7,8")
     LVGG_CPU_BINDING             "node" (default: a node's threads float over its CPUs) or
                                  "core" (one thread pinned per CPU)
-    LVGG_CPU_KERNELS             "lvgg" (default) or "ggml": whose CPU kernels run Q4_K, Q6_K,
-                                 Q8_0 and Q4_0 experts on AVX-512 VNNI CPUs
+    LVGG_CPU_KERNELS             "lvgg" (default) or "ggml": whose CPU kernels run Q2_K-Q6_K,
+                                 IQ4_XS, IQ4_NL, MXFP4, Q8_0 and Q4_0 (AVX-512 VNNI or AVX2)
     LVGG_REPACK                  "on": the CPU runs from a re-laid-out copy of the experts
                                  where its kernels are faster (a GPU next to it reads lvgg's
                                  packed copies too, else the file); "off": from the file's own
@@ -153,8 +153,8 @@ def strict_binding() -> bool:
 
 
 def own_kernels() -> bool:
-    """LVGG_CPU_KERNELS: "lvgg" (default: lvgg's Q4_K/Q6_K/Q8_0/Q4_0 kernels where the CPU and
-    build have AVX-512 VNNI) or "ggml" (ggml's kernels for every type)."""
+    """LVGG_CPU_KERNELS: "lvgg" (default: lvgg's kernels for the types its kernel set runs,
+    ggml_bridge/src/vnni_kquants.h) or "ggml" (ggml's kernels for every type)."""
     return _choice(KERNELS_ENV, ("lvgg", "ggml")) == "lvgg"
 
 
