@@ -43,7 +43,7 @@ def convert_hf(src: str, out: Path, types: dict[str, gguf.GGMLQuantizationType] 
     # next-token-prediction layers (vLLM's MTP draft): written where the checkpoint has their experts,
     # after the model's layers (blk.<n_layers + k>, as llama.cpp numbers them)
     for layer in spec.mtp_layers:
-        where = (arch.mtp_prefix, layer - spec.n_layers) if arch.mtp_prefix else (prefix, layer)
+        where = spec.checkpoint_layer(layer, prefix)
         if any(name.startswith(where[0] + arch.experts_marker(where[1]) + ".") for name in ckpt.tensors):
             layouts[layer] = Layout.of(ckpt, arch, spec, *where)
     planned = []

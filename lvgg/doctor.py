@@ -201,7 +201,11 @@ def render(f: dict[str, Any], console: Console) -> None:
                   f"usable by this process ({cpu['online_cpus']} online)")
     console.print("  flags: " + " ".join(k if v else f"[dim]-{k}[/]" for k, v in cpu["flags"].items()))
     if build["loaded"]:
-        console.print("  build: " + (" ".join(k for k, v in build["features"].items() if v) or "no SIMD"))
+        features = build["features"]
+        console.print("  build: " + (" ".join(k for k, v in features.items() if v is True) or "no SIMD"))
+        console.print("  lvgg's CPU kernels: " + (f"{features['lvgg_kernels']} (built: "
+                                                 f"{', '.join(features['lvgg_kernel_sets'])})"
+                                                 if features.get("lvgg_kernels") else "none (ggml's kernels only)"))
     mem, hp, ml = f["memory"], f["hugepages"], f["memlock"]
     console.print(f"[bold]RAM[/] {_size(mem['total'])} total, {_size(mem['free'])} free, "
                   f"{_size(mem['available'])} available")

@@ -21,7 +21,7 @@ from lvgg.convert.gguf_to_gguf import convert_gguf
 from lvgg.convert.hf_to_gguf import convert_hf
 from lvgg.convert.output_types import projection_types
 from lvgg.cli import app
-from lvgg.models import ARCHITECTURES, PROJECTIONS, arch_for, gguf_expert_name
+from lvgg.models import ARCHITECTURES, PROJECTIONS, arch_for, gguf_expert_name, model_spec
 from lvgg.testing import llama_cpp
 from lvgg.testing.expert_files import write_llamacpp_gguf
 from lvgg.llm import check_before_start
@@ -245,6 +245,12 @@ def test_next_token_prediction_layers_experts_are_written_after_the_models_layer
     its experts gives a file without that layer."""
     folder = make_tiny_model(family, tmp_path / family, seed=7, dtype="float32", nextn=1)
     arch = ARCHITECTURES[family]
+    # the plugin's numbering of vLLM's MTP layer (model.layers.3, or the MTP module's own layers.0)
+    # is the file's, and the converter's way back finds it in the checkpoint
+    spec = model_spec(json.loads((folder / "config.json").read_text()))
+    assert spec.file_layer(f"{names}.mlp.experts", int(names[-1])) == 3
+    assert spec.checkpoint_layer(3, "model.") == (names[:-1].removesuffix("layers."), int(names[-1]))
+    assert spec.file_layer("model.layers.2.mlp.experts", 2) == 2 and spec.checkpoint_layer(2, "model.") == ("model.", 2)
     out = convert_hf(str(folder), tmp_path / "e.gguf", all_types(Q.F32), threads=2, quiet=True)
     store = lvgg.ExpertStore(out)
     assert store.layers[-1] == 3 and store.metadata()[f"{arch.gguf_arch}.nextn_predict_layers"] == 1

@@ -82,6 +82,8 @@ def test_doctor_text_output_and_exit_code():
     assert f"{cores} physical cores, {len(AFFINITY)} CPUs usable" in result.output
     assert f"recommended --cpu-threads {max(1, cores - gpu)}" in result.output
     assert "NUMA nodes (LVGG_NUMA=auto)" in result.output
+    kernels = _bridge.cpu_features()["lvgg_kernels"]
+    assert (f"lvgg's CPU kernels: {kernels} (built: " if kernels else "lvgg's CPU kernels: none") in result.output
     assert "blocker" not in result.output
 
 

@@ -254,7 +254,7 @@ def test_pipeline_parallel_ranks_hold_their_own_layers_only(qwen3, monkeypatch):
 
     _, config, experts = qwen3
     all_layers = lvgg.ExpertStore(experts).layers
-    assert runtime.pp_layers(config, 0, 1) is None
+    assert runtime.pp_layers(config, 0, 1) == all_layers
     ranks = [runtime.pp_layers(config, r, 2) for r in range(2)]
     assert sorted(ranks[0] + ranks[1]) == all_layers and ranks[0] and ranks[1] and max(ranks[0]) < min(ranks[1])
     monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", f"{config['num_hidden_layers'] - 1},1")
@@ -271,6 +271,20 @@ def test_pipeline_parallel_ranks_hold_their_own_layers_only(qwen3, monkeypatch):
     assert engine.store.layers == ranks[1]
     assert [engine.store.layer_info(n).intermediate_size * 2 for n in ranks[1]] == \
         [whole.layer_info(n).intermediate_size for n in ranks[1]]
+
+
+def test_the_next_token_prediction_layers_are_held_only_for_an_mtp_draft(tmp_path):
+    """A model with an MTP layer (GLM-4.7-Flash-like: layer 3 after layers 0-2) whose file holds it:
+    without vLLM's MTP draft its experts stay out of the engine (never read); with it, the last
+    pipeline stage holds them."""
+    from lvgg.vllm_plugin import runtime
+
+    folder = make_tiny_model("glm4_moe_lite", tmp_path / "m", seed=3, nextn=1)
+    config = json.loads((folder / "config.json").read_text())
+    assert runtime.pp_layers(config, 0, 1) == [1, 2]
+    assert runtime.pp_layers(config, 0, 1, mtp=True) == [1, 2, 3]
+    stages = [runtime.pp_layers(config, r, 2, mtp=True) for r in range(2)]
+    assert 3 not in stages[0] and stages[1][-1] == 3 and sorted(stages[0] + stages[1]) == [1, 2, 3]
 
 
 def test_expert_parallel_ranks_hold_whole_experts(qwen3, monkeypatch, caplog):

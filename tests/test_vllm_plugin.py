@@ -107,6 +107,7 @@ def test_mtp_speculative_decoding_drafts_with_the_files_next_token_prediction_la
     hybrid = generate(folder, experts, speculative=MTP)
     stock = generate(folder, speculative=MTP)
     assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["draft_tokens"] > 0
+    assert hybrid["engine_layers"] == [[1, 2, 3]]  # the draft's layer too (without MTP: test_plugin_checks)
     assert hybrid["tokens"] == stock["tokens"]
     assert (hybrid["draft_tokens"], hybrid["accepted_tokens"]) == (stock["draft_tokens"], stock["accepted_tokens"])
 

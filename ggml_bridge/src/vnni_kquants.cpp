@@ -48,7 +48,7 @@ constexpr int8_t kMXFP4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4,
 // MXFP4's as value + 12 (0..24: AVX2's VPMADDUBSW multiplies them exactly without the sign trick
 // weights above kAvx2Max need, and sums four products in int16).
 constexpr int32_t kLookupOffset = 128;
-constexpr int     kAvx2Max      = 128;
+constexpr int     kAvx2Max      = 128;  // the largest unsigned weight VPMADDUBSW multiplies exactly
 
 // Packed tile sizes and offsets (see the header).
 constexpr size_t kQ4KTile = 2368, kQ4KSc = 64, kQ4KM = 192, kQ4KQs = 320;
@@ -108,15 +108,17 @@ constexpr int max_weight(ggml_type type) {
         case GGML_TYPE_Q4_K: return 15;
         case GGML_TYPE_Q5_K: return 31;
         case GGML_TYPE_Q6_K: return 63;
-        case GGML_TYPE_IQ4_XS: return kIQ4NLValues[15] + kLookupOffset;
-        case GGML_TYPE_Q8_0: return 255;
-        default: {
+        case GGML_TYPE_IQ4_XS: return max_weight(GGML_TYPE_IQ4_NL);
+        default: {  // Q8_0, Q4_0, IQ4_NL, MXFP4
             const Format32 f = format32(type);
-            int            m = (1 << f.bits) - 1;
-            for (int i = 0; f.values && i < 16; ++i) {
-                m = i == 0 || f.values[i] + f.offset > m ? f.values[i] + f.offset : m;
+            if (!f.values) {
+                return (1 << f.bits) - 1;
             }
-            return m;
+            int m = f.values[0];
+            for (int i = 1; i < 16; ++i) {
+                m = f.values[i] > m ? f.values[i] : m;
+            }
+            return m + f.offset;
         }
     }
 }

@@ -32,10 +32,11 @@
 //     4-5/6-7 those of load 2s+1.
 //   Q2_K (1344 bytes, the file's size): d[16], dmin[16] (fp16); per chunk the [16][2] bytes of its
 //     sub-blocks' 4-bit scale | 4-bit min << 4; then per chunk the crumbs of its 2-bit weights.
-//   Q3_K (1792 bytes, 1760) plus d[16] per block after the group's tiles: per chunk the int8 scale
+//   Q3_K (1792 bytes, plus d[16] per block after the group's tiles: 1824 against the file's 1760,
+//     its 6-bit scales kept as bytes): per chunk the int8 scale
 //     pairs [16][2] (the file's 6-bit scales minus 32); then per chunk the crumbs of the 3-bit
 //     weights (q + 4, 0..7: the weight is q - 4) and the plane of their third bits.
-//   IQ4_XS (2176 bytes, the file's size) plus d[16] per block after the group's tiles: sc[8][16]
+//   IQ4_XS (2176 bytes, plus d[16] per block after the group's tiles: 2208 against 2176): sc[8][16]
 //     (int8: the 6-bit scales minus 32), then per sub-block the nibbles of its 4-bit codes.
 //   32-value block types: units of blocks (Q8_0, Q4_0, IQ4_NL: pairs; MXFP4: fours): the 16 rows'
 //     scales of each block of the unit (64 bytes: fp16 d, or MXFP4's e8m0 exponent), then the
@@ -45,7 +46,7 @@
 // Activations are quantized per 256 values to int8 with one float scale (per 32 values for the
 // 32-value block types) and the sums of each 16 and 32 values (ActBlock), which fold the K-quants'
 // mins, Q6_K's -32, Q3_K's -4 and the offsets of unsigned weights (Q8_0's +128, Q4_0's +8, the
-// looked-up values' +128) into a few integer operations per row and block.
+// looked-up values' +128, MXFP4's +12) into a few integer operations per row and block.
 #pragma once
 
 #include <ggml.h>

@@ -176,6 +176,21 @@ class ExpertSpec:
     top_k: int
     activation: str
 
+    def file_layer(self, module_name: str, index: int) -> int:
+        """The experts file's layer (blk.<i>) of vLLM's MoE layer ``module_name`` (numbered ``index``
+        in its module): an MTP module's own layer k (``mtp.layers.k``: Qwen3-Next, Qwen3.5) comes
+        after the model's layers, as the converter writes it; DeepSeek's and GLM's MTP layers are
+        numbered so already."""
+        prefix = self.arch.mtp_prefix
+        return self.n_layers + index if prefix and f".{prefix}layers." in f".{module_name}" else index
+
+    def checkpoint_layer(self, layer: int, prefix: str) -> tuple[str, int]:
+        """Where a checkpoint whose layers are ``<prefix>layers.<i>`` keeps the experts of the file's
+        ``layer``: (prefix, index), an MTP module's layers under its own prefix (file_layer's inverse)."""
+        if self.arch.mtp_prefix and layer >= self.n_layers:
+            return self.arch.mtp_prefix, layer - self.n_layers
+        return prefix, layer
+
     def hf_shape(self, proj: str) -> tuple[int, int]:
         """[out, in] of one expert's projection in the HF checkpoint."""
         d, f = self.hidden_size, self.intermediate_size
@@ -292,13 +307,13 @@ def check_experts_match(path: str, metadata: dict[str, Any], layer_dims: dict[in
     if not layer_dims:
         raise ValueError(f"{path} holds no routed-expert tensors (blk.N.ffn_{{gate,up,down}}_exps.weight): "
                          "give a MoE model's GGUF or an experts file made by `lvgg convert`")
-    want = spec.layers if layers is None else layers
-    # blk.N past the model's layers: the multi-token-prediction (nextn) layers llama.cpp's GGUFs of
-    # GLM and DeepSeek models carry, which vLLM runs only as a draft model
+    want = spec.layers if layers is None else layers  # ``layers`` may name next-token-prediction ones
+    # blk.N past the model's layers: the next-token-prediction (MTP) layers llama.cpp's GGUFs of GLM
+    # and DeepSeek models carry (and lvgg convert writes), which vLLM runs only as a draft model
     have = sorted(n for n in layer_dims if n < spec.n_layers)
-    if not set(want) <= set(have) or (layers is None and have != want):
-        missing = sorted(set(want) - set(have))
-        extra = sorted(set(have) - set(want))
+    missing = sorted(set(want) - set(layer_dims))
+    extra = sorted(set(have) - set(want)) if layers is None else []
+    if missing or extra:
         raise ValueError(f"experts file {path} has MoE layers {have}, the model has {want}"
                          + (f" (missing {missing})" if missing else "") + (f" (extra {extra})" if extra else ""))
     expected = (spec.n_experts, spec.hidden_size, spec.intermediate_size)

@@ -13,7 +13,7 @@ def model_info(model) -> dict:
 
     experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
     engine_nodes, engine_bytes, engine_cpus, engine_experts, counts_real_rows = 0, 0, [], None, False
-    engine_repacked = []
+    engine_repacked, engine_layers = [], []
     if os.environ.get("LVGG_EXPERTS"):
         from lvgg.vllm_plugin import moe_method, runtime
 
@@ -25,6 +25,7 @@ def model_info(model) -> dict:
             first = runtime._engine.store.layer_info(runtime._engine.store.layers[0])
             engine_experts = [first.held_experts.start, first.held_experts.stop]
             engine_repacked = sorted(p for p, repacked in first.repacked.items() if repacked)
+            engine_layers = list(runtime._engine.store.layers)
     # vLLM names routed-expert weights w13_* and w2_* (their scales and biases too); a layer's router
     # correction bias (e_score_correction_bias, GLM and ERNIE) is not an expert's
     return {"expert_bytes": sum(p.numel() * p.element_size() for m in experts for name, p in m.named_parameters()
@@ -33,7 +34,7 @@ def model_info(model) -> dict:
             "others": sorted({type(m.quant_method).__name__ for m in model.modules()
                               if getattr(m, "quant_method", None) is not None and not isinstance(m, RoutedExperts)}),
             "engine_nodes": engine_nodes, "engine_expert_bytes": engine_bytes, "engine_cpus": engine_cpus,
-            "engine_experts": engine_experts, "engine_repacked": engine_repacked,
+            "engine_experts": engine_experts, "engine_repacked": engine_repacked, "engine_layers": engine_layers,
             "expert_parallel": any(m.use_ep for m in experts), "counts_real_rows": counts_real_rows,
             "rss": resident_memory()}
 

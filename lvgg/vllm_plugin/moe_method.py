@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from lvgg.models import text_config
+from lvgg.llm import is_mtp
+from lvgg.models import model_spec
 from lvgg.vllm_plugin import compat, runtime
 
 log = compat.init_logger("vllm.lvgg")
@@ -123,10 +124,8 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
             raise ValueError(f"{layer.layer_name}: router weights applied on the input need one expert per token, "
                              f"the layer routes to {self.moe.experts_per_token}")
         vllm_config = compat.get_current_vllm_config()
-        self.layer_index = compat.extract_layer_index(layer.layer_name)
-        if ".mtp.layers." in f".{layer.layer_name}":  # an MTP module's own layer k (Qwen3-Next, Qwen3.5)
-            hf_config = vllm_config.model_config.hf_config
-            self.layer_index += text_config(hf_config.to_dict())["num_hidden_layers"]  # the file's numbering
+        spec = model_spec(vllm_config.model_config.hf_config.to_dict())
+        self.layer_index = spec.file_layer(layer.layer_name, compat.extract_layer_index(layer.layer_name))
         # Opens and checks the experts file at the first layer: a mismatch stops startup here.
         pp = compat.get_pp_group()
         # With expert parallelism (over the tensor-parallel ranks: no DP) a rank computes the whole
@@ -136,7 +135,7 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
                                 vllm_config.scheduler_config.max_num_batched_tokens,
                                 compat.gpu_memory_utilization(vllm_config.cache_config), rank, ranks,
                                 pp.rank_in_group, pp.world_size, expert_parallel=self.moe.use_ep,
-                                activation=ENGINE_ACTIVATIONS[activation])
+                                activation=ENGINE_ACTIVATIONS[activation], mtp=drafts_with_mtp(vllm_config))
         if engine.activation != ENGINE_ACTIVATIONS[activation]:  # one engine for every layer
             raise ValueError(f"{layer.layer_name}: the experts' activation is {activation}, another layer's was "
                              f"{engine.activation}; lvgg's engine computes one activation for every layer")
@@ -182,6 +181,11 @@ class LvggRoutedExperts(compat.RoutedExperts):
 
     def _get_quant_method(self, prefix, quant_config, moe_config):
         return LvggMoEMethod(moe_config)
+
+
+def drafts_with_mtp(vllm_config) -> bool:
+    """Whether vLLM drafts with the model's own next-token-prediction layers (lvgg.llm.is_mtp)."""
+    return is_mtp({"method": getattr(getattr(vllm_config, "speculative_config", None), "method", None)})
 
 
 def register_moe_method() -> None:

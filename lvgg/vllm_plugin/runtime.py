@@ -186,18 +186,19 @@ def rank_gpu_nodes(count: int) -> list[int | None]:
 
 def engine(hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: float = 0.9, tp_rank: int = 0,
            tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1, expert_parallel: bool = False,
-           activation: str = "silu") -> CpuMoE:
+           activation: str = "silu", mtp: bool = False) -> CpuMoE:
     """The engine of this process (its experts' ``activation``: CpuMoE's), created (and the file
     checked) on first use. A tensor-parallel rank (tp_rank of tp_size) computes its share of every
     expert, an expert-parallel one (``expert_parallel``, over the same ranks) the whole experts it
     holds (vLLM's all-reduce sums the ranks' outputs either way); a pipeline-parallel rank holds
-    its own layers' experts only."""
+    its own layers' experts only. The model's next-token-prediction layers are held only where vLLM
+    drafts with them (``mtp``)."""
     global _engine, _gpu_memory_utilization
     with _lock:
         _gpu_memory_utilization = gpu_memory_utilization
         if _engine is None:
             _engine = _make_engine(hf_config, max_tokens, tp_rank, tp_size, pp_rank, pp_size, expert_parallel,
-                                   activation=activation)
+                                   activation=activation, mtp=mtp)
         return _engine
 
 
@@ -218,21 +219,24 @@ def split_by(store: ExpertStore, rank: int, ranks: int, expert_parallel: bool, s
     return "blocks" if shared_memory and store.max_parts("blocks") >= ranks else "rows"
 
 
-def pp_layers(hf_config: dict[str, Any], pp_rank: int, pp_size: int) -> list[int] | None:
+def pp_layers(hf_config: dict[str, Any], pp_rank: int, pp_size: int, mtp: bool = False) -> list[int]:
     """The MoE layers of a pipeline-parallel rank (vLLM's split of the layers, which
-    VLLM_PP_LAYER_PARTITION sets), or None without pipeline parallelism."""
-    if pp_size == 1:
-        return None
-    from lvgg.vllm_plugin import compat
-
+    VLLM_PP_LAYER_PARTITION sets; every layer without pipeline parallelism), and where vLLM drafts
+    with the model's next-token-prediction layers (``mtp``) those the experts file holds (the last
+    rank's: they follow the model's layers)."""
     spec = model_spec(hf_config)
-    start, end = compat.get_pp_indices(spec.n_layers, pp_rank, pp_size)
-    return [layer for layer in spec.layers if start <= layer < end]
+    start, end = 0, spec.n_layers
+    if pp_size > 1:
+        from lvgg.vllm_plugin import compat
+
+        start, end = compat.get_pp_indices(spec.n_layers, pp_rank, pp_size)
+    drafts = spec.mtp_layers if mtp and pp_rank == pp_size - 1 else []
+    return [layer for layer in spec.layers if start <= layer < end] + drafts
 
 
 def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_size: int, pp_rank: int,
                  pp_size: int, expert_parallel: bool = False, local: tuple[int, int] | None = None,
-                 activation: str = "silu") -> CpuMoE:
+                 activation: str = "silu", mtp: bool = False) -> CpuMoE:
     spec = model_spec(hf_config)
     kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation=activation,
                   strict_cpu=settings.strict_binding())
@@ -243,7 +247,7 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     # Nodes and ranks hold repacked copies of their parts; the whole file is then only their source.
     # Without repacking (LVGG_REPACK) a lone rank computes from the file's mapping, which its GPU reads too;
     # repacked, its GPU reads the CPU engine's copy where it is in lvgg's packed layout, else the file.
-    layers = pp_layers(hf_config, pp_rank, pp_size)
+    layers = pp_layers(hf_config, pp_rank, pp_size, mtp)
     wanted = GpuSettings.from_env()
 
     def saves_a_copy() -> bool:  # the GPU would pin the file beside the copies: it cannot read them
@@ -275,13 +279,13 @@ def _make_engine(hf_config: dict[str, Any], max_tokens: int, tp_rank: int, tp_si
     # A rank's copies are made by its own cores (first touch): they land in their node's memory.
     with topology.bound_to(cpus) if cpus else contextlib.nullcontext():
         store = store or open_store()
-        if layers is not None:
+        if pp_size > 1:
             log.info("lvgg: pipeline-parallel rank %d of %d holds the experts of layers %s", pp_rank, pp_size,
                      topology.format_cpulist(layers))
         # The GPU reads the rank's part, as its CPU engine holds it: from the file's mapping, or from
         # the engine's own copy where that is in lvgg's packed layout (then the whole file is unmapped
         # when its store goes, as without a GPU).
-        elsewhere = frozenset(spec.layers) - frozenset(layers) if layers is not None else frozenset()
+        elsewhere = frozenset(spec.layers) - frozenset(layers)
         _gpu_source = (store, (tp_rank, tp_size), by, elsewhere) if _gpu_present() else None
         if tp_size > 1:
             # A rank alone on several nodes splits its part again, over them: a plain copy, split, then repacked.
