@@ -27,20 +27,19 @@ def gguf_expert_bias_name(layer: int, proj: str) -> str:
     return f"blk.{layer}.ffn_{proj}_exps.bias"
 
 
-def _qwen_moe_layers(cfg: dict[str, Any]) -> list[int]:
+def _qwen_moe_layers(cfg: dict[str, Any], n: int) -> list[int]:
     step = cfg.get("decoder_sparse_step", 1) or 1
     dense = set(cfg.get("mlp_only_layers") or [])
-    return [i for i in range(cfg["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0]
+    return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
 
 
-def _first_k_dense_layers(cfg: dict[str, Any]) -> list[int]:
+def _first_k_dense_layers(cfg: dict[str, Any], n: int) -> list[int]:
     k = cfg.get("first_k_dense_replace", 0) or 0
     freq = cfg.get("moe_layer_freq", 1) or 1
-    return [i for i in range(cfg["num_hidden_layers"]) if i >= k and i % freq == 0]
+    return [i for i in range(n) if i >= k and i % freq == 0]
 
 
-def _ernie_moe_layers(cfg: dict[str, Any]) -> list[int]:
-    n = cfg["num_hidden_layers"]
+def _ernie_moe_layers(cfg: dict[str, Any], n: int) -> list[int]:
     if cfg.get("use_moe") is False:
         return []
     start = cfg.get("moe_layer_start_index", 0) or 0
@@ -50,22 +49,22 @@ def _ernie_moe_layers(cfg: dict[str, Any]) -> list[int]:
     return [i for i in range(n) if start <= i <= end and (i + 1) % step == 0]
 
 
-def _interleaved_moe_layers(cfg: dict[str, Any]) -> list[int]:
+def _interleaved_moe_layers(cfg: dict[str, Any], n: int) -> list[int]:
     """Llama-4: every interleave_moe_layer_step-th layer (vLLM's rule)."""
     step = cfg.get("interleave_moe_layer_step", 1) or 1
-    return [i for i in range(cfg["num_hidden_layers"]) if (i + 1) % step == 0]
+    return [i for i in range(n) if (i + 1) % step == 0]
 
 
-def _all_layers(cfg: dict[str, Any]) -> list[int]:
-    return list(range(cfg["num_hidden_layers"]))
+def _all_layers(cfg: dict[str, Any], n: int) -> list[int]:
+    return list(range(n))
 
 
-def _gemma4_moe_layers(cfg: dict[str, Any]) -> list[int]:
+def _gemma4_moe_layers(cfg: dict[str, Any], n: int) -> list[int]:
     """gemma-4: every layer has a MoE block beside its dense MLP, or none has."""
-    return _all_layers(cfg) if cfg.get("enable_moe_block") else []
+    return _all_layers(cfg, n) if cfg.get("enable_moe_block") else []
 
 
-def _nemotron_h_moe_layers(cfg: dict[str, Any]) -> list[int]:
+def _nemotron_h_moe_layers(cfg: dict[str, Any], n: int) -> list[int]:
     """Nemotron-H: the layers whose block is MoE ("E" in hybrid_override_pattern, as the Hub's
     configs say; "moe" in layers_block_type, as transformers saves them)."""
     return [i for i, kind in enumerate(_layer_kinds(cfg)) if kind in ("E", "moe")]
@@ -92,7 +91,7 @@ class MoEArch:
     hf_proj: dict[str, str]  # gate/up/down (up/down where not gated) -> HF projection name
     n_experts_keys: tuple[str, ...]  # config keys naming the routed expert count (first present wins)
     moe_ff_key: str  # expert intermediate size
-    moe_layers: Callable[[dict[str, Any]], list[int]]
+    moe_layers: Callable[[dict[str, Any], int], list[int]]  # (config, the model's layer count) -> MoE layers
     shared_expert: str | None = None  # module name of shared experts (kept on the GPU)
     top_k_key: str = "num_experts_per_tok"
     # config keys naming the width the experts take and give (first present wins): Nemotron-3-Super's
@@ -146,7 +145,6 @@ class MoEArch:
         n_layers = cfg.get(self.n_layers_key)
         if n_layers is None and _layer_kinds(cfg):  # transformers saves Nemotron-H's pattern alone
             n_layers = len(_layer_kinds(cfg))
-        cfg = {**cfg, "num_hidden_layers": n_layers}
         dim = next((cfg[k] for k in self.expert_dim_keys if cfg.get(k) is not None), None)
         missing = [k for k in (self.moe_ff_key, self.top_k_key) if cfg.get(k) is None] + \
             ([self.n_layers_key] if n_layers is None else []) + \
@@ -155,7 +153,7 @@ class MoEArch:
         if missing:
             raise ValueError(f"config.json of a {self.model_type} model lacks {missing}")
         n_mtp = int(cfg.get(self.mtp_key, 1 if self.mtp_prefix else 0) or 0) if self.mtp_key else 0
-        return ExpertSpec(arch=self, n_layers=int(n_layers), layers=self.moe_layers(cfg),
+        return ExpertSpec(arch=self, n_layers=int(n_layers), layers=self.moe_layers(cfg, int(n_layers)),
                           mtp_layers=list(range(int(n_layers), int(n_layers) + n_mtp)),
                           n_experts=int(n_experts),
                           hidden_size=int(dim), intermediate_size=int(cfg[self.moe_ff_key]),
