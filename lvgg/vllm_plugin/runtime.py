@@ -222,8 +222,8 @@ def split_by(store: ExpertStore, rank: int, ranks: int, expert_parallel: bool, s
 def pp_layers(hf_config: dict[str, Any], pp_rank: int, pp_size: int, mtp: bool = False) -> list[int]:
     """The MoE layers of a pipeline-parallel rank (vLLM's split of the layers, which
     VLLM_PP_LAYER_PARTITION sets; every layer without pipeline parallelism), and where vLLM drafts
-    with the model's next-token-prediction layers (``mtp``) those the experts file holds (the last
-    rank's: they follow the model's layers)."""
+    with the model's next-token-prediction layers (``mtp``) those too (the last rank's: they follow
+    the model's layers; a file without them fails its check)."""
     spec = model_spec(hf_config)
     start, end = 0, spec.n_layers
     if pp_size > 1:
