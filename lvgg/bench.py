@@ -2,7 +2,7 @@
 
 Each run measures the floor it is compared with: memory read bandwidth with the same thread
 count, and ggml's plain MUL_MAT_ID graph on weights used in place (no repack) next to the
-engine's configurations (CONFIGS): weight layout x schedule.
+engine's configurations (CONFIGS): weight layout x schedule (x lvgg's kernel set).
 """
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ from lvgg.models import gguf_expert_name as tensor_name
 from lvgg.quantize import quantize
 from lvgg.testing.expert_files import add_quantized_tensor, write_all
 
-# Engine configurations measured: ExpertStore arguments and CpuMoE schedule.
+# Engine configurations measured: ExpertStore arguments, CpuMoE schedule, and the kernel set of lvgg's
+# that runs it (None: the build's default; _bridge.use_kernels).
 CONFIGS = {
-    "ggml mul_mat_id": (dict(repack=False), "mul_mat_id"),  # ggml's plain graph on the mapped file
-    "repacked": (dict(repack=True, keep_mapped=False), "mul_mat_id"),  # the memory-lean default
-    "repacked, AVX2 kernels": (dict(repack=True, keep_mapped=False), "mul_mat_id"),  # lvgg's AVX2 set (kernels_for)
-    "ggml repacked": (dict(repack=True, own_kernels=False), "mul_mat_id"),  # ggml's interleaved kernels only
-    "per-expert": (dict(repack=False), "per_expert"),
-    "auto, both layouts": (dict(repack=True, keep_mapped=True), "auto"),
+    "ggml mul_mat_id": (dict(repack=False), "mul_mat_id", None),  # ggml's plain graph on the mapped file
+    "repacked": (dict(repack=True, keep_mapped=False), "mul_mat_id", None),  # the memory-lean default
+    "repacked, AVX2 kernels": (dict(repack=True, keep_mapped=False), "mul_mat_id", "avx2"),
+    "ggml repacked": (dict(repack=True, own_kernels=False), "mul_mat_id", None),  # ggml's interleaved kernels only
+    "per-expert": (dict(repack=False), "per_expert", None),
+    "auto, both layouts": (dict(repack=True, keep_mapped=True), "auto", None),
 }
 Q = gguf.GGMLQuantizationType
 # Types named by llama.cpp's mixtures, per projection: Q4_K_M keeps down in Q6_K (in half of the
@@ -98,8 +99,8 @@ def bench_moe(types: list[str], tokens: list[int], threads: int, n_layers: int, 
     ``experts_file`` (any GGUF lvgg reads: a llama.cpp one, split, or org/repo:QUANT)."""
     def engines(path: Path, K: int):
         for config in configs:
-            store_args, schedule = CONFIGS[config]
-            with kernels_for(config):
+            store_args, schedule, kernels = CONFIGS[config]
+            with kernels_in_use(kernels):
                 store = ExpertStore(path, **store_args)
                 yield config, store, CpuMoE(store, threads=threads, max_tokens=max(tokens), max_top_k=K,
                                             schedule=schedule)
@@ -111,20 +112,20 @@ def bench_moe(types: list[str], tokens: list[int], threads: int, n_layers: int, 
 
 
 def default_configs() -> list[str]:
-    """Every configuration, the AVX2 kernels only where they are not the default ones already."""
+    """Every configuration whose kernel set the build has and is not its default already."""
     features = _bridge.cpu_features()
-    avx2_too = "avx2" in features["lvgg_kernel_sets"] and features["lvgg_kernels"] != "avx2"
-    return [c for c in CONFIGS if avx2_too or not c.endswith("AVX2 kernels")]
+    return [c for c, (_, _, kernels) in CONFIGS.items()
+            if kernels is None or (kernels in features["lvgg_kernel_sets"] and kernels != features["lvgg_kernels"])]
 
 
 @contextlib.contextmanager
-def kernels_for(config: str):
-    """lvgg's kernel set a configuration names ("..., AVX2 kernels"), in use while it is measured."""
-    if not config.endswith("AVX2 kernels"):
+def kernels_in_use(kernels: str | None):
+    """lvgg's kernel set ``kernels`` in use while a configuration is measured (None: as it is)."""
+    if kernels is None:
         yield
         return
     before = _bridge.cpu_features()["lvgg_kernels"]
-    _bridge.use_kernels("avx2")  # ValueError where the build has no AVX2 kernels
+    _bridge.use_kernels(kernels)  # ValueError where the build lacks it
     try:
         yield
     finally:

@@ -637,14 +637,22 @@ LVGG_INLINE void unpack_crumbs(const uint8_t * qs, typename V::I w[8], std::inte
     }
 }
 
-// The lookup table of a type's 4-bit codes (value + offset, unsigned), 16 per 128-bit lane.
-template <class V> LVGG_INLINE typename V::I lookup_table(const int8_t values[16], int32_t offset) {
-    alignas(16) uint8_t t[16];
+// The lookup table of a type's 4-bit codes (value + offset, unsigned), made once at compile time.
+struct CodeTable {
+    alignas(16) uint8_t bytes[16];
+};
+
+constexpr CodeTable code_table(const int8_t * values, int32_t offset) {
+    CodeTable t{};
     for (int i = 0; i < 16; ++i) {
-        t[i] = (uint8_t) (values[i] + offset);
+        t.bytes[i] = (uint8_t) (values[i] + offset);
     }
-    return V::table16(t);
+    return t;
 }
+
+constexpr CodeTable kIQ4NLTable = code_table(kIQ4NLValues, kLookupOffset);
+constexpr CodeTable kMXFP4Table = code_table(kMXFP4Values, format32(GGML_TYPE_MXFP4).offset);
+static_assert(format32(GGML_TYPE_IQ4_NL).offset == kLookupOffset, "IQ4_NL and IQ4_XS share one table");
 
 template <class V> LVGG_INLINE void look_up(const typename V::I table, typename V::I w[8]) {
     LVGG_UNROLL
@@ -801,7 +809,7 @@ template <class V, int NT>
 void multiply_iq4_xs(const uint8_t * tile, int64_t nb, int r0, const ActBlock * const * x, float * const * out) {
     using I = typename V::I;
     using F = typename V::F;
-    const I         table  = lookup_table<V>(kIQ4NLValues, kLookupOffset);
+    const I         table  = V::table16(kIQ4NLTable.bytes);
     const uint8_t * dgroup = tile + nb * kIQ4XSTile;
     F               res[NT];
     std::fill(res, res + NT, V::fzero());
@@ -841,7 +849,7 @@ void multiply_32(const uint8_t * tile, int64_t n32, int r0, const ActBlock * con
     constexpr Format32 f = format32(T);
     I                  table = V::zero();
     if constexpr (f.values != nullptr) {
-        table = lookup_table<V>(f.values, f.offset);
+        table = V::table16(T == GGML_TYPE_MXFP4 ? kMXFP4Table.bytes : kIQ4NLTable.bytes);
     }
     F res[NT];
     std::fill(res, res + NT, V::fzero());
