@@ -106,8 +106,8 @@ def run(n_seqs, n_in, n_out):
 run(1, 16, 1)
 from lvgg.vllm_plugin import runtime
 result = {"init_s": init_s}
-if runtime.opened_at is not None:  # the engine is in this process (one GPU)
-    result["open_to_first_token_s"] = time.perf_counter() - runtime.opened_at
+if runtime.process.opened_at is not None:  # the engine is in this process (one GPU)
+    result["open_to_first_token_s"] = time.perf_counter() - runtime.process.opened_at
     from lvgg.testing.worker_info import resident_memory
     memory = resident_memory()
     for key in ("RssAnon", "RssFile"):  # the process's own pages (vLLM's, lvgg's copies); mapped file pages

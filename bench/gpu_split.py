@@ -22,7 +22,7 @@ from lvgg.gpu_dequant import gated_activations, weighted_down
 from lvgg.gpu_experts import GpuExperts, _gather, _staged
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.gpu_split import RandomRoutes, SplitExperts, graphs_seconds, split_shares, timed_layers
-from lvgg.vllm_plugin.runtime import SPLIT_EXPERTS
+from lvgg.plan import SPLIT_EXPERTS
 
 
 def main() -> None:

@@ -100,25 +100,36 @@ def convert(
         Console().print(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MiB)")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# lvgg's own options of `serve` and `plan` (every other flag goes to vLLM)
+EXPERTS = typer.Option(None, "--experts", help="experts file: made by `lvgg convert`, or a llama.cpp GGUF as it is (a "
+                       "split one: its first part), or a Hub quant org/repo:QUANT (default: the one .gguf in the "
+                       "model folder)")
+CPU_THREADS = typer.Option(0, "--cpu-threads", help="threads of the CPU MoE engine (0: one per physical core)")
+GPU_PREFILL_MIN_TOKENS = typer.Option(None, "--gpu-prefill-min-tokens", help="passes of at least this many tokens "
+                                      "stream the experts to the GPU (default 64; 'off')")
+GPU_RESIDENT_LAYERS = typer.Option(None, "--gpu-resident-layers", help="layers whose experts stay on the GPU: "
+                                   "'0-5,40' or 'auto'")
+GPU_EXPERTS_GB = typer.Option(None, "--gpu-experts-gb", help="the most VRAM (GiB) lvgg's experts may take")
+GPU_DECODE_SPLIT = typer.Option(None, "--gpu-decode-split", help="decode: N, the GPU computes N/top_k of a step's "
+                                "experts (N of a token's) while the CPU does the rest: 'auto' (default: timed at "
+                                "startup), N or 'off'")
+REPACK = typer.Option(None, "--repack/--no-repack", help="--no-repack: the CPU computes the experts from the file's "
+                      "own layout (ggml's kernels; slower decode, but next to a GPU one copy of the experts in RAM, not "
+                      "two); default: a repacked copy unless the memory available cannot hold it beside the pinned file")
+VLLM_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=VLLM_FLAGS)
 def serve(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="HF model folder or id (its dense weights run in vLLM)"),
-    experts: str = typer.Option(None, help="experts file: made by `lvgg convert`, or a llama.cpp GGUF as it is (a "
-                                "split one: its first part), or a Hub quant org/repo:QUANT (default: the one .gguf "
-                                "in the model folder)"),
-    cpu_threads: int = typer.Option(0, help="threads of the CPU MoE engine (0: one per physical core)"),
-    gpu_prefill_min_tokens: str = typer.Option(None, help="passes of at least this many tokens stream the experts "
-                                               "to the GPU (default 64; 'off')"),
-    gpu_resident_layers: str = typer.Option(None, help="layers whose experts stay on the GPU: '0-5,40' or 'auto'"),
-    gpu_experts_gb: float = typer.Option(None, help="the most VRAM (GiB) lvgg's experts may take"),
-    gpu_decode_split: str = typer.Option(None, help="decode: N, the GPU computes N/top_k of a step's experts "
-                                         "(N of a token's) while the CPU does the rest: 'auto' (default: timed at "
-                                         "startup), N or 'off'"),
-    repack: bool = typer.Option(None, "--repack/--no-repack", help="--no-repack: the CPU computes the experts from "
-                                "the file's own layout (ggml's kernels; slower decode, but next to a GPU one copy "
-                                "of the experts in RAM, not two); default: a repacked copy unless the memory "
-                                "available cannot hold it beside the pinned file"),
+    experts: str = EXPERTS,
+    cpu_threads: int = CPU_THREADS,
+    gpu_prefill_min_tokens: str = GPU_PREFILL_MIN_TOKENS,
+    gpu_resident_layers: str = GPU_RESIDENT_LAYERS,
+    gpu_experts_gb: float = GPU_EXPERTS_GB,
+    gpu_decode_split: str = GPU_DECODE_SPLIT,
+    repack: bool = REPACK,
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback unless told otherwise)"),
     port: int = typer.Option(8000, help="port to listen on"),
 ) -> None:
@@ -131,6 +142,91 @@ def serve(
     except (ValueError, OSError) as e:
         _fail(e)
     os.execv(sys.executable, server_argv(model, path, host, port, ctx.args))
+
+
+@app.command(context_settings=VLLM_FLAGS)
+def plan(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="HF model folder or id"),
+    experts: str = EXPERTS,
+    cpu_threads: int = CPU_THREADS,
+    gpu_prefill_min_tokens: str = GPU_PREFILL_MIN_TOKENS,
+    gpu_resident_layers: str = GPU_RESIDENT_LAYERS,
+    gpu_experts_gb: float = GPU_EXPERTS_GB,
+    gpu_decode_split: str = GPU_DECODE_SPLIT,
+    repack: bool = REPACK,
+    bandwidth: float = typer.Option(None, help="the CPU's read bandwidth in GB/s for the decode bound (default: "
+                                    "measured now, about a second)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Where `lvgg serve` with these flags would put the experts, read from the headers alone (no
+    weights load): per rank its layers, share, CPUs, memory node and GPU layers, the host RAM and
+    VRAM they take, and the decode bound. vLLM's flags (-tp, -pp, --enable-expert-parallel,
+    --gpu-memory-utilization, --speculative-config, ...) count as serve would pass them."""
+    import json
+
+    from lvgg.llm import plan_serving, settings_env
+
+    try:
+        env = settings_env(cpu_threads or None, gpu_prefill_min_tokens, gpu_resident_layers, gpu_experts_gb,
+                           gpu_decode_split, repack)
+        if bandwidth is None:
+            from lvgg import _bridge, bench
+
+            bandwidth = bench.read_bandwidth_gb_per_s(len(_bridge.physical_core_cpus()))
+        planned = plan_serving(model, experts, env, ctx.args, bandwidth)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps({**planned.plan.to_json(), "available_memory": planned.host.available_memory,
+                               "gpu_usable_bytes": planned.gpu_usable_bytes, "dense_bytes": planned.dense_bytes},
+                              indent=2))
+        return
+    print_plan(Console(width=None if sys.stdout.isatty() else 132), planned)
+
+
+def print_plan(console: Console, planned) -> None:
+    """The plan as a table of ranks, then what fits where and the decode bound."""
+    from lvgg.doctor import human_size
+    from lvgg.plan import describe_parts
+    from lvgg.topology import format_cpulist
+
+    p, gpus = planned.plan, planned.host.gpus
+    par = p.parallel
+    console.print(f"[bold]{p.model_type}[/], experts file {p.experts_file} ({human_size(p.file_bytes)}); "
+                  f"tensor-parallel {par.tp_size}, pipeline {par.pp_size}"
+                  + (", expert-parallel" if par.expert_parallel else "") + (", MTP draft" if par.mtp else ""))
+    table = Table()
+    columns = ["rank", "TP", "PP", "MoE layers", "share", "experts", "layout", "CPU engine"]
+    columns += ["GPU layers: streamed / resident / split", "VRAM"] if gpus else []
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("rank", "TP", "PP", "experts", "VRAM") else "left")
+    for r in p.ranks:
+        row = [str(r.index), str(r.tp_rank), str(r.pp_rank), format_cpulist(r.layers),
+               r.by if par.tp_size > 1 else "whole", human_size(r.expert_bytes),
+               ("repacked" if r.repack else "the file's") + (", the GPU reads it" if gpus and r.gpu_reads_packed else ""),
+               describe_parts(r)]
+        if gpus:
+            g = r.gpu
+            row += [f"{len(g.streamed)} / {len(g.resident)} / {len(g.split)}" if g else "no GPU",
+                    human_size(g.vram_bytes) if g else ""]
+        table.add_row(*row)
+    console.print(table)
+    available = planned.host.available_memory
+    fits = available is None or p.host_bytes <= available
+    console.print(f"host RAM for the experts: {human_size(p.host_bytes)}"
+                  + (f" of {human_size(available)} available now" if available is not None else "")
+                  + ("" if fits else " [bold red]: does not fit[/] (--no-repack keeps one copy; fewer layers per "
+                     "machine with pipeline parallelism)"))
+    for gpu, usable in zip(gpus, planned.gpu_usable_bytes or []):
+        dense = "" if planned.dense_bytes is not None else " (the dense weights' size is unknown: not counted)"
+        console.print(f"GPU {gpu.index} ({gpu.name}, {human_size(gpu.memory)}): vLLM may use {human_size(usable)} "
+                      f"after the dense weights{dense}; lvgg's experts take their share of it, the KV cache the rest")
+    if p.decode_bound is not None:
+        console.print(f"decode bound, one sequence: {p.decode_bound:.1f} tok/s ({human_size(p.active_bytes_per_token)} "
+                      f"of experts per token at {p.read_bandwidth:.1f} GB/s)")
+    for note in p.notes:
+        console.print(f"[yellow]note:[/] {note}")
 
 
 @app.command()

@@ -180,7 +180,7 @@ def collect(sys_root: str | os.PathLike[str] = "/sys", proc_root: str | os.PathL
                         "echo madvise | sudo tee /sys/kernel/mm/transparent_hugepage/enabled")
     node_mem, total = [n.mem_total for n in topo.machine.nodes], facts["memory"]["total"]
     if total and None not in node_mem and sum(node_mem) < 0.9 * total:
-        warnings.append(f"the NUMA nodes report {_size(sum(node_mem))} of the {_size(total)} in /proc/meminfo "
+        warnings.append(f"the NUMA nodes report {human_size(sum(node_mem))} of the {human_size(total)} in /proc/meminfo "
                         "(pages the kernel initializes late, as in some VMs): per-node memory figures understate "
                         "what the machine has")
     if topo.setting == "off" and len(topo.machine.nodes) > 1:
@@ -190,7 +190,7 @@ def collect(sys_root: str | os.PathLike[str] = "/sys", proc_root: str | os.PathL
     return facts
 
 
-def _size(n: int | None) -> str:
+def human_size(n: float | None) -> str:
     return "?" if n is None else f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB" if n >= 2**20 \
         else f"{n / 2**10:.0f} KiB"
 
@@ -207,25 +207,25 @@ def render(f: dict[str, Any], console: Console) -> None:
                                                  f"{', '.join(features['lvgg_kernel_sets'])})"
                                                  if features.get("lvgg_kernels") else "none (ggml's kernels only)"))
     mem, hp, ml = f["memory"], f["hugepages"], f["memlock"]
-    console.print(f"[bold]RAM[/] {_size(mem['total'])} total, {_size(mem['free'])} free, "
-                  f"{_size(mem['available'])} available")
+    console.print(f"[bold]RAM[/] {human_size(mem['total'])} total, {human_size(mem['free'])} free, "
+                  f"{human_size(mem['available'])} available")
     console.print(f"  transparent hugepages: {hp['thp']} (defrag {hp['thp_defrag']}); hugepage pools: " +
-                  (", ".join(f"{_size(p['size'])} pages: {p['free']} of {p['total']} free" for p in hp["pools"]) or "none"))
-    console.print(f"  memlock (ulimit -l): {_size(ml['soft']) if ml['soft'] is not None else 'unlimited'}")
+                  (", ".join(f"{human_size(p['size'])} pages: {p['free']} of {p['total']} free" for p in hp["pools"]) or "none"))
+    console.print(f"  memlock (ulimit -l): {human_size(ml['soft']) if ml['soft'] is not None else 'unlimited'}")
     if f["numa"]:
         numa = f["numa"]
         table = Table(title=f"NUMA nodes (LVGG_NUMA={escape(numa['setting'] or 'auto')})", title_justify="left")
         for col in ("node", "CPUs", "memory", "free", "distances"):
             table.add_column(col, justify="right")
         for n, row in zip(numa["machine_nodes"], numa["distances"]):
-            table.add_row(str(n["id"]), n["cpus"], _size(n["mem_total"]), _size(n["mem_free"]),
+            table.add_row(str(n["id"]), n["cpus"], human_size(n["mem_total"]), human_size(n["mem_free"]),
                           " ".join(map(str, row)))
         console.print(table)
         if numa["nodes"] and numa["setting"] != "auto":
             console.print("  lvgg's nodes: " + "; ".join(f"{n['id']}: CPUs {n['cpus']} (memory of node "
                                                          f"{n['mem_node'] if n['mem_node'] is not None else 'any'})"
                                                          for n in numa["nodes"]))
-    console.print("[bold]GPUs[/] " + (", ".join(f"{g['index']}: {g['name']} {_size(g['memory'])} at {g['pci']} "
+    console.print("[bold]GPUs[/] " + (", ".join(f"{g['index']}: {g['name']} {human_size(g['memory'])} at {g['pci']} "
                                                 f"(NUMA node {g['numa_node'] if g['numa_node'] is not None else '?'})"
                                                 for g in f["gpus"]) or "none (torch sees no CUDA device)"))
     console.print("[bold]versions[/] " + ", ".join(f"{k} {v or 'not installed'}" for k, v in f["versions"].items()))

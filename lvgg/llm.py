@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lvgg.gguf_files import SPLIT_NAME, resolve
+from lvgg.models import model_spec
+from lvgg.plan import Host, Parallel, Plan
 from lvgg.vllm_plugin import (EXPERTS_ENV, GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV,
                                REPACK_ENV, THREADS_ENV)
+from lvgg.vllm_plugin.settings import CpuSettings, GpuSettings
 
 
 def check_model_path(model: str) -> None:
@@ -46,11 +50,11 @@ def check_before_start(model: str, files: list[Path], mtp: bool = False) -> None
     import torch
 
     from lvgg import _bridge
-    from lvgg.models import check_experts_match, model_spec
+    from lvgg.models import check_experts_match
 
     # the store's own checks, in one read of the headers (not the vocabulary's arrays)
     architecture, dims = _bridge.ExpertStore.check_files([str(f) for f in files])
-    config = _model_config(model)
+    config = model_config(model)
     if config is not None:
         check_experts_match(str(files[0]), architecture, dims, config)
         spec = model_spec(config)
@@ -67,6 +71,34 @@ def check_before_start(model: str, files: list[Path], mtp: bool = False) -> None
                          "give a MoE model's GGUF or an experts file made by `lvgg convert`")
 
 
+def settings_env(cpu_threads: int | None = None, gpu_prefill_min_tokens: int | str | None = None,
+                 gpu_resident_layers: str | None = None, gpu_experts_gb: float | None = None,
+                 gpu_decode_split: int | str | None = None, repack: bool | None = None) -> dict[str, str]:
+    """lvgg's settings as the plugin reads them from the environment: the given ones, else the
+    environment's ("": the default)."""
+    env = {THREADS_ENV: cpu_threads or None, GPU_PREFILL_ENV: gpu_prefill_min_tokens,
+           GPU_RESIDENT_ENV: gpu_resident_layers, GPU_EXPERTS_GB_ENV: gpu_experts_gb, GPU_SPLIT_ENV: gpu_decode_split,
+           REPACK_ENV: None if repack is None else "on" if repack else "off"}
+    return {k: str(v) if v is not None else os.environ.get(k, "") for k, v in env.items()}
+
+
+def check_settings(model: str, env: dict[str, str]) -> tuple[CpuSettings, GpuSettings]:
+    """The CPU and GPU settings ``env`` holds (with the rest of the environment's), checked against
+    the model where its config can be read: ValueError naming what is wrong."""
+    from lvgg.vllm_plugin.settings import check_decode_split
+
+    cpu, gpu = CpuSettings.from_env({**os.environ, **env}), GpuSettings.from_env(env)
+    config = model_config(model)
+    if config is not None:
+        try:
+            top_k = model_spec(config).top_k
+        except (ValueError, KeyError, TypeError):
+            top_k = None  # not a model lvgg knows: check_before_start says so
+        if top_k is not None:
+            check_decode_split(gpu.decode_split, top_k)
+    return cpu, gpu
+
+
 def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_threads: int | None,
                      gpu_prefill_min_tokens: int | str | None = None, gpu_resident_layers: str | None = None,
                      gpu_experts_gb: float | None = None, gpu_decode_split: int | str | None = None,
@@ -77,41 +109,112 @@ def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_thr
     check_model_path(model)
     files = find_experts_file(model, experts)
     check_before_start(model, files, mtp=is_mtp(speculative))
-    env = {THREADS_ENV: cpu_threads or None, GPU_PREFILL_ENV: gpu_prefill_min_tokens,
-           GPU_RESIDENT_ENV: gpu_resident_layers, GPU_EXPERTS_GB_ENV: gpu_experts_gb, GPU_SPLIT_ENV: gpu_decode_split,
-           REPACK_ENV: None if repack is None else "on" if repack else "off"}
-    env = {k: str(v) if v is not None else os.environ.get(k, "") for k, v in env.items()}
-    from lvgg.vllm_plugin.settings import GpuSettings, check_cpu_choices, check_decode_split
-
-    wanted = GpuSettings.parse(env[GPU_PREFILL_ENV], env[GPU_RESIDENT_ENV], env[GPU_EXPERTS_GB_ENV],
-                               env[GPU_SPLIT_ENV])  # before any change
-    top_k = _model_top_k(model)
-    if top_k is not None:
-        check_decode_split(wanted.decode_split, top_k)
+    env = settings_env(cpu_threads, gpu_prefill_min_tokens, gpu_resident_layers, gpu_experts_gb, gpu_decode_split,
+                       repack)
+    check_settings(model, env)  # before any change
     os.environ.update({k: v for k, v in env.items() if v})
-    check_cpu_choices()  # what the environment holds where no argument overrides it
     os.environ[EXPERTS_ENV] = str(files[0])
     return files[0]
 
 
-def _model_config(model: str) -> dict[str, Any] | None:
-    """config.json of a local model folder, or None (a Hub id: vLLM reads it)."""
+def vllm_parallel(vllm_args: list[str]) -> tuple[Parallel, float, str]:
+    """vLLM's parallelism (with the MTP draft of its speculative config), GPU memory share and
+    dtype, as `vllm serve` flags give them (vLLM's defaults where absent)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    parser.add_argument("--enable-expert-parallel", "-ep", action="store_true")
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--dtype", default="auto")
+    names = [(name.replace("_", "-") + sep + value) if name.startswith("--") else arg
+             for arg in vllm_args for name, sep, value in [arg.partition("=")]]
+    known, _ = parser.parse_known_args(names)
+    for flag, value in (("--tensor-parallel-size", known.tensor_parallel_size),
+                        ("--pipeline-parallel-size", known.pipeline_parallel_size), ("--nnodes", known.nnodes)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, found {value}")
+    parallel = Parallel(known.tensor_parallel_size, known.pipeline_parallel_size, known.enable_expert_parallel,
+                        is_mtp(speculative_config(vllm_args)), known.nnodes)
+    return parallel, known.gpu_memory_utilization, known.dtype
+
+
+def dense_weight_bytes(model: str) -> int | None:
+    """Bytes of a local model folder's weights other than its routed experts (what vLLM loads onto
+    its GPUs), from the safetensors headers; None where there is no such folder."""
+    from safetensors import safe_open
+
+    from lvgg.models import HF_ROUTED_EXPERT
+
+    files = sorted(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
+    if not files:
+        return None
+    sizes = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "F32": 4, "I64": 8, "F64": 8}
+    total = 0
+    for f in files:
+        with safe_open(f, "pt") as st:
+            for name in st.keys():
+                if not HF_ROUTED_EXPERT.search(name):
+                    piece = st.get_slice(name)
+                    total += math.prod(piece.get_shape()) * sizes.get(piece.get_dtype(), 2)
+    return total
+
+
+class ServingPlan(NamedTuple):
+    plan: Plan
+    host: Host
+    gpu_usable_bytes: list[float] | None  # per GPU: what vLLM may take after its weights (estimated)
+    dense_bytes: int | None  # of the model's weights other than the routed experts (None: unknown)
+
+
+def plan_serving(model: str, experts: str | os.PathLike[str] | None, env: dict[str, str], vllm_args: list[str],
+                 read_bandwidth: float | None = None) -> ServingPlan:
+    """What `lvgg serve MODEL --experts FILE [vllm flags]` would do on this machine, from the
+    headers of the model and the file (the same checks as serve's before vLLM starts): the plan of
+    every rank, with the VRAM vLLM would leave its experts estimated from the weights' size."""
+    import torch
+
+    from lvgg.plan import ExpertFiles, make_plan
+
+    check_model_path(model)
+    files = find_experts_file(model, experts)
+    parallel, utilization, dtype = vllm_parallel(vllm_args)
+    check_before_start(model, files, mtp=parallel.mtp)
+    config = model_config(model)
+    if config is None:
+        raise ValueError(f"cannot read the config.json of {model}: give a model folder, or a Hub id that is in the "
+                         "Hugging Face cache or can be fetched")
+    cpu, gpu = check_settings(model, env)
+    host = Host.current(read_bandwidth)
+    dense = dense_weight_bytes(model)
+    usable = None
+    if host.gpus:
+        per_rank = (dense or 0) / (parallel.tp_size * parallel.pp_size)
+        usable = [max(0.0, g.memory * utilization - per_rank) for g in host.gpus]
+    name = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16") if dtype == "auto" else dtype
+    torch_dtype = {"half": torch.float16, "float16": torch.float16, "float": torch.float32,
+                   "float32": torch.float32}.get(name, torch.bfloat16)
+    plan = make_plan(config, ExpertFiles(files[0]), host, cpu, gpu, parallel, usable, torch_dtype)
+    return ServingPlan(plan, host, usable, dense)
+
+
+def model_config(model: str) -> dict[str, Any] | None:
+    """config.json of a local model folder or of a Hub id (the Hugging Face cache's copy, fetched
+    unless HF_HUB_OFFLINE is set), or None where it cannot be had (vLLM then says why)."""
     from lvgg.convert.hf_source import read_config
 
     try:
-        return read_config(Path(model)) if Path(model).is_dir() else None
-    except (OSError, ValueError):
-        return None  # a folder vLLM will say what is wrong with
+        if Path(model).is_dir():
+            return read_config(Path(model))
+        if model.count("/") != 1:
+            return None
+        from huggingface_hub import hf_hub_download
 
-
-def _model_top_k(model: str) -> int | None:
-    """Experts per token of a local model folder (None: not a folder lvgg can read)."""
-    from lvgg.models import model_spec
-
-    config = _model_config(model)
-    try:
-        return model_spec(config).top_k if config else None
-    except (ValueError, KeyError, TypeError):
+        return json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+    except Exception:  # a folder, an id or a network vLLM will say what is wrong with
         return None
 
 

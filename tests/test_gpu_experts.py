@@ -234,20 +234,21 @@ def model_layer_infos(n_layers, E, D, F, types):
 
 
 def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
-    from lvgg.vllm_plugin.runtime import SPLIT_EXPERTS, plan_gpu_layers
+    from lvgg.plan import SPLIT_EXPERTS, plan_gpu_layers
     from lvgg.vllm_plugin.settings import GpuSettings
 
     q4_k_m = {"gate": "q4_K", "up": "q4_K", "down": "q6_K"}
     a3b = model_layer_infos(48, 128, 2048, 768, q4_k_m)  # Qwen3-30B-A3B
     layer = 3 * 128 * 2048 * 768 * 2  # bf16 weights of one layer
     plan = plan_gpu_layers(a3b, GpuSettings(64, (), None, 3), 80 * 2**30, torch.bfloat16)
-    assert plan == (list(range(48)), [], list(range(48)), None, [])
-    streamed, resident, split, _, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, "auto"), 80 * 2**30,
-                                                      torch.bfloat16)
-    assert resident == list(range(48)) and streamed == split == []  # bf16 weights: 31 layers
+    assert (plan.streamed, plan.resident, plan.split, plan.stream_group, plan.notes) == \
+        (list(range(48)), [], list(range(48)), None, [])
+    assert plan.vram_bytes == estimate_vram_bytes(a3b, plan.streamed, [], torch.bfloat16, plan.split, SPLIT_EXPERTS)
+    plan = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, "auto"), 80 * 2**30, torch.bfloat16)
+    assert plan.resident == list(range(48)) and plan.streamed == plan.split == []  # bf16 weights: 31 layers
     # half of a 20 GiB GPU: about 3x the layers their bf16 weights would fill
-    streamed, resident, split, _, _ = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, "auto"), 20 * 2**30,
-                                                      torch.bfloat16)
+    plan = plan_gpu_layers(a3b, GpuSettings(64, "auto", None, "auto"), 20 * 2**30, torch.bfloat16)
+    streamed, resident, split = plan.streamed, plan.resident, plan.split
     stream = estimate_vram_bytes(a3b, [0], [], torch.bfloat16, [0], SPLIT_EXPERTS)
     assert len(resident) >= 2.8 * ((10 * 2**30 - stream) // layer) and resident == list(range(len(resident)))
     assert streamed == split == list(range(len(resident), 48))

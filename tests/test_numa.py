@@ -234,30 +234,30 @@ def test_bad_node_configurations_are_refused(tmp_path):
         lvgg.CpuMoE(store, nodes=[lvgg.EngineNode(()), lvgg.EngineNode((), threads=1)])
 
 
-def test_more_nodes_than_parts_share_parts(tmp_path, monkeypatch):
+def test_more_nodes_than_parts_share_parts(tmp_path):
     # F=96 is 3 units of 32 rows: on a 4-node machine the plugin groups nodes rather than fail.
     from lvgg import topology
-    from lvgg.vllm_plugin import runtime
+    from lvgg.plan import Host, engine_nodes
+    from lvgg.vllm_plugin.settings import CpuSettings
 
     rng = np.random.default_rng(10)
     path = write_experts_file(tmp_path / "q8.gguf", {0: random_experts(rng, E, D, 96)}, Q.Q8_0)
     assert lvgg.ExpertStore(path).max_parts() == 3
     four = topology.Topology("auto", tuple(range(8)), tuple(
         topology.Node(i, ((2 * i,), (2 * i + 1,)), i) for i in range(4)), read_machine())
-    monkeypatch.setenv("LVGG_CPU_THREADS", "")
-    nodes = runtime.engine_nodes(four, 3)
+    nodes, note = engine_nodes(Host(four), 3, CpuSettings())
     assert [list(n.cpus) for n in nodes] == [[0, 1, 2, 3], [4, 5], [6, 7]]
-    assert [n.mem_node for n in nodes] == [0, 2, 3]
-    assert len(runtime.engine_nodes(four, 4)) == 4 and runtime.engine_nodes(four, 1) is None
-    monkeypatch.setenv("LVGG_CPU_THREADS", "2,1,1")
-    assert [list(n.cpus) for n in runtime.engine_nodes(four, 3)] == [[0, 1], [4], [6]]
+    assert [n.mem_node for n in nodes] == [0, 2, 3] and "4 NUMA nodes share them in 3 groups" in note
+    assert len(engine_nodes(Host(four), 4, CpuSettings())[0]) == 4 and engine_nodes(Host(four), 1, CpuSettings()) == (None, None)
+    assert [list(n.cpus) for n in engine_nodes(Host(four), 3, CpuSettings(threads=(2, 1, 1)))[0]] == [[0, 1], [4], [6]]
 
 
-def test_tensor_parallel_ranks_take_whole_nodes_nearest_their_gpus(monkeypatch):
+def test_tensor_parallel_ranks_take_whole_nodes_nearest_their_gpus():
     from lvgg import topology
-    from lvgg.vllm_plugin import runtime
+    from lvgg.plan import Gpu, Host, rank_cpus
 
-    monkeypatch.setattr(runtime, "_gpu_present", lambda: False)  # no core kept for vLLM's thread
+    def gpus_on(*nodes):  # next to a GPU a rank keeps its first core for vLLM's thread
+        return tuple(Gpu(i, 80 << 30, node) for i, node in enumerate(nodes))
 
     def machine_of(n_nodes: int, cores_per_node: int, process_cpus=None) -> topology.Topology:
         cpus = range(n_nodes * cores_per_node)
@@ -268,22 +268,23 @@ def test_tensor_parallel_ranks_take_whole_nodes_nearest_their_gpus(monkeypatch):
             {c: (c,) for c in cpus})
         return topology.resolve(topology.parse_numa("auto"), machine, process_cpus or cpus)
 
-    two = machine_of(2, 4)
-    assert [runtime.rank_cpus(two, r, 2) for r in (0, 1)] == [([0, 1, 2, 3], 0), ([4, 5, 6, 7], 1)]
-    assert [runtime.rank_cpus(two, r, 2, [1, 0]) for r in (0, 1)] == [([4, 5, 6, 7], 1), ([0, 1, 2, 3], 0)]
+    two = Host(machine_of(2, 4))
+    assert [rank_cpus(two, r, 2) for r in (0, 1)] == [([0, 1, 2, 3], 0), ([4, 5, 6, 7], 1)]
+    two_gpus = Host(two.topology, gpus=gpus_on(1, 0))
+    assert [rank_cpus(two_gpus, r, 2) for r in (0, 1)] == [([5, 6, 7], 1), ([1, 2, 3], 0)]
     # both GPUs on node 0, or a GPU of unknown node: the nodes go in rank order, one each
-    for gpu_nodes in ([0, 0], [1, None]):
-        assert [runtime.rank_cpus(two, r, 2, gpu_nodes)[1] for r in (0, 1)] == [0, 1], gpu_nodes
-    four = machine_of(4, 2)
-    assert [runtime.rank_cpus(four, r, 2, [3, 0]) for r in (0, 1)] == [([4, 5, 6, 7], 2), ([0, 1, 2, 3], 0)]
-    one = machine_of(1, 8)  # fewer nodes than ranks: the cores in order, memory where they touch it
-    assert [runtime.rank_cpus(one, r, 2) for r in (0, 1)] == [([0, 1, 2, 3], None), ([4, 5, 6, 7], None)]
-    assert runtime.rank_cpus(one, 1, 3) == ([3, 4, 5], None)
+    for gpu_nodes in ((0, 0), (1, None)):
+        assert [rank_cpus(Host(two.topology, gpus=gpus_on(*gpu_nodes)), r, 2)[1] for r in (0, 1)] == [0, 1], gpu_nodes
+    four = Host(machine_of(4, 2), gpus=gpus_on(3, 0))
+    assert [rank_cpus(four, r, 2) for r in (0, 1)] == [([5, 6, 7], 2), ([1, 2, 3], 0)]
+    one = Host(machine_of(1, 8))  # fewer nodes than ranks: the cores in order, memory where they touch it
+    assert [rank_cpus(one, r, 2) for r in (0, 1)] == [([0, 1, 2, 3], None), ([4, 5, 6, 7], None)]
+    assert rank_cpus(one, 1, 3) == ([3, 4, 5], None)
     # in proportion to the ranks' expert bytes
-    assert [runtime.rank_cpus(one, r, 2, weights=[512, 256])[0] for r in (0, 1)] == [[0, 1, 2, 3, 4], [5, 6, 7]]
-    assert [runtime.rank_cpus(one, r, 3, weights=[1, 1, 100])[0] for r in (0, 1, 2)] == [[0], [1], [2, 3, 4, 5, 6, 7]]
-    bound = machine_of(2, 4, process_cpus=[4, 5])  # vLLM bound this rank already: its CPUs, whatever the rank
-    assert runtime.rank_cpus(bound, 0, 2) == ([4, 5], None)
+    assert [rank_cpus(one, r, 2, weights=[512, 256])[0] for r in (0, 1)] == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    assert [rank_cpus(one, r, 3, weights=[1, 1, 100])[0] for r in (0, 1, 2)] == [[0], [1], [2, 3, 4, 5, 6, 7]]
+    bound = Host(machine_of(2, 4, process_cpus=[4, 5]))  # vLLM bound this rank already: its CPUs, whatever the rank
+    assert rank_cpus(bound, 0, 2) == ([4, 5], None)
 
 
 def test_a_part_knows_its_bytes_before_it_is_made(odd_file):

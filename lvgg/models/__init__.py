@@ -15,6 +15,10 @@ PROJECTIONS = ("gate", "up", "down")
 GGUF_EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight")
 # Their biases (gpt-oss), f32.
 GGUF_EXPERT_BIAS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.bias")
+# A routed expert's tensor in a Hugging Face checkpoint of every family lvgg supports (shared
+# experts are named `shared_expert(s).<proj>`, without an id), or a layer's experts as one tensor
+# per projection (gpt-oss: experts.gate_up_proj, its _bias, _blocks and _scales, and down's).
+HF_ROUTED_EXPERT = re.compile(r"\.experts\.(\d+\.|(gate_up|down)_proj(_bias|_blocks|_scales)?$)")
 
 
 def gguf_expert_name(layer: int, proj: str) -> str:

@@ -18,14 +18,15 @@ def model_info(model) -> dict:
         from lvgg.vllm_plugin import moe_method, runtime
 
         counts_real_rows = moe_method.counts_real_rows
-        if runtime._engine is not None:
-            engine_nodes = max(1, len(runtime._engine.nodes))
-            engine_bytes = runtime._engine.store.expert_bytes  # a tensor-parallel rank's: its share
-            engine_cpus = runtime._engine.cpus
-            first = runtime._engine.store.layer_info(runtime._engine.store.layers[0])
+        engine = runtime.process.cpu_engine
+        if engine is not None:
+            engine_nodes = max(1, len(engine.nodes))
+            engine_bytes = engine.store.expert_bytes  # a tensor-parallel rank's: its share
+            engine_cpus = engine.cpus
+            first = engine.store.layer_info(engine.store.layers[0])
             engine_experts = [first.held_experts.start, first.held_experts.stop]
             engine_repacked = sorted(p for p, repacked in first.repacked.items() if repacked)
-            engine_layers = list(runtime._engine.store.layers)
+            engine_layers = list(engine.store.layers)
     # vLLM names routed-expert weights w13_* and w2_* (their scales and biases too); a layer's router
     # correction bias (e_score_correction_bias, GLM and ERNIE) is not an expert's
     return {"expert_bytes": sum(p.numel() * p.element_size() for m in experts for name, p in m.named_parameters()

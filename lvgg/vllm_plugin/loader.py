@@ -8,15 +8,9 @@ model. Where vLLM has no such filter, every expert tensor is read and dropped.
 """
 from __future__ import annotations
 
-import re
-
+from lvgg.models import HF_ROUTED_EXPERT
 from lvgg.vllm_plugin import compat
 from lvgg.vllm_plugin.moe_method import LvggMoEMethod
-
-# A routed expert's tensor in a checkpoint of every family lvgg supports (shared experts
-# are named `shared_expert(s).<proj>`, without an id), or a layer's experts as one tensor per
-# projection (gpt-oss: experts.gate_up_proj, its _bias, _blocks and _scales, and down's).
-_ROUTED_EXPERT = re.compile(r"\.experts\.(\d+\.|(gate_up|down)_proj(_bias|_blocks|_scales)?$)")
 
 
 class LvggModelLoader(compat.DefaultModelLoader):
@@ -27,7 +21,7 @@ class LvggModelLoader(compat.DefaultModelLoader):
 
     def get_all_weights(self, model_config, model):
         return ((name, t) for name, t in super().get_all_weights(model_config, model)
-                if not _ROUTED_EXPERT.search(name))
+                if not HF_ROUTED_EXPERT.search(name))
 
     def load_weights(self, model, model_config) -> None:
         others = [m.layer_name for m in model.modules() if isinstance(m, compat.RoutedExperts)

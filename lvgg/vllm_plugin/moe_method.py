@@ -61,16 +61,17 @@ def real_rows() -> torch.Tensor | None:
 def routed_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
     if x.is_cuda:
         # Both made at the first call, never inside a graph capture (vLLM's profiling run comes first).
-        gpu, cpu = runtime.gpu_experts(x.device, x.dtype), runtime.cuda_experts(x.dtype)
-        if runtime.runs_on_gpu(gpu, layer, x.shape[0]):  # long passes and resident layers
+        experts = runtime.process
+        gpu, cpu = experts.gpu_experts(x.device, x.dtype), experts.cuda_experts(x.dtype)
+        if experts.runs_on_gpu(gpu, layer, x.shape[0]):  # long passes and resident layers
             return gpu(layer, x, topk_ids, topk_weights)
         rows = real_rows()  # a CUDA graph's batch is padded: those rows are left out
-        split = runtime.split_experts()
+        split = experts.split_experts()
         if split is not None and split.takes(layer, x.shape[0]):  # decode: the GPU takes some experts
             return split(layer, x, topk_ids, topk_weights, rows)
         # stream-ordered through pinned buffers and flags the stream waits on: no sync, capturable
         return cpu(layer, x, topk_ids, topk_weights, real_rows=rows)
-    engine = runtime.current_engine()
+    engine = runtime.process.current_engine()
     xc = x.detach().to("cpu").contiguous()
     out = torch.empty_like(xc)
     engine(layer, xc, topk_ids.detach().to("cpu").contiguous(), topk_weights.detach().to("cpu", torch.float32)
@@ -131,7 +132,7 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
         # With expert parallelism (over the tensor-parallel ranks: no DP) a rank computes the whole
         # experts it holds; vLLM's all-reduce over the group sums the ranks' outputs as with TP.
         rank, ranks = (self.moe.ep_rank, self.moe.ep_size) if self.moe.use_ep else (self.moe.tp_rank, self.moe.tp_size)
-        engine = runtime.engine(vllm_config.model_config.hf_config.to_dict(),
+        engine = runtime.process.engine(vllm_config.model_config.hf_config.to_dict(),
                                 vllm_config.scheduler_config.max_num_batched_tokens,
                                 compat.gpu_memory_utilization(vllm_config.cache_config), rank, ranks,
                                 pp.rank_in_group, pp.world_size, expert_parallel=self.moe.use_ep,

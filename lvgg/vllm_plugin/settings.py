@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Mapping
 
 from lvgg.topology import parse_ranges
 from lvgg.vllm_plugin import (GPU_EXPERTS_GB_ENV, GPU_PREFILL_ENV, GPU_RESIDENT_ENV, GPU_SPLIT_ENV, REPACK_ENV,
@@ -53,9 +54,10 @@ class GpuSettings:
     decode_split: int | str | None = DEFAULT_GPU_DECODE_SPLIT
 
     @classmethod
-    def from_env(cls) -> GpuSettings:
-        return cls.parse(os.environ.get(GPU_PREFILL_ENV, ""), os.environ.get(GPU_RESIDENT_ENV, ""),
-                         os.environ.get(GPU_EXPERTS_GB_ENV, ""), os.environ.get(GPU_SPLIT_ENV, ""))
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GpuSettings:
+        env = os.environ if environ is None else environ
+        return cls.parse(env.get(GPU_PREFILL_ENV, ""), env.get(GPU_RESIDENT_ENV, ""), env.get(GPU_EXPERTS_GB_ENV, ""),
+                         env.get(GPU_SPLIT_ENV, ""))
 
     @classmethod
     def parse(cls, prefill_min_tokens: str, resident_layers: str, experts_gb: str,
@@ -114,55 +116,56 @@ def _non_negative(text: str, env: str, convert, what: str):
     return value
 
 
-def cpu_threads(n_nodes: int) -> list[int] | None:
-    """LVGG_CPU_THREADS as one count per node (None: each node's default)."""
-    text = os.environ.get(THREADS_ENV, "").strip()
+@dataclass(frozen=True)
+class CpuSettings:
+    threads: tuple[int, ...] = ()  # LVGG_CPU_THREADS: () the default, one total, or one count per node
+    strict_binding: bool = False  # LVGG_CPU_BINDING=core: one thread pinned per CPU
+    own_kernels: bool = True  # LVGG_CPU_KERNELS=lvgg: lvgg's kernels for the types its kernel set runs
+    repack: str = "auto"  # LVGG_REPACK: "auto", "on" or "off"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CpuSettings:
+        """The settings ``environ`` (default: the process's environment) holds, or ValueError naming
+        the variable that is wrong."""
+        env = os.environ if environ is None else environ
+        return cls(_thread_counts(env.get(THREADS_ENV, "")), _choice(env, BINDING_ENV, ("node", "core")) == "core",
+                   _choice(env, KERNELS_ENV, ("lvgg", "ggml")) == "lvgg",
+                   _choice(env, REPACK_ENV, ("auto", "on", "off")))
+
+    def threads_per_node(self, n_nodes: int) -> list[int] | None:
+        """LVGG_CPU_THREADS as one count per node (None: each node's default)."""
+        if not self.threads:
+            return None
+        if len(self.threads) == 1:
+            total = self.threads[0]
+            if total < n_nodes:
+                raise ValueError(f"{THREADS_ENV}={total} is fewer than the {n_nodes} NUMA nodes lvgg uses (one thread "
+                                 f"each at least); give more or set LVGG_NUMA=off")
+            return [total // n_nodes + (i < total % n_nodes) for i in range(n_nodes)]
+        if len(self.threads) != n_nodes:
+            raise ValueError(f"{THREADS_ENV} gives {len(self.threads)} counts but lvgg uses {n_nodes} NUMA nodes "
+                             "(LVGG_NUMA); give one count per node, or one total")
+        return list(self.threads)
+
+
+def _thread_counts(text: str) -> tuple[int, ...]:
+    text = text.strip()
     if not text or text == "0":
-        return None
+        return ()
     try:
-        counts = [int(part) for part in text.split(",")]
+        counts = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise ValueError(f"{THREADS_ENV} must be a thread count or one count per NUMA node (e.g. 7,8), "
                          f"found {text!r}") from None
     if any(c < 1 for c in counts):
         raise ValueError(f"{THREADS_ENV}: thread counts must be >= 1, found {text!r}")
-    if len(counts) == 1:
-        total = counts[0]
-        if total < n_nodes:
-            raise ValueError(f"{THREADS_ENV}={total} is fewer than the {n_nodes} NUMA nodes lvgg uses (one thread "
-                             f"each at least); give more or set LVGG_NUMA=off")
-        return [total // n_nodes + (i < total % n_nodes) for i in range(n_nodes)]
-    if len(counts) != n_nodes:
-        raise ValueError(f"{THREADS_ENV} gives {len(counts)} counts but lvgg uses {n_nodes} NUMA nodes "
-                         "(LVGG_NUMA); give one count per node, or one total")
     return counts
 
 
-def _choice(env: str, choices: tuple[str, ...]) -> str:
+def _choice(environ: Mapping[str, str], env: str, choices: tuple[str, ...]) -> str:
     """The value of ``env`` in lower case, one of ``choices`` (unset or empty: the first)."""
-    text = os.environ.get(env, "").strip().lower() or choices[0]
+    text = environ.get(env, "").strip().lower() or choices[0]
     if text not in choices:
         names = [repr(c) for c in choices]
         raise ValueError(f"{env} must be {', '.join(names[:-1])} or {names[-1]}, found {text!r}")
     return text
-
-
-def strict_binding() -> bool:
-    """LVGG_CPU_BINDING: True for "core" (one thread pinned per CPU), False for "node" (default)."""
-    return _choice(BINDING_ENV, ("node", "core")) == "core"
-
-
-def own_kernels() -> bool:
-    """LVGG_CPU_KERNELS: "lvgg" (default: lvgg's kernels for the types its kernel set runs,
-    ggml_bridge/src/vnni_kquants.h) or "ggml" (ggml's kernels for every type)."""
-    return _choice(KERNELS_ENV, ("lvgg", "ggml")) == "lvgg"
-
-
-def repack() -> str:
-    """LVGG_REPACK: "auto" (default), "on" or "off"."""
-    return _choice(REPACK_ENV, ("auto", "on", "off"))
-
-
-def check_cpu_choices() -> None:
-    """ValueError for a bad LVGG_CPU_BINDING, LVGG_CPU_KERNELS or LVGG_REPACK."""
-    strict_binding(), own_kernels(), repack()
