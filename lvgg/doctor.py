@@ -128,8 +128,9 @@ def recommend(topo: topology.Topology, devices: list[dict[str, Any]]) -> dict[st
     gpu_node = devices[0]["numa_node"] if devices else None
     home = next((n.id for n in topo.nodes if n.mem_node == gpu_node), topo.nodes[0].id)
     nodes = []
-    for n in topo.nodes:
-        cpus = topology.node_thread_cpus(n, reserve=reserve if n.id == home else 0)
+    for n in topo.nodes:  # as the plugin's planner keeps one (lvgg.plan): on a node of more than two cores
+        keep = reserve if n.id == home and len(n.physical_cores) > 2 else 0
+        cpus = topology.node_thread_cpus(n, reserve=keep)
         nodes.append({"id": n.id, "threads": len(cpus), "cpus": topology.format_cpulist(cpus)})
     return {"reserve": reserve, "cpu_threads": sum(n["threads"] for n in nodes), "nodes": nodes, "numa": "auto"}
 

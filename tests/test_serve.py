@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,6 +81,43 @@ def test_chat_completions(server):
     assert reply["choices"][0]["message"]["content"] is not None
     streamed = post(base + "/v1/chat/completions", {**body, "stream": True})
     assert "data: [DONE]" in streamed
+
+
+def scrape_lvgg_metrics(base: str) -> dict[str, float]:
+    """lvgg's series in the server's /metrics: {'name{labels}': value}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+    return {name: float(value) for line in text.splitlines() if line.startswith("lvgg:")
+            for name, value in [line.rsplit(" ", 1)]}
+
+
+def test_metrics_show_the_experts_work(server):
+    """vLLM's /metrics carries lvgg's series, counted in the engine's process, and they move with
+    requests: calls and tokens of the CPU engine, its threads, the experts file."""
+    from lvgg.vllm_plugin.metrics import PERIOD
+
+    base, _, model = server
+    before = scrape_lvgg_metrics(base)
+    assert before["lvgg:cpu_threads"] == 1
+    assert [value for name, value in before.items() if name.startswith("lvgg:experts_file_bytes{path=")] == \
+        [os.path.getsize(os.path.join(model, "experts.gguf"))]
+    complete(base, model, PROMPTS[0])
+    time.sleep(2 * PERIOD + 1)
+    after = scrape_lvgg_metrics(base)
+    calls, tokens = 'lvgg:expert_layer_seconds_count{path="cpu"}', 'lvgg:expert_tokens_total{path="cpu"}'
+    # every MoE layer of the prompt's pass and of the 7 decode steps after it
+    n_moe = len(make_spec(model).layers)
+    assert after[calls] - before.get(calls, 0) >= 8 * n_moe, (before, after)
+    assert after[tokens] - before.get(tokens, 0) >= (len(PROMPTS[0].split()) + 7) * n_moe
+    assert after['lvgg:expert_layer_seconds_sum{path="cpu"}'] > before.get('lvgg:expert_layer_seconds_sum{path="cpu"}', 0)
+    assert after['lvgg:expert_layer_seconds_bucket{le="+Inf",path="cpu"}'] == after[calls]
+
+
+def make_spec(model: str):
+    from lvgg.models import model_spec
+
+    return model_spec(json.loads(open(os.path.join(model, "config.json")).read()))
 
 
 def test_api_key_is_required(server):

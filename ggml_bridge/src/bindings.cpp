@@ -262,7 +262,19 @@ NB_MODULE(_bridge, m) {
                  e.forward(layer, mx, mi, mw, mo);
              },
              "layer"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "out"_a)
-        .def_prop_ro("caller_cpus", &Experts::caller_cpus);
+        .def_prop_ro("caller_cpus", &Experts::caller_cpus)
+        .def("stats",
+             [](const Experts & e) {
+                 const CallStats::Snapshot s = e.stats.snapshot();
+                 nb::dict d;
+                 d["bounds"]  = std::vector<double>(CallStats::bounds.begin(), CallStats::bounds.end());
+                 d["counts"]  = s.counts;
+                 d["seconds"] = s.seconds;
+                 d["tokens"]  = s.tokens;
+                 return d;
+             },
+             "The calls of forward() so far: counts by duration (per bucket of `bounds`, seconds; the last "
+             "above them all), their seconds and tokens in all");
 
     nb::class_<MoeEngine, Experts>(m, "MoeEngine")
         .def("__init__",

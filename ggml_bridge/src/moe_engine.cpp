@@ -779,10 +779,31 @@ bool MoeEngine::skips_empty_slots(const ExpertLayer & L, int64_t n_tokens, bool 
     return true;
 }
 
+void CallStats::record(std::chrono::steady_clock::duration elapsed, int64_t tokens) {
+    const double seconds = std::chrono::duration<double>(elapsed).count();
+    const size_t bucket  = std::lower_bound(bounds.begin(), bounds.end(), seconds) - bounds.begin();
+    counts_[bucket].fetch_add(1, std::memory_order_relaxed);
+    nanoseconds_.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(elapsed).count(),
+                           std::memory_order_relaxed);
+    tokens_.fetch_add(tokens, std::memory_order_relaxed);
+}
+
+CallStats::Snapshot CallStats::snapshot() const {
+    Snapshot s;
+    for (const auto & c : counts_) {
+        s.counts.push_back(c.load(std::memory_order_relaxed));
+    }
+    s.seconds = nanoseconds_.load(std::memory_order_relaxed) * 1e-9;
+    s.tokens  = tokens_.load(std::memory_order_relaxed);
+    return s;
+}
+
 void MoeEngine::forward(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) {
     validate(layer, x, ids, weights, out);
     check_ids(layer, ids);
+    const auto start = std::chrono::steady_clock::now();
     run(layer, x, ids, weights, out);
+    stats.record(std::chrono::steady_clock::now() - start, x.rows);
 }
 
 void MoeEngine::run(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out) {

@@ -16,6 +16,10 @@
 #include "expert_store.h"
 #include "threads.h"
 
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -67,11 +71,35 @@ struct EngineConfig {
     Activation       activation = Activation::SiLU;
 };
 
+// How long the calls of an engine took: counts by duration (the bucket of the first bound a
+// call's seconds do not exceed, the last: above every bound), with their seconds and tokens in
+// all. Updated by every forward(), read at any time (what lvgg's metrics export); a reader may
+// see one call's parts in two readings, never lose one.
+class CallStats {
+  public:
+    static constexpr std::array<double, 16> bounds = { 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+                                                       5e-2, 0.1,    0.25,   0.5,  1.0,  2.5,    5.0,  10.0 };
+
+    struct Snapshot {
+        std::vector<uint64_t> counts;  // per bucket: bounds.size() + 1 of them
+        double                seconds = 0;
+        uint64_t              tokens  = 0;
+    };
+
+    void     record(std::chrono::steady_clock::duration elapsed, int64_t tokens);
+    Snapshot snapshot() const;
+
+  private:
+    std::array<std::atomic<uint64_t>, bounds.size() + 1> counts_{};
+    std::atomic<uint64_t>                                nanoseconds_{ 0 }, tokens_{ 0 };
+};
+
 // What the CUDA bridge and the Python binding call: one engine (MoeEngine) or one per NUMA
 // node (SplitEngine).
 class Experts {
   public:
     virtual ~Experts() = default;
+    CallStats stats;  // of forward()
     // x [T, D] f32/f16/bf16, ids [T, K] i32/i64, weights [T, K] f32/f16/bf16, out [T, D]
     // f32/f16/bf16. Validates everything, then computes; thread-safe (calls serialize).
     virtual void forward(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights,

@@ -173,6 +173,7 @@ void SplitEngine::forward(int layer, const Matrix & x, const Matrix & ids, const
     std::lock_guard<std::mutex> call(call_mutex_);
     validate(layer, x, ids, weights, out);
     engines_[0]->check_ids(layer, ids);
+    const auto start = std::chrono::steady_clock::now();
     layer_ = layer;
     x_ = x, ids_ = ids, weights_ = weights;
     pending_.store(n_nodes() - 1, std::memory_order_relaxed);
@@ -212,6 +213,7 @@ void SplitEngine::forward(int layer, const Matrix & x, const Matrix & ids, const
             ggml_fp32_to_bf16_row(row, (ggml_bf16_t *) out.data + t * D, D);
         }
     }
+    stats.record(std::chrono::steady_clock::now() - start, x.rows);
 }
 
 std::vector<std::pair<uintptr_t, size_t>> SplitEngine::part_memory(int i) const {

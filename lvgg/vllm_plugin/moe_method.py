@@ -64,7 +64,7 @@ def routed_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
         experts = runtime.process
         gpu, cpu = experts.gpu_experts(x.device, x.dtype), experts.cuda_experts(x.dtype)
         if experts.runs_on_gpu(gpu, layer, x.shape[0]):  # long passes and resident layers
-            return gpu(layer, x, topk_ids, topk_weights)
+            return experts.run_on_gpu(gpu, layer, x, topk_ids, topk_weights)
         rows = real_rows()  # a CUDA graph's batch is padded: those rows are left out
         split = experts.split_experts()
         if split is not None and split.takes(layer, x.shape[0]):  # decode: the GPU takes some experts

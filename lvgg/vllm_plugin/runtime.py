@@ -20,11 +20,12 @@ import torch
 from lvgg import topology
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, EngineNode, ExpertStore
-from lvgg.gpu_experts import GpuExperts, layer_infos, reads_packed
+from lvgg.gpu_experts import GpuExperts, layer_infos, reads_packed, staged_bytes
 from lvgg.gpu_split import MOST_TOKENS, SplitExperts, best_slots, calibrate
 from lvgg.models import check_experts_match, model_spec
 from lvgg.plan import SPLIT_EXPERTS, ExpertFiles, Host, Parallel, RankPlan, describe_rank, plan_gpu_layers, plan_rank
 from lvgg.vllm_plugin import EXPERTS_ENV, GPU_SPLIT_ENV, settings
+from lvgg.vllm_plugin.metrics import Metrics, process_metrics
 from lvgg.vllm_plugin.settings import CpuSettings, GpuSettings
 
 log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
@@ -72,6 +73,7 @@ class Runtime:
         # rank's part, packed, which its engine computes from), the part of it this rank computes and
         # how the ranks split (ExpertStore.part's by).
         self._gpu_source: tuple[ExpertStore, tuple[int, int], str] | None = None
+        self.metrics: Metrics | None = None  # this process's series in vLLM's /metrics
 
     def engine(self, hf_config: dict[str, Any], max_tokens: int, gpu_memory_utilization: float = 0.9,
                tp_rank: int = 0, tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1, expert_parallel: bool = False,
@@ -134,6 +136,9 @@ class Runtime:
             moe = CpuMoE(store, threads=part.threads, cpus=part.cpus or None, **kwargs)
         self.plan = plan
         log.info("lvgg: %s", describe_rank(plan, parallel, moe.threads))
+        self.metrics = process_metrics(moe._engine.stats()["bounds"])
+        if self.metrics:
+            self.metrics.watch_engine(moe, files.path)
         return moe
 
     @property
@@ -204,7 +209,20 @@ class Runtime:
                  wanted.prefill_min_tokens, len(plan.resident), len(gpu.split_layers), gpu.vram_bytes / 2**30,
                  "the CPU engine's packed copy" if gpu.reads_packed_copy else "the experts file")
         split = make_split(gpu, self.cuda_experts(dtype), wanted.decode_split) if gpu.split_layers else None
+        if self.metrics:
+            self.metrics.gpu_made(len(plan.resident), split.slots if split else {})
         return gpu, split
+
+    def run_on_gpu(self, gpu: GpuExperts, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+                   topk_weights: torch.Tensor) -> torch.Tensor:
+        """``gpu``'s experts of ``layer`` (runs_on_gpu), timed for the metrics outside graph capture."""
+        resident = layer in gpu.resident_layers
+        call = self.metrics.time_gpu("gpu_resident" if resident else "gpu_streamed", x.shape[0],
+                                     0 if resident else staged_bytes(gpu.layer_info(layer))) if self.metrics else None
+        out = gpu(layer, x, topk_ids, topk_weights)
+        if call is not None:
+            call.done()
+        return out
 
     def runs_on_gpu(self, gpu: GpuExperts | None, layer: int, n_tokens: int) -> bool:
         """Whether this call goes to the GPU experts (resident layers always; streamed ones for long
