@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -442,3 +443,20 @@ def test_a_mistyped_model_folder_is_named_before_vllm_starts(model, tmp_path):
 
     with pytest.raises(FileNotFoundError, match=f"model folder {model} not found"):
         configure_plugin(model, tmp_path / "experts.gguf", None)
+
+
+def test_startup_logs_its_progress_with_sizes_and_time_left(tmp_path, caplog):
+    """Placing the experts (here: repacking a 48 MiB file) logs how far it is, with the time left,
+    while it runs, and what it placed in how long."""
+    from lvgg.testing.expert_files import random_experts, write_experts_file
+    from lvgg.vllm_plugin.runtime import progress
+
+    rng = np.random.default_rng(5)
+    path = write_experts_file(tmp_path / "big.gguf", {i: random_experts(rng, 32, 512, 512) for i in range(6)}, Q.Q8_0)
+    with caplog.at_level(logging.INFO, logger="vllm.lvgg"), progress("repacking the experts", period=1e-3):
+        lvgg.ExpertStore(path)
+    lines = [r.getMessage() for r in caplog.records]
+    size = lvgg.ExpertStore(path, repack=False).expert_bytes
+    assert re.fullmatch(rf"lvgg: repacking the experts: {size / 2**20:.0f} MiB in \d+\.\d s", lines[-1]), lines
+    assert any(re.fullmatch(r"lvgg: repacking the experts: \d+ (KiB|MiB) of \d+ MiB \(\d+%\), about \d+ s left", x)
+               for x in lines[:-1]), lines

@@ -186,6 +186,11 @@ NB_MODULE(_bridge, m) {
         }
     });
 
+    m.def("placement_progress",
+          [] { return std::make_pair(PlacementProgress::done.load(), PlacementProgress::total.load()); },
+          "(bytes placed, bytes to place) of expert tensors by every store this process made or is making "
+          "(mapped, copied into parts, repacked): poll it from another thread during a long start");
+
     nb::class_<ExpertStore>(m, "ExpertStore")
         .def("__init__",
              [](ExpertStore * self, std::vector<std::string> paths, bool repack, bool keep_mapped,

@@ -19,6 +19,17 @@
 
 namespace lvgg {
 
+std::atomic<uint64_t> PlacementProgress::done{ 0 };
+std::atomic<uint64_t> PlacementProgress::total{ 0 };
+
+static uint64_t layer_bytes(const ExpertLayer & L) {
+    uint64_t n = 0;
+    for (const ggml_tensor * t : L.tensors()) {
+        n += ggml_nbytes(t);
+    }
+    return n;
+}
+
 std::vector<ggml_tensor *> ExpertLayer::tensors() const {
     std::vector<ggml_tensor *> out;
     for (ggml_tensor * t : { gate, up, gate_up, down }) {
@@ -502,6 +513,9 @@ void ExpertStore::place_weights(bool repack, bool populate) {
 
     repack_                             = repack;
     repacked_ctx_                       = tensor_context(count_expert_tensors(layers_) + 2 * layers_.size());
+    for (const auto & kv : layers_) {
+        PlacementProgress::total += layer_bytes(kv.second);
+    }
     std::vector<char> staging;  // a layer's gate and up rows, interleaved per expert, for the fused copy
     for (auto & kv : layers_) {
         ExpertLayer & L = kv.second;
@@ -531,6 +545,7 @@ void ExpertStore::place_weights(bool repack, bool populate) {
                 }
             }
         }
+        PlacementProgress::done += layer_bytes(L);
     }
 }
 
@@ -762,6 +777,9 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
             }
         }
     }
+    const uint64_t planned = whole.part_bytes(part, n_parts, by);
+    PlacementProgress::total += planned;
+    uint64_t placed = 0;
     repack_       = repack;
     meta_         = tensor_context(count_expert_tensors(whole.layers_));
     repacked_ctx_ = tensor_context(count_expert_tensors(whole.layers_) + 2 * whole.layers_.size());
@@ -850,8 +868,12 @@ void ExpertStore::slice_from(const ExpertStore & whole, int part, int n_parts, b
                 t->buffer = nullptr;
                 t->data   = nullptr;
             }
+            const uint64_t n = std::min<uint64_t>(ggml_nbytes(t), planned - placed);  // never past the plan
+            placed += n;
+            PlacementProgress::done += n;
         }
     }
+    PlacementProgress::done += planned - placed;
 }
 
 }  // namespace lvgg

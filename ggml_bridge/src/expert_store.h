@@ -16,6 +16,7 @@
 #include <gguf.h>
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <set>
@@ -71,6 +72,14 @@ enum class Split { Rows, Blocks, Experts };
 // down (whole blocks around the rows) and experts (the layer's own numbering).
 struct PartShape {
     std::pair<int64_t, int64_t> rows, columns, experts;
+};
+
+// Bytes of expert tensors every store of this process has placed so far (mapped and checked,
+// copied into a part, repacked), and the bytes the stores being made will place in all: what a
+// caller polls (from another thread) to show the progress of a long start.
+struct PlacementProgress {
+    static std::atomic<uint64_t> done;
+    static std::atomic<uint64_t> total;
 };
 
 class ExpertStore {

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from lvgg import topology
+from lvgg import _bridge, topology
 from lvgg.cuda_bridge import CudaExperts
 from lvgg.experts import CpuMoE, EngineNode, ExpertStore
 from lvgg.gpu_experts import GpuExperts, layer_infos, reads_packed, staged_bytes
 from lvgg.gpu_split import MOST_TOKENS, SplitExperts, best_slots, calibrate
+from lvgg.doctor import human_size
 from lvgg.models import check_experts_match, model_spec
 from lvgg.plan import SPLIT_EXPERTS, ExpertFiles, Host, Parallel, RankPlan, describe_rank, plan_gpu_layers, plan_rank
 from lvgg.vllm_plugin import EXPERTS_ENV, GPU_SPLIT_ENV, settings
@@ -39,6 +40,37 @@ def check_experts_file(store: ExpertStore, hf_config: dict[str, Any], layers: li
         info = store.layer_info(layer)
         dims[layer] = (info.routed_experts, info.hidden_size, info.intermediate_size, info.biased)
     check_experts_match(store.path, store.metadata(), dims, hf_config, layers)
+
+
+# seconds between two progress lines of a long start (placing the experts)
+PROGRESS_PERIOD = 5.0
+
+
+@contextlib.contextmanager
+def progress(what: str, period: float = PROGRESS_PERIOD):
+    """Log the progress of the block (the experts' bytes placed by this process's stores: mapped and
+    checked, copied into parts, repacked), with the time left at the rate so far, every ``period``
+    seconds while it runs, and what it placed in how long when it is done."""
+    done0, total0 = _bridge.placement_progress()
+    start, stop = time.perf_counter(), threading.Event()
+
+    def report() -> None:
+        while not stop.wait(period):
+            done, total = (a - b for a, b in zip(_bridge.placement_progress(), (done0, total0)))
+            if total > 0 and done > 0:
+                left = (time.perf_counter() - start) * (total - done) / done
+                log.info("lvgg: %s: %s of %s (%d%%), about %.0f s left", what, human_size(done), human_size(total),
+                         100 * done // total, left)
+
+    reporter = threading.Thread(target=report, name="lvgg-progress", daemon=True)
+    reporter.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        reporter.join()
+    done = _bridge.placement_progress()[0] - done0
+    log.info("lvgg: %s: %s in %.1f s", what, human_size(done), time.perf_counter() - start)
 
 
 def local_rank() -> tuple[int, int]:
@@ -115,7 +147,8 @@ class Runtime:
             return store
 
         # A rank's copies are made by its own cores (first touch): they land in their node's memory.
-        with topology.bound_to(plan.copy_cpus) if plan.copy_cpus else contextlib.nullcontext():
+        placing = "repacking the experts" if plan.repack else "reading the experts"
+        with topology.bound_to(plan.copy_cpus) if plan.copy_cpus else contextlib.nullcontext(), progress(placing):
             store = open_store()
             # The GPU reads the rank's part, as its CPU engine holds it: from the file's mapping, or from
             # the engine's own copy where that is in lvgg's packed layout (then the whole file is unmapped
@@ -129,8 +162,9 @@ class Runtime:
         kwargs = dict(max_tokens=max(max_tokens, 8192), max_top_k=spec.top_k, activation=activation,
                       strict_cpu=cpu.strict_binding)
         if several_nodes:
-            moe = CpuMoE(store, nodes=[EngineNode(p.cpus, mem_node=p.mem_node) for p in plan.parts],
-                         repack=plan.repack, **kwargs)
+            with progress("copying the experts to their NUMA nodes"):
+                moe = CpuMoE(store, nodes=[EngineNode(p.cpus, mem_node=p.mem_node) for p in plan.parts],
+                             repack=plan.repack, **kwargs)
         else:
             part = plan.parts[0]
             moe = CpuMoE(store, threads=part.threads, cpus=part.cpus or None, **kwargs)
@@ -200,12 +234,16 @@ class Runtime:
             log.warning("lvgg: %s", note)
         if not plan.streamed and not plan.resident and not plan.split:
             return None, None
+        log.info("lvgg: making the GPU's experts (pinning the host memory they are read from, copying %d resident "
+                 "layers)", len(plan.resident))
+        t0 = time.perf_counter()
         gpu = GpuExperts(store, device=device, dtype=dtype, streamed_layers=plan.streamed,
                          resident_layers=plan.resident, split_layers=plan.split, split_experts=SPLIT_EXPERTS,
                          stream_group=plan.stream_group, part=part, by=by)
-        log.info("lvgg: experts on %s%s: %d layers streamed for passes of >= %s tokens, %d resident, %d split with "
-                 "the CPU in decode steps; %.2f GiB of VRAM; read from %s", device,
-                 f" (part {part[0] + 1} of {part[1]} by {by})" if part[1] > 1 else "", len(plan.streamed),
+        log.info("lvgg: experts on %s%s in %.1f s: %d layers streamed for passes of >= %s tokens, %d resident, %d "
+                 "split with the CPU in decode steps; %.2f GiB of VRAM; read from %s", device,
+                 f" (part {part[0] + 1} of {part[1]} by {by})" if part[1] > 1 else "", time.perf_counter() - t0,
+                 len(plan.streamed),
                  wanted.prefill_min_tokens, len(plan.resident), len(gpu.split_layers), gpu.vram_bytes / 2**30,
                  "the CPU engine's packed copy" if gpu.reads_packed_copy else "the experts file")
         split = make_split(gpu, self.cuda_experts(dtype), wanted.decode_split) if gpu.split_layers else None
@@ -243,6 +281,8 @@ def make_split(gpu: GpuExperts, cpu: CudaExperts, wanted: int | str) -> SplitExp
     "auto" the share that was fastest here for each batch size (each way replayed in CUDA graphs)."""
     top_k = cpu.top_k
     if wanted == "auto":
+        log.info("lvgg: %s=auto: timing the decode split (each share of a token's experts the GPU may take, per "
+                 "batch size)", GPU_SPLIT_ENV)
         t0 = time.perf_counter()
         try:
             seconds = calibrate(gpu, cpu)
