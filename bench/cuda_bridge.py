@@ -19,7 +19,7 @@ import gguf
 import torch
 
 import lvgg
-import lvgg.cuda_bridge
+import lvgg.gpu.bridge
 from lvgg.bench import SHAPE_30B_A3B, read_bandwidth_gb_per_s, synthetic_experts_file
 
 
@@ -51,7 +51,7 @@ def main() -> None:
         moe = lvgg.CpuMoE(lvgg.ExpertStore(path), threads=a.threads or None, max_tokens=512, max_top_k=K)
         bw = read_bandwidth_gb_per_s(moe.threads)
         bridges = {signal: lvgg.CudaExperts(moe, hidden_size=D, top_k=K, max_tokens=512, dtype=torch.bfloat16,
-                                            signal=signal) for signal in lvgg.cuda_bridge.SIGNALS}
+                                            signal=signal) for signal in lvgg.gpu.bridge.SIGNALS}
         print(f"{a.type}, {L} layers of {E} experts {D}x{s['intermediate']}, {moe.threads} threads, "
               f"read bandwidth {bw:.1f} GB/s; the CPU told by: " + ", ".join(
                   f"{name} ({b.signal})" for name, b in bridges.items()))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lvgg.bench import cuda_ms
-from lvgg.gpu_dequant import QUANT_BLOCKS, dequantize
+from lvgg.gpu.dequant import QUANT_BLOCKS, dequantize
 from lvgg.quantize import quantize
 
 E, D, F = 128, 2048, 768

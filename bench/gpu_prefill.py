@@ -23,7 +23,7 @@ import torch
 
 import lvgg
 from lvgg.bench import cuda_ms
-from lvgg.gpu_experts import GpuExperts, layer_infos, staged_bytes
+from lvgg.gpu.experts import GpuExperts, layer_infos, staged_bytes
 
 
 

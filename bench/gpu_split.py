@@ -1,4 +1,4 @@
-"""Where a decode step's MoE time goes when the CPU and the GPU share the experts (lvgg.gpu_split),
+"""Where a decode step's MoE time goes when the CPU and the GPU share the experts (lvgg.gpu.split),
 next to the CPU alone in the same run. Needs an NVIDIA GPU (not vLLM).
 
     python bench/gpu_split.py EXPERTS.gguf [--threads 15] [--tokens 1,2,4,8]
@@ -18,10 +18,10 @@ import time
 import torch
 
 import lvgg
-from lvgg.gpu_dequant import gated_activations, weighted_down
-from lvgg.gpu_experts import GpuExperts, _gather, _staged
-from lvgg.cuda_bridge import CudaExperts
-from lvgg.gpu_split import RandomRoutes, SplitExperts, graphs_seconds, split_shares, timed_layers
+from lvgg.gpu.dequant import gated_activations, weighted_down
+from lvgg.gpu.experts import GpuExperts, _gather, _staged
+from lvgg.gpu.bridge import CudaExperts
+from lvgg.gpu.split import RandomRoutes, SplitExperts, graphs_seconds, split_shares, timed_layers
 from lvgg.plan import SPLIT_EXPERTS
 
 

@@ -21,7 +21,7 @@ import torch
 
 import lvgg
 from lvgg.bench import MIXES, SHAPE_30B_A3B, cuda_ms, synthetic_experts_file
-from lvgg.gpu_experts import GpuExperts, layer_infos, staged_bytes
+from lvgg.gpu.experts import GpuExperts, layer_infos, staged_bytes
 
 TYPES = ("Q4_K_M,Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,IQ1_S,IQ1_M,IQ2_XXS,IQ2_XS,IQ2_S,IQ3_XXS,IQ3_S,"
          "IQ4_NL,IQ4_XS,MXFP4,BF16")

@@ -4,7 +4,7 @@ import torch  # noqa: F401  (first: ggml then shares torch's OpenMP runtime and 
 # The classes load the compiled bridge on first use, so that `import lvgg` (and `lvgg doctor`)
 # works on a machine where the bridge does not load, and can say why.
 _LAZY = {"CpuMoE": "lvgg.experts", "EngineNode": "lvgg.experts", "ExpertLayerInfo": "lvgg.experts",
-         "ExpertStore": "lvgg.experts", "CudaExperts": "lvgg.cuda_bridge"}
+         "ExpertStore": "lvgg.experts", "CudaExperts": "lvgg.gpu.bridge"}
 
 
 def __getattr__(name: str):

@@ -19,8 +19,7 @@ import numpy as np
 from lvgg import _bridge
 from lvgg.experts import CpuMoE, ExpertStore
 from lvgg.models import gguf_expert_name as tensor_name
-from lvgg.quantize import quantize
-from lvgg.testing.expert_files import add_quantized_tensor, write_all
+from lvgg.quantize import add_quantized_tensor, quantize, write_all
 
 # Engine configurations measured: ExpertStore arguments, CpuMoE schedule, and the kernel set of lvgg's
 # that runs it (None: the build's default; _bridge.use_kernels).

@@ -103,7 +103,10 @@ def convert(
 # lvgg's own options of `serve` and `plan` (every other flag goes to vLLM)
 EXPERTS = typer.Option(None, "--experts", help="experts file: made by `lvgg convert`, or a llama.cpp GGUF as it is (a "
                        "split one: its first part), or a Hub quant org/repo:QUANT (default: the one .gguf in the "
-                       "model folder)")
+                       "model folder; for a Hub model id, its experts converted on first run into lvgg's cache)")
+EXPERTS_TYPE = typer.Option(None, "--experts-type", help="without --experts, for a Hub model id: the type its experts "
+                            "are converted to on first run: Q4_K_M (default: Q4_K, down Q6_K; gpt-oss's MXFP4 stays), "
+                            "a type (Q8_0) or TYPE:down=TYPE")
 CPU_THREADS = typer.Option(0, "--cpu-threads", help="threads of the CPU MoE engine (0: one per physical core)")
 GPU_PREFILL_MIN_TOKENS = typer.Option(None, "--gpu-prefill-min-tokens", help="passes of at least this many tokens "
                                       "stream the experts to the GPU (default 64; 'off')")
@@ -124,6 +127,7 @@ def serve(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="HF model folder or id (its dense weights run in vLLM)"),
     experts: str = EXPERTS,
+    experts_type: str = EXPERTS_TYPE,
     cpu_threads: int = CPU_THREADS,
     gpu_prefill_min_tokens: str = GPU_PREFILL_MIN_TOKENS,
     gpu_resident_layers: str = GPU_RESIDENT_LAYERS,
@@ -134,11 +138,13 @@ def serve(
     port: int = typer.Option(8000, help="port to listen on"),
 ) -> None:
     """vLLM's OpenAI-compatible server with the routed experts on the CPU. Other flags go to vLLM."""
-    from lvgg.llm import configure_plugin, server_argv, speculative_config
+    from lvgg.llm import KV_CACHE_FLAGS, configure_plugin, server_argv, speculative_config
 
+    kv_cache_chosen = any(arg.replace("_", "-").startswith(KV_CACHE_FLAGS) for arg in ctx.args)
     try:
         path = configure_plugin(model, experts, cpu_threads or None, gpu_prefill_min_tokens, gpu_resident_layers,
-                                gpu_experts_gb, gpu_decode_split, repack, speculative_config(ctx.args))
+                                gpu_experts_gb, gpu_decode_split, repack, speculative_config(ctx.args), experts_type,
+                                kv_cache_chosen)
     except (ValueError, OSError) as e:
         _fail(e)
     os.execv(sys.executable, server_argv(model, path, host, port, ctx.args))
@@ -149,6 +155,7 @@ def plan(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="HF model folder or id"),
     experts: str = EXPERTS,
+    experts_type: str = EXPERTS_TYPE,
     cpu_threads: int = CPU_THREADS,
     gpu_prefill_min_tokens: str = GPU_PREFILL_MIN_TOKENS,
     gpu_resident_layers: str = GPU_RESIDENT_LAYERS,
@@ -174,7 +181,7 @@ def plan(
             from lvgg import _bridge, bench
 
             bandwidth = bench.read_bandwidth_gb_per_s(len(_bridge.physical_core_cpus()))
-        planned = plan_serving(model, experts, env, ctx.args, bandwidth)
+        planned = plan_serving(model, experts, env, ctx.args, bandwidth, experts_type)
     except (ValueError, OSError) as e:
         _fail(e)
     if as_json:

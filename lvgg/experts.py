@@ -311,6 +311,11 @@ class CpuMoE:
     def max_top_k(self) -> int:
         return self._engine.max_top_k
 
+    def call_stats(self) -> dict[str, Any]:
+        """Its calls so far (CUDA-graph replays through CudaExperts included): ``counts`` by duration
+        (per bucket of ``bounds``, in seconds; the last above them all), ``seconds`` and ``tokens`` in all."""
+        return self._engine.stats()
+
     def node_intermediate_size(self, node: int, layer: int) -> int:
         """Rows of every expert's intermediate dimension ``node`` holds in ``layer``."""
         if len(self.nodes) < 2:

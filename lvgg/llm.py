@@ -25,11 +25,23 @@ def check_model_path(model: str) -> None:
                                 "(org/name)")
 
 
-def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> list[Path]:
+def find_experts_file(model: str, experts: str | os.PathLike[str] | None,
+                      experts_type: str | None = None) -> list[Path]:
     """The experts file to use, as its local files (a split GGUF's parts): the one given (a path,
-    or a Hub quant org/repo:QUANT), or the single GGUF beside a model folder's weights."""
+    or a Hub quant org/repo:QUANT), the single GGUF beside a model folder's weights, or for a Hub
+    model the one converted on first use (in ``experts_type``) into lvgg's cache."""
+    from lvgg.hub_experts import experts_for, is_hub_id
+
     if experts is not None:
+        if experts_type is not None:
+            raise ValueError("--experts-type is the type of experts converted on first run from a Hugging Face "
+                             "model; --experts names a file already made: give one of them")
         return [p.resolve() for p in resolve(experts)]
+    if is_hub_id(model):
+        return [experts_for(model, experts_type).resolve()]
+    if experts_type is not None:
+        raise ValueError(f"--experts-type converts a Hugging Face model's experts on first run; for the folder "
+                         f"{model} run `lvgg convert {model} -o FILE --type ...` and pass --experts FILE")
     folder = Path(model)
     candidates = [p for p in sorted(folder.glob("*.gguf")) if (m := SPLIT_NAME.match(p.name)) is None
                   or m["i"] == "00001"] if folder.is_dir() else []
@@ -37,7 +49,8 @@ def find_experts_file(model: str, experts: str | os.PathLike[str] | None) -> lis
         raise FileNotFoundError(
             f"no experts file given and {model} " + ("is not a folder" if not folder.is_dir() else
                                                     f"has {len(candidates)} .gguf files") +
-            "; pass experts=... (a llama.cpp GGUF, or one lvgg convert writes)")
+            "; pass experts=... (a llama.cpp GGUF, or one lvgg convert writes), or give a Hugging Face model id "
+            "(org/name), whose experts are converted on first run")
     return [p.resolve() for p in resolve(candidates[0])]
 
 
@@ -82,6 +95,30 @@ def settings_env(cpu_threads: int | None = None, gpu_prefill_min_tokens: int | s
     return {k: str(v) if v is not None else os.environ.get(k, "") for k, v in env.items()}
 
 
+KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB; vLLM's CPU backend reads it
+KV_CACHE_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+DEFAULT_CPU_KV_CACHE_GIB = 4
+
+
+def size_cpu_kv_cache(experts: list[Path], user_chose: bool) -> None:
+    """On a machine without a GPU, vLLM reserves --gpu-memory-utilization (0.9) of all of its RAM
+    for the model and its KV cache, and refuses to start where less is available, as it mostly is
+    next to the experts. Unless the user sized it (VLLM_CPU_KVCACHE_SPACE, --kv-cache-memory-bytes,
+    --gpu-memory-utilization), the KV cache gets 4 GiB, less where the memory left beside the
+    experts is short (a quarter of it, 1 GiB at least)."""
+    import torch
+
+    from lvgg import topology
+
+    if user_chose or os.environ.get(KV_CACHE_ENV) or torch.cuda.is_available():
+        return
+    spare = max(0, (topology.meminfo()["available"] or 0) - sum(f.stat().st_size for f in experts))
+    gib = max(1, min(DEFAULT_CPU_KV_CACHE_GIB, spare // 4 // 2**30))
+    os.environ[KV_CACHE_ENV] = str(gib)
+    print(f"lvgg: no GPU: vLLM's KV cache gets {gib} GiB of RAM ({KV_CACHE_ENV}; set it, or "
+          "--kv-cache-memory-bytes, to choose)")
+
+
 def check_settings(model: str, env: dict[str, str]) -> tuple[CpuSettings, GpuSettings]:
     """The CPU and GPU settings ``env`` holds (with the rest of the environment's), checked against
     the model where its config can be read: ValueError naming what is wrong."""
@@ -102,18 +139,21 @@ def check_settings(model: str, env: dict[str, str]) -> tuple[CpuSettings, GpuSet
 def configure_plugin(model: str, experts: str | os.PathLike[str] | None, cpu_threads: int | None,
                      gpu_prefill_min_tokens: int | str | None = None, gpu_resident_layers: str | None = None,
                      gpu_experts_gb: float | None = None, gpu_decode_split: int | str | None = None,
-                     repack: bool | None = None, speculative: dict[str, Any] | None = None) -> Path:
+                     repack: bool | None = None, speculative: dict[str, Any] | None = None,
+                     experts_type: str | None = None, kv_cache_chosen: bool = False) -> Path:
     """Point the plugin (in this process and the ones vLLM starts) at the experts file, with the
     given settings (None: the environment's, else the defaults; see lvgg.vllm_plugin), for vLLM's
-    ``speculative`` config (its speculative_config, if any)."""
+    ``speculative`` config (its speculative_config, if any); without a GPU, size vLLM's KV cache
+    unless the user did (``kv_cache_chosen``)."""
     check_model_path(model)
-    files = find_experts_file(model, experts)
+    files = find_experts_file(model, experts, experts_type)
     check_before_start(model, files, mtp=is_mtp(speculative))
     env = settings_env(cpu_threads, gpu_prefill_min_tokens, gpu_resident_layers, gpu_experts_gb, gpu_decode_split,
                        repack)
     check_settings(model, env)  # before any change
     os.environ.update({k: v for k, v in env.items() if v})
     os.environ[EXPERTS_ENV] = str(files[0])
+    size_cpu_kv_cache(files, kv_cache_chosen)
     return files[0]
 
 
@@ -171,7 +211,7 @@ class ServingPlan(NamedTuple):
 
 
 def plan_serving(model: str, experts: str | os.PathLike[str] | None, env: dict[str, str], vllm_args: list[str],
-                 read_bandwidth: float | None = None) -> ServingPlan:
+                 read_bandwidth: float | None = None, experts_type: str | None = None) -> ServingPlan:
     """What `lvgg serve MODEL --experts FILE [vllm flags]` would do on this machine, from the
     headers of the model and the file (the same checks as serve's before vLLM starts): the plan of
     every rank, with the VRAM vLLM would leave its experts estimated from the weights' size."""
@@ -180,7 +220,7 @@ def plan_serving(model: str, experts: str | os.PathLike[str] | None, env: dict[s
     from lvgg.plan import ExpertFiles, make_plan
 
     check_model_path(model)
-    files = find_experts_file(model, experts)
+    files = find_experts_file(model, experts, experts_type)
     parallel, utilization, dtype = vllm_parallel(vllm_args)
     check_before_start(model, files, mtp=parallel.mtp)
     config = model_config(model)
@@ -281,7 +321,7 @@ def compile_cache_config(experts: Path) -> dict[str, Any]:
 def LLM(model: str, experts: str | os.PathLike[str] | None = None, cpu_threads: int | None = None,
         gpu_prefill_min_tokens: int | str | None = None, gpu_resident_layers: str | None = None,
         gpu_experts_gb: float | None = None, gpu_decode_split: int | str | None = None, repack: bool | None = None,
-        **vllm_kwargs: Any):
+        experts_type: str | None = None, **vllm_kwargs: Any):
     """A `vllm.LLM` whose routed experts come from `experts` and run on the CPU through ggml.
 
     On a GPU, passes of at least ``gpu_prefill_min_tokens`` tokens (default 64; "off") stream
@@ -291,11 +331,14 @@ def LLM(model: str, experts: str | os.PathLike[str] | None = None, cpu_threads: 
     at startup; N, or "off"). ``repack=False`` computes the experts from the file's own layout
     (ggml's kernels; slower decode, but next to a GPU one copy of the experts in RAM, not two);
     default: a repacked copy unless the memory available cannot hold it beside the pinned file.
+    Without ``experts``, a Hugging Face model's experts are converted on first use (in
+    ``experts_type``, default Q4_K_M) into lvgg's cache and reused (lvgg.hub_experts).
     """
     speculative = vllm_kwargs.get("speculative_config")
     path = configure_plugin(model, experts, cpu_threads, gpu_prefill_min_tokens, gpu_resident_layers,
                             gpu_experts_gb, gpu_decode_split, repack,
-                            speculative if isinstance(speculative, dict) else None)
+                            speculative if isinstance(speculative, dict) else None, experts_type,
+                            kv_cache_chosen=bool({"kv_cache_memory_bytes", "gpu_memory_utilization"} & vllm_kwargs.keys()))
     from lvgg.vllm_plugin import register
     import vllm
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -395,7 +394,7 @@ def plan_gpu_layers(infos: dict[int, ExpertLayerInfo], wanted: GpuSettings, usab
     """Which layers run on the GPU and how, for the settings, with ``usable`` bytes of VRAM left
     to vLLM. Resident layers listed in ``elsewhere`` (other pipeline stages' MoE layers) are
     theirs to hold. Raises ValueError for resident layers that cannot be."""
-    from lvgg.gpu_experts import estimate_vram_bytes, gpu_unsupported
+    from lvgg.gpu.experts import estimate_vram_bytes, gpu_unsupported
 
     notes = []
     cpu_only = {layer: why for layer, info in infos.items() if (why := gpu_unsupported(info))}
@@ -463,7 +462,7 @@ def plan_gpu_layers(infos: dict[int, ExpertLayerInfo], wanted: GpuSettings, usab
 
 def gpu_layer_infos(files: ExpertFiles, rank: RankPlan, tp_size: int) -> dict[int, ExpertLayerInfo]:
     """The rank's layers as its GPU sees them (its share, from the file's header)."""
-    from lvgg.gpu_experts import layer_infos
+    from lvgg.gpu.experts import layer_infos
 
     return layer_infos(files.store(rank.layers), (rank.tp_rank, tp_size), rank.by)
 
@@ -505,11 +504,11 @@ def describe_parts(rank: RankPlan) -> str:
     return f"{part.threads} thread{'s' if part.threads > 1 else ''} {where}" + (f" (NUMA node {part.mem_node})" if part.mem_node is not None else "")
 
 
-def describe_rank(rank: RankPlan, parallel: Parallel, threads: int | None = None) -> str:
+def describe_rank(rank: RankPlan, parallel: Parallel, experts_file: str) -> str:
     """One line for the log: what the rank holds, how, and where its engine runs."""
-    parts = describe_parts(rank) if threads in (None, rank.threads) else f"{threads} threads"
-    share = f", its share by {rank.by}" if parallel.tp_size > 1 else ""
+    share = f"part {rank.tp_rank + 1} of {parallel.tp_size} by {rank.by} of " if parallel.tp_size > 1 else ""
     layout = "repacked" if rank.repack else "in the file's layout (LVGG_REPACK=off)"
     return (f"rank {rank.index} of {rank.count} on this machine (tensor-parallel {rank.tp_rank} of {parallel.tp_size}, "
-            f"pipeline {rank.pp_rank} of {parallel.pp_size}) computes the experts of layers "
-            f"{topology.format_cpulist(rank.layers)}{share} ({rank.expert_bytes / 2**30:.2f} GiB, {layout}), {parts}")
+            f"pipeline {rank.pp_rank} of {parallel.pp_size}) computes {share}the experts of layers "
+            f"{topology.format_cpulist(rank.layers)} in {experts_file} ({rank.expert_bytes / 2**30:.2f} GiB, {layout}), "
+            f"{describe_parts(rank)}")

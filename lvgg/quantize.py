@@ -1,4 +1,5 @@
-"""Quantize float32 arrays into any ggml type with ggml's own quantizer (multithreaded)."""
+"""Quantize float32 arrays into any ggml type with ggml's own quantizer (multithreaded), and write
+them into GGUF files (synthetic experts files for tests and benchmarks)."""
 from __future__ import annotations
 
 import gguf
@@ -24,3 +25,17 @@ def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, threads: int 
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
     _bridge.quantize(int(qtype), rows, out, threads, imatrix)
     return out.reshape(*values.shape[:-1], row_bytes)
+
+
+def add_quantized_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray,
+                         qtype: gguf.GGMLQuantizationType) -> None:
+    """Add bytes made by quantize() as a tensor of `qtype`."""
+    writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+
+
+def write_all(writer: gguf.GGUFWriter) -> None:
+    """Write the header, the metadata and the tensors added, and close the file."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as Q
 
 import lvgg
 from lvgg import _bridge
-from lvgg.cuda_bridge import register_host, unregister_host
+from lvgg.gpu.bridge import register_host, unregister_host
 from lvgg.testing.expert_files import random_experts, read_reference, write_experts_file
 
 E, D, F, K = 16, 256, 512, 4

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
 from lvgg import _bridge
-from lvgg.gpu_dequant import (FLOAT_TYPES, QUANT_BLOCKS, StagedProjection, _lookup_tables, dequantize,
+from lvgg.gpu.dequant import (FLOAT_TYPES, QUANT_BLOCKS, StagedProjection, _lookup_tables, dequantize,
                               gated_activations, gather_rows, packed_nbytes, raw_nbytes, split_routing, weighted_down)
 from lvgg.quantize import quantize
 

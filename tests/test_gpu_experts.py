@@ -9,9 +9,10 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import lvgg
-from lvgg import _bridge, gpu_experts
-from lvgg.gpu_dequant import packed_nbytes
-from lvgg.gpu_experts import (GpuExperts, _host_views, estimate_vram_bytes, gpu_unsupported, layer_infos, reads_packed,
+from lvgg import _bridge
+from lvgg.gpu import experts as gpu_experts
+from lvgg.gpu.dequant import packed_nbytes
+from lvgg.gpu.experts import (GpuExperts, _host_views, estimate_vram_bytes, gpu_unsupported, layer_infos, reads_packed,
                               staged_bytes, stream_groups)
 from lvgg.testing.expert_files import ReferenceLayer, random_experts, read_reference, write_experts_file
 
@@ -288,7 +289,7 @@ def test_gpu_plan_streams_what_fits_and_fills_auto_resident_layers():
 
 
 def test_split_slots_follow_the_calibrated_token_counts():
-    from lvgg.gpu_split import best_slots, slots_for
+    from lvgg.gpu.split import best_slots, slots_for
 
     # 1 token: 20% faster with 2 on the GPU; 2 tokens: 11%; 4 tokens: 3% (within the margin); 8: slower;
     # 16: 4 is fastest, but 3 is within 3% of it (fewer GPU experts win a near tie); 6% over the CPU alone
@@ -301,7 +302,7 @@ def test_split_slots_follow_the_calibrated_token_counts():
 
 
 def test_split_shares_stop_where_the_gpu_fetches_its_most():
-    from lvgg.gpu_split import split_shares
+    from lvgg.gpu.split import split_shares
 
     # 30B-A3B, 32 experts fetched per call: 8 tokens have ~52 distinct experts (5/8 of them: 32),
     # 16 tokens ~82 (4/8: 41, clamped to 32)
@@ -314,7 +315,7 @@ def test_split_shares_stop_where_the_gpu_fetches_its_most():
 @pytest.fixture(scope="module", params=[False, True], ids=["file", "repacked"])
 def split(experts_file, request):
     """A decode split whose GPU reads the file, or the CPU engine's packed copy where it has one."""
-    from lvgg.gpu_split import SplitExperts
+    from lvgg.gpu.split import SplitExperts
 
     store = lvgg.ExpertStore(experts_file, repack=request.param)
     gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, resident_layers=[3], split_layers=[1, 2, 5],
@@ -367,7 +368,7 @@ def test_decode_split_replays_in_a_cuda_graph(split):
 
 @needs_cuda
 def test_decode_split_calibration_times_both_sides(split):
-    from lvgg.gpu_split import best_slots, calibrate
+    from lvgg.gpu.split import best_slots, calibrate
 
     seconds = calibrate(split.gpu, split.cpu, token_counts=(1, 8), repeats=2)
     assert len(seconds[1]) == len(seconds[8]) == K  # the CPU alone, then GPU shares 1..K-1
@@ -379,7 +380,7 @@ def test_decode_split_calibration_times_both_sides(split):
 def test_an_expert_parallel_ranks_calibration_routes_over_every_expert(experts_file):
     """Rank 1 of 2 holds experts 8..15: calibration's routes run over all 16, as the router's do
     (routes over 0..7 alone would leave both sides nothing to compute)."""
-    from lvgg.gpu_split import calibrate, split_shares
+    from lvgg.gpu.split import calibrate, split_shares
 
     store = lvgg.ExpertStore(experts_file, repack=False)  # parts are made from plain tensors
     gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, split_layers=[1, 2], split_experts=8, part=(1, 2),
@@ -459,7 +460,7 @@ def test_tensor_parallel_shares_compute_their_rows_and_sum_to_the_layer(experts_
     part in decode steps) computes the share its CPU part holds, rows of every expert or whole
     experts (expert parallel), read from the whole file or ("copy") from the CPU part's packed
     copy where it has one; the ranks' outputs sum to the layer."""
-    from lvgg.gpu_split import SplitExperts
+    from lvgg.gpu.split import SplitExperts
 
     path = experts_file if kind == "k" else q8_file
     store = lvgg.ExpertStore(path, repack=False)

@@ -201,3 +201,45 @@ def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(tmp_path):
     assert done.returncode == 0 and "qwen3_moe" in done.stdout, done.stderr
     done = subprocess.run([*run, "org/other"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 2 and "another model" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_hub_model_without_experts_file_is_converted_once_into_the_cache(tmp_path):
+    """`lvgg serve org/name` without --experts: the experts are converted on first run into lvgg's
+    cache, keyed by the revision the Hugging Face cache resolves and the type, then reused; offline
+    (HF_HUB_OFFLINE) a model the cache lacks is named, nothing is written."""
+    import shutil
+
+    from lvgg.testing.tiny_models import make_tiny_model
+
+    folder = make_tiny_model("qwen3_moe", tmp_path / "m", seed=2)
+    revision = "1" * 40
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / revision
+    shutil.copytree(folder, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(revision)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "LVGG_CACHE": str(tmp_path / "c")}
+    code = ("import sys\nfrom lvgg.llm import configure_plugin\n"
+            "print(configure_plugin(sys.argv[1], None, None, experts_type=sys.argv[2] if len(sys.argv) > 2 else None))")
+
+    def first_run(*args):
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path, env=env)
+
+    done = first_run("org/tiny")
+    assert done.returncode == 0, done.stderr
+    path = Path(done.stdout.strip().splitlines()[-1])
+    assert path == tmp_path / "c" / "experts" / "org--tiny" / revision / "gate=Q4_K-up=Q4_K-down=Q6_K.gguf"
+    assert "converting the experts of org/tiny" in done.stdout
+    import lvgg
+
+    types = lvgg.ExpertStore(path).layer_info(0).types
+    assert {p: t.upper() for p, t in types.items()} == {"gate": "Q4_K", "up": "Q4_K", "down": "Q6_K"}
+    mtime = path.stat().st_mtime_ns
+    done = first_run("org/tiny")
+    assert done.returncode == 0 and "from the cache" in done.stdout and path.stat().st_mtime_ns == mtime
+    done = first_run("org/tiny", "Q8_0")
+    assert done.returncode == 0 and done.stdout.strip().endswith("gate=Q8_0-up=Q8_0-down=Q8_0.gguf"), done.stderr
+    done = first_run("org/absent")
+    assert done.returncode != 0 and "org/absent is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" \
+        in done.stderr
+    assert sorted(p.name for p in (tmp_path / "c" / "experts").iterdir()) == ["org--tiny"]

@@ -14,23 +14,10 @@ import gguf
 import numpy as np
 
 from lvgg.models import gguf_expert_bias_name, gguf_expert_name as tensor_name
-from lvgg.quantize import quantize
+from lvgg.quantize import add_quantized_tensor, quantize, write_all
 
 PROJECTIONS = ("gate", "up", "gate_up", "down")
 BIASES = ("gate", "up", "down")  # llama.cpp's blk.N.ffn_{gate,up,down}_exps.bias (gpt-oss)
-
-
-def add_quantized_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray,
-                         qtype: gguf.GGMLQuantizationType) -> None:
-    """Add bytes made by quantize() as a tensor of `qtype`."""
-    writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
-
-
-def write_all(writer: gguf.GGUFWriter) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def write_experts_file(path: str | os.PathLike[str], layers: dict[int, dict[str, np.ndarray]],

@@ -176,8 +176,7 @@ def requantize_experts(src: str | os.PathLike[str], outputs: Mapping[str | os.Pa
     with an importance matrix have; a list of type names gives it to those types only."""
     import gguf
 
-    from lvgg.testing.expert_files import add_quantized_tensor, write_all
-    from lvgg.quantize import quantize
+    from lvgg.quantize import add_quantized_tensor, quantize, write_all
 
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()

@@ -57,7 +57,7 @@ class Metrics:
     def watch_engine(self, engine, experts_file: str) -> None:
         """Export ``engine``'s (a CpuMoE's) calls from now on, and what it is."""
         self._engine = engine
-        self._cpu_seen = engine._engine.stats()
+        self._cpu_seen = engine.call_stats()
         self.cpu_threads.set(engine.threads)
         self.file_bytes.labels(path=experts_file).set(os.path.getsize(experts_file))
         self._thread = threading.Thread(target=self._run, name="lvgg-metrics", daemon=True)
@@ -82,7 +82,7 @@ class Metrics:
         """Move what was counted since the last reading to Prometheus."""
         with self._lock:
             if self._engine is not None:
-                now = self._engine._engine.stats()
+                now = self._engine.call_stats()
                 seen, self._cpu_seen = self._cpu_seen, now
                 counts = [a - b for a, b in zip(now["counts"], seen["counts"])]
                 add_to_histogram(self.layer_seconds.labels(path="cpu"), counts, now["seconds"] - seen["seconds"])

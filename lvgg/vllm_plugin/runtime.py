@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from lvgg import _bridge, topology
-from lvgg.cuda_bridge import CudaExperts
+from lvgg.gpu.bridge import CudaExperts
 from lvgg.experts import CpuMoE, EngineNode, ExpertStore
-from lvgg.gpu_experts import GpuExperts, layer_infos, reads_packed, staged_bytes
-from lvgg.gpu_split import MOST_TOKENS, SplitExperts, best_slots, calibrate
+from lvgg.gpu.experts import GpuExperts, layer_infos, reads_packed, staged_bytes
+from lvgg.gpu.split import MOST_TOKENS, SplitExperts, best_slots, calibrate
 from lvgg.doctor import human_size
 from lvgg.models import check_experts_match, model_spec
 from lvgg.plan import SPLIT_EXPERTS, ExpertFiles, Host, Parallel, RankPlan, describe_rank, plan_gpu_layers, plan_rank
@@ -169,8 +169,8 @@ class Runtime:
             part = plan.parts[0]
             moe = CpuMoE(store, threads=part.threads, cpus=part.cpus or None, **kwargs)
         self.plan = plan
-        log.info("lvgg: %s", describe_rank(plan, parallel, moe.threads))
-        self.metrics = process_metrics(moe._engine.stats()["bounds"])
+        log.info("lvgg: %s", describe_rank(plan, parallel, files.path))
+        self.metrics = process_metrics(moe.call_stats()["bounds"])
         if self.metrics:
             self.metrics.watch_engine(moe, files.path)
         return moe

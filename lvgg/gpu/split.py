@@ -5,7 +5,7 @@
 
 For a call of n tokens, ``slots`` (by the smallest listed token count >= n) gives g: the GPU
 takes g/top_k of the step's distinct experts (g of one token's). A small kernel shares them
-out on the device (lvgg.gpu_dequant.split_routing): the CPU engine computes the step with the
+out on the device (lvgg.gpu.dequant.split_routing): the CPU engine computes the step with the
 GPU's experts masked out of its ids (CudaExperts: pinned buffers, in the current stream's
 order) while, on a side stream, the GPU reads each of its experts' bytes once, straight from
 the pinned experts file over the PCIe link, and multiplies them from those bytes for every
@@ -22,9 +22,9 @@ from typing import Sequence
 
 import torch
 
-from lvgg.cuda_bridge import CudaExperts
-from lvgg.gpu_dequant import split_routing
-from lvgg.gpu_experts import GpuExperts
+from lvgg.gpu.bridge import CudaExperts
+from lvgg.gpu.dequant import split_routing
+from lvgg.gpu.experts import GpuExperts
 
 # The most tokens a split call takes: split_routing compares each of a call's tokens x top_k
 # slots with every other in one program (16 x 8 slots: 128 x 128).

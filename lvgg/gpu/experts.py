@@ -1,7 +1,7 @@
 """Routed experts computed on the GPU from host memory: streamed for long prefills, resident
 for chosen layers, or fetched a few at a time for decode steps split with the CPU.
 
-    from lvgg.gpu_experts import GpuExperts      # streamed/resident layers need vLLM's CUDA build
+    from lvgg.gpu.experts import GpuExperts      # streamed/resident layers need vLLM's CUDA build
     gpu = GpuExperts(store, device="cuda", dtype=torch.bfloat16, streamed_layers=[2, 3], resident_layers=[0, 1])
     out = gpu(layer, x, topk_ids, topk_weights)          # CUDA tensors, any number of tokens
 
@@ -21,7 +21,7 @@ RESIDENT_BYTES_MOST_TOKENS tokens (decode) multiply the experts straight from th
 (lvgg's expert kernels), longer ones dequantize the layer into one shared pair of weights for
 vLLM's fused MoE (``quantized_resident=False``: each layer dequantized once, ~3.5x the VRAM of
 Q4_K). Split layers (`fetched`): a kernel reads the chosen experts' bytes straight from pinned host memory (ids on the device, so CUDA graphs capture
-it) and lvgg's expert kernels multiply them from those bytes (lvgg.gpu_split).
+it) and lvgg's expert kernels multiply them from those bytes (lvgg.gpu.split).
 
 Nothing here synchronizes the device; calls are ordered by the current stream. Streamed calls
 keep Python state about the staging slots, so they must not be captured in a CUDA graph
@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 from lvgg import _bridge
-from lvgg.cuda_bridge import register_host, unregister_host
+from lvgg.gpu.bridge import register_host, unregister_host
 from lvgg.experts import ExpertLayerInfo, ExpertStore
-from lvgg.gpu_dequant import (SUPPORTED_TYPES, StagedProjection, dequantize, gated_activations, gather_rows,
+from lvgg.gpu.dequant import (SUPPORTED_TYPES, StagedProjection, dequantize, gated_activations, gather_rows,
                               matrix_nbytes, raw_nbytes, weighted_down)
 
 log = logging.getLogger("vllm.lvgg")  # vLLM's handlers and level
@@ -478,7 +478,7 @@ class GpuExperts:
     def fetched(self, layer: int, x: torch.Tensor, experts: torch.Tensor, slot_expert: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
         """The MoE of ``x`` ([n, hidden]) with some experts of a split layer, as
-        ``lvgg.gpu_dequant.split_routing`` shares them out: ``experts`` ([m] int32 on the device,
+        ``lvgg.gpu.dequant.split_routing`` shares them out: ``experts`` ([m] int32 on the device,
         m <= split_experts; -1: none) are fetched, each once, from the pinned file and multiplied
         as they are (no dequantized copy); slot [t, j] adds ``topk_weights[t, j]`` times expert
         ``experts[slot_expert[t, j]]`` of x[t], or nothing where slot_expert is -1. In the
