@@ -12,6 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -93,9 +94,10 @@ def time_layer(moe: CpuMoE, layers: list[int], tokens: int, top_k: int, n_expert
 
 def bench_moe(types: list[str], tokens: list[int], threads: int, n_layers: int, min_seconds: float,
               workdir: str | None = None, configs: tuple[str, ...] = tuple(CONFIGS), experts_file: str | None = None,
-              **shape) -> list[MoeResult]:
+              progress: Callable[[str], None] | None = None, **shape) -> list[MoeResult]:
     """Every engine configuration on a synthetic file per type, or on the layers of
-    ``experts_file`` (any GGUF lvgg reads: a llama.cpp one, split, or org/repo:QUANT)."""
+    ``experts_file`` (any GGUF lvgg reads: a llama.cpp one, split, or org/repo:QUANT); ``progress``
+    is told what starts (a file written, a configuration timed)."""
     def engines(path: Path, K: int):
         for config in configs:
             store_args, schedule, kernels = CONFIGS[config]
@@ -106,8 +108,8 @@ def bench_moe(types: list[str], tokens: list[int], threads: int, n_layers: int, 
 
     if experts_file is not None:
         return _time_engines(experts_file, file_label(experts_file), tokens, min_seconds, engines,
-                             {**SHAPE_30B_A3B, **shape})
-    return _bench(types, tokens, n_layers, min_seconds, workdir, engines, shape)
+                             {**SHAPE_30B_A3B, **shape}, progress)
+    return _bench(types, tokens, n_layers, min_seconds, workdir, engines, shape, progress)
 
 
 def default_configs() -> list[str]:
@@ -223,7 +225,7 @@ def scratch_dir(parent: str | None) -> tempfile.TemporaryDirectory:
 
 
 def _bench(types: list[str], tokens: list[int], n_layers: int, min_seconds: float, workdir: str | None,
-           engines, shape: dict) -> list[MoeResult]:
+           engines, shape: dict, progress: Callable[[str], None] | None = None) -> list[MoeResult]:
     """Time every engine ``engines(path, top_k)`` yields (label, store, moe) on a synthetic file per type."""
     shape = {**SHAPE_30B_A3B, **shape}
     E, D, F = shape["n_experts"], shape["hidden"], shape["intermediate"]
@@ -231,17 +233,22 @@ def _bench(types: list[str], tokens: list[int], n_layers: int, min_seconds: floa
     with scratch_dir(workdir) as tmp:
         for name in types:
             qtype = MIXES.get(name.upper()) or gguf.GGMLQuantizationType[name.upper()]
+            if progress:
+                progress(f"{name.upper()}: writing a synthetic file of {n_layers} layers of {E} experts, {D}x{F}")
             path = synthetic_experts_file(Path(tmp) / f"{name}.gguf", qtype, n_layers, E, D, F)
-            results += _time_engines(path, name.upper(), tokens, min_seconds, engines, shape)
+            results += _time_engines(path, name.upper(), tokens, min_seconds, engines, shape, progress)
             os.unlink(path)
     return results
 
 
-def _time_engines(path, name: str, tokens: list[int], min_seconds: float, engines, shape: dict) -> list[MoeResult]:
+def _time_engines(path, name: str, tokens: list[int], min_seconds: float, engines, shape: dict,
+                  progress: Callable[[str], None] | None = None) -> list[MoeResult]:
     """Time every engine ``engines(path, top_k)`` yields on the file's layers (its own sizes)."""
     rng = np.random.default_rng(0)
     results = []
     for label, store, moe in engines(path, shape["top_k"]):
+        if progress:
+            progress(f"{name}: timing {label!r} at {', '.join(map(str, tokens))} tokens")
         info = store.layer_info(store.layers[0])
         E, D = info.n_experts, info.hidden_size
         bytes_per_expert = info.nbytes // E

@@ -1,6 +1,7 @@
 """The `lvgg` command line: thin commands over the library."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from enum import Enum
@@ -138,15 +139,20 @@ def serve(
     port: int = typer.Option(8000, help="port to listen on"),
 ) -> None:
     """vLLM's OpenAI-compatible server with the routed experts on the CPU. Other flags go to vLLM."""
-    from lvgg.llm import KV_CACHE_FLAGS, configure_plugin, server_argv, speculative_config
+    from lvgg.llm import (KV_CACHE_FLAGS, configure_plugin, model_config, plan_serving, server_argv, settings_env,
+                          speculative_config)
 
     kv_cache_chosen = any(arg.replace("_", "-").startswith(KV_CACHE_FLAGS) for arg in ctx.args)
     try:
         path = configure_plugin(model, experts, cpu_threads or None, gpu_prefill_min_tokens, gpu_resident_layers,
                                 gpu_experts_gb, gpu_decode_split, repack, speculative_config(ctx.args), experts_type,
                                 kv_cache_chosen)
+        # the plan, as `lvgg plan` prints it (a model whose config vLLM fetches itself: its own log lines)
+        planned = plan_serving(model, path, settings_env(), ctx.args) if model_config(model) is not None else None
     except (ValueError, OSError) as e:
         _fail(e)
+    if planned is not None:
+        print_plan(Console(stderr=True, width=None if sys.stderr.isatty() else 132), planned)
     os.execv(sys.executable, server_argv(model, path, host, port, ctx.args))
 
 
@@ -181,7 +187,10 @@ def plan(
             from lvgg import _bridge, bench
 
             bandwidth = bench.read_bandwidth_gb_per_s(len(_bridge.physical_core_cpus()))
-        planned = plan_serving(model, experts, env, ctx.args, bandwidth, experts_type)
+        # stdout is the plan's alone (--json): what planning says on the way (a conversion, vLLM's
+        # import when it splits the layers for pipeline parallelism) goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            planned = plan_serving(model, experts, env, ctx.args, bandwidth, experts_type)
     except (ValueError, OSError) as e:
         _fail(e)
     if as_json:
@@ -229,7 +238,9 @@ def print_plan(console: Console, planned) -> None:
         dense = "" if planned.dense_bytes is not None else " (the dense weights' size is unknown: not counted)"
         console.print(f"GPU {gpu.index} ({gpu.name}, {human_size(gpu.memory)}): vLLM may use {human_size(usable)} "
                       f"after the dense weights{dense}; lvgg's experts take their share of it, the KV cache the rest")
-    if p.decode_bound is not None:
+    if p.decode_bound == float("inf"):
+        console.print("decode bound, one sequence: none from RAM (every layer's experts are resident on the GPU)")
+    elif p.decode_bound is not None:
         console.print(f"decode bound, one sequence: {p.decode_bound:.1f} tok/s ({human_size(p.active_bytes_per_token)} "
                       f"of experts per token at {p.read_bandwidth:.1f} GB/s)")
     for note in p.notes:
@@ -293,8 +304,10 @@ def bench_moe(
     bw = bench.read_bandwidth_gb_per_s(threads)
     console.print(f"read bandwidth, {threads} threads: [bold]{bw:.1f} GB/s[/] (the floor at 1 token)")
     try:
+        progress = Console(stderr=True)  # what is being done, as the table comes at the end
         results = bench.bench_moe(_csv(types), _csv(tokens, int), threads, layers, seconds, workdir,
                                   tuple(c.strip() for c in configs.split(";") if c.strip()), file,
+                                  lambda text: progress.print(f"[dim]{text}[/]"),
                                   n_experts=experts, hidden=hidden, intermediate=intermediate, top_k=top_k)
     except (ValueError, OSError) as e:
         _fail(e)

@@ -21,6 +21,7 @@ decisions it makes, per rank of vLLM on this machine (tensor-parallel ranks and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,19 +205,25 @@ class Plan:
 
     @property
     def decode_bound(self) -> float | None:
-        """Tokens/s of one sequence if every expert byte a token reads came from RAM at the read
-        bandwidth (the CPU's share only: layers on the GPU are left out)."""
+        """Tokens/s of one sequence if every expert byte a token reads on the CPU came from RAM at the
+        read bandwidth: each rank reads its share of the token's experts in the layers it does not
+        keep resident on its GPU (inf: none; None: bandwidth not measured)."""
         if not self.read_bandwidth:
             return None
-        on_gpu = {layer for r in self.ranks if r.gpu for layer in r.gpu.resident}
-        share = 1 - len(on_gpu) / max(1, len({x for r in self.ranks for x in r.layers}))
-        return self.read_bandwidth * 1e9 / max(1.0, self.active_bytes_per_token * share)
+        cpu_bytes = 0.0
+        for r in self.ranks:
+            resident = set(r.gpu.resident) if r.gpu else set()
+            on_cpu = len([x for x in r.layers if x not in resident]) / max(1, len(r.layers))
+            cpu_bytes += self.active_bytes_per_token * r.expert_bytes / max(1, self.file_expert_bytes) * on_cpu
+        return self.read_bandwidth * 1e9 / cpu_bytes if cpu_bytes else math.inf
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         for rank, plain in zip(self.ranks, out["ranks"]):
             plain.update(threads=rank.threads, copy_bytes=rank.copy_bytes, reads_file=rank.reads_file)
-        out.update(host_bytes=self.host_bytes, vram_bytes=self.vram_bytes, decode_bound=self.decode_bound)
+        bound = self.decode_bound
+        out.update(host_bytes=self.host_bytes, vram_bytes=self.vram_bytes,
+                   decode_bound=None if bound == math.inf else bound)
         return out
 
 

