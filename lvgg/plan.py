@@ -136,6 +136,8 @@ class EnginePart:
 
 @dataclass(frozen=True)
 class GpuPlan:
+    """What a rank's GPU does with its experts (plan_gpu_layers), and the VRAM that takes."""
+
     streamed: list[int]  # layers streamed for long passes
     resident: list[int]
     split: list[int]  # layers split with the CPU in decode steps
