@@ -2,7 +2,8 @@
 
     lvgg:expert_layer_seconds{path}     histogram: seconds per MoE layer call, by where it ran:
                                         "cpu" (the CPU engine; in a split decode step, the CPU's
-                                        share) or "gpu_streamed" (experts streamed for a long pass)
+                                        share), "gpu_streamed" (experts streamed for a long pass) or
+                                        "gpu_resident" (outside CUDA graphs)
     lvgg:expert_tokens_total{path}      tokens those calls computed
     lvgg:pcie_bytes_total{path}         expert bytes copied from host memory to the GPU
     lvgg:cpu_threads                    threads of the CPU engines (all ranks of the machine)
@@ -116,7 +117,9 @@ class _GpuCall:
 
 def add_to_histogram(child, counts: list[int], seconds: float) -> None:
     """Add calls counted by bucket (non-cumulative, the histogram's own bounds) and their seconds to a
-    prometheus_client histogram child, as that many observe() calls would."""
+    prometheus_client histogram child, as that many observe() calls would. It adds to the child's
+    per-bucket values and sum as observe() does (prometheus_client keeps them non-cumulative and
+    sums at exposition); tests/test_serve.py scrapes the result."""
     if not any(counts):
         return
     for bucket, n in zip(child._buckets, counts):
