@@ -139,7 +139,7 @@ def serve(
     port: int = typer.Option(8000, help="port to listen on"),
 ) -> None:
     """vLLM's OpenAI-compatible server with the routed experts on the CPU. Other flags go to vLLM."""
-    from lvgg.llm import (KV_CACHE_FLAGS, configure_plugin, model_config, plan_serving, server_argv, settings_env,
+    from lvgg.llm import (KV_CACHE_FLAGS, configure_plugin, model_config, plan_checked, server_argv, settings_env,
                           speculative_config)
 
     kv_cache_chosen = any(arg.replace("_", "-").startswith(KV_CACHE_FLAGS) for arg in ctx.args)
@@ -148,7 +148,8 @@ def serve(
                                 gpu_experts_gb, gpu_decode_split, repack, speculative_config(ctx.args), experts_type,
                                 kv_cache_chosen)
         # the plan, as `lvgg plan` prints it (a model whose config vLLM fetches itself: its own log lines)
-        planned = plan_serving(model, path, settings_env(), ctx.args) if model_config(model) is not None else None
+        config = model_config(model)
+        planned = plan_checked(model, config, path, settings_env(), ctx.args) if config is not None else None
     except (ValueError, OSError) as e:
         _fail(e)
     if planned is not None:

@@ -1,6 +1,7 @@
 """`lvgg.LLM`: vLLM's offline `LLM` with the routed experts computed by lvgg on the CPU."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -119,12 +120,17 @@ def size_cpu_kv_cache(experts: list[Path], user_chose: bool) -> None:
           "--kv-cache-memory-bytes, to choose)")
 
 
+def read_settings(env: dict[str, str]) -> tuple[CpuSettings, GpuSettings]:
+    """The CPU and GPU settings ``env`` holds, with the rest of the environment's."""
+    return CpuSettings.from_env({**os.environ, **env}), GpuSettings.from_env(env)
+
+
 def check_settings(model: str, env: dict[str, str]) -> tuple[CpuSettings, GpuSettings]:
     """The CPU and GPU settings ``env`` holds (with the rest of the environment's), checked against
     the model where its config can be read: ValueError naming what is wrong."""
     from lvgg.vllm_plugin.settings import check_decode_split
 
-    cpu, gpu = CpuSettings.from_env({**os.environ, **env}), GpuSettings.from_env(env)
+    cpu, gpu = read_settings(env)
     config = model_config(model)
     if config is not None:
         try:
@@ -181,26 +187,21 @@ def vllm_parallel(vllm_args: list[str]) -> tuple[Parallel, float, str]:
     return parallel, known.gpu_memory_utilization, known.dtype
 
 
-def dense_weight_bytes(model: str) -> int | None:
+# bytes per value of the safetensors dtypes a checkpoint's dense weights come in
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "F32": 4, "I64": 8, "F64": 8}
+
+
+def dense_weight_bytes(model: str, config: dict[str, Any]) -> int | None:
     """Bytes of a local model folder's weights other than its routed experts (what vLLM loads onto
     its GPUs), from the safetensors headers; None where there is no such folder."""
-    from safetensors import safe_open
-
+    from lvgg.convert.hf_source import Checkpoint
     from lvgg.models import HF_ROUTED_EXPERT
 
-    files = sorted(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
-    if not files:
+    if not Path(model).is_dir() or not any(Path(model).glob("*.safetensors")):
         return None
-    sizes = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "F32": 4, "I64": 8, "F64": 8}
-    total = 0
-    for f in files:
-        with safe_open(f, "pt") as st:
-            for name in st.keys():
-                if not HF_ROUTED_EXPERT.search(name):
-                    piece = st.get_slice(name)
-                    total += math.prod(piece.get_shape()) * sizes.get(piece.get_dtype(), 2)
-    return total
+    return sum(math.prod(t.shape) * DTYPE_BYTES.get(t.dtype, 2)
+               for name, t in Checkpoint(Path(model), config).tensors.items() if not HF_ROUTED_EXPERT.search(name))
 
 
 class ServingPlan(NamedTuple):
@@ -212,24 +213,31 @@ class ServingPlan(NamedTuple):
 
 def plan_serving(model: str, experts: str | os.PathLike[str] | None, env: dict[str, str], vllm_args: list[str],
                  read_bandwidth: float | None = None, experts_type: str | None = None) -> ServingPlan:
-    """What `lvgg serve MODEL --experts FILE [vllm flags]` would do on this machine, from the
-    headers of the model and the file (the same checks as serve's before vLLM starts): the plan of
-    every rank, with the VRAM vLLM would leave its experts estimated from the weights' size."""
-    import torch
-
-    from lvgg.plan import ExpertFiles, make_plan
-
+    """What `lvgg serve MODEL --experts FILE [vllm flags]` would do on this machine, after serve's
+    checks before vLLM starts (the headers of the model and the file): plan_checked's plan."""
     check_model_path(model)
     files = find_experts_file(model, experts, experts_type)
-    parallel, utilization, dtype = vllm_parallel(vllm_args)
-    check_before_start(model, files, mtp=parallel.mtp)
+    check_before_start(model, files, mtp=vllm_parallel(vllm_args)[0].mtp)
+    check_settings(model, env)
     config = model_config(model)
     if config is None:
         raise ValueError(f"cannot read the config.json of {model}: give a model folder, or a Hub id that is in the "
                          "Hugging Face cache or can be fetched")
-    cpu, gpu = check_settings(model, env)
+    return plan_checked(model, config, files[0], env, vllm_args, read_bandwidth)
+
+
+def plan_checked(model: str, config: dict[str, Any], experts: Path, env: dict[str, str], vllm_args: list[str],
+                 read_bandwidth: float | None = None) -> ServingPlan:
+    """The plan of every rank of vLLM on this machine for a model and experts file already checked
+    against each other, with the VRAM vLLM would leave its experts estimated from the weights' size."""
+    import torch
+
+    from lvgg.plan import ExpertFiles, make_plan
+
+    parallel, utilization, dtype = vllm_parallel(vllm_args)
+    cpu, gpu = read_settings(env)
     host = Host.current(read_bandwidth)
-    dense = dense_weight_bytes(model)
+    dense = dense_weight_bytes(model, config)
     usable = None
     if host.gpus:
         per_rank = (dense or 0) / (parallel.tp_size * parallel.pp_size)
@@ -237,24 +245,32 @@ def plan_serving(model: str, experts: str | os.PathLike[str] | None, env: dict[s
     name = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16") if dtype == "auto" else dtype
     torch_dtype = {"half": torch.float16, "float16": torch.float16, "float": torch.float32,
                    "float32": torch.float32}.get(name, torch.bfloat16)
-    plan = make_plan(config, ExpertFiles(files[0]), host, cpu, gpu, parallel, usable, torch_dtype)
+    plan = make_plan(config, ExpertFiles(experts), host, cpu, gpu, parallel, usable, torch_dtype)
     return ServingPlan(plan, host, usable, dense)
 
 
 def model_config(model: str) -> dict[str, Any] | None:
     """config.json of a local model folder or of a Hub id (the Hugging Face cache's copy, fetched
-    unless HF_HUB_OFFLINE is set), or None where it cannot be had (vLLM then says why)."""
-    from lvgg.convert.hf_source import read_config
-
+    unless HF_HUB_OFFLINE is set; asked of the Hub once per process), or None where it cannot be had
+    (vLLM then says why)."""
     try:
         if Path(model).is_dir():
+            from lvgg.convert.hf_source import read_config
+
             return read_config(Path(model))
-        if model.count("/") != 1:
-            return None
+        text = _hub_config_text(model) if model.count("/") == 1 else None
+        return None if text is None else json.loads(text)
+    except (OSError, ValueError):  # a folder vLLM will say what is wrong with
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_config_text(model: str) -> str | None:
+    try:
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(model, "config.json")).read_text())
-    except Exception:  # a folder, an id or a network vLLM will say what is wrong with
+        return Path(hf_hub_download(model, "config.json")).read_text()
+    except Exception:  # an id or a network vLLM will say what is wrong with
         return None
 
 

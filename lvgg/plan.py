@@ -159,7 +159,6 @@ class RankPlan:
     by: str  # how tensor- or expert-parallel ranks split every layer: "rows", "blocks" or "experts"
     split: bool  # its experts are copied in parts (ranks, NUMA nodes): the file is then only their source
     repack: bool  # its engine computes from repacked copies (else from the file's own layout)
-    copy_cpus: tuple[int, ...]  # the CPUs that make its copies (first touch: their node's memory); empty: any
     parts: tuple[EnginePart, ...]  # one, or one per NUMA node the engine splits over
     expert_bytes: int  # of its share of the experts
     gpu_reads_packed: bool = False  # a GPU would read its engine's packed copy (else the file, pinned)
@@ -168,6 +167,12 @@ class RankPlan:
     @property
     def threads(self) -> int:
         return sum(p.threads for p in self.parts)
+
+    @property
+    def copy_cpus(self) -> tuple[int, ...]:
+        """The CPUs that make its copies (first touch: their node's memory): those of a rank sharing
+        the machine's CPUs with others; empty: any."""
+        return self.parts[0].cpus if self.count > 1 else ()
 
     @property
     def copy_bytes(self) -> int:
@@ -391,11 +396,11 @@ def plan_rank(spec: ExpertSpec, files: ExpertFiles, host: Host, cpu: CpuSettings
         threads = counts[0] if counts else default_threads(len(host.physical_cores), bool(host.gpus))
         # "core" binding pins one thread per physical core, the last ones (the first stays for vLLM)
         parts = [EnginePart(tuple(host.physical_cores[-threads:]) if cpu.strict_binding else (), threads, None)]
-    # The GPU reads the rank's part as its CPU engine holds it: lvgg's packed copy where every expert
-    # is in that layout (a rank alone on several nodes: the file, whose parts its nodes copy), else the file.
-    packed = repack and not several_nodes and files.packs_every_expert(layers, cpu.own_kernels)
+    # A GPU reads the rank's part as its CPU engine holds it: lvgg's packed copy where every expert is
+    # in that layout (a rank alone on several nodes: the file, whose parts its nodes copy), else the file.
+    packed = bool(host.gpus) and repack and not several_nodes and files.packs_every_expert(layers, cpu.own_kernels)
     return RankPlan(index, count, tp_rank, pp_rank, tuple(layers), tuple(x for x in spec.layers if x not in layers),
-                    by, split, repack, tuple(cpus or ()), tuple(parts), expert_bytes, packed), notes
+                    by, split, repack, tuple(parts), expert_bytes, packed), notes
 
 
 def plan_gpu_layers(infos: dict[int, ExpertLayerInfo], wanted: GpuSettings, usable: float, dtype,

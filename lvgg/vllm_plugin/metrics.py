@@ -57,12 +57,13 @@ class Metrics:
 
     def watch_engine(self, engine, experts_file: str) -> None:
         """Export ``engine``'s (a CpuMoE's) calls from now on, and what it is."""
-        self._engine = engine
-        self._cpu_seen = engine.call_stats()
+        with self._lock:  # flush() reads the pair
+            self._engine, self._cpu_seen = engine, engine.call_stats()
         self.cpu_threads.set(engine.threads)
         self.file_bytes.labels(path=experts_file).set(os.path.getsize(experts_file))
-        self._thread = threading.Thread(target=self._run, name="lvgg-metrics", daemon=True)
-        self._thread.start()
+        if self._thread is None:  # one reader per process, of whichever engine it watches
+            self._thread = threading.Thread(target=self._run, name="lvgg-metrics", daemon=True)
+            self._thread.start()
 
     def gpu_made(self, resident_layers: int, split_slots: dict[int, int]) -> None:
         self.resident_layers.set(resident_layers)
