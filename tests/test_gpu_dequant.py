@@ -249,8 +249,11 @@ def check_split(device: str) -> None:
     """split_routing against a plain-Python sharing of the same ids: the GPU takes the last
     round(d * g / k) of the d distinct experts (in order of first appearance), each once, at most
     ``most``; with real_rows, the rows past it (padding) have no expert; with held, neither have
-    the slots of experts outside it."""
+    the slots of experts outside it. The GPU's experts of every call add up in ``counts`` (pinned
+    host memory next to a GPU, read without a CUDA call)."""
     rng = np.random.default_rng(11)
+    counts = torch.zeros(1, dtype=torch.int64, pin_memory=device == "cuda")
+    fetched = 0
     for n, k, g, n_experts, real, most, held in [
             (1, 8, 3, 128, None, None, None), (8, 8, 3, 128, None, None, None), (8, 8, 4, 16, 5, None, None),
             (3, 4, 1, 6, 3, None, None), (5, 6, 5, 64, 0, None, None), (2, 8, 7, 8, -1, None, None),
@@ -261,7 +264,8 @@ def check_split(device: str) -> None:
         ids[rng.random(ids.shape) < 0.1] = -1  # slots without an expert
         real_rows = None if real is None else torch.tensor([real], dtype=torch.int32, device=device)
         cpu_ids, gpu_experts, slot_expert = (t.cpu().numpy() for t in
-                                             split_routing(torch.from_numpy(ids).to(device), g, real_rows, most, held))
+                                             split_routing(torch.from_numpy(ids).to(device), g, real_rows, most, held,
+                                                           counts))
         if real is not None and 0 <= real < n:
             ids[real:] = -1
         if held is not None:
@@ -274,6 +278,8 @@ def check_split(device: str) -> None:
         assert gpu_experts.tolist() == mine + [-1] * (length - m), case
         assert (cpu_ids == np.where(np.isin(ids, mine), -1, ids)).all(), case
         assert (slot_expert == [[mine.index(e) if e in mine else -1 for e in row] for row in ids.tolist()]).all(), case
+        fetched += m
+        assert counts.item() == fetched, case
 
 
 @pytest.fixture(scope="module")
@@ -410,3 +416,6 @@ def test_bad_expert_arguments_are_refused_before_any_kernel():
     with pytest.raises(ValueError, match=r"held must be a range of experts \[start, stop\), 0 <= start < stop, "
                                          r"found range\(8, 8\)"):
         split_routing(torch.zeros(2, 8, dtype=torch.int32), 3, held=range(8, 8))
+    with pytest.raises(ValueError, match=r"counts must be one int64 on cpu or in pinned host memory, found "
+                                         r"torch.int32 \[1\]"):
+        split_routing(torch.zeros(2, 8, dtype=torch.int32), 3, counts=torch.zeros(1, dtype=torch.int32))

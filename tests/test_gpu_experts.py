@@ -367,6 +367,41 @@ def test_decode_split_replays_in_a_cuda_graph(split):
 
 
 @needs_cuda
+def test_decode_split_counts_the_bytes_it_fetches(split):
+    """A counting split adds up the experts each call fetches over the link, in CUDA graph replays
+    too, where no Python runs: what lvgg:pcie_bytes_total{path="gpu_split"} shows."""
+    from lvgg.gpu.experts import link_bytes
+    from lvgg.gpu.split import SplitExperts
+
+    from prometheus_client import REGISTRY
+
+    from lvgg.vllm_plugin.metrics import process_metrics
+
+    counting = SplitExperts(split.gpu, split.cpu, slots={8: 3}, count_fetches=True)
+    metrics = process_metrics(split.cpu.moe.call_stats()["bounds"])
+    metrics.gpu_made(0, counting)
+    x, ids, w = (t.cuda() for t in routing(8, 21))
+    x = x.to(torch.bfloat16)
+    fetched = int((counting.route(ids)[1] >= 0).sum()) * link_bytes(split.gpu.layer_info(5), 1)
+    assert fetched > 0 and counting.fetched_bytes() == 0
+    counting(5, x, ids, w)
+    torch.cuda.synchronize()
+    assert counting.fetched_bytes() == fetched
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        counting(5, x, ids, w)
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert counting.fetched_bytes() == 3 * fetched  # the eager call and two replays (a capture runs nothing)
+    before = REGISTRY.get_sample_value("lvgg:pcie_bytes_total", {"path": "gpu_split"}) or 0
+    metrics.flush()
+    assert REGISTRY.get_sample_value("lvgg:pcie_bytes_total", {"path": "gpu_split"}) - before == 3 * fetched
+    assert REGISTRY.get_sample_value("lvgg:decode_split_gpu_experts", {"tokens": "8"}) == 3
+    assert split.fetched_bytes() == 0, "a split made without count_fetches counts nothing"
+
+
+@needs_cuda
 def test_decode_split_calibration_times_both_sides(split):
     from lvgg.gpu.split import best_slots, calibrate
 

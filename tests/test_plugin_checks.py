@@ -460,3 +460,30 @@ def test_startup_logs_its_progress_with_sizes_and_time_left(tmp_path, caplog):
     assert re.fullmatch(rf"lvgg: repacking the experts: {size / 2**20:.0f} MiB in \d+\.\d s", lines[-1]), lines
     assert any(re.fullmatch(r"lvgg: repacking the experts: \d+ (KiB|MiB) of \d+ MiB \(\d+%\), about \d+ s left", x)
                for x in lines[:-1]), lines
+
+
+def test_reading_in_before_pinning_is_counted_and_checks_the_range(tmp_path, caplog):
+    """What the GPU reads is read into memory before CUDA pins it, a chunk at a time, so that the
+    startup's progress covers it (``read_in``); a range that is not mapped is refused before any
+    page is touched."""
+    import ctypes
+    import mmap
+
+    from lvgg import _bridge
+    from lvgg.vllm_plugin.runtime import progress
+
+    path = tmp_path / "file"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes())
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        pages = np.frombuffer(mapped, np.uint8)
+        with caplog.at_level(logging.INFO, logger="vllm.lvgg"), progress("reading in"):
+            _bridge.read_in(pages.ctypes.data + 100, (3 << 20) - 100)  # from inside its first page
+        del pages
+        assert caplog.records[-1].getMessage().startswith("lvgg: reading in: 3 MiB in "), caplog.records[-1]
+    libc = ctypes.CDLL(None)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    gone = libc.mmap(None, 1 << 20, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    libc.munmap(ctypes.c_void_p(gone), ctypes.c_size_t(1 << 20))
+    with pytest.raises(ValueError, match="are not all mapped"):
+        _bridge.read_in(gone, 4096)

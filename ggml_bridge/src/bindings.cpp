@@ -369,6 +369,7 @@ NB_MODULE(_bridge, m) {
     m.def("copy_rows_to_device", &copy_rows_to_device, "dst"_a, "dst_pitch"_a, "src"_a, "src_pitch"_a, "width"_a,
           "height"_a, "stream"_a);
     m.def("register_host_memory", &register_host_memory, "address"_a, "size"_a, "flags"_a);
+    m.def("read_in", &read_in, "address"_a, "size"_a, nb::call_guard<nb::gil_scoped_release>());
     m.def("unregister_host_memory", &unregister_host_memory, "address"_a);
     m.def("power_saving", &ThreadPool::power_saving);  // LVGG_POWER_SAVING, as the engine reads it
     m.attr("openmp") = ThreadPool::openmp();  // ggml's threads: torch's OpenMP team, or ggml's pool

@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -21,6 +22,40 @@ namespace lvgg {
 
 std::atomic<uint64_t> PlacementProgress::done{ 0 };
 std::atomic<uint64_t> PlacementProgress::total{ 0 };
+
+#ifndef MADV_POPULATE_READ
+#    define MADV_POPULATE_READ 22  // Linux 5.14
+#endif
+
+void read_in(uintptr_t address, size_t size) {
+    const uintptr_t page  = (uintptr_t) sysconf(_SC_PAGESIZE);
+    const uintptr_t begin = address & ~(page - 1), end = address + size;
+    if (!address || size == 0 || end < address) {
+        fail(ErrorKind::Value, "read_in: expected a non-null address and a size above 0, found " + std::to_string(size) +
+                                   " bytes at " + std::to_string(address));
+    }
+    // MADV_WILLNEED fails with ENOMEM where a page of the range is not mapped: checked before
+    // anything is touched.
+    if (madvise(reinterpret_cast<void *>(begin), end - begin, MADV_WILLNEED) != 0) {
+        fail(ErrorKind::Value, "read_in: " + std::to_string(size) + " bytes at " + std::to_string(address) +
+                                   " are not all mapped (" + std::strerror(errno) + ")");
+    }
+    constexpr uintptr_t chunk = 256ull << 20;
+    PlacementProgress::total += end - begin;
+    for (uintptr_t at = begin; at < end; at += chunk) {
+        const uintptr_t n = std::min(chunk, end - at);
+        if (madvise(reinterpret_cast<void *>(at), n, MADV_POPULATE_READ) != 0) {
+            if (errno != EINVAL) {  // e.g. EFAULT: the file could not be read
+                fail(ErrorKind::File, "read_in: reading " + std::to_string(n) + " bytes at " + std::to_string(at) +
+                                          " into memory failed (" + std::strerror(errno) + ")");
+            }
+            for (uintptr_t p = at; p < at + n; p += page) {  // a kernel before 5.14: touch each page
+                (void) *reinterpret_cast<const volatile uint8_t *>(p);
+            }
+        }
+        PlacementProgress::done += n;
+    }
+}
 
 static uint64_t layer_bytes(const ExpertLayer & L) {
     uint64_t n = 0;

@@ -82,6 +82,11 @@ struct PlacementProgress {
     static std::atomic<uint64_t> total;
 };
 
+// Fault the pages of the mapped range [address, address + size) into memory (a file's pages are
+// read from disk), a chunk at a time, counted in PlacementProgress: before CUDA pins a range,
+// which would do the same in one silent call. Throws ValueError for a range that is not mapped.
+void read_in(uintptr_t address, size_t size);
+
 class ExpertStore {
   public:
     // `only_layers` (when not empty): keep these MoE layers only (a pipeline-parallel rank's); the

@@ -133,6 +133,12 @@ def staged_bytes(info: ExpertLayerInfo, n_experts: int | None = None) -> int:
     return at + nbytes
 
 
+def link_bytes(info: ExpertLayerInfo, n_experts: int | None = None) -> int:
+    """Bytes ``n_experts`` (default: all) of a layer's experts take over the link to the GPU
+    (their file bytes: what a streamed layer copies, or a split's ``fetched`` gathers)."""
+    return sum(nbytes for _, nbytes, _ in _pieces(info, n_experts))
+
+
 def _share_info(whole: ExpertLayerInfo, rows: tuple[int, int], columns: tuple[int, int],
                 experts: tuple[int, int]) -> ExpertLayerInfo:
     """A layer as the share holding intermediate rows [a, b) and columns [c, d) of down (its whole
@@ -520,14 +526,16 @@ class GpuExperts:
     def _pin_host(self) -> None:
         """Register what the GPU reads (the file, the CPU engine's packed copies) with CUDA, as
         one mapped, read-only range each (each GpuExperts of a range counts: CUDA refuses to
-        register it twice); on failure nothing stays pinned and copies run from pageable memory."""
+        register it twice), its pages read in first (a chunk at a time, in the stores' placement
+        progress); on failure nothing stays pinned and copies run from pageable memory."""
         t0, done = time.perf_counter(), []
         with _pin_lock:
             for address, nbytes in self._host_ranges:
                 if address not in _pin_users:
                     try:
+                        _bridge.read_in(address, nbytes)  # counted as it goes (the runtime's progress lines)
                         register_host(address, nbytes, _HOST_REGISTER_FLAGS, self.device)
-                    except RuntimeError as e:
+                    except (RuntimeError, OSError) as e:
                         for pinned in done:
                             _unpin(pinned, self.device)
                         log.warning("lvgg: could not pin the experts for the GPU (%s; check free RAM and `ulimit -l`): "

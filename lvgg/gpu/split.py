@@ -24,7 +24,7 @@ import torch
 
 from lvgg.gpu.bridge import CudaExperts
 from lvgg.gpu.dequant import split_routing
-from lvgg.gpu.experts import GpuExperts
+from lvgg.gpu.experts import GpuExperts, link_bytes
 
 # The most tokens a split call takes: split_routing compares each of a call's tokens x top_k
 # slots with every other in one program (16 x 8 slots: 128 x 128).
@@ -38,9 +38,11 @@ class SplitExperts:
     token's experts), but no more experts than the GPU fetches per call (``gpu.split_experts``:
     the CPU keeps the rest); a call of n tokens uses the entry of the smallest count >= n, and is
     not taken (``takes``) past the largest or where that entry is 0.
+    count_fetches: count the experts each layer's calls fetch over the link (``fetched_bytes``),
+    on the device as the calls run, CUDA graph replays included, into pinned host memory.
     """
 
-    def __init__(self, gpu: GpuExperts, cpu: CudaExperts, *, slots: dict[int, int]) -> None:
+    def __init__(self, gpu: GpuExperts, cpu: CudaExperts, *, slots: dict[int, int], count_fetches: bool = False) -> None:
         top_k = cpu.top_k
         for n, g in slots.items():
             if not 0 <= g < top_k:
@@ -58,6 +60,11 @@ class SplitExperts:
         # the routing leaves the others out, so that neither side computes them here.
         self._held = gpu.layer_info(gpu.split_layers[0]).held_experts if gpu.split_layers else None
         self._slots_of = [slots_for(slots, n) for n in range(self.max_tokens + 1)]  # by token count
+        # Experts fetched by each split layer's calls so far, written by the routing kernel.
+        self._fetches = torch.zeros(len(gpu.split_layers), dtype=torch.int64, pin_memory=True) if count_fetches else None
+        self._fetches_of = {layer: self._fetches[i:i + 1] for i, layer in enumerate(gpu.split_layers)} \
+            if count_fetches else {}
+        self._expert_bytes = [link_bytes(gpu.layer_info(layer), 1) for layer in gpu.split_layers]
         self._side = torch.cuda.Stream(gpu.device)
         self._inputs_ready, self._gpu_done = torch.cuda.Event(), torch.cuda.Event()
 
@@ -68,11 +75,19 @@ class SplitExperts:
     def takes(self, layer: int, n_tokens: int) -> bool:
         return self.gpu_slots(n_tokens) > 0 and layer in self._layers
 
-    def route(self, topk_ids: torch.Tensor, real_rows: torch.Tensor | None = None):
+    def route(self, topk_ids: torch.Tensor, real_rows: torch.Tensor | None = None, layer: int | None = None):
         """How a call with these ids is shared out (``split_routing``'s cpu_ids, gpu_experts,
-        slot_expert): the GPU's share for the call's token count, at most the experts it fetches."""
+        slot_expert): the GPU's share for the call's token count, at most the experts it fetches
+        (counted as ``layer``'s where this split counts them)."""
         return split_routing(topk_ids, self.gpu_slots(topk_ids.shape[0]), real_rows, most=self.gpu.split_experts,
-                             held=self._held)
+                             held=self._held, counts=self._fetches_of.get(layer))
+
+    def fetched_bytes(self) -> int:
+        """Expert bytes the calls so far fetched over the link (0 unless made with count_fetches;
+        calls still running on the device may be missing). Reads host memory only: no CUDA call."""
+        if self._fetches is None:
+            return 0
+        return sum(n * nbytes for n, nbytes in zip(self._fetches.tolist(), self._expert_bytes))
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  real_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,7 +97,7 @@ class SplitExperts:
             raise ValueError(f"SplitExperts takes calls of {self.slots} tokens x {self.cpu.top_k} experts of layers "
                              f"{self.gpu.split_layers}; found layer {layer}, ids {list(topk_ids.shape)}")
         main = torch.cuda.current_stream(x.device)
-        cpu_ids, gpu_experts, slot_expert = self.route(topk_ids, real_rows)
+        cpu_ids, gpu_experts, slot_expert = self.route(topk_ids, real_rows, layer)
         # The CPU's part first: its inputs are copied out before the GPU's part can fill the SMs
         # and the link (measured on the rig: started together, the two parts ran almost in turn).
         out = self.cpu(layer, x, cpu_ids, topk_weights, inputs_copied=self._inputs_ready, real_rows=real_rows)

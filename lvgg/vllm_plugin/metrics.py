@@ -5,7 +5,8 @@
                                         share), "gpu_streamed" (experts streamed for a long pass) or
                                         "gpu_resident" (outside CUDA graphs)
     lvgg:expert_tokens_total{path}      tokens those calls computed
-    lvgg:pcie_bytes_total{path}         expert bytes copied from host memory to the GPU
+    lvgg:pcie_bytes_total{path}         expert bytes copied from host memory to the GPU: "gpu_streamed",
+                                        or "gpu_split" (the experts a split decode step fetches)
     lvgg:cpu_threads                    threads of the CPU engines (all ranks of the machine)
     lvgg:gpu_resident_layers            MoE layers whose experts stay on the GPU
     lvgg:decode_split_gpu_experts{tokens}  the decode split's choice: of a token's top_k experts,
@@ -15,8 +16,9 @@
 The engine runs in vLLM's worker processes and /metrics is served by its API server: `lvgg serve`
 gives them a shared Prometheus directory (PROMETHEUS_MULTIPROC_DIR, as vLLM does for several API
 servers), where every process's series add up. The CPU engine counts its calls itself (in C++,
-CUDA-graph replays included); a thread of the worker moves the counts to Prometheus every
-``PERIOD`` seconds. GPU calls are timed with CUDA events outside graph capture.
+CUDA-graph replays included), and so does the decode split's routing kernel on the GPU (the experts
+it fetches, into pinned host memory); a thread of the worker moves the counts to Prometheus every
+``PERIOD`` seconds. Other GPU calls are timed with CUDA events outside graph capture.
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ class Metrics:
         self._pending: collections.deque = collections.deque()  # GPU calls whose events are not done yet
         self._lock = threading.Lock()
         self._engine = None
+        self._split = None  # the decode split (SplitExperts) whose fetches are counted
+        self._split_seen = 0
         self._thread: threading.Thread | None = None
 
     def watch_engine(self, engine, experts_file: str) -> None:
@@ -65,10 +69,14 @@ class Metrics:
             self._thread = threading.Thread(target=self._run, name="lvgg-metrics", daemon=True)
             self._thread.start()
 
-    def gpu_made(self, resident_layers: int, split_slots: dict[int, int]) -> None:
+    def gpu_made(self, resident_layers: int, split) -> None:
+        """The GPU's experts are made: their resident layers, and the decode split (a SplitExperts
+        or None) whose choice is shown and whose fetches are counted from now on."""
         self.resident_layers.set(resident_layers)
-        for tokens, experts in split_slots.items():
+        for tokens, experts in (split.slots if split else {}).items():
             self.split_experts.labels(tokens=str(tokens)).set(experts)
+        with self._lock:
+            self._split, self._split_seen = split, split.fetched_bytes() if split else 0
 
     def time_gpu(self, path: str, tokens: int, nbytes: int):
         """Events around a GPU call on the current stream (None inside a graph capture: not timed)."""
@@ -90,6 +98,11 @@ class Metrics:
                 add_to_histogram(self.layer_seconds.labels(path="cpu"), counts, now["seconds"] - seen["seconds"])
                 if now["tokens"] > seen["tokens"]:
                     self.tokens.labels(path="cpu").inc(now["tokens"] - seen["tokens"])
+            if self._split is not None:
+                fetched, seen = self._split.fetched_bytes(), self._split_seen
+                if fetched > seen:
+                    self.pcie_bytes.labels(path="gpu_split").inc(fetched - seen)
+                    self._split_seen = fetched
             while self._pending and self._pending[0].end.query():
                 call = self._pending.popleft()
                 self.layer_seconds.labels(path=call.path).observe(call.start.elapsed_time(call.end) / 1e3)

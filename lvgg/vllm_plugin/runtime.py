@@ -20,7 +20,7 @@ import torch
 from lvgg import _bridge, topology
 from lvgg.gpu.bridge import CudaExperts
 from lvgg.experts import CpuMoE, EngineNode, ExpertStore
-from lvgg.gpu.experts import GpuExperts, layer_infos, reads_packed, staged_bytes
+from lvgg.gpu.experts import GpuExperts, layer_infos, link_bytes, reads_packed
 from lvgg.gpu.split import MOST_TOKENS, SplitExperts, best_slots, calibrate
 from lvgg.doctor import human_size
 from lvgg.models import check_experts_match, model_spec
@@ -237,9 +237,10 @@ class Runtime:
         log.info("lvgg: making the GPU's experts (pinning the host memory they are read from, copying %d resident "
                  "layers)", len(plan.resident))
         t0 = time.perf_counter()
-        gpu = GpuExperts(store, device=device, dtype=dtype, streamed_layers=plan.streamed,
-                         resident_layers=plan.resident, split_layers=plan.split, split_experts=SPLIT_EXPERTS,
-                         stream_group=plan.stream_group, part=part, by=by)
+        with progress("reading in the experts the GPU reads, to pin them"):
+            gpu = GpuExperts(store, device=device, dtype=dtype, streamed_layers=plan.streamed,
+                             resident_layers=plan.resident, split_layers=plan.split, split_experts=SPLIT_EXPERTS,
+                             stream_group=plan.stream_group, part=part, by=by)
         log.info("lvgg: experts on %s%s in %.1f s: %d layers streamed for passes of >= %s tokens, %d resident, %d "
                  "split with the CPU in decode steps; %.2f GiB of VRAM; read from %s", device,
                  f" (part {part[0] + 1} of {part[1]} by {by})" if part[1] > 1 else "", time.perf_counter() - t0,
@@ -248,7 +249,7 @@ class Runtime:
                  "the CPU engine's packed copy" if gpu.reads_packed_copy else "the experts file")
         split = make_split(gpu, self.cuda_experts(dtype), wanted.decode_split) if gpu.split_layers else None
         if self.metrics:
-            self.metrics.gpu_made(len(plan.resident), split.slots if split else {})
+            self.metrics.gpu_made(len(plan.resident), split)
         return gpu, split
 
     def run_on_gpu(self, gpu: GpuExperts, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
@@ -256,7 +257,7 @@ class Runtime:
         """``gpu``'s experts of ``layer`` (runs_on_gpu), timed for the metrics outside graph capture."""
         resident = layer in gpu.resident_layers
         call = self.metrics.time_gpu("gpu_resident" if resident else "gpu_streamed", x.shape[0],
-                                     0 if resident else staged_bytes(gpu.layer_info(layer))) if self.metrics else None
+                                     0 if resident else link_bytes(gpu.layer_info(layer))) if self.metrics else None
         out = gpu(layer, x, topk_ids, topk_weights)
         if call is not None:
             call.done()
@@ -298,4 +299,4 @@ def make_split(gpu: GpuExperts, cpu: CudaExperts, wanted: int | str) -> SplitExp
     else:
         settings.check_decode_split(wanted, top_k)
         slots = {min(MOST_TOKENS, cpu.max_tokens): wanted}  # every call a split takes
-    return SplitExperts(gpu, cpu, slots=slots) if any(slots.values()) else None
+    return SplitExperts(gpu, cpu, slots=slots, count_fetches=True) if any(slots.values()) else None
