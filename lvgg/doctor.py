@@ -172,6 +172,17 @@ def collect(sys_root: str | os.PathLike[str] = "/sys", proc_root: str | os.PathL
     cores = sum(len(n.physical_cores) for n in topo.nodes)
     cpu.update(process_cpus=len(topo.process_cpus), physical_cores=cores, online_cpus=len(topo.machine.siblings))
     facts["recommended"] = recommend(topo, devices)
+    if not devices and build["loaded"]:  # vLLM's CPU build binds its worker: lvgg's engine runs on its CPUs
+        from lvgg.llm import vllm_cpu_binding
+        from lvgg.plan import Host, Parallel, bound_host
+
+        bound, _ = vllm_cpu_binding(Parallel())
+        try:
+            if bound:
+                worker = bound_host(Host(topo), bound[0]).topology
+                facts["recommended"] = {**recommend(worker, devices), "vllm_binds": topology.format_cpulist(bound[0])}
+        except ValueError as e:
+            blockers.append(str(e))
 
     if cores < MIN_CORES:
         warnings.append(f"{cores} physical cores: the routed experts run on the CPU, expect slow decoding with "
@@ -234,7 +245,8 @@ def render(f: dict[str, Any], console: Console) -> None:
     console.print(f"[bold]recommended[/] --cpu-threads {rec['cpu_threads']} (" +
                   "; ".join(f"node {n['id']}: {n['threads']} on CPUs {n['cpus']}" for n in rec["nodes"]) +
                   (f"; {rec['reserve']} core left to the GPU's process" if rec["reserve"] else "") +
-                  f"), LVGG_NUMA={rec['numa']}")
+                  (f"; vLLM's CPU build binds its worker to CPUs {rec['vllm_binds']}, VLLM_CPU_OMP_THREADS_BIND "
+                   "sets others" if rec.get("vllm_binds") else "") + f"), LVGG_NUMA={rec['numa']}")
     for w in f["warnings"]:
         console.print(f"[yellow]warning:[/] {escape(w)}")
     for b in f["blockers"]:

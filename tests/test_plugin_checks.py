@@ -90,7 +90,7 @@ def test_serve_refuses_an_unreadable_file_before_vllm(qwen3, tmp_path):
 
 def test_llm_needs_an_experts_file(qwen3, tmp_path):
     folder, _, _ = qwen3
-    with pytest.raises(FileNotFoundError, match="has 0 .gguf files; pass experts="):
+    with pytest.raises(FileNotFoundError, match="has 0 .gguf files; pass the experts file \(--experts FILE, or experts= in Python"):
         lvgg.LLM(str(folder))
 
 

@@ -167,6 +167,9 @@ nb::object kv_value(const gguf_context * g, int64_t i) {
 NB_MODULE(_bridge, m) {
     using namespace lvgg;
     m.doc() = "lvgg's C++ bridge: expert store and CPU MoE engine on ggml";
+    // Objects still referenced when the interpreter exits (by vLLM's workers' modules, torch's
+    // compiled graphs) are not freed, by design of Python's shutdown: nanobind would list each.
+    nb::set_leak_warnings(false);
     ggml_cpu_init();
     install_ggml_log_capture();
 

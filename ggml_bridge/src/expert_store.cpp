@@ -248,6 +248,20 @@ static size_t count_expert_tensors(const std::map<int, ExpertLayer> & layers) {
     return n;
 }
 
+// `bytes` quoted for a message: printable ASCII as it is, anything else as \xNN.
+static std::string printable(const std::string & bytes) {
+    std::string out = "'";
+    for (const unsigned char c : bytes) {
+        if (c >= 0x20 && c < 0x7f && c != '\\') {
+            out += (char) c;
+        } else {
+            static const char hex[] = "0123456789abcdef";
+            out += std::string("\\x") + hex[c >> 4] + hex[c & 15];
+        }
+    }
+    return out + "'";
+}
+
 // A metadata-only context for `n` tensors.
 static ggml_context * tensor_context(size_t n) {
     return ggml_init({ ggml_tensor_overhead() * n, nullptr, /*no_alloc=*/true });
@@ -287,7 +301,7 @@ void ExpertStore::open_and_validate(const std::vector<std::string> & paths) {
         if (got < 4 || std::memcmp(magic, "GGUF", 4) != 0) {
             fail(ErrorKind::Value, path + " is not a GGUF file: expected the magic 'GGUF' in its first 4 bytes, "
                                        "found " + (got < 4 ? std::string("only ") + std::to_string(got) + " bytes"
-                                                : "'" + std::string(magic, 4) + "'") +
+                                                : printable(std::string(magic, 4))) +
                                        "; convert the model with `lvgg convert` or pass a llama.cpp GGUF");
         }
         Shard & f = shards_.emplace_back();
