@@ -79,9 +79,12 @@ class Layout:
     mxfp4: bool  # fused, as MXFP4 _blocks and _scales (gpt-oss)
     in_major: bool  # fused float tensors as [E, in, out], applied as x @ W (gpt-oss, Llama-4, Hub Qwen3-VL),
     # rather than [E, out, in] (gemma-4, Qwen3.5)
+    stacked: bool = False  # one [E, out, in] tensor per projection, gate, up and down (Step-3.5)
 
     @staticmethod
     def of(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, prefix: str, hf_layer: int) -> "Layout":
+        if arch.stacked and arch.hf_stacked_name(hf_layer, "down", prefix) in ckpt.tensors:
+            return Layout(prefix, hf_layer, False, False, False, stacked=True)
         down = arch.hf_fused_name(hf_layer, "down", prefix)
         mxfp4 = down + "_blocks" in ckpt.tensors
         if not mxfp4 and down not in ckpt.tensors:
@@ -109,6 +112,8 @@ class Layout:
     def source_format(self, ckpt: Checkpoint, arch: MoEArch) -> str:
         if self.mxfp4:
             return "mxfp4"
+        if self.stacked:
+            return ckpt.format_of(arch.hf_stacked_name(self.hf_layer, "down", self.prefix))
         return ckpt.format_of(self.fused_name(arch, "down") if self.fused else self.expert_name(arch, 0, "up"))
 
 
@@ -127,9 +132,19 @@ def _layers_prefix(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec) -> str:
 
 def _plan_projection(ckpt: Checkpoint, arch: MoEArch, spec: ExpertSpec, layer: int, layout: Layout, proj: str,
                      qtype: gguf.GGMLQuantizationType, threads: int) -> PlannedTensor:
-    """One projection of a layer whose experts the checkpoint holds one tensor each."""
+    """One projection of a layer whose experts the checkpoint holds one tensor each, or stacked in one."""
     rows, cols = spec.hf_shape(proj)
     check_row_length(qtype, cols, f"{proj} projection of layer {layer}")
+    if layout.stacked:
+        name = arch.hf_stacked_name(layout.hf_layer, proj, layout.prefix)
+        read = ckpt.check(name, (spec.n_experts, rows, cols))
+
+        def produce_stacked() -> np.ndarray:
+            w = ckpt.load_f32(name)
+            ckpt.release()
+            return quantize(w, qtype, threads)
+
+        return PlannedTensor(gguf_expert_name(layer, proj), qtype, (spec.n_experts, rows, cols), produce_stacked, read)
     names = [layout.expert_name(arch, e, proj) for e in range(spec.n_experts)]
     read = sum(ckpt.check(n, (rows, cols)) for n in names)
 

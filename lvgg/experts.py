@@ -260,7 +260,8 @@ class CpuMoE:
         >= 256 tokens of Q4_0/Q8_0 and >= 512 of F16/BF16 when the mapped weights are there,
         MUL_MAT_ID otherwise (measured on a 16-core AVX-512 Xeon).
     activation: "silu" (SwiGLU), "gelu" (GeGLU, tanh form), "swigluoai" (gpt-oss's clamped SwiGLU,
-        alpha 1.702, limit 7) or "relu2" for up/down-only experts.
+        alpha 1.702, limit 7), "swiglustep" (Step-3.5's: silu(gate) at most 7, up within [-7, 7]) or
+        "relu2" for up/down-only experts: every layer's, unless ``set_activation`` sets one's.
     """
 
     def __init__(self, store: ExpertStore, *, threads: int | None = None, cpus: Sequence[int] | None = None,
@@ -310,6 +311,14 @@ class CpuMoE:
     @property
     def max_top_k(self) -> int:
         return self._engine.max_top_k
+
+    def set_activation(self, layer: int, activation: str) -> None:
+        """``layer``'s activation from now on (before its first call), for models whose layers differ
+        (Step-3.5); a gated layer takes any gated activation."""
+        self._engine.set_activation(layer, activation)
+
+    def activation_of(self, layer: int) -> str:
+        return self._engine.activation_of(layer)
 
     def call_stats(self) -> dict[str, Any]:
         """Its calls so far (CUDA-graph replays through CudaExperts included): ``counts`` by duration

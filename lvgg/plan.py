@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -404,14 +404,17 @@ def plan_rank(spec: ExpertSpec, files: ExpertFiles, host: Host, cpu: CpuSettings
 
 
 def plan_gpu_layers(infos: dict[int, ExpertLayerInfo], wanted: GpuSettings, usable: float, dtype,
-                    elsewhere: Sequence[int] = ()) -> GpuPlan:
+                    elsewhere: Sequence[int] = (), activations: Mapping[int, str] | None = None) -> GpuPlan:
     """Which layers run on the GPU and how, for the settings, with ``usable`` bytes of VRAM left
     to vLLM. Resident layers listed in ``elsewhere`` (other pipeline stages' MoE layers) are
-    theirs to hold. Raises ValueError for resident layers that cannot be."""
+    theirs to hold. ``activations``: the engine's activation of each layer (the GPU computes
+    SwiGLU: layers of others stay on the CPU; default: SwiGLU throughout). Raises ValueError for
+    resident layers that cannot be."""
     from lvgg.gpu.experts import estimate_vram_bytes, gpu_unsupported
 
     notes = []
-    cpu_only = {layer: why for layer, info in infos.items() if (why := gpu_unsupported(info))}
+    cpu_only = {layer: why for layer, info in infos.items()
+                if (why := gpu_unsupported(info, (activations or {}).get(layer, "silu")))}
     runnable = [layer for layer in sorted(infos) if layer not in cpu_only]
     if cpu_only:
         notes.append(f"layers {sorted(cpu_only)} run on the CPU only: {next(iter(cpu_only.values()))}")
@@ -511,7 +514,8 @@ def make_plan(config: dict[str, Any], files: ExpertFiles, host: Host, cpu: CpuSe
         notes += [f"rank {local}: {n}" if parallel.local_ranks > 1 else n for n in rank_notes]
         if host.gpus and gpu_usable_bytes is not None and local < len(gpu_usable_bytes):
             plan = plan_gpu_layers(gpu_layer_infos(files, rank, parallel.tp_size), gpu, gpu_usable_bytes[local],
-                                   dtype or torch.bfloat16, rank.elsewhere)
+                                   dtype or torch.bfloat16, rank.elsewhere,
+                                   {layer: spec.engine_activation(layer) for layer in rank.layers})
             notes += [f"rank {local}: {n}" if parallel.local_ranks > 1 else n for n in plan.notes]
             rank = dataclasses.replace(rank, gpu=plan)
         ranks.append(rank)

@@ -589,3 +589,18 @@ def test_a_file_size_limit_stops_the_conversion_with_one_line_and_no_file(qwen3,
     assert "(disk full or file-size limit)" in done.stderr and "at most (ulimit -f)" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_step3p5_experts_stacked_or_one_per_expert_convert_alike(tmp_path):
+    """Step-3.5's released checkpoint stacks each projection's experts in one [E, out, in] tensor
+    (moe.gate_proj.weight); vLLM also reads them one per expert. Both convert to the same bytes:
+    the checkpoint's own, as llama.cpp names them."""
+    from lvgg.testing.tiny_models import make_tiny_step3p5
+
+    files = [convert_hf(str(make_tiny_step3p5(tmp_path / name, seed=3, stacked=stacked)), tmp_path / f"{name}.gguf",
+                        projection_types("F32", None), 2, True) for name, stacked in (("stacked", True), ("one", False))]
+    stacked, one = ({t.name: np.array(t.data) for t in gguf.GGUFReader(f).tensors} for f in files)
+    assert sorted(stacked) == [f"blk.{layer}.ffn_{p}_exps.weight" for layer in (1, 2) for p in ("down", "gate", "up")]
+    assert all(np.array_equal(stacked[name], one[name]) for name in stacked)
+    with safe_open(tmp_path / "stacked" / "model.safetensors", "np") as f:
+        assert np.array_equal(stacked["blk.2.ffn_gate_exps.weight"], f.get_tensor("model.layers.2.moe.gate_proj.weight"))

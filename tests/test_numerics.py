@@ -113,7 +113,7 @@ def test_numpy_inputs_are_accepted_zero_copy(typed_file, rng):
     d_blocks=st.integers(1, 3), f_blocks=st.integers(1, 3),
     top_k=st.integers(1, 8), tokens=st.integers(1, 40),
     form=st.sampled_from(["gate+up+down", "gate_up+down", "up+down"]),
-    activation=st.sampled_from(["silu", "gelu", "swigluoai"]), biased=st.booleans(),
+    activation=st.sampled_from(["silu", "gelu", "swigluoai", "swiglustep"]), biased=st.booleans(),
     chunk=st.sampled_from([1, 16, 512]),
     schedule=st.sampled_from(["mul_mat_id", "per_expert"]),
     seed=st.integers(0, 2**31),
@@ -134,6 +134,33 @@ def test_random_shapes_forms_and_chunks(tmp_path, qtype, d_blocks, f_blocks, top
     moe(0, x, ids, w, out)
     expected = read_reference(path, 0).forward(x, ids, w, act)
     assert rel_err(out, expected) < TOLERANCE[qtype]
+
+
+@pytest.mark.parametrize("engine", ["one", "nodes"])
+@pytest.mark.parametrize("form", ["gate+up+down", "gate_up+down"])
+def test_layers_of_one_engine_take_activations_of_their_own(tmp_path, rng, engine, form):
+    """Step-3.5 clamps some layers' SwiGLU (vLLM's swiglustep: silu(gate) at most 7, up within
+    [-7, 7]) and not others': set per layer, on every NUMA part, checked against the f64 reference
+    with inputs large enough that the clamps bind."""
+    path = write_experts_file(tmp_path / "s.gguf", {i: random_experts(rng, E, 64, 96, form) for i in (0, 1)}, Q.F32)
+    store = lvgg.ExpertStore(path)
+    moe = lvgg.CpuMoE(store, threads=1) if engine == "one" else \
+        lvgg.CpuMoE(store, nodes=[lvgg.EngineNode([0]), lvgg.EngineNode([1])])
+    moe.set_activation(1, "swiglustep")
+    assert (moe.activation_of(0), moe.activation_of(1)) == ("silu", "swiglustep")
+    x = 20 * rng.standard_normal((6, 64)).astype(np.float32)
+    ids = np.stack([rng.choice(E, 3, replace=False) for _ in range(6)]).astype(np.int32)
+    w = rng.random((6, 3)).astype(np.float32)
+    for layer, activation in ((0, "silu"), (1, "swiglustep")):
+        ref = read_reference(path, layer)
+        assert rel_err(moe(layer, x, ids, w), ref.forward(x, ids, w, activation)) < TOLERANCE[Q.F32], layer
+    assert rel_err(ref.forward(x, ids, w, "silu"), ref.forward(x, ids, w, "swiglustep")) > 0.1  # the clamps bound
+    with pytest.raises(ValueError, match="activation 'relu2' for gated experts of an engine made for 'silu'"):
+        moe.set_activation(1, "relu2")
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        moe.set_activation(1, "swish")
+    with pytest.raises(IndexError):
+        moe.set_activation(5, "silu")
 
 
 def test_tokens_beyond_one_chunk_run_in_chunks(tmp_path, rng):

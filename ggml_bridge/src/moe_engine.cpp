@@ -7,6 +7,7 @@
 #include <ggml-cpu.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 namespace lvgg {
@@ -31,6 +32,25 @@ void add_expert_bias(ggml_tensor * dst, int ith, int nth, void *) {
         const float * b   = ids[r] >= 0 ? (const float *) ((const char *) bias->data + ids[r] * bias->nb[1]) : nullptr;
         for (int64_t i = 0; i < n; ++i) {
             out[i] = b ? in[i] + b[i] : in[i];
+        }
+    }
+}
+
+// dst = Step-3.5's SwiGLU (Activation::SwiGLU_Step) of src[0] (gate rows) and src[1] (up rows), or
+// of src[0] alone (gate_up rows: each row's gate half first), all f32 rows of dst->ne[0] values.
+constexpr float kStepLimit = 7.0f;  // vLLM's model accepts this limit only
+
+void swiglu_step(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * g = dst->src[0];
+    const ggml_tensor * u = dst->src[1];
+    const int64_t       n = dst->ne[0], rows = ggml_nrows(dst);
+    for (int64_t r = rows * ith / nth; r < rows * (ith + 1) / nth; ++r) {
+        const float * gate = (const float *) ((const char *) g->data + r * g->nb[1]);
+        const float * up   = u ? (const float *) ((const char *) u->data + r * u->nb[1]) : gate + n;
+        float *       out  = (float *) ((char *) dst->data + r * dst->nb[1]);
+        for (int64_t i = 0; i < n; ++i) {
+            const float silu = gate[i] / (1.0f + std::exp(-gate[i]));
+            out[i]           = std::min(silu, kStepLimit) * std::clamp(up[i], -kStepLimit, kStepLimit);
         }
     }
 }
@@ -194,10 +214,14 @@ Activation parse_activation(const std::string & name) {
     if (name == "swigluoai" || name == "swiglu_oai") {
         return Activation::SwiGLU_OAI;
     }
+    if (name == "swiglustep") {
+        return Activation::SwiGLU_Step;
+    }
     if (name == "relu2" || name == "relu_squared") {
         return Activation::ReLU2;
     }
-    fail(ErrorKind::Value, "unknown activation '" + name + "': expected 'silu', 'gelu', 'swigluoai' or 'relu2'");
+    fail(ErrorKind::Value,
+         "unknown activation '" + name + "': expected 'silu', 'gelu', 'swigluoai', 'swiglustep' or 'relu2'");
 }
 
 const char * activation_name(Activation act) {
@@ -208,6 +232,8 @@ const char * activation_name(Activation act) {
             return "gelu";
         case Activation::SwiGLU_OAI:
             return "swigluoai";
+        case Activation::SwiGLU_Step:
+            return "swiglustep";
         default:
             return "relu2";
     }
@@ -302,6 +328,24 @@ MoeEngine::~MoeEngine() {
     if (ctx_) {
         ggml_free(ctx_);
     }
+}
+
+void MoeEngine::set_activation(int layer, Activation act) {
+    const ExpertLayer & L = store_->layer(layer);  // throws for a layer the store does not hold
+    // The buffers were sized for the layer's graphs under cfg_.activation: every gated activation's
+    // output is one row of n_ff per (token, slot), so a gated layer takes any of them.
+    if (L.gated() == (act == Activation::ReLU2) || L.gated() == (cfg_.activation == Activation::ReLU2)) {
+        fail(ErrorKind::Value, "layer " + std::to_string(layer) + ": activation '" + activation_name(act) +
+                                   "' for " + (L.gated() ? "gated" : "up/down-only") + " experts of an engine made for '" +
+                                   activation_name(cfg_.activation) + "'; a layer's activation may only change " +
+                                   "between gated ones (silu, gelu, swigluoai, swiglustep)");
+    }
+    layer_activation_[layer] = act;
+}
+
+Activation MoeEngine::activation(int layer) const {
+    const auto it = layer_activation_.find(layer);
+    return it == layer_activation_.end() ? cfg_.activation : it->second;
 }
 
 size_t MoeEngine::scratch_bytes() const { return ggml_backend_buffer_get_size(scratch_) + work_.size(); }
@@ -408,10 +452,11 @@ MoeEngine::Graph MoeEngine::build_mul_mat_id(const ExpertLayer & L, int64_t n, i
 
     ggml_tensor * h;
     if (gate_up) {
-        h = activate(nullptr, nullptr, with_bias(mul_mat_id(gate_up, x, ids), L.in_bias, 0, ids));
+        h = activate(activation(L.index), nullptr, nullptr, with_bias(mul_mat_id(gate_up, x, ids), L.in_bias, 0, ids));
     } else {
         ggml_tensor * up = with_bias(mul_mat_id(up_w, x, ids), L.in_bias, gate ? L.n_ff : 0, ids);
-        h = activate(gate ? with_bias(mul_mat_id(gate, x, ids), L.in_bias, 0, ids) : nullptr, up, nullptr);
+        h = activate(activation(L.index), gate ? with_bias(mul_mat_id(gate, x, ids), L.in_bias, 0, ids) : nullptr, up,
+                     nullptr);
     }
     ggml_tensor * down = with_bias(mul_mat_id(down_w, padded_for_down(L, h), ids), L.out_bias, 0, ids);
     if (compact) {
@@ -425,14 +470,20 @@ MoeEngine::Graph MoeEngine::build_mul_mat_id(const ExpertLayer & L, int64_t n, i
 }
 
 // The activation of gate and up outputs (ReLU2: of up alone), or of a fused gate_up's (gate rows first).
-ggml_tensor * MoeEngine::activate(ggml_tensor * gate, ggml_tensor * up, ggml_tensor * gate_up) {
-    switch (cfg_.activation) {
+ggml_tensor * MoeEngine::activate(Activation act, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * gate_up) {
+    switch (act) {
         case Activation::SiLU:
             return gate_up ? ggml_swiglu(ctx_, gate_up) : ggml_swiglu_split(ctx_, gate, up);
         case Activation::GELU:
             return gate_up ? ggml_geglu(ctx_, gate_up) : ggml_geglu_split(ctx_, gate, up);
         case Activation::SwiGLU_OAI:  // gpt-oss's constants, as vLLM and llama.cpp fix them
             return ggml_swiglu_oai(ctx_, gate_up ? gate_up : gate, gate_up ? nullptr : up, 1.702f, 7.0f);
+        case Activation::SwiGLU_Step: {  // one output of the rows' size, as ggml's GLU ops give
+            ggml_tensor * a       = gate_up ? gate_up : gate;
+            ggml_tensor * args[2] = { a, gate_up ? nullptr : up };
+            return ggml_custom_4d(ctx_, GGML_TYPE_F32, gate_up ? a->ne[0] / 2 : a->ne[0], a->ne[1], a->ne[2], 1, args,
+                                  gate_up ? 1 : 2, swiglu_step, GGML_N_TASKS_MAX, nullptr);
+        }
         default:
             return ggml_sqr(ctx_, ggml_relu(ctx_, up));
     }
@@ -574,10 +625,10 @@ MoeEngine::Graph MoeEngine::build_per_expert(const ExpertLayer & L, int64_t n, i
         ggml_tensor * xe = ggml_view_2d(ctx, xs, D, c, xs->nb[1], r0 * xs->nb[1]);
         ggml_tensor * h;
         if (L.gate_up) {
-            h = activate(nullptr, nullptr, product(L.gate_up, xe, L.in_bias, 0));
+            h = activate(activation(L.index), nullptr, nullptr, product(L.gate_up, xe, L.in_bias, 0));
         } else {
             ggml_tensor * up = product(L.up, xe, L.in_bias, L.gate ? L.n_ff : 0);
-            h = activate(L.gate ? product(L.gate, xe, L.in_bias, 0) : nullptr, up, nullptr);
+            h = activate(activation(L.index), L.gate ? product(L.gate, xe, L.in_bias, 0) : nullptr, up, nullptr);
         }
         ggml_tensor * de = product(L.down, padded_for_down(L, h), L.out_bias, 0);
         ggml_build_forward_expand(g.graph, ggml_cpy(ctx, de, ggml_view_2d(ctx, ys, D, c, ys->nb[1], r0 * ys->nb[1])));
@@ -689,13 +740,14 @@ void MoeEngine::validate(int layer, const Matrix & x, const Matrix & ids, const 
         fail(ErrorKind::Value, where + "out must be [tokens, " + std::to_string(L.n_embd) + "], found [" +
                                    std::to_string(out.rows) + ", " + std::to_string(out.cols) + "]");
     }
-    if (L.gated() && cfg_.activation == Activation::ReLU2) {
+    const Activation act = activation(layer);
+    if (L.gated() && act == Activation::ReLU2) {
         fail(ErrorKind::Value, where + "the experts are gated (gate and up tensors); activation 'relu2' is for "
                                        "up/down-only experts: use 'silu' or 'gelu'");
     }
-    if (!L.gated() && cfg_.activation != Activation::ReLU2) {
+    if (!L.gated() && act != Activation::ReLU2) {
         fail(ErrorKind::Value, where + "the experts have no gate tensor (up/down only); they need activation "
-                                       "'relu2', not '" + std::string(activation_name(cfg_.activation)) + "'");
+                                       "'relu2', not '" + std::string(activation_name(act)) + "'");
     }
 }
 

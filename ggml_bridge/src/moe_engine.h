@@ -20,6 +20,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -29,7 +30,9 @@ namespace lvgg {
 
 // SwiGLU_OAI: gpt-oss's, as vLLM's swigluoai and llama.cpp compute it: gate clamped above at 7, up
 // to [-7, 7], gate * sigmoid(1.702 gate) * (up + 1).
-enum class Activation { SiLU, GELU, SwiGLU_OAI, ReLU2 };
+// SwiGLU_Step: Step-3.5's (vLLM's swiglustep): silu(gate) clamped above at 7, times up clamped to
+// [-7, 7].
+enum class Activation { SiLU, GELU, SwiGLU_OAI, SwiGLU_Step, ReLU2 };
 enum class Schedule { Auto, MulMatId, PerExpert };
 
 Schedule     parse_schedule(const std::string & name);
@@ -110,6 +113,10 @@ class Experts {
     virtual int64_t max_tokens() const = 0;
     // Where a thread that calls forward() should run (ThreadPool::caller_cpus; empty: anywhere).
     virtual const std::vector<int> & caller_cpus() const = 0;
+    // The activation of one layer's experts: EngineConfig's, unless set for the layer (Step-3.5's
+    // layers differ). Set before the first forward(); a gated layer takes any gated activation.
+    virtual void       set_activation(int layer, Activation act) = 0;
+    virtual Activation activation(int layer) const               = 0;
 };
 
 class MoeEngine : public Experts {
@@ -128,6 +135,8 @@ class MoeEngine : public Experts {
     void run(int layer, const Matrix & x, const Matrix & ids, const Matrix & weights, const Matrix & out);
     int64_t max_tokens() const override { return cfg_.max_tokens; }
     const std::vector<int> & caller_cpus() const override { return pool_->caller_cpus(); }
+    void       set_activation(int layer, Activation act) override;
+    Activation activation(int layer) const override;
 
     const EngineConfig &                 config() const { return cfg_; }
     const ThreadPool &                   pool() const { return *pool_; }
@@ -178,7 +187,7 @@ class MoeEngine : public Experts {
     ggml_tensor * mul_mat_id(ggml_tensor * w, ggml_tensor * in, ggml_tensor * ids);
     ggml_tensor * padded_for_down(const ExpertLayer & L, ggml_tensor * h);
     // gate and up's outputs, or a fused gate_up's (the others null); ReLU2: up's alone
-    ggml_tensor * activate(ggml_tensor * gate, ggml_tensor * up, ggml_tensor * gate_up);
+    ggml_tensor * activate(Activation act, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * gate_up);
     ggml_tensor * with_bias(ggml_tensor * a, ggml_tensor * bias, int64_t first_row, ggml_tensor * ids);
     size_t intermediate_bytes(const Graph & g) const;
     void   stage_routing(const ExpertLayer & L, const Matrix & ids, const Matrix & weights, int64_t t0, int64_t n,
@@ -190,6 +199,7 @@ class MoeEngine : public Experts {
 
     std::shared_ptr<ExpertStore> store_;
     EngineConfig                 cfg_;
+    std::map<int, Activation>    layer_activation_;  // set_activation's, by layer
     std::unique_ptr<ThreadPool>  pool_;
     int64_t                      max_nodes_ = 0;
     std::vector<uint8_t>         arena_;    // graph metadata

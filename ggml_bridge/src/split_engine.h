@@ -46,6 +46,12 @@ class SplitEngine : public Experts {
     int64_t max_tokens() const override { return config().max_tokens; }
     // The caller computes node 0's part.
     const std::vector<int> & caller_cpus() const override { return engines_[0]->caller_cpus(); }
+    void set_activation(int layer, Activation act) override {
+        for (auto & e : engines_) {
+            e->set_activation(layer, act);
+        }
+    }
+    Activation activation(int layer) const override { return engines_[0]->activation(layer); }
 
     int                  n_nodes() const { return (int) engines_.size(); }
     const MoeEngine &    node(int i) const { return *engines_.at(i); }

@@ -91,12 +91,15 @@ def _twin(info: ExpertLayerInfo, projection: str) -> tuple[int, int] | None:
     return info.twins.get(projection) or (info.twins.get("gate") if projection == "gate_up" else None)
 
 
-def gpu_unsupported(info: ExpertLayerInfo) -> str | None:
-    """Why this layer's experts cannot run on the GPU, or None when they can."""
+def gpu_unsupported(info: ExpertLayerInfo, activation: str = "silu") -> str | None:
+    """Why this layer's experts (computed with ``activation``, the CPU engine's name) cannot run
+    on the GPU, or None when they can."""
     if info.form not in ("gate+up+down", "gate_up+down"):
         return f"{info.form} experts (the GPU runs gated SwiGLU experts)"
     if info.biased:
         return "experts with biases (gpt-oss; the GPU runs bias-free SwiGLU experts)"
+    if activation != "silu":
+        return f"{activation} experts (the GPU runs SwiGLU experts)"
     bad = sorted({t.upper() for t in info.types.values() if t.upper() not in SUPPORTED_TYPES})
     return f"types {bad} (no GPU dequantization)" if bad else None
 

@@ -17,8 +17,10 @@ GGUF_EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.w
 GGUF_EXPERT_BIAS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.bias")
 # A routed expert's tensor in a Hugging Face checkpoint of every family lvgg supports (shared
 # experts are named `shared_expert(s).<proj>`, without an id), or a layer's experts as one tensor
-# per projection (gpt-oss: experts.gate_up_proj, its _bias, _blocks and _scales, and down's).
-HF_ROUTED_EXPERT = re.compile(r"\.experts\.(\d+\.|(gate_up|down)_proj(_bias|_blocks|_scales)?$)")
+# per projection (gpt-oss: experts.gate_up_proj, its _bias, _blocks and _scales, and down's;
+# Step-3.5: moe.gate_proj.weight, up's and down's, beside its moe.share_expert).
+HF_ROUTED_EXPERT = re.compile(r"\.experts\.(\d+\.|(gate_up|down)_proj(_bias|_blocks|_scales)?$)"
+                              r"|\.moe\.(gate|up|down)_proj\.weight$")
 
 
 def gguf_expert_name(layer: int, proj: str) -> str:
@@ -51,6 +53,12 @@ def _ernie_moe_layers(cfg: dict[str, Any], n: int) -> list[int]:
     end = n - 1 if end is None or end < 0 else end  # -1 or absent: the last layer
     step = cfg.get("moe_layer_interval", 1) or 1
     return [i for i in range(n) if start <= i <= end and (i + 1) % step == 0]
+
+
+def _step3p5_moe_layers(cfg: dict[str, Any], n: int) -> list[int]:
+    """Step-3.5: the layers moe_layers_enum lists ("1,2,..."), else every layer but the first (vLLM's rule)."""
+    listed = cfg.get("moe_layers_enum")
+    return [int(i) for i in str(listed).split(",")] if listed is not None else list(range(1, n))
 
 
 def _interleaved_moe_layers(cfg: dict[str, Any], n: int) -> list[int]:
@@ -119,6 +127,9 @@ class MoEArch:
     # down_proj, or their MXFP4 blocks) rather than one per expert: gate's and up's rows
     # "interleaved" (gpt-oss) or as "halves" (gate's first: Llama-4, gemma-4, Qwen3.5, Qwen3-VL).
     fused_gate_up: str = "halves"
+    # A checkpoint may hold each layer's experts as one [E, out, in] tensor per projection beside the
+    # block's other modules (<moe_block>.gate_proj.weight: Step-3.5) rather than one per expert.
+    stacked: bool = False
     # Where the checkpoint's layers are: model.layers.N (a causal LM's); a multimodal checkpoint's
     # text model has its own (found in the checkpoint by the converter).
     hf_prefix: str = "model."
@@ -134,6 +145,10 @@ class MoEArch:
 
     def hf_expert_name(self, layer: int, expert: int, proj: str, prefix: str | None = None) -> str:
         return f"{self._experts(layer, prefix)}.{expert}.{self.hf_proj[proj]}.weight"
+
+    def hf_stacked_name(self, layer: int, proj: str, prefix: str | None = None) -> str:
+        """A stacked checkpoint's tensor of one projection of a layer's experts ([E, out, in])."""
+        return f"{self.hf_prefix if prefix is None else prefix}layers.{layer}.{self.moe_block}.{self.hf_proj[proj]}.weight"
 
     def hf_fused_name(self, layer: int, proj: str, prefix: str | None = None) -> str:
         """A fused checkpoint's tensor of a layer: proj is gate_up or down, with a suffix where
@@ -161,7 +176,10 @@ class MoEArch:
                           mtp_layers=list(range(int(n_layers), int(n_layers) + n_mtp)),
                           n_experts=int(n_experts),
                           hidden_size=int(dim), intermediate_size=int(cfg[self.moe_ff_key]),
-                          top_k=int(cfg[self.top_k_key]), activation=cfg.get("hidden_act", "silu"))
+                          top_k=int(cfg[self.top_k_key]),
+                          activation=cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu",
+                          clamped_layers=tuple(i for i, limit in enumerate(cfg.get("swiglu_limits") or [])
+                                               if limit not in (None, 0)))
 
 
 @dataclass(frozen=True)
@@ -176,7 +194,19 @@ class ExpertSpec:
     hidden_size: int
     intermediate_size: int
     top_k: int
-    activation: str
+    activation: str  # config.json's hidden_act
+    clamped_layers: tuple[int, ...] = ()  # layers whose SwiGLU is clamped (Step-3.5's swiglu_limits)
+
+    def engine_activation(self, layer: int) -> str:
+        """The activation lvgg's engine computes for ``layer``'s experts (as vLLM's MoE layer says
+        it, which the plugin takes at startup)."""
+        if not self.arch.gated:
+            return "relu2"
+        if self.arch.biased:
+            return "swigluoai"
+        if layer in self.clamped_layers:
+            return "swiglustep"
+        return "gelu" if self.activation.startswith("gelu") else "silu"
 
     def file_layer(self, module_name: str, index: int) -> int:
         """The experts file's layer (blk.<i>) of vLLM's MoE layer ``module_name`` (numbered ``index``
@@ -252,6 +282,10 @@ ARCHITECTURES: dict[str, MoEArch] = {a.model_type: a for a in [
             gpu_only="vLLM runs experts without a gate (is_act_and_mul=False) in its CUDA, ROCm and XPU builds only"),
     # LongCat-Flash: zero-computation (identity) experts beside the routed ones, which vLLM's router
     # computes and hands over as expert 0 with weight 0
+    # Step-3.5: some layers clamp their SwiGLU (swiglu_limits: vLLM's swiglustep, which the plugin
+    # takes from vLLM's layers); experts stacked per projection in the released checkpoint
+    MoEArch("step3p5", "step35", "moe", _GATE_UP_DOWN, ("moe_num_experts",), "moe_intermediate_size",
+            _step3p5_moe_layers, shared_expert="share_expert", top_k_key="moe_top_k", stacked=True),
     MoEArch("longcat_flash", "longcat-flash", "mlp", _GATE_UP_DOWN, ("n_routed_experts",), "expert_ffn_hidden_size",
             _all_layers, top_k_key="moe_topk", n_layers_key="num_layers",
             gpu_only="vLLM's router computes its zero-computation experts with a Triton kernel (GPU builds only)"),

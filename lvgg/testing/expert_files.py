@@ -92,6 +92,8 @@ class ReferenceLayer:
                     elif activation == "swigluoai":  # gpt-oss: clamped at 7, sigmoid(1.702 g), up + 1
                         g, u = np.minimum(g, 7.0), np.clip(u, -7.0, 7.0)
                         h = g / (1.0 + np.exp(-1.702 * g)) * (u + 1.0)
+                    elif activation == "swiglustep":  # Step-3.5: silu(g) clamped above at 7, up to [-7, 7]
+                        h = np.minimum(g / (1.0 + np.exp(-g)), 7.0) * np.clip(u, -7.0, 7.0)
                     else:  # GELU, tanh form (as ggml computes it)
                         h = 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g ** 3))) * u
                 out[t] += float(weights[t, k]) * (self.down[e] @ h + b.get("down", 0.0))

@@ -134,11 +134,24 @@ def _tools_env(tree: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
+# Runs the converter with transformers' AutoConfig refused, so that it reads config.json as written:
+# transformers 5 reads a step3p5 config as its Step-3.7 class, whose to_dict() renames keys the
+# converter's Step35Model reads (num_attention_groups).
+_CONFIG_AS_WRITTEN = ("import runpy, sys, transformers\n"
+                      "def refuse(*args, **kwargs):\n"
+                      "    raise ValueError('read config.json as written')\n"
+                      "transformers.AutoConfig.from_pretrained = refuse\n"
+                      "sys.argv = sys.argv[1:]\n"
+                      "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
 def convert_hf(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], tree: Path,
-               outtype: str = "f32", options: Sequence[str] = ()) -> Path:
-    """llama.cpp's convert_hf_to_gguf.py on a checkpoint folder (with more of its ``options``)."""
+               outtype: str = "f32", options: Sequence[str] = (), config_as_written: bool = False) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py on a checkpoint folder (with more of its ``options``;
+    ``config_as_written``: its config.json read as a file, not through transformers)."""
     out = Path(out).resolve()
-    cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(Path(model_dir).resolve()), "--outfile", str(out),
+    runner = [sys.executable, "-c", _CONFIG_AS_WRITTEN] if config_as_written else [sys.executable]
+    cmd = [*runner, str(tree / "convert_hf_to_gguf.py"), str(Path(model_dir).resolve()), "--outfile", str(out),
            "--outtype", outtype, *options]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_tools_env(tree), cwd=tree)
     if done.returncode != 0 or not out.exists():

