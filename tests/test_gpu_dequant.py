@@ -252,7 +252,8 @@ def check_split(device: str) -> None:
     the slots of experts outside it. The GPU's experts of every call add up in ``counts`` (pinned
     host memory next to a GPU, read without a CUDA call)."""
     rng = np.random.default_rng(11)
-    counts = torch.zeros(1, dtype=torch.int64, pin_memory=device == "cuda")
+    counts = torch.zeros(1, dtype=torch.int64, device=device)
+    mirror = torch.zeros(1, dtype=torch.int64, pin_memory=device == "cuda")
     fetched = 0
     for n, k, g, n_experts, real, most, held in [
             (1, 8, 3, 128, None, None, None), (8, 8, 3, 128, None, None, None), (8, 8, 4, 16, 5, None, None),
@@ -265,7 +266,7 @@ def check_split(device: str) -> None:
         real_rows = None if real is None else torch.tensor([real], dtype=torch.int32, device=device)
         cpu_ids, gpu_experts, slot_expert = (t.cpu().numpy() for t in
                                              split_routing(torch.from_numpy(ids).to(device), g, real_rows, most, held,
-                                                           counts))
+                                                           counts, mirror))
         if real is not None and 0 <= real < n:
             ids[real:] = -1
         if held is not None:
@@ -279,7 +280,7 @@ def check_split(device: str) -> None:
         assert (cpu_ids == np.where(np.isin(ids, mine), -1, ids)).all(), case
         assert (slot_expert == [[mine.index(e) if e in mine else -1 for e in row] for row in ids.tolist()]).all(), case
         fetched += m
-        assert counts.item() == fetched, case
+        assert counts.item() == mirror.item() == fetched, case
 
 
 @pytest.fixture(scope="module")
@@ -416,6 +417,7 @@ def test_bad_expert_arguments_are_refused_before_any_kernel():
     with pytest.raises(ValueError, match=r"held must be a range of experts \[start, stop\), 0 <= start < stop, "
                                          r"found range\(8, 8\)"):
         split_routing(torch.zeros(2, 8, dtype=torch.int32), 3, held=range(8, 8))
-    with pytest.raises(ValueError, match=r"counts must be one int64 on cpu or in pinned host memory, found "
-                                         r"torch.int32 \[1\]"):
+    with pytest.raises(ValueError, match=r"counts must be one int64 on cpu, found torch.int32 \[1\]"):
         split_routing(torch.zeros(2, 8, dtype=torch.int32), 3, counts=torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"counts_mirror must be one int64 in pinned host memory beside counts"):
+        split_routing(torch.zeros(2, 8, dtype=torch.int32), 3, counts_mirror=torch.zeros(1, dtype=torch.int64))

@@ -254,8 +254,8 @@ def weighted_down(act: torch.Tensor, down: StagedProjection, weights: torch.Tens
 
 
 def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tensor | None = None,
-                  most: int | None = None, held: range | None = None,
-                  counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  most: int | None = None, held: range | None = None, counts: torch.Tensor | None = None,
+                  counts_mirror: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Share a step's distinct experts between the CPU and the GPU, on the device (capturable).
 
     topk_ids: [n, k] int32/int64 on the GPU (-1: a slot without an expert); real_rows: None, or
@@ -265,8 +265,9 @@ def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tenso
     an expert. Of the d distinct experts, in the order they first appear, the GPU takes the last
     m = round(d * gpu_slots / k) (half up; one token's last ``gpu_slots``), each once however many
     tokens chose it, but no more than ``most`` (default n * gpu_slots, which m never passes; the
-    CPU keeps the rest). counts: None, or one int64 (on the GPU, or pinned host memory, which the
-    host reads without a CUDA call) that m is added to: the experts the GPU will fetch.
+    CPU keeps the rest). counts: None, or one int64 on the GPU that m is added to (the experts the
+    GPU will fetch); counts_mirror: None, or one int64 in pinned host memory that the sum is also
+    written to (posted: no round trip), which the host reads without a CUDA call.
     Returns int32 tensors on the device:
       cpu_ids [n, k]: topk_ids with the GPU's experts (and those not held) replaced by -1 (the
         CPU engine's share);
@@ -285,10 +286,13 @@ def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tenso
                          f"{list(real_rows.shape)} on {real_rows.device}")
     if most is not None and most < 1:
         raise ValueError(f"most must be at least 1 (the GPU's experts per call), found {most}")
-    if counts is not None and (counts.numel() != 1 or counts.dtype != torch.int64
-                               or not (counts.device == topk_ids.device or counts.is_pinned())):
-        raise ValueError(f"counts must be one int64 on {topk_ids.device} or in pinned host memory, found "
-                         f"{counts.dtype} {list(counts.shape)} on {counts.device}")
+    if counts is not None and (counts.numel() != 1 or counts.dtype != torch.int64 or counts.device != topk_ids.device):
+        raise ValueError(f"counts must be one int64 on {topk_ids.device}, found {counts.dtype} {list(counts.shape)} "
+                         f"on {counts.device}")
+    if counts_mirror is not None and (counts is None or counts_mirror.numel() != 1 or counts_mirror.dtype != torch.int64
+                                      or not (counts_mirror.is_pinned() or counts_mirror.device == topk_ids.device)):
+        raise ValueError(f"counts_mirror must be one int64 in pinned host memory beside counts, found "
+                         f"{counts_mirror.dtype} {list(counts_mirror.shape)} on {counts_mirror.device}")
     if held is not None and (held.step != 1 or not 0 <= held.start < held.stop < 2**31):
         raise ValueError(f"held must be a range of experts [start, stop), 0 <= start < stop, found {held}")
     held = held or range(2**31 - 1)
@@ -300,8 +304,10 @@ def split_routing(topk_ids: torch.Tensor, gpu_slots: int, real_rows: torch.Tenso
     gpu_experts = torch.empty(most, dtype=torch.int32, device=topk_ids.device)
     if n:
         _split_routing[(1,)](topk_ids.contiguous(), topk_ids if real_rows is None else real_rows, cpu_ids, gpu_experts,
-                             slot_expert, gpu_experts if counts is None else counts, n, k, gpu_slots, most, held.start,
+                             slot_expert, gpu_experts if counts is None else counts,
+                             gpu_experts if counts_mirror is None else counts_mirror, n, k, gpu_slots, most, held.start,
                              held.stop, COUNTED=real_rows is not None, COUNT_FETCHES=counts is not None,
+                             MIRROR=counts_mirror is not None,
                              SLOTS=triton.next_power_of_2(n * k), MOST=triton.next_power_of_2(most))
     return cpu_ids, gpu_experts, slot_expert
 
@@ -882,9 +888,9 @@ if triton is not None:
         tl.store(out + t * hidden + rows, total.to(out.dtype.element_ty), mask=rows < hidden)
 
     @triton.jit
-    def _split_routing(ids, real_rows, cpu_ids, gpu_experts, slot_expert, counts, n_rows, top_k, gpu_slots, most,
-                       held_start, held_stop, COUNTED: tl.constexpr, COUNT_FETCHES: tl.constexpr, SLOTS: tl.constexpr,
-                       MOST: tl.constexpr):
+    def _split_routing(ids, real_rows, cpu_ids, gpu_experts, slot_expert, counts, counts_mirror, n_rows, top_k,
+                       gpu_slots, most, held_start, held_stop, COUNTED: tl.constexpr, COUNT_FETCHES: tl.constexpr,
+                       MIRROR: tl.constexpr, SLOTS: tl.constexpr, MOST: tl.constexpr):
         # one program over all n * k slots; [i, j] matrices compare slot i with slot j
         n_real = n_rows
         if COUNTED:
@@ -909,7 +915,10 @@ if triton is not None:
         hit = (first & on_gpu)[None, :] & (local[None, :] == j[:, None])  # [GPU expert j, slot]
         tl.store(gpu_experts + j, tl.max(tl.where(hit, v[None, :], -1), axis=1), mask=j < most)
         if COUNT_FETCHES:  # the one program: no other writer
-            tl.store(counts, tl.load(counts) + m.to(tl.int64))
+            total = tl.load(counts) + m.to(tl.int64)
+            tl.store(counts, total)
+            if MIRROR:
+                tl.store(counts_mirror, total)
 
     @triton.jit
     def _gather_rows(src, ids, dst, first, n_rows, src_row, src_line, dst_row, dst_line, size, line,

@@ -60,10 +60,13 @@ class SplitExperts:
         # the routing leaves the others out, so that neither side computes them here.
         self._held = gpu.layer_info(gpu.split_layers[0]).held_experts if gpu.split_layers else None
         self._slots_of = [slots_for(slots, n) for n in range(self.max_tokens + 1)]  # by token count
-        # Experts fetched by each split layer's calls so far, written by the routing kernel.
-        self._fetches = torch.zeros(len(gpu.split_layers), dtype=torch.int64, pin_memory=True) if count_fetches else None
-        self._fetches_of = {layer: self._fetches[i:i + 1] for i, layer in enumerate(gpu.split_layers)} \
-            if count_fetches else {}
+        # Experts fetched by each split layer's calls so far, added up by the routing kernel on the
+        # device and mirrored into pinned host memory, which fetched_bytes() reads.
+        n = len(gpu.split_layers) if count_fetches else 0
+        counts, self._fetches = (torch.zeros(n, dtype=torch.int64, device=gpu.device),
+                                 torch.zeros(n, dtype=torch.int64, pin_memory=True)) if n else (None, None)
+        self._fetches_of = {layer: (counts[i:i + 1], self._fetches[i:i + 1]) for i, layer in enumerate(gpu.split_layers)
+                            if n}
         self._expert_bytes = [link_bytes(gpu.layer_info(layer), 1) for layer in gpu.split_layers]
         self._side = torch.cuda.Stream(gpu.device)
         self._inputs_ready, self._gpu_done = torch.cuda.Event(), torch.cuda.Event()
@@ -79,8 +82,9 @@ class SplitExperts:
         """How a call with these ids is shared out (``split_routing``'s cpu_ids, gpu_experts,
         slot_expert): the GPU's share for the call's token count, at most the experts it fetches
         (counted as ``layer``'s where this split counts them)."""
+        counts, mirror = self._fetches_of.get(layer, (None, None))
         return split_routing(topk_ids, self.gpu_slots(topk_ids.shape[0]), real_rows, most=self.gpu.split_experts,
-                             held=self._held, counts=self._fetches_of.get(layer))
+                             held=self._held, counts=counts, counts_mirror=mirror)
 
     def fetched_bytes(self) -> int:
         """Expert bytes the calls so far fetched over the link (0 unless made with count_fetches;
