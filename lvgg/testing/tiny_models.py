@@ -246,6 +246,17 @@ class {name}(PretrainedConfig):
 """
 
 
+def _random_weights(generator: Any, dtype: Any) -> Any:
+    """w(*shape, as_type=dtype): random weights at a trained model's scale (as make_tiny_model's),
+    drawn in turn from ``generator``."""
+    import torch
+
+    def w(*shape, as_type=dtype):
+        return (torch.randn(*shape, generator=generator) / shape[-1] ** 0.5).to(as_type)
+
+    return w
+
+
 def make_tiny_bailing(out_dir: str | Path, version: int = 2, seed: int = 0, dtype: str = "float32") -> Path:
     """A tiny random Ling/Bailing-MoE checkpoint (v2: Ling-2.0's grouped sigmoid routing with a
     router bias, QK norm, partial rotary; v1: Ling-lite's softmax routing), tensors named as
@@ -277,9 +288,7 @@ def make_tiny_bailing(out_dir: str | Path, version: int = 2, seed: int = 0, dtyp
         config.update(moe_router_enable_expert_bias=False, use_qk_norm=False, norm_head=True)
     generator = torch.Generator().manual_seed(seed)
     dt = getattr(torch, dtype)
-
-    def w(*shape, as_type=dt):  # trained-model scale, as make_tiny_model's
-        return (torch.randn(*shape, generator=generator) / shape[-1] ** 0.5).to(as_type)
+    w = _random_weights(generator, dt)
 
     ones = lambda n: torch.ones(n, dtype=dt)  # noqa: E731
     tensors = {"model.word_embeddings.weight": w(vocab, D), "model.norm.weight": ones(D), "lm_head.weight": w(vocab, D)}
@@ -355,9 +364,7 @@ def make_tiny_step3p5(out_dir: str | Path, seed: int = 0, dtype: str = "float32"
                   pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id)
     generator = torch.Generator().manual_seed(seed)
     dt = getattr(torch, dtype)
-
-    def w(*shape, as_type=dt):  # trained-model scale, as make_tiny_model's
-        return (torch.randn(*shape, generator=generator) / shape[-1] ** 0.5).to(as_type)
+    w = _random_weights(generator, dt)
 
     norm = lambda n: torch.zeros(n, dtype=dt)  # noqa: E731  (its RMSNorm scales by 1 + weight)
     tensors = {"model.embed_tokens.weight": w(vocab, D), "model.norm.weight": norm(D), "lm_head.weight": w(vocab, D)}
