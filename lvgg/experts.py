@@ -86,7 +86,8 @@ class ExpertStore:
 
     ``repack=True`` puts the types lvgg's own kernels run (rows a multiple of 16) into lvgg's packed
     layout instead of ggml's (about the file's size; ``layer_info(n).packed`` says which): Q2_K-Q6_K,
-    IQ4_XS, IQ4_NL, MXFP4, Q8_0 and Q4_0, on CPUs with AVX-512 VNNI or AVX2
+    IQ4_XS, IQ4_NL, MXFP4, Q8_0 and Q4_0, on CPUs with AVX-512 VNNI or AVX2, and IQ2_XXS, IQ2_XS,
+    IQ2_S, IQ3_XXS and IQ3_S on CPUs with AVX-512 VNNI and VBMI
     (ggml_bridge/src/vnni_kquants.h). They beat both
     ggml layouts at every batch size measured, so the engine runs them for every batch (with
     ``keep_mapped=True`` too); ``own_kernels=False`` keeps ggml's.

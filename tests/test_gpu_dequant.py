@@ -57,11 +57,15 @@ PACKED_EXPERT_CASES = [("Q4_K", "Q6_K", 2, 3, 512, 256, True, torch.bfloat16),
                        ("Q6_K", "Q8_0", 3, 2, 256, 160, True, torch.float32),
                        ("IQ4_XS", "Q5_K", 2, 2, 512, 256, False, torch.bfloat16),
                        ("Q3_K", "MXFP4", 1, 2, 256, 352, True, torch.float32),  # MXFP4 rows end inside a tile
-                       ("Q2_K", "IQ4_NL", 2, 1, 256, 160, False, torch.float32)]
+                       ("Q2_K", "IQ4_NL", 2, 1, 256, 160, False, torch.float32),
+                       ("IQ2_XXS", "IQ3_S", 2, 2, 256, 256, True, torch.float32),
+                       ("IQ3_XXS", "IQ2_XS", 1, 2, 512, 256, False, torch.bfloat16),
+                       ("IQ2_S", "IQ2_S", 1, 1, 256, 256, False, torch.float32)]
 # packed dequantization cases: (type, experts, rows, columns); rows of 32-value blocks ending inside a tile
 PACKED_CASES = [("Q4_K", 2, 32, 512), ("Q6_K", 2, 48, 768), ("Q8_0", 3, 16, 544), ("Q4_0", 2, 32, 608),
                 ("Q5_K", 2, 32, 512), ("Q3_K", 2, 16, 768), ("Q2_K", 2, 32, 512), ("IQ4_XS", 2, 16, 768),
-                ("IQ4_NL", 2, 32, 608), ("MXFP4", 2, 16, 2880), ("MXFP4", 1, 16, 352)]
+                ("IQ4_NL", 2, 32, 608), ("MXFP4", 2, 16, 2880), ("MXFP4", 1, 16, 352), ("IQ2_XXS", 2, 16, 512),
+                ("IQ2_XS", 2, 32, 512), ("IQ2_S", 1, 16, 768), ("IQ3_XXS", 2, 16, 512), ("IQ3_S", 2, 32, 768)]
 
 
 def pack(raw: np.ndarray, ggml_type: str, rows: int, cols: int) -> np.ndarray:
@@ -132,7 +136,7 @@ def check_packed(device: str) -> None:
         rng = np.random.default_rng(cols)
         w = rng.standard_normal((experts * rows, cols)).astype(np.float32)
         for case, raw in (("random bytes", random_blocks(rng, ggml_type, experts * rows * cols)),
-                          ("ggml-quantized", quantize(w, Q[ggml_type], 1).reshape(-1))):
+                          ("ggml-quantized", ggml_quantized(w, ggml_type).reshape(-1))):
             want = gguf_dequantize(raw.reshape(experts * rows, -1), Q[ggml_type]).reshape(experts, rows, cols)
             out = torch.full((experts, rows + 16, cols), float("nan"), device=device)
             dequantize(torch.from_numpy(pack(raw, ggml_type, rows, cols).reshape(-1)).to(device), ggml_type,
@@ -362,7 +366,7 @@ def test_bad_arguments_are_refused_before_any_kernel():
     with pytest.raises(ValueError, match="whole blocks of 256"):
         dequantize(torch.zeros(raw_nbytes("Q8_0", 2 * 4 * 96), dtype=torch.uint8), "Q4_K", torch.empty(2, 4, 96))
     # lvgg's packed layout: its types, in groups of 16 rows
-    with pytest.raises(ValueError, match=r"no GPU dequantization for Q5_0 in the packed layout; supported: \['IQ4_NL'"):
+    with pytest.raises(ValueError, match=r"no GPU dequantization for Q5_0 in the packed layout; supported: \['IQ2_S'"):
         dequantize(raw, "Q5_0", out, packed=True)
     with pytest.raises(ValueError, match=r"no packed layout for a 4x256 q4_K matrix: .* rows a multiple of 16"):
         dequantize(raw, "Q4_K", out, packed=True)
@@ -383,7 +387,7 @@ def test_bad_expert_arguments_are_refused_before_any_kernel():
         gated_activations(x, gate, StagedProjection(gate.data, "Q4_K", 32, 256), slot_expert)
     with pytest.raises(ValueError, match="no GPU kernels for TQ2_0"):
         gated_activations(x, gate, StagedProjection(gate.data, "TQ2_0", 64, 256), slot_expert)
-    with pytest.raises(ValueError, match=r"up in the packed layout must be \['IQ4_NL', .*, 'Q8_0'\] "
+    with pytest.raises(ValueError, match=r"up in the packed layout must be \['IQ2_S', .*, 'Q8_0'\] "
                                          r"in groups of 16 rows, found Q5_0 with 64 rows"):
         gated_activations(x, gate, StagedProjection(gate.data, "Q5_0", 64, 256, packed=True), slot_expert)
     with pytest.raises(ValueError, match="gate and up must be both packed or both in the file's layout"):

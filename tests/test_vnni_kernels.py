@@ -70,9 +70,40 @@ def test_a_native_build_has_the_kernels_its_cpu_runs(tmp_path, rng):
     assert not any(lvgg.ExpertStore(path, repack=False).layer_info(0).packed.values())
 
 
+GRID_TYPES = (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S)
+
+
+@pytest.mark.parametrize("qtype", GRID_TYPES, ids=lambda q: q.name)
+def test_grid_types_are_packed_where_vpermi2b_looks_them_up(tmp_path, qtype, rng):
+    """The IQ2/IQ3 types are packed by the AVX-512 VNNI set of a build for a CPU with VBMI only (the
+    AVX2 set leaves them to ggml's kernels, faster there than gathers); where the VNNI set packed
+    them, every set runs them (the AVX2 one byte by byte), and each matches the f64 reference."""
+    f = _bridge.cpu_features()
+    path = write_experts_file(tmp_path / "g.gguf", {0: random_experts(rng, E, 512, 256)}, qtype)
+    before = f["lvgg_kernels"]
+    ref = read_reference(path, 0)
+    x = torch.randn(5, 512)
+    ids, w = routing(rng, 5, 4, repeats=True)
+    expected = ref.forward(x.numpy(), ids, w)
+    try:
+        for kernels in f["lvgg_kernel_sets"]:
+            _bridge.use_kernels(kernels)
+            assert packs(path, qtype) == (kernels == "avx512_vnni" and f["avx512_vbmi"])
+        if "avx512_vnni" in f["lvgg_kernel_sets"]:
+            _bridge.use_kernels("avx512_vnni")
+        store = lvgg.ExpertStore(path)  # packed by the best set, if it packs this type at all
+        for kernels in f["lvgg_kernel_sets"]:
+            _bridge.use_kernels(kernels)
+            assert rel_err(run(lvgg.CpuMoE(store, threads=2), x, ids, w), expected) < TOLERANCE, kernels
+    finally:
+        if before:
+            _bridge.use_kernels(before)
+
+
 # 512 and 768: 2 and 3 whole 256-column tiles, 32 and 48 row groups; rows of 32-value blocks may end
 # inside a tile: 352 = 11 blocks of 32 (a tile, then an odd block's pair, or 3 of MXFP4's 4), 416 = 13
-CASES = [(t, 512, 768) for t in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS, Q.Q8_0, Q.Q4_0, Q.IQ4_NL, Q.MXFP4)]
+CASES = [(t, 512, 768) for t in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS, Q.Q8_0, Q.Q4_0, Q.IQ4_NL, Q.MXFP4,
+                                 *GRID_TYPES)]
 CASES += [(t, 352, 416) for t in (Q.Q8_0, Q.Q4_0, Q.IQ4_NL, Q.MXFP4)]
 
 

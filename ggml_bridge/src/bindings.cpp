@@ -452,6 +452,7 @@ NB_MODULE(_bridge, m) {
         d["avx512"]      = (bool) ggml_cpu_has_avx512();
         d["avx512_bf16"] = (bool) ggml_cpu_has_avx512_bf16();
         d["avx512_vnni"] = (bool) ggml_cpu_has_avx512_vnni();
+        d["avx512_vbmi"] = (bool) ggml_cpu_has_avx512_vbmi();
         d["amx_int8"]    = (bool) ggml_cpu_has_amx_int8();
         d["llamafile"]   = (bool) ggml_cpu_has_llamafile();
         d["lvgg_kernels"]      = vnni::kernels_in_use();  // lvgg's own kernels (vnni_kquants.h): the set in use

@@ -106,9 +106,9 @@ void combine(ggml_tensor * dst, int ith, int nth, void *) {
 }
 
 // Activation rows of a packed MUL_MAT_ID: every row of `src[0]` (f32/f16/bf16, contiguous) as
-// vnni::ActBlocks (Per32: a scale per 32 values), one 256-value block per work unit (a row's
-// last may hold fewer).
-template <bool Per32> void quantize_activations(ggml_tensor * dst, int ith, int nth, void *) {
+// vnni::ActBlocks (in the Order the weights' kernels read), one 256-value block per work unit (a
+// row's last may hold fewer).
+template <vnni::ActOrder Order> void quantize_activations(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * in    = dst->src[0];
     const int64_t       nb    = vnni::act_blocks(in->ne[0]);
     const int64_t       units = ggml_nrows(in) * nb;
@@ -117,7 +117,7 @@ template <bool Per32> void quantize_activations(ggml_tensor * dst, int ith, int 
         const int64_t r = u / nb, b = u % nb;
         vnni::quantize_row((const char *) in->data + r * in->nb[1] + b * block, in->type,
                            std::min<int64_t>(256, in->ne[0] - b * 256),
-                           (vnni::ActBlock *) ((char *) dst->data + r * dst->nb[1]) + b, Per32);
+                           (vnni::ActBlock *) ((char *) dst->data + r * dst->nb[1]) + b, Order);
     }
 }
 
@@ -521,12 +521,15 @@ ggml_tensor * MoeEngine::mul_mat_id(ggml_tensor * w, ggml_tensor * in, ggml_tens
         }
         return ggml_mul_mat_id(ctx_, w, in->type == GGML_TYPE_F32 ? in : as_f32_, ids);
     }
-    const int mode = vnni::per_32_scales(w->type);  // the activations' scales: per 256 or per 32 values
+    const vnni::ActOrder order = vnni::act_order(w->type);
+    const int            mode  = (int) order;
     if (quantized_from_[mode] != in) {
+        static constexpr ggml_custom_op_t quantize[vnni::kActOrders] = {
+            quantize_activations<vnni::ActOrder::kPer256>, quantize_activations<vnni::ActOrder::kPer32>,
+            quantize_activations<vnni::ActOrder::kGrid16>, quantize_activations<vnni::ActOrder::kGrid32>};
         const int64_t row_bytes = vnni::act_blocks(in->ne[0]) * sizeof(vnni::ActBlock);
         quantized_[mode]      = ggml_custom_4d(ctx_, GGML_TYPE_I8, row_bytes, ggml_nrows(in), 1, 1, &in, 1,
-                                               mode ? quantize_activations<true> : quantize_activations<false>,
-                                               GGML_N_TASKS_MAX, nullptr);
+                                               quantize[mode], GGML_N_TASKS_MAX, nullptr);
         quantized_from_[mode] = in;
     }
     packed_ops_.push_back({ &routing_, w->type, (const uint8_t *) w->data,
@@ -537,7 +540,8 @@ ggml_tensor * MoeEngine::mul_mat_id(ggml_tensor * w, ggml_tensor * in, ggml_tens
 
 MoeEngine::Graph MoeEngine::new_graph_inputs(ggml_tensor * x, int64_t n, int64_t K) {
     packed_ops_.clear();
-    quantized_from_[0] = quantized_from_[1] = as_f32_from_ = nullptr;
+    std::fill(std::begin(quantized_from_), std::end(quantized_from_), nullptr);
+    as_f32_from_ = nullptr;
     Graph g;
     g.x       = x;
     g.ids     = ggml_new_tensor_2d(ctx_, GGML_TYPE_I32, K, n);

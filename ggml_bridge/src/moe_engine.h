@@ -15,6 +15,7 @@
 
 #include "expert_store.h"
 #include "threads.h"
+#include "vnni_kquants.h"
 
 #include <array>
 #include <atomic>
@@ -216,8 +217,8 @@ class MoeEngine : public Experts {
     std::vector<int32_t>         pair_experts_;  // compact MUL_MAT_ID: expert of each sorted row
     Routing                      routing_;
     std::vector<PackedMatMul>    packed_ops_;  // this graph's, in build order (reserved: stable addresses)
-    ggml_tensor *                quantized_from_[2] = {};  // the last input quantized for packed ops, and
-    ggml_tensor *                quantized_[2]      = {};  // the result (per vnni::per_32_scales: no, yes)
+    ggml_tensor *                quantized_from_[vnni::kActOrders] = {};  // the last input quantized for packed
+    ggml_tensor *                quantized_[vnni::kActOrders]      = {};  // ops, and the result (per vnni::ActOrder)
     ggml_tensor *                as_f32_from_    = nullptr;  // the last input cast to f32 for ggml's ops
     ggml_tensor *                as_f32_         = nullptr;
     std::mutex                   mutex_;

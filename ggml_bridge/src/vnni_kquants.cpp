@@ -1,5 +1,10 @@
 #include "vnni_kquants.h"
 
+// ggml's block layouts and the IQ2/IQ3 types' grid tables (static tables in this file's copy)
+#define GGML_COMMON_DECL_CPP
+#define GGML_COMMON_IMPL_CPP
+#include "ggml-common.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -19,6 +24,12 @@
 #    define LVGG_AVX2 0
 #endif
 #define LVGG_KERNELS (LVGG_VNNI || LVGG_AVX2)
+// The IQ2/IQ3 kernels look their grids up with VPERMI2B (AVX-512 VBMI)
+#if LVGG_VNNI && defined(__AVX512VBMI__)
+#    define LVGG_GRID_LOOKUP 1
+#else
+#    define LVGG_GRID_LOOKUP 0
+#endif
 #if LVGG_KERNELS
 #    include <immintrin.h>
 // The kernels keep their per-token accumulators and unpacked weights in registers only when
@@ -82,6 +93,48 @@ constexpr Format32 format32(ggml_type type) {
     }
 }
 
+// The IQ2/IQ3 types: indices of grid entries of 4 (IQ3) or 8 (IQ2) values each (ggml-common.h's
+// tables), a sign per value and a 4-bit scale s per 32 or 16 values: value = d * factor * (2 s + 1)
+// * grid * sign. The kernels look up 64 indices at once per value of an entry (VPERMI2B on tables
+// of its entries' codes: GridCodes): a chunk of 32 columns holds runs of 64 indices, 4 per
+// row (IQ3 two runs of 16 columns, IQ2 one of 32), byte 4 r + i the index of row r's entry i; the
+// lookup of value p gives the register of those 64 values, which multiplies the activations of
+// columns p, 4 + p, ... of the run (ActOrder::kGrid16/kGrid32 put them next to each other).
+struct GridFormat {
+    int          entry_bytes;  // values per grid entry: 4 (IQ3) or 8 (IQ2)
+    int          high_bits;    // bits of an index above its low byte: 0, 1 (IQ2_XS, IQ3_S) or 2 (IQ2_S)
+    bool         scales16;     // a scale per 16 values (IQ2_XS, IQ2_S), else per 32
+    int          offset;       // the largest grid value: weights are packed as offset +- grid (unsigned)
+    float        factor;
+    size_t       block_bytes;  // in the file
+    const void * grid;
+    int          grid_entries;
+    constexpr int runs() const { return entry_bytes == 4 ? 2 : 1; }  // runs of 64 indices per chunk
+    // a tile: the scales, the index high bits (per chunk a 64-bit mask per run and bit), then per
+    // chunk its runs' index bytes and the signs (a 64-bit mask per run and value of an entry)
+    constexpr size_t scale_bytes() const { return scales16 ? 128 : 64; }
+    constexpr size_t high_chunk_bytes() const { return 8 * runs() * high_bits; }
+    constexpr size_t high_bytes() const { return 8 * high_chunk_bytes(); }
+    constexpr size_t index_bytes() const { return 64 * runs(); }  // per chunk
+    constexpr size_t chunk_bytes() const { return index_bytes() + 64; }
+    constexpr size_t tile_bytes() const { return scale_bytes() + high_bytes() + 8 * chunk_bytes(); }
+};
+
+bool is_grid_type(ggml_type type) {
+    return type == GGML_TYPE_IQ2_XXS || type == GGML_TYPE_IQ2_XS || type == GGML_TYPE_IQ2_S ||
+           type == GGML_TYPE_IQ3_XXS || type == GGML_TYPE_IQ3_S;
+}
+
+constexpr GridFormat grid_format(ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_IQ2_XXS: return {8, 0, false, 43, 0.125f, sizeof(block_iq2_xxs), iq2xxs_grid, 256};
+        case GGML_TYPE_IQ2_XS: return {8, 1, true, 43, 0.125f, sizeof(block_iq2_xs), iq2xs_grid, 512};
+        case GGML_TYPE_IQ2_S: return {8, 2, true, 43, 0.125f, sizeof(block_iq2_s), iq2s_grid, 1024};
+        case GGML_TYPE_IQ3_XXS: return {4, 0, false, 62, 0.25f, sizeof(block_iq3_xxs), iq3xxs_grid, 256};
+        default: return {4, 1, false, 15, 1.0f, sizeof(block_iq3_s), iq3s_grid, 512};  // IQ3_S
+    }
+}
+
 // Software prefetch distances (bytes ahead of the weights being read). Measured on the reference
 // Xeon (16 threads, 30B-A3B Q4_K layer at 1 token): 0.351 ms without, 0.257 with 1024, 0.247
 // with 2048 (ggml's kernels 0.569 / 0.358 / 0.333 in the same runs); Q6_K about the same with 0
@@ -109,6 +162,11 @@ constexpr int max_weight(ggml_type type) {
         case GGML_TYPE_Q5_K: return 31;
         case GGML_TYPE_Q6_K: return 63;
         case GGML_TYPE_IQ4_XS: return max_weight(GGML_TYPE_IQ4_NL);
+        case GGML_TYPE_IQ2_XXS:
+        case GGML_TYPE_IQ2_XS:
+        case GGML_TYPE_IQ2_S:
+        case GGML_TYPE_IQ3_XXS:
+        case GGML_TYPE_IQ3_S: return 2 * grid_format(type).offset;
         default: {  // Q8_0, Q4_0, IQ4_NL, MXFP4
             const Format32 f = format32(type);
             if (!f.values) {
@@ -125,7 +183,7 @@ constexpr int max_weight(ggml_type type) {
 
 // Types whose row groups keep the tiles' d (fp16 [16] per 256 columns) after the tiles.
 bool d_after_tiles(ggml_type type) {
-    return type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q3_K || type == GGML_TYPE_IQ4_XS;
+    return type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q3_K || type == GGML_TYPE_IQ4_XS || is_grid_type(type);
 }
 
 size_t tile_bytes(ggml_type type) {
@@ -136,7 +194,7 @@ size_t tile_bytes(ggml_type type) {
         case GGML_TYPE_Q5_K: return kQ5KTile;
         case GGML_TYPE_Q6_K: return kQ6KTile;
         case GGML_TYPE_IQ4_XS: return kIQ4XSTile;
-        default: return format32(type).tile_bytes();
+        default: return is_grid_type(type) ? grid_format(type).tile_bytes() : format32(type).tile_bytes();
     }
 }
 
@@ -403,6 +461,168 @@ void pack_group_iq4_xs(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_
     }
 }
 
+// ggml's ksigns_iq2xs entry k (7 bits): bit b is value b's sign (1: minus), the 8th making the count
+// of minus signs even.
+uint8_t ksigns(uint32_t k) {
+    k &= 127;
+    return (uint8_t) (k | ((__builtin_popcount(k) & 1) << 7));
+}
+
+uint32_t u32_at(const uint8_t * p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+// One IQ2/IQ3 block (ggml-quants.c's dequantize_row_iq*): the grid index of each entry (64 of 4
+// values, or 32 of 8), each value's sign (1: minus) and the 4-bit scale s of each 16 values.
+void decode_grid(ggml_type type, const uint8_t * blk, uint16_t index[64], uint8_t minus[256], uint8_t s[16]) {
+    auto signs8 = [&](int at, uint8_t bits) {  // the signs of values at..at + 7
+        for (int b = 0; b < 8; ++b) {
+            minus[at + b] = (bits >> b) & 1;
+        }
+    };
+    for (int j = 0; j < 8; ++j) {  // 32-value sub-blocks
+        switch (type) {
+            case GGML_TYPE_IQ2_XXS: {  // 4 index bytes, then 4 7-bit ksigns entries and s (top 4 bits)
+                const uint32_t q = u32_at(blk + 2 + 8 * j), w = u32_at(blk + 6 + 8 * j);
+                for (int l = 0; l < 4; ++l) {
+                    index[4 * j + l] = (q >> (8 * l)) & 255;
+                    signs8(32 * j + 8 * l, ksigns(w >> (7 * l)));
+                }
+                s[2 * j] = s[2 * j + 1] = w >> 28;
+                break;
+            }
+            case GGML_TYPE_IQ2_XS:  // a 16-bit word per entry: 9-bit index, 7-bit ksigns entry
+                for (int l = 0; l < 4; ++l) {
+                    const uint32_t q = blk[2 + 2 * (4 * j + l)] | (blk[3 + 2 * (4 * j + l)] << 8);
+                    index[4 * j + l] = q & 511;
+                    signs8(32 * j + 8 * l, ksigns(q >> 9));
+                }
+                s[2 * j] = blk[66 + j] & 15, s[2 * j + 1] = blk[66 + j] >> 4;
+                break;
+            case GGML_TYPE_IQ2_S:  // index low bytes, sign bytes, 2 high bits per index, scales
+                for (int l = 0; l < 4; ++l) {
+                    index[4 * j + l] = blk[2 + 4 * j + l] | (((blk[66 + j] >> (2 * l)) & 3) << 8);
+                    signs8(32 * j + 8 * l, blk[34 + 4 * j + l]);
+                }
+                s[2 * j] = blk[74 + j] & 15, s[2 * j + 1] = blk[74 + j] >> 4;
+                break;
+            case GGML_TYPE_IQ3_XXS: {  // 64 index bytes, then a word per sub-block as IQ2_XXS's
+                const uint32_t w = u32_at(blk + 66 + 4 * j);
+                for (int l = 0; l < 8; ++l) {
+                    index[8 * j + l] = blk[2 + 8 * j + l];
+                }
+                for (int l = 0; l < 4; ++l) {
+                    signs8(32 * j + 8 * l, ksigns(w >> (7 * l)));
+                }
+                s[2 * j] = s[2 * j + 1] = w >> 28;
+                break;
+            }
+            default:  // IQ3_S: index low bytes, a 9th bit per index, sign bytes, scales
+                for (int l = 0; l < 8; ++l) {
+                    index[8 * j + l] = blk[2 + 8 * j + l] | (((blk[66 + j] >> l) & 1) << 8);
+                }
+                for (int l = 0; l < 4; ++l) {
+                    signs8(32 * j + 8 * l, blk[74 + 4 * j + l]);
+                }
+                s[2 * j] = s[2 * j + 1] = (blk[106 + j / 2] >> (4 * (j % 2))) & 15;
+                break;
+        }
+    }
+}
+
+int16_t load16(const void * p) {
+    int16_t v;
+    std::memcpy(&v, p, 2);
+    return v;
+}
+
+uint64_t u64_at(const uint8_t * p) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+}
+
+// The IQ2/IQ3 types (GridFormat): per tile the rows' scales (per chunk pair, or per chunk with a
+// scale per 16: a byte per row, the first sub-block's s in the low nibble), the index high bits,
+// then per chunk the low bytes of its runs' indices and their signs (bit 4 r + i of the mask of run
+// u and value p: the sign of that value of row r's entry i).
+template <ggml_type T> void pack_group_grid(const uint8_t * src, size_t row_bytes, int64_t nb, uint8_t * dst) {
+    constexpr GridFormat f = grid_format(T);
+    uint16_t             index[kRows][64];
+    uint8_t              minus[kRows][256], s[kRows][16];
+    pack_trailing_d(src, row_bytes, f.block_bytes, 0, nb, dst + nb * f.tile_bytes());
+    for (int64_t b = 0; b < nb; ++b, dst += f.tile_bytes()) {
+        for (int r = 0; r < kRows; ++r) {
+            decode_grid(T, src + r * row_bytes + b * f.block_bytes, index[r], minus[r], s[r]);
+        }
+        std::memset(dst + f.scale_bytes(), 0, f.high_bytes() + 8 * f.chunk_bytes());
+        for (int h = 0; h < 8; ++h) {
+            uint8_t * high  = dst + f.scale_bytes() + h * f.high_chunk_bytes();
+            uint8_t * chunk = dst + f.scale_bytes() + f.high_bytes() + h * f.chunk_bytes();
+            for (int r = 0; r < kRows; ++r) {
+                if (f.scales16) {
+                    dst[16 * h + r] = (uint8_t) (s[r][2 * h] | (s[r][2 * h + 1] << 4));
+                } else if (h % 2 == 0) {
+                    dst[16 * (h / 2) + r] = (uint8_t) (s[r][2 * h] | (s[r][2 * h + 2] << 4));
+                }
+                for (int u = 0; u < f.runs(); ++u) {
+                    for (int i = 0; i < 4; ++i) {
+                        const int      at = 4 * r + i;
+                        const uint16_t e  = index[r][4 * (f.runs() * h + u) + i];
+                        chunk[64 * u + at] = (uint8_t) e;
+                        for (int bit = 0; bit < f.high_bits; ++bit) {
+                            high[8 * (u * f.high_bits + bit) + at / 8] |= (uint8_t) (((e >> (8 + bit)) & 1) << (at % 8));
+                        }
+                        for (int p = 0; p < f.entry_bytes; ++p) {  // the value's column in the chunk
+                            const int c = 32 * h + (f.runs() == 2 ? 16 * u + 4 * i : 8 * i) + p;
+                            chunk[f.index_bytes() + 8 * (u * f.entry_bytes + p) + at / 8] |=
+                                (uint8_t) (minus[r][c] << (at % 8));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// The grids as the kernels look them up: each value is one of a few levels (IQ2: 3, IQ3: 8), so an
+// entry is a code of 2 bytes, `per_byte` levels of `level_bits` each (IQ2: values 0..3, then 4..7;
+// IQ3: 0, 1, then 2, 3); `levels` holds each level's value plus the type's offset (the weight where
+// its sign is plus). valid: the grid has no more levels than that.
+struct GridCodes {
+    alignas(64) uint8_t bytes[2][1024];
+    alignas(16) uint8_t levels[16];
+    bool                valid;
+};
+
+constexpr int grid_level_bits(ggml_type type) { return grid_format(type).entry_bytes == 8 ? 2 : 3; }
+
+template <ggml_type T> const GridCodes & grid_codes() {
+    static const GridCodes codes = [] {
+        constexpr GridFormat f = grid_format(T);
+        constexpr int        bits = grid_level_bits(T), per_byte = f.entry_bytes / 2;
+        const uint8_t *      grid = (const uint8_t *) f.grid;
+        std::vector<uint8_t> values(grid, grid + f.grid_entries * f.entry_bytes);
+        std::sort(values.begin(), values.end());
+        values.erase(std::unique(values.begin(), values.end()), values.end());
+        GridCodes c{};
+        c.valid = values.size() <= (1u << bits) && values.back() <= f.offset;
+        for (size_t l = 0; l < values.size() && c.valid; ++l) {
+            c.levels[l] = (uint8_t) (values[l] + f.offset);
+        }
+        for (int e = 0; e < f.grid_entries && c.valid; ++e) {
+            for (int p = 0; p < f.entry_bytes; ++p) {
+                const size_t l = std::lower_bound(values.begin(), values.end(), grid[e * f.entry_bytes + p]) - values.begin();
+                c.bytes[p / per_byte][e] |= (uint8_t) (l << (bits * (p % per_byte)));
+            }
+        }
+        return c;
+    }();
+    return codes;
+}
+
 // Types of 32-value blocks (Format32): per block j, the rows' scales into its unit, and the weights
 // as unsigned bytes (Q8_0: w + 128, for VPDPBUSD; the kernel takes 128 * sum(x) back) or 4-bit
 // codes (laid out by pack_nibbles). n32: the row's 32-column blocks; the blocks after the last in
@@ -468,13 +688,19 @@ struct Vnni {
     template <int N> static I slli32(I a) { return _mm512_slli_epi32(a, N); }
     template <int N> static I srai32(I a) { return _mm512_srai_epi32(a, N); }
     static I shuffle8(I table, I idx) { return _mm512_shuffle_epi8(table, idx); }
+    // the 2 bytes at p into the low (high) half of every lane, the other half zero
+    static LVGG_INLINE I bcast16_low(const void * p) { return _mm512_maskz_set1_epi16(0x55555555, load16(p)); }
+    static LVGG_INLINE I bcast16_high(const void * p) { return _mm512_maskz_set1_epi16(0xAAAAAAAA, load16(p)); }
+    static I shr32(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
+    // acc + each lane's 4 products of unsigned w and signed x bytes
+    static LVGG_INLINE I dot4(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
     static I add(I a, I b) { return _mm512_add_epi32(a, b); }
     static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
     static I mul(I a, I b) { return _mm512_mullo_epi32(a, b); }
     static I dpwssd(I acc, I a, I b) { return _mm512_dpwssd_epi32(acc, a, b); }
     // The rows' dot products with 16 activations (4 broadcast to each lane per register): w[i] holds
     // columns 4i..4i+3, unsigned up to MaxW.
-    template <int MaxW> static I dot16(const I * w, const int8_t * xq) {
+    template <int MaxW> static LVGG_INLINE I dot16(const I * w, const int8_t * xq) {
         I d = zero();
         LVGG_UNROLL
         for (int i = 0; i < 4; ++i) {
@@ -482,7 +708,7 @@ struct Vnni {
         }
         return d;
     }
-    static I bcast32(const void * p) {
+    static LVGG_INLINE I bcast32(const void * p) {
         int32_t v;
         std::memcpy(&v, p, 4);
         return set32(v);
@@ -527,13 +753,20 @@ struct Avx2 {
     template <int N> static I slli32(I a) { return _mm256_slli_epi32(a, N); }
     template <int N> static I srai32(I a) { return _mm256_srai_epi32(a, N); }
     static I shuffle8(I table, I idx) { return _mm256_shuffle_epi8(table, idx); }
+    static LVGG_INLINE I bcast16_low(const void * p) { return _mm256_and_si256(set16(load16(p)), set32(0xFFFF)); }
+    static LVGG_INLINE I bcast16_high(const void * p) { return _mm256_andnot_si256(set32(0xFFFF), set16(load16(p))); }
+    static I shr32(I a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
+    // (w <= kAvx2Max: VPMADDUBSW's pair sums cannot saturate)
+    static LVGG_INLINE I dot4(I acc, I w, I x) {
+        return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), set16(1)));
+    }
     static I add(I a, I b) { return _mm256_add_epi32(a, b); }
     static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
     static I mul(I a, I b) { return _mm256_mullo_epi32(a, b); }
     static I dpwssd(I acc, I a, I b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
     // The rows' dot products of 16 activations with w - 128 (w unsigned, 0..255): the weights as
     // int8 (w ^ 0x80), their signs moved onto x (VPSIGNB) so VPMADDUBSW multiplies |w - 128| <= 128.
-    static I dot16_offset128(const I * w, const int8_t * xq) {
+    static LVGG_INLINE I dot16_offset128(const I * w, const int8_t * xq) {
         const I ones = set16(1), top = set8(0x80);
         I       d    = zero();
         LVGG_UNROLL
@@ -547,7 +780,7 @@ struct Avx2 {
     // VPMADDUBSW adds two u8 x s8 products in int16 with saturation: exact for u8 <= 128 (kAvx2Max).
     // Its int16 sums are added up further in int16 as far as MaxW allows (|x| <= 127). Weights up
     // to 255 take dot16_offset128.
-    template <int MaxW> static I dot16(const I * w, const int8_t * xq) {
+    template <int MaxW> static LVGG_INLINE I dot16(const I * w, const int8_t * xq) {
         const I ones = set16(1);
         I       p[4];
         LVGG_UNROLL
@@ -564,7 +797,7 @@ struct Avx2 {
                                     _mm256_add_epi32(_mm256_madd_epi16(p[2], ones), _mm256_madd_epi16(p[3], ones)));
         }
     }
-    static I bcast32(const void * p) {
+    static LVGG_INLINE I bcast32(const void * p) {
         int32_t v;
         std::memcpy(&v, p, 4);
         return set32(v);
@@ -839,6 +1072,145 @@ void multiply_iq4_xs(const uint8_t * tile, int64_t nb, int r0, const ActBlock * 
     store_rows<V, NT>(out, r0, res);
 }
 
+#    if LVGG_GRID_LOOKUP
+LVGG_INLINE __m512i look_up_piece(const uint8_t * table, int q, __m512i low) {
+    return _mm512_permutex2var_epi8(_mm512_load_si512(table + 128 * q), low, _mm512_load_si512(table + 128 * q + 64));
+}
+
+// Plane `table` of 64 entries at once: the 128-entry pieces by VPERMI2B (the low 7 bits of `low`),
+// chosen by bit 7 (m7), bit 8 (h8) and bit 9 (h9) of each index.
+template <int Entries>
+LVGG_INLINE __m512i look_up_plane(const uint8_t * table, __m512i low, __mmask64 m7, __mmask64 h8, __mmask64 h9) {
+    auto piece = [&](int q) __attribute__((always_inline)) { return look_up_piece(table, q, low); };
+    __m512i v = _mm512_mask_blend_epi8(m7, piece(0), piece(1));
+    if constexpr (Entries >= 512) {
+        v = _mm512_mask_blend_epi8(h8, v, _mm512_mask_blend_epi8(m7, piece(2), piece(3)));
+    }
+    if constexpr (Entries == 1024) {
+        const __m512i u = _mm512_mask_blend_epi8(h8, _mm512_mask_blend_epi8(m7, piece(4), piece(5)),
+                                                 _mm512_mask_blend_epi8(m7, piece(6), piece(7)));
+        v = _mm512_mask_blend_epi8(h9, v, u);
+    }
+    return v;
+}
+#    endif
+
+// The weights of an IQ2/IQ3 chunk (pack_group_grid), offset +- grid value, as the grid kernels take
+// them: w[u * entry_bytes + p] holds value p of each row's entries of run u (byte 4 r + i: entry i).
+template <class V, ggml_type T>
+LVGG_INLINE void unpack_grid(const GridCodes & codes, const uint8_t * tile, int h, int r0, typename V::I w[8]) {
+    constexpr GridFormat f     = grid_format(T);
+    const uint8_t *      high  = tile + f.scale_bytes() + h * f.high_chunk_bytes();
+    const uint8_t *      chunk = tile + f.scale_bytes() + f.high_bytes() + h * f.chunk_bytes();
+    const uint8_t *      minus = chunk + f.index_bytes();
+#    if LVGG_GRID_LOOKUP
+    if constexpr (V::kLanes == 16) {
+        constexpr int bits = grid_level_bits(T), per_byte = f.entry_bytes / 2;
+        const __m512i two_offsets = _mm512_set1_epi8((char) (2 * f.offset));
+        const __m512i level_mask  = _mm512_set1_epi8((char) ((1 << bits) - 1));
+        const __m512i levels      = _mm512_broadcast_i32x4(_mm_load_si128((const __m128i *) codes.levels));
+        LVGG_UNROLL
+        for (int u = 0; u < f.runs(); ++u) {
+            const __m512i   low = _mm512_load_si512(chunk + 64 * u);
+            const __mmask64 m7  = _mm512_movepi8_mask(low);
+            const __mmask64 h8  = f.high_bits >= 1 ? u64_at(high + 8 * u * f.high_bits) : 0;
+            const __mmask64 h9  = f.high_bits == 2 ? u64_at(high + 8 * u * f.high_bits + 8) : 0;
+            const __m512i   code[2] = {look_up_plane<f.grid_entries>(codes.bytes[0], low, m7, h8, h9),
+                                       look_up_plane<f.grid_entries>(codes.bytes[1], low, m7, h8, h9)};
+            LVGG_UNROLL
+            for (int p = 0; p < f.entry_bytes; ++p) {
+                const __m512i l = _mm512_and_si512(_mm512_srli_epi16(code[p / per_byte], bits * (p % per_byte)), level_mask);
+                const __m512i t = _mm512_shuffle_epi8(levels, l);
+                w[u * f.entry_bytes + p] =
+                    _mm512_mask_sub_epi8(t, u64_at(minus + 8 * (u * f.entry_bytes + p)), two_offsets, t);
+            }
+        }
+        return;
+    }
+#    endif
+    // The same registers byte by byte, for a kernel set that runs matrices the VBMI set packed (the
+    // others do not pack these types: ggml's kernels run them there).
+    alignas(64) uint8_t bytes[8][64];
+    for (int u = 0; u < f.runs(); ++u) {
+        for (int r = 0; r < V::kLanes; ++r) {
+            for (int i = 0; i < 4; ++i) {
+                const int at = 4 * (r0 + r) + i;
+                int       e  = chunk[64 * u + at];
+                for (int bit = 0; bit < f.high_bits; ++bit) {
+                    e |= (int) ((u64_at(high + 8 * (u * f.high_bits + bit)) >> at) & 1) << (8 + bit);
+                }
+                for (int p = 0; p < f.entry_bytes; ++p) {
+                    const int t = ((const uint8_t *) f.grid)[e * f.entry_bytes + p] + f.offset;
+                    const int k = u * f.entry_bytes + p;
+                    bytes[k][4 * r + i] = (uint8_t) ((u64_at(minus + 8 * k) >> at) & 1 ? 2 * f.offset - t : t);
+                }
+            }
+        }
+    }
+    for (int k = 0; k < 8; ++k) {
+        w[k] = V::load(bytes[k]);
+    }
+}
+
+// IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S: weights from grid lookups (unpack_grid), a 4-bit scale s per
+// 32 or 16 values (2 s + 1 multiplies the integer sums), d after the tiles. w[k] multiplies the
+// activations 4k..4k+3 of the chunk (ActOrder::kGrid16/kGrid32); with a scale per 16 (IQ2_XS,
+// IQ2_S) entries 0, 1 of a lane are the chunk's first 16 columns, 2, 3 the others.
+template <class V, int NT, ggml_type T>
+void multiply_grid(const uint8_t * tile, int64_t nb, int r0, const ActBlock * const * x, float * const * out) {
+    using I                     = typename V::I;
+    using F                     = typename V::F;
+    constexpr GridFormat f      = grid_format(T);
+    constexpr int        MaxW   = max_weight(T);
+    const GridCodes &    codes  = grid_codes<T>();
+    const uint8_t *      dgroup = tile + nb * f.tile_bytes();
+    const I              low4 = V::set32(15), one = V::set32(1);
+    F                    res[NT];
+    std::fill(res, res + NT, V::fzero());
+    for (int64_t b = 0; b < nb; ++b, tile += f.tile_bytes()) {
+        I acc[NT];
+        std::fill(acc, acc + NT, V::zero());
+        for (int h = 0; h < 8; ++h) {
+            prefetch(tile + f.scale_bytes() + f.high_bytes() + h * f.chunk_bytes() + kQ4KPrefetch,
+                     (int) (f.chunk_bytes() / 64));
+            I w[8];
+            unpack_grid<V, T>(codes, tile, h, r0, w);
+            if constexpr (f.scales16) {
+                const I s   = V::u8_32(tile + 16 * h + r0);
+                const I sc0 = V::add(V::template slli32<1>(V::and_(s, low4)), one);
+                const I sc1 = V::add(V::template slli32<1>(V::shr32(s, 4)), one);
+                LVGG_UNROLL
+                for (int n = 0; n < NT; ++n) {
+                    const int8_t * xq = x[n][b].qs + 32 * h;
+                    I              q0 = V::zero(), q1 = V::zero();
+                    LVGG_UNROLL
+                    for (int k = 0; k < 8; ++k) {  // activations 4k, 4k + 1 (entries 0, 1), then 4k + 2, 4k + 3
+                        q0 = V::dot4(q0, w[k], V::bcast16_low(xq + 4 * k));
+                        q1 = V::dot4(q1, w[k], V::bcast16_high(xq + 4 * k + 2));
+                    }
+                    q0     = V::sub(q0, V::set32(f.offset * x[n][b].bsum16[2 * h]));
+                    q1     = V::sub(q1, V::set32(f.offset * x[n][b].bsum16[2 * h + 1]));
+                    acc[n] = V::add(acc[n], V::add(V::mul(q0, sc0), V::mul(q1, sc1)));
+                }
+            } else {
+                const I s  = V::and_(V::shr32(V::u8_32(tile + 16 * (h / 2) + r0), 4 * (h % 2)), low4);
+                const I sc = V::add(V::template slli32<1>(s), one);
+                LVGG_UNROLL
+                for (int n = 0; n < NT; ++n) {
+                    const I q = dot32<V, MaxW, f.offset>(w, x[n][b].qs + 32 * h, x[n][b].bsum32[h]);
+                    acc[n]    = V::add(acc[n], V::mul(q, sc));
+                }
+            }
+        }
+        const F d = V::fmul(V::f16(dgroup + b * kRows * 2 + 2 * r0), V::fset(f.factor));
+        LVGG_UNROLL
+        for (int n = 0; n < NT; ++n) {
+            res[n] = V::fmadd(V::cvt(acc[n]), V::fmul(d, V::fset(x[n][b].d)), res[n]);
+        }
+    }
+    store_rows<V, NT>(out, r0, res);
+}
+
 // Types of 32-value blocks with one scale each (Format32); w[k] holds columns 4k..4k+3 of a block
 // (unsigned: Q8_0's weight + 128, Q4_0's 4-bit q, the others' values + their offset; the weights
 // are those minus the format's offset).
@@ -894,6 +1266,11 @@ void multiply_rows(ggml_type type, const uint8_t * group, int64_t cols, int r0, 
         case GGML_TYPE_Q5_K: multiply_q45_K<V, NT, true>(group, nb, r0, x, out); break;
         case GGML_TYPE_Q6_K: multiply_k16<V, NT, GGML_TYPE_Q6_K>(group, nb, r0, x, out); break;
         case GGML_TYPE_IQ4_XS: multiply_iq4_xs<V, NT>(group, nb, r0, x, out); break;
+        case GGML_TYPE_IQ2_XXS: multiply_grid<V, NT, GGML_TYPE_IQ2_XXS>(group, nb, r0, x, out); break;
+        case GGML_TYPE_IQ2_XS: multiply_grid<V, NT, GGML_TYPE_IQ2_XS>(group, nb, r0, x, out); break;
+        case GGML_TYPE_IQ2_S: multiply_grid<V, NT, GGML_TYPE_IQ2_S>(group, nb, r0, x, out); break;
+        case GGML_TYPE_IQ3_XXS: multiply_grid<V, NT, GGML_TYPE_IQ3_XXS>(group, nb, r0, x, out); break;
+        case GGML_TYPE_IQ3_S: multiply_grid<V, NT, GGML_TYPE_IQ3_S>(group, nb, r0, x, out); break;
         case GGML_TYPE_Q4_0: multiply_32<V, NT, GGML_TYPE_Q4_0>(group, n32, r0, x, out); break;
         case GGML_TYPE_IQ4_NL: multiply_32<V, NT, GGML_TYPE_IQ4_NL>(group, n32, r0, x, out); break;
         case GGML_TYPE_MXFP4: multiply_32<V, NT, GGML_TYPE_MXFP4>(group, n32, r0, x, out); break;
@@ -960,15 +1337,19 @@ bool layout_fits(ggml_type type, int64_t rows, int64_t cols) {
                                     ggml_type_size(GGML_TYPE_Q4_0) == format32(GGML_TYPE_Q4_0).block_bytes() &&
                                     ggml_type_size(GGML_TYPE_IQ4_NL) == format32(GGML_TYPE_IQ4_NL).block_bytes() &&
                                     ggml_type_size(GGML_TYPE_MXFP4) == format32(GGML_TYPE_MXFP4).block_bytes();
+    static const bool grids_fit = grid_codes<GGML_TYPE_IQ2_XXS>().valid && grid_codes<GGML_TYPE_IQ2_XS>().valid &&
+                                  grid_codes<GGML_TYPE_IQ2_S>().valid && grid_codes<GGML_TYPE_IQ3_XXS>().valid &&
+                                  grid_codes<GGML_TYPE_IQ3_S>().valid;
     const bool known = has_32_blocks(type) || type == GGML_TYPE_Q2_K || type == GGML_TYPE_Q3_K ||
                        type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q5_K || type == GGML_TYPE_Q6_K ||
-                       type == GGML_TYPE_IQ4_XS;
+                       type == GGML_TYPE_IQ4_XS || (is_grid_type(type) && grids_fit);
     return known && sizes_match && rows > 0 && rows % kRows == 0 && cols > 0 &&
            cols % (has_32_blocks(type) ? 32 : kBlock) == 0;
 }
 
 bool packable(ggml_type type, int64_t rows, int64_t cols) {
-    return layout_fits(type, rows, cols) && available();
+    // the grid types only where VPERMI2B looks their grids up (elsewhere ggml's kernels were faster)
+    return layout_fits(type, rows, cols) && available() && (!is_grid_type(type) || (LVGG_GRID_LOOKUP && g_kernels == kVnni));
 }
 
 size_t group_offset(ggml_type type, int64_t cols, int64_t g) { return g * group_bytes(type, cols); }
@@ -991,6 +1372,11 @@ void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int
                 case GGML_TYPE_Q5_K: pack_group_q45_K<true>(s, row_bytes, nb, d); break;
                 case GGML_TYPE_Q6_K: pack_group_q6_K(s, row_bytes, nb, d); break;
                 case GGML_TYPE_IQ4_XS: pack_group_iq4_xs(s, row_bytes, nb, d); break;
+                case GGML_TYPE_IQ2_XXS: pack_group_grid<GGML_TYPE_IQ2_XXS>(s, row_bytes, nb, d); break;
+                case GGML_TYPE_IQ2_XS: pack_group_grid<GGML_TYPE_IQ2_XS>(s, row_bytes, nb, d); break;
+                case GGML_TYPE_IQ2_S: pack_group_grid<GGML_TYPE_IQ2_S>(s, row_bytes, nb, d); break;
+                case GGML_TYPE_IQ3_XXS: pack_group_grid<GGML_TYPE_IQ3_XXS>(s, row_bytes, nb, d); break;
+                case GGML_TYPE_IQ3_S: pack_group_grid<GGML_TYPE_IQ3_S>(s, row_bytes, nb, d); break;
                 case GGML_TYPE_Q4_0: pack_group_32<GGML_TYPE_Q4_0>(s, row_bytes, n32, d); break;
                 case GGML_TYPE_IQ4_NL: pack_group_32<GGML_TYPE_IQ4_NL>(s, row_bytes, n32, d); break;
                 case GGML_TYPE_MXFP4: pack_group_32<GGML_TYPE_MXFP4>(s, row_bytes, n32, d); break;
@@ -1009,7 +1395,12 @@ void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int
     }
 }
 
-bool per_32_scales(ggml_type weight_type) { return has_32_blocks(weight_type); }
+ActOrder act_order(ggml_type weight_type) {
+    if (is_grid_type(weight_type)) {
+        return grid_format(weight_type).entry_bytes == 4 ? ActOrder::kGrid16 : ActOrder::kGrid32;
+    }
+    return has_32_blocks(weight_type) ? ActOrder::kPer32 : ActOrder::kPer256;
+}
 
 int64_t act_blocks(int64_t cols) { return (cols + kBlock - 1) / kBlock; }
 
@@ -1047,7 +1438,8 @@ int16_t quantize16(const float * v, float scale, int8_t * q) {
 
 }  // namespace
 
-void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out, bool per_32) {
+void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out, ActOrder order) {
+    const bool per_32 = order == ActOrder::kPer32;
     float buf[kBlock];
     for (int64_t b = 0; b < act_blocks(cols); ++b) {
         const int64_t n = std::min(kBlock, cols - b * kBlock);  // a last block of fewer values: zeros after
@@ -1076,6 +1468,18 @@ void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out
         }
         for (int j = 0; j < 8; ++j) {
             o.bsum32[j] = (int16_t) (o.bsum16[2 * j] + o.bsum16[2 * j + 1]);
+        }
+        if (order == ActOrder::kGrid16 || order == ActOrder::kGrid32) {
+            const int run = order == ActOrder::kGrid16 ? 16 : 32, per = run / 4;  // values per grid entry
+            int8_t    q[256];
+            std::memcpy(q, o.qs, sizeof(q));
+            for (int c = 0; c < 256; c += run) {
+                for (int i = 0; i < 4; ++i) {
+                    for (int p = 0; p < per; ++p) {
+                        o.qs[c + 4 * p + i] = q[c + per * i + p];
+                    }
+                }
+            }
         }
     }
 }

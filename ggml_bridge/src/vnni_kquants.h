@@ -1,5 +1,6 @@
 // lvgg's own CPU kernels for quantized experts, on AVX-512 VNNI and on AVX2 CPUs: Q2_K, Q3_K, Q4_K,
-// Q5_K, Q6_K, IQ4_XS (256-value blocks) and Q8_0, Q4_0, IQ4_NL, MXFP4 (32-value blocks).
+// Q5_K, Q6_K, IQ4_XS (256-value blocks) and Q8_0, Q4_0, IQ4_NL, MXFP4 (32-value blocks); and on
+// AVX-512 VNNI CPUs with VBMI the grid types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S.
 //
 // Why: on the reference Xeon ggml's Q4_K kernels (AVX2, 8x8 interleave) reach ~60% of the read
 // bandwidth at one token, its IQ4_XS, Q3_K, Q2_K and MXFP4 ones 26-34%; BF16, with almost no
@@ -38,6 +39,15 @@
 //     weights (q + 4, 0..7: the weight is q - 4) and the plane of their third bits.
 //   IQ4_XS (2176 bytes, plus d[16] per block after the group's tiles: 2208 against 2176): sc[8][16]
 //     (int8: the 6-bit scales minus 32), then per sub-block the nibbles of its 4-bit codes.
+//   IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S (the grid types; d[16] after the group's tiles; tiles of
+//     1088, 1216, 1280, 1600 and 1728 bytes: the file's size for IQ2_S and IQ3_S, 3-6% more for the
+//     others, whose 7-bit sign codes become a bit per value): the scales (4-bit, a byte per row and
+//     two sub-blocks), then the high bits of the grid indices as 64-bit masks, then per 32-column
+//     chunk its indices' low bytes in runs of 64 (byte 4r + i: row r's entry i) and their values'
+//     signs as 64-bit masks. The kernels look up 64 indices at once with VPERMI2B on a table of each
+//     entry's code (2 bytes: the level of each value, IQ2 3 levels, IQ3 8) and turn codes into
+//     values with VPSHUFB; the AVX2 set does not pack these types (ggml's kernels were faster there
+//     than gathers), and runs a matrix the VBMI set packed byte by byte.
 //   32-value block types: units of blocks (Q8_0, Q4_0, IQ4_NL: pairs; MXFP4: fours): the 16 rows'
 //     scales of each block of the unit (64 bytes: fp16 d, or MXFP4's e8m0 exponent), then the
 //     weights of each block: Q8_0's as bytes (weight + 128, unsigned for VPDPBUSD: 512 bytes),
@@ -65,15 +75,22 @@ struct alignas(64) ActBlock {
     float   d;  // value = d * qs (one scale for the 256 values), or
     int16_t bsum16[16];
     int16_t bsum32[8];
-    float   d32[8];  // value = d32[i / 32] * qs[i] (a scale per 32 values; see per_32_scales)
+    float   d32[8];  // value = d32[i / 32] * qs[i] (a scale per 32 values: ActOrder::kPer32)
     int8_t  pad[44];
     int8_t  qs[256];
 };
 static_assert(sizeof(ActBlock) == 384, "ActBlock layout");
 
-// The kernels for weights of this type take activations with a scale per 32 values (Q8_0 and
-// Q4_0, as ggml's own kernels do: outliers in a 256-value block then cost less precision).
-bool per_32_scales(ggml_type weight_type);
+// How the kernels for weights of a type take their activations (ActBlocks):
+//   kPer256: one scale per 256 values, in column order;
+//   kPer32: a scale per 32 values (the 32-value block types, as ggml's own kernels do: outliers in
+//     a 256-value block then cost less precision);
+//   kGrid16, kGrid32: one scale per 256 values, each run of 16 (IQ3) or 32 (IQ2) values in the
+//     order the grid kernels read their weights: value 4 p + i of a run is column (run values / 4)
+//     i + p (4 i + p, or 8 i + p), for p < 4 or 8 and i < 4 (bsum16 and bsum32 keep their sums).
+enum class ActOrder { kPer256, kPer32, kGrid16, kGrid32 };
+constexpr int kActOrders = 4;
+ActOrder act_order(ggml_type weight_type);
 
 // The kernel sets this build has, best first: "avx512_vnni" (a build for a CPU with AVX-512 F/BW/VL
 // and VNNI) and "avx2" (with FMA and F16C). Both run every packed type.
@@ -103,8 +120,8 @@ void pack(ggml_type type, const void * src, size_t src_stride, int64_t rows, int
 int64_t act_blocks(int64_t cols);
 // Quantizes `cols` (a multiple of 32) values of type f32, f16 or bf16 into act_blocks(cols)
 // blocks (symmetric, round to nearest even, like ggml's Q8_K; per 32 values like its Q8_0 with
-// per_32).
-void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out, bool per_32);
+// kPer32), in `order`.
+void quantize_row(const void * x, ggml_type x_type, int64_t cols, ActBlock * out, ActOrder order);
 
 // out[n][i] = row (16 g + i) of the packed matrix times activation row x[n], for n < n_tokens
 // (1..kMaxTile) and one row group g (`group`: its start, from group_offset()).

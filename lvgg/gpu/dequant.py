@@ -43,7 +43,8 @@ QUANT_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (3
                 "IQ3_S": (256, 110), "IQ1_S": (256, 50), "IQ1_M": (256, 56)}
 SUPPORTED_TYPES = frozenset(FLOAT_TYPES) | frozenset(QUANT_BLOCKS)
 # types with lvgg's packed CPU layout (ggml_bridge/src/vnni_kquants.h): groups of 16 rows
-PACKED_TYPES = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q4_0", "Q8_0", "IQ4_NL", "MXFP4"})
+PACKED_TYPES = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q4_0", "Q8_0", "IQ4_NL", "MXFP4",
+                          "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"})
 PACKED_ROWS = 16
 # the kernels' block decoders (_blocks), by type
 _TYPE_CODES = {"Q4_0": 0, "Q5_0": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "F32": 6, "F16": 7, "BF16": 8,
@@ -722,6 +723,26 @@ if triton is not None:
         tl.store(dst + dst_at, values.to(dst.dtype.element_ty), mask=mask[:, None])
 
     @triton.jit
+    def _packed_tile_bytes(TYPE: tl.constexpr):
+        """Bytes of a packed tile (16 rows, 256 columns) of the types whose d follow the group's tiles."""
+        if TYPE == 12:
+            return 1792  # Q3_K
+        elif TYPE == 14:
+            return 2176  # IQ4_XS
+        elif TYPE == 16:
+            return 1088  # IQ2_XXS
+        elif TYPE == 17:
+            return 1216  # IQ2_XS
+        elif TYPE == 18:
+            return 1280  # IQ2_S
+        elif TYPE == 19:
+            return 1600  # IQ3_XXS
+        elif TYPE == 20:
+            return 1728  # IQ3_S
+        else:
+            return 3328  # Q6_K
+
+    @triton.jit
     def _packed_tile(src, tables, group, b, cols, row_mask, TYPE: tl.constexpr):
         """Values [16 rows, 256 columns] of tile b (columns 256 b on) of the row group at byte
         ``group`` of ``src``, in lvgg's packed layout of ``TYPE`` (vnni_kquants.h); columns past
@@ -736,8 +757,8 @@ if triton is not None:
         plane = r * 4 + w % 4  # byte of w's bit within a bit plane (bit k)
         crumb = (k // 4) * 64 + plane  # byte of w's low 2 bits within the crumbs (bits 2 (k % 4))
         j = c // 32  # the chunk
-        # Q6_K's, Q3_K's and IQ4_XS's d: [16] per tile, after the group's tiles
-        d_after = group + (cols // 256) * (1792 if TYPE == 12 else (2176 if TYPE == 14 else 3328)) + (b * 16 + r) * 2
+        # Q6_K's, Q3_K's, IQ4_XS's and the IQ2/IQ3 types' d: [16] per tile, after the group's tiles
+        d_after = group + (cols // 256) * _packed_tile_bytes(TYPE) + (b * 16 + r) * 2
         if TYPE == 3 or TYPE == 4:  # Q4_K, Q5_K: d[16], dmin[16], sc[8][16], m pairs[4][16][2], then per chunk
             tile = group + b * (2368 if TYPE == 3 else 2880)  # its nibbles (Q5_K: and the plane of fifth bits)
             d = _f16_at(src + tile + 2 * r, row_mask[:, None])
@@ -775,6 +796,39 @@ if triton is not None:
             q = ((_u8_at(src + chunk + crumb, m) >> (2 * (k % 4))) & 3) | (((_u8_at(src + chunk + 128 + plane, m) >> k) & 1) << 2)
             d = _f16_at(src + d_after, row_mask[:, None])
             return d * sc.to(tl.float32) * (q - 4).to(tl.float32)
+        elif TYPE >= 16 and TYPE <= 20:  # IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S (vnni_kquants.cpp's GridFormat)
+            IQ3: tl.constexpr = TYPE >= 19
+            SCALES16: tl.constexpr = TYPE == 17 or TYPE == 18
+            HIGH_BITS: tl.constexpr = 0 if TYPE == 16 or TYPE == 19 else (2 if TYPE == 18 else 1)
+            RUN_BYTES: tl.constexpr = 8 * (2 if IQ3 else 1)  # per chunk: a 64-bit mask per run (and high bit)
+            tile = group + b * _packed_tile_bytes(TYPE)
+            high = tile + (128 if SCALES16 else 64) + j * RUN_BYTES * HIGH_BITS
+            chunk = tile + (128 if SCALES16 else 64) + 8 * RUN_BYTES * HIGH_BITS + j * (192 if IQ3 else 128)
+            if SCALES16:  # a byte per row and chunk: sub-block 2j's s, then 2j + 1's
+                s = (_u8_at(src + tile + 16 * j + r, m) >> (4 * hi.to(tl.int32))) & 0xF
+            else:  # a byte per row and chunk pair: chunk 2p's s, then 2p + 1's
+                s = (_u8_at(src + tile + 16 * (j // 2) + r, m) >> (4 * (j % 2))) & 0xF
+            # runs of 64 indices (IQ3: 16 columns each, entries of 4 values; IQ2: 32, of 8): row r's
+            # entry i at byte 4 r + i, its bits above the low byte and its values' signs in 64-bit masks
+            u = w // 16 if IQ3 else 0
+            i = (w % 16) // 4 if IQ3 else w // 8
+            v = w % 4 if IQ3 else w % 8
+            at = 4 * r + i
+            index = _u8_at(src + chunk + 64 * u + at, m)
+            for bit in tl.static_range(HIGH_BITS):
+                mask = src + high + 8 * (u * HIGH_BITS + bit)
+                index = index | (((_u8_at(mask + at // 8, m) >> (at % 8)) & 1) << (8 + bit))
+            if IQ3:
+                grid = tl.load(tables + (_IQ3_XXS_GRID if TYPE == 19 else _IQ3_S_GRID) + 4 * index + v, mask=m, other=0)
+            else:
+                base = _IQ2_XXS_GRID if TYPE == 16 else (_IQ2_XS_GRID if TYPE == 17 else _IQ2_S_GRID)
+                grid = tl.load(tables + base + 8 * index + v, mask=m, other=0)
+            signs = chunk + (128 if IQ3 else 64) + 8 * (u * (4 if IQ3 else 8) + v)
+            minus = ((_u8_at(src + signs + at // 8, m) >> (at % 8)) & 1) == 1
+            factor = 1.0 if TYPE == 20 else (0.25 if TYPE == 19 else 0.125)
+            d = _f16_at(src + d_after, row_mask[:, None])
+            grid = grid.to(tl.float32)
+            return d * factor * (2 * s + 1).to(tl.float32) * tl.where(minus, -grid, grid)
         elif TYPE == 14:  # IQ4_XS: sc[8][16] (int8), then per chunk the nibbles of its codes; d after the tiles
             tile = group + b * 2176
             sc = tl.load(src + tile + j * 16 + r, mask=m, other=0).to(tl.int8, bitcast=True)

@@ -15,6 +15,7 @@ import numpy as np
 
 from lvgg.models import gguf_expert_bias_name, gguf_expert_name as tensor_name
 from lvgg.quantize import add_quantized_tensor, quantize, write_all
+from lvgg.testing.llama_cpp import NEEDS_IMATRIX
 
 PROJECTIONS = ("gate", "up", "gate_up", "down")
 BIASES = ("gate", "up", "down")  # llama.cpp's blk.N.ffn_{gate,up,down}_exps.bias (gpt-oss)
@@ -31,7 +32,10 @@ def write_experts_file(path: str | os.PathLike[str], layers: dict[int, dict[str,
         for proj in PROJECTIONS:
             if proj in tensors:
                 qtype = types[proj] if isinstance(types, dict) else types
-                add_quantized_tensor(writer, tensor_name(layer, proj), quantize(tensors[proj], qtype, threads), qtype)
+                # a flat importance matrix where ggml's quantizer needs one (IQ1_S, IQ2_XXS, IQ2_XS, ...)
+                imatrix = np.ones(tensors[proj].shape[-1], np.float32) if qtype.name in NEEDS_IMATRIX else None
+                add_quantized_tensor(writer, tensor_name(layer, proj),
+                                     quantize(tensors[proj], qtype, threads, imatrix), qtype)
         for proj in BIASES:
             if f"{proj}_bias" in tensors:
                 bias = np.ascontiguousarray(tensors[f"{proj}_bias"], np.float32)

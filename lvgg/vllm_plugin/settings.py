@@ -6,7 +6,8 @@
     LVGG_CPU_BINDING             "node" (default: a node's threads float over its CPUs) or
                                  "core" (one thread pinned per CPU)
     LVGG_CPU_KERNELS             "lvgg" (default) or "ggml": whose CPU kernels run Q2_K-Q6_K,
-                                 IQ4_XS, IQ4_NL, MXFP4, Q8_0 and Q4_0 (AVX-512 VNNI or AVX2)
+                                 IQ4_XS, IQ4_NL, MXFP4, Q8_0 and Q4_0 (AVX-512 VNNI or AVX2),
+                                 IQ2_XXS-IQ3_S (AVX-512 VNNI with VBMI)
     LVGG_REPACK                  "on": the CPU runs from a re-laid-out copy of the experts
                                  where its kernels are faster (a GPU next to it reads lvgg's
                                  packed copies too, else the file); "off": from the file's own
