@@ -593,7 +593,7 @@ template <ggml_type T> void pack_group_grid(const uint8_t * src, size_t row_byte
 // its sign is plus). valid: the grid has no more levels than that.
 struct GridCodes {
     alignas(64) uint8_t bytes[2][1024];
-    alignas(16) uint8_t levels[16];
+    alignas(64) uint8_t levels[64];  // level l's value at every l + k 2^level_bits
     bool                valid;
 };
 
@@ -609,8 +609,8 @@ template <ggml_type T> const GridCodes & grid_codes() {
         values.erase(std::unique(values.begin(), values.end()), values.end());
         GridCodes c{};
         c.valid = values.size() <= (1u << bits) && values.back() <= f.offset;
-        for (size_t l = 0; l < values.size() && c.valid; ++l) {
-            c.levels[l] = (uint8_t) (values[l] + f.offset);
+        for (size_t l = 0; l < 64 && c.valid; ++l) {
+            c.levels[l] = (uint8_t) (values[l % (1u << bits) % values.size()] + f.offset);
         }
         for (int e = 0; e < f.grid_entries && c.valid; ++e) {
             for (int p = 0; p < f.entry_bytes; ++p) {
@@ -1107,8 +1107,7 @@ LVGG_INLINE void unpack_grid(const GridCodes & codes, const uint8_t * tile, int 
     if constexpr (V::kLanes == 16) {
         constexpr int bits = grid_level_bits(T), per_byte = f.entry_bytes / 2;
         const __m512i two_offsets = _mm512_set1_epi8((char) (2 * f.offset));
-        const __m512i level_mask  = _mm512_set1_epi8((char) ((1 << bits) - 1));
-        const __m512i levels      = _mm512_broadcast_i32x4(_mm_load_si128((const __m128i *) codes.levels));
+        const __m512i levels      = _mm512_load_si512(codes.levels);
         LVGG_UNROLL
         for (int u = 0; u < f.runs(); ++u) {
             const __m512i   low = _mm512_load_si512(chunk + 64 * u);
@@ -1119,8 +1118,8 @@ LVGG_INLINE void unpack_grid(const GridCodes & codes, const uint8_t * tile, int 
                                        look_up_plane<f.grid_entries>(codes.bytes[1], low, m7, h8, h9)};
             LVGG_UNROLL
             for (int p = 0; p < f.entry_bytes; ++p) {
-                const __m512i l = _mm512_and_si512(_mm512_srli_epi16(code[p / per_byte], bits * (p % per_byte)), level_mask);
-                const __m512i t = _mm512_shuffle_epi8(levels, l);
+                // VPERMB reads the low 6 bits: the bits above the level (the next ones) pick a copy
+                const __m512i t = _mm512_permutexvar_epi8(_mm512_srli_epi16(code[p / per_byte], bits * (p % per_byte)), levels);
                 w[u * f.entry_bytes + p] =
                     _mm512_mask_sub_epi8(t, u64_at(minus + 8 * (u * f.entry_bytes + p)), two_offsets, t);
             }
