@@ -698,6 +698,8 @@ struct Vnni {
     static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
     static I mul(I a, I b) { return _mm512_mullo_epi32(a, b); }
     static I dpwssd(I acc, I a, I b) { return _mm512_dpwssd_epi32(acc, a, b); }
+    // int16 pairs per lane: the low halves of a, then of b
+    static I pair16(I a, I b) { return _mm512_mask_blend_epi16(0xAAAAAAAA, a, _mm512_slli_epi32(b, 16)); }
     // The rows' dot products with 16 activations (4 broadcast to each lane per register): w[i] holds
     // columns 4i..4i+3, unsigned up to MaxW.
     template <int MaxW> static LVGG_INLINE I dot16(const I * w, const int8_t * xq) {
@@ -764,6 +766,7 @@ struct Avx2 {
     static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
     static I mul(I a, I b) { return _mm256_mullo_epi32(a, b); }
     static I dpwssd(I acc, I a, I b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+    static I pair16(I a, I b) { return _mm256_blend_epi16(a, _mm256_slli_epi32(b, 16), 0xAA); }
     // The rows' dot products of 16 activations with w - 128 (w unsigned, 0..255): the weights as
     // int8 (w ^ 0x80), their signs moved onto x (VPSIGNB) so VPMADDUBSW multiplies |w - 128| <= 128.
     static LVGG_INLINE I dot16_offset128(const I * w, const int8_t * xq) {
@@ -1013,12 +1016,20 @@ void multiply_k16(const uint8_t * tile, int64_t nb, int r0, const ActBlock * con
                 prefetch(qs + kQ4KPrefetch, Q3 ? 3 : 2);
                 unpack_crumbs<V, Q3>(qs + 4 * r0, w, std::make_integer_sequence<int, 8>());
             }
+            // Q2_K's and Q3_K's sums of 16 products fit int16: both sub-blocks' sums as a pair, scaled by
+            // VPDPWSSD (Q6_K's do not: two multiplies)
+            constexpr bool kPairs = max_weight(T) * 16 * 127 <= 32767;
             const I sc_odd = V::template srai32<16>(scw), sc_even = V::template srai32<16>(V::template slli32<16>(scw));
             LVGG_UNROLL
             for (int n = 0; n < NT; ++n) {  // sub-block 2h: columns 0..15 of the chunk, 2h + 1: 16..31
                 const int8_t * xq = x[n][b].qs + 32 * h;
-                acc[n]  = V::add(acc[n], V::add(V::mul(V::template dot16<max_weight(T)>(w, xq), sc_even),
-                                                V::mul(V::template dot16<max_weight(T)>(w + 4, xq + 16), sc_odd)));
+                const I        q0 = V::template dot16<max_weight(T)>(w, xq);
+                const I        q1 = V::template dot16<max_weight(T)>(w + 4, xq + 16);
+                if constexpr (kPairs) {
+                    acc[n] = V::dpwssd(acc[n], V::pair16(q0, q1), scw);
+                } else {
+                    acc[n] = V::add(acc[n], V::add(V::mul(q0, sc_even), V::mul(q1, sc_odd)));
+                }
                 offs[n] = V::dpwssd(offs[n], offw, V::bcast32(x[n][b].bsum16 + 2 * h));
             }
         }
