@@ -35,6 +35,8 @@ def info() -> None:
     console.print("CPU features:", " ".join(k for k, v in feats.items() if v is True) or "none")
     console.print("lvgg's CPU kernels:", feats["lvgg_kernels"] or "none (ggml's)",
                   f"(built: {', '.join(feats['lvgg_kernel_sets']) or 'none'})")
+    if feats["lvgg_kernel_types"]:
+        console.print("  for:", ", ".join(feats["lvgg_kernel_types"]), "(other types: ggml's)")
     console.print("CPUs usable by this process:", len(_bridge.process_cpus()),
                   "| physical cores among them:", len(_bridge.physical_core_cpus()))
 

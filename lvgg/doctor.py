@@ -216,7 +216,8 @@ def render(f: dict[str, Any], console: Console) -> None:
         features = build["features"]
         console.print("  build: " + (" ".join(k for k, v in features.items() if v is True) or "no SIMD"))
         console.print("  lvgg's CPU kernels: " + (f"{features['lvgg_kernels']} (built: "
-                                                 f"{', '.join(features['lvgg_kernel_sets'])})"
+                                                 f"{', '.join(features['lvgg_kernel_sets'])}) for "
+                                                 + ", ".join(features["lvgg_kernel_types"])
                                                  if features.get("lvgg_kernels") else "none (ggml's kernels only)"))
     mem, hp, ml = f["memory"], f["hugepages"], f["memlock"]
     console.print(f"[bold]RAM[/] {human_size(mem['total'])} total, {human_size(mem['free'])} free, "

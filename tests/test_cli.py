@@ -4,15 +4,22 @@ import sys
 
 from typer.testing import CliRunner
 
+from lvgg import _bridge
 from lvgg.cli import app
 
 runner = CliRunner()
 
 
 def test_info_lists_cpu_features_and_cores():
-    result = runner.invoke(app, ["info"])
+    result = runner.invoke(app, ["info"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "physical cores among them" in result.output
+    f = _bridge.cpu_features()
+    # the types lvgg's own kernels run here: the K-quants wherever it has kernels, the grid types with VBMI
+    assert ("Q4_K" in f["lvgg_kernel_types"]) == bool(f["lvgg_kernels"])
+    assert ("IQ3_XXS" in f["lvgg_kernel_types"]) == (f["lvgg_kernels"] == "avx512_vnni" and f["avx512_vbmi"])
+    if f["lvgg_kernel_types"]:
+        assert "for: " + ", ".join(f["lvgg_kernel_types"]) in result.output
 
 
 def test_bench_moe_prints_bandwidth_floor_and_every_config(tmp_path):

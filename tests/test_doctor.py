@@ -99,6 +99,8 @@ def test_doctor_text_output_and_exit_code():
     assert "NUMA nodes (LVGG_NUMA=auto)" in result.output
     kernels = _bridge.cpu_features()["lvgg_kernels"]
     assert (f"lvgg's CPU kernels: {kernels} (built: " if kernels else "lvgg's CPU kernels: none") in result.output
+    if kernels:
+        assert ") for Q4_0, Q8_0" in result.output  # every type they run, in ggml's order
     assert "blocker" not in result.output
 
 

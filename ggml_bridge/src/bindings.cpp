@@ -10,6 +10,7 @@
 #include "threads.h"
 #include "vnni_kquants.h"
 
+#include <algorithm>
 #include <ggml-cpu.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -457,6 +458,15 @@ NB_MODULE(_bridge, m) {
         d["llamafile"]   = (bool) ggml_cpu_has_llamafile();
         d["lvgg_kernels"]      = vnni::kernels_in_use();  // lvgg's own kernels (vnni_kquants.h): the set in use
         d["lvgg_kernel_sets"]  = vnni::kernel_sets();     // ... and every set this build has
+        nb::list types;  // the types the set in use runs (others run on ggml's kernels)
+        for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+            if (vnni::packable((ggml_type) t, vnni::kRows, 256)) {
+                std::string name = ggml_type_name((ggml_type) t);
+                std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::toupper(c); });
+                types.append(name);  // as gguf-py names them
+            }
+        }
+        d["lvgg_kernel_types"] = types;
         return d;
     });
     // Runs another of lvgg's kernel sets from now on (tests and benchmarks compare them).
