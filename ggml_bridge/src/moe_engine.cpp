@@ -36,11 +36,24 @@ void add_expert_bias(ggml_tensor * dst, int ith, int nth, void *) {
     }
 }
 
-// dst = Step-3.5's SwiGLU (Activation::SwiGLU_Step) of src[0] (gate rows) and src[1] (up rows), or
-// of src[0] alone (gate_up rows: each row's gate half first), all f32 rows of dst->ne[0] values.
+// Gated activations ggml has no exact f32 op for: Step-3.5's SwiGLU (Activation::SwiGLU_Step) and
+// GELU's tanh form (Activation::GELU; ggml's GEGLU looks GELU up in an f16 table, rounding its input
+// to f16: a tiny gemma-4's greedy tokens left vLLM's on the AVX-512 EPYC).
 constexpr float kStepLimit = 7.0f;  // vLLM's model accepts this limit only
 
-void swiglu_step(ggml_tensor * dst, int ith, int nth, void *) {
+float swiglu_step_unit(float gate, float up) {
+    const float silu = gate / (1.0f + std::exp(-gate));
+    return std::min(silu, kStepLimit) * std::clamp(up, -kStepLimit, kStepLimit);
+}
+
+float geglu_tanh_unit(float gate, float up) {
+    constexpr float kSqrt2OverPi = 0.7978845608028654f;
+    return 0.5f * gate * (1.0f + std::tanh(kSqrt2OverPi * (gate + 0.044715f * gate * gate * gate))) * up;
+}
+
+// dst = Unit(gate, up) of src[0] (gate rows) and src[1] (up rows), or of src[0] alone (gate_up rows:
+// each row's gate half first), all f32 rows of dst->ne[0] values.
+template <float (*Unit)(float, float)> void gated_rows(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * g = dst->src[0];
     const ggml_tensor * u = dst->src[1];
     const int64_t       n = dst->ne[0], rows = ggml_nrows(dst);
@@ -49,8 +62,7 @@ void swiglu_step(ggml_tensor * dst, int ith, int nth, void *) {
         const float * up   = u ? (const float *) ((const char *) u->data + r * u->nb[1]) : gate + n;
         float *       out  = (float *) ((char *) dst->data + r * dst->nb[1]);
         for (int64_t i = 0; i < n; ++i) {
-            const float silu = gate[i] / (1.0f + std::exp(-gate[i]));
-            out[i]           = std::min(silu, kStepLimit) * std::clamp(up[i], -kStepLimit, kStepLimit);
+            out[i] = Unit(gate[i], up[i]);
         }
     }
 }
@@ -474,15 +486,16 @@ ggml_tensor * MoeEngine::activate(Activation act, ggml_tensor * gate, ggml_tenso
     switch (act) {
         case Activation::SiLU:
             return gate_up ? ggml_swiglu(ctx_, gate_up) : ggml_swiglu_split(ctx_, gate, up);
-        case Activation::GELU:
-            return gate_up ? ggml_geglu(ctx_, gate_up) : ggml_geglu_split(ctx_, gate, up);
         case Activation::SwiGLU_OAI:  // gpt-oss's constants, as vLLM and llama.cpp fix them
             return ggml_swiglu_oai(ctx_, gate_up ? gate_up : gate, gate_up ? nullptr : up, 1.702f, 7.0f);
+        case Activation::GELU:
         case Activation::SwiGLU_Step: {  // one output of the rows' size, as ggml's GLU ops give
             ggml_tensor * a       = gate_up ? gate_up : gate;
             ggml_tensor * args[2] = { a, gate_up ? nullptr : up };
             return ggml_custom_4d(ctx_, GGML_TYPE_F32, gate_up ? a->ne[0] / 2 : a->ne[0], a->ne[1], a->ne[2], 1, args,
-                                  gate_up ? 1 : 2, swiglu_step, GGML_N_TASKS_MAX, nullptr);
+                                  gate_up ? 1 : 2,
+                                  act == Activation::GELU ? gated_rows<geglu_tanh_unit> : gated_rows<swiglu_step_unit>,
+                                  GGML_N_TASKS_MAX, nullptr);
         }
         default:
             return ggml_sqr(ctx_, ggml_relu(ctx_, up));
